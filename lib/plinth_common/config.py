@@ -1,0 +1,118 @@
+"""Typed configuration read from the environment (``PLINTH_*``; tracing reads ``OTEL_*`` itself).
+
+Each service has a frozen dataclass of its own settings; the values shared by all of them live in
+:class:`CommonSettings`. Reading happens in entry points only, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from plinth_common.errors import InvalidArgument
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:14222"
+DEFAULT_PORTS = {
+    "gateway": 50051,
+    "scheduler": 50061,
+    "registry": 50062,
+    "features": 50063,
+    "serving": 50064,
+}
+
+
+def default_data_dir() -> Path:
+    """The git-ignored ``.data`` folder of the checkout this code runs from."""
+    return Path(__file__).resolve().parents[2] / ".data"
+
+
+class Env:
+    """Typed reads of environment variables; a bad value raises :class:`InvalidArgument`."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def str(self, name: str, default: str) -> str:
+        """Returns the variable, or ``default`` when unset or empty."""
+        return self._environ.get(name) or default
+
+    def optional(self, name: str) -> str | None:
+        """Returns the variable, or None when unset or empty."""
+        return self._environ.get(name) or None
+
+    def int(self, name: str, default: int) -> int:
+        """Returns the variable as an int."""
+        raw = self._environ.get(name)
+        if not raw:
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidArgument(name, f"expected an integer, got {raw!r}") from None
+
+    def float(self, name: str, default: float) -> float:
+        """Returns the variable as a float."""
+        raw = self._environ.get(name)
+        if not raw:
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidArgument(name, f"expected a number, got {raw!r}") from None
+
+    def path(self, name: str, default: Path) -> Path:
+        """Returns the variable as an absolute path."""
+        raw = self._environ.get(name)
+        return Path(raw).expanduser().resolve() if raw else default
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonSettings:
+    """Settings every service reads.
+
+    Attributes:
+        service: the service's name (scheduler, registry, ...).
+        data_dir: root folder for embedded state (SQLite files, MLflow, Feast, Triton repository).
+        nats_url: the NATS server with JetStream.
+        host: address the gRPC server binds.
+        port: the gRPC port.
+        database_url: SQLAlchemy async URL of the service's own store.
+        log_level: logging level name.
+    """
+
+    service: str
+    data_dir: Path
+    nats_url: str
+    host: str
+    port: int
+    database_url: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls, service: str, env: Env | None = None) -> "CommonSettings":
+        """Reads ``PLINTH_DATA_DIR``, ``PLINTH_NATS_URL``, ``PLINTH_<SERVICE>_PORT`` and friends."""
+        env = env or Env()
+        prefix = f"PLINTH_{service.upper()}_"
+        data_dir = env.path("PLINTH_DATA_DIR", default_data_dir())
+        default_db = f"sqlite+aiosqlite:///{data_dir / service / f'{service}.db'}"
+        return cls(
+            service=service,
+            data_dir=data_dir,
+            nats_url=env.str("PLINTH_NATS_URL", DEFAULT_NATS_URL),
+            host=env.str("PLINTH_HOST", "127.0.0.1"),
+            port=env.int(prefix + "PORT", DEFAULT_PORTS[service]),
+            database_url=env.str(prefix + "DATABASE_URL", default_db),
+            log_level=env.str("PLINTH_LOG_LEVEL", "INFO"),
+        )
+
+    @property
+    def service_dir(self) -> Path:
+        """The service's own folder under the data dir (created on demand by the app)."""
+        return self.data_dir / self.service
+
+    def address(self, service: str, env: Env | None = None) -> str:
+        """The gRPC address of a peer service: ``PLINTH_<PEER>_ADDR`` or the default port."""
+        env = env or Env()
+        return env.str(f"PLINTH_{service.upper()}_ADDR", f"127.0.0.1:{DEFAULT_PORTS[service]}")

@@ -1,0 +1,197 @@
+"""Transactional outbox: events commit with the state change, a relay publishes them later.
+
+Nothing is lost while NATS is down: rows stay unpublished until JetStream acknowledges them.
+A row may be published twice (a crash between the ack and the mark); JetStream drops the
+second copy because ``Nats-Msg-Id`` equals ``ce-id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import sqlalchemy as sa
+from google.protobuf.message import Message
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from sqlalchemy import Table
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from plinth_common.db import Database
+from plinth_common.events.bus import EventBus
+from plinth_common.events.envelope import PROTOBUF, CloudEvent, new_event
+from plinth_common.events.tracing import extract, inject, traceparent_of_current
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("plinth.events")
+
+
+class Outbox:
+    """Adds events to the outbox table inside the caller's transaction.
+
+    Args:
+        table: the service's ``event_outbox`` table.
+        source: the CloudEvents source of this service, e.g. ``/plinth/scheduler``.
+        content_type: ``application/protobuf`` (default) or ``application/json``.
+    """
+
+    def __init__(self, table: Table, *, source: str, content_type: str = PROTOBUF) -> None:
+        self._table = table
+        self._source = source
+        self._content_type = content_type
+
+    async def add(self, session: AsyncSession, message: Message, *, subject: str, team: str = "") -> CloudEvent:
+        """Records ``message`` as an event; it is published after the transaction commits.
+
+        The current trace context travels with the row, so the publication joins the trace of
+        the request that caused it.
+        """
+        event = new_event(
+            message,
+            source=self._source,
+            subject=subject,
+            team=team,
+            content_type=self._content_type,
+            extensions=traceparent_of_current(),
+        )
+        await session.execute(
+            sa.insert(self._table).values(
+                event_id=event.id,
+                subject=event.type,
+                headers=event.headers(),
+                data=event.data,
+                created_at=event.time,
+            )
+        )
+        return event
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows to JetStream, in order, and marks them published.
+
+    Args:
+        db: the service's database (its commits wake the relay).
+        table: the ``event_outbox`` table.
+        bus: the NATS connection.
+        batch_size: rows published concurrently per round.
+        poll_interval_s: how often to look without a wake-up (rows of other processes, restarts).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        table: Table,
+        bus: EventBus,
+        *,
+        batch_size: int = 256,
+        poll_interval_s: float = 1.0,
+        publish_timeout_s: float = 5.0,
+    ) -> None:
+        self._db = db
+        self._table = table
+        self._bus = bus
+        self._batch_size = batch_size
+        self._poll_interval_s = poll_interval_s
+        self._publish_timeout_s = publish_timeout_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+        db.on_commit(self.wake)
+
+    def wake(self) -> None:
+        """Asks the relay to look at the outbox now."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Starts the relay loop."""
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        """Publishes what it can within a second, then stops."""
+        if self._task is None:
+            return
+        if self._bus.is_connected:
+            try:
+                await asyncio.wait_for(self.drain(), timeout=1.0)
+            except Exception:  # noqa: BLE001 - rows stay in the outbox for the next start
+                pass
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        await self._bus.connected()
+        backoff = 0.1
+        while True:
+            try:
+                while await self.drain_once():
+                    pass
+                backoff = 0.1
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval_s)
+                except TimeoutError:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS down, DB busy: retry later
+                log.warning("outbox relay: %s; retrying in %.1fs", exc or type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def drain(self) -> None:
+        """Publishes every unpublished row."""
+        while await self.drain_once():
+            pass
+
+    async def drain_once(self) -> int:
+        """Publishes one batch of unpublished rows; returns how many were published."""
+        self._wake.clear()
+        async with self._db.read() as session:
+            rows = (
+                await session.execute(
+                    sa.select(self._table.c.seq, self._table.c.subject, self._table.c.headers, self._table.c.data)
+                    .where(self._table.c.published_at.is_(None))
+                    .order_by(self._table.c.seq)
+                    .limit(self._batch_size)
+                )
+            ).all()
+        if not rows:
+            return 0
+        results = await asyncio.gather(*(self._publish(r.subject, r.headers, r.data) for r in rows), return_exceptions=True)
+        # Mark the unbroken prefix that JetStream acknowledged, so order holds across retries.
+        done: list[int] = []
+        failure: BaseException | None = None
+        for row, result in zip(rows, results):
+            if isinstance(result, BaseException):
+                failure = result
+                break
+            done.append(row.seq)
+        if done:
+            async with self._db.sessions() as session, session.begin():
+                await session.execute(
+                    sa.update(self._table)
+                    .where(self._table.c.seq.in_(done))
+                    .values(published_at=datetime.now(timezone.utc))
+                )
+            self.published += len(done)
+        if failure is not None:
+            raise failure
+        return len(done)
+
+    async def _publish(self, subject: str, stored_headers: Mapping[str, Any], data: bytes) -> None:
+        headers = {k: str(v) for k, v in stored_headers.items()}
+        with tracer.start_as_current_span(
+            f"{subject} publish",
+            context=extract(headers),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": subject,
+                "messaging.message.id": headers.get("ce-id", ""),
+                "messaging.operation.type": "publish",
+            },
+        ):
+            inject(headers)
+            await self._bus.js.publish(subject, data, headers=headers, timeout=self._publish_timeout_s)
+

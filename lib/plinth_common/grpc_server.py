@@ -1,0 +1,198 @@
+"""gRPC server start-up shared by every service: grpc.aio, health, reflection, the one
+interceptor that maps domain errors to status codes, and graceful shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+
+from plinth_common import errors
+
+log = logging.getLogger(__name__)
+
+_STATUS_BY_ERROR: list[tuple[type[errors.PlinthError], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(error: errors.PlinthError) -> grpc.StatusCode:
+    """The gRPC status code of a domain error (INTERNAL for the bare base class)."""
+    for error_type, code in _STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, errors.PlinthError):
+        await context.abort(status_for(exc), exc.message)
+    ctx = trace.get_current_span().get_span_context()
+    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "none"
+    log.exception("unexpected error in %s", method)
+    # Internals (exception text, paths) stay in the log; the caller gets a reference to it.
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace_id {trace_id})")
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps :class:`~plinth_common.errors.PlinthError` to status codes; anything else to INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
+            await _abort_for(exc, context, method)
+
+    return wrapped
+
+
+def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort_for(exc, context, method)
+
+    return wrapped
+
+
+class Registration(Protocol):
+    """A generated ``add_XServicer_to_server`` function."""
+
+    def __call__(self, servicer: Any, server: grpc.aio.Server) -> None: ...
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection and the error interceptor.
+
+    Args:
+        host: address to bind.
+        port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
+        interceptors: extra interceptors, run after the error mapping.
+    """
+
+    def __init__(self, *, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> None:
+        self._server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor(), *interceptors],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        )
+        self._host = host
+        self._requested_port = port
+        self._service_names: list[str] = []
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        """The underlying server, for generic handlers."""
+        return self._server
+
+    def add(self, register: Registration, servicer: Any, service_name: str) -> None:
+        """Registers a servicer; ``service_name`` is its full protobuf name (for health, reflection)."""
+        register(servicer, self._server)
+        self._service_names.append(service_name)
+
+    def add_name(self, service_name: str) -> None:
+        """Declares a service added through a generic handler, for health and reflection."""
+        self._service_names.append(service_name)
+
+    async def start(self) -> int:
+        """Binds, starts, and returns the bound port. Health starts NOT_SERVING."""
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
+        if self.port == 0:
+            raise errors.Unavailable(f"cannot bind {self._host}:{self._requested_port}")
+        await self._server.start()
+        await self.set_serving(False)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Sets every registered service (and the server as a whole, "") to SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Health to NOT_SERVING, then stops taking calls and waits ``grace`` seconds for running ones."""
+        await self.set_serving(False)
+        await self._server.stop(grace)
+
+
+class Service(Protocol):
+    """What an entry point runs: a service app with a start and a stop."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def run_until_signalled(app: Service) -> None:
+    """Starts ``app``, waits for SIGTERM or SIGINT, then stops it (graceful shutdown)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await app.stop()

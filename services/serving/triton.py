@@ -1,0 +1,397 @@
+"""Triton Inference Server as the serving service's engine.
+
+On one machine the service launches the ``tritonserver`` binary that the ``nvidia-pytriton``
+wheel ships and serves a model repository of its own in explicit model-control mode. In
+production it is pointed at an external Triton by URL and launches nothing. Either way the rest
+of the service talks to Triton only through ``tritonclient.grpc.aio`` at :attr:`grpc_target`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import tritonclient.grpc.aio as triton_grpc
+
+_LOG = logging.getLogger(__name__)
+
+# How long one ServerReady probe may take: a probe is loopback traffic, anything slower means
+# Triton is not ready, and a short bound keeps health checks and wait_ready() responsive.
+_PROBE_TIMEOUT_S = 1.0
+_POLL_INTERVAL_S = 0.1
+# After SIGTERM Triton waits for in-flight requests and unloads models (its own exit timeout,
+# which we set just below this) before it exits; past this we SIGKILL it.
+_STOP_GRACE_S = 15.0
+_TRITON_EXIT_TIMEOUT_S = 10
+_LOG_TAIL_BYTES = 4000
+_PR_SET_PDEATHSIG = 1
+
+# Runs between fork and exec of tritonserver, in a fresh interpreter, so that the kernel sends
+# Triton SIGTERM when our process dies. Doing this in a preexec_fn instead would force a plain
+# fork() of a process that runs gRPC threads (preexec_fn is documented as unsafe with threads
+# and disables subprocess' vfork path); a separate interpreter costs ~20 ms once per launch.
+# The getppid() check closes the race where we die before prctl() takes effect.
+_PDEATHSIG_SHIM = f"""
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0) != 0:
+    sys.stderr.write("plinth: prctl(PR_SET_PDEATHSIG) failed, errno %d\\n" % ctypes.get_errno())
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(75)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TritonSettings:
+    """How to reach, or how to launch, Triton.
+
+    Attributes:
+        model_repository: Folder Triton serves, in explicit model-control mode.
+        work_dir: Folder for our assembled backend folder and Triton's log.
+        grpc_port: Port of Triton's gRPC (KServe v2) endpoint.
+        http_port: Port of Triton's HTTP endpoint.
+        host: Address Triton binds to. Keep it on loopback: Triton's model-repository API
+            can load (and so execute) arbitrary Python models.
+        url: An external Triton's ``host:grpcport``. When set, nothing is launched and the
+            other launch settings are ignored.
+        startup_timeout_s: Default bound for :meth:`TritonProcess.wait_ready`.
+    """
+
+    model_repository: Path
+    work_dir: Path
+    grpc_port: int
+    http_port: int
+    host: str = "127.0.0.1"
+    url: str | None = None
+    startup_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class _Distribution:
+    """The parts of the ``nvidia-pytriton`` wheel that we run."""
+
+    server_binary: Path
+    python_backend_dir: Path
+    python_stub: Path
+    libs_dir: Path
+
+
+def _find_distribution() -> _Distribution:
+    """Locates tritonserver, its Python backend and its libraries inside the installed wheel.
+
+    Uses the package's location only; importing ``pytriton`` itself would pull in its own
+    server wrapper, which we do not use.
+
+    Raises:
+        RuntimeError: the wheel, or a part of it, is missing.
+    """
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed; it provides the tritonserver binary")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    server_dir = package_dir / "tritonserver"
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    # auditwheel puts the shared libraries next to the package; editable installs keep them
+    # inside it.
+    libs_dir = package_dir.parent / "nvidia_pytriton.libs"
+    if not libs_dir.is_dir():
+        libs_dir = server_dir / "external_libs"
+    dist = _Distribution(
+        server_binary=server_dir / "bin" / "tritonserver",
+        python_backend_dir=server_dir / "backends" / "python",
+        python_stub=server_dir / "python_backend_stubs" / python_version / "triton_python_backend_stub",
+        libs_dir=libs_dir,
+    )
+    for path in (
+        dist.server_binary,
+        dist.python_backend_dir / "libtriton_python.so",
+        dist.python_backend_dir / "triton_python_backend_utils.py",
+        dist.python_stub,
+    ):
+        if not path.exists():
+            raise RuntimeError(f"nvidia-pytriton is incomplete: {path} is missing")
+    return dist
+
+
+def _link(target: Path, link: Path) -> None:
+    """Makes ``link`` a symlink to ``target``, replacing whatever is there."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    # rename() swaps the link atomically, so a Triton that is already running never sees a gap.
+    tmp.replace(link)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class TritonProcess:
+    """One Triton Inference Server: a ``tritonserver`` child process, or an external one.
+
+    The child is bound to ``settings.host``, serves ``settings.model_repository`` in explicit
+    model-control mode (models are loaded and unloaded through the repository API), and writes
+    its output to ``work_dir/tritonserver.log``. It is sent SIGTERM if our process dies.
+    """
+
+    def __init__(self, settings: TritonSettings) -> None:
+        """Keeps the settings; does no I/O. Call :meth:`start` to launch Triton."""
+        self._settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log_file: IO[bytes] | None = None
+        self._log_path = settings.work_dir / "tritonserver.log"
+        self._log_offset = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of Triton's gRPC endpoint, for ``tritonclient.grpc.aio``."""
+        if self._settings.url is not None:
+            return self._settings.url
+        return f"{self._settings.host}:{self._settings.grpc_port}"
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code of the launched child; None while it runs or when nothing was launched."""
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the launched child; None when nothing was launched."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        """File that receives the launched Triton's stdout and stderr."""
+        return self._log_path
+
+    async def start(self) -> None:
+        """Launches ``tritonserver`` and returns without waiting for it to become ready.
+
+        Does nothing when ``settings.url`` points at an external Triton.
+
+        Raises:
+            RuntimeError: Triton is already running, or the wheel is incomplete.
+        """
+        async with self._lock:
+            if self._settings.url is not None:
+                _LOG.info("using external Triton at %s", self._settings.url)
+                return
+            if self._proc is not None and self._proc.returncode is None:
+                raise RuntimeError(f"tritonserver already runs as pid {self._proc.pid}")
+            dist = await asyncio.to_thread(self._launch_prepare)
+            argv, env = self._command(dist)
+            self._close_log()
+            self._settings.work_dir.mkdir(parents=True, exist_ok=True)
+            # Append, so that a crash log of an earlier run in the same work_dir survives a
+            # restart; errors quote only this run's part, from the offset.
+            log_file = self._log_path.open("ab")
+            self._log_offset = log_file.tell()
+            log_file.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting tritonserver\n".encode())
+            log_file.flush()
+            self._log_file = log_file
+            if sys.platform.startswith("linux"):
+                argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    # Same session and process group: a Ctrl-C on the terminal reaches Triton
+                    # too, and nothing survives as an orphan in a session of its own.
+                    start_new_session=False,
+                )
+            except BaseException:
+                self._close_log()
+                raise
+            _LOG.info(
+                "started tritonserver pid %d, gRPC %s, log %s",
+                self._proc.pid,
+                self.grpc_target,
+                self._log_path,
+            )
+
+    def _launch_prepare(self) -> _Distribution:
+        """Creates folders and our own Python backend folder (blocking file-system work)."""
+        settings = self._settings
+        if not _is_loopback(settings.host):
+            _LOG.warning(
+                "Triton binds to %s: its repository API can execute code, keep it off networks",
+                settings.host,
+            )
+        dist = _find_distribution()
+        settings.model_repository.mkdir(parents=True, exist_ok=True)
+        backend_dir = self._backends_dir / "python"
+        backend_dir.mkdir(parents=True, exist_ok=True)
+        # The Python backend execs the stub found beside libtriton_python.so; the wheel keeps
+        # one stub per Python version elsewhere, so we assemble the folder from links rather
+        # than writing into site-packages.
+        _link(dist.python_backend_dir / "libtriton_python.so", backend_dir / "libtriton_python.so")
+        _link(
+            dist.python_backend_dir / "triton_python_backend_utils.py",
+            backend_dir / "triton_python_backend_utils.py",
+        )
+        _link(dist.python_stub, backend_dir / "triton_python_backend_stub")
+        return dist
+
+    @property
+    def _backends_dir(self) -> Path:
+        return self._settings.work_dir / "backends"
+
+    def _command(self, dist: _Distribution) -> tuple[list[str], dict[str, str]]:
+        """Builds tritonserver's argv and environment."""
+        settings = self._settings
+        argv = [
+            str(dist.server_binary),
+            f"--model-repository={settings.model_repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={self._backends_dir}",
+            f"--http-address={settings.host}",
+            f"--http-port={settings.http_port}",
+            f"--grpc-address={settings.host}",
+            f"--grpc-port={settings.grpc_port}",
+            # Metrics would open a third port on 0.0.0.0:8002 by default; the service exports
+            # its own metrics instead.
+            "--allow-metrics=false",
+            # CPU only: the default 256 MB pinned pool needs a CUDA driver and only logs a
+            # warning without one.
+            "--pinned-memory-pool-byte-size=0",
+            # We always write complete config.pbtxt files. Auto-completion would start an extra
+            # Python stub per load just to ask the model for its config (~1.6 s here).
+            "--disable-auto-complete-config",
+            f"--exit-timeout-secs={_TRITON_EXIT_TIMEOUT_S}",
+        ]
+        env = dict(os.environ)
+        # The stub links libpython3.11 by soname. The system's build is not ABI-identical to
+        # ours (models fail to load with an AttributeError about _recursion_count), so our
+        # interpreter's own lib folder goes first; the wheel's folder holds the bundled
+        # libraries that the backend needs once it sits in our folder instead of the wheel's.
+        lib_dirs = [str(sysconfig.get_config_var("LIBDIR") or ""), str(dist.libs_dir)]
+        if env.get("LD_LIBRARY_PATH"):
+            lib_dirs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in lib_dirs if d)
+        # The stub embeds Python without naming a program, so Python looks "python3" up on PATH
+        # to find its prefix. Putting our interpreter's folder first makes models run with this
+        # virtualenv's packages instead of those of whatever python3 comes first.
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+        return argv, env
+
+    async def is_ready(self) -> bool:
+        """Asks Triton whether it is ready (gRPC ServerReady).
+
+        Returns:
+            True if Triton answered ready within a short timeout; False on any error.
+        """
+        if self._proc is not None and self._proc.returncode is not None:
+            return False
+        if self._settings.url is None and self._proc is None:
+            return False
+        try:
+            # A fresh channel per probe: a long-lived channel that saw Triton down would sit in
+            # gRPC's reconnect back-off (up to minutes) and report "not ready" long after Triton
+            # came up. A loopback connect costs about a millisecond.
+            client = triton_grpc.InferenceServerClient(self.grpc_target)
+            try:
+                return bool(await client.is_server_ready(client_timeout=_PROBE_TIMEOUT_S))
+            finally:
+                await client.close()
+        except Exception:  # noqa: BLE001 - any failure means "not ready" to the caller
+            return False
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Waits until Triton is ready.
+
+        Args:
+            timeout: Seconds to wait; ``settings.startup_timeout_s`` when None.
+
+        Raises:
+            RuntimeError: the launched tritonserver exited; the message quotes its log's tail.
+            TimeoutError: Triton was not ready in time.
+        """
+        limit = self._settings.startup_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            self._raise_if_exited()
+            if await self.is_ready():
+                return
+            self._raise_if_exited()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Triton at {self.grpc_target} not ready after {limit:.1f}s"
+                    + (f"; log tail:\n{self._log_tail()}" if self._settings.url is None else "")
+                )
+            await asyncio.sleep(_POLL_INTERVAL_S)
+
+    def _raise_if_exited(self) -> None:
+        if self._settings.url is None and self._proc is None:
+            raise RuntimeError("tritonserver was not started")
+        if self._proc is not None and self._proc.returncode is not None:
+            raise RuntimeError(
+                f"tritonserver exited with code {self._proc.returncode}; "
+                f"log tail ({self._log_path}):\n{self._log_tail()}"
+            )
+
+    async def stop(self) -> None:
+        """Stops the launched tritonserver: SIGTERM, a grace period, then SIGKILL.
+
+        Safe to call repeatedly, concurrently, or when nothing was launched.
+        """
+        async with self._lock:
+            proc = self._proc
+            try:
+                if proc is None or proc.returncode is not None:
+                    return
+                _LOG.info("stopping tritonserver pid %d", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
+                except TimeoutError:
+                    _LOG.warning("tritonserver pid %d ignored SIGTERM, killing it", proc.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+                _LOG.info("tritonserver pid %d exited with code %s", proc.pid, proc.returncode)
+            finally:
+                # Also reached when the caller's task is cancelled mid-wait: better a killed
+                # Triton than one that outlives its owner.
+                if proc is not None and proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def _log_tail(self) -> str:
+        """The last few KB that this run of tritonserver wrote to its log."""
+        try:
+            with self._log_path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(self._log_offset, size - _LOG_TAIL_BYTES))
+                return f.read().decode("utf-8", errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
