@@ -14,7 +14,6 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from plinth_common.telemetry import instrument_sqlalchemy
 
 
 def _prepare_sqlite(url: str) -> dict[str, Any]:
@@ -40,10 +39,10 @@ class Database:
 
     Args:
         url: SQLAlchemy async URL (``sqlite+aiosqlite:///...`` or ``postgresql+asyncpg://...``).
-        trace_sql: make each statement a span.
+    SQL statements become spans when :func:`plinth_common.telemetry.setup_telemetry` ran first.
     """
 
-    def __init__(self, url: str, *, trace_sql: bool = True) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = _prepare_sqlite(url) if self.is_sqlite else {"pool_pre_ping": True}
@@ -52,8 +51,6 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-        if trace_sql:
-            instrument_sqlalchemy(self.engine.sync_engine)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._after_commit: list[Callable[[], None]] = []
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,7 @@ def setup_telemetry(service_name: str, *, instrument_grpc: bool = True) -> Telem
     trace.set_tracer_provider(provider)
     if instrument_grpc:
         instrument_grpc_aio()
+    instrument_sqlalchemy()
     return Telemetry(provider=provider)
 
 
@@ -69,15 +71,19 @@ def instrument_grpc_aio() -> None:
             instrumentor.instrument()
 
 
-def instrument_sqlalchemy(sync_engine: Any) -> None:
-    """Makes every SQL statement on ``sync_engine`` a span."""
+def instrument_sqlalchemy() -> None:
+    """Makes every SQL statement of engines created from now on a span (idempotent)."""
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
-    SQLAlchemyInstrumentor().instrument(engine=sync_engine, enable_commenter=False)
+    instrumentor = SQLAlchemyInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(enable_commenter=False)
 
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object a line, with the current ``trace_id`` and ``span_id`` when inside a span."""
+
+    converter = time.gmtime
 
     def __init__(self, service: str) -> None:
         super().__init__()

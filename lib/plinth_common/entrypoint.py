@@ -1,0 +1,20 @@
+"""The common body of every service's ``__main__``: logging, telemetry, run until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from plinth_common.config import Env
+from plinth_common.grpc_server import Service, run_until_signalled
+from plinth_common.telemetry import setup_logging, setup_telemetry
+
+
+def main(service_name: str, build: Callable[[], Service]) -> None:
+    """Sets up logs and traces, builds the app, serves until SIGTERM/SIGINT, flushes spans."""
+    setup_logging(service_name, Env().str("PLINTH_LOG_LEVEL", "INFO"))
+    telemetry = setup_telemetry(f"plinth-{service_name}")
+    try:
+        asyncio.run(run_until_signalled(build()))
+    finally:
+        telemetry.shutdown()

@@ -1,0 +1,79 @@
+"""What every service process has: a store, a NATS connection, an outbox relay, consumers and a
+gRPC server, started and stopped in the right order. Service apps compose one of these.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import Table
+
+from plinth_common.config import CommonSettings
+from plinth_common.db import Database
+from plinth_common.events import ConsumerSettings, EventBus, EventConsumer, Outbox, OutboxRelay
+from plinth_common.events.consumer import Handler
+from plinth_common.grpc_server import GrpcServer
+
+log = logging.getLogger(__name__)
+
+
+class ServiceRuntime:
+    """Infrastructure of one service process.
+
+    Args:
+        settings: the service's common settings.
+        outbox_table: its ``event_outbox`` table (None for a service that emits nothing).
+        processed_table: its ``processed_events`` table (None for one that consumes nothing).
+        migrations: its Alembic folder.
+    """
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        *,
+        outbox_table: Table | None = None,
+        processed_table: Table | None = None,
+        migrations: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.bus = EventBus(settings.nats_url, name=f"plinth-{settings.service}")
+        self.server = GrpcServer(host=settings.host, port=settings.port)
+        self.outbox = Outbox(outbox_table, source=f"/plinth/{settings.service}") if outbox_table is not None else None
+        self.relay = OutboxRelay(self.db, outbox_table, self.bus) if outbox_table is not None else None
+        self._processed_table = processed_table
+        self._migrations = migrations
+        self.consumers: list[EventConsumer] = []
+
+    def consume(self, durable: str, subjects: Sequence[str], handler: Handler, **options: object) -> EventConsumer:
+        """Declares a durable consumer, started with the runtime."""
+        if self._processed_table is None:
+            raise RuntimeError("a consuming service needs a processed_events table")
+        consumer = EventConsumer(self.bus, self.db, self._processed_table, ConsumerSettings(durable=durable, subjects=subjects, **options), handler)  # type: ignore[arg-type]
+        self.consumers.append(consumer)
+        return consumer
+
+    async def start(self) -> None:
+        """Migrates the store, starts NATS, relay and consumers, binds the gRPC server (NOT_SERVING)."""
+        self.settings.service_dir.mkdir(parents=True, exist_ok=True)
+        if self._migrations is not None:
+            await self.db.migrate(self._migrations)
+        await self.bus.start()
+        if self.relay is not None:
+            await self.relay.start()
+        for consumer in self.consumers:
+            await consumer.start()
+        port = await self.server.start()
+        log.info("%s listening on %s:%d", self.settings.service, self.settings.host, port)
+
+    async def stop(self) -> None:
+        """Health to NOT_SERVING, drain calls, stop consumers, flush the outbox, close everything."""
+        await self.server.stop()
+        for consumer in self.consumers:
+            await consumer.stop()
+        if self.relay is not None:
+            await self.relay.stop()
+        await self.bus.stop()
+        await self.db.close()

@@ -1,0 +1,1 @@
+"""The scheduler service: training jobs, their queue and their execution."""

@@ -1,0 +1,222 @@
+"""The scheduler as a real gRPC server, with a real nats-server and real job processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from plinth.scheduler.v1 import scheduler_pb2 as pb
+from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.nats_server import NatsServer
+from services.scheduler.app import SchedulerApp, SchedulerSettings
+from tests.helpers import EventRecorder, eventually, service_env
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+PY = sys.executable
+
+
+class Scheduler:
+    """A running scheduler app and a stub to it."""
+
+    def __init__(self, app: SchedulerApp) -> None:
+        self.app = app
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+
+    async def submit(self, *command: str, name: str = "t", team: str = "ml", **spec: Any) -> pb.Job:
+        response = await self.stub.SubmitJob(pb.SubmitJobRequest(spec=pb.JobSpec(name=name, team=team, entrypoint=list(command), **spec)))
+        return response.job
+
+    async def wait_state(self, job_id: str, *states: int, timeout: float = 30) -> pb.Job:
+        async def probe() -> pb.Job | None:
+            job = await self.stub.GetJob(pb.GetJobRequest(job_id=job_id))
+            return job if job.state in states else None
+
+        return await eventually(probe, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.app.stop()
+
+
+StartScheduler = Callable[..., Any]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def start_scheduler(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[StartScheduler]:
+    running: list[Scheduler] = []
+
+    async def start(**env: str) -> Scheduler:
+        app = SchedulerApp(SchedulerSettings.from_env(service_env(tmp_path / "data", nats_server.url, **env)))
+        await app.start()
+        scheduler = Scheduler(app)
+        running.append(scheduler)
+        return scheduler
+
+    yield start
+    for scheduler in running:
+        await scheduler.close()
+
+
+FINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+async def test_job_runs_and_reports_life_cycle_events(start_scheduler: StartScheduler, nats_server: NatsServer, tmp_path: Path) -> None:
+    scheduler = await start_scheduler()
+    script = (
+        "import json, os; print('hello from', os.environ['PLINTH_JOB_ID']);"
+        "json.dump({'mlflow_run_id': 'r123'}, open(os.environ['PLINTH_OUTPUT_FILE'], 'w'));"
+        "assert os.environ['TRACEPARENT'].startswith('00-') and os.environ['MLFLOW_TRACKING_URI']"
+    )
+    async with EventRecorder(nats_server.url) as recorder:
+        job = await scheduler.submit(PY, "-c", script, env={"GREETING": "hi"})
+        assert job.id.startswith("j-") and job.state == pb.JOB_STATE_QUEUED
+        done = await scheduler.wait_state(job.id, *FINAL)
+        await eventually(lambda: _async(len(recorder.of(job.id)) >= 4))
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+    assert done.exit_code == 0 and done.mlflow_run_id == "r123"
+    assert recorder.of(job.id) == ["plinth.job.submitted", "plinth.job.admitted", "plinth.job.started", "plinth.job.finished"]
+    logs = b"".join([c.data async for c in scheduler.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id))])
+    assert f"hello from {job.id}".encode() in logs
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"name": "Bad Name"}, "spec.name"),
+        ({"team": ""}, "spec.team"),
+        ({"entrypoint": []}, "spec.entrypoint"),
+        ({"resources": pb.Resources(cpu=-1)}, "spec.resources.cpu"),
+        ({"resources": pb.Resources(cpu=10_000)}, "spec.resources.cpu"),
+        ({"resources": pb.Resources(memory_bytes=-5)}, "spec.resources.memory_bytes"),
+        ({"resources": pb.Resources(gpu=8)}, "spec.resources.gpu"),
+        ({"env": {"1BAD": "x"}}, "spec.env"),
+        ({"env": {"PLINTH_JOB_ID": "x"}}, "spec.env"),
+        ({"working_dir": "relative/dir"}, "spec.working_dir"),
+        ({"name": "x" * 64}, "spec.name"),
+        ({"entrypoint": ["echo", "y" * 5000]}, "spec.entrypoint"),
+        ({"register_as": "../etc/passwd"}, "spec.register_as"),
+    ],
+)
+async def test_invalid_spec_is_refused_naming_the_field(start_scheduler: StartScheduler, spec: dict[str, Any], field: str) -> None:
+    scheduler = await start_scheduler()
+    fields = {"name": "ok", "team": "ml", "entrypoint": ["true"], **spec}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.stub.SubmitJob(pb.SubmitJobRequest(spec=pb.JobSpec(**fields)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(field), caught.value.details()
+
+
+async def test_unknown_job_and_cancel_after_finish(start_scheduler: StartScheduler) -> None:
+    scheduler = await start_scheduler()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.stub.GetJob(pb.GetJobRequest(job_id="j-nope"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "j-nope" in caught.value.details()
+    job = await scheduler.submit("true")
+    await scheduler.wait_state(job.id, *FINAL)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_crashed_and_killed_jobs_fail_with_exit_code_or_signal(start_scheduler: StartScheduler) -> None:
+    scheduler = await start_scheduler()
+    crashed = await scheduler.submit(PY, "-c", "import sys; sys.exit(3)")
+    killed = await scheduler.submit(PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    missing = await scheduler.submit("/no/such/program")
+    crashed = await scheduler.wait_state(crashed.id, *FINAL)
+    killed = await scheduler.wait_state(killed.id, *FINAL)
+    missing = await scheduler.wait_state(missing.id, *FINAL)
+    assert crashed.state == pb.JOB_STATE_FAILED and crashed.exit_code == 3 and crashed.failure_reason == "exit code 3"
+    assert killed.state == pb.JOB_STATE_FAILED and killed.signal == 9 and "SIGKILL" in killed.failure_reason
+    assert missing.state == pb.JOB_STATE_FAILED and "/no/such/program" in missing.failure_reason
+
+
+async def test_cancel_running_and_queued_jobs(start_scheduler: StartScheduler, nats_server: NatsServer) -> None:
+    scheduler = await start_scheduler(PLINTH_SCHEDULER_CPU="1")
+    async with EventRecorder(nats_server.url) as recorder:
+        running = await scheduler.submit(PY, "-c", "import time; print('started', flush=True); time.sleep(60)")
+        queued = await scheduler.submit("true")
+        await scheduler.wait_state(running.id, pb.JOB_STATE_RUNNING)
+        assert (await scheduler.stub.GetJob(pb.GetJobRequest(job_id=queued.id))).state == pb.JOB_STATE_QUEUED
+        cancelled_queued = await scheduler.stub.CancelJob(pb.CancelJobRequest(job_id=queued.id))
+        assert cancelled_queued.state == pb.JOB_STATE_CANCELLED
+        await scheduler.stub.CancelJob(pb.CancelJobRequest(job_id=running.id))
+        done = await scheduler.wait_state(running.id, *FINAL, timeout=20)
+        await eventually(lambda: _async("plinth.job.cancelled" in recorder.of(running.id)))
+    assert done.state == pb.JOB_STATE_CANCELLED and done.signal == 15
+    assert "plinth.job.finished" not in recorder.of(running.id)
+
+
+async def test_fifo_queue_and_listing_with_filters_and_pages(start_scheduler: StartScheduler) -> None:
+    scheduler = await start_scheduler(PLINTH_SCHEDULER_CPU="1")
+    first = await scheduler.submit(PY, "-c", "import time; time.sleep(0.5)", team="vision")
+    others = [await scheduler.submit("true", name=f"n{i}", team="vision") for i in range(4)]
+    nlp = await scheduler.submit("true", team="nlp")
+    await scheduler.wait_state(nlp.id, *FINAL)
+    finished = [await scheduler.wait_state(j.id, *FINAL) for j in [first, *others]]
+    starts = [j.started_at.ToDatetime() for j in finished]
+    assert starts == sorted(starts), "jobs must start in submission order"
+    page = await scheduler.stub.ListJobs(pb.ListJobsRequest(team="vision", page_size=3))
+    assert [j.id for j in page.jobs] == [j.id for j in reversed(others)][:3]
+    rest = await scheduler.stub.ListJobs(pb.ListJobsRequest(team="vision", page_size=3, page_token=page.next_page_token))
+    assert [j.id for j in rest.jobs] == [others[0].id, first.id] and rest.next_page_token == ""
+    succeeded = await scheduler.stub.ListJobs(pb.ListJobsRequest(team="nlp", state=pb.JOB_STATE_SUCCEEDED))
+    assert len(succeeded.jobs) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.stub.ListJobs(pb.ListJobsRequest(page_token="garbage"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in caught.value.details()
+
+
+async def test_follow_logs_streams_until_the_job_ends(start_scheduler: StartScheduler) -> None:
+    scheduler = await start_scheduler()
+    job = await scheduler.submit(PY, "-c", "import time\nfor i in range(3):\n    print('line', i, flush=True); time.sleep(0.2)")
+    chunks = [c.data async for c in scheduler.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id, follow=True))]
+    assert b"".join(chunks).decode().split() == ["line", "0", "line", "1", "line", "2"]
+
+
+async def test_restart_reattaches_running_jobs_and_runs_queued_ones(start_scheduler: StartScheduler) -> None:
+    first = await start_scheduler(PLINTH_SCHEDULER_CPU="1")
+    running = await first.submit(PY, "-c", "import time; time.sleep(1.5); print('survived')")
+    queued = await first.submit(PY, "-c", "print('ran after restart')")
+    await first.wait_state(running.id, pb.JOB_STATE_RUNNING)
+    await first.close()  # the scheduler goes away; the job's supervisor keeps running
+    second = await start_scheduler(PLINTH_SCHEDULER_CPU="1")
+    survived = await second.wait_state(running.id, *FINAL)
+    ran = await second.wait_state(queued.id, *FINAL)
+    assert survived.state == pb.JOB_STATE_SUCCEEDED and survived.exit_code == 0
+    assert ran.state == pb.JOB_STATE_SUCCEEDED
+
+
+async def test_job_whose_process_vanished_during_restart_is_failed_with_reason(start_scheduler: StartScheduler, tmp_path: Path) -> None:
+    first = await start_scheduler()
+    job = await first.submit(PY, "-c", "import time; time.sleep(30)")
+    job = await first.wait_state(job.id, pb.JOB_STATE_RUNNING)
+    await first.close()
+    import os
+    import signal
+
+    os.kill(job_pid := _pid_of(first, job.id), signal.SIGKILL)  # the supervisor dies too (host crash)
+    await asyncio.sleep(0.2)
+    second = await start_scheduler()
+    lost = await second.wait_state(job.id, *FINAL)
+    assert lost.state == pb.JOB_STATE_FAILED and "lost" in lost.failure_reason, (job_pid, lost)
+
+
+def _pid_of(scheduler: Scheduler, job_id: str) -> int:
+    import sqlite3
+
+    path = scheduler.app.settings.common.service_dir / "scheduler.db"
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("select pid from jobs where id = ?", (job_id,)).fetchone()[0])

@@ -1,0 +1,68 @@
+"""Helpers shared by the tests: waiting, event capture, service settings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+from nats.aio.msg import Msg
+
+from plinth_common.config import Env
+
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], *, timeout: float = 20.0, interval: float = 0.05) -> T:
+    """Calls ``probe`` until it returns something truthy; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"not reached within {timeout}s (last value: {last!r})")
+
+
+class EventRecorder:
+    """Subscribes to ``plinth.>`` with a plain nats-py client and keeps every message."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.messages: list[Msg] = []
+        self._nc: nats.NATS | None = None
+
+    async def __aenter__(self) -> "EventRecorder":
+        self._nc = await nats.connect(self.url)
+        await self._nc.subscribe("plinth.>", cb=self._keep)
+        return self
+
+    async def _keep(self, msg: Msg) -> None:
+        self.messages.append(msg)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._nc is not None
+        await self._nc.close()
+
+    def of(self, subject_id: str) -> list[str]:
+        """Types of the events about ``subject_id`` (ce-subject), in arrival order."""
+        return [m.subject for m in self.messages if (m.headers or {}).get("ce-subject") == subject_id]
+
+
+def service_env(data_dir: Path, nats_url: str, **extra: str) -> Env:
+    """An Env for a service under test: its own data dir, ephemeral gRPC ports."""
+    values = {
+        "PLINTH_DATA_DIR": str(data_dir),
+        "PLINTH_NATS_URL": nats_url,
+        "PLINTH_SCHEDULER_PORT": "0",
+        "PLINTH_GATEWAY_PORT": "0",
+        "PLINTH_REGISTRY_PORT": "0",
+        "PLINTH_FEATURES_PORT": "0",
+        "PLINTH_SERVING_PORT": "0",
+    }
+    values.update(extra)
+    return Env(values)
