@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from plinth_common.nats_server import NatsServer
+from plinth_common.telemetry import instrument_grpc_aio
 
 # Tests never read a developer's platform settings by accident.
 for _name in [n for n in os.environ if n.startswith("PLINTH_") and not n.startswith("PLINTH_TEST_")]:
@@ -26,6 +27,7 @@ SPANS = InMemorySpanExporter()
 _provider = TracerProvider()
 _provider.add_span_processor(SimpleSpanProcessor(SPANS))
 trace.set_tracer_provider(_provider)
+instrument_grpc_aio()
 
 
 @pytest.fixture

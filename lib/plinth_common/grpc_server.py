@@ -30,8 +30,27 @@ _STATUS_BY_ERROR: list[tuple[type[errors.PlinthError], grpc.StatusCode]] = [
 ]
 
 
+class UpstreamStatus(errors.PlinthError):
+    """A status returned by a service this one called, passed on unchanged (the gateway's case)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message, code=code.name)
+        self.code = code
+
+
+def upstream_error(exc: grpc.aio.AioRpcError, upstream: str) -> errors.PlinthError:
+    """The error to raise for a failed call to ``upstream``; unreachable peers read as such."""
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not exc.details():
+        return errors.Unavailable(f"{upstream} did not answer ({exc.code().name})")
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(f"{upstream} unavailable: {exc.details()}")
+    return UpstreamStatus(exc.code(), exc.details() or exc.code().name)
+
+
 def status_for(error: errors.PlinthError) -> grpc.StatusCode:
     """The gRPC status code of a domain error (INTERNAL for the bare base class)."""
+    if isinstance(error, UpstreamStatus):
+        return error.code
     for error_type, code in _STATUS_BY_ERROR:
         if isinstance(error, error_type):
             return code

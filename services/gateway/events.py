@@ -1,0 +1,54 @@
+"""The gateway's consumer side: platform events from NATS, for the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from nats.aio.msg import Msg
+
+from plinth_common.errors import Unavailable
+from plinth_common.events import CloudEvent, EventBus
+from plinth_common.events.bus import EVENTS_SUBJECTS
+from plinth_common.events.envelope import MalformedEvent
+
+log = logging.getLogger(__name__)
+
+
+class NatsEventSource:
+    """A core-NATS subscription on ``plinth.>`` per watcher, with a bounded buffer.
+
+    Args:
+        bus: the gateway's NATS connection.
+        buffer: events held for a slow watcher before its stream is ended.
+    """
+
+    def __init__(self, bus: EventBus, *, buffer: int = 10_000) -> None:
+        self._bus = bus
+        self._buffer = buffer
+
+    async def subscribe(self) -> AsyncIterator[CloudEvent]:
+        """Events from now on; ends the stream with Unavailable if the watcher falls too far behind."""
+        await self._bus.connected()
+        queue: asyncio.Queue[Msg | None] = asyncio.Queue(maxsize=self._buffer)
+
+        async def keep(msg: Msg) -> None:
+            try:
+                queue.put_nowait(msg)
+            except asyncio.QueueFull:
+                queue.get_nowait()
+                queue.put_nowait(None)  # marks the overflow
+
+        subscription = await self._bus.nc.subscribe(EVENTS_SUBJECTS, cb=keep)
+        try:
+            while True:
+                msg = await queue.get()
+                if msg is None:
+                    raise Unavailable("the event stream fell behind and was closed; watch again")
+                try:
+                    yield CloudEvent.from_headers(msg.headers, msg.data)
+                except MalformedEvent as exc:
+                    log.warning("skipping malformed event on %s: %s", msg.subject, exc)
+        finally:
+            await subscription.unsubscribe()

@@ -1,0 +1,105 @@
+"""Forwarding of whole gRPC services to their upstream, bytes in and bytes out.
+
+The gateway re-exposes each service's API unchanged. Messages are not decoded: the forwarder
+passes the serialized request on and the serialized response back, so a hop costs little more
+than the call itself. Upstream errors keep their status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from plinth_common.grpc_server import upstream_error
+
+# Headers the transport or the tracing instrumentation set afresh on the outgoing call.
+_HOP_BY_HOP = ("grpc-", ":", "traceparent", "tracestate", "user-agent", "content-type", "te")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A service the gateway forwards to.
+
+    Attributes:
+        name: short name for messages ("scheduler").
+        channel: the open channel to it.
+        services: the protobuf services it serves.
+    """
+
+    name: str
+    channel: grpc.aio.Channel
+    services: tuple[ServiceDescriptor, ...]
+
+
+def _forwarded_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(_HOP_BY_HOP)]
+
+
+class ForwardingHandler(grpc.GenericRpcHandler):
+    """Serves every method of the upstreams' services by calling the upstream.
+
+    Args:
+        upstreams: where each service lives.
+        default_timeout_s: deadline of a forwarded unary call when the client set none.
+    """
+
+    def __init__(self, upstreams: Iterable[Upstream], *, default_timeout_s: float = 30.0) -> None:
+        self._default_timeout_s = default_timeout_s
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for upstream in upstreams:
+            for service in upstream.services:
+                for method in service.methods:
+                    path = f"/{service.full_name}/{method.name}"
+                    self._handlers[path] = self._handler_for(upstream, path, method.server_streaming, method.client_streaming)
+
+    @property
+    def service_names(self) -> list[str]:
+        """Full names of the forwarded services."""
+        return sorted({path.split("/")[1] for path in self._handlers})
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self._default_timeout_s if remaining is None else min(remaining, self._default_timeout_s)
+
+    def _handler_for(self, upstream: Upstream, path: str, server_streaming: bool, client_streaming: bool) -> grpc.RpcMethodHandler:
+        if client_streaming:
+            raise NotImplementedError(f"{path}: client streaming is not forwarded")
+        if server_streaming:
+            stream_call = upstream.channel.unary_stream(path)
+
+            async def forward_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+                remaining = context.time_remaining()  # streams (logs --follow) keep the client's deadline only
+                call = stream_call(request, timeout=remaining, metadata=_forwarded_metadata(context))
+                try:
+                    async for response in call:
+                        yield response
+                except grpc.aio.AioRpcError as exc:
+                    raise upstream_error(exc, upstream.name) from None
+                finally:
+                    call.cancel()
+
+            return grpc.unary_stream_rpc_method_handler(forward_stream)
+
+        unary_call = upstream.channel.unary_unary(path)
+
+        async def forward_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                return await unary_call(request, timeout=self._timeout(context), metadata=_forwarded_metadata(context))
+            except grpc.aio.AioRpcError as exc:
+                raise upstream_error(exc, upstream.name) from None
+
+        return grpc.unary_unary_rpc_method_handler(forward_unary)
+
+
+def open_channel(target: str, options: Mapping[str, Any] | None = None) -> grpc.aio.Channel:
+    """An insecure channel to an upstream, sized for gateway traffic."""
+    merged = {"grpc.max_receive_message_length": 64 * 1024 * 1024, "grpc.max_send_message_length": 64 * 1024 * 1024}
+    merged.update(options or {})
+    return grpc.aio.insecure_channel(target, options=list(merged.items()))

@@ -1,0 +1,41 @@
+"""gRPC servicer of the gateway's own API: protobuf in, domain call, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from plinth_common.events import CloudEvent
+from services.gateway.service import EventStreams
+
+
+def event_to_proto(event: CloudEvent) -> gateway_pb2.Event:
+    """CloudEvent -> ``plinth.gateway.v1.Event`` (payload both binary and JSON)."""
+    time = Timestamp()
+    time.FromDatetime(event.time)
+    return gateway_pb2.Event(
+        id=event.id,
+        type=event.type,
+        source=event.source,
+        subject=event.subject,
+        time=time,
+        team=event.team,
+        data_schema=event.dataschema,
+        data=event.payload().SerializeToString(),
+        data_json=event.payload_json(),
+        traceparent=event.extensions.get("traceparent", ""),
+    )
+
+
+class EventServicer(gateway_pb2_grpc.EventServiceServicer):
+    """Serves ``plinth.gateway.v1.EventService``."""
+
+    def __init__(self, streams: EventStreams) -> None:
+        self._streams = streams
+
+    async def WatchEvents(self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.Event]:
+        async for event in self._streams.watch(request.types, request.team):
+            yield event_to_proto(event)
