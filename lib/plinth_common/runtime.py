@@ -4,9 +4,11 @@ gRPC server, started and stopped in the right order. Service apps compose one of
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import Table
 
@@ -77,3 +79,60 @@ class ServiceRuntime:
             await self.relay.stop()
         await self.bus.stop()
         await self.db.close()
+
+
+class Engine(Protocol):
+    """The real system a service drives (MLflow, Feast, Triton)."""
+
+    async def start(self) -> None: ...
+
+    async def is_ready(self) -> bool: ...
+
+    async def stop(self) -> None: ...
+
+
+class EngineHealth:
+    """Keeps a service's gRPC health equal to its engine's readiness: NOT_SERVING until the
+    engine answers, and again whenever it stops answering.
+
+    Args:
+        server: the service's gRPC server.
+        engine: the engine to probe.
+        name: the engine's name, for logs.
+        interval_s: probe period once ready (four times faster while not ready).
+    """
+
+    def __init__(self, server: GrpcServer, engine: Engine, *, name: str, interval_s: float = 2.0) -> None:
+        self._server = server
+        self._engine = engine
+        self._name = name
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Starts probing in the background."""
+        self._task = asyncio.create_task(self._probe_forever(), name=f"health-{self._name}")
+
+    async def _probe_forever(self) -> None:
+        serving: bool | None = None
+        while True:
+            try:
+                ready = await self._engine.is_ready()
+            except Exception:  # noqa: BLE001 - a probe that fails means "not ready"
+                ready = False
+            if ready != serving:
+                await self._server.set_serving(ready)
+                log.log(logging.INFO if ready else logging.WARNING, "%s is %s", self._name, "ready" if ready else "not ready")
+                serving = ready
+            if ready:
+                self.ready.set()
+            else:
+                self.ready.clear()
+            await asyncio.sleep(self._interval_s if ready else self._interval_s / 4)
+
+    async def stop(self) -> None:
+        """Stops probing."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

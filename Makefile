@@ -1,0 +1,43 @@
+# Plinth: `make run` starts the platform, `make test` runs the suite. Both create .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-fast proto proto-check lock bench clean-data
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+
+run: venv
+	$(BIN)/python -m plinth_common.devstack
+
+test: venv proto-check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+proto: venv
+	$(BIN)/python tools/protogen.py
+
+proto-check: venv
+	$(BIN)/python tools/protogen.py --check
+
+# Re-resolve pinned versions after editing requirements.in (needs the package index).
+lock: venv
+	$(BIN)/uv pip compile requirements.in --python-version 3.11 --no-header -q -o requirements.lock
+
+bench: venv
+	$(BIN)/python -m bench.event_path
+	$(BIN)/python -m bench.gateway_overhead
+
+clean-data:
+	rm -rf .data

@@ -1,0 +1,1 @@
+"""The features service: entities, feature views, materialization, online and offline retrieval, on Feast."""

@@ -1,0 +1,1 @@
+"""The registry service: runs, registered models, versions, aliases and promotions, on MLflow."""

@@ -1,0 +1,1 @@
+"""The serving service: deployments of registered models on Triton Inference Server."""

@@ -1,0 +1,123 @@
+"""End to end through the gateway, with every service as its own process (as `make run` starts
+them): an ML engineer submits the example training job, watches its events, and finds its MLflow
+run; the gateway call, the scheduler's work and the job.finished publication are one trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import mlflow
+import pytest
+import pytest_asyncio
+
+from plinth.events.v1 import events_pb2
+from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from plinth.scheduler.v1 import scheduler_pb2 as pb
+from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.devstack import LocalPlatform, PlatformConfig
+from tests.helpers import eventually
+from tests.otlp import OtlpReceiver
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def receiver() -> AsyncIterator[OtlpReceiver]:
+    otlp = OtlpReceiver()
+    await otlp.start()
+    yield otlp
+    await otlp.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def platform(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> AsyncIterator[LocalPlatform]:
+    config = PlatformConfig.ephemeral(
+        tmp_path_factory.mktemp("platform"),
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "200"},
+    )
+    local = LocalPlatform(config)
+    try:
+        await local.start(timeout=180)
+        yield local
+    finally:
+        await local.stop()
+
+
+async def test_every_service_reports_serving_through_health(platform: LocalPlatform) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for service in platform.config.services:
+        async with grpc.aio.insecure_channel(platform.address(service)) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(platform: LocalPlatform, receiver: OtlpReceiver) -> None:
+    async with grpc.aio.insecure_channel(platform.address("gateway")) as channel:
+        jobs = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        events = gateway_pb2_grpc.EventServiceStub(channel)
+        watch = events.WatchEvents(gateway_pb2.WatchEventsRequest(types=["job.started", "job.finished"], team="ml"))
+        seen: list[gateway_pb2.Event] = []
+
+        async def collect() -> None:
+            async for event in watch:
+                seen.append(event)
+
+        collector = asyncio.create_task(collect())
+        await asyncio.sleep(0.5)
+        spec = pb.JobSpec(
+            name="train-diabetes",
+            team="ml",
+            entrypoint=[sys.executable, "examples/train_diabetes.py", "--n-estimators", "50"],
+            working_dir=str(REPO),
+            register_as="diabetes",
+        )
+        job = (await jobs.SubmitJob(pb.SubmitJobRequest(spec=spec))).job
+
+        async def finished() -> gateway_pb2.Event | None:
+            return next((e for e in seen if e.subject == job.id and e.type == "plinth.job.finished"), None)
+
+        event = await eventually(finished, timeout=120)
+        collector.cancel()
+        done = await jobs.GetJob(pb.GetJobRequest(job_id=job.id))
+        logs = b"".join([c.data async for c in jobs.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id))])
+
+    payload = events_pb2.JobFinished.FromString(event.data)
+    assert payload.status == events_pb2.JOB_OUTCOME_SUCCEEDED, logs.decode(errors="replace")[-2000:]
+    assert payload.mlflow_run_id and payload.mlflow_run_id == done.mlflow_run_id
+    assert payload.register_as == "diabetes" and payload.duration_seconds > 0
+    assert [e.type for e in seen if e.subject == job.id] == ["plinth.job.started", "plinth.job.finished"]
+
+    client = mlflow.MlflowClient(tracking_uri=platform.mlflow_url)
+    run = await asyncio.to_thread(client.get_run, payload.mlflow_run_id)
+    assert {"rmse", "mae", "r2"} <= set(run.data.metrics)
+    assert run.data.params["n_estimators"] == "50"
+    model_uri = done.outputs["model_uri"]
+    mlflow.set_tracking_uri(platform.mlflow_url)
+    model = await asyncio.to_thread(mlflow.pyfunc.load_model, model_uri)
+    assert model.metadata.signature is not None
+
+    def trace_spans() -> list:  # type: ignore[type-arg]
+        gateway_span = next(
+            (s for s in receiver.spans if s.service == "plinth-gateway" and s.name.endswith("SubmitJob") and s.kind == 2), None
+        )
+        return [s for s in receiver.spans if gateway_span and s.trace_id == gateway_span.trace_id]
+
+    async def whole_trace() -> list:  # type: ignore[type-arg]
+        spans = trace_spans()
+        names = {(s.service, s.name) for s in spans}
+        wanted = {
+            ("plinth-scheduler", "/plinth.scheduler.v1.SchedulerService/SubmitJob"),
+            ("plinth-scheduler", "job train-diabetes"),
+            ("plinth-scheduler", "plinth.job.finished publish"),
+        }
+        return spans if wanted <= names else []
+
+    spans = await eventually(whole_trace, timeout=15)
+    assert len({s.trace_id for s in spans}) == 1
