@@ -4,6 +4,12 @@ On one machine the service launches the ``tritonserver`` binary that the ``nvidi
 wheel ships and serves a model repository of its own in explicit model-control mode. In
 production it is pointed at an external Triton by URL and launches nothing. Either way the rest
 of the service talks to Triton only through ``tritonclient.grpc.aio`` at :attr:`grpc_target`.
+
+Model code (``model.py``) for this Triton (2.45) must move tensors through DLPack:
+``np.from_dlpack(input_tensor)`` and ``pb_utils.Tensor.from_dlpack(name, array.__dlpack__())``.
+Its Python backend predates NumPy 2, so ``as_numpy()`` yields zeros and
+``pb_utils.Tensor(name, ndarray)`` an empty buffer under the NumPy 2 that models import here.
+The launched server never auto-completes configs, so ``config.pbtxt`` must be complete.
 """
 
 from __future__ import annotations
@@ -111,7 +117,9 @@ def _find_distribution() -> _Distribution:
     dist = _Distribution(
         server_binary=server_dir / "bin" / "tritonserver",
         python_backend_dir=server_dir / "backends" / "python",
-        python_stub=server_dir / "python_backend_stubs" / python_version / "triton_python_backend_stub",
+        python_stub=(
+            server_dir / "python_backend_stubs" / python_version / "triton_python_backend_stub"
+        ),
         libs_dir=libs_dir,
     )
     for path in (
@@ -150,7 +158,9 @@ class TritonProcess:
 
     The child is bound to ``settings.host``, serves ``settings.model_repository`` in explicit
     model-control mode (models are loaded and unloaded through the repository API), and writes
-    its output to ``work_dir/tritonserver.log``. It is sent SIGTERM if our process dies.
+    its output to ``work_dir/tritonserver.log``. On Linux the kernel sends it SIGTERM when the
+    thread that started it ends (PR_SET_PDEATHSIG); that is the event loop's thread, so in
+    practice when our process dies, however it dies.
     """
 
     def __init__(self, settings: TritonSettings) -> None:
@@ -206,7 +216,8 @@ class TritonProcess:
             # restart; errors quote only this run's part, from the offset.
             log_file = self._log_path.open("ab")
             self._log_offset = log_file.tell()
-            log_file.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting tritonserver\n".encode())
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            log_file.write(f"==== {stamp} starting tritonserver\n".encode())
             log_file.flush()
             self._log_file = log_file
             if sys.platform.startswith("linux"):
@@ -294,7 +305,8 @@ class TritonProcess:
         # The stub embeds Python without naming a program, so Python looks "python3" up on PATH
         # to find its prefix. Putting our interpreter's folder first makes models run with this
         # virtualenv's packages instead of those of whatever python3 comes first.
-        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+        path_dirs = [str(Path(sys.executable).parent), env.get("PATH", "")]
+        env["PATH"] = os.pathsep.join(p for p in path_dirs if p)
         return argv, env
 
     async def is_ready(self) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -214,3 +216,58 @@ async def test_triton_that_dies_at_start_reports_its_log(tmp_path: Path) -> None
             await triton.stop()
     assert triton.returncode not in (None, 0)
     assert "GRPC" in str(failure.value)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a container's init may not reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+OWNER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from services.serving.triton import TritonProcess, TritonSettings
+
+    async def main():
+        work = Path(sys.argv[1])
+        triton = TritonProcess(TritonSettings(
+            model_repository=work / "models", work_dir=work / "work",
+            grpc_port=int(sys.argv[2]), http_port=int(sys.argv[3])))
+        await triton.start()
+        await triton.wait_ready(timeout=60)
+        print(triton.pid, flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_triton_dies_with_its_owner(tmp_path: Path) -> None:
+    grpc_port, http_port = _two_free_ports()
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWNER_SCRIPT, str(tmp_path), str(grpc_port), str(http_port),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    triton_pid = None
+    try:
+        line = await asyncio.wait_for(owner.stdout.readline(), 60)  # type: ignore[union-attr]
+        triton_pid = int(line)
+        assert _alive(triton_pid)
+        owner.kill()  # no chance to clean up: only PR_SET_PDEATHSIG can stop Triton now
+        await owner.wait()
+        deadline = time.monotonic() + 15
+        while _alive(triton_pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not _alive(triton_pid), "tritonserver outlived the process that started it"
+    finally:
+        if owner.returncode is None:
+            owner.kill()
+            await owner.wait()
+        if triton_pid is not None and _alive(triton_pid):
+            os.kill(triton_pid, signal.SIGKILL)
