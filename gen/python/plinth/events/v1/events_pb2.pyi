@@ -125,18 +125,22 @@ class ModelVersionCreated(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., source_job_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ModelPromoted(_message.Message):
-    __slots__ = ("model_name", "alias", "version", "previous_version", "team")
+    __slots__ = ("model_name", "alias", "version", "previous_version", "team", "source", "run_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     alias: str
     version: str
     previous_version: str
     team: str
-    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., previous_version: _Optional[str] = ..., team: _Optional[str] = ...) -> None: ...
+    source: str
+    run_id: str
+    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., previous_version: _Optional[str] = ..., team: _Optional[str] = ..., source: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class DeploymentReady(_message.Message):
     __slots__ = ("deployment", "team", "model_name", "version")
