@@ -60,6 +60,7 @@ def service_env(data_dir: Path, nats_url: str, **extra: str) -> Env:
         "PLINTH_NATS_URL": nats_url,
         "PLINTH_SCHEDULER_PORT": "0",
         "PLINTH_GATEWAY_PORT": "0",
+        "PLINTH_GATEWAY_HTTP_PORT": "0",
         "PLINTH_REGISTRY_PORT": "0",
         "PLINTH_FEATURES_PORT": "0",
         "PLINTH_SERVING_PORT": "0",

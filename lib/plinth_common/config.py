@@ -14,6 +14,9 @@ from typing import Mapping
 from plinth_common.errors import InvalidArgument
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:14222"
+DEFAULT_MLFLOW_PORT = 15000
+DEFAULT_MLFLOW_URL = f"http://127.0.0.1:{DEFAULT_MLFLOW_PORT}"
+DEFAULT_GATEWAY_HTTP_PORT = 18080
 DEFAULT_PORTS = {
     "gateway": 50051,
     "scheduler": 50061,

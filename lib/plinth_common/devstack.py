@@ -21,12 +21,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from plinth_common.config import DEFAULT_NATS_URL, DEFAULT_PORTS, Env, default_data_dir
+from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_NATS_URL, DEFAULT_PORTS, Env, default_data_dir
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 
 SERVICES = ("registry", "scheduler", "features", "serving", "gateway")
-DEFAULT_MLFLOW_PORT = 15000
 
 
 @dataclass(kw_only=True)
@@ -39,6 +38,7 @@ class PlatformConfig:
         nats_port: port of the embedded NATS.
         ports: gRPC port of each service.
         mlflow_port: the registry's MLflow server.
+        gateway_http_port: the gateway's HTTP/JSON (KServe v2 REST) port.
         services: which services to start.
         env: extra environment for every service (OTEL_*, PLINTH_*).
     """
@@ -48,6 +48,7 @@ class PlatformConfig:
     nats_port: int
     ports: dict[str, int]
     mlflow_port: int
+    gateway_http_port: int
     services: tuple[str, ...] = SERVICES
     env: dict[str, str] = field(default_factory=dict)
 
@@ -62,6 +63,7 @@ class PlatformConfig:
             nats_port=int(DEFAULT_NATS_URL.rsplit(":", 1)[1]),
             ports={name: env.int(f"PLINTH_{name.upper()}_PORT", DEFAULT_PORTS[name]) for name in SERVICES},
             mlflow_port=env.int("PLINTH_MLFLOW_PORT", DEFAULT_MLFLOW_PORT),
+            gateway_http_port=env.int("PLINTH_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
         )
 
     @classmethod
@@ -73,6 +75,7 @@ class PlatformConfig:
             nats_port=free_tcp_port(),
             ports={name: free_tcp_port() for name in SERVICES},
             mlflow_port=free_tcp_port(),
+            gateway_http_port=free_tcp_port(),
             services=tuple(services),
             env=dict(env or {}),
         )
@@ -100,6 +103,11 @@ class LocalPlatform:
         """The registry's MLflow tracking URI."""
         return f"http://127.0.0.1:{self.config.mlflow_port}"
 
+    @property
+    def http_url(self) -> str:
+        """The gateway's HTTP/JSON base URL."""
+        return f"http://127.0.0.1:{self.config.gateway_http_port}"
+
     def address(self, service: str) -> str:
         """A service's gRPC address."""
         return f"127.0.0.1:{self.config.ports[service]}"
@@ -116,6 +124,7 @@ class LocalPlatform:
                 "PLINTH_DATA_DIR": str(self.config.data_dir),
                 "PLINTH_NATS_URL": self.nats_url,
                 "PLINTH_MLFLOW_PORT": str(self.config.mlflow_port),
+                "PLINTH_GATEWAY_HTTP_PORT": str(self.config.gateway_http_port),
                 "PLINTH_MLFLOW_TRACKING_URI": self.mlflow_url,
                 "PLINTH_SCHEDULER_STOP_JOBS_ON_SHUTDOWN": "true",
                 "OTEL_SERVICE_NAME": f"plinth-{service}",
@@ -201,6 +210,8 @@ class LocalPlatform:
         """(what, where) rows for the banner."""
         rows = [(s, self.address(s)) for s in ("gateway", *[x for x in SERVICES if x != "gateway"]) if s in self.config.services]
         rows.append(("nats", self.nats_url + ("  (embedded, JetStream)" if self.nats else "")))
+        if "gateway" in self.config.services:
+            rows.insert(1, ("http", f"{self.http_url}  (KServe v2 REST, /healthz)"))
         rows.append(("mlflow", self.mlflow_url))
         rows.append(("logs", str(self.config.data_dir / "logs")))
         return rows

@@ -9,19 +9,26 @@ from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.registry.v1 import registry_pb2
 from plinth.scheduler.v1 import scheduler_pb2
 from plinth.serving.v1 import serving_pb2
-from plinth_common.config import CommonSettings, Env
+from tritonclient.grpc import service_pb2 as inference_pb2
+from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, CommonSettings, Env
 from plinth_common.runtime import ServiceRuntime
+from aiohttp import web
+
 from services.gateway.events import NatsEventSource
+from services.gateway.http import GatewayHttp, start_http
 from services.gateway.proxy import ForwardingHandler, Upstream, open_channel
 from services.gateway.service import EventStreams
 from services.gateway.servicer import EventServicer
 
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 FORWARDED = {
     "scheduler": (scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],),
     "registry": (registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],),
     "features": (features_pb2.DESCRIPTOR.services_by_name["FeaturesService"],),
-    "serving": (serving_pb2.DESCRIPTOR.services_by_name["ServingService"],),
+    "serving": (serving_pb2.DESCRIPTOR.services_by_name["ServingService"], INFERENCE),
 }
+# KServe v2 inference only: Triton's repository, shared-memory and log APIs stay off the gateway.
+FORWARDED_ONLY = {INFERENCE.full_name: frozenset({"ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer"})}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +38,7 @@ class GatewaySettings:
     common: CommonSettings
     upstreams: dict[str, str]
     forward_timeout_s: float
+    http_port: int
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> "GatewaySettings":
@@ -41,6 +49,7 @@ class GatewaySettings:
             common=common,
             upstreams={name: common.address(name, env) for name in FORWARDED},
             forward_timeout_s=env.float("PLINTH_GATEWAY_FORWARD_TIMEOUT_S", 30.0),
+            http_port=env.int("PLINTH_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
         )
 
 
@@ -52,7 +61,7 @@ class GatewayApp:
         self.runtime = ServiceRuntime(settings.common)
         self._channels = {name: open_channel(target) for name, target in settings.upstreams.items()}
         forwarding = ForwardingHandler(
-            [Upstream(name, self._channels[name], services) for name, services in FORWARDED.items()],
+            [Upstream(name, self._channels[name], services, FORWARDED_ONLY) for name, services in FORWARDED.items()],
             default_timeout_s=settings.forward_timeout_s,
         )
         server = self.runtime.server
@@ -64,6 +73,9 @@ class GatewayApp:
             EventServicer(EventStreams(NatsEventSource(self.runtime.bus))),
             gateway_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
         )
+        self.http = GatewayHttp(self._channels["serving"], self._channels)
+        self._http_runner: web.AppRunner | None = None
+        self.http_port = 0
 
     @property
     def port(self) -> int:
@@ -71,12 +83,15 @@ class GatewayApp:
         return self.runtime.server.port
 
     async def start(self) -> None:
-        """Starts and reports SERVING."""
+        """Starts gRPC and HTTP and reports SERVING."""
         await self.runtime.start()
+        self._http_runner, self.http_port = await start_http(self.http.app, self.settings.common.host, self.settings.http_port)
         await self.runtime.server.set_serving(True)
 
     async def stop(self) -> None:
         """Stops taking calls, closes upstream channels."""
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
         await self.runtime.stop()
         for channel in self._channels.values():
             await channel.close()

@@ -7,12 +7,12 @@ than the call itself. Upstream errors keep their status code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from plinth_common.grpc_server import upstream_error
 
@@ -28,11 +28,22 @@ class Upstream:
         name: short name for messages ("scheduler").
         channel: the open channel to it.
         services: the protobuf services it serves.
+        only: per service full name, the methods forwarded; a service not named here is
+            forwarded whole. This keeps, e.g., Triton's model-repository methods off the gateway.
     """
 
     name: str
     channel: grpc.aio.Channel
     services: tuple[ServiceDescriptor, ...]
+    only: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def methods(self) -> Iterator[tuple[ServiceDescriptor, MethodDescriptor]]:
+        """The (service, method) pairs to forward."""
+        for service in self.services:
+            allowed = self.only.get(service.full_name)
+            for method in service.methods:
+                if allowed is None or method.name in allowed:
+                    yield service, method
 
 
 def _forwarded_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
@@ -51,10 +62,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         self._default_timeout_s = default_timeout_s
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         for upstream in upstreams:
-            for service in upstream.services:
-                for method in service.methods:
-                    path = f"/{service.full_name}/{method.name}"
-                    self._handlers[path] = self._handler_for(upstream, path, method.server_streaming, method.client_streaming)
+            for service, method in upstream.methods():
+                path = f"/{service.full_name}/{method.name}"
+                self._handlers[path] = self._handler_for(upstream, path, method.server_streaming, method.client_streaming)
 
     @property
     def service_names(self) -> list[str]:

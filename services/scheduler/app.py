@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from plinth_common.config import CommonSettings, Env
+from plinth_common.config import DEFAULT_MLFLOW_URL, CommonSettings, Env
 from plinth_common.runtime import ServiceRuntime
 from services.scheduler.events import OutboxJobEvents
 from services.scheduler.executor import LocalExecutor, machine_capacity
@@ -36,7 +36,7 @@ class SchedulerSettings:
         machine = machine_capacity()
         return cls(
             common=common,
-            mlflow_tracking_uri=env.str("PLINTH_MLFLOW_TRACKING_URI", "http://127.0.0.1:15000"),
+            mlflow_tracking_uri=env.str("PLINTH_MLFLOW_TRACKING_URI", DEFAULT_MLFLOW_URL),
             capacity=Resources(
                 cpu=env.float("PLINTH_SCHEDULER_CPU", machine.cpu),
                 memory_bytes=env.int("PLINTH_SCHEDULER_MEMORY_BYTES", machine.memory_bytes),

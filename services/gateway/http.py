@@ -1,0 +1,134 @@
+"""The gateway's HTTP/JSON side: KServe v2 REST inference and a health page.
+
+Inference requests are translated to gRPC and forwarded to the serving service, so HTTP and
+gRPC clients reach the same deployments with the same errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as inference_pb2
+from tritonclient.grpc import service_pb2_grpc as inference_grpc
+
+from plinth_common.errors import InvalidArgument, PlinthError
+from plinth_common.grpc_server import status_for, upstream_error
+from services.gateway.kserve_json import infer_request_from_json, infer_response_to_json
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 412,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+MAX_BODY = 64 * 1024 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain and upstream errors become ``{"error": ...}`` with the matching HTTP status."""
+    try:
+        return await handler(request)
+    except grpc.aio.AioRpcError as exc:
+        error = upstream_error(exc, "serving")
+        return _error(HTTP_STATUS.get(status_for(error), 500), error.message)
+    except PlinthError as exc:
+        return _error(HTTP_STATUS.get(status_for(exc), 500), exc.message)
+
+
+class GatewayHttp:
+    """The aiohttp application.
+
+    Args:
+        serving: channel to the serving service (KServe v2 gRPC).
+        upstreams: name -> channel of every service, for the health page.
+    """
+
+    def __init__(self, serving: grpc.aio.Channel, upstreams: Mapping[str, grpc.aio.Channel]) -> None:
+        self._inference = inference_grpc.GRPCInferenceServiceStub(serving)
+        self._upstreams = upstreams
+        self.app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+        self.app.add_routes(
+            [
+                web.get("/healthz", self.health_page),
+                web.get("/v2/health/live", self.server_live),
+                web.get("/v2/health/ready", self.server_ready),
+                web.get("/v2/models/{name}", self.model_metadata),
+                web.get("/v2/models/{name}/ready", self.model_ready),
+                web.post("/v2/models/{name}/infer", self.model_infer),
+            ]
+        )
+
+    async def health_page(self, request: web.Request) -> web.Response:
+        """Each service's gRPC health, as JSON; 200 only when all serve."""
+        statuses = {name: await _health_of(channel) for name, channel in self._upstreams.items()}
+        healthy = all(status == "SERVING" for status in statuses.values())
+        return web.json_response({"status": "SERVING" if healthy else "DEGRADED", "services": statuses}, status=200 if healthy else 503)
+
+    async def server_live(self, request: web.Request) -> web.Response:
+        """KServe v2: ``GET /v2/health/live``."""
+        reply = await self._inference.ServerLive(inference_pb2.ServerLiveRequest(), timeout=5)
+        return web.json_response({"live": reply.live}, status=200 if reply.live else 503)
+
+    async def server_ready(self, request: web.Request) -> web.Response:
+        """KServe v2: ``GET /v2/health/ready``."""
+        reply = await self._inference.ServerReady(inference_pb2.ServerReadyRequest(), timeout=5)
+        return web.json_response({"ready": reply.ready}, status=200 if reply.ready else 503)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        """KServe v2: ``GET /v2/models/{name}/ready``."""
+        reply = await self._inference.ModelReady(inference_pb2.ModelReadyRequest(name=request.match_info["name"]), timeout=5)
+        return web.json_response({"ready": reply.ready}, status=200 if reply.ready else 503)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        """KServe v2: ``GET /v2/models/{name}``."""
+        reply = await self._inference.ModelMetadata(inference_pb2.ModelMetadataRequest(name=request.match_info["name"]), timeout=5)
+        tensors = lambda items: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]  # noqa: E731
+        return web.json_response(
+            {"name": reply.name, "versions": list(reply.versions), "platform": reply.platform, "inputs": tensors(reply.inputs), "outputs": tensors(reply.outputs)}
+        )
+
+    async def model_infer(self, request: web.Request) -> web.Response:
+        """KServe v2: ``POST /v2/models/{name}/infer`` with a JSON body."""
+        try:
+            body: Any = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidArgument("body", "not valid JSON") from None
+        infer_request = infer_request_from_json(request.match_info["name"], body)
+        reply = await self._inference.ModelInfer(infer_request, timeout=60)
+        return web.json_response(infer_response_to_json(reply))
+
+
+async def _health_of(channel: grpc.aio.Channel) -> str:
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    except grpc.aio.AioRpcError as exc:
+        return f"UNREACHABLE ({exc.code().name})"
+
+
+async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serves ``app`` on ``host:port`` (0: a free port); returns the runner and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = site._server.sockets if site._server else []  # noqa: SLF001 - aiohttp exposes no public accessor
+    return runner, int(sockets[0].getsockname()[1]) if sockets else port
