@@ -13,7 +13,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from itertools import islice
 from typing import Any
@@ -26,6 +26,9 @@ __all__ = ["main"]
 
 _PROG = "plinth"
 _MAX_PAGE_SIZE = 500
+
+Handler = Callable[[Plinth, argparse.Namespace], int]
+
 
 class _UsageError(Exception):
     """A bad option value found after parsing; reported as one line with exit code 2."""
@@ -44,9 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(args_or_code, int):
         return args_or_code
     args = args_or_code
+    handler: Handler = args.handler
     try:
         with Plinth(args.gateway) as client:
-            return args.handler(client, args)
+            code = handler(client, args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not as noise at interpreter exit
+        return code
     except _UsageError as err:
         return _fail(str(err), code=2)
     except PlinthClientError as err:
@@ -69,26 +75,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parse(argv: list[str]) -> argparse.Namespace | int:
     """Parses argv; returns the exit code instead when argparse exits (usage, --help)."""
     parser = _build_parser()
-    # Split at the first "--" ourselves: argparse's handling of "--" before a REMAINDER
-    # positional varies between Python versions, and the job's own flags must pass untouched.
-    head, tail = _split_at_double_dash(argv)
     try:
-        args = parser.parse_args(head)
-        if tail is not None:
-            if hasattr(args, "command_argv"):
-                args.command_argv = [*args.command_argv, *tail]
-            else:
-                args = parser.parse_args(argv)
+        if _is_submit(argv):
+            # Split at the first "--" ourselves: argparse's handling of "--" before a
+            # positional varies between Python versions, and the job's own flags (even a
+            # later "--") must pass through untouched.
+            index = argv.index("--")
+            args = parser.parse_args(argv[:index])
+            args.command_argv = [*args.command_argv, *argv[index + 1 :]]
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     return args
 
 
-def _split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str] | None]:
+def _is_submit(argv: list[str]) -> bool:
+    """True for ``[--gateway ADDR] jobs submit ... -- COMMAND...``."""
     if "--" not in argv:
-        return argv, None
-    index = argv.index("--")
-    return argv[:index], argv[index + 1 :]
+        return False
+    words: list[str] = []
+    tokens = iter(argv[: argv.index("--")])
+    for token in tokens:
+        if token == "--gateway":
+            next(tokens, None)  # its value is not a command word
+        elif not token.startswith("-"):
+            words.append(token)
+    return words[:2] == ["jobs", "submit"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -134,6 +147,7 @@ def _add_jobs_commands(
         parents=[common, output],
         help="submit a job and print its id",
         usage="%(prog)s --name N --team T [options] -- COMMAND [ARGS...]",
+        epilog="Everything after -- is the job's command, passed on untouched.",
     )
     submit.add_argument("--name", required=True, help="job name, a DNS label")
     submit.add_argument("--team", required=True, help="owning team, a DNS label")

@@ -56,7 +56,7 @@ class JobState(enum.StrEnum):
 
     def to_proto(self) -> int:
         """Returns the ``plinth.scheduler.v1.JobState`` number."""
-        return scheduler_pb2.JobState.Value(_PROTO_STATE_PREFIX + self.value)
+        return int(scheduler_pb2.JobState.Value(_PROTO_STATE_PREFIX + self.value))
 
     @classmethod
     def parse(cls, text: str | JobState) -> JobState:
@@ -258,7 +258,8 @@ def _datetime_or_none(msg: Any, field_name: str) -> datetime | None:
     ts: Timestamp = getattr(msg, field_name)
     if ts.seconds == 0 and ts.nanos == 0:
         return None
-    return ts.ToDatetime(tzinfo=timezone.utc)
+    when: datetime = ts.ToDatetime(tzinfo=timezone.utc)
+    return when
 
 
 def _iso(value: datetime | None) -> str | None:

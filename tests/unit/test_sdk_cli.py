@@ -6,8 +6,8 @@ import json
 import socket
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -49,18 +49,25 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.jobs[job_id] = job
         return job
 
-    def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.SubmitJobResponse:
+    def SubmitJob(
+        self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitJobResponse:
         self.specs.append(request.spec)
-        job = self.add(f"j-{len(self.jobs) + 1}", request.spec.name, request.spec.team, pb.JOB_STATE_QUEUED)
+        job_id = f"j-{len(self.jobs) + 1}"
+        job = self.add(job_id, request.spec.name, request.spec.team, pb.JOB_STATE_QUEUED)
         job.spec.CopyFrom(request.spec)
         return pb.SubmitJobResponse(job=job)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        if request.job_id == "j-down":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler unavailable")
         if request.job_id not in self.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id} not found")
         return self.jobs[request.job_id]
 
-    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
         self.list_requests.append(request)
         matching = [
             job
@@ -104,7 +111,6 @@ class FakeGateway:
     address: str
     scheduler: FakeScheduler
     events: FakeEvents
-    argv: list[str] = field(default_factory=list)
 
     def run(self, *args: str) -> int:
         return cli.main(["--gateway", self.address, *args])
@@ -194,7 +200,7 @@ def _add_listing_jobs(scheduler: FakeScheduler) -> None:
     scheduler.add("j-1", "iris", "ml", pb.JOB_STATE_RUNNING, started_at=_ts(CREATED))
     scheduler.add(
         "j-22", "diabetes-regression", "research", pb.JOB_STATE_SUCCEEDED,
-        started_at=_ts(CREATED), finished_at=_ts(datetime(2025, 3, 1, 12, 1, 5, tzinfo=timezone.utc)),
+        started_at=_ts(CREATED), finished_at=_ts(CREATED + timedelta(seconds=65)),
     )  # fmt: skip
 
 
@@ -263,7 +269,7 @@ def test_get_shows_details_and_json(
     assert gateway.run("jobs", "get", "j-9") == 0
     table = capsys.readouterr().out
     assert "signal 9 (SIGKILL)" in table and "accuracy=0.97" in table
-    assert "FAILURE      out of memory" in table
+    assert "FAILURE    out of memory" in table.splitlines()
 
     assert gateway.run("jobs", "get", "j-9", "-o", "json") == 0
     job = json.loads(capsys.readouterr().out)
@@ -293,6 +299,18 @@ def test_unreachable_gateway_names_the_address(
     assert err == (
         f"plinth: UNAVAILABLE: cannot reach the Plinth gateway at {address} "
         "(is `make run` running?)\n"
+    )
+
+
+def test_unavailable_from_behind_the_gateway_keeps_the_servers_reason(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --gateway is also accepted after the subcommand.
+    assert cli.main(["jobs", "get", "j-down", "--gateway", gateway.address]) == 1
+
+    assert capsys.readouterr().err == (
+        "plinth: UNAVAILABLE: scheduler unavailable "
+        f"(reported by the Plinth gateway at {gateway.address})\n"
     )
 
 
@@ -381,8 +399,9 @@ def test_sdk_returns_typed_jobs_and_typed_errors(
 
 
 def test_sdk_unavailable_error() -> None:
-    with Plinth(f"127.0.0.1:{_free_port()}", timeout=5) as plinth, pytest.raises(Unavailable) as caught:
-        plinth.jobs.get("j-1")
+    with Plinth(f"127.0.0.1:{_free_port()}", timeout=5) as plinth:
+        with pytest.raises(Unavailable) as caught:
+            plinth.jobs.get("j-1")
     assert caught.value.code == "UNAVAILABLE"
     assert "cannot reach the Plinth gateway" in caught.value.message
 
