@@ -155,7 +155,9 @@ def _add_jobs_commands(
     submit.add_argument("--cpu", type=float, default=0.0, help="cores (default: server's)")
     submit.add_argument("--memory", default="0", help="bytes or 512Mi, 2Gi, 1G, 300M")
     submit.add_argument("--gpu", type=int, default=0, help="GPUs (default: 0)")
-    submit.add_argument("--workdir", metavar="DIR", help="absolute working folder")
+    submit.add_argument(
+        "--workdir", metavar="DIR", help="working folder of the job (default: the current one)"
+    )
     submit.add_argument(
         "--env", metavar="K=V", nargs="+", action="extend", default=[], help="job environment"
     )
@@ -264,7 +266,8 @@ def _jobs_submit(client: Plinth, args: argparse.Namespace) -> int:
         name=args.name,
         team=args.team,
         command=args.command_argv,
-        working_dir=args.workdir,
+        # Like running the command here: relative paths in it resolve against this folder.
+        working_dir=os.path.abspath(args.workdir or os.getcwd()),
         env=env,
         cpu=args.cpu,
         memory=memory,

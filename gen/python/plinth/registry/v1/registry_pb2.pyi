@@ -89,12 +89,14 @@ class PolicyRule(_message.Message):
     def __init__(self, metric: _Optional[str] = ..., op: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class PromotionPolicy(_message.Message):
-    __slots__ = ("rules", "require_approval")
+    __slots__ = ("rules", "require_approval", "aliases")
     RULES_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     rules: _containers.RepeatedCompositeFieldContainer[PolicyRule]
     require_approval: bool
-    def __init__(self, rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., require_approval: _Optional[bool] = ...) -> None: ...
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., require_approval: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisteredModel(_message.Message):
     __slots__ = ("name", "team", "description", "tags", "aliases", "latest_version", "policy")
@@ -129,7 +131,7 @@ class RegisteredModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., latest_version: _Optional[str] = ..., policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "team", "run_id", "source", "status", "aliases", "tags", "metrics", "created_at")
+    __slots__ = ("name", "version", "team", "run_id", "source", "status", "aliases", "tags", "metrics", "created_at", "model_id")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,7 @@ class ModelVersion(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     team: str
@@ -164,7 +167,8 @@ class ModelVersion(_message.Message):
     tags: _containers.ScalarMap[str, str]
     metrics: _containers.ScalarMap[str, float]
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., source: _Optional[str] = ..., status: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    model_id: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., source: _Optional[str] = ..., status: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class CreateModelVersionRequest(_message.Message):
     __slots__ = ("name", "team", "run_id", "artifact_path", "tags")
@@ -251,16 +255,18 @@ class SearchModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[RegisteredModel, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("name", "alias", "version", "approved")
+    __slots__ = ("name", "alias", "version", "approved", "team")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     APPROVED_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
     name: str
     alias: str
     version: str
     approved: bool
-    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., approved: _Optional[bool] = ...) -> None: ...
+    team: str
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., approved: _Optional[bool] = ..., team: _Optional[str] = ...) -> None: ...
 
 class SetAliasResponse(_message.Message):
     __slots__ = ("version", "previous_version")
@@ -271,21 +277,27 @@ class SetAliasResponse(_message.Message):
     def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., previous_version: _Optional[str] = ...) -> None: ...
 
 class DeleteAliasRequest(_message.Message):
-    __slots__ = ("name", "alias")
+    __slots__ = ("name", "alias", "team")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
     name: str
     alias: str
-    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+    team: str
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., team: _Optional[str] = ...) -> None: ...
 
 class DeleteAliasResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("previous_version",)
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    previous_version: str
+    def __init__(self, previous_version: _Optional[str] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
-    __slots__ = ("name", "policy")
+    __slots__ = ("name", "policy", "team")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
     name: str
     policy: PromotionPolicy
-    def __init__(self, name: _Optional[str] = ..., policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ...) -> None: ...
+    team: str
+    def __init__(self, name: _Optional[str] = ..., policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ..., team: _Optional[str] = ...) -> None: ...

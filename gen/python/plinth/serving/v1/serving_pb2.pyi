@@ -34,7 +34,7 @@ class TritonSettings(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., instance_count: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "team", "model_name", "alias", "triton", "state", "serving_version", "loading_version", "last_error", "created_at", "updated_at")
+    __slots__ = ("name", "team", "model_name", "alias", "triton", "state", "serving_version", "loading_version", "last_error", "created_at", "updated_at", "target_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class Deployment(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     team: str
     model_name: str
@@ -57,7 +58,8 @@ class Deployment(_message.Message):
     last_error: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., alias: _Optional[str] = ..., triton: _Optional[_Union[TritonSettings, _Mapping]] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., serving_version: _Optional[str] = ..., loading_version: _Optional[str] = ..., last_error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    target_version: str
+    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., alias: _Optional[str] = ..., triton: _Optional[_Union[TritonSettings, _Mapping]] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., serving_version: _Optional[str] = ..., loading_version: _Optional[str] = ..., last_error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target_version: _Optional[str] = ...) -> None: ...
 
 class CreateDeploymentRequest(_message.Message):
     __slots__ = ("name", "team", "model_name", "alias", "triton")

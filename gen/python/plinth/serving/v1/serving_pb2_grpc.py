@@ -27,7 +27,14 @@ if _version_not_supported:
 
 class ServingServiceStub:
     """Deployments of registered models on Triton. Inference itself speaks the
-    KServe v2 protocol (inference.GRPCInferenceService, from tritonclient).
+    KServe v2 protocol (inference.GRPCInferenceService, from tritonclient) on the
+    same port, with the deployment's name as the model name.
+
+    A deployment follows a registered model's alias: each plinth.model.promoted of
+    that model and alias loads the new version, moves all traffic to it once it is
+    ready, and unloads the old one. Tensors: a column-based MLflow signature
+    becomes ONE input "input" of shape [-1, n_columns]; a tensor-based one keeps
+    its tensors; the output is "predictions", [-1, 1] for one value per row.
     """
 
     def __init__(self, channel):
@@ -60,7 +67,14 @@ class ServingServiceStub:
 
 class ServingServiceServicer:
     """Deployments of registered models on Triton. Inference itself speaks the
-    KServe v2 protocol (inference.GRPCInferenceService, from tritonclient).
+    KServe v2 protocol (inference.GRPCInferenceService, from tritonclient) on the
+    same port, with the deployment's name as the model name.
+
+    A deployment follows a registered model's alias: each plinth.model.promoted of
+    that model and alias loads the new version, moves all traffic to it once it is
+    ready, and unloads the old one. Tensors: a column-based MLflow signature
+    becomes ONE input "input" of shape [-1, n_columns]; a tensor-based one keeps
+    its tensors; the output is "predictions", [-1, 1] for one value per row.
     """
 
     def CreateDeployment(self, request, context):
@@ -120,7 +134,14 @@ def add_ServingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ServingService:
     """Deployments of registered models on Triton. Inference itself speaks the
-    KServe v2 protocol (inference.GRPCInferenceService, from tritonclient).
+    KServe v2 protocol (inference.GRPCInferenceService, from tritonclient) on the
+    same port, with the deployment's name as the model name.
+
+    A deployment follows a registered model's alias: each plinth.model.promoted of
+    that model and alias loads the new version, moves all traffic to it once it is
+    ready, and unloads the old one. Tensors: a column-based MLflow signature
+    becomes ONE input "input" of shape [-1, n_columns]; a tensor-based one keeps
+    its tensors; the output is "predictions", [-1, 1] for one value per row.
     """
 
     @staticmethod
