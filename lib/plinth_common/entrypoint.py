@@ -15,6 +15,11 @@ def main(service_name: str, build: Callable[[], Service]) -> None:
     setup_logging(service_name, Env().str("PLINTH_LOG_LEVEL", "INFO"))
     telemetry = setup_telemetry(f"plinth-{service_name}")
     try:
-        asyncio.run(run_until_signalled(build()))
+        asyncio.run(_build_and_run(build))
     finally:
         telemetry.shutdown()
+
+
+async def _build_and_run(build: Callable[[], Service]) -> None:
+    # grpc.aio objects bind to the loop that is running when they are made: build inside it.
+    await run_until_signalled(build())
