@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import nats
+import nats.errors
 from nats.aio.msg import Msg
 
 from plinth_common.config import Env
@@ -51,6 +52,26 @@ class EventRecorder:
     def of(self, subject_id: str) -> list[str]:
         """Types of the events about ``subject_id`` (ce-subject), in arrival order."""
         return [m.subject for m in self.messages if (m.headers or {}).get("ce-subject") == subject_id]
+
+
+async def stored_event_types(url: str, subject_id: str) -> list[str]:
+    """Types of the events about ``subject_id`` that the PLINTH stream holds, in stream order."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        subscription = await js.pull_subscribe("plinth.>", stream="PLINTH")
+        types: list[str] = []
+        while True:
+            try:
+                messages = await subscription.fetch(256, timeout=0.5)
+            except (nats.errors.TimeoutError, TimeoutError):
+                return types
+            for msg in messages:
+                if (msg.headers or {}).get("ce-subject") == subject_id:
+                    types.append(msg.subject)
+                await msg.ack()
+    finally:
+        await nc.close()
 
 
 def service_env(data_dir: Path, nats_url: str, **extra: str) -> Env:

@@ -16,7 +16,7 @@ from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
 from plinth_common.nats_server import NatsServer
 from services.scheduler.app import SchedulerApp, SchedulerSettings
-from tests.helpers import EventRecorder, eventually, service_env
+from tests.helpers import EventRecorder, eventually, service_env, stored_event_types
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 PY = sys.executable
@@ -220,3 +220,25 @@ def _pid_of(scheduler: Scheduler, job_id: str) -> int:
     path = scheduler.app.settings.common.service_dir / "scheduler.db"
     with sqlite3.connect(path) as conn:
         return int(conn.execute("select pid from jobs where id = ?", (job_id,)).fetchone()[0])
+
+
+async def test_jobs_run_while_nats_is_down_and_events_follow_once_it_is_back(tmp_path: Path, own_nats: NatsServer) -> None:
+    app = SchedulerApp(SchedulerSettings.from_env(service_env(tmp_path / "chaos", own_nats.url)))
+    await app.start()
+    scheduler = Scheduler(app)
+    try:
+        await own_nats.stop(kill=True)
+        job = await scheduler.submit(PY, "-c", "print('no broker needed')")
+        done = await scheduler.wait_state(job.id, *FINAL)
+        assert done.state == pb.JOB_STATE_SUCCEEDED
+        await own_nats.start()
+
+        async def all_four() -> list[str]:
+            types = await stored_event_types(own_nats.url, job.id)
+            return types if len(types) >= 4 else []
+
+        await eventually(all_four, timeout=30)
+        await asyncio.sleep(1.0)  # a duplicate would have been stored by now
+        assert await stored_event_types(own_nats.url, job.id) == ["plinth.job.submitted", "plinth.job.admitted", "plinth.job.started", "plinth.job.finished"]
+    finally:
+        await scheduler.close()

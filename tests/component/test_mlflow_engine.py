@@ -1,0 +1,168 @@
+"""Component test: a real ``mlflow server`` driven by MlflowServer, fed by the example job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from plinth_common.net import free_tcp_port
+from services.registry.mlflow_engine import (
+    MlflowServer,
+    MlflowSettings,
+    skip_feast_mlflow_header_provider,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = REPO_ROOT / "examples" / "train_diabetes.py"
+
+
+@pytest.fixture
+async def mlflow_server(tmp_path: Path) -> AsyncIterator[MlflowServer]:
+    settings = MlflowSettings(
+        backend_store_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifacts_destination=str(tmp_path / "artifacts"),
+        port=free_tcp_port(),
+    )
+    server = MlflowServer(settings, log_path=tmp_path / "mlflow-server.log")
+    await server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        await server.stop()
+
+
+async def _run_training(tracking_uri: str, output_file: Path, *args: str) -> str:
+    env = dict(os.environ)
+    env.update(
+        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_EXPERIMENT_NAME="plinth-component-test",
+        PLINTH_OUTPUT_FILE=str(output_file),
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        *args,
+        env=env,
+        cwd=str(output_file.parent),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=240)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
+async def test_training_job_logs_to_mlflow_server(
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import mlflow
+    import mlflow.pyfunc
+    from sklearn.datasets import load_diabetes
+
+    skip_feast_mlflow_header_provider()  # else the first client call imports Feast (5-12 s)
+
+    assert await mlflow_server.is_ready()
+    tracking_uri = mlflow_server.tracking_uri
+    assert tracking_uri == f"http://127.0.0.1:{mlflow_server.settings.port}"
+
+    output_file = tmp_path / "job" / "output.json"
+    output_file.parent.mkdir()
+    log = await _run_training(
+        tracking_uri, output_file, "--n-estimators", "50", "--learning-rate", "0.1"
+    )
+    assert "rmse=" in log
+
+    output = json.loads(output_file.read_text())
+    run_id = output["mlflow_run_id"]
+    assert output["model_uri"] == f"runs:/{run_id}/model"
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert set(run.data.metrics) >= {"rmse", "mae", "r2"}
+    assert run.data.metrics["rmse"] > 0
+    assert run.data.params["n_estimators"] == "50"
+    assert run.data.params["learning_rate"] == "0.1"
+    assert run.data.params["model"] == "gbr"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "plinth-component-test"
+    # Proxied artifacts: the client never sees the server's folder, only the URI scheme.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+
+    # MLflow 3 stores the model as a LoggedModel linked to the run.
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    [logged] = [m for m in models if m.source_run_id == run_id]
+    assert logged.name == "model"
+    assert logged.artifact_location.startswith("mlflow-artifacts:")
+    files = {f.path for f in client.list_logged_model_artifacts(logged.model_id)}
+    assert {"MLmodel", "model.skops", "requirements.txt", "input_example.json"} <= files
+    # The artifacts physically live under artifacts_destination.
+    destination = Path(mlflow_server.settings.artifacts_destination)
+    stored = list(destination.rglob(f"{logged.model_id}/artifacts/MLmodel"))
+    assert len(stored) == 1, sorted(str(p) for p in destination.rglob("*"))
+    assert (stored[0].parent / "model.skops").is_file()
+    requirements = (stored[0].parent / "requirements.txt").read_text().split()
+    assert any(r.startswith("scikit-learn==") for r in requirements)
+
+    # The URI the job reported loads and predicts (runs:/ resolves through the tracking URI;
+    # without it MLflow would open ./mlflow.db in the working folder).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    model = mlflow.pyfunc.load_model(output["model_uri"])
+    assert model.metadata.signature is not None
+    features, target = load_diabetes(return_X_y=True, as_frame=True)
+    predictions = model.predict(features.head(5))
+    assert len(predictions) == 5
+    assert all(25.0 < float(p) < 350.0 for p in predictions)
+
+    pgid = mlflow_server.pid
+    assert pgid is not None
+    await mlflow_server.stop()
+    assert await mlflow_server.is_ready() is False
+    assert mlflow_server.pid is None
+    with pytest.raises(ProcessLookupError):  # the uvicorn worker went with its parent
+        os.killpg(pgid, 0)
+    await mlflow_server.stop()  # idempotent
+
+
+async def test_wait_ready_reports_a_dead_server(tmp_path: Path):
+    settings = MlflowSettings(
+        backend_store_uri="notascheme://nowhere",
+        artifacts_destination=str(tmp_path / "artifacts"),
+        port=free_tcp_port(),
+    )
+    server = MlflowServer(settings, log_path=tmp_path / "mlflow-server.log")
+    await server.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            await server.wait_ready(timeout=120)
+    finally:
+        await server.stop()
+    assert await server.is_ready() is False
+
+
+async def test_external_url_launches_nothing(tmp_path: Path):
+    settings = MlflowSettings(
+        backend_store_uri="postgresql://ignored",
+        artifacts_destination="s3://ignored",
+        port=5000,
+        external_url="http://mlflow.internal:5000/",
+    )
+    server = MlflowServer(settings, log_path=tmp_path / "unused.log")
+    assert server.tracking_uri == "http://mlflow.internal:5000"
+    await server.start()
+    assert server.pid is None
+    assert not (tmp_path / "unused.log").exists()
