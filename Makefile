@@ -14,6 +14,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8
 	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	@# This machine sets PYTHONDONTWRITEBYTECODE: without compiled bytecode every process
+	@# (services, jobs) re-compiles mlflow, sklearn and feast on import, costing seconds each.
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: venv
