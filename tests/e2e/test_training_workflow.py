@@ -7,46 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import mlflow
 import pytest
-import pytest_asyncio
 
 from plinth.events.v1 import events_pb2
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
-from plinth_common.devstack import LocalPlatform, PlatformConfig
+from plinth_common.devstack import LocalPlatform
 from tests.helpers import eventually
 from tests.otlp import OtlpReceiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def receiver() -> AsyncIterator[OtlpReceiver]:
-    otlp = OtlpReceiver()
-    await otlp.start()
-    yield otlp
-    await otlp.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def platform(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> AsyncIterator[LocalPlatform]:
-    config = PlatformConfig.ephemeral(
-        tmp_path_factory.mktemp("platform"),
-        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "200"},
-    )
-    local = LocalPlatform(config)
-    try:
-        await local.start(timeout=180)
-        yield local
-    finally:
-        await local.stop()
 
 
 async def test_every_service_reports_serving_through_health(platform: LocalPlatform) -> None:
@@ -121,3 +97,27 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(platform
 
     spans = await eventually(whole_trace, timeout=15)
     assert len({s.trace_id for s in spans}) == 1
+
+
+def _plinth(platform: LocalPlatform, *args: str) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+
+    env = {**os.environ, "PLINTH_GATEWAY": platform.address("gateway")}
+    return subprocess.run([str(Path(sys.executable).with_name("plinth")), *args], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+async def test_cli_submits_follows_and_reports_errors_in_one_line(platform: LocalPlatform) -> None:
+    import json
+
+    submitted = await asyncio.to_thread(_plinth, platform, "jobs", "submit", "--name", "cli-job", "--team", "cli", "--", "python", "-c", "print('from the cli')")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    logs = await asyncio.to_thread(_plinth, platform, "jobs", "logs", job_id, "--follow")
+    assert "from the cli" in logs.stdout
+    listed = await asyncio.to_thread(_plinth, platform, "jobs", "list", "--team", "cli", "-o", "json")
+    assert [j["id"] for j in json.loads(listed.stdout)] == [job_id]
+    missing = await asyncio.to_thread(_plinth, platform, "jobs", "get", "j-nothere")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "NOT_FOUND" in missing.stderr and "j-nothere" in missing.stderr
+    bad = await asyncio.to_thread(_plinth, platform, "jobs", "submit", "--name", "Bad Name", "--team", "cli", "--", "true")
+    assert bad.returncode == 1 and "spec.name" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,34 @@
+"""One platform for all end-to-end tests: every service as its own process, as `make run`
+starts them, on ephemeral ports, exporting spans to an OTLP receiver the tests run."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from plinth_common.devstack import LocalPlatform, PlatformConfig
+from tests.otlp import OtlpReceiver
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def receiver() -> AsyncIterator[OtlpReceiver]:
+    otlp = OtlpReceiver()
+    await otlp.start()
+    yield otlp
+    await otlp.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def platform(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> AsyncIterator[LocalPlatform]:
+    config = PlatformConfig.ephemeral(
+        tmp_path_factory.mktemp("platform"),
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "200"},
+    )
+    local = LocalPlatform(config)
+    try:
+        await local.start(timeout=180)
+        yield local
+    finally:
+        await local.stop()
