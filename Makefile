@@ -22,6 +22,10 @@ $(STAMP): requirements.lock pyproject.toml
 run: venv
 	$(BIN)/python -m plinth_common.devstack
 
+# The golden path on a running platform (`make run` in another terminal; PLINTH_GATEWAY).
+demo: venv
+	$(BIN)/python examples/demo.py
+
 test: venv proto-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -5,6 +5,8 @@ Example:
     >>> with Plinth() as plinth:
     ...     for job in plinth.jobs.iter(team="ml"):
     ...         print(job.id, job.state)
+    ...     plinth.models.promote("diabetes", "3", approved=True)
+    ...     plinth.deployments.wait_ready("diabetes", timeout=300, version="3")
 """
 
 from plinth_sdk import errors
@@ -12,6 +14,8 @@ from plinth_sdk.client import Plinth
 from plinth_sdk.errors import (
     AlreadyExists,
     DeadlineExceeded,
+    DeploymentFailed,
+    DeploymentWaitTimeout,
     FailedPrecondition,
     InvalidArgument,
     JobWaitTimeout,
@@ -23,25 +27,60 @@ from plinth_sdk.errors import (
     Unavailable,
 )
 from plinth_sdk.job_context import record_output
-from plinth_sdk.models import Event, Job, JobState, parse_memory
+from plinth_sdk.models import (
+    AppliedRepository,
+    Deployment,
+    DeploymentState,
+    Event,
+    FeatureView,
+    FieldStatus,
+    Job,
+    JobState,
+    Materialization,
+    ModelVersion,
+    OnlineRow,
+    PolicyRule,
+    Promotion,
+    PromotionPolicy,
+    RegisteredModel,
+    Run,
+    parse_memory,
+    parse_rule,
+)
 
 __all__ = [
     "AlreadyExists",
+    "AppliedRepository",
     "DeadlineExceeded",
+    "Deployment",
+    "DeploymentFailed",
+    "DeploymentState",
+    "DeploymentWaitTimeout",
     "Event",
     "FailedPrecondition",
+    "FeatureView",
+    "FieldStatus",
     "InvalidArgument",
     "Job",
     "JobState",
     "JobWaitTimeout",
+    "Materialization",
+    "ModelVersion",
     "NotFound",
+    "OnlineRow",
     "PermissionDenied",
     "Plinth",
     "PlinthClientError",
+    "PolicyRule",
+    "Promotion",
+    "PromotionPolicy",
+    "RegisteredModel",
     "ResourceExhausted",
+    "Run",
     "Unauthenticated",
     "Unavailable",
     "errors",
     "parse_memory",
+    "parse_rule",
     "record_output",
 ]

@@ -1,7 +1,9 @@
-"""The ``plinth`` command line: jobs and events through the Plinth gateway.
+"""The ``plinth`` command line: jobs, events, models, deployments, inference and features
+through the Plinth gateway.
 
-Exit codes: 0 success, 1 the server refused or failed (or ``jobs wait`` saw no success),
-2 a usage error, 130 interrupted. Errors are one line on stderr, never a traceback
+Exit codes: 0 success, 1 the server refused or failed (or ``jobs wait`` saw no success,
+or a deployment failed to become ready), 2 a usage error, 130 interrupted.
+Errors are one line on stderr, never a traceback
 (set ``PLINTH_DEBUG=1`` to see one for unexpected failures).
 """
 
@@ -20,7 +22,21 @@ from typing import Any
 
 from plinth_sdk.client import GATEWAY_ENV, Plinth
 from plinth_sdk.errors import PlinthClientError
-from plinth_sdk.models import Event, Job, JobState, parse_memory
+from plinth_sdk.models import (
+    Deployment,
+    Event,
+    FeatureView,
+    FieldStatus,
+    Job,
+    JobState,
+    ModelVersion,
+    OnlineRow,
+    PolicyRule,
+    PromotionPolicy,
+    RegisteredModel,
+    parse_memory,
+)
+from plinth_sdk.registry import DEFAULT_ALIAS
 
 __all__ = ["main"]
 
@@ -128,9 +144,17 @@ def _build_parser() -> argparse.ArgumentParser:
         default="table",
         help="output format (default: table)",
     )
-    groups = parser.add_subparsers(dest="group", metavar="{jobs,events}", required=True)
+    groups = parser.add_subparsers(
+        dest="group",
+        metavar="{jobs,events,models,deployments,infer,features}",
+        required=True,
+    )
     _add_jobs_commands(groups, common, output)
     _add_events_commands(groups, common, output)
+    _add_models_commands(groups, common, output)
+    _add_deployments_commands(groups, common, output)
+    _add_infer_command(groups, common, output)
+    _add_features_commands(groups, common, output)
     return parser
 
 
@@ -218,6 +242,243 @@ def _add_events_commands(
     watch.set_defaults(handler=_events_watch)
 
 
+def _add_models_commands(
+    groups: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    output: argparse.ArgumentParser,
+) -> None:
+    models = groups.add_parser("models", help="registered models, versions, promotion")
+    commands = models.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    list_ = commands.add_parser("list", parents=[common, output], help="list registered models")
+    list_.add_argument("--team", help="only this team's models")
+    list_.add_argument("--prefix", help="only names starting with this")
+    list_.add_argument(
+        "--limit", type=_non_negative_int, default=0, help="at most N models (default: 0, all)"
+    )
+    list_.set_defaults(handler=_models_list)
+
+    versions = commands.add_parser(
+        "versions", parents=[common, output], help="list a model's versions, newest first"
+    )
+    versions.add_argument("name", metavar="NAME")
+    versions.add_argument(
+        "--limit", type=_non_negative_int, default=0, help="at most N versions (default: 0, all)"
+    )
+    versions.set_defaults(handler=_models_versions)
+
+    promote = commands.add_parser(
+        "promote",
+        parents=[common, output],
+        help="point an alias at a version (deployments following it load the version)",
+    )
+    promote.add_argument("name", metavar="NAME")
+    promote.add_argument("version", metavar="VERSION")
+    promote.add_argument(
+        "--alias", default=DEFAULT_ALIAS, help=f"alias to move (default: {DEFAULT_ALIAS})"
+    )
+    promote.add_argument(
+        "--approve", action="store_true", help="approve it, where the policy asks for approval"
+    )
+    promote.add_argument("--team", help="fail unless the model belongs to this team")
+    promote.set_defaults(handler=_models_promote)
+
+    policy = commands.add_parser(
+        "policy",
+        parents=[common, output],
+        help="show a model's promotion policy, or replace it",
+        epilog="With no --rule, --require-approval, --alias or --clear it shows the policy. "
+        "Setting replaces the whole policy.",
+    )
+    policy.add_argument("name", metavar="NAME")
+    policy.add_argument(
+        "--rule",
+        dest="rules",
+        metavar="RULE",
+        action="append",
+        default=[],
+        help='a condition on the run\'s metrics, e.g. "rmse < 60" (repeatable)',
+    )
+    policy.add_argument(
+        "--require-approval", action="store_true", help="promotions must pass --approve"
+    )
+    policy.add_argument(
+        "--alias",
+        dest="aliases",
+        metavar="ALIAS",
+        action="append",
+        default=[],
+        help="an alias the policy guards (repeatable; default: every alias)",
+    )
+    policy.add_argument("--clear", action="store_true", help="remove the policy")
+    policy.add_argument("--team", help="fail unless the model belongs to this team")
+    policy.set_defaults(handler=_models_policy)
+
+
+def _add_deployments_commands(
+    groups: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    output: argparse.ArgumentParser,
+) -> None:
+    deployments = groups.add_parser("deployments", help="model deployments on Triton")
+    commands = deployments.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    create = commands.add_parser(
+        "create",
+        parents=[common, output],
+        help="serve a model's alias under a name",
+    )
+    create.add_argument("name", metavar="NAME", help="deployment name, a DNS label")
+    create.add_argument("--team", required=True, help="owning team")
+    create.add_argument("--model", required=True, help="registered model to serve")
+    create.add_argument(
+        "--alias", default=DEFAULT_ALIAS, help=f"alias to follow (default: {DEFAULT_ALIAS})"
+    )
+    create.add_argument(
+        "--max-batch-size", type=_non_negative_int, default=0, metavar="N",
+        help="Triton max batch size, 1-1024 (default: the server's, 8)",
+    )  # fmt: skip
+    create.add_argument(
+        "--batch-delay-us", type=_non_negative_int, default=0, metavar="U",
+        help="dynamic batching queue delay in microseconds (default: 0, no dynamic batching)",
+    )  # fmt: skip
+    create.add_argument(
+        "--instances", type=_non_negative_int, default=0, metavar="K",
+        help="CPU model instances, 1-16 (default: 1)",
+    )  # fmt: skip
+    create.add_argument("--wait", action="store_true", help="wait until it is ready")
+    create.add_argument(
+        "--timeout", type=float, metavar="S", help="with --wait: give up after S seconds"
+    )
+    create.set_defaults(handler=_deployments_create)
+
+    get = commands.add_parser("get", parents=[common, output], help="show one deployment")
+    get.add_argument("name", metavar="NAME")
+    get.set_defaults(handler=_deployments_get)
+
+    list_ = commands.add_parser("list", parents=[common, output], help="list deployments")
+    list_.add_argument("--team", help="only this team's deployments")
+    list_.add_argument(
+        "--limit", type=_non_negative_int, default=0, help="at most N (default: 0, all)"
+    )
+    list_.set_defaults(handler=_deployments_list)
+
+    delete = commands.add_parser("delete", parents=[common, output], help="delete a deployment")
+    delete.add_argument("name", metavar="NAME")
+    delete.set_defaults(handler=_deployments_delete)
+
+    wait = commands.add_parser(
+        "wait", parents=[common, output], help="wait until a deployment is ready"
+    )
+    wait.add_argument("name", metavar="NAME")
+    wait.add_argument("--version", help="wait until this version serves")
+    wait.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
+    wait.set_defaults(handler=_deployments_wait)
+
+
+def _add_infer_command(
+    groups: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    output: argparse.ArgumentParser,
+) -> None:
+    infer = groups.add_parser(
+        "infer",
+        parents=[common, output],
+        help="run a prediction on a deployment",
+        usage="%(prog)s DEPLOYMENT --input NAME=VALUES [--input ...] [--dtype T] [-o json]",
+        epilog="VALUES is a JSON array, e.g. input=[[0.1,0.2],[0.3,0.4]] (its nesting is "
+        "the shape), or comma-separated numbers for one row, e.g. input=0.1,0.2 (shape "
+        "[1, 2]). Quote it for the shell.",
+    )
+    infer.add_argument("deployment", metavar="DEPLOYMENT")
+    infer.add_argument(
+        "--input",
+        dest="inputs",
+        metavar="NAME=VALUES",
+        nargs="+",
+        action="extend",
+        required=True,
+        help="an input tensor (repeatable)",
+    )
+    infer.add_argument(
+        "--dtype",
+        type=_datatype,
+        default="FP32",
+        metavar="T",
+        help="datatype of the inputs: FP32 (default), FP64, INT64, ..., or auto to use the "
+        "deployment's declared datatype",
+    )
+    infer.set_defaults(handler=_infer)
+
+
+def _add_features_commands(
+    groups: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    output: argparse.ArgumentParser,
+) -> None:
+    features = groups.add_parser("features", help="feature store")
+    commands = features.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    apply = commands.add_parser(
+        "apply", parents=[common, output], help="apply a feature repository folder"
+    )
+    apply.add_argument("directory", metavar="DIR")
+    apply.set_defaults(handler=_features_apply)
+
+    list_ = commands.add_parser("list", parents=[common, output], help="list feature views")
+    list_.set_defaults(handler=_features_list)
+
+    materialize = commands.add_parser(
+        "materialize",
+        parents=[common, output],
+        help="load feature values into the online store",
+        epilog="Without --start, loads what is new since the last run (incremental). Times "
+        "are ISO 8601; without a zone they are UTC.",
+    )
+    materialize.add_argument("--start", type=_iso_datetime, metavar="ISO", help="from this time")
+    materialize.add_argument(
+        "--end", type=_iso_datetime, metavar="ISO", help="up to this time (default: now)"
+    )
+    materialize.add_argument(
+        "--view",
+        dest="views",
+        metavar="V",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="only these feature views (default: all)",
+    )
+    materialize.set_defaults(handler=_features_materialize)
+
+    get = commands.add_parser(
+        "get",
+        parents=[common, output],
+        help="read online feature values",
+        epilog="Each --entity starts one entity row: --entity driver_id=1001 --entity "
+        "driver_id=1002 reads two rows. Values are read as JSON where they are JSON (1001 is "
+        'an int, 1.5 a float, \'"1001"\' a string), else as plain strings.',
+    )
+    get.add_argument(
+        "--feature",
+        dest="features",
+        metavar="VIEW:FEATURE",
+        nargs="+",
+        action="extend",
+        required=True,
+        help="a feature reference (repeatable)",
+    )
+    get.add_argument(
+        "--entity",
+        dest="entities",
+        metavar="KEY=VALUE",
+        nargs="+",
+        action="append",
+        required=True,
+        help="one entity row (repeatable)",
+    )
+    get.set_defaults(handler=_features_get)
+
+
 def _job_state(text: str) -> JobState:
     try:
         return JobState.parse(text)
@@ -233,6 +494,96 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
+
+
+def _datatype(text: str) -> str:
+    # Imported here: loading numpy for every command would slow the whole CLI down.
+    from plinth_sdk.inference import TRITON_DATATYPES
+
+    name = text.strip().upper()
+    if name != "AUTO" and name not in TRITON_DATATYPES:
+        raise argparse.ArgumentTypeError(
+            f"unknown datatype {text!r}; expected auto or one of {', '.join(TRITON_DATATYPES)}"
+        )
+    return name
+
+
+def _iso_datetime(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time like 2025-03-01T12:00:00Z, got {text!r}"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _parse_input(text: str) -> tuple[str, Any]:
+    """``NAME=VALUES`` -> (name, nested lists); VALUES is JSON or comma-separated numbers."""
+    name, sep, values = text.partition("=")
+    name, values = name.strip(), values.strip()
+    if not sep or not name or not values:
+        raise _UsageError(f"invalid --input {text!r}: expected NAME=VALUES, e.g. input=[[0.1,0.2]]")
+    if values.startswith("["):
+        try:
+            return name, json.loads(values)
+        except ValueError:
+            raise _UsageError(f"invalid --input {text!r}: VALUES is not a JSON array") from None
+    row: list[Any] = []
+    for item in values.split(","):
+        try:
+            number = json.loads(item.strip())
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise _UsageError(
+                f"invalid --input {text!r}: {item.strip()!r} is not a number "
+                "(use a JSON array for other values)"
+            )
+        row.append(number)
+    return name, [row]  # one row: shape [1, n]
+
+
+def _input_array(text: str, values: Any, datatype: str) -> Any:
+    import numpy as np
+
+    from plinth_sdk.inference import numpy_dtype
+
+    try:
+        dtype = numpy_dtype(datatype)
+        if datatype == "BYTES":
+            array = np.array(values, dtype=np.object_)
+            if array.dtype != np.object_ or any(
+                isinstance(item, list) for item in array.reshape(-1)
+            ):
+                raise ValueError("ragged nesting")
+            return array
+        return np.array(values, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as err:
+        reason = "rows of different lengths" if "inhomogeneous" in str(err) else str(err)
+        raise _UsageError(
+            f"invalid --input {text!r}: cannot make a {datatype} tensor ({reason})"
+        ) from None
+
+
+def _parse_entity_row(pairs: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise _UsageError(f"invalid --entity {pair!r}: expected KEY=VALUE")
+        row[key] = _typed_value(text)
+    return row
+
+
+def _typed_value(text: str) -> Any:
+    """JSON scalars keep their type (1001 -> int, 1.5 -> float, "x" -> str); else a string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, bool | int | float | str) else text
 
 
 def _parse_env(pairs: Iterable[str]) -> dict[str, str]:
@@ -346,6 +697,234 @@ def _events_watch(client: Plinth, args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_list(client: Plinth, args: argparse.Namespace) -> int:
+    found = client.models.iter(team=args.team, prefix=args.prefix)
+    models = list(islice(found, args.limit) if args.limit else found)
+    if args.output == "json":
+        _print_json([model.to_dict() for model in models])
+    elif not models:
+        print("No models found.", file=sys.stderr)
+    else:
+        _print_table(_MODEL_COLUMNS, [_model_row(model) for model in models])
+    return 0
+
+
+def _models_versions(client: Plinth, args: argparse.Namespace) -> int:
+    found = client.models.iter_versions(args.name)
+    versions = list(islice(found, args.limit) if args.limit else found)
+    if args.output == "json":
+        _print_json([version.to_dict() for version in versions])
+    elif not versions:
+        print(f"Model {args.name} has no versions.", file=sys.stderr)
+    else:
+        _print_table(_VERSION_COLUMNS, [_version_row(version) for version in versions])
+    return 0
+
+
+def _models_promote(client: Plinth, args: argparse.Namespace) -> int:
+    promotion = client.models.promote(
+        args.name, args.version, alias=args.alias, approved=args.approve, team=args.team
+    )
+    if args.output == "json":
+        _print_json({"alias": args.alias, **promotion.to_dict()})
+        return 0
+    version = promotion.version
+    _print_table(
+        None,
+        [
+            ["MODEL", version.name],
+            ["ALIAS", args.alias],
+            ["VERSION", version.version],
+            ["PREVIOUS", promotion.previous_version or "-"],
+            ["RUN", version.run_id or "-"],
+            ["METRICS", _metrics_text(version.metrics) or "-"],
+        ],
+    )
+    return 0
+
+
+def _models_policy(client: Plinth, args: argparse.Namespace) -> int:
+    changing = args.rules or args.require_approval or args.aliases or args.clear
+    if not changing:
+        model = client.models.get(args.name)
+        _print_policy(model.name, model.policy, args.output)
+        return 0
+    if args.clear and (args.rules or args.require_approval or args.aliases):
+        raise _UsageError("--clear cannot be combined with --rule, --require-approval or --alias")
+    try:
+        rules = [PolicyRule.parse(rule) for rule in args.rules]
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    model = client.models.set_policy(
+        args.name,
+        rules,
+        require_approval=args.require_approval,
+        aliases=args.aliases,
+        team=args.team,
+    )
+    _print_policy(model.name, model.policy, args.output)
+    return 0
+
+
+def _deployments_create(client: Plinth, args: argparse.Namespace) -> int:
+    deployment = client.deployments.create(
+        args.name,
+        team=args.team,
+        model=args.model,
+        alias=args.alias,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.batch_delay_us,
+        instance_count=args.instances,
+    )
+    if args.wait:
+        deployment = client.deployments.wait_ready(args.name, timeout=args.timeout)
+    _print_deployment(deployment, args.output)
+    return 0
+
+
+def _deployments_get(client: Plinth, args: argparse.Namespace) -> int:
+    _print_deployment(client.deployments.get(args.name), args.output)
+    return 0
+
+
+def _deployments_list(client: Plinth, args: argparse.Namespace) -> int:
+    found = client.deployments.iter(team=args.team)
+    deployments = list(islice(found, args.limit) if args.limit else found)
+    if args.output == "json":
+        _print_json([deployment.to_dict() for deployment in deployments])
+    elif not deployments:
+        print("No deployments found.", file=sys.stderr)
+    else:
+        _print_table(_DEPLOYMENT_COLUMNS, [_deployment_row(d) for d in deployments])
+    return 0
+
+
+def _deployments_delete(client: Plinth, args: argparse.Namespace) -> int:
+    client.deployments.delete(args.name)
+    if args.output == "json":
+        _print_json({"name": args.name, "deleted": True})
+    else:
+        print(f"deleted deployment {args.name}")
+    return 0
+
+
+def _deployments_wait(client: Plinth, args: argparse.Namespace) -> int:
+    deployment = client.deployments.wait_ready(
+        args.name, timeout=args.timeout, version=args.version
+    )
+    _print_deployment(deployment, args.output)
+    return 0
+
+
+def _infer(client: Plinth, args: argparse.Namespace) -> int:
+    datatypes: dict[str, str] = {}
+    if args.dtype == "AUTO":
+        metadata = client.model_metadata(args.deployment)
+        datatypes = {tensor.name: tensor.datatype for tensor in metadata.inputs}
+    inputs = {}
+    for text in args.inputs:
+        name, values = _parse_input(text)
+        if name in inputs:
+            raise _UsageError(f"input {name!r} given twice")
+        dtype = datatypes.get(name, "FP32") if args.dtype == "AUTO" else args.dtype
+        inputs[name] = _input_array(text, values, dtype)
+    try:
+        outputs = client.infer(args.deployment, inputs)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    if args.output == "json":
+        _print_json(
+            {
+                "model_name": args.deployment,
+                "outputs": [_tensor_dict(name, array) for name, array in outputs.items()],
+            }
+        )
+        return 0
+    rows = []
+    for name, array in outputs.items():
+        tensor = _tensor_dict(name, array)
+        rows.append(
+            [
+                name,
+                tensor["datatype"],
+                json.dumps(tensor["shape"], separators=(",", ":")),
+                json.dumps(tensor["data"], separators=(",", ":")),
+            ]
+        )
+    _print_table(("OUTPUT", "DATATYPE", "SHAPE", "VALUES"), rows)
+    return 0
+
+
+def _features_apply(client: Plinth, args: argparse.Namespace) -> int:
+    try:
+        applied = client.features.apply(args.directory)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    if args.output == "json":
+        _print_json(applied.to_dict())
+        return 0
+    rows = [
+        ["ENTITIES", ", ".join(applied.entities) or "-"],
+        ["FEATURE VIEWS", ", ".join(applied.feature_views) or "-"],
+        ["ON-DEMAND VIEWS", ", ".join(applied.on_demand_feature_views)],
+        ["SERVICES", ", ".join(applied.feature_services)],
+        ["DATA SOURCES", ", ".join(applied.data_sources)],
+        ["DELETED", ", ".join(applied.deleted)],
+    ]
+    _print_table(None, [row for row in rows if row[1]])
+    return 0
+
+
+def _features_list(client: Plinth, args: argparse.Namespace) -> int:
+    views = client.features.list_views()
+    if args.output == "json":
+        _print_json([view.to_dict() for view in views])
+    elif not views:
+        print("No feature views found.", file=sys.stderr)
+    else:
+        _print_table(_VIEW_COLUMNS, [_view_row(view) for view in views])
+    return 0
+
+
+def _features_materialize(client: Plinth, args: argparse.Namespace) -> int:
+    if args.start is not None:
+        end = args.end or datetime.now(timezone.utc)
+        if args.start >= end:
+            raise _UsageError("--start must be before --end")
+        done = client.features.materialize(args.start, end, views=args.views)
+    else:
+        done = client.features.materialize_incremental(args.end, views=args.views)
+    if args.output == "json":
+        _print_json(done.to_dict())
+        return 0
+    window = ""
+    if done.start_time or done.end_time:
+        window = f"{_time_text(done.start_time) or '?'} .. {_time_text(done.end_time) or '?'}"
+    rows = [
+        ["FEATURE VIEWS", ", ".join(done.feature_views) or "-"],
+        ["WINDOW", window],
+        ["DURATION", f"{done.duration_seconds:.2f}s"],
+    ]
+    _print_table(None, [row for row in rows if row[1]])
+    return 0
+
+
+def _features_get(client: Plinth, args: argparse.Namespace) -> int:
+    entity_rows = [_parse_entity_row(group) for group in args.entities]
+    try:
+        rows = client.features.online(args.features, entity_rows)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    if args.output == "json":
+        _print_json([row.to_dict() for row in rows])
+        return 0
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(name for name in row.values if name not in columns)
+    _print_table(columns, [[_online_cell(row, name) for name in columns] for row in rows])
+    return 0
+
+
 # --------------------------------------------------------------------------- output
 
 _JOB_COLUMNS = ("ID", "NAME", "TEAM", "STATE", "CREATED", "DURATION", "EXIT")
@@ -388,6 +967,147 @@ def _print_job(job: Job, output: str) -> None:
     ]
     # Unset details are left out rather than shown as blanks.
     _print_table(None, [[name, value] for name, value in fields if value])
+
+
+_MODEL_COLUMNS = ("NAME", "TEAM", "LATEST", "ALIASES", "POLICY")
+_VERSION_COLUMNS = ("VERSION", "STATUS", "ALIASES", "CREATED", "RUN", "JOB", "METRICS")
+_DEPLOYMENT_COLUMNS = ("NAME", "TEAM", "MODEL", "ALIAS", "STATE", "SERVING", "TARGET")
+_VIEW_COLUMNS = ("NAME", "ENTITIES", "KEYS", "FEATURES", "TTL", "ONLINE", "SOURCE")
+
+
+def _model_row(model: RegisteredModel) -> list[str]:
+    return [
+        model.name,
+        model.team,
+        model.latest_version or "-",
+        _aliases_text(model.aliases) or "-",
+        str(model.policy),
+    ]
+
+
+def _aliases_text(aliases: dict[str, str] | Any) -> str:
+    return ",".join(f"{alias}={version}" for alias, version in sorted(aliases.items()))
+
+
+def _version_row(version: ModelVersion) -> list[str]:
+    return [
+        version.version,
+        version.status or "-",
+        ",".join(version.aliases) or "-",
+        _time_text(version.created_at) or "-",
+        version.run_id or "-",
+        version.job_id or "-",
+        _metrics_text(version.metrics) or "-",
+    ]
+
+
+def _metrics_text(metrics: dict[str, float] | Any) -> str:
+    return " ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+
+
+def _print_policy(name: str, policy: PromotionPolicy, output: str) -> None:
+    if output == "json":
+        _print_json({"name": name, "policy": policy.to_dict()})
+        return
+    _print_table(
+        None,
+        [
+            ["MODEL", name],
+            ["RULES", ", ".join(str(rule) for rule in policy.rules) or "none"],
+            ["APPROVAL", "required" if policy.require_approval else "not required"],
+            ["ALIASES", ", ".join(policy.aliases) or "all"],
+        ],
+    )
+
+
+def _deployment_row(deployment: Deployment) -> list[str]:
+    return [
+        deployment.name,
+        deployment.team,
+        deployment.model_name,
+        deployment.alias,
+        deployment.state.value,
+        deployment.serving_version or "-",
+        deployment.target_version or "-",
+    ]
+
+
+def _print_deployment(deployment: Deployment, output: str) -> None:
+    if output == "json":
+        _print_json(deployment.to_dict())
+        return
+    batching = (
+        f"max_batch_size={deployment.max_batch_size or 'default'} "
+        f"queue_delay={deployment.max_queue_delay_us}us "
+        f"instances={deployment.instance_count or 1}"
+    )
+    fields: list[tuple[str, str]] = [
+        ("NAME", deployment.name),
+        ("TEAM", deployment.team),
+        ("MODEL", f"{deployment.model_name}@{deployment.alias}"),
+        ("STATE", deployment.state.value),
+        ("SERVING", deployment.serving_version),
+        ("LOADING", deployment.loading_version),
+        ("TARGET", deployment.target_version),
+        ("BATCHING", batching),
+        ("ERROR", deployment.last_error),
+        ("CREATED", _time_text(deployment.created_at)),
+        ("UPDATED", _time_text(deployment.updated_at)),
+    ]
+    _print_table(None, [[name, value] for name, value in fields if value])
+
+
+def _view_row(view: FeatureView) -> list[str]:
+    return [
+        view.name,
+        ",".join(view.entities) or "-",
+        ",".join(view.join_keys) or "-",
+        ",".join(view.features) or "-",
+        _ttl_text(view.ttl_seconds),
+        "yes" if view.online else "no",
+        f"push:{view.push_source}" if view.push_source else (view.batch_source or "-"),
+    ]
+
+
+def _ttl_text(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    for suffix, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{suffix}"
+    return f"{seconds:g}s"
+
+
+def _online_cell(row: OnlineRow, name: str) -> str:
+    status = row.statuses.get(name)
+    if status is not None and status not in (FieldStatus.PRESENT, FieldStatus.UNSPECIFIED):
+        return f"<{status.value.lower()}>"
+    value = row.values.get(name)
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))  # protobuf numbers are doubles; an INT64 feature reads 12.0
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _tensor_dict(name: str, array: Any) -> dict[str, Any]:
+    from plinth_sdk.inference import triton_datatype
+
+    if array.dtype.kind == "O":
+        data = [
+            item.decode("utf-8", errors="replace") if isinstance(item, bytes) else item
+            for item in array.reshape(-1).tolist()
+        ]
+        import numpy as np
+
+        data = np.array(data, dtype=object).reshape(array.shape).tolist()
+        datatype = "BYTES"
+    else:
+        data = array.tolist()
+        datatype = triton_datatype(array.dtype)
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
 
 
 def _print_table(headers: Sequence[str] | None, rows: Sequence[Sequence[str]]) -> None:

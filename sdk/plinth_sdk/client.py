@@ -14,20 +14,36 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from plinth.features.v1 import features_pb2_grpc
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from plinth.registry.v1 import registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from plinth.serving.v1 import serving_pb2_grpc
 from plinth_sdk.errors import JobWaitTimeout, from_rpc_error
+from plinth_sdk.features import FeaturesAPI
 from plinth_sdk.models import Event, Job, JobState, parse_memory
+from plinth_sdk.registry import ModelsAPI, RunsAPI
+from plinth_sdk.serving import DeploymentsAPI
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from plinth_sdk.inference import ModelMetadata
 
 __all__ = ["DEFAULT_GATEWAY", "GATEWAY_ENV", "EventsAPI", "JobsAPI", "Plinth"]
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 GATEWAY_ENV = "PLINTH_GATEWAY"
 _MAX_PAGE_SIZE = 500  # the scheduler's documented upper bound
+_MAX_MESSAGE_BYTES = 64 * 2**20  # inference tensors and feature tables outgrow gRPC's 4 MiB
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+]
 
 _T = TypeVar("_T")
 
@@ -39,6 +55,11 @@ def resolve_target(target: str | None = None) -> str:
 
 class Plinth:
     """A connection to the Plinth gateway.
+
+    Namespaces: ``jobs`` (training jobs), ``events`` (the event stream), ``models``
+    (registered models, versions, aliases, policies), ``runs`` (MLflow runs),
+    ``deployments`` (serving) and ``features`` (feature store); :meth:`infer` runs a
+    prediction on a deployment.
 
     The channel connects lazily, so constructing a client never fails; the first call that
     cannot reach the gateway raises :class:`~plinth_sdk.errors.Unavailable`.
@@ -53,9 +74,17 @@ class Plinth:
     def __init__(self, target: str | None = None, *, timeout: float = 30.0) -> None:
         self._target = resolve_target(target)
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(self._target)
+        self._channel = grpc.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+        registry = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self.jobs = JobsAPI(self, scheduler_pb2_grpc.SchedulerServiceStub(self._channel))
         self.events = EventsAPI(self, gateway_pb2_grpc.EventServiceStub(self._channel))
+        self.models = ModelsAPI(self, registry)
+        self.runs = RunsAPI(self, registry)
+        self.deployments = DeploymentsAPI(
+            self, serving_pb2_grpc.ServingServiceStub(self._channel)
+        )
+        self.features = FeaturesAPI(self, features_pb2_grpc.FeaturesServiceStub(self._channel))
+        self._inference_stub: Any = None
 
     @property
     def target(self) -> str:
@@ -66,6 +95,61 @@ class Plinth:
     def timeout(self) -> float:
         """Deadline in seconds of each unary call."""
         return self._timeout
+
+    def infer(
+        self,
+        deployment: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Runs a prediction on a deployment (KServe v2 ``ModelInfer`` through the gateway).
+
+        Args:
+            deployment: The deployment's name.
+            inputs: Tensor name -> numpy array, e.g. ``{"input": x}`` with ``x`` of shape
+                ``(rows, columns)``; the KServe datatype follows the dtype
+                (``float64`` -> FP64, ``float32`` -> FP32, ``int64`` -> INT64, str -> BYTES).
+            outputs: Only these outputs; empty for all.
+            timeout: Deadline in seconds; the client's default when None.
+
+        Returns:
+            Output name -> numpy array, e.g. ``{"predictions": array of shape (rows, 1)}``.
+
+        Raises:
+            ValueError: no inputs, or an array of a dtype KServe v2 cannot carry.
+            InvalidArgument: a tensor's name, datatype or shape does not match the model.
+            NotFound: no deployment has this name.
+            Unavailable: the deployment has no version ready yet.
+        """
+        from plinth_sdk.inference import build_infer_request, decode_infer_response
+
+        request = build_infer_request(deployment, inputs, outputs=outputs)
+        response = self._unary(self._inference().ModelInfer, request, timeout=timeout)
+        return decode_infer_response(response)
+
+    def model_metadata(self, deployment: str) -> ModelMetadata:
+        """Returns the input and output tensors a deployment declares.
+
+        Raises:
+            NotFound: no deployment has this name.
+            Unavailable: the deployment has no version ready yet.
+        """
+        from tritonclient.grpc import service_pb2 as kserve
+
+        from plinth_sdk.inference import ModelMetadata
+
+        request = kserve.ModelMetadataRequest(name=deployment)
+        return ModelMetadata.from_proto(self._unary(self._inference().ModelMetadata, request))
+
+    def _inference(self) -> Any:
+        # Imported on first use: tritonclient's gRPC package takes about a second to load.
+        if self._inference_stub is None:
+            from tritonclient.grpc import service_pb2_grpc
+
+            self._inference_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._inference_stub
 
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
@@ -85,10 +169,12 @@ class Plinth:
     def __repr__(self) -> str:
         return f"Plinth(target={self._target!r})"
 
-    def _unary(self, method: Callable[..., _T], request: Any) -> _T:
-        """Calls a unary RPC with the client's deadline, converting gRPC errors."""
+    def _unary(
+        self, method: Callable[..., _T], request: Any, *, timeout: float | None = None
+    ) -> _T:
+        """Calls a unary RPC with the client's deadline (or ``timeout``), converting errors."""
         try:
-            return method(request, timeout=self._timeout)
+            return method(request, timeout=self._timeout if timeout is None else timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err, target=self._target) from None
 

@@ -11,6 +11,8 @@ import grpc
 __all__ = [
     "AlreadyExists",
     "DeadlineExceeded",
+    "DeploymentFailed",
+    "DeploymentWaitTimeout",
     "FailedPrecondition",
     "InvalidArgument",
     "JobWaitTimeout",
@@ -86,6 +88,30 @@ class JobWaitTimeout(PlinthClientError, TimeoutError):
     def __init__(self, message: str, *, job: object) -> None:
         super().__init__("DEADLINE_EXCEEDED", message)
         self.job = job
+
+
+class DeploymentWaitTimeout(PlinthClientError, TimeoutError):
+    """``deployments.wait_ready`` gave up before the deployment was ready.
+
+    Attributes:
+        deployment: The last state of the deployment seen before giving up.
+    """
+
+    def __init__(self, message: str, *, deployment: object) -> None:
+        super().__init__("DEADLINE_EXCEEDED", message)
+        self.deployment = deployment
+
+
+class DeploymentFailed(PlinthClientError):
+    """``deployments.wait_ready`` saw the version it waited for fail to load.
+
+    Attributes:
+        deployment: The deployment as last seen; ``last_error`` says why.
+    """
+
+    def __init__(self, message: str, *, deployment: object) -> None:
+        super().__init__("FAILED_PRECONDITION", message)
+        self.deployment = deployment
 
 
 _BY_CODE: dict[grpc.StatusCode, type[PlinthClientError]] = {

@@ -8,19 +8,43 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from plinth.features.v1 import features_pb2
 from plinth.gateway.v1 import gateway_pb2
+from plinth.registry.v1 import registry_pb2
 from plinth.scheduler.v1 import scheduler_pb2
+from plinth.serving.v1 import serving_pb2
 
-__all__ = ["Event", "Job", "JobState", "parse_memory"]
+__all__ = [
+    "AppliedRepository",
+    "Deployment",
+    "DeploymentState",
+    "Event",
+    "FeatureView",
+    "FieldStatus",
+    "Job",
+    "JobState",
+    "Materialization",
+    "ModelVersion",
+    "OnlineRow",
+    "PolicyRule",
+    "Promotion",
+    "PromotionPolicy",
+    "RegisteredModel",
+    "Run",
+    "parse_memory",
+    "parse_rule",
+]
 
 _PROTO_STATE_PREFIX = "JOB_STATE_"
 
@@ -312,3 +336,723 @@ def parse_memory(value: int | str) -> int:
         raise ValueError(f"invalid memory {value!r}: {_MEMORY_HINT}") from None
     scaled = number * _MEMORY_UNITS[match.group(2)]
     return int(scaled.to_integral_value(rounding=ROUND_CEILING))
+
+
+# --------------------------------------------------------------------------- registry
+
+_RULE_RE = re.compile(r"\s*([A-Za-z0-9_][A-Za-z0-9_.\-/]*)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*")
+_RULE_HINT = "expected 'METRIC OP THRESHOLD' with OP one of < <= > >= == !=, e.g. 'rmse < 60'"
+
+
+def parse_rule(text: str) -> PolicyRule:
+    """Reads a promotion rule such as ``"rmse < 60"`` or ``"r2>=0.4"``.
+
+    Args:
+        text: ``METRIC OP THRESHOLD``; OP is one of ``< <= > >= == !=``, THRESHOLD a number.
+
+    Returns:
+        The rule.
+
+    Raises:
+        ValueError: the text is not a rule; the message quotes it.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"invalid rule {text!r}: {_RULE_HINT}")
+    match = _RULE_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"invalid rule {text!r}: {_RULE_HINT}")
+    metric, op, number = match.groups()
+    try:
+        threshold = float(number)
+    except ValueError:
+        raise ValueError(f"invalid rule {text!r}: threshold {number!r} is not a number") from None
+    if not math.isfinite(threshold):
+        raise ValueError(f"invalid rule {text!r}: threshold must be a finite number")
+    return PolicyRule(metric=metric, op=op, threshold=threshold)
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """A condition on a model version's run metrics, e.g. ``rmse < 60``.
+
+    Attributes:
+        metric: Name of a metric the version's run logged.
+        op: One of ``< <= > >= == !=``.
+        threshold: The number the metric is compared with.
+    """
+
+    metric: str
+    op: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str | PolicyRule) -> PolicyRule:
+        """Reads ``"rmse < 60"``; see :func:`parse_rule`. A rule passes through unchanged."""
+        return text if isinstance(text, PolicyRule) else parse_rule(text)
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.PolicyRule) -> PolicyRule:
+        """Converts a ``plinth.registry.v1.PolicyRule`` message."""
+        return cls(metric=msg.metric, op=msg.op, threshold=msg.threshold)
+
+    def to_proto(self) -> registry_pb2.PolicyRule:
+        """Returns the ``plinth.registry.v1.PolicyRule`` message."""
+        return registry_pb2.PolicyRule(metric=self.metric, op=self.op, threshold=self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {"metric": self.metric, "op": self.op, "threshold": self.threshold}
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {_number_text(self.threshold)}"
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """What a version must satisfy before an alias may point at it.
+
+    Attributes:
+        rules: Every rule must hold on the version's run metrics.
+        require_approval: Promotions must say ``approved=True``.
+        aliases: The aliases it guards; empty guards every alias.
+    """
+
+    rules: tuple[PolicyRule, ...] = ()
+    require_approval: bool = False
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the policy allows every promotion (no rules, no approval)."""
+        return not self.rules and not self.require_approval
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.PromotionPolicy) -> PromotionPolicy:
+        """Converts a ``plinth.registry.v1.PromotionPolicy`` message."""
+        return cls(
+            rules=tuple(PolicyRule.from_proto(rule) for rule in msg.rules),
+            require_approval=msg.require_approval,
+            aliases=tuple(msg.aliases),
+        )
+
+    def to_proto(self) -> registry_pb2.PromotionPolicy:
+        """Returns the ``plinth.registry.v1.PromotionPolicy`` message."""
+        return registry_pb2.PromotionPolicy(
+            rules=[rule.to_proto() for rule in self.rules],
+            require_approval=self.require_approval,
+            aliases=list(self.aliases),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; rules also as text under ``rules_text``."""
+        return {
+            "rules": [rule.to_dict() for rule in self.rules],
+            "rules_text": [str(rule) for rule in self.rules],
+            "require_approval": self.require_approval,
+            "aliases": list(self.aliases),
+        }
+
+    def __str__(self) -> str:
+        if self.is_empty:
+            return "none"
+        parts = [str(rule) for rule in self.rules]
+        if self.require_approval:
+            parts.append("approval required")
+        text = ", ".join(parts)
+        if self.aliases:
+            text += f" (aliases: {', '.join(self.aliases)})"
+        return text
+
+
+@dataclass(frozen=True)
+class Run:
+    """An MLflow tracking run, as the registry reports it.
+
+    Attributes:
+        run_id: MLflow run id.
+        experiment_id: The run's experiment.
+        status: MLflow status, e.g. ``"FINISHED"``.
+        start_time: Start (UTC), None if unknown.
+        end_time: End (UTC), None while running.
+        metrics: Latest value of each logged metric.
+        params: Logged parameters.
+        tags: Run tags.
+        artifact_uri: Root of the run's artifacts.
+    """
+
+    run_id: str
+    experiment_id: str
+    status: str
+    start_time: datetime | None
+    end_time: datetime | None
+    metrics: Mapping[str, float] = field(hash=False)
+    params: Mapping[str, str] = field(hash=False)
+    tags: Mapping[str, str] = field(hash=False)
+    artifact_uri: str
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.Run) -> Run:
+        """Converts a ``plinth.registry.v1.Run`` message."""
+        return cls(
+            run_id=msg.run_id,
+            experiment_id=msg.experiment_id,
+            status=msg.status,
+            start_time=_datetime_or_none(msg, "start_time"),
+            end_time=_datetime_or_none(msg, "end_time"),
+            metrics=dict(msg.metrics),
+            params=dict(msg.params),
+            tags=dict(msg.tags),
+            artifact_uri=msg.artifact_uri,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; timestamps are ISO 8601 strings or None."""
+        return {
+            "run_id": self.run_id,
+            "experiment_id": self.experiment_id,
+            "status": self.status,
+            "start_time": _iso(self.start_time),
+            "end_time": _iso(self.end_time),
+            "metrics": dict(self.metrics),
+            "params": dict(self.params),
+            "tags": dict(self.tags),
+            "artifact_uri": self.artifact_uri,
+        }
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model: a name, its owner, its aliases and its promotion policy.
+
+    Attributes:
+        name: Registered model name.
+        team: Owning team.
+        description: Free text, or "".
+        tags: User tags (reserved ``plinth.*`` tags are not shown).
+        aliases: Alias -> version, e.g. ``{"production": "3"}``.
+        latest_version: Newest version, or "" if it has none.
+        policy: The promotion policy (empty when none is set).
+    """
+
+    name: str
+    team: str
+    description: str
+    tags: Mapping[str, str] = field(hash=False)
+    aliases: Mapping[str, str] = field(hash=False)
+    latest_version: str
+    policy: PromotionPolicy
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.RegisteredModel) -> RegisteredModel:
+        """Converts a ``plinth.registry.v1.RegisteredModel`` message."""
+        return cls(
+            name=msg.name,
+            team=msg.team,
+            description=msg.description,
+            tags=dict(msg.tags),
+            aliases=dict(msg.aliases),
+            latest_version=msg.latest_version,
+            policy=PromotionPolicy.from_proto(msg.policy),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "name": self.name,
+            "team": self.team,
+            "description": self.description,
+            "tags": dict(self.tags),
+            "aliases": dict(self.aliases),
+            "latest_version": self.latest_version,
+            "policy": self.policy.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version of a model.
+
+    Attributes:
+        name: Registered model name.
+        version: Version number, as a string (``"3"``).
+        team: Owning team.
+        run_id: The MLflow run that produced it.
+        source: Artifact URI of the model.
+        status: MLflow status, e.g. ``"READY"``.
+        aliases: Aliases pointing at this version.
+        tags: Version tags, including lineage (``plinth.job_id``, ``plinth.run_id``, ...).
+        metrics: The run's metrics.
+        created_at: Registration time (UTC).
+        model_id: The MLflow LoggedModel it was registered from, or "".
+    """
+
+    name: str
+    version: str
+    team: str
+    run_id: str
+    source: str
+    status: str
+    aliases: tuple[str, ...]
+    tags: Mapping[str, str] = field(hash=False)
+    metrics: Mapping[str, float] = field(hash=False)
+    created_at: datetime | None
+    model_id: str
+
+    @property
+    def job_id(self) -> str:
+        """The Plinth job that registered it, or "" (from the ``plinth.job_id`` tag)."""
+        return self.tags.get("plinth.job_id", "")
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.ModelVersion) -> ModelVersion:
+        """Converts a ``plinth.registry.v1.ModelVersion`` message."""
+        return cls(
+            name=msg.name,
+            version=msg.version,
+            team=msg.team,
+            run_id=msg.run_id,
+            source=msg.source,
+            status=msg.status,
+            aliases=tuple(msg.aliases),
+            tags=dict(msg.tags),
+            metrics=dict(msg.metrics),
+            created_at=_datetime_or_none(msg, "created_at"),
+            model_id=msg.model_id,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; timestamps are ISO 8601 strings or None."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "team": self.team,
+            "run_id": self.run_id,
+            "source": self.source,
+            "status": self.status,
+            "aliases": list(self.aliases),
+            "tags": dict(self.tags),
+            "metrics": dict(self.metrics),
+            "created_at": _iso(self.created_at),
+            "model_id": self.model_id,
+        }
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The outcome of moving an alias.
+
+    Attributes:
+        version: The version the alias points to now.
+        previous_version: The version it pointed to before, or "".
+    """
+
+    version: ModelVersion
+    previous_version: str
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.SetAliasResponse) -> Promotion:
+        """Converts a ``plinth.registry.v1.SetAliasResponse`` message."""
+        return cls(
+            version=ModelVersion.from_proto(msg.version), previous_version=msg.previous_version
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {"version": self.version.to_dict(), "previous_version": self.previous_version}
+
+
+# --------------------------------------------------------------------------- serving
+
+_DEPLOYMENT_STATE_PREFIX = "DEPLOYMENT_STATE_"
+
+
+class DeploymentState(enum.StrEnum):
+    """Where a deployment is relative to the version its alias points to."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    PENDING = "PENDING"
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+    @classmethod
+    def from_proto(cls, value: int) -> DeploymentState:
+        """Converts a ``plinth.serving.v1.DeploymentState`` number (unknown -> UNSPECIFIED)."""
+        try:
+            name = serving_pb2.DeploymentState.Name(value)
+        except ValueError:
+            return cls.UNSPECIFIED
+        try:
+            return cls(name.removeprefix(_DEPLOYMENT_STATE_PREFIX))
+        except ValueError:
+            return cls.UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A deployment: a registered model's alias served on Triton under a name.
+
+    Attributes:
+        name: Deployment name; also the model name in KServe v2 inference calls.
+        team: Owning team.
+        model_name: The registered model it serves.
+        alias: The alias it follows, e.g. ``"production"``.
+        max_batch_size: Triton's max batch size (0: the server default).
+        max_queue_delay_us: Dynamic batching queue delay in µs (0: no dynamic batching).
+        instance_count: CPU model instances (0: one).
+        state: PENDING, LOADING, READY or FAILED, relative to ``target_version``.
+        serving_version: The version answering requests now, or "".
+        loading_version: The version being loaded, or "".
+        target_version: The version the alias points to, as last heard, or "".
+        last_error: Why the last load failed, or "".
+        created_at: Creation time (UTC).
+        updated_at: Last change (UTC).
+    """
+
+    name: str
+    team: str
+    model_name: str
+    alias: str
+    max_batch_size: int
+    max_queue_delay_us: int
+    instance_count: int
+    state: DeploymentState
+    serving_version: str
+    loading_version: str
+    target_version: str
+    last_error: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @property
+    def is_ready(self) -> bool:
+        """True when it serves the version its alias points to."""
+        return self.state is DeploymentState.READY
+
+    @classmethod
+    def from_proto(cls, msg: serving_pb2.Deployment) -> Deployment:
+        """Converts a ``plinth.serving.v1.Deployment`` message."""
+        return cls(
+            name=msg.name,
+            team=msg.team,
+            model_name=msg.model_name,
+            alias=msg.alias,
+            max_batch_size=msg.triton.max_batch_size,
+            max_queue_delay_us=msg.triton.max_queue_delay_microseconds,
+            instance_count=msg.triton.instance_count,
+            state=DeploymentState.from_proto(msg.state),
+            serving_version=msg.serving_version,
+            loading_version=msg.loading_version,
+            target_version=msg.target_version,
+            last_error=msg.last_error,
+            created_at=_datetime_or_none(msg, "created_at"),
+            updated_at=_datetime_or_none(msg, "updated_at"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; timestamps are ISO 8601 strings or None."""
+        return {
+            "name": self.name,
+            "team": self.team,
+            "model_name": self.model_name,
+            "alias": self.alias,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "instance_count": self.instance_count,
+            "state": self.state.value,
+            "serving_version": self.serving_version,
+            "loading_version": self.loading_version,
+            "target_version": self.target_version,
+            "last_error": self.last_error,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+# --------------------------------------------------------------------------- features
+
+_FIELD_STATUS_PREFIX = "FIELD_STATUS_"
+
+
+class FieldStatus(enum.StrEnum):
+    """Whether an online feature value was found for an entity row."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    PRESENT = "PRESENT"
+    NOT_FOUND = "NOT_FOUND"
+    NULL_VALUE = "NULL_VALUE"
+    OUTSIDE_MAX_AGE = "OUTSIDE_MAX_AGE"
+
+    @classmethod
+    def from_proto(cls, value: int) -> FieldStatus:
+        """Converts a ``plinth.features.v1.FieldStatus`` number (unknown -> UNSPECIFIED)."""
+        try:
+            name = features_pb2.FieldStatus.Name(value)
+        except ValueError:
+            return cls.UNSPECIFIED
+        try:
+            return cls(name.removeprefix(_FIELD_STATUS_PREFIX))
+        except ValueError:
+            return cls.UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """A Feast feature view.
+
+    Attributes:
+        name: View name; features are addressed as ``"<view>:<feature>"``.
+        entities: Names of the entities it is keyed by.
+        features: Names of its features.
+        ttl_seconds: How old a value may be and still be served (0: no limit).
+        online: Whether it is materialized to the online store.
+        join_keys: The entity columns rows are looked up by, e.g. ``("driver_id",)``.
+        batch_source: Name of the data source it is materialized from, or "".
+        push_source: Name of the push source feeding it, or "".
+        tags: The view's tags.
+    """
+
+    name: str
+    entities: tuple[str, ...]
+    features: tuple[str, ...]
+    ttl_seconds: float
+    online: bool
+    join_keys: tuple[str, ...] = ()
+    batch_source: str = ""
+    push_source: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_proto(cls, msg: features_pb2.FeatureView) -> FeatureView:
+        """Converts a ``plinth.features.v1.FeatureView`` message."""
+        return cls(
+            name=msg.name,
+            entities=tuple(msg.entities),
+            features=tuple(msg.features),
+            ttl_seconds=msg.ttl_seconds,
+            online=msg.online,
+            join_keys=tuple(msg.join_keys),
+            batch_source=msg.batch_source,
+            push_source=msg.push_source,
+            tags=dict(msg.tags),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "name": self.name,
+            "entities": list(self.entities),
+            "features": list(self.features),
+            "ttl_seconds": self.ttl_seconds,
+            "online": self.online,
+            "join_keys": list(self.join_keys),
+            "batch_source": self.batch_source,
+            "push_source": self.push_source,
+            "tags": dict(self.tags),
+        }
+
+
+@dataclass(frozen=True)
+class AppliedRepository:
+    """What applying a feature repository registered.
+
+    Attributes:
+        entities: Entity names.
+        feature_views: Batch, stream and push-fed feature view names.
+        on_demand_feature_views: On-demand feature view names.
+        feature_services: Feature service names.
+        data_sources: Data source names.
+        deleted: ``"<kind>:<name>"`` of the objects this apply removed.
+    """
+
+    entities: tuple[str, ...]
+    feature_views: tuple[str, ...]
+    on_demand_feature_views: tuple[str, ...] = ()
+    feature_services: tuple[str, ...] = ()
+    data_sources: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+
+    @classmethod
+    def from_proto(cls, msg: features_pb2.ApplyRepositoryResponse) -> AppliedRepository:
+        """Converts a ``plinth.features.v1.ApplyRepositoryResponse`` message."""
+        return cls(
+            entities=tuple(msg.entities),
+            feature_views=tuple(msg.feature_views),
+            on_demand_feature_views=tuple(msg.on_demand_feature_views),
+            feature_services=tuple(msg.feature_services),
+            data_sources=tuple(msg.data_sources),
+            deleted=tuple(msg.deleted),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "entities": list(self.entities),
+            "feature_views": list(self.feature_views),
+            "on_demand_feature_views": list(self.on_demand_feature_views),
+            "feature_services": list(self.feature_services),
+            "data_sources": list(self.data_sources),
+            "deleted": list(self.deleted),
+        }
+
+
+@dataclass(frozen=True)
+class Materialization:
+    """A completed materialization run.
+
+    Attributes:
+        feature_views: The views it loaded into the online store.
+        duration_seconds: How long it took on the server.
+        start_time: Start of the event-time window (incremental: the earliest among the
+            views), None if the server did not say.
+        end_time: End of the event-time window, None if the server did not say.
+    """
+
+    feature_views: tuple[str, ...]
+    duration_seconds: float
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, msg: features_pb2.MaterializeResponse) -> Materialization:
+        """Converts a ``plinth.features.v1.MaterializeResponse`` message."""
+        return cls(
+            feature_views=tuple(msg.feature_views),
+            duration_seconds=msg.duration_seconds,
+            start_time=_datetime_or_none(msg, "start_time"),
+            end_time=_datetime_or_none(msg, "end_time"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; timestamps are ISO 8601 strings or None."""
+        return {
+            "feature_views": list(self.feature_views),
+            "duration_seconds": self.duration_seconds,
+            "start_time": _iso(self.start_time),
+            "end_time": _iso(self.end_time),
+        }
+
+
+@dataclass(frozen=True)
+class OnlineRow:
+    """Online feature values of one entity row.
+
+    Attributes:
+        values: Column name -> value: the entity keys first (as the caller sent them), then
+            each feature under its reference (``"view:feature"``) in the server's order.
+            Missing values are None. Protobuf numbers are doubles, so an INT64 feature reads
+            as a float (``12.0``); integers beyond 2**53 come as decimal strings.
+        statuses: Column name -> :class:`FieldStatus` for every column the server returned.
+        event_timestamps: Column name -> event time (UTC) of the value, None if unknown.
+    """
+
+    values: Mapping[str, Any] = field(hash=False)
+    statuses: Mapping[str, FieldStatus] = field(hash=False)
+    event_timestamps: Mapping[str, datetime | None] = field(hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict with ``values``, ``statuses`` and ``event_timestamps``."""
+        return {
+            "values": dict(self.values),
+            "statuses": {name: status.value for name, status in self.statuses.items()},
+            "event_timestamps": {name: _iso(ts) for name, ts in self.event_timestamps.items()},
+        }
+
+
+def online_rows_from_proto(
+    msg: features_pb2.GetOnlineFeaturesResponse, entity_rows: Sequence[Mapping[str, Any]]
+) -> list[OnlineRow]:
+    """Turns the column-wise online response into one :class:`OnlineRow` per entity row.
+
+    Protobuf numbers are doubles, so an entity key comes back as ``1001.0``; the caller's own
+    value (``1001``) is kept for entity key columns instead.
+    """
+    rows: list[dict[str, Any]] = [dict(row) for row in entity_rows]
+    statuses: list[dict[str, FieldStatus]] = [{} for _ in entity_rows]
+    stamps: list[dict[str, datetime | None]] = [{} for _ in entity_rows]
+    for column in msg.columns:
+        for index in range(len(rows)):
+            if column.name in entity_rows[index]:
+                value = entity_rows[index][column.name]
+            elif index < len(column.values):
+                value = value_to_python(column.values[index])
+            else:
+                value = None
+            rows[index][column.name] = value
+            if index < len(column.statuses):
+                statuses[index][column.name] = FieldStatus.from_proto(column.statuses[index])
+            if index < len(column.event_timestamps):
+                stamps[index][column.name] = _timestamp_or_none(column.event_timestamps[index])
+    return [
+        OnlineRow(values=values, statuses=status, event_timestamps=stamp)
+        for values, status, stamp in zip(rows, statuses, stamps)
+    ]
+
+
+def value_to_python(value: Value) -> Any:
+    """Converts a ``google.protobuf.Value`` to None, bool, float, str, list or dict."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "list_value":
+        return [value_to_python(item) for item in value.list_value.values]
+    if kind == "struct_value":
+        return {key: value_to_python(item) for key, item in value.struct_value.fields.items()}
+    return None
+
+
+_MAX_EXACT_INT = 2**53  # protobuf numbers are doubles
+
+
+def plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Copies an entity row with numpy scalars turned into Python ones (``np.int64`` -> int)."""
+    return {key: _plain(value) for key, value in row.items()}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        return value.item()  # numpy scalars
+    return value
+
+
+def to_struct(row: Mapping[str, Any]) -> Struct:
+    """Converts an entity row (``{"driver_id": 1001}``) to a ``google.protobuf.Struct``.
+
+    Raises:
+        ValueError: a key is not a str, a value is not a JSON scalar, or an int is too large
+            to travel as a protobuf number (send it as a str instead).
+    """
+    fields: dict[str, Any] = {}
+    for key, value in row.items():
+        if not isinstance(key, str):
+            raise ValueError(f"entity key {key!r} must be a str")
+        value = _plain(value)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_EXACT_INT:
+            raise ValueError(
+                f"entity value {key}={value} is too large to send exactly; pass it as a str"
+            )
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise ValueError(
+                f"entity value {key}={value!r} must be a str, int, float, bool or None"
+            )
+        fields[key] = value
+    struct = Struct()
+    struct.update(fields)
+    return struct
+
+
+def _timestamp_or_none(ts: Timestamp) -> datetime | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    when: datetime = ts.ToDatetime(tzinfo=timezone.utc)
+    return when
+
+
+def _number_text(value: float) -> str:
+    if math.isfinite(value) and value == int(value) and abs(value) < _MAX_EXACT_INT:
+        return str(int(value))
+    return repr(value)

@@ -1,0 +1,327 @@
+"""Registered models, versions, aliases, promotion policies and runs: ``plinth.models``,
+``plinth.runs``.
+
+Example:
+    >>> from plinth_sdk import Plinth
+    >>> with Plinth() as plinth:
+    ...     plinth.models.set_policy("diabetes", ["rmse < 60"], require_approval=True)
+    ...     plinth.models.promote("diabetes", "3", approved=True)
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
+from plinth_sdk.errors import NotFound
+from plinth_sdk.models import (
+    ModelVersion,
+    PolicyRule,
+    Promotion,
+    PromotionPolicy,
+    RegisteredModel,
+    Run,
+)
+
+if TYPE_CHECKING:
+    from plinth_sdk.client import Plinth
+
+__all__ = ["DEFAULT_ALIAS", "ModelsAPI", "RunsAPI"]
+
+DEFAULT_ALIAS = "production"
+_MAX_MODELS_PAGE = 500  # the registry's bounds
+_MAX_VERSIONS_PAGE = 200
+
+
+class ModelsAPI:
+    """Registered models and their versions: ``plinth.models``."""
+
+    def __init__(self, client: Plinth, stub: registry_pb2_grpc.RegistryServiceStub) -> None:
+        self._client = client
+        self._stub = stub
+
+    # ----------------------------------------------------------------- models
+
+    def list(
+        self,
+        *,
+        team: str | None = None,
+        prefix: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        page_size: int = 50,
+    ) -> builtins.list[RegisteredModel]:
+        """Returns the first page of registered models, by name; see :meth:`iter`.
+
+        Args:
+            team: Only this team's models.
+            prefix: Only names starting with this.
+            tags: Only models carrying all these tags.
+            page_size: Models per page, 1 to 500.
+        """
+        response = self._search_page(team, prefix, tags, page_size, page_token="")
+        return [RegisteredModel.from_proto(model) for model in response.models]
+
+    def iter(
+        self,
+        *,
+        team: str | None = None,
+        prefix: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        page_size: int = 100,
+    ) -> Iterator[RegisteredModel]:
+        """Yields every matching registered model, fetching pages as needed."""
+        token = ""
+        while True:
+            response = self._search_page(team, prefix, tags, page_size, page_token=token)
+            yield from (RegisteredModel.from_proto(model) for model in response.models)
+            token = response.next_page_token
+            if not token:
+                return
+
+    search = iter
+    """Alias of :meth:`iter`."""
+
+    def get(self, name: str) -> RegisteredModel:
+        """Returns one registered model, with its aliases and promotion policy.
+
+        Raises:
+            NotFound: no model has this name.
+        """
+        for model in self.iter(prefix=name):
+            if model.name == name:
+                return model
+        raise NotFound("NOT_FOUND", f"registered model {name!r} not found")
+
+    # ----------------------------------------------------------------- versions
+
+    def versions(self, name: str, *, page_size: int = 100) -> builtins.list[ModelVersion]:
+        """Returns every version of a model, newest first.
+
+        Raises:
+            NotFound: no model has this name.
+        """
+        return builtins.list(self.iter_versions(name, page_size=page_size))
+
+    def iter_versions(self, name: str, *, page_size: int = 100) -> Iterator[ModelVersion]:
+        """Yields the versions of a model, newest first, fetching pages as needed."""
+        if not 1 <= page_size <= _MAX_VERSIONS_PAGE:
+            raise ValueError(
+                f"page_size must be between 1 and {_MAX_VERSIONS_PAGE}, got {page_size}"
+            )
+        token = ""
+        while True:
+            request = registry_pb2.ListModelVersionsRequest(
+                name=name, page_size=page_size, page_token=token
+            )
+            response = self._client._unary(self._stub.ListModelVersions, request)
+            yield from (ModelVersion.from_proto(v) for v in response.versions)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def get_version(self, name: str, version: str | int) -> ModelVersion:
+        """Returns one version.
+
+        Raises:
+            NotFound: the model or the version does not exist.
+        """
+        request = registry_pb2.GetModelVersionRequest(name=name, version=str(version))
+        return ModelVersion.from_proto(self._client._unary(self._stub.GetModelVersion, request))
+
+    def get_by_alias(self, name: str, alias: str = DEFAULT_ALIAS) -> ModelVersion:
+        """Returns the version an alias points to.
+
+        Raises:
+            NotFound: the model or the alias does not exist.
+        """
+        request = registry_pb2.GetModelVersionByAliasRequest(name=name, alias=alias)
+        return ModelVersion.from_proto(
+            self._client._unary(self._stub.GetModelVersionByAlias, request)
+        )
+
+    def create_version(
+        self,
+        name: str,
+        *,
+        team: str,
+        run_id: str,
+        artifact_path: str = "model",
+        tags: Mapping[str, str] | None = None,
+        model_tags: Mapping[str, str] | None = None,
+    ) -> ModelVersion:
+        """Registers the model a run logged as a new version.
+
+        Creates the registered model, owned by ``team``, if it does not exist yet.
+
+        Args:
+            name: Registered model name.
+            team: Owning team.
+            run_id: The MLflow run that logged the model.
+            artifact_path: The name the run logged the model under.
+            tags: Tags of the version (``plinth.*`` keys are reserved).
+            model_tags: Tags of the registered model (``list(tags=...)`` filters on them).
+
+        Raises:
+            NotFound: the run, or the model it logged, does not exist.
+            PermissionDenied: the model exists and belongs to another team.
+        """
+        request = registry_pb2.CreateModelVersionRequest(
+            name=name,
+            team=team,
+            run_id=run_id,
+            artifact_path=artifact_path,
+            tags=dict(tags or {}),
+            model_tags=dict(model_tags or {}),
+        )
+        return ModelVersion.from_proto(self._client._unary(self._stub.CreateModelVersion, request))
+
+    # ----------------------------------------------------------------- aliases and policy
+
+    def promote(
+        self,
+        name: str,
+        version: str | int,
+        *,
+        alias: str = DEFAULT_ALIAS,
+        approved: bool = False,
+        team: str | None = None,
+    ) -> Promotion:
+        """Points an alias at a version (deployments following the alias then load it).
+
+        Args:
+            name: Registered model name.
+            version: The version to promote.
+            alias: The alias to move; ``"production"`` by default.
+            approved: The caller's approval, needed when the policy requires one.
+            team: When given, the model must belong to this team.
+
+        Raises:
+            FailedPrecondition: the promotion policy refused (a rule failed, or approval
+                was required); the message says which.
+            NotFound: the model or the version does not exist.
+        """
+        request = registry_pb2.SetAliasRequest(
+            name=name, alias=alias, version=str(version), approved=approved, team=team or ""
+        )
+        return Promotion.from_proto(self._client._unary(self._stub.SetAlias, request))
+
+    def delete_alias(self, name: str, alias: str, *, team: str | None = None) -> str:
+        """Removes an alias and returns the version it pointed to.
+
+        Raises:
+            NotFound: the model or the alias does not exist.
+        """
+        request = registry_pb2.DeleteAliasRequest(name=name, alias=alias, team=team or "")
+        response = self._client._unary(self._stub.DeleteAlias, request)
+        return str(response.previous_version)
+
+    def set_policy(
+        self,
+        name: str,
+        rules: Iterable[str | PolicyRule] = (),
+        *,
+        require_approval: bool = False,
+        aliases: Iterable[str] = (),
+        team: str | None = None,
+    ) -> RegisteredModel:
+        """Replaces a model's promotion policy; no rules and no approval removes it.
+
+        Args:
+            name: Registered model name.
+            rules: Rules such as ``"rmse < 60"`` or :class:`PolicyRule` values; all must hold
+                on a version's run metrics for it to be promoted.
+            require_approval: Promotions must pass ``approved=True``.
+            aliases: The aliases the policy guards; empty guards every alias.
+            team: When given, the model must belong to this team.
+
+        Returns:
+            The model with its new policy.
+
+        Raises:
+            ValueError: a rule is not ``METRIC OP THRESHOLD``; the message names it.
+            NotFound: no model has this name.
+        """
+        if isinstance(rules, str | PolicyRule):
+            rules = [rules]  # one rule given bare
+        policy = PromotionPolicy(
+            rules=tuple(PolicyRule.parse(rule) for rule in rules),
+            require_approval=require_approval,
+            aliases=tuple(aliases),
+        )
+        request = registry_pb2.SetPolicyRequest(
+            name=name, policy=policy.to_proto(), team=team or ""
+        )
+        return RegisteredModel.from_proto(self._client._unary(self._stub.SetPolicy, request))
+
+    def get_policy(self, name: str) -> PromotionPolicy:
+        """Returns a model's promotion policy (empty when none is set).
+
+        Raises:
+            NotFound: no model has this name.
+        """
+        return self.get(name).policy
+
+    def _search_page(
+        self,
+        team: str | None,
+        prefix: str | None,
+        tags: Mapping[str, str] | None,
+        page_size: int,
+        *,
+        page_token: str,
+    ) -> registry_pb2.SearchModelsResponse:
+        if not 1 <= page_size <= _MAX_MODELS_PAGE:
+            raise ValueError(
+                f"page_size must be between 1 and {_MAX_MODELS_PAGE}, got {page_size}"
+            )
+        request = registry_pb2.SearchModelsRequest(
+            name_prefix=prefix or "",
+            team=team or "",
+            tags=dict(tags or {}),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._client._unary(self._stub.SearchModels, request)
+
+
+class RunsAPI:
+    """MLflow tracking runs, through the registry: ``plinth.runs``."""
+
+    def __init__(self, client: Plinth, stub: registry_pb2_grpc.RegistryServiceStub) -> None:
+        self._client = client
+        self._stub = stub
+
+    def get(self, run_id: str) -> Run:
+        """Returns one run with its metrics, parameters and tags.
+
+        Raises:
+            NotFound: no run has this id.
+        """
+        return Run.from_proto(
+            self._client._unary(self._stub.GetRun, registry_pb2.GetRunRequest(run_id=run_id))
+        )
+
+    def iter(
+        self,
+        *,
+        experiment_ids: Iterable[str] = (),
+        filter: str = "",  # noqa: A002 - MLflow's own name for it
+        page_size: int = 100,
+    ) -> Iterator[Run]:
+        """Yields runs, e.g. ``filter="metrics.rmse < 60"``, fetching pages as needed."""
+        experiments = builtins.list(experiment_ids)
+        token = ""
+        while True:
+            request = registry_pb2.ListRunsRequest(
+                experiment_ids=experiments,
+                filter=filter,
+                page_size=page_size,
+                page_token=token,
+            )
+            response = self._client._unary(self._stub.ListRuns, request)
+            yield from (Run.from_proto(run) for run in response.runs)
+            token = response.next_page_token
+            if not token:
+                return

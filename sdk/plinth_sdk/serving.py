@@ -1,0 +1,196 @@
+"""Deployments of registered models on Triton: ``plinth.deployments``.
+
+Example:
+    >>> from plinth_sdk import Plinth
+    >>> with Plinth() as plinth:
+    ...     plinth.deployments.create("diabetes", team="ml", model="diabetes")
+    ...     plinth.deployments.wait_ready("diabetes", timeout=300)
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from plinth_sdk.errors import DeploymentFailed, DeploymentWaitTimeout
+from plinth_sdk.models import Deployment, DeploymentState
+from plinth_sdk.registry import DEFAULT_ALIAS
+
+if TYPE_CHECKING:
+    from plinth_sdk.client import Plinth
+
+__all__ = ["DeploymentsAPI"]
+
+_MAX_PAGE_SIZE = 500  # the serving service's bound
+
+
+class DeploymentsAPI:
+    """Deployments: ``plinth.deployments``.
+
+    A deployment follows a registered model's alias: promoting a version to that alias makes
+    it load the version and move all traffic to it once ready.
+    """
+
+    def __init__(self, client: Plinth, stub: serving_pb2_grpc.ServingServiceStub) -> None:
+        self._client = client
+        self._stub = stub
+
+    def create(
+        self,
+        name: str,
+        *,
+        team: str,
+        model: str,
+        alias: str = DEFAULT_ALIAS,
+        max_batch_size: int = 0,
+        max_queue_delay_us: int = 0,
+        instance_count: int = 0,
+    ) -> Deployment:
+        """Creates a deployment that serves ``model@alias`` under ``name``.
+
+        Args:
+            name: Deployment name, a DNS label; clients infer against it.
+            team: Owning team.
+            model: Registered model to serve.
+            alias: The alias to follow; ``"production"`` by default.
+            max_batch_size: Triton's max batch size, 1 to 1024; 0 for the default (8).
+            max_queue_delay_us: Dynamic batching: how long (µs) Triton may hold a request to
+                batch it with others; 0 disables dynamic batching.
+            instance_count: CPU model instances, 1 to 16; 0 for one.
+
+        Returns:
+            The deployment, usually PENDING or LOADING; see :meth:`wait_ready`.
+
+        Raises:
+            AlreadyExists: the name is taken.
+            InvalidArgument: a setting is out of range.
+        """
+        request = serving_pb2.CreateDeploymentRequest(
+            name=name,
+            team=team,
+            model_name=model,
+            alias=alias,
+            triton=serving_pb2.TritonSettings(
+                max_batch_size=max_batch_size,
+                max_queue_delay_microseconds=max_queue_delay_us,
+                instance_count=instance_count,
+            ),
+        )
+        return Deployment.from_proto(self._client._unary(self._stub.CreateDeployment, request))
+
+    def get(self, name: str) -> Deployment:
+        """Returns one deployment.
+
+        Raises:
+            NotFound: no deployment has this name.
+        """
+        request = serving_pb2.GetDeploymentRequest(name=name)
+        return Deployment.from_proto(self._client._unary(self._stub.GetDeployment, request))
+
+    def list(self, *, team: str | None = None, page_size: int = 50) -> builtins.list[Deployment]:
+        """Returns the first page of deployments, at most ``page_size``; see :meth:`iter`."""
+        response = self._list_page(team, page_size, page_token="")
+        return [Deployment.from_proto(d) for d in response.deployments]
+
+    def iter(self, *, team: str | None = None, page_size: int = 100) -> Iterator[Deployment]:
+        """Yields every deployment (of ``team``, if given), fetching pages as needed."""
+        token = ""
+        while True:
+            response = self._list_page(team, page_size, page_token=token)
+            yield from (Deployment.from_proto(d) for d in response.deployments)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def delete(self, name: str) -> None:
+        """Deletes a deployment; its models are unloaded.
+
+        Raises:
+            NotFound: no deployment has this name.
+        """
+        self._client._unary(
+            self._stub.DeleteDeployment, serving_pb2.DeleteDeploymentRequest(name=name)
+        )
+
+    def wait_ready(
+        self,
+        name: str,
+        timeout: float | None = None,
+        *,
+        version: str | int | None = None,
+        poll: float = 0.5,
+    ) -> Deployment:
+        """Polls a deployment until it is READY and returns it.
+
+        Args:
+            name: The deployment.
+            timeout: Seconds to wait at most; None waits for ever.
+            version: Wait until this version serves (say, the one just promoted) rather
+                than whatever the alias pointed to when last heard.
+            poll: Seconds between polls.
+
+        Raises:
+            DeploymentFailed: the awaited version failed to load (``last_error`` says why).
+            DeploymentWaitTimeout: ``timeout`` passed first (also a ``TimeoutError``).
+            NotFound: no deployment has this name.
+        """
+        wanted = None if version is None else str(version)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            deployment = self.get(name)
+            if _is_ready(deployment, wanted):
+                return deployment
+            if _has_failed(deployment, wanted):
+                reason = f": {deployment.last_error}" if deployment.last_error else ""
+                raise DeploymentFailed(
+                    f"deployment {name} failed to load version "
+                    f"{deployment.target_version or '?'}{reason}",
+                    deployment=deployment,
+                )
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeploymentWaitTimeout(
+                        f"deployment {name} still {_progress_text(deployment)} "
+                        f"after {timeout:g}s",
+                        deployment=deployment,
+                    )
+                time.sleep(min(poll, remaining))
+            else:
+                time.sleep(poll)
+
+    def _list_page(
+        self, team: str | None, page_size: int, *, page_token: str
+    ) -> serving_pb2.ListDeploymentsResponse:
+        if not 1 <= page_size <= _MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be between 1 and {_MAX_PAGE_SIZE}, got {page_size}")
+        request = serving_pb2.ListDeploymentsRequest(
+            team=team or "", page_size=page_size, page_token=page_token
+        )
+        return self._client._unary(self._stub.ListDeployments, request)
+
+
+def _is_ready(deployment: Deployment, version: str | None) -> bool:
+    if version is None:
+        return deployment.state is DeploymentState.READY
+    # Serving the version is what matters: the alias may already have moved on.
+    return deployment.serving_version == version
+
+
+def _has_failed(deployment: Deployment, version: str | None) -> bool:
+    if deployment.state is not DeploymentState.FAILED:
+        return False
+    # A failure of an older target (the promotion not heard yet) is not the awaited one.
+    return version is None or deployment.target_version == version
+
+
+def _progress_text(deployment: Deployment) -> str:
+    text = deployment.state.value
+    if deployment.loading_version:
+        text += f" (loading version {deployment.loading_version})"
+    elif deployment.state is DeploymentState.PENDING:
+        text += f" (no version behind {deployment.model_name}@{deployment.alias})"
+    return text
