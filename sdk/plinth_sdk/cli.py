@@ -403,10 +403,10 @@ def _add_infer_command(
     infer.add_argument(
         "--dtype",
         type=_datatype,
-        default="FP32",
+        default="auto",
         metavar="T",
-        help="datatype of the inputs: FP32 (default), FP64, INT64, ..., or auto to use the "
-        "deployment's declared datatype",
+        help="datatype of the inputs: auto (default: the deployment's declared datatype), "
+        "FP32, FP64, INT64, ...",
     )
     infer.set_defaults(handler=_infer)
 

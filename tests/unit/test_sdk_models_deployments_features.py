@@ -743,10 +743,10 @@ def test_cli_infer_json_array_and_comma_row(
     assert np.frombuffer(request.raw_input_contents[0], "<f8").tolist() == [0.5, 1.0, 2.0]
 
 
-def test_cli_infer_default_dtype_is_fp32_and_server_errors_are_one_line(
+def test_cli_infer_explicit_dtype_and_server_errors_are_one_line(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert gateway.run("infer", "diabetes", "--input", "input=[[1,2,3]]") == 1
+    assert gateway.run("infer", "diabetes", "--dtype", "FP32", "--input", "input=[[1,2,3]]") == 1
 
     request = gateway.inference.requests[-1]
     assert request.inputs[0].datatype == "FP32"
@@ -769,7 +769,7 @@ def test_cli_infer_default_dtype_is_fp32_and_server_errors_are_one_line(
 def test_cli_infer_bad_input_is_a_usage_error(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str], value: str, needle: str
 ) -> None:
-    assert gateway.run("infer", "diabetes", "--input", value) == 2
+    assert gateway.run("infer", "diabetes", "--dtype", "FP32", "--input", value) == 2
 
     out, err = capsys.readouterr()
     assert out == "" and needle in _one_error_line(err)
