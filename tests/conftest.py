@@ -40,7 +40,7 @@ def spans() -> InMemorySpanExporter:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
     """One nats-server with JetStream for the whole session (tests use unique names)."""
-    server = NatsServer(tmp_path_factory.mktemp("nats"), sync_interval="2m")
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
     await server.start()
     yield server
     await server.stop()
@@ -49,7 +49,7 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 @pytest_asyncio.fixture(loop_scope="session")
 async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A nats-server of the test's own, for tests that stop and restart it."""
-    server = NatsServer(tmp_path / "nats", sync_interval="always")
+    server = NatsServer(tmp_path / "nats")
     await server.start()
     yield server
     await server.stop()

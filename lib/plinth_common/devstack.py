@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_NATS_URL, DEFAULT_PORTS, Env, default_data_dir
-from plinth_common.nats_server import NatsServer
+from plinth_common.nats_server import DEFAULT_SYNC_INTERVAL, NatsServer
 from plinth_common.net import free_tcp_port
 
 SERVICES = ("registry", "scheduler", "features", "serving", "gateway")
@@ -36,6 +36,7 @@ class PlatformConfig:
         data_dir: SQLite stores, MLflow, Feast, Triton repository, logs.
         nats_url: an existing NATS server, or None to start the embedded one.
         nats_port: port of the embedded NATS.
+        nats_sync_interval: its JetStream fsync policy (see ``plinth_common.nats_server``).
         ports: gRPC port of each service.
         mlflow_port: the registry's MLflow server.
         gateway_http_port: the gateway's HTTP/JSON (KServe v2 REST) port.
@@ -49,6 +50,7 @@ class PlatformConfig:
     ports: dict[str, int]
     mlflow_port: int
     gateway_http_port: int
+    nats_sync_interval: str = DEFAULT_SYNC_INTERVAL
     services: tuple[str, ...] = SERVICES
     env: dict[str, str] = field(default_factory=dict)
 
@@ -64,6 +66,7 @@ class PlatformConfig:
             ports={name: env.int(f"PLINTH_{name.upper()}_PORT", DEFAULT_PORTS[name]) for name in SERVICES},
             mlflow_port=env.int("PLINTH_MLFLOW_PORT", DEFAULT_MLFLOW_PORT),
             gateway_http_port=env.int("PLINTH_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
+            nats_sync_interval=env.str("PLINTH_NATS_SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL),
         )
 
     @classmethod
@@ -90,7 +93,7 @@ class LocalPlatform:
 
     def __init__(self, config: PlatformConfig) -> None:
         self.config = config
-        self.nats = None if config.nats_url else NatsServer(config.data_dir / "nats", port=config.nats_port)
+        self.nats = None if config.nats_url else NatsServer(config.data_dir / "nats", port=config.nats_port, sync_interval=config.nats_sync_interval)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     @property

@@ -13,11 +13,15 @@ from pathlib import Path
 
 from plinth_common.net import free_tcp_port, wait_for_port
 
-# Durability: JetStream acknowledges a publish once the message is in the server's memory and
-# its file is written, and fsyncs every ``sync_interval``. "always" fsyncs before each ack, so an
-# acknowledged event survives even a power loss of the single embedded server; it costs
-# throughput (see bench/). A NATS cluster with R3 streams gets durability from replication.
-DEFAULT_SYNC_INTERVAL = "always"
+# Durability: JetStream writes each message to its file before it acknowledges the publish, so
+# a crash of the nats-server process (or of any Plinth service) loses nothing: the kernel holds
+# the data. It fsyncs every ``sync_interval``; "always" fsyncs before each ack and survives a
+# power loss of the machine too, at the price of throughput (bench/event_path.py measures both:
+# it caps the whole event path near the disk's fsync rate). The embedded server serves one
+# machine whose SQLite stores also run synchronous=NORMAL, so it keeps NATS's default of 2
+# minutes; set PLINTH_NATS_SYNC_INTERVAL=always where a power loss must not drop events, and in
+# production run a NATS cluster with R3 streams, which gets durability from replication.
+DEFAULT_SYNC_INTERVAL = "2m"
 
 
 def nats_server_binary() -> str:

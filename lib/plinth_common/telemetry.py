@@ -42,12 +42,13 @@ def _otlp_wanted() -> bool:
     )
 
 
-def setup_telemetry(service_name: str, *, instrument_grpc: bool = True) -> Telemetry:
-    """Installs the global tracer provider and the gRPC instrumentation.
+def setup_telemetry(service_name: str, *, trace_grpc_clients: bool = True) -> Telemetry:
+    """Installs the global tracer provider and the gRPC and SQLAlchemy instrumentation.
 
     Args:
         service_name: used when ``OTEL_SERVICE_NAME`` is unset.
-        instrument_grpc: patch grpc.aio servers and channels to open spans.
+        trace_grpc_clients: also patch grpc.aio channels (servers always are). The gateway turns
+            this off: it forwards bytes and carries the trace context itself, cheaper per call.
     """
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
@@ -56,19 +57,25 @@ def setup_telemetry(service_name: str, *, instrument_grpc: bool = True) -> Telem
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=200))
     trace.set_tracer_provider(provider)
-    if instrument_grpc:
-        instrument_grpc_aio()
+    instrument_grpc_aio(clients=trace_grpc_clients)
     instrument_sqlalchemy()
     return Telemetry(provider=provider)
 
 
-def instrument_grpc_aio() -> None:
-    """Patches grpc.aio so that every server and client call is a span (idempotent)."""
+def instrument_grpc_aio(*, clients: bool = True) -> None:
+    """Patches grpc.aio so that every server (and client) call is a span (idempotent)."""
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
 
-    for instrumentor in (GrpcAioInstrumentorServer(), GrpcAioInstrumentorClient()):
+    for instrumentor in (GrpcAioInstrumentorServer(), *([GrpcAioInstrumentorClient()] if clients else [])):
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument()
+
+
+def grpc_clients_traced() -> bool:
+    """Whether grpc.aio channels open client spans and inject the trace context themselves."""
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
+
+    return bool(GrpcAioInstrumentorClient().is_instrumented_by_opentelemetry)
 
 
 def instrument_sqlalchemy() -> None:

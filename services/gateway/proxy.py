@@ -14,7 +14,9 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from plinth_common.events.tracing import traceparent_of_current
 from plinth_common.grpc_server import upstream_error
+from plinth_common.telemetry import grpc_clients_traced
 
 # Headers the transport or the tracing instrumentation set afresh on the outgoing call.
 _HOP_BY_HOP = ("grpc-", ":", "traceparent", "tracestate", "user-agent", "content-type", "te")
@@ -46,8 +48,11 @@ class Upstream:
                     yield service, method
 
 
-def _forwarded_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
-    return [(k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(_HOP_BY_HOP)]
+def _forwarded_metadata(context: grpc.aio.ServicerContext, inject_trace: bool) -> list[tuple[str, Any]]:
+    metadata = [(k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(_HOP_BY_HOP)]
+    if inject_trace:
+        metadata.extend(traceparent_of_current().items())
+    return metadata
 
 
 class ForwardingHandler(grpc.GenericRpcHandler):
@@ -60,6 +65,8 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
     def __init__(self, upstreams: Iterable[Upstream], *, default_timeout_s: float = 30.0) -> None:
         self._default_timeout_s = default_timeout_s
+        # Without client instrumentation the forwarder carries the trace context itself.
+        self._inject_trace = not grpc_clients_traced()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         for upstream in upstreams:
             for service, method in upstream.methods():
@@ -86,7 +93,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
             async def forward_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
                 remaining = context.time_remaining()  # streams (logs --follow) keep the client's deadline only
-                call = stream_call(request, timeout=remaining, metadata=_forwarded_metadata(context))
+                call = stream_call(request, timeout=remaining, metadata=_forwarded_metadata(context, self._inject_trace))
                 try:
                     async for response in call:
                         yield response
@@ -101,7 +108,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
         async def forward_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
-                return await unary_call(request, timeout=self._timeout(context), metadata=_forwarded_metadata(context))
+                return await unary_call(request, timeout=self._timeout(context), metadata=_forwarded_metadata(context, self._inject_trace))
             except grpc.aio.AioRpcError as exc:
                 raise upstream_error(exc, upstream.name) from None
 

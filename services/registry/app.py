@@ -1,49 +1,123 @@
-"""Wiring of the registry: the MLflow tracking server it drives (unless one is given by URL)."""
+"""Wiring of the registry: the MLflow tracking server it drives (unless one is given by URL),
+MLflow's store used in-process, the read cache, the job.finished consumer and the gRPC server.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from plinth_common.config import CommonSettings, Env
+from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
+from plinth_common.config import DEFAULT_MLFLOW_PORT, CommonSettings, Env
+from plinth_common.errors import InvalidArgument
 from plinth_common.runtime import EngineHealth, ServiceRuntime
+from services.registry.cache import ReadCache
+from services.registry.events import CONSUMER, JOB_FINISHED, JobFinishedHandler, OutboxModelEvents
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
+from services.registry.mlflow_store import MlflowStore
+from services.registry.service import RegistryService
+from services.registry.servicer import RegistryServicer
+from services.registry.store import outbox_table, processed_table
 
-DEFAULT_MLFLOW_PORT = 15000
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 @dataclass(frozen=True, kw_only=True)
 class RegistrySettings:
-    """The registry's settings (``PLINTH_MLFLOW_*``)."""
+    """The registry's settings (``PLINTH_MLFLOW_*``, ``PLINTH_REGISTRY_*``).
+
+    Attributes:
+        common: settings every service reads.
+        mlflow: the MLflow server to launch (or the external one to use).
+        cache_ttl_s: how long hot reads are served from memory; writes made through the
+            registry invalidate at once, this bounds staleness of writes made behind its back.
+            0 disables the cache.
+        facts_ttl_s: how long a model's owning team and a run's metrics are remembered (the
+            registry never changes them; 0 disables).
+        mlflow_workers: threads running MLflow's blocking store calls.
+    """
 
     common: CommonSettings
     mlflow: MlflowSettings
+    cache_ttl_s: float = 2.0
+    facts_ttl_s: float = 60.0
+    mlflow_workers: int = 4
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> "RegistrySettings":
-        """Reads the environment; MLflow defaults to SQLite and a folder under the data dir."""
+        """Reads the environment; MLflow defaults to SQLite and a folder under the data dir.
+
+        Raises:
+            InvalidArgument: ``PLINTH_MLFLOW_URL`` is set without
+                ``PLINTH_MLFLOW_BACKEND_STORE_URI`` (the registry uses that database in-process).
+        """
         env = env or Env()
         common = CommonSettings.from_env("registry", env)
         mlflow_dir = common.data_dir / "mlflow"
+        external_url = env.optional("PLINTH_MLFLOW_URL")
+        backend_store_uri = env.optional("PLINTH_MLFLOW_BACKEND_STORE_URI")
+        if external_url and not backend_store_uri:
+            raise InvalidArgument(
+                "PLINTH_MLFLOW_BACKEND_STORE_URI", "required with PLINTH_MLFLOW_URL: the registry uses MLflow's database in-process"
+            )
         return cls(
             common=common,
             mlflow=MlflowSettings(
-                backend_store_uri=env.str("PLINTH_MLFLOW_BACKEND_STORE_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}"),
+                backend_store_uri=backend_store_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
                 artifacts_destination=env.str("PLINTH_MLFLOW_ARTIFACTS_DESTINATION", str(mlflow_dir / "artifacts")),
                 port=env.int("PLINTH_MLFLOW_PORT", DEFAULT_MLFLOW_PORT),
-                external_url=env.optional("PLINTH_MLFLOW_URL"),
+                external_url=external_url,
                 startup_timeout_s=env.float("PLINTH_MLFLOW_STARTUP_TIMEOUT_S", 90.0),
             ),
+            cache_ttl_s=env.float("PLINTH_REGISTRY_CACHE_TTL_S", 2.0),
+            facts_ttl_s=env.float("PLINTH_REGISTRY_FACTS_TTL_S", 60.0),
+            mlflow_workers=env.int("PLINTH_REGISTRY_MLFLOW_WORKERS", 4),
         )
 
 
+class _Readiness:
+    """The registry's engine as health sees it: the MLflow server answers and its store is open."""
+
+    def __init__(self, server: MlflowServer, store: MlflowStore) -> None:
+        self._server = server
+        self._store = store
+
+    async def start(self) -> None:
+        """Nothing to start (the app starts both parts)."""
+
+    async def is_ready(self) -> bool:
+        """True when the store is open and the server's registry API answers."""
+        return self._store.is_open and await self._server.is_ready()
+
+    async def stop(self) -> None:
+        """Nothing to stop (the app stops both parts)."""
+
+
 class RegistryApp:
-    """The registry process: MLflow and the health that follows it."""
+    """The registry process: MLflow, its store, events, the gRPC server and health."""
 
     def __init__(self, settings: RegistrySettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common)
+        self.runtime = ServiceRuntime(settings.common, outbox_table=outbox_table, processed_table=processed_table, migrations=MIGRATIONS)
+        assert self.runtime.outbox is not None
         self.mlflow = MlflowServer(settings.mlflow, log_path=settings.common.service_dir / "mlflow-server.log")
-        self.health = EngineHealth(self.runtime.server, self.mlflow, name="mlflow")
+        self.store = MlflowStore(settings.mlflow.backend_store_uri, max_workers=settings.mlflow_workers)
+        self.cache = ReadCache(ttl_s=settings.cache_ttl_s)
+        self.facts = ReadCache(ttl_s=settings.facts_ttl_s)
+        self.service = RegistryService(
+            db=self.runtime.db, mlflow=self.store, events=OutboxModelEvents(self.runtime.outbox), cache=self.cache, facts=self.facts
+        )
+        self.runtime.server.add(
+            registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+            RegistryServicer(self.service),
+            registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+        )
+        self.health = EngineHealth(self.runtime.server, _Readiness(self.mlflow, self.store), name="mlflow")
+        self.ready = asyncio.Event()
+        self._opening: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -51,13 +125,54 @@ class RegistryApp:
         return self.runtime.server.port
 
     async def start(self) -> None:
-        """Starts MLflow and the server; health turns SERVING when MLflow's registry answers."""
+        """Starts the server and MLflow; opens MLflow's store and the job.finished consumer in
+        the background once MLflow answers. Health turns SERVING after that (see :attr:`ready`).
+        """
         await self.runtime.start()
         await self.mlflow.start()
+        self._opening = asyncio.create_task(self._open_when_mlflow_answers(), name="registry-open")
         await self.health.start()
 
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Waits until MLflow's store is open and the consumer runs."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
+
+    async def _open_when_mlflow_answers(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                # Only after the server answers: on a fresh database it creates the schema, and
+                # the in-process store must not race it to do so.
+                await self.mlflow.wait_ready()
+                await self.store.open()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep trying; health stays NOT_SERVING
+                log.warning("MLflow not usable yet (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        # Consume only once registrations can succeed: earlier they would burn redeliveries.
+        consumer = self.runtime.consume(CONSUMER, [JOB_FINISHED], JobFinishedHandler(self.service))
+        await consumer.start()
+        self.ready.set()
+        log.info("MLflow store open (%s); consuming %s", _redacted(self.settings.mlflow.backend_store_uri), JOB_FINISHED)
+
     async def stop(self) -> None:
-        """Stops the server, then MLflow."""
+        """Stops the server and consumers, then the store's threads, then MLflow."""
+        if self._opening is not None:
+            self._opening.cancel()
+            await asyncio.gather(self._opening, return_exceptions=True)
         await self.health.stop()
         await self.runtime.stop()
+        await self.store.close()
         await self.mlflow.stop()
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for a log line
+        return url.split("@")[-1]

@@ -2,7 +2,9 @@
 
 For each message: open a CONSUMER span under the producer's trace context, then in one SQL
 transaction record the event id in ``processed_events`` and run the handler; ack after the
-commit. A duplicate delivery finds its id recorded and is acked without running the handler.
+commit. A fetched batch shares one transaction (one commit instead of one per message); if any
+handler in it fails, the batch rolls back and is replayed one message per transaction, so
+handlers must tolerate a re-run after a rollback, as they must for any redelivery. A duplicate delivery finds its id recorded and is acked without running the handler.
 A failing handler is retried with backoff; after ``max_deliver`` deliveries the message goes to
 ``dlq.<subject>`` with the reason in its headers, and is acked.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -22,7 +25,7 @@ from google.protobuf.message import Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -122,8 +125,7 @@ class EventConsumer:
                     messages = await subscription.fetch(self.settings.batch, timeout=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
-                for msg in messages:
-                    await self._process(msg)
+                await self._process_batch(messages)
             except asyncio.CancelledError:
                 raise
             except nats.js.errors.NotFoundError:
@@ -134,9 +136,45 @@ class EventConsumer:
                 log.warning("consumer %s: %s", self.settings.durable, exc or type(exc).__name__)
                 await asyncio.sleep(0.5)
 
-    async def _process(self, msg: Msg) -> None:
+    async def _process_batch(self, messages: list[Msg]) -> None:
+        """A fetched batch in ONE transaction: record every id (one statement), run the handlers of
+        the new ones, commit once, then ack. Any failure rolls the whole batch back and replays it
+        one message per transaction (:meth:`_process`), which retries or dead-letters the culprit.
+        """
+        if len(messages) == 1:
+            await self._process(messages[0])
+            return
+        handled = duplicates = 0
+        try:
+            items = []
+            for msg in messages:
+                event = CloudEvent.from_headers(msg.headers or {}, msg.data)
+                items.append((msg, event, event.payload()))
+            async with self._db.transaction() as session:
+                fresh = await self._first_times(session, [event.id for _, event, _ in items])
+                for msg, event, payload in items:
+                    with self._span(msg) as span:
+                        if event.id in fresh:
+                            fresh.discard(event.id)  # the same id twice in one batch runs once
+                            await self._handler(session, event, payload)
+                            handled += 1
+                        else:
+                            duplicates += 1
+                            span.set_attribute("plinth.duplicate", True)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - isolate the failing message on the one-by-one path
+            for msg in messages:
+                await self._process(msg)
+            return
+        self.handled += handled
+        self.duplicates += duplicates
+        for msg, _, _ in items:
+            await msg.ack()
+
+    def _span(self, msg: Msg) -> "AbstractContextManager[Span]":
         headers = msg.headers or {}
-        with tracer.start_as_current_span(
+        return tracer.start_as_current_span(
             f"{msg.subject} process",
             context=extract(headers),
             kind=SpanKind.CONSUMER,
@@ -147,7 +185,19 @@ class EventConsumer:
                 "messaging.message.id": headers.get("ce-id", ""),
                 "messaging.operation.type": "process",
             },
-        ) as span:
+        )
+
+    async def _first_times(self, session: AsyncSession, event_ids: Sequence[str]) -> set[str]:
+        """Records the ids in one INSERT .. ON CONFLICT DO NOTHING RETURNING; returns those that were new."""
+        now = datetime.now(timezone.utc)
+        dialect = sqlite if self._db.is_sqlite else postgresql
+        statement = dialect.insert(self._processed).on_conflict_do_nothing().returning(self._processed.c.event_id)
+        rows = [{"consumer": self.settings.durable, "event_id": event_id, "processed_at": now} for event_id in event_ids]
+        return set((await session.execute(statement, rows)).scalars())
+
+    async def _process(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        with self._span(msg) as span:
             try:
                 event = CloudEvent.from_headers(headers, msg.data)
                 payload = event.payload()
@@ -167,11 +217,7 @@ class EventConsumer:
                 await self._retry_or_dead_letter(msg, exc)
 
     async def _first_time(self, session: AsyncSession, event_id: str) -> bool:
-        values = {"consumer": self.settings.durable, "event_id": event_id, "processed_at": datetime.now(timezone.utc)}
-        dialect = sqlite if self._db.is_sqlite else postgresql
-        statement = dialect.insert(self._processed).values(**values).on_conflict_do_nothing()
-        result = await session.execute(statement)
-        return bool(result.rowcount)
+        return event_id in await self._first_times(session, [event_id])
 
     async def _retry_or_dead_letter(self, msg: Msg, exc: Exception) -> None:
         delivery = msg.metadata.num_delivered or 1

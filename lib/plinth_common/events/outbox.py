@@ -158,7 +158,15 @@ class OutboxRelay:
             ).all()
         if not rows:
             return 0
-        results = await asyncio.gather(*(self._publish(r.subject, r.headers, r.data) for r in rows), return_exceptions=True)
+        # The first publish goes alone: nats-py sets up its reply subscription on a connection's
+        # first request, and concurrent first requests could otherwise overtake each other.
+        results: list[BaseException | None] = []
+        try:
+            await self._publish(rows[0].subject, rows[0].headers, rows[0].data)
+            results.append(None)
+            results += await asyncio.gather(*(self._publish(r.subject, r.headers, r.data) for r in rows[1:]), return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - the first publish failed: nothing is marked
+            results.append(exc)
         # Mark the unbroken prefix that JetStream acknowledged, so order holds across retries.
         done: list[int] = []
         failure: BaseException | None = None

@@ -171,8 +171,15 @@ class ModelVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., source: _Optional[str] = ..., status: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class CreateModelVersionRequest(_message.Message):
-    __slots__ = ("name", "team", "run_id", "artifact_path", "tags")
+    __slots__ = ("name", "team", "run_id", "artifact_path", "tags", "model_tags")
     class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ModelTagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -184,12 +191,14 @@ class CreateModelVersionRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_PATH_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TAGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     team: str
     run_id: str
     artifact_path: str
     tags: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., artifact_path: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    model_tags: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., artifact_path: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., model_tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetModelVersionRequest(_message.Message):
     __slots__ = ("name", "version")
