@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
 from plinth_common.db import Database
+from plinth_common.errors import FailedPrecondition
 from plinth_common.events import (
     CloudEvent,
     ConsumerSettings,
@@ -50,10 +51,10 @@ class Stack:
                 session, events_pb2.JobFinished(job_id=job_id, team=team, status=events_pb2.JOB_OUTCOME_SUCCEEDED), subject=job_id, team=team
             )
 
-    async def consume(self, durable: str, *, fail: bool = False, max_deliver: int = 3) -> EventConsumer:
+    async def consume(self, durable: str, *, fail: Exception | None = None, max_deliver: int = 3) -> EventConsumer:
         async def handler(session: AsyncSession, event: CloudEvent, payload: Message) -> None:
-            if fail:
-                raise RuntimeError("handler refuses this event")
+            if fail is not None:
+                raise fail
             self.seen.append((event, payload))
 
         self.consumer = EventConsumer(
@@ -155,13 +156,18 @@ async def test_redelivered_event_is_handled_once(stack: Stack, nats_server: Nats
     assert sum(1 for e, _ in stack.seen if e.id == event.id) == 1
 
 
-async def test_poison_message_reaches_dead_letter_subject(stack: Stack, nats_server: NatsServer) -> None:
+@pytest.mark.parametrize(
+    ("failure", "deliveries"),
+    [(RuntimeError("handler refuses this event"), "3"), (FailedPrecondition("handler refuses this event"), "1")],
+    ids=["retried-then-dead", "domain-error-dead-at-once"],
+)
+async def test_poison_message_reaches_dead_letter_subject(stack: Stack, nats_server: NatsServer, failure: Exception, deliveries: str) -> None:
     durable = f"c-{uuid.uuid4().hex[:8]}"
     nc = await nats.connect(nats_server.url)
     dead: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
     sub = await nc.subscribe("dlq.plinth.job.finished", cb=dead.put)
-    consumer = await stack.consume(durable, fail=True, max_deliver=3)
-    event = await stack.emit("j-poison")
+    consumer = await stack.consume(durable, fail=failure, max_deliver=3)
+    event = await stack.emit(f"j-poison-{deliveries}")
     try:
         while True:
             msg = await asyncio.wait_for(dead.get(), 15)
@@ -172,7 +178,7 @@ async def test_poison_message_reaches_dead_letter_subject(stack: Stack, nats_ser
         await nc.close()
     headers = msg.headers or {}
     assert headers["plinth-dlq-consumer"] == durable
-    assert headers["plinth-dlq-deliveries"] == "3"
+    assert headers["plinth-dlq-deliveries"] == deliveries
     assert "handler refuses this event" in headers["plinth-dlq-reason"]
     assert consumer.dead_lettered >= 1
 

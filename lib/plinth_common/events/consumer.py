@@ -2,7 +2,8 @@
 
 For each message: open a CONSUMER span under the producer's trace context, then in one SQL
 transaction record the event id in ``processed_events`` and run the handler; ack after the
-commit. A fetched batch shares one transaction (one commit instead of one per message); if any
+commit. A domain error other than Unavailable, or a malformed event, is dead-lettered at once.
+A fetched batch shares one transaction (one commit instead of one per message); if any
 handler in it fails, the batch rolls back and is replayed one message per transaction, so
 handlers must tolerate a re-run after a rollback, as they must for any redelivery. A duplicate delivery finds its id recorded and is acked without running the handler.
 A failing handler is retried with backoff; after ``max_deliver`` deliveries the message goes to
@@ -23,6 +24,7 @@ import nats.js.errors
 import sqlalchemy as sa
 from google.protobuf.message import Message
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -32,7 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth_common.db import Database
 from plinth_common.events.bus import DEAD_LETTER_PREFIX, EVENTS_STREAM, EventBus
-from plinth_common.events.envelope import CloudEvent
+from plinth_common.errors import PlinthError, Unavailable
+from plinth_common.events.envelope import CloudEvent, MalformedEvent
 from plinth_common.events.tracing import extract
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class EventConsumer:
         self.settings = settings
         self._handler = handler
         self._task: asyncio.Task[None] | None = None
+        self._subscription: JetStreamContext.PullSubscription | None = None
         self.handled = 0
         self.duplicates = 0
         self.dead_lettered = 0
@@ -97,6 +101,13 @@ class EventConsumer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._subscription is not None:
+            # An open pull subscription makes the connection's drain wait and then complain.
+            try:
+                await self._subscription.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                pass
+            self._subscription = None
 
     async def _ensure_consumer(self) -> None:
         s = self.settings
@@ -115,14 +126,13 @@ class EventConsumer:
 
     async def _run(self) -> None:
         await self._bus.connected()
-        subscription = None
         while True:
             try:
-                if subscription is None:
+                if self._subscription is None:
                     await self._ensure_consumer()
-                    subscription = await self._bus.js.pull_subscribe_bind(durable=self.settings.durable, stream=EVENTS_STREAM)
+                    self._subscription = await self._bus.js.pull_subscribe_bind(durable=self.settings.durable, stream=EVENTS_STREAM)
                 try:
-                    messages = await subscription.fetch(self.settings.batch, timeout=1.0)
+                    messages = await self._subscription.fetch(self.settings.batch, timeout=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 await self._process_batch(messages)
@@ -130,7 +140,7 @@ class EventConsumer:
                 raise
             except nats.js.errors.NotFoundError:
                 log.warning("consumer %s vanished (server restarted without its state?); recreating", self.settings.durable)
-                subscription = None
+                self._subscription = None
                 await asyncio.sleep(0.5)
             except Exception as exc:  # noqa: BLE001 - NATS down, reconnecting: try again
                 log.warning("consumer %s: %s", self.settings.durable, exc or type(exc).__name__)
@@ -222,7 +232,7 @@ class EventConsumer:
     async def _retry_or_dead_letter(self, msg: Msg, exc: Exception) -> None:
         delivery = msg.metadata.num_delivered or 1
         reason = f"{type(exc).__name__}: {exc}"[:1000]
-        if delivery < self.settings.max_deliver:
+        if delivery < self.settings.max_deliver and _retryable(exc):
             log.warning("%s delivery %d failed (%s); retrying", msg.subject, delivery, reason)
             await msg.nak(delay=self.settings.backoff_for(delivery))
             return
@@ -242,3 +252,9 @@ class EventConsumer:
         await msg.ack()
         self.dead_lettered += 1
         log.error("%s dead-lettered after %d deliveries: %s", msg.subject, delivery, reason)
+
+
+def _retryable(exc: Exception) -> bool:
+    """A domain error other than Unavailable (bad input, wrong state, not allowed) fails the same
+    way on every delivery: it goes to the dead-letter subject at once instead of being retried."""
+    return not isinstance(exc, (PlinthError, MalformedEvent)) or isinstance(exc, Unavailable)
