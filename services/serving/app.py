@@ -1,21 +1,54 @@
-"""Wiring of the serving service: Triton (started here unless ``PLINTH_TRITON_URL`` names one)."""
+"""Wiring of the serving service: its store, Triton (started here unless ``PLINTH_TRITON_URL``
+names one), the MLflow artifact source, the registry client, the promotion consumer, and the
+gRPC server that carries both ``ServingService`` and KServe v2 inference."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from plinth_common.config import CommonSettings, Env
+from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from plinth_common.config import DEFAULT_MLFLOW_URL, CommonSettings, Env
 from plinth_common.net import free_tcp_port
 from plinth_common.runtime import EngineHealth, ServiceRuntime
+from services.serving.artifacts import DEFAULT_SCHEMES, MlflowArtifacts
+from services.serving.engine import TritonLiveness, TritonModels
+from services.serving.events import PROMOTED_DURABLE, PROMOTED_SUBJECT, OutboxDeploymentEvents, PromotionHandler
+from services.serving.inference import SERVICE as INFERENCE_SERVICE
+from services.serving.inference import InferenceProxy
+from services.serving.registry_client import GrpcRegistry
+from services.serving.repository import ModelRepository
+from services.serving.service import ServingService
+from services.serving.servicer import ServingServicer
+from services.serving.store import DeploymentStore, outbox_table, processed_table
 from services.serving.triton import TritonProcess, TritonSettings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServingSettings:
-    """The serving service's settings (``PLINTH_TRITON_*``)."""
+    """The serving service's settings (``PLINTH_SERVING_*``, ``PLINTH_TRITON_*``).
+
+    Attributes:
+        common: settings every service reads.
+        triton: how to launch or reach Triton.
+        mlflow_tracking_uri: where versions' artifacts are downloaded from.
+        registry_addr: the registry's gRPC address (asked where an alias points).
+        artifact_schemes: URI schemes a version's source may use.
+        load_timeout_s: bound of one model load in Triton.
+        unload_grace_s: pause between moving traffic and unloading the old version.
+        infer_timeout_s: deadline of a forwarded inference call without a client deadline.
+    """
 
     common: CommonSettings
     triton: TritonSettings
+    mlflow_tracking_uri: str
+    registry_addr: str
+    artifact_schemes: tuple[str, ...]
+    load_timeout_s: float
+    unload_grace_s: float
+    infer_timeout_s: float
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> "ServingSettings":
@@ -23,6 +56,7 @@ class ServingSettings:
         env = env or Env()
         common = CommonSettings.from_env("serving", env)
         triton_dir = common.service_dir / "triton"
+        schemes = env.str("PLINTH_SERVING_ARTIFACT_SCHEMES", ",".join(DEFAULT_SCHEMES))
         return cls(
             common=common,
             triton=TritonSettings(
@@ -33,32 +67,67 @@ class ServingSettings:
                 url=env.optional("PLINTH_TRITON_URL"),
                 startup_timeout_s=env.float("PLINTH_TRITON_STARTUP_TIMEOUT_S", 60.0),
             ),
+            mlflow_tracking_uri=env.str("PLINTH_MLFLOW_TRACKING_URI", DEFAULT_MLFLOW_URL),
+            registry_addr=common.address("registry", env),
+            artifact_schemes=tuple(s.strip().lower() for s in schemes.split(",") if s.strip()),
+            load_timeout_s=env.float("PLINTH_SERVING_LOAD_TIMEOUT_S", 300.0),
+            unload_grace_s=env.float("PLINTH_SERVING_UNLOAD_GRACE_S", 0.5),
+            infer_timeout_s=env.float("PLINTH_SERVING_INFER_TIMEOUT_S", 30.0),
         )
 
 
 class ServingApp:
-    """The serving process: Triton and the health that follows it."""
+    """The serving process: store, Triton, rollouts, ServingService and KServe v2 inference."""
 
     def __init__(self, settings: ServingSettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common)
+        self.runtime = ServiceRuntime(settings.common, outbox_table=outbox_table, processed_table=processed_table, migrations=MIGRATIONS)
+        assert self.runtime.outbox is not None
         self.triton = TritonProcess(settings.triton)
-        self.health = EngineHealth(self.runtime.server, self.triton, name="triton")
+        self.health = EngineHealth(self.runtime.server, TritonLiveness(self.triton), name="triton")
+        self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
+        self.registry = GrpcRegistry(settings.registry_addr)
+        self.service = ServingService(
+            db=self.runtime.db,
+            store=DeploymentStore(),
+            events=OutboxDeploymentEvents(self.runtime.outbox),
+            repository=ModelRepository(settings.triton.model_repository),
+            artifacts=MlflowArtifacts(settings.mlflow_tracking_uri, allowed_schemes=settings.artifact_schemes),
+            models=self.models,
+            registry=self.registry,
+            unload_grace_s=settings.unload_grace_s,
+        )
+        self.runtime.consume(PROMOTED_DURABLE, [PROMOTED_SUBJECT], PromotionHandler(self.service))
+        server = self.runtime.server
+        server.add(
+            serving_pb2_grpc.add_ServingServiceServicer_to_server,
+            ServingServicer(self.service),
+            serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name,
+        )
+        self.proxy = InferenceProxy(self.service, self.triton.grpc_target, default_timeout_s=settings.infer_timeout_s)
+        server.server.add_generic_rpc_handlers((self.proxy.handler(),))
+        server.add_name(INFERENCE_SERVICE)
 
     @property
     def port(self) -> int:
-        """The bound gRPC port."""
+        """The bound gRPC port (ServingService and KServe v2 inference)."""
         return self.runtime.server.port
 
     async def start(self) -> None:
-        """Starts Triton and the server; health turns SERVING when Triton is ready."""
+        """Starts the store, consumers and server, Triton, then rollouts; health follows Triton."""
         self.settings.triton.model_repository.mkdir(parents=True, exist_ok=True)
         await self.runtime.start()
         await self.triton.start()
         await self.health.start()
+        await self.service.start()
 
     async def stop(self) -> None:
-        """Stops the server, then Triton."""
+        """Stops taking calls and rollouts, then Triton."""
         await self.health.stop()
+        await self.runtime.server.set_serving(False)
+        await self.service.stop()
         await self.runtime.stop()
+        await self.models.close()
+        await self.proxy.close()
+        await self.registry.close()
         await self.triton.stop()

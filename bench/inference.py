@@ -1,0 +1,334 @@
+"""Inference throughput and latency through Plinth's serving service versus straight to Triton.
+
+``python -m bench.inference [--quick]`` prints figures and asserts nothing.
+
+It starts a nats-server and the serving service as its own process (``python -m
+services.serving``, which launches Triton), logs a small scikit-learn model (Ridge on the
+diabetes data, 10 FP64 columns) to an in-process MLflow store (SQLite, no server), creates three
+deployments of it (no dynamic batching, 500 us and 4 ms batching windows), and promotes the
+version the way the registry does (a ``plinth.model.promoted`` CloudEvent). Then, for each
+deployment at concurrency 1 and 32, it sends single-row ModelInfer calls for a fixed time to
+serving's KServe v2 endpoint and to Triton's own (the deployment's internal model), with the
+same client, and prints requests/s, p50 and p99 and the ratios.
+
+Serving runs as in production: a server span per inference (made, nothing exported), no client
+span for the call to Triton. To see the data plane without per-inference spans, run with
+``OTEL_PYTHON_GRPC_EXCLUDED_SERVICES=inference.GRPCInferenceService``.
+
+The client sends pre-serialized requests over ``grpc.aio`` (bytes, no tensor encoding per
+call), so its own cost is small and equal for both targets; it runs in this process, on the
+same cores as serving and Triton. Direct and Plinth runs alternate in rounds so that drift in
+the machine's load hits both alike, and the CPU time that serving, Triton (with its Python
+stubs) and the client spend per request is read from /proc: on a shared machine that figure is
+steadier than requests/s.
+
+Targets (issue, not asserted): at concurrency 32 Plinth keeps >= 70% of direct Triton
+throughput; dynamic batching gives >= 3x no batching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as kserve
+
+from bench.common import Latency, machine_line, ms, print_table, rate, ratio
+from plinth.events.v1 import events_pb2
+from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from plinth_common.events import new_event
+from plinth_common.nats_server import NatsServer
+from plinth_common.net import free_tcp_port
+
+MODEL = "bench-diabetes"
+# label -> (deployment, max_queue_delay_microseconds, concurrencies measured)
+DEPLOYMENTS = {
+    "no batching": ("bench-plain", 0, (1, 32)),
+    "batching 500us": ("bench-batched", 500, (1, 32)),
+    # A request through serving reaches Triton later and more spread out than a direct one,
+    # so a 500 us window collects smaller batches; a wider window shows what batching then
+    # recovers (at c=32 only: at c=1 every request would just wait out the window).
+    "batching 4ms": ("bench-batched-4ms", 4000, (32,)),
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Result:
+    """One (deployment, concurrency, target) point, accumulated over rounds."""
+
+    seconds: float = 0.0
+    samples: list[float] = field(default_factory=list)
+    errors: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # process group -> CPU seconds in the windows
+
+    @property
+    def per_s(self) -> float:
+        """Requests per second."""
+        return len(self.samples) / self.seconds if self.seconds else math.nan
+
+    def cpu_ms(self, group: str) -> float:
+        """CPU milliseconds of a process group per request."""
+        return self.cpu.get(group, math.nan) * 1000 / len(self.samples) if self.samples else math.nan
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of processes so far (Linux /proc); gone processes count 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Triton and its Python stubs below serving)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _log_model(tracking_uri: str, artifacts: Path) -> str:
+    """Logs the model to an MLflow SQLite store; returns its source URI (``models:/m-...``)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    import mlflow.sklearn
+    import sklearn
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import Ridge
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.create_experiment("bench", artifact_location=artifacts.as_uri())
+    features, target = load_diabetes(return_X_y=True, as_frame=True)
+    estimator = Ridge().fit(features, target)
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.sklearn.log_model(
+            estimator,
+            name="model",
+            signature=infer_signature(features, estimator.predict(features)),
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+        )
+    return info.model_uri
+
+
+def _request(model: str) -> bytes:
+    row = np.linspace(-0.05, 0.05, 10, dtype=np.float64).reshape(1, 10)
+    request = kserve.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add()
+    tensor.name, tensor.datatype = "input", "FP64"
+    tensor.shape.extend(row.shape)
+    request.raw_input_contents.append(row.tobytes())
+    request.outputs.add().name = "predictions"
+    return request.SerializeToString()
+
+
+async def _measure(target: str, model: str, concurrency: int, result: Result, *, seconds: float, warmup: float, groups: dict[str, list[int]]) -> None:
+    """Runs ``concurrency`` closed-loop callers; records the calls that end inside the window."""
+    payload = _request(model)
+    recording = stopping = False
+    async with grpc.aio.insecure_channel(target) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        kserve.ModelInferResponse.FromString(await infer(payload, timeout=30))  # fails loudly if broken
+
+        async def caller() -> None:
+            while not stopping:
+                started = time.perf_counter()
+                try:
+                    await infer(payload, timeout=30)
+                except grpc.aio.AioRpcError:
+                    result.errors += recording
+                    continue
+                if recording:
+                    result.samples.append(time.perf_counter() - started)
+
+        callers = [asyncio.create_task(caller()) for _ in range(concurrency)]
+        try:
+            await asyncio.sleep(warmup)
+            before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+            client_before = time.process_time()
+            recording = True
+            t0 = time.perf_counter()
+            await asyncio.sleep(seconds)
+            recording = False
+            result.seconds += time.perf_counter() - t0
+            for name, pids in groups.items():
+                result.cpu[name] = result.cpu.get(name, 0.0) + cpu_seconds(pids) - before[name]
+            result.cpu["client"] = result.cpu.get("client", 0.0) + time.process_time() - client_before
+        finally:
+            stopping = True
+            await asyncio.gather(*callers, return_exceptions=True)
+
+
+async def _wait_serving(address: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"serving exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"serving not SERVING after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+async def _deploy(address: str, nats_url: str, source: str, timeout: float = 180) -> None:
+    """Creates the deployments, promotes the version, waits until both serve it."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = serving_pb2_grpc.ServingServiceStub(channel)
+        for name, delay, _ in DEPLOYMENTS.values():
+            settings = serving_pb2.TritonSettings(max_batch_size=64, max_queue_delay_microseconds=delay, instance_count=1)
+            await stub.CreateDeployment(serving_pb2.CreateDeploymentRequest(name=name, team="bench", model_name=MODEL, triton=settings))
+        import nats
+
+        promoted = events_pb2.ModelPromoted(model_name=MODEL, alias="production", version="1", team="bench", source=source)
+        event = new_event(promoted, source="/plinth/registry", subject=MODEL, team="bench")
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jetstream().publish(event.type, event.data, headers=event.headers())
+        finally:
+            await nc.close()
+        deadline = time.monotonic() + timeout
+        for name, _, _ in DEPLOYMENTS.values():
+            while True:
+                deployment = await stub.GetDeployment(serving_pb2.GetDeploymentRequest(name=name))
+                if deployment.state == serving_pb2.DEPLOYMENT_STATE_READY:
+                    break
+                if deployment.state == serving_pb2.DEPLOYMENT_STATE_FAILED or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: {serving_pb2.DeploymentState.Name(deployment.state)} {deployment.last_error}")
+                await asyncio.sleep(0.2)
+
+
+async def run(quick: bool) -> None:
+    """Sets everything up, measures, prints, tears down."""
+    seconds, warmup, rounds = (1.5, 0.5, 1) if quick else (3.0, 0.5, 2)
+    work = Path(tempfile.mkdtemp(prefix="plinth-bench-inference-"))
+    nats_server = NatsServer(work / "nats", sync_interval="2m")
+    serving_port, triton_port = free_tcp_port(), free_tcp_port()
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        t0 = time.perf_counter()
+        await nats_server.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PLINTH_")}
+        env.update(
+            PLINTH_DATA_DIR=str(work / "data"),
+            PLINTH_NATS_URL=nats_server.url,
+            PLINTH_SERVING_PORT=str(serving_port),
+            PLINTH_TRITON_GRPC_PORT=str(triton_port),
+            PLINTH_MLFLOW_TRACKING_URI=tracking_uri,
+            PLINTH_REGISTRY_ADDR="127.0.0.1:1",  # no registry: the promotion event says where the alias points
+            PLINTH_LOG_LEVEL="WARNING",
+            PYTHONUNBUFFERED="1",
+        )
+        # Tracing runs in serving as in production (spans made, nothing exported) unless the
+        # caller's environment says otherwise.
+        env.setdefault("OTEL_TRACES_EXPORTER", "none")
+        log_path = work / "serving.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "services.serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        source = await asyncio.to_thread(_log_model, tracking_uri, work / "artifacts")
+        address = f"127.0.0.1:{serving_port}"
+        await _wait_serving(address, process, log_path)
+        await _deploy(address, nats_server.url, source)
+        groups = {"serving": [process.pid], "triton": descendants(process.pid)}
+        print(machine_line())
+        print(f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded)")
+        excluded = os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "")
+        traced = "off (OTEL_PYTHON_GRPC_EXCLUDED_SERVICES)" if "GRPCInferenceService" in excluded else "a server span per call (made, not exported)"
+        print(f"serving's per-inference tracing: {traced}")
+        print(
+            f"single-row ModelInfer (1 x 10 FP64) on a Ridge pyfunc in Triton's Python backend; {rounds} round(s) of "
+            f"{seconds:.1f}s per point after {warmup:.1f}s warm-up, direct and Plinth alternating"
+        )
+        results: dict[tuple[str, int, str], Result] = {}
+        for label, (name, _, concurrencies) in DEPLOYMENTS.items():
+            for concurrency in concurrencies:
+                for _ in range(rounds):
+                    for target_label, target, model in (("triton", f"127.0.0.1:{triton_port}", f"{name}__v1"), ("plinth", address, name)):
+                        result = results.setdefault((label, concurrency, target_label), Result())
+                        await _measure(target, model, concurrency, result, seconds=seconds, warmup=warmup, groups=groups)
+        rows = []
+        for (label, concurrency, target_label), result in results.items():
+            latency = Latency.of_seconds(result.samples)
+            rows.append(
+                [
+                    f"{label}, c={concurrency}",
+                    target_label,
+                    rate(result.per_s),
+                    ms(latency.p50),
+                    ms(latency.p99),
+                    ms(result.cpu_ms("serving")) if target_label == "plinth" else "-",
+                    ms(result.cpu_ms("triton")),
+                    ms(result.cpu_ms("client")),
+                    str(result.errors),
+                ]
+            )
+        print_table(
+            "Throughput, latency, and CPU per request of each process",
+            ["deployment", "target", "req/s", "p50 ms", "p99 ms", "serving CPU ms", "triton CPU ms", "client CPU ms", "errors"],
+            rows,
+        )
+        for label, (_, _, concurrencies) in DEPLOYMENTS.items():
+            for concurrency in concurrencies:
+                share = ratio(results[(label, concurrency, "plinth")].per_s, results[(label, concurrency, "triton")].per_s)
+                print(f"plinth / direct Triton throughput, {label}, c={concurrency}: {share:.0%}" + ("   (target >= 70%)" if concurrency == 32 else ""))
+        plain, *batched = list(DEPLOYMENTS)
+        for label in batched:
+            for target_label in ("triton", "plinth"):
+                gain = ratio(results[(label, 32, target_label)].per_s, results[(plain, 32, target_label)].per_s)
+                print(f"{label} / no batching at c=32, {target_label}: {gain:.1f}x   (target >= 3x)")
+    finally:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(process.wait, 30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        await nats_server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    """``python -m bench.inference [--quick]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 s per point instead of 5 s")
+    args = parser.parse_args()
+    asyncio.run(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Model control of Triton (explicit mode): load, unload, readiness, through ``tritonclient``.
+
+The repository API stays inside the serving service; clients only ever reach the inference
+methods that :mod:`services.serving.inference` forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import tritonclient.grpc.aio as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+if TYPE_CHECKING:
+    from services.serving.triton import TritonProcess
+
+
+# Why liveness and not ServerReady: with its default --strict-readiness, Triton reports the
+# whole server not ready while any model loads, and for good once a load has failed, even
+# after that model is unloaded and its folder removed (checked on 2.45). Serving loads models
+# all the time and must keep serving the previous version when a new one fails, so "Triton is
+# up" is ServerLive here; whether a deployment answers is ModelReady's business.
+_PROBE_TIMEOUT_S = 3.0
+
+
+class ModelLoadError(Exception):
+    """Triton could not load a model; the message is Triton's reason."""
+
+
+async def triton_is_up(target: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
+    """True when Triton at ``target`` answers ServerLive within ``timeout`` seconds."""
+    # A fresh client per probe: a channel that saw Triton down sits in reconnect back-off.
+    probe = triton_grpc.InferenceServerClient(target)
+    try:
+        return bool(await probe.is_server_live(client_timeout=timeout))
+    except InferenceServerException:
+        return False
+    finally:
+        await probe.close()
+
+
+class TritonLiveness:
+    """The engine that :class:`~plinth_common.runtime.EngineHealth` probes: Triton is up.
+
+    Args:
+        process: the launched (or external) Triton.
+    """
+
+    def __init__(self, process: "TritonProcess") -> None:
+        self._process = process
+
+    async def start(self) -> None:
+        """Nothing to start: the app starts Triton."""
+
+    async def is_ready(self) -> bool:
+        """True while the launched child runs (if any) and Triton answers ServerLive."""
+        if self._process.returncode is not None:
+            return False
+        return await triton_is_up(self._process.grpc_target)
+
+    async def stop(self) -> None:
+        """Nothing to stop: the app stops Triton."""
+
+
+class TritonModels:
+    """Loads and unloads models on the Triton at ``target``.
+
+    Args:
+        target: Triton's gRPC ``host:port``.
+        load_timeout_s: how long one load may take (a pyfunc model imports MLflow first).
+    """
+
+    def __init__(self, target: str, *, load_timeout_s: float = 300.0) -> None:
+        self._target = target
+        self._load_timeout_s = load_timeout_s
+        self._client: triton_grpc.InferenceServerClient | None = None
+
+    @property
+    def _triton(self) -> triton_grpc.InferenceServerClient:
+        if self._client is None:
+            self._client = triton_grpc.InferenceServerClient(self._target)
+        return self._client
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Waits until Triton is up (answers ServerLive).
+
+        Raises:
+            TimeoutError: it did not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if await triton_is_up(self._target):
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Triton at {self._target} not ready after {timeout:.0f}s")
+            await asyncio.sleep(0.2)
+
+    async def load(self, model: str) -> None:
+        """Loads (or reloads) ``model`` from the repository and returns once it is ready.
+
+        Raises:
+            ModelLoadError: with Triton's reason.
+        """
+        try:
+            await self._triton.load_model(model, client_timeout=self._load_timeout_s)
+        except InferenceServerException as exc:
+            raise ModelLoadError(_reason(exc)) from None
+        if not await self.is_ready(model):
+            raise ModelLoadError(f"{model} is not ready after loading")
+
+    async def unload(self, model: str) -> None:
+        """Unloads ``model``; Triton lets requests in flight finish first. Unknown models are fine."""
+        try:
+            await self._triton.unload_model(model, client_timeout=60.0)
+        except InferenceServerException as exc:
+            if "not found" not in (exc.message() or "").lower():
+                raise
+
+    async def is_ready(self, model: str) -> bool:
+        """True when ``model`` is loaded and ready."""
+        try:
+            return bool(await self._triton.is_model_ready(model, client_timeout=10.0))
+        except InferenceServerException:
+            return False
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _reason(exc: InferenceServerException) -> str:
+    text = (exc.message() or str(exc)).strip()
+    # Triton appends the model's Python stack ("\n\nAt:\n  /path/model.py(12): ..."); the
+    # exception line before it is the reason.
+    text = text.split("\n\nAt:", 1)[0]
+    marker = "UNAVAILABLE state: "
+    if marker in text:
+        text = "the model failed to load in Triton: " + text.split(marker, 1)[1]
+    return text[:2000]

@@ -1,0 +1,63 @@
+"""The serving service's events: ``plinth.deployment.*`` published through the outbox, and the
+``plinth.model.promoted`` consumer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from plinth.events.v1 import events_pb2
+from plinth_common.events import CloudEvent, Outbox
+from services.serving.service import Promotion, ServingService
+from services.serving.store import DeploymentRow
+
+PROMOTED_SUBJECT = "plinth.model.promoted"
+PROMOTED_DURABLE = "serving-model-promoted"
+
+
+class OutboxDeploymentEvents:
+    """Writes ``plinth.deployment.*`` events in the caller's transaction (subject: the deployment)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+
+    async def ready(self, session: AsyncSession, row: DeploymentRow, version: str) -> None:
+        """``plinth.deployment.ready``: ``version`` loaded and serving."""
+        message = events_pb2.DeploymentReady(deployment=row.name, team=row.team, model_name=row.model_name, version=version)
+        await self._outbox.add(session, message, subject=row.name, team=row.team)
+
+    async def failed(self, session: AsyncSession, row: DeploymentRow, version: str, reason: str) -> None:
+        """``plinth.deployment.failed``: ``version`` could not be served; ``serving_version`` still is."""
+        message = events_pb2.DeploymentFailed(
+            deployment=row.name, team=row.team, model_name=row.model_name, version=version, reason=reason, serving_version=row.serving_version
+        )
+        await self._outbox.add(session, message, subject=row.name, team=row.team)
+
+    async def traffic_changed(self, session: AsyncSession, row: DeploymentRow, traffic: Mapping[str, int]) -> None:
+        """``plinth.deployment.traffic_changed``: percent of requests per version (empty: none, deleted)."""
+        message = events_pb2.DeploymentTrafficChanged(deployment=row.name, team=row.team, traffic_percent=dict(traffic))
+        await self._outbox.add(session, message, subject=row.name, team=row.team)
+
+
+class PromotionHandler:
+    """Consumes ``plinth.model.promoted``: retargets the deployments that follow the alias."""
+
+    def __init__(self, service: ServingService) -> None:
+        self._service = service
+
+    async def __call__(self, session: AsyncSession, event: CloudEvent, payload: Message) -> None:
+        """Runs in the transaction that records the event as processed."""
+        assert isinstance(payload, events_pb2.ModelPromoted)
+        await self._service.on_promoted(
+            session,
+            Promotion(
+                model_name=payload.model_name,
+                alias=payload.alias,
+                version=payload.version,
+                source=payload.source,
+                run_id=payload.run_id,
+                time=event.time,
+            ),
+        )

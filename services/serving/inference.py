@@ -1,0 +1,266 @@
+"""KServe v2 inference (``inference.GRPCInferenceService``) on the serving port, forwarded to Triton.
+
+Clients name the *deployment*; Triton knows the model as ``<deployment>__v<version>``. Only
+``ServerLive``, ``ServerReady``, ``ModelReady``, ``ModelMetadata`` and ``ModelInfer`` are served;
+Triton's repository, statistics, shared-memory and log methods are not (UNIMPLEMENTED).
+
+``ModelInfer`` does not decode tensors. The request arrives as bytes; it is parsed (upb, about
+2 us for a small request) only to find the deployment and check the tensors' names, datatypes
+and shapes against the deployment's signature, then forwarded as the *original bytes* with
+field 1 (``model_name``) and field 2 (``model_version``) appended: for a non-repeated field
+the last occurrence on the wire wins, so Triton sees its own model name. Triton's response
+bytes come back with the deployment's name and version appended the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+from tritonclient.grpc import service_pb2 as kserve
+
+from plinth_common.errors import InvalidArgument, NotFound, PlinthError, Unavailable
+from plinth_common.grpc_server import UpstreamStatus
+from services.serving.service import Route
+
+SERVICE = "inference.GRPCInferenceService"
+METHODS = ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer")
+_INTERNAL_NAME = re.compile(r"\b([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)__v([0-9]{1,18})\b")
+_SHOWN = 64  # characters of a client-sent name quoted back in an error
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+class Routes(Protocol):
+    """What the proxy needs of the serving service."""
+
+    def route(self, name: str) -> Route | None: ...
+
+    async def unroutable(self, name: str) -> PlinthError: ...
+
+    async def exists(self, name: str) -> bool: ...
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _string_field(number: int, value: str) -> bytes:
+    data = value.encode()
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def model_suffix(name: str, version: str) -> bytes:
+    """Wire bytes of ``model_name = name`` (field 1) and ``model_version = version`` (field 2):
+    the same two fields in ModelInferRequest and ModelInferResponse."""
+    return _string_field(1, name) + _string_field(2, version)
+
+
+def check_request(request: kserve.ModelInferRequest, route: Route) -> None:
+    """Checks a request's tensors against the deployment's signature.
+
+    Raises:
+        NotFound: the request asks for a version the deployment does not serve.
+        InvalidArgument: naming the tensor that is unknown, missing, or of the wrong datatype
+            or shape.
+    """
+    deployment = route.deployment
+    if request.model_version and request.model_version != route.version:
+        raise NotFound("deployment version", f"{deployment}:{request.model_version[:_SHOWN]}")
+    seen: set[str] = set()
+    for tensor in request.inputs:
+        name = tensor.name
+        spec = route.io.input_named(name)
+        if spec is None:
+            expected = ", ".join(s.name for s in route.io.inputs)
+            raise InvalidArgument(f"inputs.{name[:_SHOWN]}", f"unknown input tensor; deployment {deployment!r} takes: {expected}")
+        if name in seen:
+            raise InvalidArgument(f"inputs.{name}", "given twice")
+        seen.add(name)
+        if tensor.datatype != spec.datatype:
+            raise InvalidArgument(f"inputs.{name}", f"datatype {tensor.datatype[:_SHOWN]!r}, expected {spec.datatype}")
+        shape = list(tensor.shape)
+        if not spec.shape_matches(shape):
+            raise InvalidArgument(f"inputs.{name}", f"shape {shape[:8]}, expected {spec.describe_shape()}")
+        if not 1 <= shape[0] <= route.max_batch_size:
+            raise InvalidArgument(f"inputs.{name}", f"batch size {shape[0]}, expected 1 to {route.max_batch_size}")
+    for spec in route.io.inputs:
+        if spec.name not in seen:
+            raise InvalidArgument(f"inputs.{spec.name}", f"missing; shape {spec.describe_shape()}, datatype {spec.datatype}")
+    for output in request.outputs:
+        if output.name != route.io.output.name:
+            raise InvalidArgument(f"outputs.{output.name[:_SHOWN]}", f"unknown output tensor; deployment {deployment!r} returns: {route.io.output.name}")
+
+
+def _public(message: str, route: Route) -> str:
+    # Triton's messages name its own model ("diabetes__v3"); clients know the deployment.
+    return _INTERNAL_NAME.sub(lambda m: m.group(1) if m.group(1) == route.deployment else "model", message)
+
+
+class InferenceProxy:
+    """Serves the KServe v2 inference methods by forwarding to Triton.
+
+    Args:
+        routes: deployment -> Triton model (the serving service).
+        channel: a channel to Triton's gRPC endpoint.
+        default_timeout_s: deadline of a forwarded call when the client set none.
+    """
+
+    def __init__(self, routes: Routes, target: str, *, default_timeout_s: float = 30.0) -> None:
+        self._routes = routes
+        self._target = target
+        self._default_timeout_s = default_timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        # Per (deployment, version): the suffixes of forwarded requests and returned responses.
+        self._suffixes: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+
+    def _open(self) -> grpc.aio.Channel:
+        # Opened on first use, inside the server's event loop (an aio channel belongs to the
+        # loop it was created in).
+        channel = grpc.aio.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+        self._infer = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+        self._server_live = channel.unary_unary(f"/{SERVICE}/ServerLive")
+        self._model_ready = channel.unary_unary(f"/{SERVICE}/ModelReady")
+        self._model_metadata = channel.unary_unary(f"/{SERVICE}/ModelMetadata")
+        self._channel = channel
+        return channel
+
+    async def close(self) -> None:
+        """Closes the channel to Triton."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to add to the gRPC server (bytes in, bytes out)."""
+        behaviours: dict[str, Callable[..., Any]] = {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+        }
+        handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in behaviours.items()}
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self._default_timeout_s if remaining is None else min(remaining, self._default_timeout_s)
+
+    def _suffix(self, route: Route) -> tuple[bytes, bytes]:
+        key = (route.deployment, route.version)
+        suffix = self._suffixes.get(key)
+        if suffix is None:
+            if len(self._suffixes) > 4096:
+                self._suffixes.clear()
+            suffix = (model_suffix(route.triton_model, "1"), model_suffix(route.deployment, route.version))
+            self._suffixes[key] = suffix
+        return suffix
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``ModelInfer``: checks the tensors, forwards the bytes, relabels the response."""
+        if self._channel is None:
+            self._open()
+        try:
+            parsed = kserve.ModelInferRequest.FromString(request)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise InvalidArgument("request", "not a ModelInferRequest") from None
+        name = parsed.model_name
+        route = self._routes.route(name)
+        if route is None:
+            raise await self._routes.unroutable(name)
+        check_request(parsed, route)
+        timeout = self._timeout(context)
+        for attempt in (1, 2):
+            to_triton, to_client = self._suffix(route)
+            try:
+                response = await self._infer(request + to_triton, timeout=timeout)
+                return response + to_client
+            except grpc.aio.AioRpcError as exc:
+                newer = self._routes.route(name)
+                if attempt == 1 and newer is not None and newer is not route:
+                    # Traffic moved while this request was on its way to the old version.
+                    route = newer
+                    check_request(parsed, route)
+                    continue
+                raise self._error(exc, route) from None
+        raise AssertionError("unreachable")
+
+    def _error(self, exc: grpc.aio.AioRpcError, route: Route) -> PlinthError:
+        code = exc.code()
+        details = _public(exc.details() or code.name, route)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+            return Unavailable(f"deployment {route.deployment!r} is unavailable: {details}")
+        return UpstreamStatus(code, details)
+
+    async def server_live(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``ServerLive``: this process answers, so it is live."""
+        return kserve.ServerLiveResponse(live=True).SerializeToString()
+
+    async def server_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``ServerReady``: ready when Triton is up.
+
+        Triton's own ServerReady turns false while any model loads and after any load failed
+        (strict readiness); deployments load all the time, so readiness here is Triton's
+        liveness, and ModelReady tells whether a deployment answers.
+        """
+        if self._channel is None:
+            self._open()
+        try:
+            live = kserve.ServerLiveResponse.FromString(
+                await self._server_live(kserve.ServerLiveRequest().SerializeToString(), timeout=min(self._timeout(context), 5.0))
+            )
+        except grpc.aio.AioRpcError:
+            return kserve.ServerReadyResponse(ready=False).SerializeToString()
+        return kserve.ServerReadyResponse(ready=live.live).SerializeToString()
+
+    async def model_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``ModelReady``: whether the deployment (at the version asked, if any) answers."""
+        if self._channel is None:
+            self._open()
+        parsed = kserve.ModelReadyRequest.FromString(request)
+        route = self._routes.route(parsed.name)
+        if route is None:
+            if not await self._routes.exists(parsed.name):
+                raise NotFound("deployment", parsed.name[:_SHOWN])
+            return kserve.ModelReadyResponse(ready=False).SerializeToString()
+        if parsed.version and parsed.version != route.version:
+            return kserve.ModelReadyResponse(ready=False).SerializeToString()
+        forwarded = kserve.ModelReadyRequest(name=route.triton_model).SerializeToString()
+        try:
+            return await self._model_ready(forwarded, timeout=self._timeout(context))
+        except grpc.aio.AioRpcError:
+            return kserve.ModelReadyResponse(ready=False).SerializeToString()
+
+    async def model_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``ModelMetadata``: the deployment's tensors, named as the deployment at its version."""
+        if self._channel is None:
+            self._open()
+        parsed = kserve.ModelMetadataRequest.FromString(request)
+        route = self._routes.route(parsed.name)
+        if route is None:
+            raise await self._routes.unroutable(parsed.name)
+        if parsed.version and parsed.version != route.version:
+            raise NotFound("deployment version", f"{route.deployment}:{parsed.version[:_SHOWN]}")
+        forwarded = kserve.ModelMetadataRequest(name=route.triton_model).SerializeToString()
+        try:
+            raw = await self._model_metadata(forwarded, timeout=self._timeout(context))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, route) from None
+        metadata = kserve.ModelMetadataResponse.FromString(raw)
+        metadata.name = route.deployment
+        del metadata.versions[:]
+        metadata.versions.append(route.version)
+        return metadata.SerializeToString()

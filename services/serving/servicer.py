@@ -1,0 +1,79 @@
+"""gRPC servicer of ``plinth.serving.v1.ServingService``: protobuf in, domain call, protobuf out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from services.serving.service import DeploymentSpec, ServingService
+from services.serving.signature import BatchingSettings
+from services.serving.store import DeploymentRow
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def deployment_to_proto(row: DeploymentRow) -> serving_pb2.Deployment:
+    """Domain deployment -> ``plinth.serving.v1.Deployment``."""
+    return serving_pb2.Deployment(
+        name=row.name,
+        team=row.team,
+        model_name=row.model_name,
+        alias=row.alias,
+        triton=serving_pb2.TritonSettings(
+            max_batch_size=row.max_batch_size,
+            max_queue_delay_microseconds=row.max_queue_delay_us,
+            instance_count=row.instance_count,
+        ),
+        state=serving_pb2.DeploymentState.Value(f"DEPLOYMENT_STATE_{row.state}"),
+        serving_version=row.serving_version,
+        loading_version=row.loading_version,
+        target_version=row.target_version,
+        last_error=row.last_error,
+        created_at=_timestamp(row.created_at),
+        updated_at=_timestamp(row.updated_at),
+    )
+
+
+def spec_from_proto(request: serving_pb2.CreateDeploymentRequest) -> DeploymentSpec:
+    """``CreateDeploymentRequest`` -> domain spec (validation happens in the service)."""
+    return DeploymentSpec(
+        name=request.name,
+        team=request.team,
+        model_name=request.model_name,
+        alias=request.alias,
+        batching=BatchingSettings(
+            max_batch_size=request.triton.max_batch_size,
+            max_queue_delay_us=request.triton.max_queue_delay_microseconds,
+            instance_count=request.triton.instance_count,
+        ),
+    )
+
+
+class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
+    """Serves ``plinth.serving.v1.ServingService`` from a :class:`ServingService`."""
+
+    def __init__(self, service: ServingService) -> None:
+        self._service = service
+
+    async def CreateDeployment(self, request: serving_pb2.CreateDeploymentRequest, context: grpc.aio.ServicerContext) -> serving_pb2.Deployment:
+        return deployment_to_proto(await self._service.create(spec_from_proto(request)))
+
+    async def GetDeployment(self, request: serving_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext) -> serving_pb2.Deployment:
+        return deployment_to_proto(await self._service.get(request.name))
+
+    async def ListDeployments(self, request: serving_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext) -> serving_pb2.ListDeploymentsResponse:
+        rows, token = await self._service.list(team=request.team, page_size=request.page_size, page_token=request.page_token)
+        return serving_pb2.ListDeploymentsResponse(deployments=[deployment_to_proto(r) for r in rows], next_page_token=token)
+
+    async def DeleteDeployment(self, request: serving_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext) -> serving_pb2.DeleteDeploymentResponse:
+        await self._service.delete(request.name)
+        return serving_pb2.DeleteDeploymentResponse()
