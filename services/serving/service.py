@@ -24,15 +24,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from opentelemetry import trace
 from sqlalchemy.exc import IntegrityError
 
 from plinth_common.db import Database
 from plinth_common.errors import AlreadyExists, InvalidArgument, NotFound, PlinthError, Unavailable
+from plinth_common.events.tracing import extract, traceparent_of_current
 from services.serving.repository import ModelRepository, triton_model_name
 from services.serving.signature import BatchingSettings, ModelIO, read_model_io
 from services.serving.store import DeploymentRow, DeploymentStore, decode_page_token, encode_page_token
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("plinth.serving")
+
+
+def _current_traceparent() -> str:
+    return traceparent_of_current().get("traceparent", "")
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -375,6 +382,8 @@ class ServingService:
                 "target_source": promotion.source[:4096],
                 "target_run_id": promotion.run_id[:64],
                 "target_time": when,
+                # The rollout runs later, in a worker: it continues the promotion's trace.
+                "target_traceparent": _current_traceparent(),
                 # Naming a version again is how a failed one gets another try.
                 "failed_version": "",
                 "lookup_pending": False,
@@ -416,7 +425,7 @@ class ServingService:
                 return  # a promotion got there first, and is newer
             changes: dict[str, Any] = {"lookup_pending": False, "last_error": ""}
             if ref is not None and VERSION.match(ref.version):
-                changes.update(target_version=ref.version, target_source=ref.source, target_run_id=ref.run_id, target_time=_now())
+                changes.update(target_version=ref.version, target_source=ref.source, target_run_id=ref.run_id, target_time=_now(), target_traceparent=_current_traceparent())
                 log.info("deployment %s: %s@%s is v%s", name, row.model_name, row.alias, ref.version)
             else:
                 log.info("deployment %s: %s@%s points nowhere yet; waiting for a promotion", name, row.model_name, row.alias)
@@ -565,6 +574,14 @@ class ServingService:
             log.exception("deployment %s: rollout worker failed", name)
 
     async def _roll_out(self, row: DeploymentRow) -> None:
+        with tracer.start_as_current_span(
+            f"deployment {row.name} rollout",
+            context=extract({"traceparent": row.target_traceparent}),
+            attributes={"plinth.deployment": row.name, "plinth.model.version": row.target_version},
+        ):
+            await self._roll_out_traced(row)
+
+    async def _roll_out_traced(self, row: DeploymentRow) -> None:
         name, version = row.name, row.target_version
         async with self._db.transaction() as session:
             current = await self._store.get(session, name)

@@ -37,6 +37,7 @@ deployments = sa.Table(
     sa.Column("target_source", sa.Text, nullable=False, server_default=""),
     sa.Column("target_run_id", sa.String(64), nullable=False, server_default=""),
     sa.Column("target_time", sa.DateTime(timezone=True)),
+    sa.Column("target_traceparent", sa.String(64), nullable=False, server_default=""),
     # A target that failed is not retried until a promotion names a version again.
     sa.Column("failed_version", sa.String(32), nullable=False, server_default=""),
     sa.Column("last_error", sa.Text, nullable=False, server_default=""),
@@ -68,6 +69,7 @@ class DeploymentRow:
     target_source: str
     target_run_id: str
     target_time: datetime | None
+    target_traceparent: str
     failed_version: str
     last_error: str
     lookup_pending: bool

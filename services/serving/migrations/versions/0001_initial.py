@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("target_source", sa.Text, nullable=False, server_default=""),
         sa.Column("target_run_id", sa.String(64), nullable=False, server_default=""),
         sa.Column("target_time", sa.DateTime(timezone=True)),
+        sa.Column("target_traceparent", sa.String(64), nullable=False, server_default=""),
         sa.Column("failed_version", sa.String(32), nullable=False, server_default=""),
         sa.Column("last_error", sa.Text, nullable=False, server_default=""),
         sa.Column("lookup_pending", sa.Boolean, nullable=False, server_default=sa.false()),
