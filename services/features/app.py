@@ -2,19 +2,48 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
+from pathlib import Path
 
+from plinth.features.v1 import features_pb2, features_pb2_grpc
 from plinth_common.config import CommonSettings, Env
 from plinth_common.runtime import EngineHealth, ServiceRuntime
+from services.features.events import OutboxFeatureEvents
 from services.features.feast_engine import FeastEngine, FeastSettings
+from services.features.repository import Limits
+from services.features.service import FeaturesService
+from services.features.servicer import FeaturesServicer
+from services.features.store import outbox_table, processed_table
+
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 @dataclass(frozen=True, kw_only=True)
 class FeaturesSettings:
-    """The features service's settings (``PLINTH_FEAST_*``)."""
+    """The features service's settings (``PLINTH_FEAST_*``, ``PLINTH_FEATURES_*``).
+
+    Attributes:
+        common: settings every service reads.
+        feast: the Feast repository and its stores.
+        read_workers: threads serving online reads and pushes (``PLINTH_FEATURES_READ_WORKERS``).
+        batch_workers: threads for apply, materialization and historical retrieval.
+        plan_ttl_s: how long resolved feature references are cached; bounds how long a registry
+            change made by another process goes unnoticed (``PLINTH_FEATURES_PLAN_TTL_S``).
+        max_repository_bytes: total size of one ``ApplyRepository`` upload.
+        inline_read_max_keys: SQLite online reads of at most this many entity keys run on the
+            event loop without waiting for locks, saving two thread handoffs; larger reads, and
+            any that meet a writer's lock, run in a worker thread. 0 sends every read to a
+            worker thread (``PLINTH_FEATURES_INLINE_READ_MAX_KEYS``).
+    """
 
     common: CommonSettings
     feast: FeastSettings
+    read_workers: int = 2
+    batch_workers: int = 2
+    plan_ttl_s: float = 10.0
+    max_repository_bytes: int = 8 << 20
+    inline_read_max_keys: int = 32
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> "FeaturesSettings":
@@ -28,16 +57,37 @@ class FeaturesSettings:
                 project=env.str("PLINTH_FEAST_PROJECT", "plinth"),
                 online_store_url=env.optional("PLINTH_FEAST_REDIS_URL"),
             ),
+            read_workers=env.int("PLINTH_FEATURES_READ_WORKERS", 2),
+            batch_workers=env.int("PLINTH_FEATURES_BATCH_WORKERS", 2),
+            plan_ttl_s=env.float("PLINTH_FEATURES_PLAN_TTL_S", 10.0),
+            max_repository_bytes=env.int("PLINTH_FEATURES_MAX_REPOSITORY_BYTES", 8 << 20),
+            inline_read_max_keys=env.int("PLINTH_FEATURES_INLINE_READ_MAX_KEYS", 32),
         )
 
 
 class FeaturesApp:
-    """The features process: Feast and the health that follows it."""
+    """The features process: Feast, the outbox, the gRPC server and the health that follows Feast."""
 
     def __init__(self, settings: FeaturesSettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common)
+        self.runtime = ServiceRuntime(settings.common, outbox_table=outbox_table, processed_table=processed_table, migrations=MIGRATIONS)
+        assert self.runtime.outbox is not None
         self.feast = FeastEngine(settings.feast)
+        self.service = FeaturesService(
+            engine=self.feast,
+            db=self.runtime.db,
+            events=OutboxFeatureEvents(self.runtime.outbox, project=settings.feast.project),
+            limits=Limits(max_total_bytes=settings.max_repository_bytes),
+            read_workers=settings.read_workers,
+            batch_workers=settings.batch_workers,
+            plan_ttl_s=settings.plan_ttl_s,
+            inline_read_max_keys=settings.inline_read_max_keys,
+        )
+        self.runtime.server.add(
+            features_pb2_grpc.add_FeaturesServiceServicer_to_server,
+            FeaturesServicer(self.service),
+            features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name,
+        )
         self.health = EngineHealth(self.runtime.server, self.feast, name="feast")
 
     @property
@@ -50,9 +100,15 @@ class FeaturesApp:
         await self.runtime.start()
         await self.health.start()
         await self.feast.start()
+        # Feast, pandas, dask and pyarrow leave ~200k long-lived objects; each full collection
+        # that scans them stalls the loop, and the requests in flight, for 50-150 ms. None of
+        # it is garbage: exempt it from collection (newer objects are collected as usual).
+        gc.collect()
+        gc.freeze()
 
     async def stop(self) -> None:
-        """Stops the server, then Feast."""
+        """Stops the server (draining calls), then the Feast workers, then Feast."""
         await self.health.stop()
         await self.runtime.stop()
+        await self.service.stop()
         await self.feast.stop()

@@ -114,14 +114,16 @@ class FeastEngine:
         """Tells whether the store is built and answers.
 
         Returns:
-            True when listing feature views from the registry works and, for a Redis online
-            store, Redis answers a PING.
+            True when the registry can be read afresh and, for a Redis online store, Redis
+            answers a PING.
         """
         store = self._store
         if store is None:
             return False
         try:
-            await asyncio.to_thread(store.list_feature_views, allow_cache=False)
+            # Re-reads the registry (refreshing Feast's cache) but builds only entities: listing
+            # feature views costs ~1.3 ms of GIL time every probe, felt by online reads.
+            await asyncio.to_thread(store.registry.list_entities, store.project, allow_cache=False)
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
         if self._settings.online_store_url:

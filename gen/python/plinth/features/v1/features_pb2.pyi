@@ -47,26 +47,49 @@ class ApplyRepositoryRequest(_message.Message):
     def __init__(self, files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ApplyRepositoryResponse(_message.Message):
-    __slots__ = ("entities", "feature_views")
+    __slots__ = ("entities", "feature_views", "on_demand_feature_views", "feature_services", "data_sources", "deleted")
     ENTITIES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
     entities: _containers.RepeatedScalarFieldContainer[str]
     feature_views: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, entities: _Optional[_Iterable[str]] = ..., feature_views: _Optional[_Iterable[str]] = ...) -> None: ...
+    on_demand_feature_views: _containers.RepeatedScalarFieldContainer[str]
+    feature_services: _containers.RepeatedScalarFieldContainer[str]
+    data_sources: _containers.RepeatedScalarFieldContainer[str]
+    deleted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entities: _Optional[_Iterable[str]] = ..., feature_views: _Optional[_Iterable[str]] = ..., on_demand_feature_views: _Optional[_Iterable[str]] = ..., feature_services: _Optional[_Iterable[str]] = ..., data_sources: _Optional[_Iterable[str]] = ..., deleted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeatureView(_message.Message):
-    __slots__ = ("name", "entities", "features", "ttl_seconds", "online")
+    __slots__ = ("name", "entities", "features", "ttl_seconds", "online", "join_keys", "batch_source", "push_source", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTITIES_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
+    JOIN_KEYS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PUSH_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     entities: _containers.RepeatedScalarFieldContainer[str]
     features: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: float
     online: bool
-    def __init__(self, name: _Optional[str] = ..., entities: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[float] = ..., online: _Optional[bool] = ...) -> None: ...
+    join_keys: _containers.RepeatedScalarFieldContainer[str]
+    batch_source: str
+    push_source: str
+    tags: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., entities: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[float] = ..., online: _Optional[bool] = ..., join_keys: _Optional[_Iterable[str]] = ..., batch_source: _Optional[str] = ..., push_source: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListFeatureViewsRequest(_message.Message):
     __slots__ = ()
@@ -97,12 +120,16 @@ class MaterializeIncrementalRequest(_message.Message):
     def __init__(self, feature_views: _Optional[_Iterable[str]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class MaterializeResponse(_message.Message):
-    __slots__ = ("feature_views", "duration_seconds")
+    __slots__ = ("feature_views", "duration_seconds", "start_time", "end_time")
     FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
     feature_views: _containers.RepeatedScalarFieldContainer[str]
     duration_seconds: float
-    def __init__(self, feature_views: _Optional[_Iterable[str]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, feature_views: _Optional[_Iterable[str]] = ..., duration_seconds: _Optional[float] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetOnlineFeaturesRequest(_message.Message):
     __slots__ = ("features", "entity_rows")
@@ -147,14 +174,16 @@ class PushFeaturesResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class GetHistoricalFeaturesRequest(_message.Message):
-    __slots__ = ("features", "entity_table", "format")
+    __slots__ = ("features", "entity_table", "format", "full_feature_names")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ENTITY_TABLE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FULL_FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedScalarFieldContainer[str]
     entity_table: bytes
     format: TableFormat
-    def __init__(self, features: _Optional[_Iterable[str]] = ..., entity_table: _Optional[bytes] = ..., format: _Optional[_Union[TableFormat, str]] = ...) -> None: ...
+    full_feature_names: bool
+    def __init__(self, features: _Optional[_Iterable[str]] = ..., entity_table: _Optional[bytes] = ..., format: _Optional[_Union[TableFormat, str]] = ..., full_feature_names: _Optional[bool] = ...) -> None: ...
 
 class GetHistoricalFeaturesResponse(_message.Message):
     __slots__ = ("table", "format", "rows")

@@ -77,7 +77,10 @@ class FeaturesServiceServicer:
     """
 
     def ApplyRepository(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Replaces the repository's Feast definitions with the files sent and applies them, as
+        `feast apply` does: objects missing from the files are deleted. The files are Python code
+        that the service executes: only trusted callers may reach this method.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
