@@ -10,6 +10,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from plinth_common.net import free_tcp_port
 
 
+SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5  # OTLP SpanKind values
+
+
 @dataclass(frozen=True)
 class ReceivedSpan:
     """One exported span, flattened."""
@@ -65,3 +68,9 @@ class OtlpReceiver:
     async def stop(self) -> None:
         """Stops listening."""
         await self._server.stop(0)
+
+
+def spans_in_trace_of(receiver: OtlpReceiver, service: str, name: str) -> list[ReceivedSpan]:
+    """Every span of the trace that holds the first span named ``name`` from ``service``."""
+    anchor = next((s for s in receiver.spans if s.service == service and s.name == name), None)
+    return [s for s in receiver.spans if anchor is not None and s.trace_id == anchor.trace_id]

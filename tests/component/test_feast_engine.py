@@ -25,6 +25,7 @@ async def test_engine_builds_an_empty_local_repository(tmp_path: Path):
 
     # The heavy import runs in a worker thread: the loop keeps ticking meanwhile.
     ticks = 0
+    feast_imported_before = "feast" in sys.modules  # then the import costs nothing to overlap
 
     async def tick() -> None:
         nonlocal ticks
@@ -37,7 +38,7 @@ async def test_engine_builds_an_empty_local_repository(tmp_path: Path):
         await asyncio.wait_for(engine.start(), timeout=180)
     finally:
         ticker.cancel()
-    assert ticks > 0
+    assert ticks > 0 or feast_imported_before
     assert "feast" in sys.modules
 
     assert await engine.is_ready() is True

@@ -23,16 +23,11 @@ from sklearn.datasets import load_diabetes
 from plinth_common.devstack import LocalPlatform
 from plinth_sdk import Plinth
 from tests.helpers import eventually
-from tests.otlp import OtlpReceiver, ReceivedSpan
+from tests.otlp import OtlpReceiver, ReceivedSpan, spans_in_trace_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "diabetes-golden"
-
-
-def _trace_of(receiver: OtlpReceiver, service: str, name: str) -> list[ReceivedSpan]:
-    root = next((s for s in receiver.spans if s.service == service and s.name == name and s.kind == 2), None)
-    return [s for s in receiver.spans if root and s.trace_id == root.trace_id]
 
 
 async def test_train_register_promote_deploy_infer(platform: LocalPlatform, receiver: OtlpReceiver) -> None:
@@ -96,27 +91,19 @@ async def test_train_register_promote_deploy_infer(platform: LocalPlatform, rece
         plinth.close()
 
     async def registration_in_job_trace() -> list[ReceivedSpan]:
-        spans = _trace_of(receiver, "plinth-gateway", "/plinth.scheduler.v1.SchedulerService/SubmitJob")
+        spans = spans_in_trace_of(receiver, "plinth-scheduler", "job train-golden")
         names = {(s.service, s.name) for s in spans}
-        wanted = {("plinth-scheduler", "job train-golden"), ("plinth-registry", "plinth.job.finished process"), ("plinth-registry", "plinth.model.version_created publish")}
+        wanted = {("plinth-gateway", "/plinth.scheduler.v1.SchedulerService/SubmitJob"), ("plinth-registry", "plinth.job.finished process"), ("plinth-registry", "plinth.model.version_created publish")}
         return spans if wanted <= names else []
 
     async def deployment_in_promotion_trace() -> list[ReceivedSpan]:
-        spans = _trace_of(receiver, "plinth-gateway", "/plinth.registry.v1.RegistryService/SetAlias")
+        spans = spans_in_trace_of(receiver, "plinth-serving", f"deployment {MODEL} rollout")
         names = {(s.service, s.name) for s in spans}
-        wanted = {("plinth-registry", "plinth.model.promoted publish"), ("plinth-serving", "plinth.model.promoted process"), ("plinth-serving", "plinth.deployment.ready publish")}
+        wanted = {("plinth-gateway", "/plinth.registry.v1.RegistryService/SetAlias"), ("plinth-registry", "plinth.model.promoted publish"), ("plinth-serving", "plinth.model.promoted process"), ("plinth-serving", "plinth.deployment.ready publish")}
         return spans if wanted <= names else []
 
-    try:
-        await eventually(registration_in_job_trace, timeout=20)
-    except AssertionError:
-        spans = _trace_of(receiver, "plinth-gateway", "/plinth.scheduler.v1.SchedulerService/SubmitJob")
-        raise AssertionError(sorted({(s.service, s.name) for s in spans})) from None
-    try:
-        await eventually(deployment_in_promotion_trace, timeout=20)
-    except AssertionError:
-        spans = _trace_of(receiver, "plinth-gateway", "/plinth.registry.v1.RegistryService/SetAlias")
-        raise AssertionError(sorted({(s.service, s.name) for s in spans})) from None
+    await eventually(registration_in_job_trace, timeout=20)
+    await eventually(deployment_in_promotion_trace, timeout=20)
 
 
 async def test_unknown_deployment_and_bad_tensor_are_clear_errors(platform: LocalPlatform) -> None:

@@ -19,7 +19,7 @@ from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
 from plinth_common.devstack import LocalPlatform
 from tests.helpers import eventually
-from tests.otlp import OtlpReceiver
+from tests.otlp import PRODUCER, SERVER, OtlpReceiver, spans_in_trace_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 REPO = Path(__file__).resolve().parents[2]
@@ -79,19 +79,13 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(platform
     model = await asyncio.to_thread(mlflow.pyfunc.load_model, model_uri)
     assert model.metadata.signature is not None
 
-    def trace_spans() -> list:  # type: ignore[type-arg]
-        gateway_span = next(
-            (s for s in receiver.spans if s.service == "plinth-gateway" and s.name.endswith("SubmitJob") and s.kind == 2), None
-        )
-        return [s for s in receiver.spans if gateway_span and s.trace_id == gateway_span.trace_id]
-
     async def whole_trace() -> list:  # type: ignore[type-arg]
-        spans = trace_spans()
-        names = {(s.service, s.name) for s in spans}
+        spans = spans_in_trace_of(receiver, "plinth-scheduler", "job train-diabetes")
+        names = {(s.service, s.name, s.kind) for s in spans}
         wanted = {
-            ("plinth-scheduler", "/plinth.scheduler.v1.SchedulerService/SubmitJob"),
-            ("plinth-scheduler", "job train-diabetes"),
-            ("plinth-scheduler", "plinth.job.finished publish"),
+            ("plinth-gateway", "/plinth.scheduler.v1.SchedulerService/SubmitJob", SERVER),
+            ("plinth-scheduler", "/plinth.scheduler.v1.SchedulerService/SubmitJob", SERVER),
+            ("plinth-scheduler", "plinth.job.finished publish", PRODUCER),
         }
         return spans if wanted <= names else []
 
