@@ -72,9 +72,9 @@ def log_model_run(tracking_uri: str, workdir: Path) -> str:
     from mlflow.entities import LoggedModelOutput, Metric
     from sklearn.linear_model import Ridge
 
-    from examples.train_diabetes import skip_feast_mlflow_header_plugin
+    from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
 
-    skip_feast_mlflow_header_plugin()  # MLflow's first HTTP call would import Feast (5-12 s)
+    skip_feast_mlflow_header_provider()  # MLflow's first HTTP call would import Feast (5-12 s)
     x = np.arange(30, dtype=float).reshape(10, 3)
     model_dir = workdir / "model"
     mlflow.sklearn.save_model(Ridge().fit(x, x.sum(axis=1)), str(model_dir), serialization_format="cloudpickle", pip_requirements=["scikit-learn"])

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from plinth_common.prototime import to_timestamp
 from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
 from services.features.online import OnlineColumn
@@ -27,14 +28,6 @@ _TABLE_FORMATS_OUT = {v: k for k, v in _TABLE_FORMATS.items()}
 
 def _datetime(stamp: Timestamp, present: bool) -> datetime | None:
     return stamp.ToDatetime(tzinfo=timezone.utc) if present else None
-
-
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def python_of(value: struct_pb2.Value) -> Any:
@@ -130,8 +123,8 @@ def materialization_to_proto(run: Materialization) -> pb.MaterializeResponse:
     return pb.MaterializeResponse(
         feature_views=list(run.feature_views),
         duration_seconds=run.duration_seconds,
-        start_time=_timestamp(run.start_time),
-        end_time=_timestamp(run.end_time),
+        start_time=to_timestamp(run.start_time),
+        end_time=to_timestamp(run.end_time),
     )
 
 

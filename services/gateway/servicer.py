@@ -5,23 +5,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth_common.events import CloudEvent
+from plinth_common.prototime import to_timestamp
 from services.gateway.service import EventStreams
 
 
 def event_to_proto(event: CloudEvent) -> gateway_pb2.Event:
     """CloudEvent -> ``plinth.gateway.v1.Event`` (payload both binary and JSON)."""
-    time = Timestamp()
-    time.FromDatetime(event.time)
     return gateway_pb2.Event(
         id=event.id,
         type=event.type,
         source=event.source,
         subject=event.subject,
-        time=time,
+        time=to_timestamp(event.time),
         team=event.team,
         data_schema=event.dataschema,
         data=event.payload().SerializeToString(),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
-__all__ = ["MlflowServer", "MlflowSettings", "skip_feast_mlflow_header_provider"]
+__all__ = ["MlflowServer", "MlflowSettings"]
 
 # A registry call, not /health: /health answers before the registry API works (DESIGN §7).
 _READINESS_PATH = "/api/2.0/mlflow/registered-models/search"
@@ -266,32 +266,6 @@ class MlflowServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-
-def skip_feast_mlflow_header_provider() -> None:
-    """Keeps the MLflow client in this process from importing Feast on its first REST call.
-
-    Feast 0.67 registers an ``mlflow.request_header_provider`` entry point
-    (``feast.infra.data_sources.mlflow.auth:FeastMLflowHeaderProvider``). MLflow loads every such
-    plugin on its first HTTP request, which imports all of Feast: 5-12 s on these machines. The
-    provider only adds an ``Authorization`` header inside Feast's own ``mlflow_token_scope``, so
-    a process that talks to MLflow outside Feast (the registry, training jobs, tests) loses
-    nothing by skipping it. Call it once, before the first MLflow REST call; idempotent.
-    """
-    import mlflow.utils.plugins as plugins
-
-    original = plugins._get_entry_points
-    if getattr(original, "_plinth_skips_feast", False):
-        return
-
-    def filtered(group: str) -> list[Any]:
-        entry_points = list(original(group))
-        if group != "mlflow.request_header_provider":
-            return entry_points
-        return [ep for ep in entry_points if not ep.value.startswith("feast.")]
-
-    filtered._plinth_skips_feast = True  # type: ignore[attr-defined]
-    plugins._get_entry_points = filtered  # type: ignore[assignment]
 
 
 def _is_local_path(uri: str) -> bool:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from plinth_common.prototime import to_timestamp
 from plinth.registry.v1 import registry_pb2 as pb
 from plinth.registry.v1 import registry_pb2_grpc
 from services.registry.domain import ModelQuery, ModelVersion, PolicyRule, PromotionPolicy, RegisteredModel, Run
 from services.registry.service import RegistryService
 
-
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def run_to_proto(run: Run) -> pb.Run:
@@ -27,8 +19,8 @@ def run_to_proto(run: Run) -> pb.Run:
         run_id=run.run_id,
         experiment_id=run.experiment_id,
         status=run.status,
-        start_time=_timestamp(run.start_time),
-        end_time=_timestamp(run.end_time),
+        start_time=to_timestamp(run.start_time),
+        end_time=to_timestamp(run.end_time),
         metrics=run.metrics,
         params=run.params,
         tags=run.tags,
@@ -79,7 +71,7 @@ def version_to_proto(version: ModelVersion) -> pb.ModelVersion:
         aliases=list(version.aliases),
         tags=version.tags,
         metrics=version.metrics,
-        created_at=_timestamp(version.created_at),
+        created_at=to_timestamp(version.created_at),
         model_id=version.model_id,
     )
 

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from plinth_common.prototime import to_timestamp
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.service import JobSpec, Resources, SchedulerService
 from services.scheduler.store import JobRow
 
-
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
@@ -35,9 +27,9 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
             register_as=job.register_as,
         ),
         state=scheduler_pb2.JobState.Value(f"JOB_STATE_{job.state}"),
-        created_at=_timestamp(job.created_at),
-        started_at=_timestamp(job.started_at),
-        finished_at=_timestamp(job.finished_at),
+        created_at=to_timestamp(job.created_at),
+        started_at=to_timestamp(job.started_at),
+        finished_at=to_timestamp(job.finished_at),
         exit_code=job.exit_code or 0,
         signal=job.signal or 0,
         failure_reason=job.failure_reason,

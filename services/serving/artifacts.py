@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
+
 DEFAULT_SCHEMES = ("models", "runs", "mlflow-artifacts", "s3", "gs")
 
 
@@ -89,7 +91,7 @@ class MlflowArtifacts:
                 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
                 import mlflow.artifacts
 
-                skip_feast_header_provider()
+                skip_feast_mlflow_header_provider()
                 # download_artifacts(tracking_uri=...) swaps MLflow's process-wide tracking URI
                 # for the call and back; two downloads in parallel threads would restore each
                 # other's default mid-call. With the global already ours the swap is a no-op.
@@ -101,26 +103,3 @@ class MlflowArtifacts:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
-def skip_feast_header_provider() -> None:
-    """Keeps MLflow from importing all of Feast (5-12 s) on its first REST call.
-
-    Feast registers an ``mlflow.request_header_provider`` entry point that MLflow loads on the
-    first HTTP request; it only adds a header inside Feast's own token scope, never entered
-    here. Same fix as ``examples/train_diabetes.py``.
-    """
-    import mlflow.utils.plugins as plugins
-
-    original = plugins._get_entry_points
-    if getattr(original, "_plinth_filtered", False):
-        return
-
-    def filtered(group: str) -> list[Any]:
-        entry_points = original(group)
-        if group != "mlflow.request_header_provider":
-            return entry_points
-        return [ep for ep in entry_points if not ep.value.startswith("feast.")]
-
-    filtered._plinth_filtered = True  # type: ignore[attr-defined]
-    plugins._get_entry_points = filtered

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from plinth_common.prototime import to_timestamp
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from services.serving.service import DeploymentSpec, ServingService
 from services.serving.signature import BatchingSettings
 from services.serving.store import DeploymentRow
 
-
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def deployment_to_proto(row: DeploymentRow) -> serving_pb2.Deployment:
@@ -38,8 +30,8 @@ def deployment_to_proto(row: DeploymentRow) -> serving_pb2.Deployment:
         loading_version=row.loading_version,
         target_version=row.target_version,
         last_error=row.last_error,
-        created_at=_timestamp(row.created_at),
-        updated_at=_timestamp(row.updated_at),
+        created_at=to_timestamp(row.created_at),
+        updated_at=to_timestamp(row.updated_at),
     )
 
 

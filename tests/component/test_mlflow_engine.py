@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 
 from plinth_common.net import free_tcp_port
-from services.registry.mlflow_engine import (
-    MlflowServer,
-    MlflowSettings,
-    skip_feast_mlflow_header_provider,
-)
+from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
+from services.registry.mlflow_engine import MlflowServer, MlflowSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "examples" / "train_diabetes.py"

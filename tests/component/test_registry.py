@@ -132,10 +132,10 @@ async def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 async def registry(
     tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer, mlflow_server: MlflowServer, model_dir: Path
 ) -> AsyncIterator[Registry]:
-    from examples.train_diabetes import skip_feast_mlflow_header_plugin
+    from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
 
     # MLflow's first HTTP request would otherwise import all of Feast (see the example job).
-    skip_feast_mlflow_header_plugin()
+    skip_feast_mlflow_header_provider()
     env = service_env(
         tmp_path_factory.mktemp("registry"),
         nats_server.url,

@@ -103,9 +103,9 @@ def _log_versions(tracking_uri: str, artifacts_root: Path) -> Versions:
     from sklearn.datasets import load_diabetes
     from sklearn.linear_model import Ridge
 
-    from services.serving.artifacts import skip_feast_header_provider
+    from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
 
-    skip_feast_header_provider()
+    skip_feast_mlflow_header_provider()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("serving-test")
     features, target = load_diabetes(return_X_y=True, as_frame=True)

@@ -64,9 +64,9 @@ def model_dir(tmp_path: Path) -> Path:
 async def test_registry_registers_and_promotes_on_postgres(
     tmp_path: Path, nats_server: NatsServer, postgres_database: str, mlflow_database: str, model_dir: Path
 ) -> None:
-    from examples.train_diabetes import skip_feast_mlflow_header_plugin
+    from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
 
-    skip_feast_mlflow_header_plugin()
+    skip_feast_mlflow_header_provider()
     server = MlflowServer(
         MlflowSettings(backend_store_uri=mlflow_database, artifacts_destination=str(tmp_path / "artifacts"), port=free_tcp_port()),
         log_path=tmp_path / "mlflow-server.log",
