@@ -1,8 +1,8 @@
-"""Conversions between protobuf Timestamps and timezone-aware datetimes, for every servicer."""
+"""Datetimes as protobuf Timestamps, for every servicer."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -15,9 +15,3 @@ def to_timestamp(value: datetime | None) -> Timestamp | None:
     stamp.FromDatetime(value)
     return stamp
 
-
-def from_timestamp(stamp: Timestamp, *, unset: datetime | None = None) -> datetime | None:
-    """A Timestamp as an aware UTC datetime; the zero Timestamp gives ``unset``."""
-    if stamp.seconds == 0 and stamp.nanos == 0:
-        return unset
-    return stamp.ToDatetime(tzinfo=timezone.utc)
