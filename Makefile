@@ -11,7 +11,8 @@ venv: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8
+	@test -x $(BIN)/uv || { $(BIN)/python -m pip --version > /dev/null 2>&1 || $(BIN)/python -m ensurepip > /dev/null; \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8; }
 	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	@# This machine sets PYTHONDONTWRITEBYTECODE: without compiled bytecode every process
@@ -23,7 +24,10 @@ run: venv
 	$(BIN)/python -m plinth_common.devstack
 
 # The golden path on a running platform (`make run` in another terminal; PLINTH_GATEWAY).
+# Walks the golden path on a running platform (`make run` in another terminal). The example
+# feature data is generated into the platform's Feast repository first (same machine).
 demo: venv
+	$(BIN)/python -m examples.feature_repo.generate_data "$${PLINTH_DATA_DIR:-.data}/feast/data"
 	$(BIN)/python examples/demo.py
 
 test: venv proto-check
