@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from plinth_common.config import Env
@@ -59,7 +60,10 @@ async def stored_event_types(url: str, subject_id: str) -> list[str]:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        subscription = await js.pull_subscribe("plinth.>", stream="PLINTH")
+        try:
+            subscription = await js.pull_subscribe("plinth.>", stream="PLINTH")
+        except nats.js.errors.NotFoundError:
+            return []  # no service has created the stream (yet)
         types: list[str] = []
         while True:
             try:

@@ -6,6 +6,7 @@ Each service has a frozen dataclass of its own settings; the values shared by al
 
 from __future__ import annotations
 
+import builtins
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,35 +38,35 @@ class Env:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = os.environ if environ is None else environ
 
-    def str(self, name: str, default: str) -> str:
+    def str(self, name: builtins.str, default: builtins.str) -> builtins.str:
         """Returns the variable, or ``default`` when unset or empty."""
         return self._environ.get(name) or default
 
-    def optional(self, name: str) -> str | None:
+    def optional(self, name: builtins.str) -> builtins.str | None:
         """Returns the variable, or None when unset or empty."""
         return self._environ.get(name) or None
 
-    def int(self, name: str, default: int) -> int:
+    def int(self, name: builtins.str, default: builtins.int) -> builtins.int:
         """Returns the variable as an int."""
         raw = self._environ.get(name)
         if not raw:
             return default
         try:
-            return int(raw)
+            return builtins.int(raw)
         except ValueError:
             raise InvalidArgument(name, f"expected an integer, got {raw!r}") from None
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
         """Returns the variable as a float."""
         raw = self._environ.get(name)
         if not raw:
             return default
         try:
-            return float(raw)
+            return builtins.float(raw)
         except ValueError:
             raise InvalidArgument(name, f"expected a number, got {raw!r}") from None
 
-    def path(self, name: str, default: Path) -> Path:
+    def path(self, name: builtins.str, default: Path) -> Path:
         """Returns the variable as an absolute path."""
         raw = self._environ.get(name)
         return Path(raw).expanduser().resolve() if raw else default

@@ -66,7 +66,10 @@ def instrument_grpc_aio(*, clients: bool = True) -> None:
     """Patches grpc.aio so that every server (and client) call is a span (idempotent)."""
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
 
-    for instrumentor in (GrpcAioInstrumentorServer(), *([GrpcAioInstrumentorClient()] if clients else [])):
+    instrumentors: list[GrpcAioInstrumentorServer | GrpcAioInstrumentorClient] = [GrpcAioInstrumentorServer()]
+    if clients:
+        instrumentors.append(GrpcAioInstrumentorClient())
+    for instrumentor in instrumentors:
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument()
 
@@ -90,7 +93,7 @@ def instrument_sqlalchemy() -> None:
 class JsonLogFormatter(logging.Formatter):
     """One JSON object a line, with the current ``trace_id`` and ``span_id`` when inside a span."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # logging's documented way to log UTC
 
     def __init__(self, service: str) -> None:
         super().__init__()

@@ -130,5 +130,4 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    sockets = site._server.sockets if site._server else []  # noqa: SLF001 - aiohttp exposes no public accessor
-    return runner, int(sockets[0].getsockname()[1]) if sockets else port
+    return runner, int(runner.addresses[0][1])

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -134,15 +134,15 @@ class Executor(Protocol):
 class JobEvents(Protocol):
     """Records life-cycle events in the caller's transaction (the outbox)."""
 
-    async def submitted(self, session: object, job: JobRow) -> None: ...
+    async def submitted(self, session: Any, job: JobRow) -> None: ...
 
-    async def admitted(self, session: object, job: JobRow) -> None: ...
+    async def admitted(self, session: Any, job: JobRow) -> None: ...
 
-    async def started(self, session: object, job: JobRow) -> None: ...
+    async def started(self, session: Any, job: JobRow) -> None: ...
 
-    async def finished(self, session: object, job: JobRow) -> None: ...
+    async def finished(self, session: Any, job: JobRow) -> None: ...
 
-    async def cancelled(self, session: object, job: JobRow, reason: str) -> None: ...
+    async def cancelled(self, session: Any, job: JobRow, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -468,13 +468,14 @@ class SchedulerService:
     async def _finish(self, job_id: str, status: ExitStatus) -> None:
         span = self._run_spans.pop(job_id, None)
         if span is None:  # a job re-attached after a restart: continue its submission's trace
-            job = await self.get(job_id)
-            span = tracer.start_span("job finish (re-attached)", context=extract({"traceparent": job.traceparent}), attributes={"plinth.job.id": job_id})
+            submitted = await self.get(job_id)
+            span = tracer.start_span("job finish (re-attached)", context=extract({"traceparent": submitted.traceparent}), attributes={"plinth.job.id": job_id})
         with trace.use_span(span, end_on_exit=True):
             async with self._db.transaction() as session:
-                job = await self._store.get(session, job_id)
-                if job is None or JobState(job.state).terminal:
+                found = await self._store.get(session, job_id)
+                if found is None or JobState(found.state).terminal:
                     return
+                job = found
                 outputs = self._executor.outputs(job)
                 if job.cancel_requested:
                     job = await self._store.update(

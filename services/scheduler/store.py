@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -120,7 +121,7 @@ class JobStore:
         mapping = result.mappings().one_or_none()
         return _row(mapping) if mapping else None
 
-    async def list(self, session: AsyncSession, *, team: str, state: str, limit: int, before_seq: int | None) -> list[JobRow]:
+    async def list(self, session: AsyncSession, *, team: str, state: str, limit: int, before_seq: int | None) -> builtins.list[JobRow]:
         """Jobs newest first, filtered by team and state ('' means any)."""
         statement = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit)
         if team:
@@ -131,7 +132,7 @@ class JobStore:
             statement = statement.where(jobs.c.seq < before_seq)
         return [_row(m) for m in (await session.execute(statement)).mappings()]
 
-    async def in_states(self, session: AsyncSession, states: Sequence[str]) -> list[JobRow]:
+    async def in_states(self, session: AsyncSession, states: Sequence[str]) -> builtins.list[JobRow]:
         """Jobs in any of ``states``, oldest first (queue order)."""
         statement = sa.select(jobs).where(jobs.c.state.in_(list(states))).order_by(jobs.c.seq)
         return [_row(m) for m in (await session.execute(statement)).mappings()]

@@ -227,6 +227,7 @@ async def test_jobs_run_while_nats_is_down_and_events_follow_once_it_is_back(tmp
     await app.start()
     scheduler = Scheduler(app)
     try:
+        await app.runtime.bus.connected()  # the stream exists; then the broker goes away
         await own_nats.stop(kill=True)
         job = await scheduler.submit(PY, "-c", "print('no broker needed')")
         done = await scheduler.wait_state(job.id, *FINAL)
