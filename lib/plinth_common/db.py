@@ -11,7 +11,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext import asyncio as sa_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import NullPool
 
 
@@ -48,7 +49,8 @@ class Database:
         kwargs: dict[str, Any] = _prepare_sqlite(url) if self.is_sqlite else {"pool_pre_ping": True}
         if self.is_sqlite and make_url(url).database in (None, "", ":memory:"):
             kwargs["poolclass"] = NullPool
-        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        # Looked up at call time: the OpenTelemetry instrumentation wraps it after import.
+        self.engine: AsyncEngine = sa_asyncio.create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
