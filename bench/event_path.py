@@ -3,16 +3,23 @@
 Full path: ``Outbox.add`` inside a SQL transaction (SQLite file) -> ``OutboxRelay`` -> JetStream
 -> durable ``EventConsumer`` (processed-events idempotency, handler in a transaction, ack after
 commit), with a real SDK tracer provider and the SQLAlchemy instrumentation, as in a service.
-The producer (with its relay) and the consumer each have their own database file and NATS
-connection, as two services would; they share this process and its event loop.
+
+Topology (default: as deployed): the producer service (database + outbox + relay) runs in this
+process; the consumer service (its own database file, NATS connection, tracer provider and
+``EventConsumer``) runs in a separate process (``--consumer-worker``), as e.g. the scheduler and the
+registry do. Commit and handling times are ``time.time()`` on the same machine clock, so the
+cross-process latency is valid. ``--single-process`` runs both services in this process and its
+event loop instead (the previous topology, where their costs add up on one core).
 
 Peer, same run, same nats-server: raw nats-py JetStream with the same headers and payload:
 pipelined publishes, a pull consumer fetching and acking, both at once, and publish->receive
-latency at the same offered rate.
+latency at the same offered rate. In the default topology the raw consumer of "both at once" and
+of the latency run is a separate process too, for fairness.
 
     python -m bench.event_path                 # both fsync policies, ~2 minutes
-    python -m bench.event_path --quick         # ~20 s smoke run
-    python -m bench.event_path --sync always --profile   # plus a cProfile of the full path
+    python -m bench.event_path --quick         # ~30 s smoke run
+    python -m bench.event_path --single-process  # producer and consumer in one process
+    python -m bench.event_path --sync always --profile   # plus a cProfile of the producer side
 
 Prints figures and ratios; never asserts. Targets (README): >= 2,000 events/s through the full
 path, >= 1/4 of raw, p99 < 20 ms at 1,000 events/s.
@@ -24,9 +31,11 @@ import argparse
 import asyncio
 import cProfile
 import io
+import json
 import logging
 import math
 import pstats
+import sys
 import tempfile
 import time
 import uuid
@@ -61,6 +70,8 @@ TARGET_FRACTION_OF_RAW = 0.25
 TARGET_P99_MS = 20.0
 
 tracer = trace.get_tracer("bench.event_path")
+REPO = Path(__file__).resolve().parents[1]
+WORKER_MAX_SECONDS = 300.0  # a consumer worker stops by itself after this, whatever happens
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,11 @@ class Options:
     drain_timeout: float
     profile: bool
     profile_lines: int
+    separate: bool = True
+
+    @property
+    def topology(self) -> str:
+        return "2 procs" if self.separate else "1 proc"
 
 
 def payload(i: int) -> events_pb2.JobFinished:
@@ -97,44 +113,225 @@ def payload(i: int) -> events_pb2.JobFinished:
     )
 
 
+# --------------------------------------------------------------------------------- consumer process
+
+
+class ConsumerProcess:
+    """A consumer service in its own process (``python -m bench.event_path --consumer-worker``).
+
+    Protocol: the worker prints ``ready`` once its durable consumer exists and is fetching, then
+    ``n <handled>`` whenever its count changes (polled every few ms); it stops on ``stop`` (or EOF)
+    on stdin, or after ``WORKER_MAX_SECONDS``, and writes ``{event id: time.time() of handling}``
+    as JSON to ``out``.
+    """
+
+    def __init__(self, kind: str, url: str, durable: str, out: Path, *, db: Path | None = None, fetch_batch: int = 64) -> None:
+        self.args = [
+            "--consumer-worker", kind, "--url", url, "--durable", durable, "--out", str(out), "--fetch-batch", str(fetch_batch),
+            *(["--db", str(db)] if db is not None else []),
+        ]
+        self.out = out
+        self.handled = 0
+        self._ready = asyncio.Event()
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 60.0) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.event_path", *self.args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO)
+        )
+        self._reader = asyncio.create_task(self._read())
+        ready = asyncio.create_task(self._ready.wait())
+        await asyncio.wait({ready, self._reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not self._ready.is_set():
+            ready.cancel()
+            await self.stop()
+            raise RuntimeError(f"consumer worker did not start: {' '.join(self.args)}")
+
+    async def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        while line := await self.proc.stdout.readline():
+            text = line.decode().strip()
+            if text.startswith("n "):
+                self.handled = int(text[2:])
+            elif text == "ready":
+                self._ready.set()
+
+    async def stop(self, timeout: float = 30.0) -> dict[str, float]:
+        """Stops the worker and returns its handling times."""
+        if self.proc is None:
+            return {}
+        try:
+            assert self.proc.stdin
+            self.proc.stdin.write(b"stop\n")
+            await self.proc.stdin.drain()
+            self.proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout=timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self.proc = None
+        try:
+            return {k: float(v) for k, v in json.loads(self.out.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+
+async def _stdin_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line or line.strip() == b"stop":
+            stop.set()
+            return
+
+
+async def consumer_worker(kind: str, url: str, durable: str, out: Path, db_path: Path | None, fetch_batch: int) -> None:
+    """The consumer service's process: handles events, reports progress, dumps handling times."""
+    handled_at: dict[str, float] = {}
+    stop = asyncio.Event()
+    stdin_task = asyncio.create_task(_stdin_stop(stop))
+    cleanup: list[Callable[[], object]] = []
+
+    if kind == "full":
+        assert db_path is not None
+        db = Database(f"sqlite+aiosqlite:///{db_path}")
+        metadata = sa.MetaData()
+        _, processed_table = event_tables(metadata)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        bus = EventBus(url, name=f"bench-consumer-{durable}", streams=StreamSettings())
+        await bus.start()
+        await bus.connected()
+
+        async def handle(session: AsyncSession, event: CloudEvent, message: Message) -> None:
+            handled_at[event.id] = time.time()
+
+        consumer = EventConsumer(bus, db, processed_table, ConsumerSettings(durable=durable, subjects=[SUBJECT]), handle)
+        await consumer.start()
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:
+            try:
+                await bus.js.consumer_info(EVENTS_STREAM, durable)
+                break
+            except Exception:  # noqa: BLE001
+                await asyncio.sleep(0.02)
+
+        async def close_full() -> None:
+            await consumer.stop()
+            await bus.nc.close()  # closed, not drained (see FullPath.close)
+            await bus.stop()
+            await db.close()
+
+        cleanup.append(close_full)
+    else:
+        nc = await nats.connect(url, name=f"bench-raw-consumer-{durable}")
+        js = nc.jetstream(timeout=10)
+        await js.add_consumer(
+            RAW_STREAM,
+            ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=max(1000, fetch_batch * 4)),
+        )
+        sub = await js.pull_subscribe_bind(durable=durable, stream=RAW_STREAM)
+
+        async def fetch_loop() -> None:
+            while True:
+                try:
+                    msgs = await sub.fetch(fetch_batch, timeout=1.0)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                for msg in msgs:
+                    handled_at[(msg.headers or {}).get("Nats-Msg-Id", "")] = time.time()
+                    await msg.ack()
+
+        fetcher = asyncio.create_task(fetch_loop())
+
+        async def close_raw() -> None:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+            await nc.close()
+
+        cleanup.append(close_raw)
+
+    await asyncio.sleep(0.05)  # let the first fetch go out
+    print("ready", flush=True)
+    started = time.perf_counter()
+    last = -1
+    while not stop.is_set() and time.perf_counter() - started < WORKER_MAX_SECONDS:
+        if len(handled_at) != last:
+            last = len(handled_at)
+            print(f"n {last}", flush=True)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.003)
+        except TimeoutError:
+            pass
+    snapshot = dict(handled_at)
+    out.write_text(json.dumps(snapshot))
+    for close in cleanup:
+        try:
+            await asyncio.wait_for(close(), timeout=10)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001
+            pass
+    stdin_task.cancel()
+    await asyncio.gather(stdin_task, return_exceptions=True)
+    print("done", flush=True)
+
+
 # --------------------------------------------------------------------------------- full path
 
 
 class FullPath:
-    """A producer service (database + outbox + relay) and a consumer service (database + consumer)."""
+    """A producer service (database + outbox + relay) and a consumer service (database + consumer).
 
-    def __init__(self, url: str, folder: Path, name: str) -> None:
+    With ``separate`` (the deployed topology) the consumer service is a :class:`ConsumerProcess`;
+    otherwise it shares this process and event loop. Times are ``time.time()`` in both cases.
+    """
+
+    def __init__(self, url: str, folder: Path, name: str, *, separate: bool, fetch_batch: int = 64) -> None:
         self.name = name
+        self.separate = separate
         self.producer_db = Database(f"sqlite+aiosqlite:///{folder / f'{name}-producer.db'}")
-        self.consumer_db = Database(f"sqlite+aiosqlite:///{folder / f'{name}-consumer.db'}")
         self.metadata = sa.MetaData()
         outbox_table, processed_table = event_tables(self.metadata)
         self.producer_bus = EventBus(url, name=f"bench-producer-{name}", streams=StreamSettings())
-        self.consumer_bus = EventBus(url, name=f"bench-consumer-{name}", streams=StreamSettings())
         self.outbox = Outbox(outbox_table, source="/plinth/bench")
         self.relay = OutboxRelay(self.producer_db, outbox_table, self.producer_bus)
-        self.consumer = EventConsumer(
-            self.consumer_bus, self.consumer_db, processed_table, ConsumerSettings(durable=name, subjects=[SUBJECT]), self._handle
-        )
         self.committed_at: dict[str, float] = {}
         self.handled_at: dict[str, float] = {}
-        self.expected = 0
-        self.all_handled = asyncio.Event()
         self._seq = 0
+        self.worker: ConsumerProcess | None = None
+        if separate:
+            self.worker = ConsumerProcess("full", url, name, folder / f"{name}-handled.json", db=folder / f"{name}-consumer.db", fetch_batch=fetch_batch)
+        else:
+            self.consumer_db = Database(f"sqlite+aiosqlite:///{folder / f'{name}-consumer.db'}")
+            self.consumer_bus = EventBus(url, name=f"bench-consumer-{name}", streams=StreamSettings())
+            self.consumer = EventConsumer(
+                self.consumer_bus, self.consumer_db, processed_table, ConsumerSettings(durable=name, subjects=[SUBJECT]), self._handle
+            )
 
     async def _handle(self, session: AsyncSession, event: CloudEvent, message: Message) -> None:
-        self.handled_at[event.id] = time.perf_counter()
-        if len(self.handled_at) >= self.expected:
-            self.all_handled.set()
+        self.handled_at[event.id] = time.time()
+
+    @property
+    def handled(self) -> int:
+        return self.worker.handled if self.worker is not None else len(self.handled_at)
 
     async def start(self, *, relay: bool = True, consumer: bool = True) -> None:
-        for db in (self.producer_db, self.consumer_db):
-            async with db.engine.begin() as conn:
-                await conn.run_sync(self.metadata.create_all)
+        async with self.producer_db.engine.begin() as conn:
+            await conn.run_sync(self.metadata.create_all)
         await self.producer_bus.start()
-        await self.consumer_bus.start()
         js = await self.producer_bus.connected()
-        await self.consumer_bus.connected()
+        if not self.separate:
+            async with self.consumer_db.engine.begin() as conn:
+                await conn.run_sync(self.metadata.create_all)
+            await self.consumer_bus.start()
+            await self.consumer_bus.connected()
         await js.purge_stream(EVENTS_STREAM)  # each phase starts from an empty stream
         if relay:
             await self.relay.start()
@@ -142,6 +339,9 @@ class FullPath:
             await self.start_consumer()
 
     async def start_consumer(self) -> None:
+        if self.worker is not None:
+            await self.worker.start()
+            return
         await self.consumer.start()
 
         async def exists() -> bool:
@@ -156,7 +356,16 @@ class FullPath:
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.05)  # let the first fetch go out
 
-    async def emit(self, count: int) -> None:
+    async def wait_handled(self, count: int, timeout: float) -> bool:
+        return await wait_until(lambda: self.handled >= count, timeout=timeout, interval=0.002)
+
+    async def collect(self) -> dict[str, float]:
+        """The handling times (stops the consumer process, if any)."""
+        if self.worker is not None:
+            self.handled_at = await self.worker.stop()
+        return self.handled_at
+
+    async def emit(self, count: int) -> list[str]:
         """One transaction carrying ``count`` events, under a request span as in a service."""
         ids = []
         with tracer.start_as_current_span("bench request", kind=SpanKind.SERVER):
@@ -165,20 +374,25 @@ class FullPath:
                     self._seq += 1
                     event = await self.outbox.add(session, payload(self._seq), subject=f"j-{self._seq:012x}", team="ml")
                     ids.append(event.id)
-        now = time.perf_counter()
+        now = time.time()
         for event_id in ids:
             self.committed_at[event_id] = now
+        return ids
 
     async def close(self) -> None:
-        await self.consumer.stop()
+        if self.worker is not None:
+            await self.worker.stop()
+        else:
+            await self.consumer.stop()
         await self.relay.stop()
         await self.producer_bus.stop()
-        # Closed, not drained: a stopped pull consumer may leave fetched messages in the
-        # subscription's queue, and draining would then wait out EventBus.stop's 5 s timeout.
-        await self.consumer_bus.nc.close()
-        await self.consumer_bus.stop()
+        if not self.separate:
+            # Closed, not drained: a stopped pull consumer may leave fetched messages in the
+            # subscription's queue, and draining would then wait out EventBus.stop's 5 s timeout.
+            await self.consumer_bus.nc.close()
+            await self.consumer_bus.stop()
+            await self.consumer_db.close()
         await self.producer_db.close()
-        await self.consumer_db.close()
 
 
 @dataclass
@@ -200,33 +414,26 @@ class Throughput:
 
 
 async def full_throughput(url: str, folder: Path, opts: Options, *, per_txn: int, events: int, profiler: cProfile.Profile | None = None) -> Throughput:
-    stack = FullPath(url, folder, f"tput{per_txn}-{uuid.uuid4().hex[:6]}")
+    stack = FullPath(url, folder, f"tput{per_txn}-{uuid.uuid4().hex[:6]}", separate=opts.separate)
     await stack.start()
-    stack.expected = events
     try:
         if profiler:
             profiler.enable()
-        t0 = time.perf_counter()
+        t0 = time.time()
         sent = 0
-        while sent < events and time.perf_counter() - t0 < opts.phase_cap:
-            if sent - len(stack.handled_at) >= opts.max_backlog:
+        while sent < events and time.time() - t0 < opts.phase_cap:
+            if sent - stack.handled >= opts.max_backlog:
                 await asyncio.sleep(0.001)  # flow control: a bounded backlog keeps the run and its drain short
                 continue
             await stack.emit(min(per_txn, events - sent))
             sent += min(per_txn, events - sent)
-        stack.expected = sent
-        if len(stack.handled_at) >= sent:
-            stack.all_handled.set()
-        committed = time.perf_counter()
-        try:
-            await asyncio.wait_for(stack.all_handled.wait(), timeout=opts.drain_timeout)
-            complete = True
-        except TimeoutError:
-            complete = False
+        committed = time.time()
+        complete = await stack.wait_handled(sent, opts.drain_timeout)
         if profiler:
             profiler.disable()
-        last = max(stack.handled_at.values(), default=time.perf_counter())
-        return Throughput(f"{per_txn} ev/txn", sent, len(stack.handled_at), last - t0, committed - t0, complete)
+        handled_at = await stack.collect()
+        last = max(handled_at.values(), default=time.time())
+        return Throughput(f"{per_txn} ev/txn", sent, len(handled_at), last - t0, committed - t0, complete and len(handled_at) >= sent)
     finally:
         await stack.close()
 
@@ -241,27 +448,24 @@ class Stages:
 
 
 async def full_stages(url: str, folder: Path, opts: Options, *, per_txn: int, events: int) -> Stages:
-    stack = FullPath(url, folder, f"stages{per_txn}-{uuid.uuid4().hex[:6]}")
+    # In one process: each stage runs alone here, so the topology does not matter.
+    stack = FullPath(url, folder, f"stages{per_txn}-{uuid.uuid4().hex[:6]}", separate=False)
     await stack.start(relay=False, consumer=False)
-    stack.expected = events
     try:
         t0 = time.perf_counter()
         sent = 0
         while sent < events and time.perf_counter() - t0 < opts.phase_cap:
             await stack.emit(min(per_txn, events - sent))
             sent += min(per_txn, events - sent)
-        stack.expected = events = sent
+        events = sent
         t1 = time.perf_counter()
         await stack.relay.start()
         await wait_until(lambda: stack.relay.published >= events, timeout=opts.drain_timeout, interval=0.002)
         t2 = time.perf_counter()
-        consume_start = time.perf_counter()
+        consume_start = time.time()
         await stack.start_consumer()
-        try:
-            await asyncio.wait_for(stack.all_handled.wait(), timeout=opts.drain_timeout)
-        except TimeoutError:
-            pass
-        last = max(stack.handled_at.values(), default=time.perf_counter())
+        await stack.wait_handled(events, opts.drain_timeout)
+        last = max(stack.handled_at.values(), default=time.time())
         return Stages(events / (t1 - t0), stack.relay.published / (t2 - t1), len(stack.handled_at) / (last - consume_start))
     finally:
         await stack.close()
@@ -276,11 +480,11 @@ class LatencyRun:
 
 
 async def full_latency(url: str, folder: Path, opts: Options, *, per_s: float, duration: float) -> LatencyRun:
-    stack = FullPath(url, folder, f"lat-{uuid.uuid4().hex[:6]}")
+    stack = FullPath(url, folder, f"lat-{uuid.uuid4().hex[:6]}", separate=opts.separate)
     await stack.start()
     total = int(per_s * (opts.warmup + duration))
-    stack.expected = total
     try:
+        measured: list[str] = []
         pacer = Pacer(per_s)
         measured_from = pacer.start + opts.warmup
         stop_at = pacer.start + opts.warmup + duration
@@ -288,19 +492,16 @@ async def full_latency(url: str, folder: Path, opts: Options, *, per_s: float, d
             await pacer.next()
             if time.perf_counter() > stop_at:
                 break
-            await stack.emit(1)
+            warm = time.perf_counter() < measured_from
+            ids = await stack.emit(1)
+            if not warm:
+                measured += ids
         offered = pacer.achieved()
-        total = stack.expected = len(stack.committed_at)
-        if len(stack.handled_at) >= total:
-            stack.all_handled.set()
-        try:
-            await asyncio.wait_for(stack.all_handled.wait(), timeout=opts.drain_timeout)
-        except TimeoutError:
-            pass
-        samples = [
-            stack.handled_at[i] - t for i, t in stack.committed_at.items() if t >= measured_from and i in stack.handled_at
-        ]
-        return LatencyRun(offered, Latency.of_seconds(samples), len(stack.handled_at), total)
+        total = len(stack.committed_at)
+        await stack.wait_handled(total, opts.drain_timeout)
+        handled_at = await stack.collect()
+        samples = [handled_at[i] - stack.committed_at[i] for i in measured if i in handled_at]
+        return LatencyRun(offered, Latency.of_seconds(samples), len(handled_at), total)
     finally:
         await stack.close()
 
@@ -324,9 +525,10 @@ def raw_message() -> tuple[dict[str, str], bytes]:
 
 
 class RawPeer:
-    def __init__(self, url: str, opts: Options) -> None:
+    def __init__(self, url: str, opts: Options, folder: Path) -> None:
         self.url = url
         self.opts = opts
+        self.folder = folder
         self.headers, self.data = raw_message()
 
     async def __aenter__(self) -> "RawPeer":
@@ -401,17 +603,70 @@ class RawPeer:
         raw.consume_per_s = got / seconds
         await self.js.purge_stream(RAW_STREAM)
         # Both at once: the peer of the full path's end-to-end throughput.
-        t0 = time.perf_counter()
-        expected = [count]
-        consumer = asyncio.create_task(self.consume(expected))
-        await self.publish_pipelined(count)
-        expected[0] = self.published
-        got, _ = await consumer
-        raw.both_per_s = got / (time.perf_counter() - t0)
+        if self.opts.separate:
+            raw.both_per_s = await self.both_separate(count)
+        else:
+            t0 = time.perf_counter()
+            expected = [count]
+            consumer = asyncio.create_task(self.consume(expected))
+            await self.publish_pipelined(count)
+            expected[0] = self.published
+            got, _ = await consumer
+            raw.both_per_s = got / (time.perf_counter() - t0)
         await self.js.purge_stream(RAW_STREAM)
-        raw.latency = await self.latency()
+        raw.latency = await (self.latency_separate() if self.opts.separate else self.latency())
         await self.js.purge_stream(RAW_STREAM)
         return raw
+
+    def _worker(self, tag: str) -> ConsumerProcess:
+        durable = f"raw-{tag}-{uuid.uuid4().hex[:6]}"
+        return ConsumerProcess("raw", self.url, durable, self.folder / f"{durable}.json", fetch_batch=self.opts.fetch_batch)
+
+    async def both_separate(self, count: int) -> float:
+        """Publishes here while a consumer process fetches and acks; messages/s end to end."""
+        worker = self._worker("both")
+        await worker.start()
+        try:
+            t0 = time.time()
+            await self.publish_pipelined(count)
+            await wait_until(lambda: worker.handled >= self.published, timeout=self.opts.drain_timeout, interval=0.002)
+        finally:
+            received = await worker.stop()
+        last = max(received.values(), default=time.time())
+        return len(received) / (last - t0)
+
+    async def latency_separate(self) -> LatencyRun:
+        """Paced publishes here, received by a consumer process; publish -> receive latency."""
+        opts = self.opts
+        total = int(opts.rate * (opts.warmup + opts.duration))
+        sent: dict[str, float] = {}
+        measured: list[str] = []
+        worker = self._worker("lat")
+        await worker.start()
+        try:
+            pacer = Pacer(opts.rate)
+            measured_from = pacer.start + opts.warmup
+            stop_at = measured_from + opts.duration
+            inflight: set[asyncio.Task[object]] = set()
+            for _ in range(total):
+                await pacer.next()
+                now = time.perf_counter()
+                if now > stop_at:
+                    break
+                headers = self._headers()
+                sent[headers["Nats-Msg-Id"]] = time.time()
+                if now >= measured_from:
+                    measured.append(headers["Nats-Msg-Id"])
+                task = asyncio.create_task(self.js.publish(RAW_SUBJECT, self.data, headers=headers))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            offered = pacer.achieved()
+            await asyncio.gather(*inflight, return_exceptions=True)
+            await wait_until(lambda: worker.handled >= len(sent), timeout=opts.drain_timeout, interval=0.002)
+        finally:
+            received = await worker.stop()
+        samples = [received[i] - sent[i] for i in measured if i in received]
+        return LatencyRun(offered, Latency.of_seconds(samples), len(received), len(sent))
 
     async def latency(self) -> LatencyRun:
         opts = self.opts
@@ -469,8 +724,8 @@ async def run_mode(sync: str, opts: Options) -> ModeResult:
         server = NatsServer(folder / "nats", sync_interval=sync)
         await server.start()
         try:
-            print(f"[sync_interval={sync}] nats-server on {server.url}", flush=True)
-            async with RawPeer(server.url, opts) as peer:
+            print(f"[sync_interval={sync}] nats-server on {server.url}; topology: {TOPOLOGY[opts.separate]}", flush=True)
+            async with RawPeer(server.url, opts, folder) as peer:
                 result.raw = await peer.run(opts.events)
             r = result.raw
             assert r.latency is not None
@@ -502,30 +757,38 @@ async def run_mode(sync: str, opts: Options) -> ModeResult:
     return result
 
 
+TOPOLOGY = {
+    True: "2 procs (deployed: producer+relay here, consumer service in its own process)",
+    False: "1 proc (producer, relay and consumer share one process and event loop)",
+}
+
+
 def _mark(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
 def report(results: list[ModeResult], opts: Options) -> None:
     rows = []
+    t = f"[{opts.topology}]"
     for r in results:
         raw, b, s, lat = r.raw, r.batched, r.single, r.latency
         assert b and s and lat and raw.latency
         rows += [
-            [f"{r.sync}", f"full path, {opts.batch} ev/txn ({b.handled}/{b.events}{'' if b.complete else ' INCOMPLETE'})", rate(b.per_s), "", ""],
-            [f"{r.sync}", f"full path, 1 ev/txn ({s.handled}/{s.events}{'' if s.complete else ' INCOMPLETE'})", rate(s.per_s), "", ""],
+            [f"{r.sync}", f"full path {t}, {opts.batch} ev/txn ({b.handled}/{b.events}{'' if b.complete else ' INCOMPLETE'})", rate(b.per_s), "", ""],
+            [f"{r.sync}", f"full path {t}, 1 ev/txn ({s.handled}/{s.events}{'' if s.complete else ' INCOMPLETE'})", rate(s.per_s), "", ""],
             [f"{r.sync}", f"raw publish (windows of {opts.window})", rate(raw.publish_per_s), "", ""],
             [f"{r.sync}", f"raw pull fetch({opts.fetch_batch})+ack", rate(raw.consume_per_s), "", ""],
-            [f"{r.sync}", "raw publish + fetch/ack at once", rate(raw.both_per_s), "", ""],
-            [f"{r.sync}", f"full path latency @{lat.offered_per_s:,.0f}/s ({lat.handled}/{lat.sent})", "", ms(lat.latency.p50), ms(lat.latency.p99)],
+            [f"{r.sync}", f"raw publish + fetch/ack at once {t}", rate(raw.both_per_s), "", ""],
+            [f"{r.sync}", f"full path {t} latency @{lat.offered_per_s:,.0f}/s ({lat.handled}/{lat.sent})", "", ms(lat.latency.p50), ms(lat.latency.p99)],
             *(
-                [[f"{r.sync}", f"full path latency @{r.low_latency.offered_per_s:,.0f}/s ({r.low_latency.handled}/{r.low_latency.sent})", "", ms(r.low_latency.latency.p50), ms(r.low_latency.latency.p99)]]
+                [[f"{r.sync}", f"full path {t} latency @{r.low_latency.offered_per_s:,.0f}/s ({r.low_latency.handled}/{r.low_latency.sent})", "", ms(r.low_latency.latency.p50), ms(r.low_latency.latency.p99)]]
                 if r.low_latency
                 else []
             ),
-            [f"{r.sync}", f"raw latency @{raw.latency.offered_per_s:,.0f}/s ({raw.latency.handled}/{raw.latency.sent})", "", ms(raw.latency.latency.p50), ms(raw.latency.latency.p99)],
+            [f"{r.sync}", f"raw {t} latency @{raw.latency.offered_per_s:,.0f}/s ({raw.latency.handled}/{raw.latency.sent})", "", ms(raw.latency.latency.p50), ms(raw.latency.latency.p99)],
         ]
-    print_table("Summary (events or msgs per second; latency in ms, commit/publish -> handler/receive)", ["sync", "measure", "per s", "p50", "p99"], rows)
+    print(f"Topology {t}: {TOPOLOGY[opts.separate]}")
+    print_table(f"Summary {t} (events or msgs per second; latency in ms, commit/publish -> handler/receive)", ["sync", "measure", "per s", "p50", "p99"], rows)
 
     ratio_rows = []
     for r in results:
@@ -540,17 +803,18 @@ def report(results: list[ModeResult], opts: Options) -> None:
             [r.sync, "full p50 / raw p50", f"{ratio(lat.latency.p50, raw.latency.latency.p50):.1f}", "", ""],
             [r.sync, "full p99 / raw p99", f"{ratio(lat.latency.p99, raw.latency.latency.p99):.1f}", f"p99 {ms(lat.latency.p99)} ms < 20 ms", _mark(lat.latency.p99 < TARGET_P99_MS and lat.latency.n > 0 and lat.handled == lat.sent)],
         ]
-    print_table("Ratios and targets", ["sync", "ratio", "value", "target", ""], ratio_rows)
+    print_table(f"Ratios and targets {t}", ["sync", "ratio", "value", "target", ""], ratio_rows)
 
     for r in results:
         if r.stages:
             print_table(
-                f"Stage capacity, each stage alone on a backlog (sync_interval={r.sync})",
+                f"Stage capacity, each stage alone on a backlog, in one process (sync_interval={r.sync})",
                 ["ev/txn", "commit (Outbox.add+commit)/s", "relay (select+publish+mark)/s", "consumer (fetch+txn+ack)/s"],
                 [[k, rate(v.commit_per_s), rate(v.relay_per_s), rate(v.consume_per_s)] for k, v in r.stages.items()],
             )
         if r.profile:
-            print(f"cProfile of the full path, {opts.batch} ev/txn, sync_interval={r.sync} (producer, relay and consumer share this thread):")
+            who = "producer and relay only; the consumer is another process" if opts.separate else "producer, relay and consumer share this thread"
+            print(f"cProfile of the full path {t}, {opts.batch} ev/txn, sync_interval={r.sync} ({who}):")
             print(r.profile)
 
 
@@ -568,7 +832,8 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--phase-cap", type=float, default=None, help="max seconds of producing in a throughput run (default 6)")
     parser.add_argument("--max-backlog", type=int, default=2000, help="committed but unhandled events at most, in throughput runs")
     parser.add_argument("--drain-timeout", type=float, default=None, help="max seconds to wait for a run to be handled (default 5)")
-    parser.add_argument("--quick", action="store_true", help="~20 s smoke run")
+    parser.add_argument("--quick", action="store_true", help="~30 s smoke run")
+    parser.add_argument("--single-process", action="store_true", help="run the consumer service in this process and event loop (not as deployed)")
     parser.add_argument("--profile", action="store_true", help="cProfile the batched full path and measure each stage alone")
     parser.add_argument("--profile-lines", type=int, default=30)
     a = parser.parse_args(argv)
@@ -589,6 +854,7 @@ def parse(argv: list[str] | None = None) -> Options:
         drain_timeout=a.drain_timeout or (2.0 if quick else 5.0),
         profile=a.profile,
         profile_lines=a.profile_lines,
+        separate=not a.single_process,
     )
 
 
@@ -596,7 +862,7 @@ async def amain(opts: Options) -> None:
     print(f"bench.event_path | {machine_line()}")
     print(
         f"events {opts.events} ({opts.batch}/txn), {opts.single_events} (1/txn); latency {opts.rate:,.0f}/s for {opts.duration:g} s "
-        f"(+{opts.warmup:g} s warm-up); sync_interval {', '.join(opts.syncs)}",
+        f"(+{opts.warmup:g} s warm-up); sync_interval {', '.join(opts.syncs)}; topology {TOPOLOGY[opts.separate]}",
         flush=True,
     )
     started = time.perf_counter()
@@ -605,11 +871,31 @@ async def amain(opts: Options) -> None:
     print(f"total {time.perf_counter() - started:.0f} s | at the end: {machine_line()}")
 
 
+def worker_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.event_path --consumer-worker")
+    parser.add_argument("--consumer-worker", choices=("full", "raw"), required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--durable", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--db", type=Path, default=None)
+    parser.add_argument("--fetch-batch", type=int, default=64)
+    a = parser.parse_args(argv)
+    provider = install_production_tracing("plinth-bench-consumer", sqlalchemy=a.consumer_worker == "full")
+    try:
+        asyncio.run(consumer_worker(a.consumer_worker, a.url, a.durable, a.out, a.db, a.fetch_batch))
+    finally:
+        provider.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.ERROR)
     # Stopping a consumer or relay cancels it, possibly inside a pooled connection's reset,
     # which SQLAlchemy logs as an error; it is harmless here and would clutter the figures.
     logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
+    args = sys.argv[1:] if argv is None else argv
+    if "--consumer-worker" in args:
+        worker_main(args)
+        return
     opts = parse(argv)
     provider = install_production_tracing("plinth-bench")
     try:
