@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,14 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._after_commit: list[Callable[[], None]] = []
+        self._after_commit: list[Callable[[Mapping[str, Any]], None]] = []
 
-    def on_commit(self, callback: Callable[[], None]) -> None:
-        """Registers a cheap, synchronous callback run after every :meth:`transaction` commits."""
+    def on_commit(self, callback: Callable[[Mapping[str, Any]], None]) -> None:
+        """Registers a cheap, synchronous callback run after every :meth:`transaction` commits.
+
+        It gets the session's ``info`` dict, where the transaction's code may leave notes
+        (the outbox notes that it wrote, so its relay wakes only then).
+        """
         self._after_commit.append(callback)
 
     @asynccontextmanager
@@ -66,8 +70,9 @@ class Database:
         async with self.sessions() as session:
             async with session.begin():
                 yield session
+            info = dict(session.info)
         for callback in self._after_commit:
-            callback()
+            callback(info)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

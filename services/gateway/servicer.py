@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import logging
+
 import grpc
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth_common.events import CloudEvent
+from plinth_common.events.envelope import PROTOBUF, MalformedEvent, message_json
 from plinth_common.prototime import to_timestamp
 from services.gateway.service import EventStreams
 
+log = logging.getLogger(__name__)
+
 
 def event_to_proto(event: CloudEvent) -> gateway_pb2.Event:
-    """CloudEvent -> ``plinth.gateway.v1.Event`` (payload both binary and JSON)."""
+    """CloudEvent -> ``plinth.gateway.v1.Event`` (payload both binary and JSON).
+
+    Raises:
+        MalformedEvent: the payload cannot be decoded.
+    """
+    payload = event.payload()
     return gateway_pb2.Event(
         id=event.id,
         type=event.type,
@@ -22,8 +32,8 @@ def event_to_proto(event: CloudEvent) -> gateway_pb2.Event:
         time=to_timestamp(event.time),
         team=event.team,
         data_schema=event.dataschema,
-        data=event.payload().SerializeToString(),
-        data_json=event.payload_json(),
+        data=event.data if event.content_type.startswith(PROTOBUF) else payload.SerializeToString(),
+        data_json=message_json(payload),
         traceparent=event.extensions.get("traceparent", ""),
     )
 
@@ -36,4 +46,7 @@ class EventServicer(gateway_pb2_grpc.EventServiceServicer):
 
     async def WatchEvents(self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.Event]:
         async for event in self._streams.watch(request.types, request.team):
-            yield event_to_proto(event)
+            try:
+                yield event_to_proto(event)
+            except MalformedEvent as exc:  # one bad event must not end every watcher's stream
+                log.warning("skipping event %s: %s", event.id, exc)

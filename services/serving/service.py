@@ -273,7 +273,7 @@ class ServingService:
         self._reconciler: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         # Any commit may have created work (a promotion, a new deployment): look again.
-        db.on_commit(self._wake.set)
+        db.on_commit(lambda _info: self._wake.set())
 
     # -- commands and queries ------------------------------------------------------------------
 

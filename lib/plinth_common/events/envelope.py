@@ -142,12 +142,13 @@ class CloudEvent:
             raise MalformedEvent(f"cannot decode {self.type} payload: {exc}") from None
         return message
 
-    def payload_json(self) -> str:
-        """The payload in proto3 JSON form (for subscribers in other languages and the gateway)."""
-        return json_format.MessageToJson(self.payload(), indent=None, preserving_proto_field_name=True)
-
 
 _CORE = {"specversion", "id", "type", "source", "subject", "time", "dataschema"}
+
+
+def message_json(message: Message) -> str:
+    """A payload in the proto3 JSON form events use (compact, proto field names)."""
+    return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=True)
 
 
 def new_event(
@@ -160,11 +161,7 @@ def new_event(
     extensions: Mapping[str, str] | None = None,
 ) -> CloudEvent:
     """Builds a fresh event (new id, current time) for ``message``."""
-    data = (
-        json_format.MessageToJson(message, indent=None, preserving_proto_field_name=True).encode()
-        if content_type.startswith(JSON)
-        else message.SerializeToString()
-    )
+    data = message_json(message).encode() if content_type.startswith(JSON) else message.SerializeToString()
     ext = dict(extensions or {})
     if team:
         ext["team"] = team

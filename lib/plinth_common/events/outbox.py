@@ -26,6 +26,7 @@ from plinth_common.events.tracing import extract, inject, traceparent_of_current
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.events")
+OUTBOX_WRITTEN = "plinth.outbox_written"  # session.info key: this transaction added events
 
 
 class Outbox:
@@ -56,6 +57,7 @@ class Outbox:
             content_type=self._content_type,
             extensions=traceparent_of_current(),
         )
+        session.info[OUTBOX_WRITTEN] = True
         await session.execute(
             sa.insert(self._table).values(
                 event_id=event.id,
@@ -98,11 +100,15 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.published = 0
-        db.on_commit(self.wake)
+        db.on_commit(self._after_commit)
 
     def wake(self) -> None:
         """Asks the relay to look at the outbox now."""
         self._wake.set()
+
+    def _after_commit(self, info: Mapping[str, Any]) -> None:
+        if info.get(OUTBOX_WRITTEN):
+            self._wake.set()
 
     async def start(self) -> None:
         """Starts the relay loop."""
