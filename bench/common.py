@@ -40,7 +40,7 @@ class Latency:
     mean: float
 
     @classmethod
-    def of_seconds(cls, samples: Iterable[float]) -> "Latency":
+    def of_seconds(cls, samples: Iterable[float]) -> Latency:
         """Summarizes samples given in seconds."""
         values = sorted(s * 1000.0 for s in samples)
         if not values:
@@ -81,10 +81,14 @@ def ratio(numerator: float, denominator: float) -> float:
 def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """Prints a plain-text table (first column left-aligned, the others right-aligned)."""
     body = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)
+    ]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
 
     print(f"\n{title}")
     print(line(list(headers)))
@@ -100,7 +104,9 @@ def machine_line() -> str:
         load = "load %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         load = "load ?"
-    return f"{platform.node()} | {os.cpu_count()} cpus | Python {platform.python_version()} | {load}"
+    return (
+        f"{platform.node()} | {os.cpu_count()} cpus | Python {platform.python_version()} | {load}"
+    )
 
 
 class _DiscardingExporter(SpanExporter):
@@ -121,7 +127,9 @@ def install_production_tracing(service_name: str, *, sqlalchemy: bool = True) ->
     Call before any engine is created (the SQLAlchemy instrumentation hooks engine creation).
     """
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(_DiscardingExporter(), schedule_delay_millis=200))
+    provider.add_span_processor(
+        BatchSpanProcessor(_DiscardingExporter(), schedule_delay_millis=200)
+    )
     trace.set_tracer_provider(provider)
     if sqlalchemy:
         from plinth_common.telemetry import instrument_sqlalchemy
@@ -156,7 +164,9 @@ class Pacer:
         return self.count / elapsed if elapsed > 0 else math.nan
 
 
-async def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float = 0.005) -> bool:
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout: float, interval: float = 0.005
+) -> bool:
     """Polls ``predicate``; True once it holds, False after ``timeout`` seconds."""
     deadline = time.perf_counter() + timeout
     while not predicate():

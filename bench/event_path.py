@@ -45,18 +45,45 @@ from pathlib import Path
 
 import nats
 import nats.errors
-from nats.aio.msg import Msg
 import sqlalchemy as sa
 from google.protobuf.message import Message
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bench.common import Latency, Pacer, install_production_tracing, machine_line, ms, print_table, rate, ratio, wait_until
+from bench.common import (
+    Latency,
+    Pacer,
+    install_production_tracing,
+    machine_line,
+    ms,
+    print_table,
+    rate,
+    ratio,
+    wait_until,
+)
 from plinth.events.v1 import events_pb2
 from plinth_common.db import Database
-from plinth_common.events import CloudEvent, ConsumerSettings, EventBus, EventConsumer, Outbox, OutboxRelay, event_tables, new_event
+from plinth_common.events import (
+    CloudEvent,
+    ConsumerSettings,
+    EventBus,
+    EventConsumer,
+    Outbox,
+    OutboxRelay,
+    event_tables,
+    new_event,
+)
 from plinth_common.events.bus import EVENTS_STREAM, StreamSettings
 from plinth_common.events.tracing import traceparent_of_current
 from plinth_common.nats_server import NatsServer
@@ -125,9 +152,27 @@ class ConsumerProcess:
     as JSON to ``out``.
     """
 
-    def __init__(self, kind: str, url: str, durable: str, out: Path, *, db: Path | None = None, fetch_batch: int = 64) -> None:
+    def __init__(
+        self,
+        kind: str,
+        url: str,
+        durable: str,
+        out: Path,
+        *,
+        db: Path | None = None,
+        fetch_batch: int = 64,
+    ) -> None:
         self.args = [
-            "--consumer-worker", kind, "--url", url, "--durable", durable, "--out", str(out), "--fetch-batch", str(fetch_batch),
+            "--consumer-worker",
+            kind,
+            "--url",
+            url,
+            "--durable",
+            durable,
+            "--out",
+            str(out),
+            "--fetch-batch",
+            str(fetch_batch),
             *(["--db", str(db)] if db is not None else []),
         ]
         self.out = out
@@ -138,11 +183,19 @@ class ConsumerProcess:
 
     async def start(self, timeout: float = 60.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.event_path", *self.args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO)
+            sys.executable,
+            "-m",
+            "bench.event_path",
+            *self.args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(REPO),
         )
         self._reader = asyncio.create_task(self._read())
         ready = asyncio.create_task(self._ready.wait())
-        await asyncio.wait({ready, self._reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {ready, self._reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if not self._ready.is_set():
             ready.cancel()
             await self.stop()
@@ -193,7 +246,9 @@ async def _stdin_stop(stop: asyncio.Event) -> None:
             return
 
 
-async def consumer_worker(kind: str, url: str, durable: str, out: Path, db_path: Path | None, fetch_batch: int) -> None:
+async def consumer_worker(
+    kind: str, url: str, durable: str, out: Path, db_path: Path | None, fetch_batch: int
+) -> None:
     """The consumer service's process: handles events, reports progress, dumps handling times."""
     handled_at: dict[str, float] = {}
     stop = asyncio.Event()
@@ -214,7 +269,9 @@ async def consumer_worker(kind: str, url: str, durable: str, out: Path, db_path:
         async def handle(session: AsyncSession, event: CloudEvent, message: Message) -> None:
             handled_at[event.id] = time.time()
 
-        consumer = EventConsumer(bus, db, processed_table, ConsumerSettings(durable=durable, subjects=[SUBJECT]), handle)
+        consumer = EventConsumer(
+            bus, db, processed_table, ConsumerSettings(durable=durable, subjects=[SUBJECT]), handle
+        )
         await consumer.start()
         deadline = time.perf_counter() + 10
         while time.perf_counter() < deadline:
@@ -236,7 +293,12 @@ async def consumer_worker(kind: str, url: str, durable: str, out: Path, db_path:
         js = nc.jetstream(timeout=10)
         await js.add_consumer(
             RAW_STREAM,
-            ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=max(1000, fetch_batch * 4)),
+            ConsumerConfig(
+                durable_name=durable,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                max_ack_pending=max(1000, fetch_batch * 4),
+            ),
         )
         sub = await js.pull_subscribe_bind(durable=durable, stream=RAW_STREAM)
 
@@ -293,7 +355,9 @@ class FullPath:
     otherwise it shares this process and event loop. Times are ``time.time()`` in both cases.
     """
 
-    def __init__(self, url: str, folder: Path, name: str, *, separate: bool, fetch_batch: int = 64) -> None:
+    def __init__(
+        self, url: str, folder: Path, name: str, *, separate: bool, fetch_batch: int = 64
+    ) -> None:
         self.name = name
         self.separate = separate
         self.producer_db = Database(f"sqlite+aiosqlite:///{folder / f'{name}-producer.db'}")
@@ -307,12 +371,25 @@ class FullPath:
         self._seq = 0
         self.worker: ConsumerProcess | None = None
         if separate:
-            self.worker = ConsumerProcess("full", url, name, folder / f"{name}-handled.json", db=folder / f"{name}-consumer.db", fetch_batch=fetch_batch)
+            self.worker = ConsumerProcess(
+                "full",
+                url,
+                name,
+                folder / f"{name}-handled.json",
+                db=folder / f"{name}-consumer.db",
+                fetch_batch=fetch_batch,
+            )
         else:
             self.consumer_db = Database(f"sqlite+aiosqlite:///{folder / f'{name}-consumer.db'}")
-            self.consumer_bus = EventBus(url, name=f"bench-consumer-{name}", streams=StreamSettings())
+            self.consumer_bus = EventBus(
+                url, name=f"bench-consumer-{name}", streams=StreamSettings()
+            )
             self.consumer = EventConsumer(
-                self.consumer_bus, self.consumer_db, processed_table, ConsumerSettings(durable=name, subjects=[SUBJECT]), self._handle
+                self.consumer_bus,
+                self.consumer_db,
+                processed_table,
+                ConsumerSettings(durable=name, subjects=[SUBJECT]),
+                self._handle,
             )
 
     async def _handle(self, session: AsyncSession, event: CloudEvent, message: Message) -> None:
@@ -372,7 +449,9 @@ class FullPath:
             async with self.producer_db.transaction() as session:
                 for _ in range(count):
                     self._seq += 1
-                    event = await self.outbox.add(session, payload(self._seq), subject=f"j-{self._seq:012x}", team="ml")
+                    event = await self.outbox.add(
+                        session, payload(self._seq), subject=f"j-{self._seq:012x}", team="ml"
+                    )
                     ids.append(event.id)
         now = time.time()
         for event_id in ids:
@@ -413,7 +492,15 @@ class Throughput:
         return self.events / self.commit_elapsed if self.commit_elapsed > 0 else math.nan
 
 
-async def full_throughput(url: str, folder: Path, opts: Options, *, per_txn: int, events: int, profiler: cProfile.Profile | None = None) -> Throughput:
+async def full_throughput(
+    url: str,
+    folder: Path,
+    opts: Options,
+    *,
+    per_txn: int,
+    events: int,
+    profiler: cProfile.Profile | None = None,
+) -> Throughput:
     stack = FullPath(url, folder, f"tput{per_txn}-{uuid.uuid4().hex[:6]}", separate=opts.separate)
     await stack.start()
     try:
@@ -423,7 +510,9 @@ async def full_throughput(url: str, folder: Path, opts: Options, *, per_txn: int
         sent = 0
         while sent < events and time.time() - t0 < opts.phase_cap:
             if sent - stack.handled >= opts.max_backlog:
-                await asyncio.sleep(0.001)  # flow control: a bounded backlog keeps the run and its drain short
+                await asyncio.sleep(
+                    0.001
+                )  # flow control: a bounded backlog keeps the run and its drain short
                 continue
             await stack.emit(min(per_txn, events - sent))
             sent += min(per_txn, events - sent)
@@ -433,7 +522,14 @@ async def full_throughput(url: str, folder: Path, opts: Options, *, per_txn: int
             profiler.disable()
         handled_at = await stack.collect()
         last = max(handled_at.values(), default=time.time())
-        return Throughput(f"{per_txn} ev/txn", sent, len(handled_at), last - t0, committed - t0, complete and len(handled_at) >= sent)
+        return Throughput(
+            f"{per_txn} ev/txn",
+            sent,
+            len(handled_at),
+            last - t0,
+            committed - t0,
+            complete and len(handled_at) >= sent,
+        )
     finally:
         await stack.close()
 
@@ -447,7 +543,9 @@ class Stages:
     consume_per_s: float
 
 
-async def full_stages(url: str, folder: Path, opts: Options, *, per_txn: int, events: int) -> Stages:
+async def full_stages(
+    url: str, folder: Path, opts: Options, *, per_txn: int, events: int
+) -> Stages:
     # In one process: each stage runs alone here, so the topology does not matter.
     stack = FullPath(url, folder, f"stages{per_txn}-{uuid.uuid4().hex[:6]}", separate=False)
     await stack.start(relay=False, consumer=False)
@@ -460,13 +558,19 @@ async def full_stages(url: str, folder: Path, opts: Options, *, per_txn: int, ev
         events = sent
         t1 = time.perf_counter()
         await stack.relay.start()
-        await wait_until(lambda: stack.relay.published >= events, timeout=opts.drain_timeout, interval=0.002)
+        await wait_until(
+            lambda: stack.relay.published >= events, timeout=opts.drain_timeout, interval=0.002
+        )
         t2 = time.perf_counter()
         consume_start = time.time()
         await stack.start_consumer()
         await stack.wait_handled(events, opts.drain_timeout)
         last = max(stack.handled_at.values(), default=time.time())
-        return Stages(events / (t1 - t0), stack.relay.published / (t2 - t1), len(stack.handled_at) / (last - consume_start))
+        return Stages(
+            events / (t1 - t0),
+            stack.relay.published / (t2 - t1),
+            len(stack.handled_at) / (last - consume_start),
+        )
     finally:
         await stack.close()
 
@@ -479,7 +583,9 @@ class LatencyRun:
     sent: int
 
 
-async def full_latency(url: str, folder: Path, opts: Options, *, per_s: float, duration: float) -> LatencyRun:
+async def full_latency(
+    url: str, folder: Path, opts: Options, *, per_s: float, duration: float
+) -> LatencyRun:
     stack = FullPath(url, folder, f"lat-{uuid.uuid4().hex[:6]}", separate=opts.separate)
     await stack.start()
     total = int(per_s * (opts.warmup + duration))
@@ -520,7 +626,13 @@ class Raw:
 def raw_message() -> tuple[dict[str, str], bytes]:
     """The headers and body a real event carries (CloudEvents + traceparent), for a fair peer."""
     with tracer.start_as_current_span("bench request", kind=SpanKind.SERVER):
-        event = new_event(payload(0), source="/plinth/bench", subject="j-0", team="ml", extensions=traceparent_of_current())
+        event = new_event(
+            payload(0),
+            source="/plinth/bench",
+            subject="j-0",
+            team="ml",
+            extensions=traceparent_of_current(),
+        )
     return event.headers(), event.data
 
 
@@ -531,7 +643,7 @@ class RawPeer:
         self.folder = folder
         self.headers, self.data = raw_message()
 
-    async def __aenter__(self) -> "RawPeer":
+    async def __aenter__(self) -> RawPeer:
         self.nc = await nats.connect(self.url, name="bench-raw")
         self.js = self.nc.jetstream(timeout=10)
         settings = StreamSettings()
@@ -564,7 +676,12 @@ class RawPeer:
         sent = 0
         while sent < count and time.perf_counter() - t0 < self.opts.phase_cap:
             n = min(self.opts.window, count - sent)
-            await asyncio.gather(*(self.js.publish(RAW_SUBJECT, self.data, headers=self._headers()) for _ in range(n)))
+            await asyncio.gather(
+                *(
+                    self.js.publish(RAW_SUBJECT, self.data, headers=self._headers())
+                    for _ in range(n)
+                )
+            )
             sent += n
         self.published = sent
         return time.perf_counter() - t0
@@ -572,16 +689,31 @@ class RawPeer:
     async def _consumer(self, durable: str, deliver: DeliverPolicy = DeliverPolicy.ALL):  # type: ignore[no-untyped-def]
         await self.js.add_consumer(
             RAW_STREAM,
-            ConsumerConfig(durable_name=durable, deliver_policy=deliver, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=max(1000, self.opts.fetch_batch * 4)),
+            ConsumerConfig(
+                durable_name=durable,
+                deliver_policy=deliver,
+                ack_policy=AckPolicy.EXPLICIT,
+                max_ack_pending=max(1000, self.opts.fetch_batch * 4),
+            ),
         )
         return await self.js.pull_subscribe_bind(durable=durable, stream=RAW_STREAM)
 
-    async def consume(self, count: int | list[int], on_msg: Callable[[Msg], None] | None = None, *, durable: str | None = None, deliver: DeliverPolicy = DeliverPolicy.ALL, budget: float | None = None) -> tuple[int, float]:
+    async def consume(
+        self,
+        count: int | list[int],
+        on_msg: Callable[[Msg], None] | None = None,
+        *,
+        durable: str | None = None,
+        deliver: DeliverPolicy = DeliverPolicy.ALL,
+        budget: float | None = None,
+    ) -> tuple[int, float]:
         """Fetches and acks until ``count`` messages arrived or the drain timeout; returns (count, seconds)."""
         sub = await self._consumer(durable or f"raw-{uuid.uuid4().hex[:6]}", deliver)
         got = 0
         t0 = time.perf_counter()
-        deadline = t0 + (budget if budget is not None else self.opts.phase_cap + self.opts.drain_timeout)
+        deadline = t0 + (
+            budget if budget is not None else self.opts.phase_cap + self.opts.drain_timeout
+        )
         target = count if isinstance(count, list) else [count]
         while got < target[0] and time.perf_counter() < deadline:
             try:
@@ -620,7 +752,13 @@ class RawPeer:
 
     def _worker(self, tag: str) -> ConsumerProcess:
         durable = f"raw-{tag}-{uuid.uuid4().hex[:6]}"
-        return ConsumerProcess("raw", self.url, durable, self.folder / f"{durable}.json", fetch_batch=self.opts.fetch_batch)
+        return ConsumerProcess(
+            "raw",
+            self.url,
+            durable,
+            self.folder / f"{durable}.json",
+            fetch_batch=self.opts.fetch_batch,
+        )
 
     async def both_separate(self, count: int) -> float:
         """Publishes here while a consumer process fetches and acks; messages/s end to end."""
@@ -629,7 +767,11 @@ class RawPeer:
         try:
             t0 = time.time()
             await self.publish_pipelined(count)
-            await wait_until(lambda: worker.handled >= self.published, timeout=self.opts.drain_timeout, interval=0.002)
+            await wait_until(
+                lambda: worker.handled >= self.published,
+                timeout=self.opts.drain_timeout,
+                interval=0.002,
+            )
         finally:
             received = await worker.stop()
         last = max(received.values(), default=time.time())
@@ -662,7 +804,9 @@ class RawPeer:
                 task.add_done_callback(inflight.discard)
             offered = pacer.achieved()
             await asyncio.gather(*inflight, return_exceptions=True)
-            await wait_until(lambda: worker.handled >= len(sent), timeout=opts.drain_timeout, interval=0.002)
+            await wait_until(
+                lambda: worker.handled >= len(sent), timeout=opts.drain_timeout, interval=0.002
+            )
         finally:
             received = await worker.stop()
         samples = [received[i] - sent[i] for i in measured if i in received]
@@ -679,7 +823,9 @@ class RawPeer:
 
         expected = [total]
         budget = 0.3 + opts.warmup + opts.duration + opts.drain_timeout
-        consumer = asyncio.create_task(self.consume(expected, on_msg, deliver=DeliverPolicy.NEW, budget=budget))
+        consumer = asyncio.create_task(
+            self.consume(expected, on_msg, deliver=DeliverPolicy.NEW, budget=budget)
+        )
         await asyncio.sleep(0.3)  # consumer created and its first fetch waiting
         pacer = Pacer(opts.rate)
         measured_from = pacer.start + opts.warmup
@@ -724,7 +870,10 @@ async def run_mode(sync: str, opts: Options) -> ModeResult:
         server = NatsServer(folder / "nats", sync_interval=sync)
         await server.start()
         try:
-            print(f"[sync_interval={sync}] nats-server on {server.url}; topology: {TOPOLOGY[opts.separate]}", flush=True)
+            print(
+                f"[sync_interval={sync}] nats-server on {server.url}; topology: {TOPOLOGY[opts.separate]}",
+                flush=True,
+            )
             async with RawPeer(server.url, opts, folder) as peer:
                 result.raw = await peer.run(opts.events)
             r = result.raw
@@ -735,18 +884,44 @@ async def run_mode(sync: str, opts: Options) -> ModeResult:
                 flush=True,
             )
             profiler = cProfile.Profile() if opts.profile else None
-            result.batched = await full_throughput(server.url, folder, opts, per_txn=opts.batch, events=opts.events, profiler=profiler)
-            print(f"  full path {opts.batch} ev/txn: {rate(result.batched.per_s)} events/s (commits {rate(result.batched.commit_per_s)}/s)", flush=True)
-            result.single = await full_throughput(server.url, folder, opts, per_txn=1, events=opts.single_events)
-            print(f"  full path 1 ev/txn: {rate(result.single.per_s)} events/s (commits {rate(result.single.commit_per_s)}/s)", flush=True)
-            result.latency = await full_latency(server.url, folder, opts, per_s=opts.rate, duration=opts.duration)
-            print(f"  full path latency @{opts.rate:g}/s: p50 {ms(result.latency.latency.p50)} ms p99 {ms(result.latency.latency.p99)} ms", flush=True)
+            result.batched = await full_throughput(
+                server.url, folder, opts, per_txn=opts.batch, events=opts.events, profiler=profiler
+            )
+            print(
+                f"  full path {opts.batch} ev/txn: {rate(result.batched.per_s)} events/s (commits {rate(result.batched.commit_per_s)}/s)",
+                flush=True,
+            )
+            result.single = await full_throughput(
+                server.url, folder, opts, per_txn=1, events=opts.single_events
+            )
+            print(
+                f"  full path 1 ev/txn: {rate(result.single.per_s)} events/s (commits {rate(result.single.commit_per_s)}/s)",
+                flush=True,
+            )
+            result.latency = await full_latency(
+                server.url, folder, opts, per_s=opts.rate, duration=opts.duration
+            )
+            print(
+                f"  full path latency @{opts.rate:g}/s: p50 {ms(result.latency.latency.p50)} ms p99 {ms(result.latency.latency.p99)} ms",
+                flush=True,
+            )
             if opts.low_rate:
-                result.low_latency = await full_latency(server.url, folder, opts, per_s=opts.low_rate, duration=min(opts.duration / 2, 3.0))
-                print(f"  full path latency @{opts.low_rate:g}/s: p50 {ms(result.low_latency.latency.p50)} ms p99 {ms(result.low_latency.latency.p99)} ms", flush=True)
+                result.low_latency = await full_latency(
+                    server.url,
+                    folder,
+                    opts,
+                    per_s=opts.low_rate,
+                    duration=min(opts.duration / 2, 3.0),
+                )
+                print(
+                    f"  full path latency @{opts.low_rate:g}/s: p50 {ms(result.low_latency.latency.p50)} ms p99 {ms(result.low_latency.latency.p99)} ms",
+                    flush=True,
+                )
             if opts.profile:
                 for per_txn, n in ((opts.batch, opts.events), (1, opts.single_events)):
-                    result.stages[per_txn] = await full_stages(server.url, folder, opts, per_txn=per_txn, events=n)
+                    result.stages[per_txn] = await full_stages(
+                        server.url, folder, opts, per_txn=per_txn, events=n
+                    )
                 out = io.StringIO()
                 stats = pstats.Stats(profiler, stream=out)
                 # Self time only: cumulative times of coroutines and greenlets count nested awaits twice.
@@ -774,21 +949,69 @@ def report(results: list[ModeResult], opts: Options) -> None:
         raw, b, s, lat = r.raw, r.batched, r.single, r.latency
         assert b and s and lat and raw.latency
         rows += [
-            [f"{r.sync}", f"full path {t}, {opts.batch} ev/txn ({b.handled}/{b.events}{'' if b.complete else ' INCOMPLETE'})", rate(b.per_s), "", ""],
-            [f"{r.sync}", f"full path {t}, 1 ev/txn ({s.handled}/{s.events}{'' if s.complete else ' INCOMPLETE'})", rate(s.per_s), "", ""],
-            [f"{r.sync}", f"raw publish (windows of {opts.window})", rate(raw.publish_per_s), "", ""],
-            [f"{r.sync}", f"raw pull fetch({opts.fetch_batch})+ack", rate(raw.consume_per_s), "", ""],
+            [
+                f"{r.sync}",
+                f"full path {t}, {opts.batch} ev/txn ({b.handled}/{b.events}{'' if b.complete else ' INCOMPLETE'})",
+                rate(b.per_s),
+                "",
+                "",
+            ],
+            [
+                f"{r.sync}",
+                f"full path {t}, 1 ev/txn ({s.handled}/{s.events}{'' if s.complete else ' INCOMPLETE'})",
+                rate(s.per_s),
+                "",
+                "",
+            ],
+            [
+                f"{r.sync}",
+                f"raw publish (windows of {opts.window})",
+                rate(raw.publish_per_s),
+                "",
+                "",
+            ],
+            [
+                f"{r.sync}",
+                f"raw pull fetch({opts.fetch_batch})+ack",
+                rate(raw.consume_per_s),
+                "",
+                "",
+            ],
             [f"{r.sync}", f"raw publish + fetch/ack at once {t}", rate(raw.both_per_s), "", ""],
-            [f"{r.sync}", f"full path {t} latency @{lat.offered_per_s:,.0f}/s ({lat.handled}/{lat.sent})", "", ms(lat.latency.p50), ms(lat.latency.p99)],
+            [
+                f"{r.sync}",
+                f"full path {t} latency @{lat.offered_per_s:,.0f}/s ({lat.handled}/{lat.sent})",
+                "",
+                ms(lat.latency.p50),
+                ms(lat.latency.p99),
+            ],
             *(
-                [[f"{r.sync}", f"full path {t} latency @{r.low_latency.offered_per_s:,.0f}/s ({r.low_latency.handled}/{r.low_latency.sent})", "", ms(r.low_latency.latency.p50), ms(r.low_latency.latency.p99)]]
+                [
+                    [
+                        f"{r.sync}",
+                        f"full path {t} latency @{r.low_latency.offered_per_s:,.0f}/s ({r.low_latency.handled}/{r.low_latency.sent})",
+                        "",
+                        ms(r.low_latency.latency.p50),
+                        ms(r.low_latency.latency.p99),
+                    ]
+                ]
                 if r.low_latency
                 else []
             ),
-            [f"{r.sync}", f"raw {t} latency @{raw.latency.offered_per_s:,.0f}/s ({raw.latency.handled}/{raw.latency.sent})", "", ms(raw.latency.latency.p50), ms(raw.latency.latency.p99)],
+            [
+                f"{r.sync}",
+                f"raw {t} latency @{raw.latency.offered_per_s:,.0f}/s ({raw.latency.handled}/{raw.latency.sent})",
+                "",
+                ms(raw.latency.latency.p50),
+                ms(raw.latency.latency.p99),
+            ],
         ]
     print(f"Topology {t}: {TOPOLOGY[opts.separate]}")
-    print_table(f"Summary {t} (events or msgs per second; latency in ms, commit/publish -> handler/receive)", ["sync", "measure", "per s", "p50", "p99"], rows)
+    print_table(
+        f"Summary {t} (events or msgs per second; latency in ms, commit/publish -> handler/receive)",
+        ["sync", "measure", "per s", "p50", "p99"],
+        rows,
+    )
 
     ratio_rows = []
     for r in results:
@@ -797,11 +1020,45 @@ def report(results: list[ModeResult], opts: Options) -> None:
         f_b = ratio(b.per_s, raw.both_per_s)
         f_s = ratio(s.per_s, raw.both_per_s)
         ratio_rows += [
-            [r.sync, f"full {opts.batch} ev/txn / raw both", f"{f_b:.3f}", f"{rate(b.per_s)} >= 2,000/s and >= 1/4 raw", _mark(b.per_s >= TARGET_EVENTS_PER_S and f_b >= TARGET_FRACTION_OF_RAW)],
-            [r.sync, "full 1 ev/txn / raw both", f"{f_s:.3f}", f"{rate(s.per_s)} >= 2,000/s and >= 1/4 raw", _mark(s.per_s >= TARGET_EVENTS_PER_S and f_s >= TARGET_FRACTION_OF_RAW)],
-            [r.sync, f"full {opts.batch} ev/txn / raw publish", f"{ratio(b.per_s, raw.publish_per_s):.3f}", "", ""],
-            [r.sync, "full p50 / raw p50", f"{ratio(lat.latency.p50, raw.latency.latency.p50):.1f}", "", ""],
-            [r.sync, "full p99 / raw p99", f"{ratio(lat.latency.p99, raw.latency.latency.p99):.1f}", f"p99 {ms(lat.latency.p99)} ms < 20 ms", _mark(lat.latency.p99 < TARGET_P99_MS and lat.latency.n > 0 and lat.handled == lat.sent)],
+            [
+                r.sync,
+                f"full {opts.batch} ev/txn / raw both",
+                f"{f_b:.3f}",
+                f"{rate(b.per_s)} >= 2,000/s and >= 1/4 raw",
+                _mark(b.per_s >= TARGET_EVENTS_PER_S and f_b >= TARGET_FRACTION_OF_RAW),
+            ],
+            [
+                r.sync,
+                "full 1 ev/txn / raw both",
+                f"{f_s:.3f}",
+                f"{rate(s.per_s)} >= 2,000/s and >= 1/4 raw",
+                _mark(s.per_s >= TARGET_EVENTS_PER_S and f_s >= TARGET_FRACTION_OF_RAW),
+            ],
+            [
+                r.sync,
+                f"full {opts.batch} ev/txn / raw publish",
+                f"{ratio(b.per_s, raw.publish_per_s):.3f}",
+                "",
+                "",
+            ],
+            [
+                r.sync,
+                "full p50 / raw p50",
+                f"{ratio(lat.latency.p50, raw.latency.latency.p50):.1f}",
+                "",
+                "",
+            ],
+            [
+                r.sync,
+                "full p99 / raw p99",
+                f"{ratio(lat.latency.p99, raw.latency.latency.p99):.1f}",
+                f"p99 {ms(lat.latency.p99)} ms < 20 ms",
+                _mark(
+                    lat.latency.p99 < TARGET_P99_MS
+                    and lat.latency.n > 0
+                    and lat.handled == lat.sent
+                ),
+            ],
         ]
     print_table(f"Ratios and targets {t}", ["sync", "ratio", "value", "target", ""], ratio_rows)
 
@@ -809,32 +1066,107 @@ def report(results: list[ModeResult], opts: Options) -> None:
         if r.stages:
             print_table(
                 f"Stage capacity, each stage alone on a backlog, in one process (sync_interval={r.sync})",
-                ["ev/txn", "commit (Outbox.add+commit)/s", "relay (select+publish+mark)/s", "consumer (fetch+txn+ack)/s"],
-                [[k, rate(v.commit_per_s), rate(v.relay_per_s), rate(v.consume_per_s)] for k, v in r.stages.items()],
+                [
+                    "ev/txn",
+                    "commit (Outbox.add+commit)/s",
+                    "relay (select+publish+mark)/s",
+                    "consumer (fetch+txn+ack)/s",
+                ],
+                [
+                    [k, rate(v.commit_per_s), rate(v.relay_per_s), rate(v.consume_per_s)]
+                    for k, v in r.stages.items()
+                ],
             )
         if r.profile:
-            who = "producer and relay only; the consumer is another process" if opts.separate else "producer, relay and consumer share this thread"
-            print(f"cProfile of the full path {t}, {opts.batch} ev/txn, sync_interval={r.sync} ({who}):")
+            who = (
+                "producer and relay only; the consumer is another process"
+                if opts.separate
+                else "producer, relay and consumer share this thread"
+            )
+            print(
+                f"cProfile of the full path {t}, {opts.batch} ev/txn, sync_interval={r.sync} ({who}):"
+            )
             print(r.profile)
 
 
 def parse(argv: list[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(prog="python -m bench.event_path", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sync", choices=("always", "2m", "both"), default="both", help="nats-server JetStream sync_interval (default: both; the platform uses 'always')")
-    parser.add_argument("--events", type=int, default=None, help="events for the batched throughput and the raw peer (default 20000)")
-    parser.add_argument("--single-events", type=int, default=None, help="events for the one-event-per-transaction throughput (default 5000)")
-    parser.add_argument("--batch", type=int, default=100, help="events per transaction in the batched run")
-    parser.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency runs, events/s")
-    parser.add_argument("--low-rate", type=float, default=100.0, help="offered rate of a second, lighter full-path latency run (0: skip)")
-    parser.add_argument("--duration", type=float, default=None, help="measured seconds of each latency run (default 10)")
-    parser.add_argument("--window", type=int, default=256, help="concurrent publishes per window (raw peer)")
-    parser.add_argument("--fetch-batch", type=int, default=ConsumerSettings(durable="x", subjects=["x"]).batch, help="raw pull consumer batch (default: the EventConsumer's)")
-    parser.add_argument("--phase-cap", type=float, default=None, help="max seconds of producing in a throughput run (default 6)")
-    parser.add_argument("--max-backlog", type=int, default=2000, help="committed but unhandled events at most, in throughput runs")
-    parser.add_argument("--drain-timeout", type=float, default=None, help="max seconds to wait for a run to be handled (default 5)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.event_path", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--sync",
+        choices=("always", "2m", "both"),
+        default="both",
+        help="nats-server JetStream sync_interval (default: both; the platform uses 'always')",
+    )
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="events for the batched throughput and the raw peer (default 20000)",
+    )
+    parser.add_argument(
+        "--single-events",
+        type=int,
+        default=None,
+        help="events for the one-event-per-transaction throughput (default 5000)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=100, help="events per transaction in the batched run"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="offered rate of the latency runs, events/s"
+    )
+    parser.add_argument(
+        "--low-rate",
+        type=float,
+        default=100.0,
+        help="offered rate of a second, lighter full-path latency run (0: skip)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measured seconds of each latency run (default 10)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=256, help="concurrent publishes per window (raw peer)"
+    )
+    parser.add_argument(
+        "--fetch-batch",
+        type=int,
+        default=ConsumerSettings(durable="x", subjects=["x"]).batch,
+        help="raw pull consumer batch (default: the EventConsumer's)",
+    )
+    parser.add_argument(
+        "--phase-cap",
+        type=float,
+        default=None,
+        help="max seconds of producing in a throughput run (default 6)",
+    )
+    parser.add_argument(
+        "--max-backlog",
+        type=int,
+        default=2000,
+        help="committed but unhandled events at most, in throughput runs",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="max seconds to wait for a run to be handled (default 5)",
+    )
     parser.add_argument("--quick", action="store_true", help="~30 s smoke run")
-    parser.add_argument("--single-process", action="store_true", help="run the consumer service in this process and event loop (not as deployed)")
-    parser.add_argument("--profile", action="store_true", help="cProfile the batched full path and measure each stage alone")
+    parser.add_argument(
+        "--single-process",
+        action="store_true",
+        help="run the consumer service in this process and event loop (not as deployed)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the batched full path and measure each stage alone",
+    )
     parser.add_argument("--profile-lines", type=int, default=30)
     a = parser.parse_args(argv)
     quick = a.quick
@@ -880,9 +1212,13 @@ def worker_main(argv: list[str]) -> None:
     parser.add_argument("--db", type=Path, default=None)
     parser.add_argument("--fetch-batch", type=int, default=64)
     a = parser.parse_args(argv)
-    provider = install_production_tracing("plinth-bench-consumer", sqlalchemy=a.consumer_worker == "full")
+    provider = install_production_tracing(
+        "plinth-bench-consumer", sqlalchemy=a.consumer_worker == "full"
+    )
     try:
-        asyncio.run(consumer_worker(a.consumer_worker, a.url, a.durable, a.out, a.db, a.fetch_batch))
+        asyncio.run(
+            consumer_worker(a.consumer_worker, a.url, a.durable, a.out, a.db, a.fetch_batch)
+        )
     finally:
         provider.shutdown()
 

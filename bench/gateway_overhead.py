@@ -73,7 +73,9 @@ class Result:
         return Latency.of_seconds(self.samples)
 
     def cpu_ms_per_request(self, process: str) -> float:
-        return self.cpu.get(process, math.nan) * 1000 / len(self.samples) if self.samples else math.nan
+        return (
+            self.cpu.get(process, math.nan) * 1000 / len(self.samples) if self.samples else math.nan
+        )
 
 
 async def measure(
@@ -119,7 +121,9 @@ async def measure(
         await asyncio.gather(*callers, return_exceptions=True)
 
 
-async def wait_for_job_end(stub: scheduler_pb2_grpc.SchedulerServiceStub, job_id: str, timeout: float = 30.0) -> int:
+async def wait_for_job_end(
+    stub: scheduler_pb2_grpc.SchedulerServiceStub, job_id: str, timeout: float = 30.0
+) -> int:
     deadline = time.perf_counter() + timeout
     while True:
         job = await stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=5)
@@ -131,26 +135,40 @@ async def wait_for_job_end(stub: scheduler_pb2_grpc.SchedulerServiceStub, job_id
 async def run(opts: Options) -> dict[tuple[str, int], Result]:
     results: dict[tuple[str, int], Result] = {}
     with tempfile.TemporaryDirectory(prefix="plinth-bench-gateway-") as tmp:
-        config = PlatformConfig.ephemeral(Path(tmp), services=("scheduler", "gateway"), env={"OTEL_TRACES_EXPORTER": "none"})
+        config = PlatformConfig.ephemeral(
+            Path(tmp), services=("scheduler", "gateway"), env={"OTEL_TRACES_EXPORTER": "none"}
+        )
         platform = LocalPlatform(config)
         try:
             t0 = time.perf_counter()
             await platform.start(timeout=90)
-            print(f"scheduler {platform.address('scheduler')}, gateway {platform.address('gateway')} up in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"scheduler {platform.address('scheduler')}, gateway {platform.address('gateway')} up in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
             pids = {name: process.pid for name, process in platform.processes.items()}
-            if platform.nats is not None and platform.nats._process is not None:  # noqa: SLF001 - for its CPU figure only
-                pids["nats"] = platform.nats._process.pid  # noqa: SLF001
+            if platform.nats is not None and platform.nats._process is not None:
+                pids["nats"] = platform.nats._process.pid
             channels = {
                 "direct": grpc.aio.insecure_channel(platform.address("scheduler")),
                 "gateway": grpc.aio.insecure_channel(platform.address("gateway")),
             }
             try:
-                stubs = {name: scheduler_pb2_grpc.SchedulerServiceStub(ch) for name, ch in channels.items()}
+                stubs = {
+                    name: scheduler_pb2_grpc.SchedulerServiceStub(ch)
+                    for name, ch in channels.items()
+                }
                 submitted = await stubs["gateway"].SubmitJob(
-                    pb.SubmitJobRequest(spec=pb.JobSpec(name="bench-getjob", team="bench", entrypoint=["true"])), timeout=30
+                    pb.SubmitJobRequest(
+                        spec=pb.JobSpec(name="bench-getjob", team="bench", entrypoint=["true"])
+                    ),
+                    timeout=30,
                 )
                 state = await wait_for_job_end(stubs["direct"], submitted.job.id)
-                print(f"job {submitted.job.id} {pb.JobState.Name(state)}; measuring GetJob", flush=True)
+                print(
+                    f"job {submitted.job.id} {pb.JobState.Name(state)}; measuring GetJob",
+                    flush=True,
+                )
                 request = pb.GetJobRequest(job_id=submitted.job.id)
                 per_round = opts.duration / opts.rounds
                 for concurrency in opts.concurrencies:
@@ -159,7 +177,14 @@ async def run(opts: Options) -> dict[tuple[str, int], Result]:
                     for round_no in range(opts.rounds):
                         order = list(stubs) if round_no % 2 == 0 else list(reversed(stubs))
                         for name in order:
-                            await measure(stubs[name], request, results[(name, concurrency)], seconds=per_round, warmup=opts.warmup, pids=pids)
+                            await measure(
+                                stubs[name],
+                                request,
+                                results[(name, concurrency)],
+                                seconds=per_round,
+                                warmup=opts.warmup,
+                                pids=pids,
+                            )
                     d, g = results[("direct", concurrency)], results[("gateway", concurrency)]
                     print(
                         f"  c={concurrency}: direct {rate(d.per_s)}/s p50 {ms(d.latency.p50)} ms | gateway {rate(g.per_s)}/s p50 {ms(g.latency.p50)} ms",
@@ -177,35 +202,100 @@ def report(results: dict[tuple[str, int], Result], opts: Options) -> None:
     rows = []
     for (name, concurrency), r in results.items():
         lat = r.latency
-        rows.append([name, concurrency, rate(r.per_s), *lat.cells(), r.errors, *(ms(r.cpu_ms_per_request(p)) for p in ("client", "gateway", "scheduler"))])
+        rows.append(
+            [
+                name,
+                concurrency,
+                rate(r.per_s),
+                *lat.cells(),
+                r.errors,
+                *(ms(r.cpu_ms_per_request(p)) for p in ("client", "gateway", "scheduler")),
+            ]
+        )
     print_table(
         f"GetJob ({opts.duration:g} s per row in {opts.rounds} alternating rounds, after {opts.warmup:g} s warm-up each; latency in ms)",
-        ["target", "conc", "req/s", "p50", "p90", "p99", "max", "errors", "cpu ms/req client", "gateway", "scheduler"],
+        [
+            "target",
+            "conc",
+            "req/s",
+            "p50",
+            "p90",
+            "p99",
+            "max",
+            "errors",
+            "cpu ms/req client",
+            "gateway",
+            "scheduler",
+        ],
         rows,
     )
     ratio_rows = []
     if ("direct", 1) in results and ("gateway", 1) in results:
         d, g = results[("direct", 1)].latency, results[("gateway", 1)].latency
         added = g.p50 - d.p50
-        ratio_rows.append(["added p50 at concurrency 1", f"{added:.3f} ms", f"< {TARGET_ADDED_P50_MS:g} ms", "met" if added < TARGET_ADDED_P50_MS else "MISSED"])
+        ratio_rows.append(
+            [
+                "added p50 at concurrency 1",
+                f"{added:.3f} ms",
+                f"< {TARGET_ADDED_P50_MS:g} ms",
+                "met" if added < TARGET_ADDED_P50_MS else "MISSED",
+            ]
+        )
         ratio_rows.append(["added p99 at concurrency 1", f"{g.p99 - d.p99:.3f} ms", "", ""])
-        ratio_rows.append(["gateway / direct throughput at concurrency 1", f"{ratio(results[('gateway', 1)].per_s, results[('direct', 1)].per_s):.1%}", "", ""])
+        ratio_rows.append(
+            [
+                "gateway / direct throughput at concurrency 1",
+                f"{ratio(results[('gateway', 1)].per_s, results[('direct', 1)].per_s):.1%}",
+                "",
+                "",
+            ]
+        )
     top = max(opts.concurrencies)
     if ("direct", top) in results and ("gateway", top) in results:
         share = ratio(results[("gateway", top)].per_s, results[("direct", top)].per_s)
         target = f">= {TARGET_FRACTION_AT_32:.0%}" if top == 32 else ""
-        ratio_rows.append([f"gateway / direct throughput at concurrency {top}", f"{share:.1%}", target, ("met" if share >= TARGET_FRACTION_AT_32 else "MISSED") if target else ""])
+        ratio_rows.append(
+            [
+                f"gateway / direct throughput at concurrency {top}",
+                f"{share:.1%}",
+                target,
+                ("met" if share >= TARGET_FRACTION_AT_32 else "MISSED") if target else "",
+            ]
+        )
         d, g = results[("direct", top)].latency, results[("gateway", top)].latency
         ratio_rows.append([f"added p50 at concurrency {top}", f"{g.p50 - d.p50:.3f} ms", "", ""])
     print_table("Ratios and targets", ["measure", "value", "target", ""], ratio_rows)
 
 
 def parse(argv: list[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(prog="python -m bench.gateway_overhead", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=None, help="measured seconds per target and concurrency (default 8)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating direct/gateway rounds the duration is split into (default 2)")
-    parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds before each measured window (default 1)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="concurrent callers (default 1 32)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gateway_overhead", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measured seconds per target and concurrency (default 8)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating direct/gateway rounds the duration is split into (default 2)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up seconds before each measured window (default 1)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 32],
+        help="concurrent callers (default 1 32)",
+    )
     parser.add_argument("--quick", action="store_true", help="~20 s smoke run")
     a = parser.parse_args(argv)
     return Options(

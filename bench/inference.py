@@ -73,7 +73,9 @@ class Result:
     seconds: float = 0.0
     samples: list[float] = field(default_factory=list)
     errors: int = 0
-    cpu: dict[str, float] = field(default_factory=dict)  # process group -> CPU seconds in the windows
+    cpu: dict[str, float] = field(
+        default_factory=dict
+    )  # process group -> CPU seconds in the windows
 
     @property
     def per_s(self) -> float:
@@ -82,7 +84,9 @@ class Result:
 
     def cpu_ms(self, group: str) -> float:
         """CPU milliseconds of a process group per request."""
-        return self.cpu.get(group, math.nan) * 1000 / len(self.samples) if self.samples else math.nan
+        return (
+            self.cpu.get(group, math.nan) * 1000 / len(self.samples) if self.samples else math.nan
+        )
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -150,13 +154,24 @@ def _request(model: str) -> bytes:
     return request.SerializeToString()
 
 
-async def _measure(target: str, model: str, concurrency: int, result: Result, *, seconds: float, warmup: float, groups: dict[str, list[int]]) -> None:
+async def _measure(
+    target: str,
+    model: str,
+    concurrency: int,
+    result: Result,
+    *,
+    seconds: float,
+    warmup: float,
+    groups: dict[str, list[int]],
+) -> None:
     """Runs ``concurrency`` closed-loop callers; records the calls that end inside the window."""
     payload = _request(model)
     recording = stopping = False
     async with grpc.aio.insecure_channel(target) as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        kserve.ModelInferResponse.FromString(await infer(payload, timeout=30))  # fails loudly if broken
+        kserve.ModelInferResponse.FromString(
+            await infer(payload, timeout=30)
+        )  # fails loudly if broken
 
         async def caller() -> None:
             while not stopping:
@@ -181,19 +196,25 @@ async def _measure(target: str, model: str, concurrency: int, result: Result, *,
             result.seconds += time.perf_counter() - t0
             for name, pids in groups.items():
                 result.cpu[name] = result.cpu.get(name, 0.0) + cpu_seconds(pids) - before[name]
-            result.cpu["client"] = result.cpu.get("client", 0.0) + time.process_time() - client_before
+            result.cpu["client"] = (
+                result.cpu.get("client", 0.0) + time.process_time() - client_before
+            )
         finally:
             stopping = True
             await asyncio.gather(*callers, return_exceptions=True)
 
 
-async def _wait_serving(address: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+async def _wait_serving(
+    address: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     async with grpc.aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"serving exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"serving exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+                )
             try:
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -209,11 +230,19 @@ async def _deploy(address: str, nats_url: str, source: str, timeout: float = 180
     async with grpc.aio.insecure_channel(address) as channel:
         stub = serving_pb2_grpc.ServingServiceStub(channel)
         for name, delay, _ in DEPLOYMENTS.values():
-            settings = serving_pb2.TritonSettings(max_batch_size=64, max_queue_delay_microseconds=delay, instance_count=1)
-            await stub.CreateDeployment(serving_pb2.CreateDeploymentRequest(name=name, team="bench", model_name=MODEL, triton=settings))
+            settings = serving_pb2.TritonSettings(
+                max_batch_size=64, max_queue_delay_microseconds=delay, instance_count=1
+            )
+            await stub.CreateDeployment(
+                serving_pb2.CreateDeploymentRequest(
+                    name=name, team="bench", model_name=MODEL, triton=settings
+                )
+            )
         import nats
 
-        promoted = events_pb2.ModelPromoted(model_name=MODEL, alias="production", version="1", team="bench", source=source)
+        promoted = events_pb2.ModelPromoted(
+            model_name=MODEL, alias="production", version="1", team="bench", source=source
+        )
         event = new_event(promoted, source="/plinth/registry", subject=MODEL, team="bench")
         nc = await nats.connect(nats_url)
         try:
@@ -226,8 +255,13 @@ async def _deploy(address: str, nats_url: str, source: str, timeout: float = 180
                 deployment = await stub.GetDeployment(serving_pb2.GetDeploymentRequest(name=name))
                 if deployment.state == serving_pb2.DEPLOYMENT_STATE_READY:
                     break
-                if deployment.state == serving_pb2.DEPLOYMENT_STATE_FAILED or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name}: {serving_pb2.DeploymentState.Name(deployment.state)} {deployment.last_error}")
+                if (
+                    deployment.state == serving_pb2.DEPLOYMENT_STATE_FAILED
+                    or time.monotonic() > deadline
+                ):
+                    raise RuntimeError(
+                        f"{name}: {serving_pb2.DeploymentState.Name(deployment.state)} {deployment.last_error}"
+                    )
                 await asyncio.sleep(0.2)
 
 
@@ -258,16 +292,29 @@ async def run(quick: bool) -> None:
         env.setdefault("OTEL_TRACES_EXPORTER", "none")
         log_path = work / "serving.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "services.serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services.serving"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         source = await asyncio.to_thread(_log_model, tracking_uri, work / "artifacts")
         address = f"127.0.0.1:{serving_port}"
         await _wait_serving(address, process, log_path)
         await _deploy(address, nats_server.url, source)
         groups = {"serving": [process.pid], "triton": descendants(process.pid)}
         print(machine_line())
-        print(f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded)")
+        print(
+            f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded)"
+        )
         excluded = os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "")
-        traced = "off (OTEL_PYTHON_GRPC_EXCLUDED_SERVICES)" if "GRPCInferenceService" in excluded else "a server span per call (made, not exported)"
+        traced = (
+            "off (OTEL_PYTHON_GRPC_EXCLUDED_SERVICES)"
+            if "GRPCInferenceService" in excluded
+            else "a server span per call (made, not exported)"
+        )
         print(f"serving's per-inference tracing: {traced}")
         print(
             f"single-row ModelInfer (1 x 10 FP64) on a Ridge pyfunc in Triton's Python backend; {rounds} round(s) of "
@@ -277,9 +324,20 @@ async def run(quick: bool) -> None:
         for label, (name, _, concurrencies) in DEPLOYMENTS.items():
             for concurrency in concurrencies:
                 for _ in range(rounds):
-                    for target_label, target, model in (("triton", f"127.0.0.1:{triton_port}", f"{name}__v1"), ("plinth", address, name)):
+                    for target_label, target, model in (
+                        ("triton", f"127.0.0.1:{triton_port}", f"{name}__v1"),
+                        ("plinth", address, name),
+                    ):
                         result = results.setdefault((label, concurrency, target_label), Result())
-                        await _measure(target, model, concurrency, result, seconds=seconds, warmup=warmup, groups=groups)
+                        await _measure(
+                            target,
+                            model,
+                            concurrency,
+                            result,
+                            seconds=seconds,
+                            warmup=warmup,
+                            groups=groups,
+                        )
         rows = []
         for (label, concurrency, target_label), result in results.items():
             latency = Latency.of_seconds(result.samples)
@@ -298,18 +356,39 @@ async def run(quick: bool) -> None:
             )
         print_table(
             "Throughput, latency, and CPU per request of each process",
-            ["deployment", "target", "req/s", "p50 ms", "p99 ms", "serving CPU ms", "triton CPU ms", "client CPU ms", "errors"],
+            [
+                "deployment",
+                "target",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "serving CPU ms",
+                "triton CPU ms",
+                "client CPU ms",
+                "errors",
+            ],
             rows,
         )
         for label, (_, _, concurrencies) in DEPLOYMENTS.items():
             for concurrency in concurrencies:
-                share = ratio(results[(label, concurrency, "plinth")].per_s, results[(label, concurrency, "triton")].per_s)
-                print(f"plinth / direct Triton throughput, {label}, c={concurrency}: {share:.0%}" + ("   (target >= 70%)" if concurrency == 32 else ""))
+                share = ratio(
+                    results[(label, concurrency, "plinth")].per_s,
+                    results[(label, concurrency, "triton")].per_s,
+                )
+                print(
+                    f"plinth / direct Triton throughput, {label}, c={concurrency}: {share:.0%}"
+                    + ("   (target >= 70%)" if concurrency == 32 else "")
+                )
         plain, *batched = list(DEPLOYMENTS)
         for label in batched:
             for target_label in ("triton", "plinth"):
-                gain = ratio(results[(label, 32, target_label)].per_s, results[(plain, 32, target_label)].per_s)
-                print(f"{label} / no batching at c=32, {target_label}: {gain:.1f}x   (target >= 3x)")
+                gain = ratio(
+                    results[(label, 32, target_label)].per_s,
+                    results[(plain, 32, target_label)].per_s,
+                )
+                print(
+                    f"{label} / no batching at c=32, {target_label}: {gain:.1f}x   (target >= 3x)"
+                )
     finally:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -51,7 +51,11 @@ from plinth.features.v1 import features_pb2_grpc
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port, wait_for_port
 
-FEATURES = ["driver_hourly_stats:conv_rate", "driver_hourly_stats:acc_rate", "driver_hourly_stats:avg_daily_trips"]
+FEATURES = [
+    "driver_hourly_stats:conv_rate",
+    "driver_hourly_stats:acc_rate",
+    "driver_hourly_stats:avg_daily_trips",
+]
 PROJECT = "bench_online"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,11 +118,23 @@ class FeastPeer:
 
     async def start(self) -> None:
         feast = Path(sys.executable).with_name("feast")
-        command = [str(feast), "-c", str(self._repo), "serve", "-h", "127.0.0.1", "-p", str(self.port), "--no-access-log"]
+        command = [
+            str(feast),
+            "-c",
+            str(self._repo),
+            "serve",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--no-access-log",
+        ]
         if not self._recycling:
             command += ["--max-requests", "0"]
         log = self._log_path.open("wb")
-        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self._repo)
+        self._process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=self._repo
+        )
         await wait_for_port("127.0.0.1", self.port, timeout=120)
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         deadline = time.monotonic() + 60
@@ -146,7 +162,9 @@ class FeastPeer:
     def call(self, rows: int) -> Call:
         """A request for ``rows`` entity rows."""
         url = f"http://127.0.0.1:{self.port}/get-online-features"
-        body = json.dumps({"features": FEATURES, "entities": {"driver_id": driver_ids(rows)}}).encode()
+        body = json.dumps(
+            {"features": FEATURES, "entities": {"driver_id": driver_ids(rows)}}
+        ).encode()
         headers = {"Content-Type": "application/json"}
         assert self.session is not None
         session = self.session
@@ -164,10 +182,16 @@ class FeastPeer:
         """Feature -> values, as feast serve returns them."""
         assert self.session is not None
         body = {"features": FEATURES, "entities": {"driver_id": driver_ids(rows)}}
-        async with self.session.post(f"http://127.0.0.1:{self.port}/get-online-features", json=body) as response:
+        async with self.session.post(
+            f"http://127.0.0.1:{self.port}/get-online-features", json=body
+        ) as response:
             payload = await response.json()
         names = payload["metadata"]["feature_names"]
-        return {name: result["values"] for name, result in zip(names, payload["results"]) if name != "driver_id"}
+        return {
+            name: result["values"]
+            for name, result in zip(names, payload["results"])
+            if name != "driver_id"
+        }
 
     async def stop(self) -> None:
         if self.session is not None:
@@ -208,7 +232,13 @@ class PlinthPeer:
             OTEL_TRACES_EXPORTER="none",
         )
         log = self._log_path.open("wb")
-        self._process = subprocess.Popen([sys.executable, "-m", "services.features"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "services.features"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
         await wait_for_port("127.0.0.1", self.port, timeout=60)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = features_pb2_grpc.FeaturesServiceStub(self.channel)
@@ -227,14 +257,17 @@ class PlinthPeer:
         generate(self.repo / "data")
         await self.stub.ApplyRepository(pb.ApplyRepositoryRequest(files=definition_files()))
         request = pb.MaterializeRequest(feature_views=["driver_hourly_stats"])
-        request.start_time.FromDatetime(datetime(2023, 12, 1, tzinfo=timezone.utc))
-        request.end_time.FromDatetime(datetime(2024, 2, 1, tzinfo=timezone.utc))
+        request.start_time.FromDatetime(datetime(2023, 12, 1, tzinfo=UTC))
+        request.end_time.FromDatetime(datetime(2024, 2, 1, tzinfo=UTC))
         await self.stub.Materialize(request)
 
     def health_call(self) -> Call:
         """A bare gRPC health check: the gRPC stack's own cost (tracing included), no feature read."""
         assert self.channel is not None
-        check, request = health_pb2_grpc.HealthStub(self.channel).Check, health_pb2.HealthCheckRequest()
+        check, request = (
+            health_pb2_grpc.HealthStub(self.channel).Check,
+            health_pb2.HealthCheckRequest(),
+        )
 
         async def call() -> None:
             await check(request)
@@ -245,7 +278,10 @@ class PlinthPeer:
         """A request for ``rows`` entity rows."""
         return pb.GetOnlineFeaturesRequest(
             features=FEATURES,
-            entity_rows=[struct_pb2.Struct(fields={"driver_id": struct_pb2.Value(number_value=d)}) for d in driver_ids(rows)],
+            entity_rows=[
+                struct_pb2.Struct(fields={"driver_id": struct_pb2.Value(number_value=d)})
+                for d in driver_ids(rows)
+            ],
         )
 
     def call(self, rows: int) -> Call:
@@ -265,7 +301,10 @@ class PlinthPeer:
         out: dict[str, list[object]] = {}
         for column in response.columns:
             name = column.name.split(":", 1)[1]
-            out[name] = [v.number_value if v.WhichOneof("kind") == "number_value" else None for v in column.values]
+            out[name] = [
+                v.number_value if v.WhichOneof("kind") == "number_value" else None
+                for v in column.values
+            ]
         return out
 
     async def stop(self) -> None:
@@ -305,41 +344,83 @@ async def run(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         await plinth.start()
         await plinth.prepare()
-        print(f"Plinth features service ready (applied, materialized) in {time.perf_counter() - began:.1f} s", flush=True)
-        feast = FeastPeer(plinth.repo, recycling=args.feast_recycling, log_path=work / "feast-serve.log")
+        print(
+            f"Plinth features service ready (applied, materialized) in {time.perf_counter() - began:.1f} s",
+            flush=True,
+        )
+        feast = FeastPeer(
+            plinth.repo, recycling=args.feast_recycling, log_path=work / "feast-serve.log"
+        )
         began = time.perf_counter()
         await feast.start()
-        print(f"feast serve ready in {time.perf_counter() - began:.1f} s "
-              f"(worker recycling {'default' if args.feast_recycling else 'off: --max-requests 0'})", flush=True)
+        print(
+            f"feast serve ready in {time.perf_counter() - began:.1f} s "
+            f"(worker recycling {'default' if args.feast_recycling else 'off: --max-requests 0'})",
+            flush=True,
+        )
 
         for rows in (1, 100):
             agree = same_values(await feast.values(rows), await plinth.values(rows))
-            print(f"values for {rows} row(s): {'identical' if agree else 'DIFFERENT'} on both servers", flush=True)
+            print(
+                f"values for {rows} row(s): {'identical' if agree else 'DIFFERENT'} on both servers",
+                flush=True,
+            )
 
         table: list[list[object]] = []
         for rows in (1, 100):
             for clients in (1, 8):
                 results: dict[str, Result] = {}
                 for name, peer in (("feast serve", feast), ("plinth", plinth)):
-                    results[name] = await measure(peer.call(rows), clients=clients, seconds=seconds, warmup_s=warmup)
+                    results[name] = await measure(
+                        peer.call(rows), clients=clients, seconds=seconds, warmup_s=warmup
+                    )
                 f, p = results["feast serve"], results["plinth"]
                 for name, r in results.items():
-                    table.append([f"{rows:>3} row(s), {clients} client(s), {name}", r.latency.n, ms(r.latency.p50), ms(r.latency.p99), ms(r.latency.max), rate(r.per_second), r.errors])
-                table.append([
-                    f"{rows:>3} row(s), {clients} client(s), plinth/feast",
-                    "",
-                    f"{ratio(p.latency.p50, f.latency.p50):.2f}",
-                    f"{ratio(p.latency.p99, f.latency.p99):.2f}",
-                    f"{ratio(p.latency.max, f.latency.max):.2f}",
-                    f"{ratio(p.per_second, f.per_second):.2f}",
-                    "",
-                ])
+                    table.append(
+                        [
+                            f"{rows:>3} row(s), {clients} client(s), {name}",
+                            r.latency.n,
+                            ms(r.latency.p50),
+                            ms(r.latency.p99),
+                            ms(r.latency.max),
+                            rate(r.per_second),
+                            r.errors,
+                        ]
+                    )
+                table.append(
+                    [
+                        f"{rows:>3} row(s), {clients} client(s), plinth/feast",
+                        "",
+                        f"{ratio(p.latency.p50, f.latency.p50):.2f}",
+                        f"{ratio(p.latency.p99, f.latency.p99):.2f}",
+                        f"{ratio(p.latency.max, f.latency.max):.2f}",
+                        f"{ratio(p.per_second, f.per_second):.2f}",
+                        "",
+                    ]
+                )
         floors = []
-        for name, peer in (("feast serve GET /health", feast), ("plinth grpc Health.Check", plinth)):
+        for name, peer in (
+            ("feast serve GET /health", feast),
+            ("plinth grpc Health.Check", plinth),
+        ):
             r = await measure(peer.health_call(), clients=1, seconds=seconds / 2, warmup_s=warmup)
-            floors.append([name, r.latency.n, ms(r.latency.p50), ms(r.latency.p99), ms(r.latency.max), rate(r.per_second), r.errors])
+            floors.append(
+                [
+                    name,
+                    r.latency.n,
+                    ms(r.latency.p50),
+                    ms(r.latency.p99),
+                    ms(r.latency.max),
+                    rate(r.per_second),
+                    r.errors,
+                ]
+            )
         print(f"\n{machine_line()}")
-        print_table("Transport floor: a bare call to each server, 1 client (ms)", ["call", "n", "p50", "p99", "max", "req/s", "errors"], floors)
+        print_table(
+            "Transport floor: a bare call to each server, 1 client (ms)",
+            ["call", "n", "p50", "p99", "max", "req/s", "errors"],
+            floors,
+        )
         print_table(
             f"GetOnlineFeatures, {len(FEATURES)} features, {seconds:.0f} s per run (ms; ratio rows: Plinth / Feast, lower latency and higher req/s is better)",
             ["scenario", "n", "p50", "p99", "max", "req/s", "errors"],
@@ -360,10 +441,16 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     """Command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="2 s per run (smoke)")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
-    parser.add_argument("--feast-recycling", action="store_true", help="run feast serve with its default worker recycling")
+    parser.add_argument(
+        "--feast-recycling",
+        action="store_true",
+        help="run feast serve with its default worker recycling",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     asyncio.run(run(parser.parse_args()))
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import Latency, machine_line, ms, print_table, ratio
+from bench.common import Latency, machine_line, print_table, ratio
 from plinth.registry.v1 import registry_pb2 as pb
 from plinth.registry.v1 import registry_pb2_grpc
 from plinth_common.devstack import LocalPlatform, PlatformConfig
@@ -77,7 +77,12 @@ def log_model_run(tracking_uri: str, workdir: Path) -> str:
     skip_feast_mlflow_header_provider()  # MLflow's first HTTP call would import Feast (5-12 s)
     x = np.arange(30, dtype=float).reshape(10, 3)
     model_dir = workdir / "model"
-    mlflow.sklearn.save_model(Ridge().fit(x, x.sum(axis=1)), str(model_dir), serialization_format="cloudpickle", pip_requirements=["scikit-learn"])
+    mlflow.sklearn.save_model(
+        Ridge().fit(x, x.sum(axis=1)),
+        str(model_dir),
+        serialization_format="cloudpickle",
+        pip_requirements=["scikit-learn"],
+    )
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.create_experiment("bench-registry-reads")
     run_id = client.create_run(experiment_id).info.run_id
@@ -119,11 +124,15 @@ class Rotation:
 
 
 async def run(opts: Options) -> dict[str, dict[str, Samples]]:
-    results: dict[str, dict[str, Samples]] = {op: {p: Samples() for p in PATHS} for op in ("GetModelVersionByAlias", "SearchModels")}
+    results: dict[str, dict[str, Samples]] = {
+        op: {p: Samples() for p in PATHS} for op in ("GetModelVersionByAlias", "SearchModels")
+    }
     with tempfile.TemporaryDirectory(prefix="plinth-bench-registry-") as tmp:
         root = Path(tmp)
         env = {"OTEL_TRACES_EXPORTER": "none"}
-        cached = LocalPlatform(PlatformConfig.ephemeral(root / "cached", services=("registry",), env=env))
+        cached = LocalPlatform(
+            PlatformConfig.ephemeral(root / "cached", services=("registry",), env=env)
+        )
         store_uri = f"sqlite:///{root / 'cached' / 'mlflow' / 'mlflow.db'}"
         through: LocalPlatform | None = None
         try:
@@ -148,7 +157,10 @@ async def run(opts: Options) -> dict[str, dict[str, Samples]]:
             )
             # Both at once: the second waits for the first's MLflow (and NATS) by itself.
             await asyncio.gather(cached.start(timeout=180), through.start(timeout=180))
-            print(f"MLflow {cached.mlflow_url} and two registries up in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"MLflow {cached.mlflow_url} and two registries up in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
             await measure(opts, results, cached, through, store_uri, root)
         finally:
             if through is not None:
@@ -158,7 +170,12 @@ async def run(opts: Options) -> dict[str, dict[str, Samples]]:
 
 
 async def measure(
-    opts: Options, results: dict[str, dict[str, Samples]], cached: LocalPlatform, through: LocalPlatform, store_uri: str, root: Path
+    opts: Options,
+    results: dict[str, dict[str, Samples]],
+    cached: LocalPlatform,
+    through: LocalPlatform,
+    store_uri: str,
+    root: Path,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -174,9 +191,16 @@ async def measure(
         t0 = time.perf_counter()
         for name in names:
             team = name.rsplit("-", 1)[0].removeprefix("bench-")
-            await seeding.CreateModelVersion(pb.CreateModelVersionRequest(name=name, team=team, run_id=run_id), timeout=30)
-            await seeding.SetAlias(pb.SetAliasRequest(name=name, alias="production", version="1"), timeout=30)
-        print(f"registered {len(names)} models in {time.perf_counter() - t0:.1f} s; measuring", flush=True)
+            await seeding.CreateModelVersion(
+                pb.CreateModelVersionRequest(name=name, team=team, run_id=run_id), timeout=30
+            )
+            await seeding.SetAlias(
+                pb.SetAliasRequest(name=name, alias="production", version="1"), timeout=30
+            )
+        print(
+            f"registered {len(names)} models in {time.perf_counter() - t0:.1f} s; measuring",
+            flush=True,
+        )
 
         client = MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
         client.search_registered_models(max_results=1)  # build the stores before timing
@@ -186,18 +210,35 @@ async def measure(
             return client.get_model_version_by_alias(alias_names.next(), "production")
 
         def direct_search() -> Any:
-            return client.search_registered_models(filter_string=f"tags.`plinth.team` = '{teams.next()}'", max_results=20)
+            return client.search_registered_models(
+                filter_string=f"tags.`plinth.team` = '{teams.next()}'", max_results=20
+            )
 
-        def plinth_alias(stub: registry_pb2_grpc.RegistryServiceStub) -> Callable[[], Awaitable[Any]]:
-            return lambda: stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=alias_names.next(), alias="production"), timeout=10)
+        def plinth_alias(
+            stub: registry_pb2_grpc.RegistryServiceStub,
+        ) -> Callable[[], Awaitable[Any]]:
+            return lambda: stub.GetModelVersionByAlias(
+                pb.GetModelVersionByAliasRequest(name=alias_names.next(), alias="production"),
+                timeout=10,
+            )
 
-        def plinth_search(stub: registry_pb2_grpc.RegistryServiceStub) -> Callable[[], Awaitable[Any]]:
-            return lambda: stub.SearchModels(pb.SearchModelsRequest(team=teams.next(), page_size=20), timeout=10)
+        def plinth_search(
+            stub: registry_pb2_grpc.RegistryServiceStub,
+        ) -> Callable[[], Awaitable[Any]]:
+            return lambda: stub.SearchModels(
+                pb.SearchModelsRequest(team=teams.next(), page_size=20), timeout=10
+            )
 
         # Same answers first: Plinth's version is MLflow's, with the team and metrics added.
         direct = direct_alias()
-        via = await stubs["plinth cached"].GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=direct.name, alias="production"))
-        assert (via.name, via.version, via.source) == (direct.name, str(direct.version), direct.source)
+        via = await stubs["plinth cached"].GetModelVersionByAlias(
+            pb.GetModelVersionByAliasRequest(name=direct.name, alias="production")
+        )
+        assert (via.name, via.version, via.source) == (
+            direct.name,
+            str(direct.version),
+            direct.source,
+        )
 
         # Hot reads: each batch follows one unmeasured pass over every key it will read (for
         # every path alike), as a service re-reading the same aliases and queries would.
@@ -205,14 +246,24 @@ async def measure(
             for path in PATHS:
                 if path == "mlflow direct":
                     timed_sync(Samples(), direct_alias, len(names))
-                    timed_sync(results["GetModelVersionByAlias"][path], direct_alias, opts.calls_per_round)
+                    timed_sync(
+                        results["GetModelVersionByAlias"][path], direct_alias, opts.calls_per_round
+                    )
                     timed_sync(Samples(), direct_search, len(TEAMS))
                     timed_sync(results["SearchModels"][path], direct_search, opts.calls_per_round)
                 else:
                     await timed(Samples(), plinth_alias(stubs[path]), len(names))
-                    await timed(results["GetModelVersionByAlias"][path], plinth_alias(stubs[path]), opts.calls_per_round)
+                    await timed(
+                        results["GetModelVersionByAlias"][path],
+                        plinth_alias(stubs[path]),
+                        opts.calls_per_round,
+                    )
                     await timed(Samples(), plinth_search(stubs[path]), len(TEAMS))
-                    await timed(results["SearchModels"][path], plinth_search(stubs[path]), opts.calls_per_round)
+                    await timed(
+                        results["SearchModels"][path],
+                        plinth_search(stubs[path]),
+                        opts.calls_per_round,
+                    )
     finally:
         for channel in channels.values():
             await channel.close()
@@ -236,8 +287,20 @@ def report(results: dict[str, dict[str, Samples]], opts: Options) -> None:
             lat = by_path[path].latency
             p50 = ratio(lat.p50, direct.p50)
             verdict = ("met" if p50 <= 1.0 else "MISSED") if path == "plinth cached" else ""
-            ratio_rows.append([f"{operation}: {path} / direct", f"{p50:.2f}x", f"{ratio(lat.p99, direct.p99):.2f}x", "<= 1.00x p50" if verdict else "", verdict])
-    print_table("Ratios (Plinth / MLflow direct; below 1 is faster)", ["measure", "p50", "p99", "target", ""], ratio_rows)
+            ratio_rows.append(
+                [
+                    f"{operation}: {path} / direct",
+                    f"{p50:.2f}x",
+                    f"{ratio(lat.p99, direct.p99):.2f}x",
+                    "<= 1.00x p50" if verdict else "",
+                    verdict,
+                ]
+            )
+    print_table(
+        "Ratios (Plinth / MLflow direct; below 1 is faster)",
+        ["measure", "p50", "p99", "target", ""],
+        ratio_rows,
+    )
     print(
         "Plinth answers with the owning team and the run's metrics (three MLflow reads when not cached);\n"
         "the cached registry serves hot reads from memory for PLINTH_REGISTRY_CACHE_TTL_S (default 2 s),\n"
@@ -250,7 +313,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (~35 s)")
     args = parser.parse_args()
-    opts = Options(rounds=2, calls_per_round=25) if args.quick else Options(rounds=3, calls_per_round=60)
+    opts = (
+        Options(rounds=2, calls_per_round=25)
+        if args.quick
+        else Options(rounds=3, calls_per_round=60)
+    )
     print(machine_line(), flush=True)
     results = asyncio.run(run(opts))
     report(results, opts)

@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -191,8 +191,7 @@ def run(plinth: Plinth, args: argparse.Namespace) -> None:
         if not done.succeeded:
             reason = f": {done.failure_reason}" if done.failure_reason else ""
             raise StepFailed(
-                f"job {done.id} ended {done.state.value}{reason} "
-                f"(see `plinth jobs logs {done.id}`)"
+                f"job {done.id} ended {done.state.value}{reason} (see `plinth jobs logs {done.id}`)"
             )
         return done
 
@@ -214,8 +213,10 @@ def run(plinth: Plinth, args: argparse.Namespace) -> None:
     walk.step(
         f"create or reuse deployment {args.deployment} following {args.model}@{ALIAS}",
         lambda: create_or_reuse_deployment(plinth, args),
-        lambda d: f"{d.name} is {d.state.value}"
-        + (f", serving version {d.serving_version}" if d.serving_version else ""),
+        lambda d: (
+            f"{d.name} is {d.state.value}"
+            + (f", serving version {d.serving_version}" if d.serving_version else "")
+        ),
     )
     promotion = walk.step(
         f"promote version {version.version} to {ALIAS}",
@@ -244,15 +245,19 @@ def run(plinth: Plinth, args: argparse.Namespace) -> None:
         applied = walk.step(
             f"apply the feature repository {_relative(repo)}",
             lambda: plinth.features.apply(repo),
-            lambda a: f"entities {', '.join(a.entities) or '-'}; "
-            f"feature views {', '.join(a.feature_views) or '-'}",
+            lambda a: (
+                f"entities {', '.join(a.entities) or '-'}; "
+                f"feature views {', '.join(a.feature_views) or '-'}"
+            ),
         )
-        end = datetime.now(timezone.utc)
+        end = datetime.now(UTC)
         walk.step(
             "materialize the feature views into the online store",
             lambda: materialize(plinth, repo, end - timedelta(days=3650), end),
-            lambda m: f"{', '.join(m.feature_views) or 'nothing'} in {m.duration_seconds:.2f}s "
-            "on the server",
+            lambda m: (
+                f"{', '.join(m.feature_views) or 'nothing'} in {m.duration_seconds:.2f}s "
+                "on the server"
+            ),
         )
         try:
             walk.step(

@@ -158,15 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
     _say("importing libraries")
+    import mlflow
+    import mlflow.sklearn
     import numpy as np
     import sklearn
+    from mlflow.models import infer_signature
     from sklearn.datasets import load_diabetes
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
     from sklearn.model_selection import train_test_split
-
-    import mlflow
-    import mlflow.sklearn
-    from mlflow.models import infer_signature
 
     skip_feast_mlflow_header_plugin()
 

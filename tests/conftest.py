@@ -17,7 +17,9 @@ from plinth_common.nats_server import NatsServer
 from plinth_common.telemetry import instrument_grpc_aio
 
 # Tests never read a developer's platform settings by accident.
-for _name in [n for n in os.environ if n.startswith("PLINTH_") and not n.startswith("PLINTH_TEST_")]:
+for _name in [
+    n for n in os.environ if n.startswith("PLINTH_") and not n.startswith("PLINTH_TEST_")
+]:
     del os.environ[_name]
 os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
 

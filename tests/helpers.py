@@ -18,7 +18,9 @@ from plinth_common.config import Env
 T = TypeVar("T")
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], *, timeout: float = 20.0, interval: float = 0.05) -> T:
+async def eventually(
+    probe: Callable[[], Awaitable[T]], *, timeout: float = 20.0, interval: float = 0.05
+) -> T:
     """Calls ``probe`` until it returns something truthy; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last: T | None = None
@@ -38,7 +40,7 @@ class EventRecorder:
         self.messages: list[Msg] = []
         self._nc: nats.NATS | None = None
 
-    async def __aenter__(self) -> "EventRecorder":
+    async def __aenter__(self) -> EventRecorder:
         self._nc = await nats.connect(self.url)
         await self._nc.subscribe("plinth.>", cb=self._keep)
         return self
@@ -52,7 +54,9 @@ class EventRecorder:
 
     def of(self, subject_id: str) -> list[str]:
         """Types of the events about ``subject_id`` (ce-subject), in arrival order."""
-        return [m.subject for m in self.messages if (m.headers or {}).get("ce-subject") == subject_id]
+        return [
+            m.subject for m in self.messages if (m.headers or {}).get("ce-subject") == subject_id
+        ]
 
 
 async def stored_event_types(url: str, subject_id: str) -> list[str]:

@@ -39,13 +39,21 @@ def generate(out_dir: Path) -> None:
 
 
 def _tree(root: Path) -> dict[str, Path]:
-    return {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): p
+        for p in root.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def stale_files(current: Path, fresh: Path) -> list[str]:
     """Lists files that differ between the committed and a freshly generated tree."""
     have, want = _tree(current), _tree(fresh)
-    differing = [name for name in want if name not in have or not filecmp.cmp(have[name], want[name], shallow=False)]
+    differing = [
+        name
+        for name in want
+        if name not in have or not filecmp.cmp(have[name], want[name], shallow=False)
+    ]
     extra = [name for name in have if name not in want]
     return sorted(differing + extra)
 
@@ -60,7 +68,12 @@ def main() -> int:
         if args.check:
             stale = stale_files(OUT_ROOT, fresh)
             if stale:
-                print("generated protobuf code is stale; run `make proto`:", *stale, sep="\n  ", file=sys.stderr)
+                print(
+                    "generated protobuf code is stale; run `make proto`:",
+                    *stale,
+                    sep="\n  ",
+                    file=sys.stderr,
+                )
                 return 1
             print("generated protobuf code is current")
             return 0

@@ -11,7 +11,9 @@ from datetime import timedelta
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Float32, Int64
 
-driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64, description="A driver")
+driver = Entity(
+    name="driver", join_keys=["driver_id"], value_type=ValueType.INT64, description="A driver"
+)
 
 driver_stats_source = FileSource(
     name="driver_hourly_stats_source",
@@ -36,7 +38,9 @@ driver_hourly_stats = FeatureView(
     tags={"team": "driver_performance"},
 )
 
-driver_stats_push_source = PushSource(name="driver_stats_push_source", batch_source=driver_stats_source)
+driver_stats_push_source = PushSource(
+    name="driver_stats_push_source", batch_source=driver_stats_source
+)
 
 driver_hourly_stats_fresh = FeatureView(
     name="driver_hourly_stats_fresh",

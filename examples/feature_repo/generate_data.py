@@ -10,7 +10,7 @@ produces the same values. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ PARQUET_NAME = "driver_stats.parquet"
 FIRST_DRIVER_ID = 1001
 DEFAULT_DRIVERS = 200
 DEFAULT_HOURS = 48
-DEFAULT_START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
 DEFAULT_SEED = 20240101
 
 
@@ -77,7 +77,9 @@ def generate(
 
 def main() -> None:
     """Command line: writes the Parquet file into the given folder."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data_dir", type=Path, help="the Feast repository's data folder")
     parser.add_argument("--drivers", type=int, default=DEFAULT_DRIVERS)
     parser.add_argument("--hours", type=int, default=DEFAULT_HOURS)

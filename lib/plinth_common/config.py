@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import builtins
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from plinth_common.errors import InvalidArgument
 
@@ -95,7 +95,7 @@ class CommonSettings:
     log_level: str
 
     @classmethod
-    def from_env(cls, service: str, env: Env | None = None) -> "CommonSettings":
+    def from_env(cls, service: str, env: Env | None = None) -> CommonSettings:
         """Reads ``PLINTH_DATA_DIR``, ``PLINTH_NATS_URL``, ``PLINTH_<SERVICE>_PORT`` and friends."""
         env = env or Env()
         prefix = f"PLINTH_{service.upper()}_"

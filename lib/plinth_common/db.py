@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import NullPool
 
 
-
 def _prepare_sqlite(url: str) -> dict[str, Any]:
     database = make_url(url).database
     if database and database != ":memory:":

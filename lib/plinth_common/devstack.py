@@ -21,7 +21,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_NATS_URL, DEFAULT_PORTS, Env, default_data_dir
+from plinth_common.config import (
+    DEFAULT_GATEWAY_HTTP_PORT,
+    DEFAULT_MLFLOW_PORT,
+    DEFAULT_NATS_URL,
+    DEFAULT_PORTS,
+    Env,
+    default_data_dir,
+)
 from plinth_common.nats_server import DEFAULT_SYNC_INTERVAL, NatsServer
 from plinth_common.net import free_tcp_port
 
@@ -55,7 +62,7 @@ class PlatformConfig:
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: Env | None = None) -> "PlatformConfig":
+    def from_env(cls, env: Env | None = None) -> PlatformConfig:
         """The defaults ``make run`` uses, overridable by ``PLINTH_*`` variables."""
         env = env or Env()
         nats_url = env.optional("PLINTH_NATS_URL")
@@ -63,14 +70,23 @@ class PlatformConfig:
             data_dir=env.path("PLINTH_DATA_DIR", default_data_dir()),
             nats_url=nats_url,
             nats_port=int(DEFAULT_NATS_URL.rsplit(":", 1)[1]),
-            ports={name: env.int(f"PLINTH_{name.upper()}_PORT", DEFAULT_PORTS[name]) for name in SERVICES},
+            ports={
+                name: env.int(f"PLINTH_{name.upper()}_PORT", DEFAULT_PORTS[name])
+                for name in SERVICES
+            },
             mlflow_port=env.int("PLINTH_MLFLOW_PORT", DEFAULT_MLFLOW_PORT),
             gateway_http_port=env.int("PLINTH_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
             nats_sync_interval=env.str("PLINTH_NATS_SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL),
         )
 
     @classmethod
-    def ephemeral(cls, data_dir: Path, *, services: Iterable[str] = SERVICES, env: Mapping[str, str] | None = None) -> "PlatformConfig":
+    def ephemeral(
+        cls,
+        data_dir: Path,
+        *,
+        services: Iterable[str] = SERVICES,
+        env: Mapping[str, str] | None = None,
+    ) -> PlatformConfig:
         """Free ports everywhere (for tests)."""
         return cls(
             data_dir=data_dir,
@@ -93,7 +109,15 @@ class LocalPlatform:
 
     def __init__(self, config: PlatformConfig) -> None:
         self.config = config
-        self.nats = None if config.nats_url else NatsServer(config.data_dir / "nats", port=config.nats_port, sync_interval=config.nats_sync_interval)
+        self.nats = (
+            None
+            if config.nats_url
+            else NatsServer(
+                config.data_dir / "nats",
+                port=config.nats_port,
+                sync_interval=config.nats_sync_interval,
+            )
+        )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -173,7 +197,9 @@ class LocalPlatform:
             while time.monotonic() < deadline:
                 process = self.processes.get(service)
                 if process is not None and process.poll() is not None:
-                    raise RuntimeError(f"{service} exited with {process.returncode}:\n{self.log_tail(service)}")
+                    raise RuntimeError(
+                        f"{service} exited with {process.returncode}:\n{self.log_tail(service)}"
+                    )
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -186,11 +212,15 @@ class LocalPlatform:
     def log_tail(self, service: str, lines: int = 30) -> str:
         """The last lines of a service's log."""
         try:
-            return "\n".join(self.log_path(service).read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(
+                self.log_path(service).read_text(errors="replace").splitlines()[-lines:]
+            )
         except FileNotFoundError:
             return "(no log)"
 
-    async def stop_service(self, service: str, *, kill: bool = False, timeout: float = 30.0) -> None:
+    async def stop_service(
+        self, service: str, *, kill: bool = False, timeout: float = 30.0
+    ) -> None:
         """Stops one service: SIGTERM (graceful) or SIGKILL."""
         process = self.processes.pop(service, None)
         if process is None or process.poll() is not None:
@@ -211,7 +241,11 @@ class LocalPlatform:
 
     def endpoints(self) -> list[tuple[str, str]]:
         """(what, where) rows for the banner."""
-        rows = [(s, self.address(s)) for s in ("gateway", *[x for x in SERVICES if x != "gateway"]) if s in self.config.services]
+        rows = [
+            (s, self.address(s))
+            for s in ("gateway", *[x for x in SERVICES if x != "gateway"])
+            if s in self.config.services
+        ]
         rows.append(("nats", self.nats_url + ("  (embedded, JetStream)" if self.nats else "")))
         if "gateway" in self.config.services:
             rows.insert(1, ("http", f"{self.http_url}  (KServe v2 REST, /healthz)"))
@@ -235,7 +269,11 @@ async def _serve(platform: LocalPlatform) -> None:
             print("\nPlinth is up:")
             for what, where in platform.endpoints():
                 print(f"  {what:<10} {where}")
-            print("\nexport PLINTH_GATEWAY=" + platform.address("gateway") + "   # for the plinth CLI and SDK")
+            print(
+                "\nexport PLINTH_GATEWAY="
+                + platform.address("gateway")
+                + "   # for the plinth CLI and SDK"
+            )
             print("Press Ctrl-C to stop.", flush=True)
             await _watch_children(platform, stop)
     finally:
@@ -251,7 +289,10 @@ async def _watch_children(platform: LocalPlatform, stop: asyncio.Event) -> None:
         for service, process in platform.processes.items():
             if process.poll() is not None and service not in reported:
                 reported.add(service)
-                print(f"!! {service} exited with {process.returncode}; see {platform.log_path(service)}", flush=True)
+                print(
+                    f"!! {service} exited with {process.returncode}; see {platform.log_path(service)}",
+                    flush=True,
+                )
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:

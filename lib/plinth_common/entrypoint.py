@@ -10,7 +10,9 @@ from plinth_common.grpc_server import Service, run_until_signalled
 from plinth_common.telemetry import setup_logging, setup_telemetry
 
 
-def main(service_name: str, build: Callable[[], Service], *, trace_grpc_clients: bool = True) -> None:
+def main(
+    service_name: str, build: Callable[[], Service], *, trace_grpc_clients: bool = True
+) -> None:
     """Sets up logs and traces, builds the app, serves until SIGTERM/SIGINT, flushes spans."""
     setup_logging(service_name, Env().str("PLINTH_LOG_LEVEL", "INFO"))
     telemetry = setup_telemetry(f"plinth-{service_name}", trace_grpc_clients=trace_grpc_clients)

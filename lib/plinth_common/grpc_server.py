@@ -40,7 +40,10 @@ class UpstreamStatus(errors.PlinthError):
 
 def upstream_error(exc: grpc.aio.AioRpcError, upstream: str) -> errors.PlinthError:
     """The error to raise for a failed call to ``upstream``; unreachable peers read as such."""
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not exc.details():
+    if (
+        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        and not exc.details()
+    ):
         return errors.Unavailable(f"{upstream} did not answer ({exc.code().name})")
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         return errors.Unavailable(f"{upstream} unavailable: {exc.details()}")
@@ -144,10 +147,15 @@ class GrpcServer:
         interceptors: extra interceptors, run after the error mapping.
     """
 
-    def __init__(self, *, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> None:
+    def __init__(
+        self, *, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+    ) -> None:
         self._server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor(), *interceptors],
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ],
         )
         self._host = host
         self._requested_port = port
@@ -173,7 +181,11 @@ class GrpcServer:
         """Binds, starts, and returns the bound port. Health starts NOT_SERVING."""
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self._server,
         )
         self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
@@ -185,7 +197,11 @@ class GrpcServer:
 
     async def set_serving(self, serving: bool) -> None:
         """Sets every registered service (and the server as a whole, "") to SERVING or NOT_SERVING."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", *self._service_names):
             await self.health.set(name, status)
 

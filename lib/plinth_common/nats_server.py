@@ -45,7 +45,14 @@ class NatsServer:
         sync_interval: JetStream fsync policy ("always" or a duration such as "2m").
     """
 
-    def __init__(self, store_dir: Path, *, port: int = 0, host: str = "127.0.0.1", sync_interval: str = DEFAULT_SYNC_INTERVAL) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        sync_interval: str = DEFAULT_SYNC_INTERVAL,
+    ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_tcp_port(host)
@@ -71,7 +78,10 @@ class NatsServer:
         config = self._write_config()
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
         self._process = subprocess.Popen(
-            [nats_server_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [nats_server_binary(), "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         try:

@@ -43,17 +43,31 @@ class ServiceRuntime:
         self.db = Database(settings.database_url)
         self.bus = EventBus(settings.nats_url, name=f"plinth-{settings.service}")
         self.server = GrpcServer(host=settings.host, port=settings.port)
-        self.outbox = Outbox(outbox_table, source=f"/plinth/{settings.service}") if outbox_table is not None else None
-        self.relay = OutboxRelay(self.db, outbox_table, self.bus) if outbox_table is not None else None
+        self.outbox = (
+            Outbox(outbox_table, source=f"/plinth/{settings.service}")
+            if outbox_table is not None
+            else None
+        )
+        self.relay = (
+            OutboxRelay(self.db, outbox_table, self.bus) if outbox_table is not None else None
+        )
         self._processed_table = processed_table
         self._migrations = migrations
         self.consumers: list[EventConsumer] = []
 
-    def consume(self, durable: str, subjects: Sequence[str], handler: Handler, **options: object) -> EventConsumer:
+    def consume(
+        self, durable: str, subjects: Sequence[str], handler: Handler, **options: object
+    ) -> EventConsumer:
         """Declares a durable consumer, started with the runtime."""
         if self._processed_table is None:
             raise RuntimeError("a consuming service needs a processed_events table")
-        consumer = EventConsumer(self.bus, self.db, self._processed_table, ConsumerSettings(durable=durable, subjects=subjects, **options), handler)  # type: ignore[arg-type]
+        consumer = EventConsumer(
+            self.bus,
+            self.db,
+            self._processed_table,
+            ConsumerSettings(durable=durable, subjects=subjects, **options),
+            handler,
+        )  # type: ignore[arg-type]
         self.consumers.append(consumer)
         return consumer
 
@@ -102,7 +116,9 @@ class EngineHealth:
         interval_s: probe period once ready (four times faster while not ready).
     """
 
-    def __init__(self, server: GrpcServer, engine: Engine, *, name: str, interval_s: float = 2.0) -> None:
+    def __init__(
+        self, server: GrpcServer, engine: Engine, *, name: str, interval_s: float = 2.0
+    ) -> None:
         self._server = server
         self._engine = engine
         self._name = name
@@ -123,7 +139,12 @@ class EngineHealth:
                 ready = False
             if ready != serving:
                 await self._server.set_serving(ready)
-                log.log(logging.INFO if ready else logging.WARNING, "%s is %s", self._name, "ready" if ready else "not ready")
+                log.log(
+                    logging.INFO if ready else logging.WARNING,
+                    "%s is %s",
+                    self._name,
+                    "ready" if ready else "not ready",
+                )
                 serving = ready
             if ready:
                 self.ready.set()

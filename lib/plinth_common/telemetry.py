@@ -38,7 +38,8 @@ def _otlp_wanted() -> bool:
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
         return False
     return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
 
 
@@ -55,7 +56,9 @@ def setup_telemetry(service_name: str, *, trace_grpc_clients: bool = True) -> Te
     if _otlp_wanted():
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=200))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=200)
+        )
     trace.set_tracer_provider(provider)
     instrument_grpc_aio(clients=trace_grpc_clients)
     instrument_sqlalchemy()
@@ -64,9 +67,14 @@ def setup_telemetry(service_name: str, *, trace_grpc_clients: bool = True) -> Te
 
 def instrument_grpc_aio(*, clients: bool = True) -> None:
     """Patches grpc.aio so that every server (and client) call is a span (idempotent)."""
-    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+    from opentelemetry.instrumentation.grpc import (
+        GrpcAioInstrumentorClient,
+        GrpcAioInstrumentorServer,
+    )
 
-    instrumentors: list[GrpcAioInstrumentorServer | GrpcAioInstrumentorClient] = [GrpcAioInstrumentorServer()]
+    instrumentors: list[GrpcAioInstrumentorServer | GrpcAioInstrumentorClient] = [
+        GrpcAioInstrumentorServer()
+    ]
     if clients:
         instrumentors.append(GrpcAioInstrumentorClient())
     for instrumentor in instrumentors:

@@ -16,7 +16,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (``| head``) went away: not an error worth reporting.
         _silence_stdout()
         return 0
-    except Exception as err:  # noqa: BLE001 - the CLI promises no tracebacks
+    except Exception as err:
         if os.environ.get("PLINTH_DEBUG"):
             raise
         return _fail(f"internal error: {type(err).__name__}: {err}", code=1)
@@ -456,7 +456,7 @@ def _add_features_commands(
         help="read online feature values",
         epilog="Each --entity starts one entity row: --entity driver_id=1001 --entity "
         "driver_id=1002 reads two rows. Values are read as JSON where they are JSON (1001 is "
-        'an int, 1.5 a float, \'"1001"\' a string), else as plain strings.',
+        "an int, 1.5 a float, '\"1001\"' a string), else as plain strings.",
     )
     get.add_argument(
         "--feature",
@@ -515,7 +515,7 @@ def _iso_datetime(text: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"expected an ISO 8601 time like 2025-03-01T12:00:00Z, got {text!r}"
         ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _parse_input(text: str) -> tuple[str, Any]:
@@ -888,7 +888,7 @@ def _features_list(client: Plinth, args: argparse.Namespace) -> int:
 
 def _features_materialize(client: Plinth, args: argparse.Namespace) -> int:
     if args.start is not None:
-        end = args.end or datetime.now(timezone.utc)
+        end = args.end or datetime.now(UTC)
         if args.start >= end:
             raise _UsageError("--start must be before --end")
         done = client.features.materialize(args.start, end, views=args.views)
@@ -1138,14 +1138,14 @@ def _event_line(event: Event) -> str:
 def _time_text(value: datetime | None, *, millis: bool = False) -> str:
     if value is None:
         return ""
-    utc = value.astimezone(timezone.utc)
+    utc = value.astimezone(UTC)
     return utc.isoformat(timespec="milliseconds" if millis else "seconds").replace("+00:00", "Z")
 
 
 def _duration_text(job: Job) -> str:
     if job.started_at is None:
         return ""
-    end = job.finished_at or datetime.now(timezone.utc)
+    end = job.finished_at or datetime.now(UTC)
     seconds = max(0, int((end - job.started_at).total_seconds()))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

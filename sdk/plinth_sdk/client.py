@@ -80,9 +80,7 @@ class Plinth:
         self.events = EventsAPI(self, gateway_pb2_grpc.EventServiceStub(self._channel))
         self.models = ModelsAPI(self, registry)
         self.runs = RunsAPI(self, registry)
-        self.deployments = DeploymentsAPI(
-            self, serving_pb2_grpc.ServingServiceStub(self._channel)
-        )
+        self.deployments = DeploymentsAPI(self, serving_pb2_grpc.ServingServiceStub(self._channel))
         self.features = FeaturesAPI(self, features_pb2_grpc.FeaturesServiceStub(self._channel))
         self._inference_stub: Any = None
 
@@ -304,9 +302,7 @@ class JobsAPI:
             FailedPrecondition: the job cannot be cancelled in its state.
         """
         return Job.from_proto(
-            self._client._unary(
-                self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id)
-            )
+            self._client._unary(self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id))
         )
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
@@ -388,4 +384,3 @@ class EventsAPI:
         request = gateway_pb2.WatchEventsRequest(types=list(types), team=team or "")
         for message in self._client._stream(self._stub.WatchEvents, request, timeout=None):
             yield Event.from_proto(message)
-

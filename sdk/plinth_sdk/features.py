@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,9 +125,7 @@ class FeaturesAPI:
         request = features_pb2.MaterializeIncrementalRequest(
             feature_views=builtins.list(views), end_time=_timestamp(end or _now())
         )
-        response = self._client._unary(
-            self._stub.MaterializeIncremental, request, timeout=timeout
-        )
+        response = self._client._unary(self._stub.MaterializeIncremental, request, timeout=timeout)
         return Materialization.from_proto(response)
 
     def online(
@@ -207,9 +205,7 @@ class FeaturesAPI:
             format=features_pb2.TABLE_FORMAT_ARROW_IPC,
             full_feature_names=full_feature_names,
         )
-        response = self._client._unary(
-            self._stub.GetHistoricalFeatures, request, timeout=timeout
-        )
+        response = self._client._unary(self._stub.GetHistoricalFeatures, request, timeout=timeout)
         return _read_table(response.table, response.format).to_pandas()
 
 
@@ -271,16 +267,16 @@ def _feastignored(root: Path) -> set[Path]:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _timestamp(value: datetime) -> Timestamp:
     if not isinstance(value, datetime):
         raise ValueError(f"expected a datetime, got {value!r}")
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     stamp = Timestamp()
-    stamp.FromDatetime(value.astimezone(timezone.utc))
+    stamp.FromDatetime(value.astimezone(UTC))
     return stamp
 
 

@@ -237,8 +237,7 @@ def decode_infer_response(response: Any) -> dict[str, np.ndarray]:
             decoded[output.name] = flat.reshape(shape)
         except ValueError as err:
             raise ValueError(
-                f"output {output.name!r} ({datatype}, shape {list(shape)}) could not be read: "
-                f"{err}"
+                f"output {output.name!r} ({datatype}, shape {list(shape)}) could not be read: {err}"
             ) from None
     return decoded
 

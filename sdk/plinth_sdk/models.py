@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
@@ -282,7 +282,7 @@ def _datetime_or_none(msg: Any, field_name: str) -> datetime | None:
     ts: Timestamp = getattr(msg, field_name)
     if ts.seconds == 0 and ts.nanos == 0:
         return None
-    when: datetime = ts.ToDatetime(tzinfo=timezone.utc)
+    when: datetime = ts.ToDatetime(tzinfo=UTC)
     return when
 
 
@@ -1048,7 +1048,7 @@ def to_struct(row: Mapping[str, Any]) -> Struct:
 def _timestamp_or_none(ts: Timestamp) -> datetime | None:
     if ts.seconds == 0 and ts.nanos == 0:
         return None
-    when: datetime = ts.ToDatetime(tzinfo=timezone.utc)
+    when: datetime = ts.ToDatetime(tzinfo=UTC)
     return when
 
 

@@ -273,9 +273,7 @@ class ModelsAPI:
         page_token: str,
     ) -> registry_pb2.SearchModelsResponse:
         if not 1 <= page_size <= _MAX_MODELS_PAGE:
-            raise ValueError(
-                f"page_size must be between 1 and {_MAX_MODELS_PAGE}, got {page_size}"
-            )
+            raise ValueError(f"page_size must be between 1 and {_MAX_MODELS_PAGE}, got {page_size}")
         request = registry_pb2.SearchModelsRequest(
             name_prefix=prefix or "",
             team=team or "",
@@ -307,7 +305,7 @@ class RunsAPI:
         self,
         *,
         experiment_ids: Iterable[str] = (),
-        filter: str = "",  # noqa: A002 - MLflow's own name for it
+        filter: str = "",
         page_size: int = 100,
     ) -> Iterator[Run]:
         """Yields runs, e.g. ``filter="metrics.rmse < 60"``, fetching pages as needed."""

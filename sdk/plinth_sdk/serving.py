@@ -154,8 +154,7 @@ class DeploymentsAPI:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise DeploymentWaitTimeout(
-                        f"deployment {name} still {_progress_text(deployment)} "
-                        f"after {timeout:g}s",
+                        f"deployment {name} still {_progress_text(deployment)} after {timeout:g}s",
                         deployment=deployment,
                     )
                 time.sleep(min(poll, remaining))

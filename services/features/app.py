@@ -46,7 +46,7 @@ class FeaturesSettings:
     inline_read_max_keys: int = 32
 
     @classmethod
-    def from_env(cls, env: Env | None = None) -> "FeaturesSettings":
+    def from_env(cls, env: Env | None = None) -> FeaturesSettings:
         """Reads the environment; the repository defaults to a folder under the data dir."""
         env = env or Env()
         common = CommonSettings.from_env("features", env)
@@ -70,7 +70,12 @@ class FeaturesApp:
 
     def __init__(self, settings: FeaturesSettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common, outbox_table=outbox_table, processed_table=processed_table, migrations=MIGRATIONS)
+        self.runtime = ServiceRuntime(
+            settings.common,
+            outbox_table=outbox_table,
+            processed_table=processed_table,
+            migrations=MIGRATIONS,
+        )
         assert self.runtime.outbox is not None
         self.feast = FeastEngine(settings.feast)
         self.service = FeaturesService(

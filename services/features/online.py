@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,14 @@ from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
 if TYPE_CHECKING:
     import feast
 
-__all__ = ["FieldStatus", "OnlineColumn", "OnlinePlan", "OnlinePlanner", "OnlineReader", "parse_feature_refs"]
+__all__ = [
+    "FieldStatus",
+    "OnlineColumn",
+    "OnlinePlan",
+    "OnlinePlanner",
+    "OnlineReader",
+    "parse_feature_refs",
+]
 
 MAX_ENTITY_ROWS = 10_000
 _MAX_EXACT_INT = 2**53
@@ -67,20 +74,26 @@ class OnlineColumn:
     event_times: list[datetime | None] = field(default_factory=list)
 
 
-def parse_feature_refs(refs: Sequence[str], *, field_name: str = "features") -> list[tuple[str, str]]:
+def parse_feature_refs(
+    refs: Sequence[str], *, field_name: str = "features"
+) -> list[tuple[str, str]]:
     """Splits ``view:feature`` references.
 
     Raises:
         InvalidArgument: empty list, malformed or duplicate reference.
     """
     if not refs:
-        raise InvalidArgument(field_name, "at least one feature reference (view:feature) is required")
+        raise InvalidArgument(
+            field_name, "at least one feature reference (view:feature) is required"
+        )
     seen: set[str] = set()
     parsed: list[tuple[str, str]] = []
     for i, ref in enumerate(refs):
         view, sep, feature = ref.partition(":")
         if not sep or not view or not feature or ":" in feature:
-            raise InvalidArgument(f"{field_name}[{i}]", f"{ref!r} is not a 'view:feature' reference")
+            raise InvalidArgument(
+                f"{field_name}[{i}]", f"{ref!r} is not a 'view:feature' reference"
+            )
         if ref in seen:
             raise InvalidArgument(f"{field_name}[{i}]", f"{ref!r} is requested twice")
         seen.add(ref)
@@ -206,7 +219,9 @@ class OnlinePlanner:
         max_plans: cached plans kept (least recently used dropped first).
     """
 
-    def __init__(self, store: feast.FeatureStore, *, ttl_s: float = 10.0, max_plans: int = 1024) -> None:
+    def __init__(
+        self, store: feast.FeatureStore, *, ttl_s: float = 10.0, max_plans: int = 1024
+    ) -> None:
         self._store = store
         self._ttl_s = ttl_s
         self._max_plans = max_plans
@@ -266,7 +281,9 @@ class OnlinePlanner:
                 fallback = True
                 continue
             if isinstance(view, FeatureView) and not view.online:
-                raise FailedPrecondition(f"feature view {view_name!r} is not served online (online=False)")
+                raise FailedPrecondition(
+                    f"feature view {view_name!r} is not served online (online=False)"
+                )
             keys = [_join_key(c.name, c.dtype.to_value_type()) for c in view.entity_columns]
             if not keys or None in keys or view.projection.join_key_map:
                 fallback = True
@@ -275,7 +292,12 @@ class OnlinePlanner:
             for k in typed:
                 join_keys[k.name] = k
             reads.append(
-                ViewRead(view=view, features=tuple(f for f, _ in wanted), columns=tuple(c for _, c in wanted), join_keys=typed)
+                ViewRead(
+                    view=view,
+                    features=tuple(f for f, _ in wanted),
+                    columns=tuple(c for _, c in wanted),
+                    join_keys=typed,
+                )
             )
         return OnlinePlan(refs=refs, reads=tuple(reads), fallback=fallback, join_keys=join_keys)
 
@@ -283,8 +305,15 @@ class OnlinePlanner:
 # --- reads ---------------------------------------------------------------------------------------
 
 # Feast's FieldStatus numbers (feast.serving.FieldStatus) -> ours.
-_FROM_FEAST_STATUS = {1: FieldStatus.PRESENT, 2: FieldStatus.NULL_VALUE, 3: FieldStatus.NOT_FOUND, 4: FieldStatus.OUTSIDE_MAX_AGE}
-_SCALAR_KINDS = frozenset({"int64_val", "int32_val", "float_val", "double_val", "string_val", "bool_val", "bytes_val"})
+_FROM_FEAST_STATUS = {
+    1: FieldStatus.PRESENT,
+    2: FieldStatus.NULL_VALUE,
+    3: FieldStatus.NOT_FOUND,
+    4: FieldStatus.OUTSIDE_MAX_AGE,
+}
+_SCALAR_KINDS = frozenset(
+    {"int64_val", "int32_val", "float_val", "double_val", "string_val", "bool_val", "bytes_val"}
+)
 
 
 def python_value(value: Any) -> Any:
@@ -356,8 +385,15 @@ class KeySerializer:
         serializer = cls(join_keys)
         for i in range(2):
             key = tuple(samples[k.type_name][i] for k in join_keys)
-            proto = EntityKey(join_keys=[k.name for k in join_keys], entity_values=[_value_proto(Value, k.proto_field, v) for k, v in zip(join_keys, key)])
-            if serializer(key) != serialize_entity_key(proto, entity_key_serialization_version=version):
+            proto = EntityKey(
+                join_keys=[k.name for k in join_keys],
+                entity_values=[
+                    _value_proto(Value, k.proto_field, v) for k, v in zip(join_keys, key)
+                ],
+            )
+            if serializer(key) != serialize_entity_key(
+                proto, entity_key_serialization_version=version
+            ):
                 return None
         return serializer
 
@@ -390,7 +426,12 @@ class SqliteRows:
         conn = getattr(self._local, name, None)
         if conn is None:
             # Read-only: serving can never write to Feast's store.
-            conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=10.0 if wait else 0.0, check_same_thread=False)
+            conn = sqlite3.connect(
+                f"file:{self._path}?mode=ro",
+                uri=True,
+                timeout=10.0 if wait else 0.0,
+                check_same_thread=False,
+            )
             setattr(self._local, name, conn)
         return conn
 
@@ -416,7 +457,9 @@ class SqliteRows:
             except sqlite3.OperationalError as exc:
                 message = str(exc)
                 if "no such table" in message:
-                    raise FailedPrecondition(f"the online table {table!r} does not exist: apply the repository again") from None
+                    raise FailedPrecondition(
+                        f"the online table {table!r} does not exist: apply the repository again"
+                    ) from None
                 if not wait and "locked" in message:
                     raise LockBusy(message) from None
                 raise
@@ -450,7 +493,9 @@ class OnlineReader:
             caller's loop, without waiting for locks (0: every read in a worker thread).
     """
 
-    def __init__(self, store: feast.FeatureStore, run_blocking: RunBlocking, *, inline_max_keys: int = 0) -> None:
+    def __init__(
+        self, store: feast.FeatureStore, run_blocking: RunBlocking, *, inline_max_keys: int = 0
+    ) -> None:
         from feast.infra.online_stores.sqlite import SqliteOnlineStore
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
@@ -462,8 +507,14 @@ class OnlineReader:
         self._value = Value
         self._online_store = store._get_provider().online_store
         self._config = store.config
-        self._versioned = bool(getattr(store.config.registry, "enable_online_feature_view_versioning", False))
-        self._sqlite = SqliteRows(SqliteOnlineStore._get_db_path(store.config)) if isinstance(self._online_store, SqliteOnlineStore) else None
+        self._versioned = bool(
+            getattr(store.config.registry, "enable_online_feature_view_versioning", False)
+        )
+        self._sqlite = (
+            SqliteRows(SqliteOnlineStore._get_db_path(store.config))
+            if isinstance(self._online_store, SqliteOnlineStore)
+            else None
+        )
         self._async = self._sqlite is None and bool(self._online_store.async_supported.read)
         self._serializers: dict[tuple[JoinKey, ...], KeySerializer | None] = {}
         self._times: dict[int, datetime] = {}
@@ -473,7 +524,9 @@ class OnlineReader:
         if not rows:
             raise InvalidArgument("entity_rows", "at least one entity row is required")
         if len(rows) > MAX_ENTITY_ROWS:
-            raise InvalidArgument("entity_rows", f"{len(rows)} rows, at most {MAX_ENTITY_ROWS} per request")
+            raise InvalidArgument(
+                "entity_rows", f"{len(rows)} rows, at most {MAX_ENTITY_ROWS} per request"
+            )
 
     async def read(self, plan: OnlinePlan, rows: Sequence[Mapping[str, Any]]) -> list[OnlineColumn]:
         """The plan's columns for ``rows``.
@@ -491,7 +544,9 @@ class OnlineReader:
             if all(s is not None for s in serializers):
                 return await self._read_sqlite(plan, keyed, serializers)  # type: ignore[arg-type]
         if self._async:
-            results = [await self._online_store.online_read_async(**self._read_args(k)) for k in keyed]
+            results = [
+                await self._online_store.online_read_async(**self._read_args(k)) for k in keyed
+            ]
         else:
             results = await self._run(self._read_sync, keyed)
         return self._assemble(plan, keyed, results)
@@ -507,10 +562,17 @@ class OnlineReader:
             for i, row in enumerate(rows):
                 value = row.get(name, _MISSING)
                 # Struct numbers are doubles: an integral one is the common case, checked inline.
-                if fast_int and type(value) is float and value.is_integer() and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT:
+                if (
+                    fast_int
+                    and type(value) is float
+                    and value.is_integer()
+                    and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
+                ):
                     append(int(value))
                 elif value is _MISSING:
-                    raise InvalidArgument(f"entity_rows[{i}].{name}", f"join key {name!r} is missing")
+                    raise InvalidArgument(
+                        f"entity_rows[{i}].{name}", f"join key {name!r} is missing"
+                    )
                 else:
                     append(convert(value, f"entity_rows[{i}].{name}"))
             converted[name] = values
@@ -528,10 +590,14 @@ class OnlineReader:
 
     def _serializer(self, join_keys: tuple[JoinKey, ...]) -> KeySerializer | None:
         if join_keys not in self._serializers:
-            self._serializers[join_keys] = KeySerializer.verified(join_keys, self._config.entity_key_serialization_version)
+            self._serializers[join_keys] = KeySerializer.verified(
+                join_keys, self._config.entity_key_serialization_version
+            )
         return self._serializers[join_keys]
 
-    async def _read_sqlite(self, plan: OnlinePlan, keyed: list[_KeyedRead], serializers: list[KeySerializer]) -> list[OnlineColumn]:
+    async def _read_sqlite(
+        self, plan: OnlinePlan, keyed: list[_KeyedRead], serializers: list[KeySerializer]
+    ) -> list[OnlineColumn]:
         from feast.infra.online_stores.helpers import compute_table_id
 
         project = self._config.project
@@ -542,7 +608,9 @@ class OnlineReader:
             serialized_keys.append(keys)
             # Filtering by feature name costs more than it saves unless few of the view's
             # features are wanted (measured: 3 of 3 features, 100 keys: 0.47 vs 0.30 ms).
-            wanted = k.read.features if 2 * len(k.read.features) <= len(k.read.view.features) else None
+            wanted = (
+                k.read.features if 2 * len(k.read.features) <= len(k.read.view.features) else None
+            )
             queries.append((compute_table_id(project, k.read.view, self._versioned), keys, wanted))
         fetched = None
         if sum(len(keys) for keys in serialized_keys) <= self._inline_max_keys:
@@ -573,7 +641,9 @@ class OnlineReader:
                 values, statuses, stamps = wanted_lists
                 stored = decode(blob)
                 kind = stored.WhichOneof("val")
-                values[slot] = getattr(stored, kind) if kind in _SCALAR_KINDS else python_value(stored)
+                values[slot] = (
+                    getattr(stored, kind) if kind in _SCALAR_KINDS else python_value(stored)
+                )
                 statuses[slot] = _PRESENT
                 moment = times.get(stamp)
                 if moment is None:
@@ -591,14 +661,27 @@ class OnlineReader:
         EntityKey, Value = self._entity_key, self._value
         names = [j.name for j in k.read.join_keys]
         fields = [j.proto_field for j in k.read.join_keys]
-        entity_keys = [EntityKey(join_keys=names, entity_values=[_value_proto(Value, f, v) for f, v in zip(fields, key)]) for key in k.keys]
-        return {"config": self._config, "table": k.read.view, "entity_keys": entity_keys, "requested_features": list(k.read.features)}
+        entity_keys = [
+            EntityKey(
+                join_keys=names,
+                entity_values=[_value_proto(Value, f, v) for f, v in zip(fields, key)],
+            )
+            for key in k.keys
+        ]
+        return {
+            "config": self._config,
+            "table": k.read.view,
+            "entity_keys": entity_keys,
+            "requested_features": list(k.read.features),
+        }
 
     def _read_sync(self, keyed: list[_KeyedRead]) -> list[list[tuple[Any, Any]]]:
         return [self._online_store.online_read(**self._read_args(k)) for k in keyed]
 
     @staticmethod
-    def _assemble(plan: OnlinePlan, keyed: list[_KeyedRead], results: list[list[tuple[Any, Any]]]) -> list[OnlineColumn]:
+    def _assemble(
+        plan: OnlinePlan, keyed: list[_KeyedRead], results: list[list[tuple[Any, Any]]]
+    ) -> list[OnlineColumn]:
         """Turns ``online_read`` rows into one column per requested reference, in request order."""
         columns: list[OnlineColumn | None] = [None] * len(plan.refs)
         for k, rows in zip(keyed, results):
@@ -610,7 +693,9 @@ class OnlineReader:
                     stored = data.get(feature) if data is not None else None
                     # Feast's Redis store answers a key it does not hold with empty values at
                     # epoch 0 (and calls them PRESENT); report them as the SQLite store does.
-                    if stored is None or (event_time == _EPOCH and stored.WhichOneof("val") is None):
+                    if stored is None or (
+                        event_time == _EPOCH and stored.WhichOneof("val") is None
+                    ):
                         values.append(None)
                         statuses.append(_NOT_FOUND)
                         stamps.append(None)
@@ -621,11 +706,15 @@ class OnlineReader:
                 columns[column] = _fan_out(plan.refs[column], values, statuses, stamps, k.positions)
         return [c for c in columns if c is not None]
 
-    def _read_with_feast(self, plan: OnlinePlan, rows: Sequence[Mapping[str, Any]]) -> list[OnlineColumn]:
+    def _read_with_feast(
+        self, plan: OnlinePlan, rows: Sequence[Mapping[str, Any]]
+    ) -> list[OnlineColumn]:
         """Blocking: serves the request through ``FeatureStore.get_online_features``."""
         entity_rows = [{k: _integral(v) for k, v in row.items()} for row in rows]
         try:
-            response = self._store.get_online_features(list(plan.refs), entity_rows, full_feature_names=True)
+            response = self._store.get_online_features(
+                list(plan.refs), entity_rows, full_feature_names=True
+            )
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgument("entity_rows", f"Feast refused the entity rows: {exc}") from None
         proto = response.proto
@@ -634,14 +723,19 @@ class OnlineReader:
         for ref in plan.refs:
             view, _, feature = ref.partition(":")
             vector = proto.results[index[f"{view}__{feature}"]]
-            stamps = [ts.ToDatetime(tzinfo=timezone.utc) if ts.seconds or ts.nanos else None for ts in vector.event_timestamps]
+            stamps = [
+                ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
+                for ts in vector.event_timestamps
+            ]
             statuses = [_FROM_FEAST_STATUS.get(s, 0) for s in vector.statuses]
-            columns.append(OnlineColumn(ref, [python_value(v) for v in vector.values], statuses, stamps))
+            columns.append(
+                OnlineColumn(ref, [python_value(v) for v in vector.values], statuses, stamps)
+            )
         return columns
 
 
 _PRESENT, _NOT_FOUND = int(FieldStatus.PRESENT), int(FieldStatus.NOT_FOUND)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _feast_sqlite_time(stamp: Any) -> datetime:
@@ -650,18 +744,34 @@ def _feast_sqlite_time(stamp: Any) -> datetime:
         stamp = int(stamp)
     if isinstance(stamp, str):
         parsed = datetime.fromisoformat(stamp)
-        return parsed.astimezone(timezone.utc) if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    return datetime.fromtimestamp(int(stamp)).replace(tzinfo=timezone.utc)
+        return (
+            parsed.astimezone(UTC)
+            if parsed.tzinfo
+            else parsed.replace(tzinfo=UTC)
+        )
+    return datetime.fromtimestamp(int(stamp)).replace(tzinfo=UTC)
 
 
-def _fan_out(name: str, values: list[Any], statuses: list[int], stamps: list[Any], positions: list[int]) -> OnlineColumn:
+def _fan_out(
+    name: str, values: list[Any], statuses: list[int], stamps: list[Any], positions: list[int]
+) -> OnlineColumn:
     """Per-distinct-key lists -> per-request-row lists (cheap when every key is distinct)."""
     if len(positions) == len(values):
         return OnlineColumn(name, values, statuses, stamps)
-    return OnlineColumn(name, [values[p] for p in positions], [statuses[p] for p in positions], [stamps[p] for p in positions])
+    return OnlineColumn(
+        name,
+        [values[p] for p in positions],
+        [statuses[p] for p in positions],
+        [stamps[p] for p in positions],
+    )
 
 
 def _integral(value: Any) -> Any:
-    if type(value) is float and value.is_integer() and not math.isinf(value) and abs(value) <= _MAX_EXACT_INT:
+    if (
+        type(value) is float
+        and value.is_integer()
+        and not math.isinf(value)
+        and abs(value) <= _MAX_EXACT_INT
+    ):
         return int(value)
     return value

@@ -89,7 +89,9 @@ def validate_files(files: Mapping[str, bytes], limits: Limits = Limits()) -> Def
     for raw, content in files.items():
         path = _checked_path(raw, limits)
         if len(content) > limits.max_file_bytes:
-            raise InvalidArgument(_field(raw), f"{len(content)} bytes, at most {limits.max_file_bytes} allowed")
+            raise InvalidArgument(
+                _field(raw), f"{len(content)} bytes, at most {limits.max_file_bytes} allowed"
+            )
         total += len(content)
         if total > limits.max_total_bytes:
             raise InvalidArgument("files", f"more than {limits.max_total_bytes} bytes in total")
@@ -107,7 +109,9 @@ def validate_files(files: Mapping[str, bytes], limits: Limits = Limits()) -> Def
 
 def _checked_path(raw: str, limits: Limits) -> PurePosixPath:
     if not raw or len(raw) > limits.max_path_chars:
-        raise InvalidArgument(_field(raw), f"path must have 1 to {limits.max_path_chars} characters")
+        raise InvalidArgument(
+            _field(raw), f"path must have 1 to {limits.max_path_chars} characters"
+        )
     if "\\" in raw or "\x00" in raw or ":" in raw:
         raise InvalidArgument(_field(raw), "path must use '/' and no ':', '\\' or NUL")
     if raw.startswith("/"):
@@ -119,7 +123,10 @@ def _checked_path(raw: str, limits: Limits) -> PurePosixPath:
         if part in ("", ".", ".."):
             raise InvalidArgument(_field(raw), "path must not contain empty, '.' or '..' parts")
         if not _COMPONENT.fullmatch(part):
-            raise InvalidArgument(_field(raw), f"{part!r}: names use letters, digits, '_', '-', '.' and do not start with '.' or '-'")
+            raise InvalidArgument(
+                _field(raw),
+                f"{part!r}: names use letters, digits, '_', '-', '.' and do not start with '.' or '-'",
+            )
     if not parts[-1].endswith(".py"):
         raise InvalidArgument(_field(raw), "only Python (.py) files are accepted")
     return PurePosixPath(*parts)
@@ -132,8 +139,14 @@ def _check_module_names(definitions: DefinitionFiles) -> None:
             continue
         if not name.isidentifier():
             continue  # not importable by name: loaded from its path only
-        if name in sys.modules or name in sys.stdlib_module_names or importlib.util.find_spec(name) is not None:
-            raise InvalidArgument(_field(name), f"module name {name!r} shadows an installed module; rename the file")
+        if (
+            name in sys.modules
+            or name in sys.stdlib_module_names
+            or importlib.util.find_spec(name) is not None
+        ):
+            raise InvalidArgument(
+                _field(name), f"module name {name!r} shadows an installed module; rename the file"
+            )
 
 
 class RepositoryFolder:
@@ -227,7 +240,10 @@ def load_repo_contents(folder: Path, *, project: str) -> RepoContents:
     if len(contents.projects) > 1:
         raise InvalidArgument("files", "more than one feast.Project declared")
     if contents.projects and contents.projects[0].name != project:
-        raise InvalidArgument("files", f"declares project {contents.projects[0].name!r}, this service serves {project!r}")
+        raise InvalidArgument(
+            "files",
+            f"declares project {contents.projects[0].name!r}, this service serves {project!r}",
+        )
     if not contents.projects:
         contents.projects.append(Project(name=project, description=""))
     contents.entities.append(DUMMY_ENTITY)
@@ -246,11 +262,15 @@ def _load(folder: Path, path: Path) -> Any:
         spec.loader.exec_module(module)
         return module
     except SyntaxError as exc:
-        raise InvalidArgument(_field(str(relative)), f"syntax error at line {exc.lineno}: {exc.msg}") from None
+        raise InvalidArgument(
+            _field(str(relative)), f"syntax error at line {exc.lineno}: {exc.msg}"
+        ) from None
     except InvalidArgument:
         raise
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code may raise anything, exit included
-        raise InvalidArgument(_field(str(relative)), f"failed to load: {type(exc).__name__}: {exc}") from None
+        raise InvalidArgument(
+            _field(str(relative)), f"failed to load: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 @contextmanager
@@ -261,7 +281,11 @@ def _importable_from(folder: Path) -> Iterator[None]:
     (validation made sure none of their names belongs to an installed module), so the next
     apply imports its own files afresh.
     """
-    own = {p.stem if p.is_file() else p.name for p in folder.iterdir() if p.suffix == ".py" or p.is_dir()}
+    own = {
+        p.stem if p.is_file() else p.name
+        for p in folder.iterdir()
+        if p.suffix == ".py" or p.is_dir()
+    }
     sys.path.insert(0, str(folder))
     importlib.invalidate_caches()
     try:
@@ -275,7 +299,14 @@ def _importable_from(folder: Path) -> Iterator[None]:
 
 def _collect(contents: RepoContents, obj: Any) -> None:
     """Adds ``obj`` when it is a Feast object not seen yet (the rules of ``parse_repo``)."""
-    from feast import BatchFeatureView, Entity, FeatureService, FeatureView, OnDemandFeatureView, StreamFeatureView
+    from feast import (
+        BatchFeatureView,
+        Entity,
+        FeatureService,
+        FeatureView,
+        OnDemandFeatureView,
+        StreamFeatureView,
+    )
     from feast.data_source import DataSource, KafkaSource, KinesisSource, PushSource
     from feast.project import Project
 

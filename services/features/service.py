@@ -14,17 +14,34 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth_common.db import Database
-from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound, PlinthError, Unavailable
+from plinth_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PlinthError,
+    Unavailable,
+)
 from services.features.feast_engine import FeastEngine
 from services.features.online import OnlineColumn, OnlinePlanner, OnlineReader, parse_feature_refs
-from services.features.repository import Limits, RepositoryFolder, load_repo_contents, validate_files
-from services.features.tables import TableFormat, check_entity_frame, decode_table, detect_format, encode_table
+from services.features.repository import (
+    Limits,
+    RepositoryFolder,
+    load_repo_contents,
+    validate_files,
+)
+from services.features.tables import (
+    TableFormat,
+    check_entity_frame,
+    decode_table,
+    detect_format,
+    encode_table,
+)
 
 if TYPE_CHECKING:
     import feast
@@ -124,7 +141,9 @@ class FeaturesService:
         self._limits = limits
         self._folder = RepositoryFolder(engine.settings.repo_path)
         self._reads = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="feast-read")
-        self._batch = ThreadPoolExecutor(max_workers=batch_workers, thread_name_prefix="feast-batch")
+        self._batch = ThreadPoolExecutor(
+            max_workers=batch_workers, thread_name_prefix="feast-batch"
+        )
         self._plan_ttl_s = plan_ttl_s
         self._inline_read_max_keys = inline_read_max_keys
         self._registry_writes = asyncio.Lock()
@@ -147,7 +166,13 @@ class FeaturesService:
         store = self._store()
         parts = self._online
         if parts is None or parts[0] is not store:
-            parts = (store, OnlinePlanner(store, ttl_s=self._plan_ttl_s), OnlineReader(store, self._read_blocking, inline_max_keys=self._inline_read_max_keys))
+            parts = (
+                store,
+                OnlinePlanner(store, ttl_s=self._plan_ttl_s),
+                OnlineReader(
+                    store, self._read_blocking, inline_max_keys=self._inline_read_max_keys
+                ),
+            )
             self._online = parts
         return parts[1], parts[2]
 
@@ -181,21 +206,32 @@ class FeaturesService:
             await self._in(self._batch, lambda: self._folder.promote(staging))
             if self._online is not None:
                 self._online[1].invalidate()
-        log.info("applied %d feature views, deleted %s", len(result.feature_views), list(result.deleted) or "nothing")
+        log.info(
+            "applied %d feature views, deleted %s",
+            len(result.feature_views),
+            list(result.deleted) or "nothing",
+        )
         return result
 
     def _apply(self, store: feast.FeatureStore, staging: Any) -> ApplyResult:
-        from feast.repo_operations import apply_total_with_repo_instance, extract_objects_for_apply_delete
+        from feast.repo_operations import (
+            apply_total_with_repo_instance,
+            extract_objects_for_apply_delete,
+        )
 
         contents = load_repo_contents(staging, project=store.project)
         registry = store.registry
         _, to_delete, _, _ = extract_objects_for_apply_delete(store.project, registry, contents)
         try:
-            apply_total_with_repo_instance(store, store.project, registry, contents, skip_source_validation=False)
+            apply_total_with_repo_instance(
+                store, store.project, registry, contents, skip_source_validation=False
+            )
         except PlinthError:
             raise
         except Exception as exc:  # noqa: BLE001 - Feast validates user definitions with many types
-            raise InvalidArgument("files", f"Feast refused the definitions: {type(exc).__name__}: {exc}") from None
+            raise InvalidArgument(
+                "files", f"Feast refused the definitions: {type(exc).__name__}: {exc}"
+            ) from None
         views = [*contents.feature_views, *contents.stream_feature_views]
         return ApplyResult(
             entities=tuple(e.name for e in contents.entities if not e.name.startswith("__")),
@@ -203,7 +239,9 @@ class FeaturesService:
             on_demand_feature_views=tuple(v.name for v in contents.on_demand_feature_views),
             feature_services=tuple(s.name for s in contents.feature_services),
             data_sources=tuple(s.name for s in contents.data_sources if s.name),
-            deleted=tuple(f"{type(o).__name__}:{o.name}" for o in to_delete if not o.name.startswith("__")),
+            deleted=tuple(
+                f"{type(o).__name__}:{o.name}" for o in to_delete if not o.name.startswith("__")
+            ),
         )
 
     async def list_feature_views(self) -> list[FeatureViewInfo]:
@@ -211,14 +249,19 @@ class FeaturesService:
         store = self._store()
 
         def listing() -> list[FeatureViewInfo]:
-            views = [*store.list_feature_views(allow_cache=True), *store.list_stream_feature_views(allow_cache=True)]
+            views = [
+                *store.list_feature_views(allow_cache=True),
+                *store.list_stream_feature_views(allow_cache=True),
+            ]
             return [_view_info(v) for v in sorted(views, key=lambda v: v.name)]
 
         return await self._in(self._batch, listing)
 
     # --- materialization ----------------------------------------------------------------------
 
-    async def materialize(self, views: Sequence[str], start: datetime | None, end: datetime | None) -> Materialization:
+    async def materialize(
+        self, views: Sequence[str], start: datetime | None, end: datetime | None
+    ) -> Materialization:
         """Loads ``[start, end)`` from the offline store into the online store.
 
         Raises:
@@ -240,7 +283,9 @@ class FeaturesService:
 
         return await self._materialization(run, start, end, incremental=False)
 
-    async def materialize_incremental(self, views: Sequence[str], end: datetime | None) -> Materialization:
+    async def materialize_incremental(
+        self, views: Sequence[str], end: datetime | None
+    ) -> Materialization:
         """Loads what arrived since each view's last materialization (or its TTL) up to ``end``.
 
         Raises:
@@ -278,11 +323,15 @@ class FeaturesService:
             except PlinthError:
                 raise
             except Exception as exc:  # noqa: BLE001 - offline store and registry errors
-                raise FailedPrecondition(f"materialization failed: {type(exc).__name__}: {exc}") from None
+                raise FailedPrecondition(
+                    f"materialization failed: {type(exc).__name__}: {exc}"
+                ) from None
             duration = time.monotonic() - began
         if incremental and starts:
             start = min(starts)
-        result = Materialization(feature_views=names, start_time=start, end_time=end, duration_seconds=duration)
+        result = Materialization(
+            feature_views=names, start_time=start, end_time=end, duration_seconds=duration
+        )
         async with self._db.transaction() as session:
             await self._events.materialized(session, result)
         log.info("materialized %s in %.3f s", list(names), duration)
@@ -290,7 +339,9 @@ class FeaturesService:
 
     # --- online -------------------------------------------------------------------------------
 
-    async def get_online_features(self, refs: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[OnlineColumn]:
+    async def get_online_features(
+        self, refs: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    ) -> list[OnlineColumn]:
         """Latest values of ``refs`` for each entity row, with statuses and event timestamps.
 
         Args:
@@ -309,7 +360,9 @@ class FeaturesService:
         planner, reader = self._online_parts()
         return await reader.read(planner.plan(refs), rows)
 
-    async def push(self, push_source: str, rows: Sequence[Mapping[str, Any]], *, to_offline: bool) -> int:
+    async def push(
+        self, push_source: str, rows: Sequence[Mapping[str, Any]], *, to_offline: bool
+    ) -> int:
         """Writes rows through a push source to the views it feeds (and the offline store).
 
         Raises:
@@ -329,9 +382,15 @@ class FeaturesService:
 
             frame = _push_frame(store, push_source, rows)
             try:
-                store.push(push_source, frame, to=PushMode.ONLINE_AND_OFFLINE if to_offline else PushMode.ONLINE)
+                store.push(
+                    push_source,
+                    frame,
+                    to=PushMode.ONLINE_AND_OFFLINE if to_offline else PushMode.ONLINE,
+                )
             except Exception as exc:  # noqa: BLE001 - Feast's conversion and store errors
-                raise FailedPrecondition(f"push to {push_source!r} failed: {type(exc).__name__}: {exc}") from None
+                raise FailedPrecondition(
+                    f"push to {push_source!r} failed: {type(exc).__name__}: {exc}"
+                ) from None
             return len(frame)
 
         return await self._in(self._reads if not to_offline else self._batch, write)
@@ -339,7 +398,12 @@ class FeaturesService:
     # --- offline ------------------------------------------------------------------------------
 
     async def get_historical_features(
-        self, refs: Sequence[str], entity_table: bytes, table_format: TableFormat | None, *, full_feature_names: bool
+        self,
+        refs: Sequence[str],
+        entity_table: bytes,
+        table_format: TableFormat | None,
+        *,
+        full_feature_names: bool,
     ) -> HistoricalResult:
         """Point-in-time correct features for each row of an entity table.
 
@@ -360,8 +424,12 @@ class FeaturesService:
             table = decode_table(entity_table, fmt)
             frame = table.to_pandas()
             check_entity_frame(frame, join_keys, timestamp_column=ENTITY_TIMESTAMP_COLUMN)
-            result = _point_in_time_join(store, table, frame, list(join_keys), list(refs), full_feature_names)
-            return HistoricalResult(table=encode_table(result, fmt), format=fmt, rows=result.num_rows)
+            result = _point_in_time_join(
+                store, table, frame, list(join_keys), list(refs), full_feature_names
+            )
+            return HistoricalResult(
+                table=encode_table(result, fmt), format=fmt, rows=result.num_rows
+            )
 
         return await self._in(self._batch, retrieve)
 
@@ -411,12 +479,14 @@ def _has_view(store: feast.FeatureStore, name: str) -> bool:
     return True
 
 
-def _incremental_starts(store: feast.FeatureStore, names: Sequence[str], end: datetime) -> list[datetime]:
+def _incremental_starts(
+    store: feast.FeatureStore, names: Sequence[str], end: datetime
+) -> list[datetime]:
     """Where ``materialize_incremental`` starts each view (Feast's rule), for the event."""
     from feast import FeatureView
 
     starts: list[datetime] = []
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for name in names:
         view = store.registry.get_any_feature_view(name, store.project, allow_cache=True)
         if not isinstance(view, FeatureView):
@@ -424,12 +494,14 @@ def _incremental_starts(store: feast.FeatureStore, names: Sequence[str], end: da
         if view.most_recent_end_time is not None:
             start = view.most_recent_end_time
         elif view.ttl is None:
-            raise FailedPrecondition(f"feature view {name!r} has no TTL and was never materialized: run Materialize first")
+            raise FailedPrecondition(
+                f"feature view {name!r} has no TTL and was never materialized: run Materialize first"
+            )
         elif view.ttl.total_seconds() > 0:
             start = now - view.ttl
         else:
             start = now - timedelta(weeks=52)
-        starts.append(start if start.tzinfo else start.replace(tzinfo=timezone.utc))
+        starts.append(start if start.tzinfo else start.replace(tzinfo=UTC))
     return starts
 
 
@@ -441,14 +513,18 @@ def _join_keys_of(store: feast.FeatureStore, parsed: Sequence[tuple[str, str]]) 
     keys: dict[str, Any] = {}
     for view_name, feature in parsed:
         try:
-            view = store.registry.get_any_feature_view(view_name.split("@")[0], store.project, allow_cache=True)
+            view = store.registry.get_any_feature_view(
+                view_name.split("@")[0], store.project, allow_cache=True
+            )
         except FeatureViewNotFoundException:
             raise NotFound("feature view", view_name) from None
         if feature not in {f.name for f in view.features}:
             raise NotFound("feature", f"{view_name}:{feature}")
         if isinstance(view, FeatureView):
             for column in view.entity_columns:
-                keys[view.projection.join_key_map.get(column.name, column.name)] = column.dtype.to_value_type()
+                keys[view.projection.join_key_map.get(column.name, column.name)] = (
+                    column.dtype.to_value_type()
+                )
     return keys
 
 
@@ -478,16 +554,22 @@ def _point_in_time_join(
     frame = frame.assign(**{ENTITY_TIMESTAMP_COLUMN: utc})
     distinct = frame.drop_duplicates(subset=on, ignore_index=True)
     try:
-        job = store.get_historical_features(entity_df=distinct, features=refs, full_feature_names=full_feature_names)
+        job = store.get_historical_features(
+            entity_df=distinct, features=refs, full_feature_names=full_feature_names
+        )
         found = job.to_arrow()
     except PlinthError:
         raise
     except Exception as exc:  # noqa: BLE001 - offline store errors
-        raise FailedPrecondition(f"historical retrieval failed: {type(exc).__name__}: {exc}") from None
+        raise FailedPrecondition(
+            f"historical retrieval failed: {type(exc).__name__}: {exc}"
+        ) from None
     added = [c for c in found.column_names if c not in distinct.columns]
     for name in added:
         if name in table.column_names:
-            raise InvalidArgument(f"entity_table.{name}", "collides with a requested feature's column; rename it")
+            raise InvalidArgument(
+                f"entity_table.{name}", "collides with a requested feature's column; rename it"
+            )
     left = pa.Table.from_pandas(frame[on], preserve_index=False)
     left = left.append_column(_ROW_ORDER_COLUMN, pa.array(range(len(frame)), pa.int64()))
     right = found.select([*on, *added])
@@ -500,7 +582,9 @@ def _point_in_time_join(
     return result
 
 
-def _push_frame(store: feast.FeatureStore, push_source: str, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+def _push_frame(
+    store: feast.FeatureStore, push_source: str, rows: Sequence[Mapping[str, Any]]
+) -> pd.DataFrame:
     """The rows as a DataFrame typed by the schemas of the views the push source feeds."""
     import pandas as pd
     from feast.data_source import PushSource
@@ -511,9 +595,13 @@ def _push_frame(store: feast.FeatureStore, push_source: str, rows: Sequence[Mapp
     except DataSourceObjectNotFoundException:
         raise NotFound("push source", push_source) from None
     if not isinstance(source, PushSource):
-        raise InvalidArgument("push_source", f"{push_source!r} is a {type(source).__name__}, not a push source")
+        raise InvalidArgument(
+            "push_source", f"{push_source!r} is a {type(source).__name__}, not a push source"
+        )
     views = [
-        v for v in store.list_feature_views(allow_cache=True) if v.stream_source is not None and v.stream_source.name == push_source
+        v
+        for v in store.list_feature_views(allow_cache=True)
+        if v.stream_source is not None and v.stream_source.name == push_source
     ]
     if not views:
         raise FailedPrecondition(f"push source {push_source!r} feeds no feature view")
@@ -522,17 +610,23 @@ def _push_frame(store: feast.FeatureStore, push_source: str, rows: Sequence[Mapp
         for f in [*view.entity_columns, *view.features]:
             columns.setdefault(f.name, f.dtype.to_value_type())
     batch = source.batch_source
-    timestamp_field = batch.timestamp_field if batch is not None and batch.timestamp_field else ENTITY_TIMESTAMP_COLUMN
+    timestamp_field = (
+        batch.timestamp_field
+        if batch is not None and batch.timestamp_field
+        else ENTITY_TIMESTAMP_COLUMN
+    )
     created_field = batch.created_timestamp_column if batch is not None else ""
     join_keys = {c.name for v in views for c in v.entity_columns}
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     data: dict[str, list[Any]] = {name: [] for name in columns}
     stamps: list[datetime] = []
     for i, row in enumerate(rows):
         for key in row:
             if key not in columns and key != timestamp_field:
-                raise InvalidArgument(f"rows[{i}].{key}", f"not a column of the views {push_source!r} feeds")
+                raise InvalidArgument(
+                    f"rows[{i}].{key}", f"not a column of the views {push_source!r} feeds"
+                )
         for name, value_type in columns.items():
             where = f"rows[{i}].{name}"
             value = row.get(name)
@@ -540,7 +634,12 @@ def _push_frame(store: feast.FeatureStore, push_source: str, rows: Sequence[Mapp
                 raise InvalidArgument(where, f"join key {name!r} is missing")
             data[name].append(_typed(value, value_type, where))
         stamps.append(_timestamp(row.get(timestamp_field), now, f"rows[{i}].{timestamp_field}"))
-    frame = pd.DataFrame({name: pd.array(values, dtype=_PANDAS_DTYPES.get(columns[name].name, object)) for name, values in data.items()})
+    frame = pd.DataFrame(
+        {
+            name: pd.array(values, dtype=_PANDAS_DTYPES.get(columns[name].name, object))
+            for name, values in data.items()
+        }
+    )
     frame[timestamp_field] = pd.to_datetime(stamps, utc=True)
     if created_field:
         frame[created_field] = pd.Timestamp(now)
@@ -586,11 +685,13 @@ def _timestamp(value: Any, default: datetime, where: str) -> datetime:
     if value is None:
         return default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
+        return datetime.fromtimestamp(float(value), tz=UTC)
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise InvalidArgument(where, f"not an RFC 3339 timestamp: {value!r}") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    raise InvalidArgument(where, f"expected an RFC 3339 string or epoch seconds, got {type(value).__name__}")
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise InvalidArgument(
+        where, f"expected an RFC 3339 string or epoch seconds, got {type(value).__name__}"
+    )

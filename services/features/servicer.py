@@ -5,16 +5,16 @@ from __future__ import annotations
 import base64
 import numbers
 from collections.abc import Iterable
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from plinth_common.prototime import to_timestamp
 from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
+from plinth_common.prototime import to_timestamp
 from services.features.online import OnlineColumn
 from services.features.service import FeaturesService, FeatureViewInfo, Materialization
 from services.features.tables import TableFormat
@@ -22,12 +22,15 @@ from services.features.wire import encode_online_response
 
 _MAX_EXACT_INT = 2**53
 _NULL = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
-_TABLE_FORMATS = {pb.TABLE_FORMAT_ARROW_IPC: TableFormat.ARROW_IPC, pb.TABLE_FORMAT_PARQUET: TableFormat.PARQUET}
+_TABLE_FORMATS = {
+    pb.TABLE_FORMAT_ARROW_IPC: TableFormat.ARROW_IPC,
+    pb.TABLE_FORMAT_PARQUET: TableFormat.PARQUET,
+}
 _TABLE_FORMATS_OUT = {v: k for k, v in _TABLE_FORMATS.items()}
 
 
 def _datetime(stamp: Timestamp, present: bool) -> datetime | None:
-    return stamp.ToDatetime(tzinfo=timezone.utc) if present else None
+    return stamp.ToDatetime(tzinfo=UTC) if present else None
 
 
 def python_of(value: struct_pb2.Value) -> Any:
@@ -52,7 +55,11 @@ def rows_of(structs: Iterable[struct_pb2.Struct]) -> list[dict[str, Any]]:
     for row in structs:
         values: dict[str, Any] = {}
         for key, value in row.fields.items():
-            values[key] = value.number_value if value.WhichOneof("kind") == "number_value" else python_of(value)
+            values[key] = (
+                value.number_value
+                if value.WhichOneof("kind") == "number_value"
+                else python_of(value)
+            )
         out.append(values)
     return out
 
@@ -85,14 +92,18 @@ def _other_value(value: Any) -> struct_pb2.Value:
     if isinstance(value, (bytes, bytearray)):
         return struct_pb2.Value(string_value=base64.b64encode(value).decode("ascii"))
     if isinstance(value, datetime):
-        stamp = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        stamp = value if value.tzinfo else value.replace(tzinfo=UTC)
         return struct_pb2.Value(string_value=stamp.isoformat().replace("+00:00", "Z"))
     if isinstance(value, date):
         return struct_pb2.Value(string_value=value.isoformat())
     if isinstance(value, dict):
-        return struct_pb2.Value(struct_value=struct_pb2.Struct(fields={str(k): value_of(v) for k, v in value.items()}))
+        return struct_pb2.Value(
+            struct_value=struct_pb2.Struct(fields={str(k): value_of(v) for k, v in value.items()})
+        )
     if isinstance(value, (list, tuple, set)):
-        return struct_pb2.Value(list_value=struct_pb2.ListValue(values=[value_of(v) for v in value]))
+        return struct_pb2.Value(
+            list_value=struct_pb2.ListValue(values=[value_of(v) for v in value])
+        )
     if hasattr(value, "tolist"):  # numpy arrays
         return value_of(value.tolist())
     return struct_pb2.Value(string_value=str(value))
@@ -134,7 +145,9 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     def __init__(self, service: FeaturesService) -> None:
         self._service = service
 
-    async def ApplyRepository(self, request: pb.ApplyRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.ApplyRepositoryResponse:
+    async def ApplyRepository(
+        self, request: pb.ApplyRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyRepositoryResponse:
         result = await self._service.apply_repository(dict(request.files))
         return pb.ApplyRepositoryResponse(
             entities=list(result.entities),
@@ -145,11 +158,15 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             deleted=list(result.deleted),
         )
 
-    async def ListFeatureViews(self, request: pb.ListFeatureViewsRequest, context: grpc.aio.ServicerContext) -> pb.ListFeatureViewsResponse:
+    async def ListFeatureViews(
+        self, request: pb.ListFeatureViewsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFeatureViewsResponse:
         views = await self._service.list_feature_views()
         return pb.ListFeatureViewsResponse(feature_views=[view_to_proto(v) for v in views])
 
-    async def Materialize(self, request: pb.MaterializeRequest, context: grpc.aio.ServicerContext) -> pb.MaterializeResponse:
+    async def Materialize(
+        self, request: pb.MaterializeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MaterializeResponse:
         run = await self._service.materialize(
             list(request.feature_views),
             _datetime(request.start_time, request.HasField("start_time")),
@@ -160,15 +177,25 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     async def MaterializeIncremental(
         self, request: pb.MaterializeIncrementalRequest, context: grpc.aio.ServicerContext
     ) -> pb.MaterializeResponse:
-        run = await self._service.materialize_incremental(list(request.feature_views), _datetime(request.end_time, request.HasField("end_time")))
+        run = await self._service.materialize_incremental(
+            list(request.feature_views), _datetime(request.end_time, request.HasField("end_time"))
+        )
         return materialization_to_proto(run)
 
-    async def GetOnlineFeatures(self, request: pb.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext) -> pb.GetOnlineFeaturesResponse:
-        columns = await self._service.get_online_features(list(request.features), rows_of(request.entity_rows))
+    async def GetOnlineFeatures(
+        self, request: pb.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetOnlineFeaturesResponse:
+        columns = await self._service.get_online_features(
+            list(request.features), rows_of(request.entity_rows)
+        )
         return columns_to_proto(columns)
 
-    async def PushFeatures(self, request: pb.PushFeaturesRequest, context: grpc.aio.ServicerContext) -> pb.PushFeaturesResponse:
-        count = await self._service.push(request.push_source, rows_of(request.rows), to_offline=request.to_offline)
+    async def PushFeatures(
+        self, request: pb.PushFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PushFeaturesResponse:
+        count = await self._service.push(
+            request.push_source, rows_of(request.rows), to_offline=request.to_offline
+        )
         return pb.PushFeaturesResponse(rows=count)
 
     async def GetHistoricalFeatures(
@@ -180,4 +207,6 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             _TABLE_FORMATS.get(request.format),
             full_feature_names=request.full_feature_names,
         )
-        return pb.GetHistoricalFeaturesResponse(table=result.table, format=_TABLE_FORMATS_OUT[result.format], rows=result.rows)
+        return pb.GetHistoricalFeaturesResponse(
+            table=result.table, format=_TABLE_FORMATS_OUT[result.format], rows=result.rows
+        )

@@ -28,7 +28,9 @@ def detect_format(data: bytes) -> TableFormat:
     return TableFormat.PARQUET if data[:4] == _PARQUET_MAGIC else TableFormat.ARROW_IPC
 
 
-def decode_table(data: bytes, table_format: TableFormat, *, field: str = "entity_table") -> pa.Table:
+def decode_table(
+    data: bytes, table_format: TableFormat, *, field: str = "entity_table"
+) -> pa.Table:
     """Reads a table from bytes.
 
     Raises:
@@ -62,7 +64,9 @@ def encode_table(table: pa.Table, table_format: TableFormat) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def check_entity_frame(frame: pd.DataFrame, join_keys: dict[str, Any], *, timestamp_column: str) -> None:
+def check_entity_frame(
+    frame: pd.DataFrame, join_keys: dict[str, Any], *, timestamp_column: str
+) -> None:
     """Checks that the entity table has the timestamp column and every join key, typed right.
 
     Args:
@@ -78,7 +82,10 @@ def check_entity_frame(frame: pd.DataFrame, join_keys: dict[str, Any], *, timest
     if timestamp_column not in frame.columns:
         raise InvalidArgument(f"entity_table.{timestamp_column}", "column is missing")
     if not pdt.is_datetime64_any_dtype(frame[timestamp_column]):
-        raise InvalidArgument(f"entity_table.{timestamp_column}", f"expected timestamps, got {frame[timestamp_column].dtype}")
+        raise InvalidArgument(
+            f"entity_table.{timestamp_column}",
+            f"expected timestamps, got {frame[timestamp_column].dtype}",
+        )
     if frame[timestamp_column].isna().any():
         raise InvalidArgument(f"entity_table.{timestamp_column}", "must not contain nulls")
     for name, value_type in join_keys.items():
@@ -89,11 +96,19 @@ def check_entity_frame(frame: pd.DataFrame, join_keys: dict[str, Any], *, timest
         if column.isna().any():
             raise InvalidArgument(where, "join key column must not contain nulls")
         kind = value_type.name
-        if kind in ("INT64", "INT32") and not (pdt.is_integer_dtype(column) and not pdt.is_bool_dtype(column)):
-            raise InvalidArgument(where, f"expected integer entity keys ({kind}), got {column.dtype}")
-        if kind == "STRING" and not (pdt.is_string_dtype(column) and all(isinstance(v, str) for v in column)):
+        if kind in ("INT64", "INT32") and not (
+            pdt.is_integer_dtype(column) and not pdt.is_bool_dtype(column)
+        ):
+            raise InvalidArgument(
+                where, f"expected integer entity keys ({kind}), got {column.dtype}"
+            )
+        if kind == "STRING" and not (
+            pdt.is_string_dtype(column) and all(isinstance(v, str) for v in column)
+        ):
             raise InvalidArgument(where, f"expected string entity keys, got {column.dtype}")
         if kind in ("DOUBLE", "FLOAT") and not pdt.is_float_dtype(column):
-            raise InvalidArgument(where, f"expected floating-point entity keys ({kind}), got {column.dtype}")
+            raise InvalidArgument(
+                where, f"expected floating-point entity keys ({kind}), got {column.dtype}"
+            )
         if kind == "BOOL" and not pdt.is_bool_dtype(column):
             raise InvalidArgument(where, f"expected boolean entity keys, got {column.dtype}")

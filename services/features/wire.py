@@ -61,7 +61,9 @@ def _time_entry(moment: datetime) -> bytes:
     return _delimited(_TIMESTAMPS, stamp.SerializeToString())
 
 
-def encode_column(column: OnlineColumn, value_of: Callable[[Any], struct_pb2.Value], times: dict[datetime, bytes]) -> bytes:
+def encode_column(
+    column: OnlineColumn, value_of: Callable[[Any], struct_pb2.Value], times: dict[datetime, bytes]
+) -> bytes:
     """One ``FeatureValues`` message as bytes.
 
     Args:
@@ -97,8 +99,12 @@ def encode_column(column: OnlineColumn, value_of: Callable[[Any], struct_pb2.Val
     return b"".join(parts)
 
 
-def encode_online_response(columns: list[OnlineColumn], value_of: Callable[[Any], struct_pb2.Value]) -> pb.GetOnlineFeaturesResponse:
+def encode_online_response(
+    columns: list[OnlineColumn], value_of: Callable[[Any], struct_pb2.Value]
+) -> pb.GetOnlineFeaturesResponse:
     """The response for ``columns``, assembled as bytes and parsed once."""
     times: dict[datetime, bytes] = {}
-    body = b"".join(_delimited(_RESPONSE_COLUMNS, encode_column(c, value_of, times)) for c in columns)
+    body = b"".join(
+        _delimited(_RESPONSE_COLUMNS, encode_column(c, value_of, times)) for c in columns
+    )
     return pb.GetOnlineFeaturesResponse.FromString(body)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aiohttp import web
+from tritonclient.grpc import service_pb2 as inference_pb2
+
 from plinth.features.v1 import features_pb2
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.registry.v1 import registry_pb2
 from plinth.scheduler.v1 import scheduler_pb2
 from plinth.serving.v1 import serving_pb2
-from tritonclient.grpc import service_pb2 as inference_pb2
 from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, CommonSettings, Env
 from plinth_common.runtime import ServiceRuntime
-from aiohttp import web
-
 from services.gateway.events import NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
 from services.gateway.proxy import ForwardingHandler, Upstream, open_channel
@@ -28,7 +28,11 @@ FORWARDED = {
     "serving": (serving_pb2.DESCRIPTOR.services_by_name["ServingService"], INFERENCE),
 }
 # KServe v2 inference only: Triton's repository, shared-memory and log APIs stay off the gateway.
-FORWARDED_ONLY = {INFERENCE.full_name: frozenset({"ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer"})}
+FORWARDED_ONLY = {
+    INFERENCE.full_name: frozenset(
+        {"ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer"}
+    )
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +45,7 @@ class GatewaySettings:
     http_port: int
 
     @classmethod
-    def from_env(cls, env: Env | None = None) -> "GatewaySettings":
+    def from_env(cls, env: Env | None = None) -> GatewaySettings:
         """Reads the environment."""
         env = env or Env()
         common = CommonSettings.from_env("gateway", env)
@@ -61,7 +65,10 @@ class GatewayApp:
         self.runtime = ServiceRuntime(settings.common)
         self._channels = {name: open_channel(target) for name, target in settings.upstreams.items()}
         forwarding = ForwardingHandler(
-            [Upstream(name, self._channels[name], services, FORWARDED_ONLY) for name, services in FORWARDED.items()],
+            [
+                Upstream(name, self._channels[name], services, FORWARDED_ONLY)
+                for name, services in FORWARDED.items()
+            ],
             default_timeout_s=settings.forward_timeout_s,
         )
         server = self.runtime.server
@@ -85,7 +92,9 @@ class GatewayApp:
     async def start(self) -> None:
         """Starts gRPC and HTTP and reports SERVING."""
         await self.runtime.start()
-        self._http_runner, self.http_port = await start_http(self.http.app, self.settings.common.host, self.settings.http_port)
+        self._http_runner, self.http_port = await start_http(
+            self.http.app, self.settings.common.host, self.settings.http_port
+        )
         await self.runtime.server.set_serving(True)
 
     async def stop(self) -> None:

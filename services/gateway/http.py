@@ -61,7 +61,9 @@ class GatewayHttp:
         upstreams: name -> channel of every service, for the health page.
     """
 
-    def __init__(self, serving: grpc.aio.Channel, upstreams: Mapping[str, grpc.aio.Channel]) -> None:
+    def __init__(
+        self, serving: grpc.aio.Channel, upstreams: Mapping[str, grpc.aio.Channel]
+    ) -> None:
         self._inference = inference_grpc.GRPCInferenceServiceStub(serving)
         self._upstreams = upstreams
         self.app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
@@ -80,7 +82,10 @@ class GatewayHttp:
         """Each service's gRPC health, as JSON; 200 only when all serve."""
         statuses = {name: await _health_of(channel) for name, channel in self._upstreams.items()}
         healthy = all(status == "SERVING" for status in statuses.values())
-        return web.json_response({"status": "SERVING" if healthy else "DEGRADED", "services": statuses}, status=200 if healthy else 503)
+        return web.json_response(
+            {"status": "SERVING" if healthy else "DEGRADED", "services": statuses},
+            status=200 if healthy else 503,
+        )
 
     async def server_live(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/health/live``."""
@@ -94,15 +99,27 @@ class GatewayHttp:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/models/{name}/ready``."""
-        reply = await self._inference.ModelReady(inference_pb2.ModelReadyRequest(name=request.match_info["name"]), timeout=5)
+        reply = await self._inference.ModelReady(
+            inference_pb2.ModelReadyRequest(name=request.match_info["name"]), timeout=5
+        )
         return web.json_response({"ready": reply.ready}, status=200 if reply.ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/models/{name}``."""
-        reply = await self._inference.ModelMetadata(inference_pb2.ModelMetadataRequest(name=request.match_info["name"]), timeout=5)
-        tensors = lambda items: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]  # noqa: E731
+        reply = await self._inference.ModelMetadata(
+            inference_pb2.ModelMetadataRequest(name=request.match_info["name"]), timeout=5
+        )
+        tensors = lambda items: [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items
+        ]
         return web.json_response(
-            {"name": reply.name, "versions": list(reply.versions), "platform": reply.platform, "inputs": tensors(reply.inputs), "outputs": tensors(reply.outputs)}
+            {
+                "name": reply.name,
+                "versions": list(reply.versions),
+                "platform": reply.platform,
+                "inputs": tensors(reply.inputs),
+                "outputs": tensors(reply.outputs),
+            }
         )
 
     async def model_infer(self, request: web.Request) -> web.Response:
@@ -118,7 +135,9 @@ class GatewayHttp:
 
 async def _health_of(channel: grpc.aio.Channel) -> str:
     try:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=2
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     except grpc.aio.AioRpcError as exc:
         return f"UNREACHABLE ({exc.code().name})"

@@ -48,8 +48,12 @@ class Upstream:
                     yield service, method
 
 
-def _forwarded_metadata(context: grpc.aio.ServicerContext, inject_trace: bool) -> list[tuple[str, Any]]:
-    metadata = [(k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(_HOP_BY_HOP)]
+def _forwarded_metadata(
+    context: grpc.aio.ServicerContext, inject_trace: bool
+) -> list[tuple[str, Any]]:
+    metadata = [
+        (k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(_HOP_BY_HOP)
+    ]
     if inject_trace:
         metadata.extend(traceparent_of_current().items())
     return metadata
@@ -71,29 +75,47 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         for upstream in upstreams:
             for service, method in upstream.methods():
                 path = f"/{service.full_name}/{method.name}"
-                self._handlers[path] = self._handler_for(upstream, path, method.server_streaming, method.client_streaming)
+                self._handlers[path] = self._handler_for(
+                    upstream, path, method.server_streaming, method.client_streaming
+                )
 
     @property
     def service_names(self) -> list[str]:
         """Full names of the forwarded services."""
         return sorted({path.split("/")[1] for path in self._handlers})
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
-        return self._default_timeout_s if remaining is None else min(remaining, self._default_timeout_s)
+        return (
+            self._default_timeout_s
+            if remaining is None
+            else min(remaining, self._default_timeout_s)
+        )
 
-    def _handler_for(self, upstream: Upstream, path: str, server_streaming: bool, client_streaming: bool) -> grpc.RpcMethodHandler:
+    def _handler_for(
+        self, upstream: Upstream, path: str, server_streaming: bool, client_streaming: bool
+    ) -> grpc.RpcMethodHandler:
         if client_streaming:
             raise NotImplementedError(f"{path}: client streaming is not forwarded")
         if server_streaming:
             stream_call = upstream.channel.unary_stream(path)
 
-            async def forward_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-                remaining = context.time_remaining()  # streams (logs --follow) keep the client's deadline only
-                call = stream_call(request, timeout=remaining, metadata=_forwarded_metadata(context, self._inject_trace))
+            async def forward_stream(
+                request: bytes, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[bytes]:
+                remaining = (
+                    context.time_remaining()
+                )  # streams (logs --follow) keep the client's deadline only
+                call = stream_call(
+                    request,
+                    timeout=remaining,
+                    metadata=_forwarded_metadata(context, self._inject_trace),
+                )
                 try:
                     async for response in call:
                         yield response
@@ -108,7 +130,11 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
         async def forward_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
-                return await unary_call(request, timeout=self._timeout(context), metadata=_forwarded_metadata(context, self._inject_trace))
+                return await unary_call(
+                    request,
+                    timeout=self._timeout(context),
+                    metadata=_forwarded_metadata(context, self._inject_trace),
+                )
             except grpc.aio.AioRpcError as exc:
                 raise upstream_error(exc, upstream.name) from None
 
@@ -117,6 +143,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
 def open_channel(target: str, options: Mapping[str, Any] | None = None) -> grpc.aio.Channel:
     """An insecure channel to an upstream, sized for gateway traffic."""
-    merged = {"grpc.max_receive_message_length": 64 * 1024 * 1024, "grpc.max_send_message_length": 64 * 1024 * 1024}
+    merged = {
+        "grpc.max_receive_message_length": 64 * 1024 * 1024,
+        "grpc.max_send_message_length": 64 * 1024 * 1024,
+    }
     merged.update(options or {})
     return grpc.aio.insecure_channel(target, options=list(merged.items()))

@@ -27,7 +27,9 @@ class EventFilter:
 
     def matches(self, event: CloudEvent) -> bool:
         """Whether a watcher with this filter wants ``event``."""
-        return (not self.types or event.type in self.types) and (not self.team or event.team == self.team)
+        return (not self.types or event.type in self.types) and (
+            not self.team or event.team == self.team
+        )
 
 
 def make_filter(types: Iterable[str], team: str) -> EventFilter:
@@ -40,7 +42,10 @@ def make_filter(types: Iterable[str], team: str) -> EventFilter:
     for raw in types:
         name = raw if raw.startswith(TYPE_PREFIX) else TYPE_PREFIX + raw
         if name not in CATALOG:
-            raise InvalidArgument("types", f"unknown event type {raw!r}; known: {', '.join(sorted(t.removeprefix(TYPE_PREFIX) for t in CATALOG))}")
+            raise InvalidArgument(
+                "types",
+                f"unknown event type {raw!r}; known: {', '.join(sorted(t.removeprefix(TYPE_PREFIX) for t in CATALOG))}",
+            )
         normalized.add(name)
     return EventFilter(types=frozenset(normalized), team=team)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -44,7 +43,9 @@ class EventServicer(gateway_pb2_grpc.EventServiceServicer):
     def __init__(self, streams: EventStreams) -> None:
         self._streams = streams
 
-    async def WatchEvents(self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.Event]:
+    async def WatchEvents(
+        self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.Event]:
         async for event in self._streams.watch(request.types, request.team):
             try:
                 yield event_to_proto(event)

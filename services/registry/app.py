@@ -47,7 +47,7 @@ class RegistrySettings:
     mlflow_workers: int = 4
 
     @classmethod
-    def from_env(cls, env: Env | None = None) -> "RegistrySettings":
+    def from_env(cls, env: Env | None = None) -> RegistrySettings:
         """Reads the environment; MLflow defaults to SQLite and a folder under the data dir.
 
         Raises:
@@ -61,13 +61,16 @@ class RegistrySettings:
         backend_store_uri = env.optional("PLINTH_MLFLOW_BACKEND_STORE_URI")
         if external_url and not backend_store_uri:
             raise InvalidArgument(
-                "PLINTH_MLFLOW_BACKEND_STORE_URI", "required with PLINTH_MLFLOW_URL: the registry uses MLflow's database in-process"
+                "PLINTH_MLFLOW_BACKEND_STORE_URI",
+                "required with PLINTH_MLFLOW_URL: the registry uses MLflow's database in-process",
             )
         return cls(
             common=common,
             mlflow=MlflowSettings(
                 backend_store_uri=backend_store_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                artifacts_destination=env.str("PLINTH_MLFLOW_ARTIFACTS_DESTINATION", str(mlflow_dir / "artifacts")),
+                artifacts_destination=env.str(
+                    "PLINTH_MLFLOW_ARTIFACTS_DESTINATION", str(mlflow_dir / "artifacts")
+                ),
                 port=env.int("PLINTH_MLFLOW_PORT", DEFAULT_MLFLOW_PORT),
                 external_url=external_url,
                 startup_timeout_s=env.float("PLINTH_MLFLOW_STARTUP_TIMEOUT_S", 90.0),
@@ -101,21 +104,36 @@ class RegistryApp:
 
     def __init__(self, settings: RegistrySettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common, outbox_table=outbox_table, processed_table=processed_table, migrations=MIGRATIONS)
+        self.runtime = ServiceRuntime(
+            settings.common,
+            outbox_table=outbox_table,
+            processed_table=processed_table,
+            migrations=MIGRATIONS,
+        )
         assert self.runtime.outbox is not None
-        self.mlflow = MlflowServer(settings.mlflow, log_path=settings.common.service_dir / "mlflow-server.log")
-        self.store = MlflowStore(settings.mlflow.backend_store_uri, max_workers=settings.mlflow_workers)
+        self.mlflow = MlflowServer(
+            settings.mlflow, log_path=settings.common.service_dir / "mlflow-server.log"
+        )
+        self.store = MlflowStore(
+            settings.mlflow.backend_store_uri, max_workers=settings.mlflow_workers
+        )
         self.cache = ReadCache(ttl_s=settings.cache_ttl_s)
         self.facts = ReadCache(ttl_s=settings.facts_ttl_s)
         self.service = RegistryService(
-            db=self.runtime.db, mlflow=self.store, events=OutboxModelEvents(self.runtime.outbox), cache=self.cache, facts=self.facts
+            db=self.runtime.db,
+            mlflow=self.store,
+            events=OutboxModelEvents(self.runtime.outbox),
+            cache=self.cache,
+            facts=self.facts,
         )
         self.runtime.server.add(
             registry_pb2_grpc.add_RegistryServiceServicer_to_server,
             RegistryServicer(self.service),
             registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
         )
-        self.health = EngineHealth(self.runtime.server, _Readiness(self.mlflow, self.store), name="mlflow")
+        self.health = EngineHealth(
+            self.runtime.server, _Readiness(self.mlflow, self.store), name="mlflow"
+        )
         self.ready = asyncio.Event()
         self._opening: asyncio.Task[None] | None = None
 
@@ -156,7 +174,11 @@ class RegistryApp:
         consumer = self.runtime.consume(CONSUMER, [JOB_FINISHED], JobFinishedHandler(self.service))
         await consumer.start()
         self.ready.set()
-        log.info("MLflow store open (%s); consuming %s", _redacted(self.settings.mlflow.backend_store_uri), JOB_FINISHED)
+        log.info(
+            "MLflow store open (%s); consuming %s",
+            _redacted(self.settings.mlflow.backend_store_uri),
+            JOB_FINISHED,
+        )
 
     async def stop(self) -> None:
         """Stops the server and consumers, then the store's threads, then MLflow."""

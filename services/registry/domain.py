@@ -121,7 +121,9 @@ class PromotionPolicy:
         """The form stored in the registered model's ``plinth.policy`` tag."""
         return json.dumps(
             {
-                "rules": [{"metric": r.metric, "op": r.op, "threshold": r.threshold} for r in self.rules],
+                "rules": [
+                    {"metric": r.metric, "op": r.op, "threshold": r.threshold} for r in self.rules
+                ],
                 "require_approval": self.require_approval,
                 "aliases": list(self.aliases),
             },
@@ -129,14 +131,25 @@ class PromotionPolicy:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "PromotionPolicy":
+    def from_json(cls, text: str) -> PromotionPolicy:
         """Reads the stored form; a tag edited into nonsense behind Plinth's back is refused."""
         try:
             raw = json.loads(text)
-            rules = tuple(PolicyRule(metric=str(r["metric"]), op=str(r["op"]), threshold=float(r["threshold"])) for r in raw.get("rules", []))
-            return cls(rules=rules, require_approval=bool(raw.get("require_approval", False)), aliases=tuple(raw.get("aliases", [])))
+            rules = tuple(
+                PolicyRule(
+                    metric=str(r["metric"]), op=str(r["op"]), threshold=float(r["threshold"])
+                )
+                for r in raw.get("rules", [])
+            )
+            return cls(
+                rules=rules,
+                require_approval=bool(raw.get("require_approval", False)),
+                aliases=tuple(raw.get("aliases", [])),
+            )
         except (ValueError, TypeError, KeyError, AttributeError):
-            raise FailedPrecondition(f"the stored promotion policy is unreadable: {text[:200]!r}") from None
+            raise FailedPrecondition(
+                f"the stored promotion policy is unreadable: {text[:200]!r}"
+            ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,14 +223,20 @@ class ModelQuery:
 def check_model_name(value: str, field_name: str = "name") -> str:
     """Refuses anything but MLflow-safe model names (no '/', so no '../')."""
     if not MODEL_NAME.match(value):
-        raise InvalidArgument(field_name, "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit")
+        raise InvalidArgument(
+            field_name,
+            "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit",
+        )
     return value
 
 
 def check_team(value: str, field_name: str = "team") -> str:
     """Teams are DNS labels, as everywhere in Plinth."""
     if not TEAM.match(value):
-        raise InvalidArgument(field_name, "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit")
+        raise InvalidArgument(
+            field_name,
+            "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit",
+        )
     return value
 
 
@@ -226,7 +245,9 @@ def check_alias(value: str, field_name: str = "alias") -> str:
     if not ALIAS.match(value):
         raise InvalidArgument(field_name, "letters, digits, '_' and '-', 1 to 63")
     if RESERVED_ALIAS.match(value):
-        raise InvalidArgument(field_name, f"{value!r} is reserved by MLflow ('latest' and 'v<number>')")
+        raise InvalidArgument(
+            field_name, f"{value!r} is reserved by MLflow ('latest' and 'v<number>')"
+        )
     return value
 
 
@@ -240,7 +261,9 @@ def check_version(value: str, field_name: str = "version") -> str:
 def check_run_id(value: str, field_name: str = "run_id") -> str:
     """MLflow's run id rule."""
     if not RUN_ID.match(value):
-        raise InvalidArgument(field_name, "letters, digits, '_' and '-', starting with a letter or digit")
+        raise InvalidArgument(
+            field_name, "letters, digits, '_' and '-', starting with a letter or digit"
+        )
     return value
 
 
@@ -256,12 +279,19 @@ def check_experiment_ids(values: Iterable[str]) -> list[str]:
 def check_artifact_path(value: str, field_name: str = "artifact_path") -> str:
     """A relative path of plain segments: no '..', no leading '/', no empty segments."""
     segments = value.split("/")
-    if len(value) > 256 or not all(PATH_SEGMENT.match(s) and s not in (".", "..") for s in segments):
-        raise InvalidArgument(field_name, "a relative path of letters, digits, '.', '_' and '-' segments, without '..'")
+    if len(value) > 256 or not all(
+        PATH_SEGMENT.match(s) and s not in (".", "..") for s in segments
+    ):
+        raise InvalidArgument(
+            field_name,
+            "a relative path of letters, digits, '.', '_' and '-' segments, without '..'",
+        )
     return value
 
 
-def check_tags(tags: Mapping[str, str], field_name: str = "tags", *, allow_reserved: bool = False) -> dict[str, str]:
+def check_tags(
+    tags: Mapping[str, str], field_name: str = "tags", *, allow_reserved: bool = False
+) -> dict[str, str]:
     """Tag keys and values MLflow accepts; ``plinth.`` keys are Plinth's own."""
     if len(tags) > MAX_TAGS:
         raise InvalidArgument(field_name, f"at most {MAX_TAGS} tags")
@@ -269,7 +299,10 @@ def check_tags(tags: Mapping[str, str], field_name: str = "tags", *, allow_reser
         if not TAG_KEY.match(key) or ".." in key or "`" in key:
             raise InvalidArgument(field_name, f"{key[:64]!r} is not a valid tag key")
         if not allow_reserved and key.startswith(RESERVED_TAG_PREFIX):
-            raise InvalidArgument(field_name, f"{key!r}: keys starting with {RESERVED_TAG_PREFIX!r} are set by the platform")
+            raise InvalidArgument(
+                field_name,
+                f"{key!r}: keys starting with {RESERVED_TAG_PREFIX!r} are set by the platform",
+            )
         if len(value) > MAX_TAG_VALUE:
             raise InvalidArgument(field_name, f"{key}: value at most {MAX_TAG_VALUE} characters")
     return dict(tags)
@@ -281,9 +314,13 @@ def check_policy(policy: PromotionPolicy) -> PromotionPolicy:
         raise InvalidArgument("policy.rules", f"at most {MAX_RULES} rules")
     for i, rule in enumerate(policy.rules):
         if not METRIC_NAME.match(rule.metric):
-            raise InvalidArgument(f"policy.rules[{i}].metric", f"{rule.metric[:64]!r} is not a metric name")
+            raise InvalidArgument(
+                f"policy.rules[{i}].metric", f"{rule.metric[:64]!r} is not a metric name"
+            )
         if rule.op not in OPERATORS:
-            raise InvalidArgument(f"policy.rules[{i}].op", f"one of {' '.join(OPERATORS)}, got {rule.op[:8]!r}")
+            raise InvalidArgument(
+                f"policy.rules[{i}].op", f"one of {' '.join(OPERATORS)}, got {rule.op[:8]!r}"
+            )
         if not math.isfinite(rule.threshold):
             raise InvalidArgument(f"policy.rules[{i}].threshold", "must be a finite number")
     for alias in policy.aliases:
@@ -301,7 +338,15 @@ def check_page_size(value: int, *, default: int, maximum: int) -> int:
 # -- promotion --------------------------------------------------------------------------------
 
 
-def enforce_policy(policy: PromotionPolicy, *, model: str, alias: str, version: str, metrics: Mapping[str, float], approved: bool) -> None:
+def enforce_policy(
+    policy: PromotionPolicy,
+    *,
+    model: str,
+    alias: str,
+    version: str,
+    metrics: Mapping[str, float],
+    approved: bool,
+) -> None:
     """Raises when moving ``alias`` to ``version`` breaks the model's policy.
 
     Raises:
@@ -318,10 +363,15 @@ def enforce_policy(policy: PromotionPolicy, *, model: str, alias: str, version: 
             )
         value = metrics[rule.metric]
         if not rule.holds(value):
-            raise FailedPrecondition(f"policy rule {rule} does not hold: {rule.metric} = {value:g}", rule=str(rule), value=value)
+            raise FailedPrecondition(
+                f"policy rule {rule} does not hold: {rule.metric} = {value:g}",
+                rule=str(rule),
+                value=value,
+            )
     if policy.require_approval and not approved:
         raise FailedPrecondition(
-            f"policy of {model!r} requires approval to move alias {alias!r}; set approved", rule="require_approval"
+            f"policy of {model!r} requires approval to move alias {alias!r}; set approved",
+            rule="require_approval",
         )
 
 
@@ -360,10 +410,14 @@ def parse_model_uri(uri: str, *, run_id: str) -> ModelRef:
         return ModelRef(run_id=uri_run, artifact_path=check_artifact_path(path, "model_uri"))
     if match := _LOGGED_MODEL_URI.match(uri):
         return ModelRef(run_id=run_id, model_id=match.group(1))
-    raise InvalidArgument("model_uri", f"expected runs:/<run_id>/<path> or models:/m-<id>, got {uri[:200]!r}")
+    raise InvalidArgument(
+        "model_uri", f"expected runs:/<run_id>/<path> or models:/m-<id>, got {uri[:200]!r}"
+    )
 
 
-def lineage_tags(*, run: Run, model: LoggedModel | None, job_id: str = "", entrypoint: Iterable[str] = ()) -> dict[str, str]:
+def lineage_tags(
+    *, run: Run, model: LoggedModel | None, job_id: str = "", entrypoint: Iterable[str] = ()
+) -> dict[str, str]:
     """Tags that tie a version to where it came from: job, run, logged model, metrics, command."""
     tags = {RUN_ID_TAG: run.run_id}
     if model is not None:

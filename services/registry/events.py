@@ -22,7 +22,9 @@ class OutboxModelEvents:
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
-    async def version_created(self, session: AsyncSession, version: ModelVersion, *, job_id: str) -> None:
+    async def version_created(
+        self, session: AsyncSession, version: ModelVersion, *, job_id: str
+    ) -> None:
         """``plinth.model.version_created``."""
         message = events_pb2.ModelVersionCreated(
             model_name=version.name,

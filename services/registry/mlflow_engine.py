@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import urlparse
 
 __all__ = ["MlflowServer", "MlflowSettings"]
@@ -189,7 +189,7 @@ class MlflowServer:
                 async with session.get(url, params={"max_results": "1"}) as response:
                     await response.read()
                     return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def wait_ready(self, timeout: float | None = None) -> None:

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -85,7 +85,9 @@ class MlflowStore:
 
     def __init__(self, store_uri: str, *, max_workers: int = 4) -> None:
         self._store_uri = store_uri
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mlflow-store")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="mlflow-store"
+        )
         self._client: Any = None
         self._mlflow_exception: type[Exception] = Exception
 
@@ -117,7 +119,9 @@ class MlflowStore:
 
     async def close(self) -> None:
         """Lets running calls finish and stops the threads."""
-        await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._executor.shutdown, wait=True)
+        )
 
     # -- tracking -----------------------------------------------------------------------------
 
@@ -125,16 +129,28 @@ class MlflowStore:
         """The run, or None when MLflow has no run of that id."""
         return await self._call("get_run", lambda c: _run(c.get_run(run_id)), missing=True)
 
-    async def search_runs(self, experiment_ids: Sequence[str], *, filter_string: str, max_results: int, page_token: str) -> Page:
+    async def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str,
+        max_results: int,
+        page_token: str,
+    ) -> Page:
         """Runs of the experiments matching an MLflow filter, newest first."""
 
         def search(client: Any) -> Page:
             result = client.search_runs(
-                experiment_ids=list(experiment_ids), filter_string=filter_string, max_results=max_results, page_token=page_token or None
+                experiment_ids=list(experiment_ids),
+                filter_string=filter_string,
+                max_results=max_results,
+                page_token=page_token or None,
             )
             return Page(items=[_run(r) for r in result], next_page_token=_token(result.token))
 
-        return await self._call("search_runs", search, bad_request_field="filter" if filter_string else "page_token")
+        return await self._call(
+            "search_runs", search, bad_request_field="filter" if filter_string else "page_token"
+        )
 
     async def experiment_ids(self) -> list[str]:
         """Ids of every active experiment."""
@@ -153,7 +169,9 @@ class MlflowStore:
 
     async def get_logged_model(self, model_id: str) -> LoggedModel | None:
         """A LoggedModel by id, or None."""
-        return await self._call("get_logged_model", lambda c: _logged_model(c.get_logged_model(model_id)), missing=True)
+        return await self._call(
+            "get_logged_model", lambda c: _logged_model(c.get_logged_model(model_id)), missing=True
+        )
 
     async def logged_models_of_run(self, run: Run, name: str) -> list[LoggedModel]:
         """The LoggedModels named ``name`` whose source is ``run``, newest first."""
@@ -179,7 +197,9 @@ class MlflowStore:
 
     async def get_model(self, name: str) -> MlflowModel | None:
         """The registered model, or None."""
-        return await self._call("get_registered_model", lambda c: _model(c.get_registered_model(name)), missing=True)
+        return await self._call(
+            "get_registered_model", lambda c: _model(c.get_registered_model(name)), missing=True
+        )
 
     async def create_model(self, name: str, tags: Mapping[str, str]) -> bool:
         """Creates a registered model; False when one of that name exists already."""
@@ -199,14 +219,20 @@ class MlflowStore:
         """Registered models matching an MLflow filter, by name."""
 
         def search(client: Any) -> Page:
-            result = client.search_registered_models(filter_string=filter_string or None, max_results=max_results, page_token=page_token or None)
+            result = client.search_registered_models(
+                filter_string=filter_string or None,
+                max_results=max_results,
+                page_token=page_token or None,
+            )
             return Page(items=[_model(m) for m in result], next_page_token=_token(result.token))
 
         return await self._call("search_registered_models", search, bad_request_field="page_token")
 
     async def set_model_tag(self, name: str, key: str, value: str) -> None:
         """Sets a tag on a registered model."""
-        await self._call("set_registered_model_tag", lambda c: c.set_registered_model_tag(name, key, value))
+        await self._call(
+            "set_registered_model_tag", lambda c: c.set_registered_model_tag(name, key, value)
+        )
 
     async def delete_model_tag(self, name: str, key: str) -> None:
         """Removes a tag from a registered model (no error when absent)."""
@@ -222,7 +248,11 @@ class MlflowStore:
 
     async def get_version(self, name: str, version: str) -> MlflowVersion | None:
         """A model version, or None."""
-        return await self._call("get_model_version", lambda c: _version(c.get_model_version(name, version)), missing=True)
+        return await self._call(
+            "get_model_version",
+            lambda c: _version(c.get_model_version(name, version)),
+            missing=True,
+        )
 
     async def version_by_alias(self, name: str, alias: str) -> MlflowVersion | None:
         """The version an alias points to, or None (unknown model or alias)."""
@@ -233,13 +263,22 @@ class MlflowStore:
             except self._mlflow_exception as exc:
                 # MLflow reports an unknown alias as INVALID_PARAMETER_VALUE, not as missing.
                 text = str(exc).lower()
-                if getattr(exc, "error_code", "") in _NOT_FOUND or ("alias" in text and "not found" in text):
+                if getattr(exc, "error_code", "") in _NOT_FOUND or (
+                    "alias" in text and "not found" in text
+                ):
                     return None
                 raise
 
         return await self._call("get_model_version_by_alias", get)
 
-    async def search_versions(self, filter_string: str, *, max_results: int, page_token: str = "", newest_first: bool = True) -> Page:
+    async def search_versions(
+        self,
+        filter_string: str,
+        *,
+        max_results: int,
+        page_token: str = "",
+        newest_first: bool = True,
+    ) -> Page:
         """Model versions matching an MLflow filter."""
 
         def search(client: Any) -> Page:
@@ -253,23 +292,40 @@ class MlflowStore:
 
         return await self._call("search_model_versions", search, bad_request_field="page_token")
 
-    async def create_version(self, name: str, *, source: str, run_id: str, tags: Mapping[str, str]) -> MlflowVersion:
+    async def create_version(
+        self, name: str, *, source: str, run_id: str, tags: Mapping[str, str]
+    ) -> MlflowVersion:
         """Creates the next version of a registered model."""
         return await self._call(
-            "create_model_version", lambda c: _version(c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags)))
+            "create_model_version",
+            lambda c: _version(
+                c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags))
+            ),
         )
 
     async def set_alias(self, name: str, alias: str, version: str) -> None:
         """Points an alias at a version."""
-        await self._call("set_registered_model_alias", lambda c: c.set_registered_model_alias(name, alias, version))
+        await self._call(
+            "set_registered_model_alias",
+            lambda c: c.set_registered_model_alias(name, alias, version),
+        )
 
     async def delete_alias(self, name: str, alias: str) -> None:
         """Removes an alias."""
-        await self._call("delete_registered_model_alias", lambda c: c.delete_registered_model_alias(name, alias))
+        await self._call(
+            "delete_registered_model_alias", lambda c: c.delete_registered_model_alias(name, alias)
+        )
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    async def _call(self, operation: str, body: Callable[[Any], T], *, missing: bool = False, bad_request_field: str = "") -> T:
+    async def _call(
+        self,
+        operation: str,
+        body: Callable[[Any], T],
+        *,
+        missing: bool = False,
+        bad_request_field: str = "",
+    ) -> T:
         if self._client is None:
             raise Unavailable("the registry is starting: MLflow's store is not open yet")
         client = self._client
@@ -287,9 +343,13 @@ class MlflowStore:
 
     async def _run(self, operation: str, body: Callable[[], T]) -> T:
         # A span per MLflow call; the copied context makes MLflow's SQL spans its children.
-        with tracer.start_as_current_span(f"mlflow {operation}", attributes={"db.system": "mlflow"}):
+        with tracer.start_as_current_span(
+            f"mlflow {operation}", attributes={"db.system": "mlflow"}
+        ):
             context = contextvars.copy_context()
-            return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, body)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, context.run, body
+            )
 
 
 def _plinth_error(exc: Exception, code: str, bad_request_field: str) -> Exception:
@@ -309,7 +369,7 @@ def _token(token: Any) -> str:
 
 
 def _when(millis: int | None) -> datetime | None:
-    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc) if millis else None
+    return datetime.fromtimestamp(millis / 1000, tz=UTC) if millis else None
 
 
 def _run(run: Any) -> Run:

@@ -13,9 +13,9 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -61,7 +61,9 @@ _NAME_PREFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 class ModelEvents(Protocol):
     """Records ``plinth.model.*`` events in the caller's transaction (the outbox)."""
 
-    async def version_created(self, session: AsyncSession, version: ModelVersion, *, job_id: str) -> None: ...
+    async def version_created(
+        self, session: AsyncSession, version: ModelVersion, *, job_id: str
+    ) -> None: ...
 
     async def promoted(self, session: AsyncSession, promotion: Promotion) -> None: ...
 
@@ -80,7 +82,15 @@ class RegistryService:
             checks read metrics fresh.
     """
 
-    def __init__(self, *, db: Database, mlflow: MlflowStore, events: ModelEvents, cache: ReadCache, facts: ReadCache) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        mlflow: MlflowStore,
+        events: ModelEvents,
+        cache: ReadCache,
+        facts: ReadCache,
+    ) -> None:
         self._db = db
         self._mlflow = mlflow
         self._events = events
@@ -103,7 +113,9 @@ class RegistryService:
             raise NotFound("run", run_id)
         return run
 
-    async def list_runs(self, *, experiment_ids: Sequence[str], filter_string: str, page_size: int, page_token: str) -> tuple[list[Run], str]:
+    async def list_runs(
+        self, *, experiment_ids: Sequence[str], filter_string: str, page_size: int, page_token: str
+    ) -> tuple[list[Run], str]:
         """Runs matching an MLflow filter (every active experiment when none is named)."""
         ids = check_experiment_ids(experiment_ids)
         limit = check_page_size(page_size, default=50, maximum=1000)
@@ -111,7 +123,9 @@ class RegistryService:
         if len(filter_string) > 4096:
             raise InvalidArgument("filter", "at most 4096 characters")
         ids = ids or await self._mlflow.experiment_ids()
-        page = await self._mlflow.search_runs(ids, filter_string=filter_string, max_results=limit, page_token=page_token)
+        page = await self._mlflow.search_runs(
+            ids, filter_string=filter_string, max_results=limit, page_token=page_token
+        )
         return page.items, page.next_page_token
 
     # -- registration -------------------------------------------------------------------------
@@ -138,19 +152,25 @@ class RegistryService:
         """
         check_model_name(name)
         check_team(team)
-        ref = ModelRef(run_id=check_run_id(run_id), artifact_path=check_artifact_path(artifact_path or "model"))
+        ref = ModelRef(
+            run_id=check_run_id(run_id), artifact_path=check_artifact_path(artifact_path or "model")
+        )
         user_tags = check_tags(tags or {})
         user_model_tags = check_tags(model_tags or {}, "model_tags")
         async with self._write_lock(name):
             try:
-                version = await self._register(name=name, team=team, ref=ref, extra_tags=user_tags, model_tags=user_model_tags)
+                version = await self._register(
+                    name=name, team=team, ref=ref, extra_tags=user_tags, model_tags=user_model_tags
+                )
             finally:
                 self._cache.invalidate()
             async with self._db.transaction() as session:
                 await self._events.version_created(session, version, job_id="")
         return version
 
-    async def register_finished_job(self, session: AsyncSession, job: FinishedJob) -> ModelVersion | None:
+    async def register_finished_job(
+        self, session: AsyncSession, job: FinishedJob
+    ) -> ModelVersion | None:
         """Registers the model a finished job logged, if it asked to and succeeded.
 
         Runs inside the consumer's transaction (which also records the event id). If an
@@ -172,13 +192,26 @@ class RegistryService:
             try:
                 version = await self._version_of_job(name, job.job_id)
                 if version is None:
-                    version = await self._register(name=name, team=team, ref=ref, job_id=job.job_id, entrypoint=job.entrypoint)
+                    version = await self._register(
+                        name=name, team=team, ref=ref, job_id=job.job_id, entrypoint=job.entrypoint
+                    )
                 else:
-                    log.info("job %s already registered %s version %s; reusing it", job.job_id, name, version.version)
+                    log.info(
+                        "job %s already registered %s version %s; reusing it",
+                        job.job_id,
+                        name,
+                        version.version,
+                    )
             finally:
                 self._cache.invalidate()
             await self._events.version_created(session, version, job_id=job.job_id)
-        log.info("registered %s version %s from job %s (run %s)", name, version.version, job.job_id, version.run_id)
+        log.info(
+            "registered %s version %s from job %s (run %s)",
+            name,
+            version.version,
+            job.job_id,
+            version.run_id,
+        )
         return version
 
     async def _register(
@@ -194,11 +227,16 @@ class RegistryService:
     ) -> ModelVersion:
         run, logged = await self._find_logged_model(ref)
         await self._ensure_owned(name, team, model_tags or {})
-        tags = {**(extra_tags or {}), **lineage_tags(run=run, model=logged, job_id=job_id, entrypoint=entrypoint)}
+        tags = {
+            **(extra_tags or {}),
+            **lineage_tags(run=run, model=logged, job_id=job_id, entrypoint=entrypoint),
+        }
         # The source is the logged model's artifact location (``mlflow-artifacts:/...``), which
         # anyone downloads through the tracking server. (A ``models:/m-...`` source would make
         # MLflow's store resolve it through the process-wide tracking URI.)
-        created = await self._mlflow.create_version(name, source=logged.artifact_location, run_id=run.run_id, tags=tags)
+        created = await self._mlflow.create_version(
+            name, source=logged.artifact_location, run_id=run.run_id, tags=tags
+        )
         return _compose(created, team=team, metrics=run.metrics)
 
     async def _find_logged_model(self, ref: ModelRef) -> tuple[Run, LoggedModel]:
@@ -207,7 +245,9 @@ class RegistryService:
             if logged is None:
                 raise NotFound("logged model", ref.model_id)
             if ref.run_id and logged.source_run_id != ref.run_id:
-                raise FailedPrecondition(f"logged model {ref.model_id} comes from run {logged.source_run_id}, not {ref.run_id}")
+                raise FailedPrecondition(
+                    f"logged model {ref.model_id} comes from run {logged.source_run_id}, not {ref.run_id}"
+                )
             run = await self.get_run(logged.source_run_id)
         else:
             run = await self.get_run(ref.run_id)
@@ -216,7 +256,9 @@ class RegistryService:
                 raise NotFound("logged model", f"runs:/{ref.run_id}/{ref.artifact_path}")
             logged = found[0]
         if logged.status != "READY":
-            raise FailedPrecondition(f"logged model {logged.model_id} of run {run.run_id} is {logged.status}, not READY")
+            raise FailedPrecondition(
+                f"logged model {logged.model_id} of run {run.run_id} is {logged.status}, not READY"
+            )
         return run, logged
 
     async def _ensure_owned(self, name: str, team: str, model_tags: Mapping[str, str]) -> None:
@@ -226,23 +268,36 @@ class RegistryService:
                 return
             found = await self._mlflow.get_model(name)  # created concurrently by someone else
             if found is None:
-                raise FailedPrecondition(f"registered model {name!r} was created and deleted concurrently; retry")
+                raise FailedPrecondition(
+                    f"registered model {name!r} was created and deleted concurrently; retry"
+                )
         owner = found.tags.get(TEAM_TAG, "")
         if not owner:
-            raise FailedPrecondition(f"registered model {name!r} has no owning team (no {TEAM_TAG} tag); it was not created through Plinth")
+            raise FailedPrecondition(
+                f"registered model {name!r} has no owning team (no {TEAM_TAG} tag); it was not created through Plinth"
+            )
         if owner != team:
-            raise PermissionDenied(f"registered model {name!r} belongs to team {owner!r}; team {team!r} may not register versions of it", owner=owner)
+            raise PermissionDenied(
+                f"registered model {name!r} belongs to team {owner!r}; team {team!r} may not register versions of it",
+                owner=owner,
+            )
         for key, value in model_tags.items():
             if found.tags.get(key) != value:
                 await self._mlflow.set_model_tag(name, key, value)
 
     async def _version_of_job(self, name: str, job_id: str) -> ModelVersion | None:
-        page = await self._mlflow.search_versions(f"name = '{name}' AND tags.`{JOB_ID_TAG}` = {_quote(job_id, 'job_id')}", max_results=1)
+        page = await self._mlflow.search_versions(
+            f"name = '{name}' AND tags.`{JOB_ID_TAG}` = {_quote(job_id, 'job_id')}", max_results=1
+        )
         if not page.items:
             return None
         version: MlflowVersion = page.items[0]
         found = await self._mlflow.get_version(name, version.version)  # with its aliases
-        return _compose(found or version, team=(await self._model(name)).team, metrics=await self._metrics(version.run_id, fresh=True))
+        return _compose(
+            found or version,
+            team=(await self._model(name)).team,
+            metrics=await self._metrics(version.run_id, fresh=True),
+        )
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -254,7 +309,9 @@ class RegistryService:
         """
         check_model_name(name)
         check_version(version)
-        return await self._cache.get(("version", name, version), lambda: self._load_version(name, version))
+        return await self._cache.get(
+            ("version", name, version), lambda: self._load_version(name, version)
+        )
 
     async def _load_version(self, name: str, number: str) -> ModelVersion:
         found = await self._mlflow.get_version(name, number)
@@ -272,7 +329,9 @@ class RegistryService:
         """
         check_model_name(name)
         check_alias(alias)
-        return await self._cache.get(("alias", name, alias), lambda: self._load_version_by_alias(name, alias))
+        return await self._cache.get(
+            ("alias", name, alias), lambda: self._load_version_by_alias(name, alias)
+        )
 
     async def _load_version_by_alias(self, name: str, alias: str) -> ModelVersion:
         found = await self._mlflow.version_by_alias(name, alias)
@@ -282,19 +341,33 @@ class RegistryService:
         team, metrics = await asyncio.gather(self._team(name), self._metrics(found.run_id))
         return _compose(found, team=team, metrics=metrics)
 
-    async def list_versions(self, name: str, *, page_size: int, page_token: str) -> tuple[list[ModelVersion], str]:
+    async def list_versions(
+        self, name: str, *, page_size: int, page_token: str
+    ) -> tuple[list[ModelVersion], str]:
         """A model's versions, newest first."""
         check_model_name(name)
         limit = check_page_size(page_size, default=50, maximum=200)
         _check_page_token(page_token)
         model = await self._model(name)
-        page = await self._mlflow.search_versions(f"name = '{name}'", max_results=limit, page_token=page_token)
+        page = await self._mlflow.search_versions(
+            f"name = '{name}'", max_results=limit, page_token=page_token
+        )
         run_ids = sorted({v.run_id for v in page.items if v.run_id})
         metrics = dict(zip(run_ids, await asyncio.gather(*(self._metrics(r) for r in run_ids))))
-        versions = [_compose(v, team=model.team, metrics=metrics.get(v.run_id, {}), aliases=_aliases_of(model.aliases, v.version)) for v in page.items]
+        versions = [
+            _compose(
+                v,
+                team=model.team,
+                metrics=metrics.get(v.run_id, {}),
+                aliases=_aliases_of(model.aliases, v.version),
+            )
+            for v in page.items
+        ]
         return versions, page.next_page_token
 
-    async def search_models(self, query: ModelQuery, *, page_size: int, page_token: str) -> tuple[list[RegisteredModel], str]:
+    async def search_models(
+        self, query: ModelQuery, *, page_size: int, page_token: str
+    ) -> tuple[list[RegisteredModel], str]:
         """Registered models by name prefix, team and tags, by name, a page at a time."""
         if len(query.name_prefix) > 128 or not set(query.name_prefix) <= _NAME_PREFIX_CHARS:
             raise InvalidArgument("name_prefix", "letters, digits, '.', '_' and '-', at most 128")
@@ -303,23 +376,36 @@ class RegistryService:
         check_tags(query.tags, allow_reserved=True)
         limit = check_page_size(page_size, default=50, maximum=500)
         _check_page_token(page_token)
-        key = ("search", query.name_prefix, query.team, tuple(sorted(query.tags.items())), limit, page_token)
+        key = (
+            "search",
+            query.name_prefix,
+            query.team,
+            tuple(sorted(query.tags.items())),
+            limit,
+            page_token,
+        )
         return await self._cache.get(key, lambda: self._load_models(query, limit, page_token))
 
-    async def _load_models(self, query: ModelQuery, limit: int, page_token: str) -> tuple[list[RegisteredModel], str]:
+    async def _load_models(
+        self, query: ModelQuery, limit: int, page_token: str
+    ) -> tuple[list[RegisteredModel], str]:
         clauses = []
         if query.name_prefix:
             clauses.append(f"name LIKE '{query.name_prefix}%'")
         if query.team:
             clauses.append(f"tags.`{TEAM_TAG}` = '{query.team}'")
-        clauses += [f"tags.`{key}` = {_quote(value, 'tags')}" for key, value in sorted(query.tags.items())]
+        clauses += [
+            f"tags.`{key}` = {_quote(value, 'tags')}" for key, value in sorted(query.tags.items())
+        ]
         filter_string = " AND ".join(clauses)
         models: list[RegisteredModel] = []
         token = page_token
         # LIKE treats '_' in the prefix as a wildcard: drop false matches and keep fetching
         # exactly what is missing, so MLflow's next-page token stays exact.
         while True:
-            page = await self._mlflow.search_models(filter_string, max_results=limit - len(models), page_token=token)
+            page = await self._mlflow.search_models(
+                filter_string, max_results=limit - len(models), page_token=token
+            )
             models += [_registered(m) for m in page.items if m.name.startswith(query.name_prefix)]
             token = page.next_page_token
             if len(models) >= limit or not token:
@@ -327,7 +413,9 @@ class RegistryService:
 
     # -- promotion ----------------------------------------------------------------------------
 
-    async def set_alias(self, *, name: str, alias: str, version: str, approved: bool = False, team: str = "") -> Promotion:
+    async def set_alias(
+        self, *, name: str, alias: str, version: str, approved: bool = False, team: str = ""
+    ) -> Promotion:
         """Moves an alias to a version when the model's policy allows; emits ``model.promoted``.
 
         Setting an alias to the version it already points to succeeds and emits the event
@@ -350,8 +438,14 @@ class RegistryService:
                 raise NotFound("model version", f"{name}/{version}")
             metrics = await self._metrics(found.run_id, fresh=True)
             # Fail closed: a policy tag that cannot be read blocks promotion.
-            policy = PromotionPolicy.from_json(model.tags[POLICY_TAG]) if POLICY_TAG in model.tags else PromotionPolicy()
-            enforce_policy(policy, model=name, alias=alias, version=version, metrics=metrics, approved=approved)
+            policy = (
+                PromotionPolicy.from_json(model.tags[POLICY_TAG])
+                if POLICY_TAG in model.tags
+                else PromotionPolicy()
+            )
+            enforce_policy(
+                policy, model=name, alias=alias, version=version, metrics=metrics, approved=approved
+            )
             previous = model.aliases.get(alias, "")
             aliases = _aliases_of({**model.aliases, alias: version}, version)
             promoted = _compose(found, team=model.team, metrics=metrics, aliases=aliases)
@@ -386,7 +480,9 @@ class RegistryService:
                 self._cache.invalidate()
         return previous
 
-    async def set_policy(self, *, name: str, policy: PromotionPolicy, team: str = "") -> RegisteredModel:
+    async def set_policy(
+        self, *, name: str, policy: PromotionPolicy, team: str = ""
+    ) -> RegisteredModel:
         """Stores (or, when empty, removes) a model's promotion policy."""
         check_model_name(name)
         check_policy(policy)
@@ -433,7 +529,13 @@ class RegistryService:
         return run.metrics if run is not None else {}
 
 
-def _compose(found: MlflowVersion, *, team: str, metrics: Mapping[str, float], aliases: Sequence[str] | None = None) -> ModelVersion:
+def _compose(
+    found: MlflowVersion,
+    *,
+    team: str,
+    metrics: Mapping[str, float],
+    aliases: Sequence[str] | None = None,
+) -> ModelVersion:
     return ModelVersion(
         name=found.name,
         version=found.version,
@@ -474,7 +576,10 @@ def _registered(model: MlflowModel) -> RegisteredModel:
 
 def _check_owner(model: RegisteredModel, team: str) -> None:
     if team and check_team(team) != model.team:
-        raise PermissionDenied(f"registered model {model.name!r} belongs to team {model.team!r}, not {team!r}", owner=model.team)
+        raise PermissionDenied(
+            f"registered model {model.name!r} belongs to team {model.team!r}, not {team!r}",
+            owner=model.team,
+        )
 
 
 def _quote(value: str, field_name: str) -> str:

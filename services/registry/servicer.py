@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-
 import grpc
 
-from plinth_common.prototime import to_timestamp
 from plinth.registry.v1 import registry_pb2 as pb
 from plinth.registry.v1 import registry_pb2_grpc
-from services.registry.domain import ModelQuery, ModelVersion, PolicyRule, PromotionPolicy, RegisteredModel, Run
+from plinth_common.prototime import to_timestamp
+from services.registry.domain import (
+    ModelQuery,
+    ModelVersion,
+    PolicyRule,
+    PromotionPolicy,
+    RegisteredModel,
+    Run,
+)
 from services.registry.service import RegistryService
-
 
 
 def run_to_proto(run: Run) -> pb.Run:
@@ -31,7 +36,9 @@ def run_to_proto(run: Run) -> pb.Run:
 def policy_to_proto(policy: PromotionPolicy) -> pb.PromotionPolicy:
     """Domain policy -> ``plinth.registry.v1.PromotionPolicy``."""
     return pb.PromotionPolicy(
-        rules=[pb.PolicyRule(metric=r.metric, op=r.op, threshold=r.threshold) for r in policy.rules],
+        rules=[
+            pb.PolicyRule(metric=r.metric, op=r.op, threshold=r.threshold) for r in policy.rules
+        ],
         require_approval=policy.require_approval,
         aliases=list(policy.aliases),
     )
@@ -40,7 +47,9 @@ def policy_to_proto(policy: PromotionPolicy) -> pb.PromotionPolicy:
 def policy_from_proto(policy: pb.PromotionPolicy) -> PromotionPolicy:
     """``plinth.registry.v1.PromotionPolicy`` -> domain policy (validated by the service)."""
     return PromotionPolicy(
-        rules=tuple(PolicyRule(metric=r.metric, op=r.op, threshold=r.threshold) for r in policy.rules),
+        rules=tuple(
+            PolicyRule(metric=r.metric, op=r.op, threshold=r.threshold) for r in policy.rules
+        ),
         require_approval=policy.require_approval,
         aliases=tuple(policy.aliases),
     )
@@ -85,13 +94,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.Run:
         return run_to_proto(await self._service.get_run(request.run_id))
 
-    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+    async def ListRuns(
+        self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRunsResponse:
         runs, token = await self._service.list_runs(
-            experiment_ids=list(request.experiment_ids), filter_string=request.filter, page_size=request.page_size, page_token=request.page_token
+            experiment_ids=list(request.experiment_ids),
+            filter_string=request.filter,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
         return pb.ListRunsResponse(runs=[run_to_proto(r) for r in runs], next_page_token=token)
 
-    async def CreateModelVersion(self, request: pb.CreateModelVersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelVersion:
+    async def CreateModelVersion(
+        self, request: pb.CreateModelVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelVersion:
         version = await self._service.create_version(
             name=request.name,
             team=request.team,
@@ -102,31 +118,65 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
         return version_to_proto(version)
 
-    async def GetModelVersion(self, request: pb.GetModelVersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelVersion:
+    async def GetModelVersion(
+        self, request: pb.GetModelVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelVersion:
         return version_to_proto(await self._service.get_version(request.name, request.version))
 
-    async def GetModelVersionByAlias(self, request: pb.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext) -> pb.ModelVersion:
+    async def GetModelVersionByAlias(
+        self, request: pb.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelVersion:
         return version_to_proto(await self._service.version_by_alias(request.name, request.alias))
 
-    async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelVersionsResponse:
-        versions, token = await self._service.list_versions(request.name, page_size=request.page_size, page_token=request.page_token)
-        return pb.ListModelVersionsResponse(versions=[version_to_proto(v) for v in versions], next_page_token=token)
-
-    async def SearchModels(self, request: pb.SearchModelsRequest, context: grpc.aio.ServicerContext) -> pb.SearchModelsResponse:
-        query = ModelQuery(name_prefix=request.name_prefix, team=request.team, tags=dict(request.tags))
-        models, token = await self._service.search_models(query, page_size=request.page_size, page_token=request.page_token)
-        return pb.SearchModelsResponse(models=[model_to_proto(m) for m in models], next_page_token=token)
-
-    async def SetAlias(self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext) -> pb.SetAliasResponse:
-        promotion = await self._service.set_alias(
-            name=request.name, alias=request.alias, version=request.version, approved=request.approved, team=request.team
+    async def ListModelVersions(
+        self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelVersionsResponse:
+        versions, token = await self._service.list_versions(
+            request.name, page_size=request.page_size, page_token=request.page_token
         )
-        return pb.SetAliasResponse(version=version_to_proto(promotion.version), previous_version=promotion.previous_version)
+        return pb.ListModelVersionsResponse(
+            versions=[version_to_proto(v) for v in versions], next_page_token=token
+        )
 
-    async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext) -> pb.DeleteAliasResponse:
-        previous = await self._service.delete_alias(name=request.name, alias=request.alias, team=request.team)
+    async def SearchModels(
+        self, request: pb.SearchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchModelsResponse:
+        query = ModelQuery(
+            name_prefix=request.name_prefix, team=request.team, tags=dict(request.tags)
+        )
+        models, token = await self._service.search_models(
+            query, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.SearchModelsResponse(
+            models=[model_to_proto(m) for m in models], next_page_token=token
+        )
+
+    async def SetAlias(
+        self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetAliasResponse:
+        promotion = await self._service.set_alias(
+            name=request.name,
+            alias=request.alias,
+            version=request.version,
+            approved=request.approved,
+            team=request.team,
+        )
+        return pb.SetAliasResponse(
+            version=version_to_proto(promotion.version), previous_version=promotion.previous_version
+        )
+
+    async def DeleteAlias(
+        self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteAliasResponse:
+        previous = await self._service.delete_alias(
+            name=request.name, alias=request.alias, team=request.team
+        )
         return pb.DeleteAliasResponse(previous_version=previous)
 
-    async def SetPolicy(self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.RegisteredModel:
-        model = await self._service.set_policy(name=request.name, policy=policy_from_proto(request.policy), team=request.team)
+    async def SetPolicy(
+        self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisteredModel:
+        model = await self._service.set_policy(
+            name=request.name, policy=policy_from_proto(request.policy), team=request.team
+        )
         return model_to_proto(model)

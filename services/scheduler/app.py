@@ -11,7 +11,12 @@ from plinth_common.config import DEFAULT_MLFLOW_URL, CommonSettings, Env
 from plinth_common.runtime import ServiceRuntime
 from services.scheduler.events import OutboxJobEvents
 from services.scheduler.executor import LocalExecutor, machine_capacity
-from services.scheduler.service import JobEnvironment, Resources, SchedulerService, job_base_environment
+from services.scheduler.service import (
+    JobEnvironment,
+    Resources,
+    SchedulerService,
+    job_base_environment,
+)
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.store import JobStore, outbox_table, processed_table
 
@@ -29,7 +34,7 @@ class SchedulerSettings:
     kill_grace_s: float
 
     @classmethod
-    def from_env(cls, env: Env | None = None) -> "SchedulerSettings":
+    def from_env(cls, env: Env | None = None) -> SchedulerSettings:
         """Reads the environment."""
         env = env or Env()
         common = CommonSettings.from_env("scheduler", env)
@@ -42,7 +47,8 @@ class SchedulerSettings:
                 memory_bytes=env.int("PLINTH_SCHEDULER_MEMORY_BYTES", machine.memory_bytes),
                 gpu=env.int("PLINTH_SCHEDULER_GPU", machine.gpu),
             ),
-            stop_jobs_on_shutdown=env.str("PLINTH_SCHEDULER_STOP_JOBS_ON_SHUTDOWN", "false").lower() in ("1", "true", "yes"),
+            stop_jobs_on_shutdown=env.str("PLINTH_SCHEDULER_STOP_JOBS_ON_SHUTDOWN", "false").lower()
+            in ("1", "true", "yes"),
             kill_grace_s=env.float("PLINTH_SCHEDULER_KILL_GRACE_S", 10.0),
         )
 
@@ -52,15 +58,27 @@ class SchedulerApp:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common, outbox_table=outbox_table, processed_table=processed_table, migrations=MIGRATIONS)
+        self.runtime = ServiceRuntime(
+            settings.common,
+            outbox_table=outbox_table,
+            processed_table=processed_table,
+            migrations=MIGRATIONS,
+        )
         assert self.runtime.outbox is not None
-        self.executor = LocalExecutor(settings.common.service_dir / "jobs", capacity=settings.capacity, kill_grace_s=settings.kill_grace_s)
+        self.executor = LocalExecutor(
+            settings.common.service_dir / "jobs",
+            capacity=settings.capacity,
+            kill_grace_s=settings.kill_grace_s,
+        )
         self.service = SchedulerService(
             db=self.runtime.db,
             store=JobStore(),
             events=OutboxJobEvents(self.runtime.outbox),
             executor=self.executor,
-            job_env=JobEnvironment(mlflow_tracking_uri=settings.mlflow_tracking_uri, base=job_base_environment(str(Path(sys.executable).parent))),
+            job_env=JobEnvironment(
+                mlflow_tracking_uri=settings.mlflow_tracking_uri,
+                base=job_base_environment(str(Path(sys.executable).parent)),
+            ),
             stop_jobs_on_shutdown=settings.stop_jobs_on_shutdown,
         )
         self.runtime.server.add(

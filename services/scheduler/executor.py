@@ -31,7 +31,11 @@ def _read_status(run_dir: Path) -> ExitStatus | None:
         raw = json.loads((run_dir / "status.json").read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return ExitStatus(exit_code=int(raw.get("exit_code", -1)), signal=int(raw.get("signal", 0)), reason=str(raw.get("reason", "")))
+    return ExitStatus(
+        exit_code=int(raw.get("exit_code", -1)),
+        signal=int(raw.get("signal", 0)),
+        reason=str(raw.get("reason", "")),
+    )
 
 
 def _shim_alive(pid: int, run_dir: Path) -> bool:
@@ -58,7 +62,9 @@ class ChildHandle:
         if status is not None:
             return status
         how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
-        return ExitStatus(exit_code=-1, signal=max(-returncode, 0), reason=f"the job's supervisor died ({how})")
+        return ExitStatus(
+            exit_code=-1, signal=max(-returncode, 0), reason=f"the job's supervisor died ({how})"
+        )
 
 
 class ReattachedHandle:
@@ -73,7 +79,9 @@ class ReattachedHandle:
         """Waits until the supervisor exits and returns how the job ended."""
         while _shim_alive(self.pid, self._run_dir):
             await asyncio.sleep(self._poll_s)
-        return _read_status(self._run_dir) or ExitStatus(exit_code=-1, reason="the job's supervisor exited without an exit status")
+        return _read_status(self._run_dir) or ExitStatus(
+            exit_code=-1, reason="the job's supervisor exited without an exit status"
+        )
 
 
 class FinishedHandle:

@@ -14,7 +14,7 @@ import signal as signal_module
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -172,7 +172,9 @@ def validate_spec(spec: JobSpec, capacity: Resources) -> JobSpec:
         raise InvalidArgument("spec.entrypoint", f"at most {MAX_ARGS} arguments")
     for arg in spec.entrypoint:
         if len(arg) > MAX_ARG_LEN or "\x00" in arg:
-            raise InvalidArgument("spec.entrypoint", f"each argument at most {MAX_ARG_LEN} characters, no NUL")
+            raise InvalidArgument(
+                "spec.entrypoint", f"each argument at most {MAX_ARG_LEN} characters, no NUL"
+            )
     if spec.working_dir:
         path = Path(spec.working_dir)
         if len(spec.working_dir) > MAX_ARG_LEN or not path.is_absolute():
@@ -181,7 +183,10 @@ def validate_spec(spec: JobSpec, capacity: Resources) -> JobSpec:
             raise InvalidArgument("spec.working_dir", f"no such directory: {spec.working_dir}")
     _check_env(spec.env)
     if spec.register_as and not MODEL_NAME.match(spec.register_as):
-        raise InvalidArgument("spec.register_as", "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit")
+        raise InvalidArgument(
+            "spec.register_as",
+            "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit",
+        )
     return JobSpec(
         name=spec.name,
         team=spec.team,
@@ -195,7 +200,10 @@ def validate_spec(spec: JobSpec, capacity: Resources) -> JobSpec:
 
 def _check_label(field_name: str, value: str) -> None:
     if not DNS_LABEL.match(value):
-        raise InvalidArgument(field_name, "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit")
+        raise InvalidArgument(
+            field_name,
+            "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit",
+        )
 
 
 def _check_env(env: Mapping[str, str]) -> None:
@@ -207,29 +215,41 @@ def _check_env(env: Mapping[str, str]) -> None:
         if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIXES):
             raise InvalidArgument("spec.env", f"{key} is set by the platform")
         if len(value) > MAX_ENV_VALUE or "\x00" in value:
-            raise InvalidArgument("spec.env", f"{key}: value at most {MAX_ENV_VALUE} characters, no NUL")
+            raise InvalidArgument(
+                "spec.env", f"{key}: value at most {MAX_ENV_VALUE} characters, no NUL"
+            )
 
 
 def _check_resources(requested: Resources, capacity: Resources) -> Resources:
     cpu = requested.cpu or DEFAULT_CPU
     memory = requested.memory_bytes or DEFAULT_MEMORY
     if not math.isfinite(cpu) or cpu < 0:
-        raise InvalidArgument("spec.resources.cpu", f"must be a positive number of cores, got {requested.cpu}")
+        raise InvalidArgument(
+            "spec.resources.cpu", f"must be a positive number of cores, got {requested.cpu}"
+        )
     if cpu > capacity.cpu:
-        raise InvalidArgument("spec.resources.cpu", f"{cpu:g} cores exceeds what the executor has ({capacity.cpu:g})")
+        raise InvalidArgument(
+            "spec.resources.cpu", f"{cpu:g} cores exceeds what the executor has ({capacity.cpu:g})"
+        )
     if memory < 0:
         raise InvalidArgument("spec.resources.memory_bytes", "must not be negative")
     if memory > capacity.memory_bytes:
-        raise InvalidArgument("spec.resources.memory_bytes", f"{memory} bytes exceeds what the executor has ({capacity.memory_bytes})")
+        raise InvalidArgument(
+            "spec.resources.memory_bytes",
+            f"{memory} bytes exceeds what the executor has ({capacity.memory_bytes})",
+        )
     if requested.gpu < 0:
         raise InvalidArgument("spec.resources.gpu", "must not be negative")
     if requested.gpu > capacity.gpu:
-        raise InvalidArgument("spec.resources.gpu", f"{requested.gpu} GPUs exceeds what the executor has ({capacity.gpu})")
+        raise InvalidArgument(
+            "spec.resources.gpu",
+            f"{requested.gpu} GPUs exceeds what the executor has ({capacity.gpu})",
+        )
     return Resources(cpu=cpu, memory_bytes=memory, gpu=requested.gpu)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class SchedulerService:
@@ -303,7 +323,9 @@ class SchedulerService:
             raise NotFound("job", job_id)
         return job
 
-    async def list(self, *, team: str = "", state: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[JobRow], str]:
+    async def list(
+        self, *, team: str = "", state: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[JobRow], str]:
         """A page of jobs, newest first, and the token of the next page ('' at the end)."""
         if team:
             _check_label("team", team)
@@ -314,7 +336,9 @@ class SchedulerService:
         limit = page_size or 50
         before = decode_page_token(page_token) if page_token else None
         async with self._db.read() as session:
-            rows = await self._store.list(session, team=team, state=state, limit=limit + 1, before_seq=before)
+            rows = await self._store.list(
+                session, team=team, state=state, limit=limit + 1, before_seq=before
+            )
         next_token = encode_page_token(rows[limit - 1].seq) if len(rows) > limit else ""
         return rows[:limit], next_token
 
@@ -330,11 +354,21 @@ class SchedulerService:
             if job is None:
                 raise NotFound("job", job_id)
             if JobState(job.state).terminal:
-                raise FailedPrecondition(f"job {job_id} has already ended ({job.state})", job_id=job_id, state=job.state)
+                raise FailedPrecondition(
+                    f"job {job_id} has already ended ({job.state})", job_id=job_id, state=job.state
+                )
             if job.state == JobState.QUEUED.value:
-                job = await self._store.update(
-                    session, job_id, expect_states=[JobState.QUEUED.value], state=JobState.CANCELLED.value, finished_at=_now(), failure_reason="cancelled before it started"
-                ) or job
+                job = (
+                    await self._store.update(
+                        session,
+                        job_id,
+                        expect_states=[JobState.QUEUED.value],
+                        state=JobState.CANCELLED.value,
+                        finished_at=_now(),
+                        failure_reason="cancelled before it started",
+                    )
+                    or job
+                )
                 await self._events.cancelled(session, job, "cancelled before it started")
                 return job
             job = await self._store.update(session, job_id, cancel_requested=True) or job
@@ -388,7 +422,7 @@ class SchedulerService:
                 await self.dispatch_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep the dispatcher alive; the next wake retries
+            except Exception:
                 log.exception("dispatch failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=2.0)
@@ -408,19 +442,35 @@ class SchedulerService:
         )
         started = 0
         for job in queued:
-            if job.cpu > free.cpu + 1e-9 or job.memory_bytes > free.memory_bytes or job.gpu > free.gpu:
+            if (
+                job.cpu > free.cpu + 1e-9
+                or job.memory_bytes > free.memory_bytes
+                or job.gpu > free.gpu
+            ):
                 break  # strict FIFO: a big job at the head is not overtaken
             if await self._admit_and_launch(job):
                 started += 1
-                free = Resources(cpu=free.cpu - job.cpu, memory_bytes=free.memory_bytes - job.memory_bytes, gpu=free.gpu - job.gpu)
+                free = Resources(
+                    cpu=free.cpu - job.cpu,
+                    memory_bytes=free.memory_bytes - job.memory_bytes,
+                    gpu=free.gpu - job.gpu,
+                )
         return started
 
     async def _admit_and_launch(self, queued: JobRow) -> bool:
-        span = tracer.start_span(f"job {queued.name}", context=extract({"traceparent": queued.traceparent}), attributes={"plinth.job.id": queued.id, "plinth.team": queued.team})
+        span = tracer.start_span(
+            f"job {queued.name}",
+            context=extract({"traceparent": queued.traceparent}),
+            attributes={"plinth.job.id": queued.id, "plinth.team": queued.team},
+        )
         with trace.use_span(span, end_on_exit=False):
             async with self._db.transaction() as session:
                 job = await self._store.update(
-                    session, queued.id, expect_states=[JobState.QUEUED.value], state=JobState.ADMITTED.value, admitted_at=_now()
+                    session,
+                    queued.id,
+                    expect_states=[JobState.QUEUED.value],
+                    state=JobState.ADMITTED.value,
+                    admitted_at=_now(),
                 )
                 if job is None:  # cancelled meanwhile
                     span.end()
@@ -430,10 +480,21 @@ class SchedulerService:
             try:
                 handle = await self._executor.launch(job, self._environment_for(job))
             except Exception as exc:  # noqa: BLE001 - a job that cannot start has failed
-                await self._finish(job.id, ExitStatus(exit_code=-1, reason=f"could not start: {exc}"))
+                await self._finish(
+                    job.id, ExitStatus(exit_code=-1, reason=f"could not start: {exc}")
+                )
                 return False
             async with self._db.transaction() as session:
-                job = await self._store.update(session, job.id, state=JobState.RUNNING.value, started_at=_now(), pid=handle.pid) or job
+                job = (
+                    await self._store.update(
+                        session,
+                        job.id,
+                        state=JobState.RUNNING.value,
+                        started_at=_now(),
+                        pid=handle.pid,
+                    )
+                    or job
+                )
                 await self._events.started(session, job)
         self._watch(job.id, handle)
         return True
@@ -449,7 +510,9 @@ class SchedulerService:
                 "PLINTH_JOB_ID": job.id,
                 "PLINTH_JOB_NAME": job.name,
                 "PLINTH_TEAM": job.team,
-                "PLINTH_OUTPUT_FILE": str(self._executor.log_path(job.id).with_name("outputs.json")),
+                "PLINTH_OUTPUT_FILE": str(
+                    self._executor.log_path(job.id).with_name("outputs.json")
+                ),
                 "MLFLOW_TRACKING_URI": self._job_env.mlflow_tracking_uri,
                 "TRACEPARENT": carrier.get("traceparent", ""),
                 "PYTHONUNBUFFERED": "1",
@@ -469,7 +532,11 @@ class SchedulerService:
         span = self._run_spans.pop(job_id, None)
         if span is None:  # a job re-attached after a restart: continue its submission's trace
             submitted = await self.get(job_id)
-            span = tracer.start_span("job finish (re-attached)", context=extract({"traceparent": submitted.traceparent}), attributes={"plinth.job.id": job_id})
+            span = tracer.start_span(
+                "job finish (re-attached)",
+                context=extract({"traceparent": submitted.traceparent}),
+                attributes={"plinth.job.id": job_id},
+            )
         with trace.use_span(span, end_on_exit=True):
             async with self._db.transaction() as session:
                 found = await self._store.get(session, job_id)
@@ -478,22 +545,39 @@ class SchedulerService:
                 job = found
                 outputs = self._executor.outputs(job)
                 if job.cancel_requested:
-                    job = await self._store.update(
-                        session, job_id, state=JobState.CANCELLED.value, finished_at=_now(), exit_code=status.exit_code, signal=status.signal, failure_reason="cancelled", outputs=outputs
-                    ) or job
-                    await self._events.cancelled(session, job, f"cancelled while running ({status.describe()})")
+                    job = (
+                        await self._store.update(
+                            session,
+                            job_id,
+                            state=JobState.CANCELLED.value,
+                            finished_at=_now(),
+                            exit_code=status.exit_code,
+                            signal=status.signal,
+                            failure_reason="cancelled",
+                            outputs=outputs,
+                        )
+                        or job
+                    )
+                    await self._events.cancelled(
+                        session, job, f"cancelled while running ({status.describe()})"
+                    )
                 else:
-                    job = await self._store.update(
-                        session,
-                        job_id,
-                        state=(JobState.SUCCEEDED if status.succeeded else JobState.FAILED).value,
-                        finished_at=_now(),
-                        exit_code=status.exit_code,
-                        signal=status.signal,
-                        failure_reason="" if status.succeeded else status.describe(),
-                        outputs=outputs,
-                        mlflow_run_id=outputs.get("mlflow_run_id", ""),
-                    ) or job
+                    job = (
+                        await self._store.update(
+                            session,
+                            job_id,
+                            state=(
+                                JobState.SUCCEEDED if status.succeeded else JobState.FAILED
+                            ).value,
+                            finished_at=_now(),
+                            exit_code=status.exit_code,
+                            signal=status.signal,
+                            failure_reason="" if status.succeeded else status.describe(),
+                            outputs=outputs,
+                            mlflow_run_id=outputs.get("mlflow_run_id", ""),
+                        )
+                        or job
+                    )
                     await self._events.finished(session, job)
         self._watchers.pop(job_id, None)
         self._wake.set()
@@ -509,9 +593,21 @@ class SchedulerService:
                 self._watch(job.id, handle)
             elif job.state == JobState.ADMITTED.value and job.pid is None:
                 async with self._db.transaction() as session:
-                    await self._store.update(session, job.id, expect_states=[JobState.ADMITTED.value], state=JobState.QUEUED.value, admitted_at=None)
+                    await self._store.update(
+                        session,
+                        job.id,
+                        expect_states=[JobState.ADMITTED.value],
+                        state=JobState.QUEUED.value,
+                        admitted_at=None,
+                    )
             else:
-                await self._finish(job.id, ExitStatus(exit_code=-1, reason="lost: its process ended while the scheduler was down and left no exit status"))
+                await self._finish(
+                    job.id,
+                    ExitStatus(
+                        exit_code=-1,
+                        reason="lost: its process ended while the scheduler was down and left no exit status",
+                    ),
+                )
 
 
 def _read_from(path: Path, offset: int, size: int = 64 * 1024) -> bytes:
@@ -523,7 +619,9 @@ def _read_from(path: Path, offset: int, size: int = 64 * 1024) -> bytes:
         return b""
 
 
-def job_base_environment(interpreter_dir: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def job_base_environment(
+    interpreter_dir: str, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The scheduler's own environment minus platform settings, with the platform's Python first on PATH."""
     environ = os.environ if environ is None else environ
     base = {k: v for k, v in environ.items() if not k.startswith("PLINTH_")}

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from plinth_common.prototime import to_timestamp
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from plinth_common.prototime import to_timestamp
 from services.scheduler.service import JobSpec, Resources, SchedulerService
 from services.scheduler.store import JobRow
-
 
 
 def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
@@ -23,7 +22,9 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
             entrypoint=job.entrypoint,
             working_dir=job.working_dir,
             env=job.env,
-            resources=scheduler_pb2.Resources(cpu=job.cpu, memory_bytes=job.memory_bytes, gpu=job.gpu),
+            resources=scheduler_pb2.Resources(
+                cpu=job.cpu, memory_bytes=job.memory_bytes, gpu=job.gpu
+            ),
             register_as=job.register_as,
         ),
         state=scheduler_pb2.JobState.Value(f"JOB_STATE_{job.state}"),
@@ -46,13 +47,19 @@ def spec_from_proto(spec: scheduler_pb2.JobSpec) -> JobSpec:
         entrypoint=list(spec.entrypoint),
         working_dir=spec.working_dir,
         env=dict(spec.env),
-        resources=Resources(cpu=spec.resources.cpu, memory_bytes=spec.resources.memory_bytes, gpu=spec.resources.gpu),
+        resources=Resources(
+            cpu=spec.resources.cpu, memory_bytes=spec.resources.memory_bytes, gpu=spec.resources.gpu
+        ),
         register_as=spec.register_as,
     )
 
 
 def _state_name(state: int) -> str:
-    return "" if state == scheduler_pb2.JOB_STATE_UNSPECIFIED else scheduler_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+    return (
+        ""
+        if state == scheduler_pb2.JOB_STATE_UNSPECIFIED
+        else scheduler_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+    )
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -61,22 +68,37 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, service: SchedulerService) -> None:
         self._service = service
 
-    async def SubmitJob(self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.SubmitJobResponse:
+    async def SubmitJob(
+        self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitJobResponse:
         job = await self._service.submit(spec_from_proto(request.spec))
         return scheduler_pb2.SubmitJobResponse(job=job_to_proto(job))
 
-    async def GetJob(self, request: scheduler_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.Job:
+    async def GetJob(
+        self, request: scheduler_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Job:
         return job_to_proto(await self._service.get(request.job_id))
 
-    async def ListJobs(self, request: scheduler_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.ListJobsResponse:
+    async def ListJobs(
+        self, request: scheduler_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListJobsResponse:
         jobs, token = await self._service.list(
-            team=request.team, state=_state_name(request.state), page_size=request.page_size, page_token=request.page_token
+            team=request.team,
+            state=_state_name(request.state),
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
-        return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
+        return scheduler_pb2.ListJobsResponse(
+            jobs=[job_to_proto(j) for j in jobs], next_page_token=token
+        )
 
-    async def CancelJob(self, request: scheduler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.Job:
+    async def CancelJob(
+        self, request: scheduler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Job:
         return job_to_proto(await self._service.cancel(request.job_id))
 
-    async def StreamJobLogs(self, request: scheduler_pb2.StreamJobLogsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.LogChunk]:
+    async def StreamJobLogs(
+        self, request: scheduler_pb2.StreamJobLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.LogChunk]:
         async for chunk in self._service.logs(request.job_id, follow=request.follow):
             yield scheduler_pb2.LogChunk(data=chunk)

@@ -30,7 +30,14 @@ def main(argv: list[str]) -> int:
     try:
         child = subprocess.Popen(command, start_new_session=True)
     except OSError as exc:
-        _write_status(run_dir, {"exit_code": 127, "signal": 0, "reason": f"cannot run {command[0]!r}: {exc.strerror or exc}"})
+        _write_status(
+            run_dir,
+            {
+                "exit_code": 127,
+                "signal": 0,
+                "reason": f"cannot run {command[0]!r}: {exc.strerror or exc}",
+            },
+        )
         return 0
 
     def stop_child(signum: int, _frame: object) -> None:

@@ -112,7 +112,14 @@ class JobStore:
         mapping = result.mappings().one_or_none()
         return _row(mapping) if mapping else None
 
-    async def update(self, session: AsyncSession, job_id: str, *, expect_states: Sequence[str] | None = None, **values: Any) -> JobRow | None:
+    async def update(
+        self,
+        session: AsyncSession,
+        job_id: str,
+        *,
+        expect_states: Sequence[str] | None = None,
+        **values: Any,
+    ) -> JobRow | None:
         """Updates a job, only if it is in one of ``expect_states``; returns the new row or None."""
         statement = sa.update(jobs).where(jobs.c.id == job_id)
         if expect_states is not None:
@@ -121,7 +128,9 @@ class JobStore:
         mapping = result.mappings().one_or_none()
         return _row(mapping) if mapping else None
 
-    async def list(self, session: AsyncSession, *, team: str, state: str, limit: int, before_seq: int | None) -> builtins.list[JobRow]:
+    async def list(
+        self, session: AsyncSession, *, team: str, state: str, limit: int, before_seq: int | None
+    ) -> builtins.list[JobRow]:
         """Jobs newest first, filtered by team and state ('' means any)."""
         statement = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit)
         if team:
@@ -132,7 +141,9 @@ class JobStore:
             statement = statement.where(jobs.c.seq < before_seq)
         return [_row(m) for m in (await session.execute(statement)).mappings()]
 
-    async def in_states(self, session: AsyncSession, states: Sequence[str]) -> builtins.list[JobRow]:
+    async def in_states(
+        self, session: AsyncSession, states: Sequence[str]
+    ) -> builtins.list[JobRow]:
         """Jobs in any of ``states``, oldest first (queue order)."""
         statement = sa.select(jobs).where(jobs.c.state.in_(list(states))).order_by(jobs.c.seq)
         return [_row(m) for m in (await session.execute(statement)).mappings()]

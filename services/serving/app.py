@@ -13,7 +13,12 @@ from plinth_common.net import free_tcp_port
 from plinth_common.runtime import EngineHealth, ServiceRuntime
 from services.serving.artifacts import DEFAULT_SCHEMES, MlflowArtifacts
 from services.serving.engine import TritonLiveness, TritonModels
-from services.serving.events import PROMOTED_DURABLE, PROMOTED_SUBJECT, OutboxDeploymentEvents, PromotionHandler
+from services.serving.events import (
+    PROMOTED_DURABLE,
+    PROMOTED_SUBJECT,
+    OutboxDeploymentEvents,
+    PromotionHandler,
+)
 from services.serving.inference import SERVICE as INFERENCE_SERVICE
 from services.serving.inference import InferenceProxy
 from services.serving.registry_client import GrpcRegistry
@@ -51,7 +56,7 @@ class ServingSettings:
     infer_timeout_s: float
 
     @classmethod
-    def from_env(cls, env: Env | None = None) -> "ServingSettings":
+    def from_env(cls, env: Env | None = None) -> ServingSettings:
         """Reads the environment; Triton's own ports default to free ones on loopback."""
         env = env or Env()
         common = CommonSettings.from_env("serving", env)
@@ -81,7 +86,12 @@ class ServingApp:
 
     def __init__(self, settings: ServingSettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common, outbox_table=outbox_table, processed_table=processed_table, migrations=MIGRATIONS)
+        self.runtime = ServiceRuntime(
+            settings.common,
+            outbox_table=outbox_table,
+            processed_table=processed_table,
+            migrations=MIGRATIONS,
+        )
         assert self.runtime.outbox is not None
         self.triton = TritonProcess(settings.triton)
         self.health = EngineHealth(self.runtime.server, TritonLiveness(self.triton), name="triton")
@@ -92,7 +102,9 @@ class ServingApp:
             store=DeploymentStore(),
             events=OutboxDeploymentEvents(self.runtime.outbox),
             repository=ModelRepository(settings.triton.model_repository),
-            artifacts=MlflowArtifacts(settings.mlflow_tracking_uri, allowed_schemes=settings.artifact_schemes),
+            artifacts=MlflowArtifacts(
+                settings.mlflow_tracking_uri, allowed_schemes=settings.artifact_schemes
+            ),
             models=self.models,
             registry=self.registry,
             unload_grace_s=settings.unload_grace_s,
@@ -104,7 +116,9 @@ class ServingApp:
             ServingServicer(self.service),
             serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name,
         )
-        self.proxy = InferenceProxy(self.service, self.triton.grpc_target, default_timeout_s=settings.infer_timeout_s)
+        self.proxy = InferenceProxy(
+            self.service, self.triton.grpc_target, default_timeout_s=settings.infer_timeout_s
+        )
         server.server.add_generic_rpc_handlers((self.proxy.handler(),))
         server.add_name(INFERENCE_SERVICE)
 

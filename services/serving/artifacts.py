@@ -38,7 +38,9 @@ def check_source(source: str, allowed_schemes: Iterable[str]) -> None:
     scheme = urlparse(source).scheme.lower()
     allowed = tuple(allowed_schemes)
     if scheme not in allowed:
-        raise ArtifactError(f"source scheme {scheme or '(none)'!r} is not served; allowed: {', '.join(allowed)}")
+        raise ArtifactError(
+            f"source scheme {scheme or '(none)'!r} is not served; allowed: {', '.join(allowed)}"
+        )
     path = urlparse(source).path
     if ".." in path.split("/") or "\\" in path:
         raise ArtifactError("the source URI climbs out of its folder ('..')")
@@ -52,7 +54,9 @@ class MlflowArtifacts:
         allowed_schemes: URI schemes a source may use.
     """
 
-    def __init__(self, tracking_uri: str, *, allowed_schemes: Iterable[str] = DEFAULT_SCHEMES) -> None:
+    def __init__(
+        self, tracking_uri: str, *, allowed_schemes: Iterable[str] = DEFAULT_SCHEMES
+    ) -> None:
         self._tracking_uri = tracking_uri
         self._allowed = tuple(allowed_schemes)
         self._mlflow: Any = None
@@ -71,8 +75,12 @@ class MlflowArtifacts:
         mlflow = self._import_mlflow()
         dst.mkdir(parents=True, exist_ok=True)
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=self._tracking_uri))
-        except Exception as exc:  # noqa: BLE001 - MLflow raises many types; all mean "cannot fetch"
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(dst), tracking_uri=self._tracking_uri
+                )
+            )
+        except Exception as exc:
             raise ArtifactError(f"cannot download {source}: {_short(exc)}") from exc
         local = local.resolve()
         if not local.is_relative_to(dst.resolve()) or not local.is_dir():

@@ -48,7 +48,7 @@ class TritonLiveness:
         process: the launched (or external) Triton.
     """
 
-    def __init__(self, process: "TritonProcess") -> None:
+    def __init__(self, process: TritonProcess) -> None:
         self._process = process
 
     async def start(self) -> None:

@@ -25,19 +25,32 @@ class OutboxDeploymentEvents:
 
     async def ready(self, session: AsyncSession, row: DeploymentRow, version: str) -> None:
         """``plinth.deployment.ready``: ``version`` loaded and serving."""
-        message = events_pb2.DeploymentReady(deployment=row.name, team=row.team, model_name=row.model_name, version=version)
-        await self._outbox.add(session, message, subject=row.name, team=row.team)
-
-    async def failed(self, session: AsyncSession, row: DeploymentRow, version: str, reason: str) -> None:
-        """``plinth.deployment.failed``: ``version`` could not be served; ``serving_version`` still is."""
-        message = events_pb2.DeploymentFailed(
-            deployment=row.name, team=row.team, model_name=row.model_name, version=version, reason=reason, serving_version=row.serving_version
+        message = events_pb2.DeploymentReady(
+            deployment=row.name, team=row.team, model_name=row.model_name, version=version
         )
         await self._outbox.add(session, message, subject=row.name, team=row.team)
 
-    async def traffic_changed(self, session: AsyncSession, row: DeploymentRow, traffic: Mapping[str, int]) -> None:
+    async def failed(
+        self, session: AsyncSession, row: DeploymentRow, version: str, reason: str
+    ) -> None:
+        """``plinth.deployment.failed``: ``version`` could not be served; ``serving_version`` still is."""
+        message = events_pb2.DeploymentFailed(
+            deployment=row.name,
+            team=row.team,
+            model_name=row.model_name,
+            version=version,
+            reason=reason,
+            serving_version=row.serving_version,
+        )
+        await self._outbox.add(session, message, subject=row.name, team=row.team)
+
+    async def traffic_changed(
+        self, session: AsyncSession, row: DeploymentRow, traffic: Mapping[str, int]
+    ) -> None:
         """``plinth.deployment.traffic_changed``: percent of requests per version (empty: none, deleted)."""
-        message = events_pb2.DeploymentTrafficChanged(deployment=row.name, team=row.team, traffic_percent=dict(traffic))
+        message = events_pb2.DeploymentTrafficChanged(
+            deployment=row.name, team=row.team, traffic_percent=dict(traffic)
+        )
         await self._outbox.add(session, message, subject=row.name, team=row.team)
 
 

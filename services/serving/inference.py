@@ -85,28 +85,45 @@ def check_request(request: kserve.ModelInferRequest, route: Route) -> None:
         spec = route.io.input_named(name)
         if spec is None:
             expected = ", ".join(s.name for s in route.io.inputs)
-            raise InvalidArgument(f"inputs.{name[:_SHOWN]}", f"unknown input tensor; deployment {deployment!r} takes: {expected}")
+            raise InvalidArgument(
+                f"inputs.{name[:_SHOWN]}",
+                f"unknown input tensor; deployment {deployment!r} takes: {expected}",
+            )
         if name in seen:
             raise InvalidArgument(f"inputs.{name}", "given twice")
         seen.add(name)
         if tensor.datatype != spec.datatype:
-            raise InvalidArgument(f"inputs.{name}", f"datatype {tensor.datatype[:_SHOWN]!r}, expected {spec.datatype}")
+            raise InvalidArgument(
+                f"inputs.{name}", f"datatype {tensor.datatype[:_SHOWN]!r}, expected {spec.datatype}"
+            )
         shape = list(tensor.shape)
         if not spec.shape_matches(shape):
-            raise InvalidArgument(f"inputs.{name}", f"shape {shape[:8]}, expected {spec.describe_shape()}")
+            raise InvalidArgument(
+                f"inputs.{name}", f"shape {shape[:8]}, expected {spec.describe_shape()}"
+            )
         if not 1 <= shape[0] <= route.max_batch_size:
-            raise InvalidArgument(f"inputs.{name}", f"batch size {shape[0]}, expected 1 to {route.max_batch_size}")
+            raise InvalidArgument(
+                f"inputs.{name}", f"batch size {shape[0]}, expected 1 to {route.max_batch_size}"
+            )
     for spec in route.io.inputs:
         if spec.name not in seen:
-            raise InvalidArgument(f"inputs.{spec.name}", f"missing; shape {spec.describe_shape()}, datatype {spec.datatype}")
+            raise InvalidArgument(
+                f"inputs.{spec.name}",
+                f"missing; shape {spec.describe_shape()}, datatype {spec.datatype}",
+            )
     for output in request.outputs:
         if output.name != route.io.output.name:
-            raise InvalidArgument(f"outputs.{output.name[:_SHOWN]}", f"unknown output tensor; deployment {deployment!r} returns: {route.io.output.name}")
+            raise InvalidArgument(
+                f"outputs.{output.name[:_SHOWN]}",
+                f"unknown output tensor; deployment {deployment!r} returns: {route.io.output.name}",
+            )
 
 
 def _public(message: str, route: Route) -> str:
     # Triton's messages name its own model ("diabetes__v3"); clients know the deployment.
-    return _INTERNAL_NAME.sub(lambda m: m.group(1) if m.group(1) == route.deployment else "model", message)
+    return _INTERNAL_NAME.sub(
+        lambda m: m.group(1) if m.group(1) == route.deployment else "model", message
+    )
 
 
 class InferenceProxy:
@@ -152,12 +169,18 @@ class InferenceProxy:
             "ModelMetadata": self.model_metadata,
             "ModelInfer": self.model_infer,
         }
-        handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in behaviours.items()}
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in behaviours.items()
+        }
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
-        return self._default_timeout_s if remaining is None else min(remaining, self._default_timeout_s)
+        return (
+            self._default_timeout_s
+            if remaining is None
+            else min(remaining, self._default_timeout_s)
+        )
 
     def _suffix(self, route: Route) -> tuple[bytes, bytes]:
         key = (route.deployment, route.version)
@@ -165,7 +188,10 @@ class InferenceProxy:
         if suffix is None:
             if len(self._suffixes) > 4096:
                 self._suffixes.clear()
-            suffix = (model_suffix(route.triton_model, "1"), model_suffix(route.deployment, route.version))
+            suffix = (
+                model_suffix(route.triton_model, "1"),
+                model_suffix(route.deployment, route.version),
+            )
             self._suffixes[key] = suffix
         return suffix
 
@@ -220,7 +246,10 @@ class InferenceProxy:
             self._open()
         try:
             live = kserve.ServerLiveResponse.FromString(
-                await self._server_live(kserve.ServerLiveRequest().SerializeToString(), timeout=min(self._timeout(context), 5.0))
+                await self._server_live(
+                    kserve.ServerLiveRequest().SerializeToString(),
+                    timeout=min(self._timeout(context), 5.0),
+                )
             )
         except grpc.aio.AioRpcError:
             return kserve.ServerReadyResponse(ready=False).SerializeToString()

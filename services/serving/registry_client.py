@@ -49,7 +49,9 @@ class GrpcRegistry:
         # Without client instrumentation (see __main__) the trace context travels by hand.
         metadata = None if grpc_clients_traced() else list(traceparent_of_current().items())
         try:
-            version = await self._registry().GetModelVersionByAlias(request, timeout=self._timeout_s, metadata=metadata)
+            version = await self._registry().GetModelVersionByAlias(
+                request, timeout=self._timeout_s, metadata=metadata
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

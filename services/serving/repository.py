@@ -87,12 +87,16 @@ class ModelRepository:
         staging.mkdir(parents=True)
         return staging
 
-    def install(self, model: str, staging: Path, downloaded: Path, io: ModelIO, batching: BatchingSettings) -> None:
+    def install(
+        self, model: str, staging: Path, downloaded: Path, io: ModelIO, batching: BatchingSettings
+    ) -> None:
         """Assembles ``model`` in ``staging`` around the downloaded MLflow model, then moves it
         into the repository (replacing a leftover of an earlier attempt)."""
         target = self.model_dir(model)
         staging = staging.resolve()
-        if staging.parent != (self._root / _STAGING).resolve() or not downloaded.resolve().is_relative_to(staging):
+        if staging.parent != (
+            self._root / _STAGING
+        ).resolve() or not downloaded.resolve().is_relative_to(staging):
             raise RepositoryError("staging folders must come from new_staging()")
         built = staging / model
         version_dir = built / _TRITON_VERSION
@@ -124,7 +128,9 @@ class ModelRepository:
         """Every serving model in the repository."""
         if not self._root.is_dir():
             return []
-        return sorted(p.name for p in self._root.iterdir() if p.is_dir() and _MODEL_NAME.match(p.name))
+        return sorted(
+            p.name for p in self._root.iterdir() if p.is_dir() and _MODEL_NAME.match(p.name)
+        )
 
     def models_of(self, deployment: str) -> list[str]:
         """The models of one deployment."""

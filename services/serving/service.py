@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,12 @@ from plinth_common.errors import AlreadyExists, InvalidArgument, NotFound, Plint
 from plinth_common.events.tracing import extract, traceparent_of_current
 from services.serving.repository import ModelRepository, triton_model_name
 from services.serving.signature import BatchingSettings, ModelIO, read_model_io
-from services.serving.store import DeploymentRow, DeploymentStore, decode_page_token, encode_page_token
+from services.serving.store import (
+    DeploymentRow,
+    DeploymentStore,
+    decode_page_token,
+    encode_page_token,
+)
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.serving")
@@ -40,6 +45,7 @@ tracer = trace.get_tracer("plinth.serving")
 
 def _current_traceparent() -> str:
     return traceparent_of_current().get("traceparent", "")
+
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -71,7 +77,9 @@ class DeploymentSpec:
     team: str
     model_name: str
     alias: str = ""
-    batching: BatchingSettings = BatchingSettings(max_batch_size=0, max_queue_delay_us=0, instance_count=0)
+    batching: BatchingSettings = BatchingSettings(
+        max_batch_size=0, max_queue_delay_us=0, instance_count=0
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,16 +151,18 @@ class DeploymentEvents(Protocol):
 
     async def failed(self, session: Any, row: DeploymentRow, version: str, reason: str) -> None: ...
 
-    async def traffic_changed(self, session: Any, row: DeploymentRow, traffic: Mapping[str, int]) -> None: ...
+    async def traffic_changed(
+        self, session: Any, row: DeploymentRow, traffic: Mapping[str, int]
+    ) -> None: ...
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _utc(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything here is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _check(field_name: str, value: str, pattern: re.Pattern[str], rule: str) -> None:
@@ -162,7 +172,12 @@ def _check(field_name: str, value: str, pattern: re.Pattern[str], rule: str) -> 
 
 def check_deployment_name(value: str, field_name: str = "name") -> None:
     """Raises InvalidArgument unless ``value`` is a DNS label."""
-    _check(field_name, value, DNS_LABEL, "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit")
+    _check(
+        field_name,
+        value,
+        DNS_LABEL,
+        "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit",
+    )
 
 
 def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
@@ -173,24 +188,40 @@ def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
     """
     check_deployment_name(spec.name)
     check_deployment_name(spec.team, "team")
-    _check("model_name", spec.model_name, MODEL_NAME, "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit")
+    _check(
+        "model_name",
+        spec.model_name,
+        MODEL_NAME,
+        "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit",
+    )
     alias = spec.alias or DEFAULT_ALIAS
     _check("alias", alias, ALIAS, "letters, digits, '_' and '-', at most 64, not starting with '-'")
     b = spec.batching
     max_batch = b.max_batch_size or DEFAULT_MAX_BATCH_SIZE
     if not 1 <= max_batch <= MAX_BATCH_SIZE:
-        raise InvalidArgument("triton.max_batch_size", f"between 1 and {MAX_BATCH_SIZE}, got {b.max_batch_size}")
+        raise InvalidArgument(
+            "triton.max_batch_size", f"between 1 and {MAX_BATCH_SIZE}, got {b.max_batch_size}"
+        )
     if not 0 <= b.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
-        raise InvalidArgument("triton.max_queue_delay_microseconds", f"between 0 and {MAX_QUEUE_DELAY_US}, got {b.max_queue_delay_us}")
+        raise InvalidArgument(
+            "triton.max_queue_delay_microseconds",
+            f"between 0 and {MAX_QUEUE_DELAY_US}, got {b.max_queue_delay_us}",
+        )
     instances = b.instance_count or 1
     if not 1 <= instances <= MAX_INSTANCES:
-        raise InvalidArgument("triton.instance_count", f"between 1 and {MAX_INSTANCES}, got {b.instance_count}")
+        raise InvalidArgument(
+            "triton.instance_count", f"between 1 and {MAX_INSTANCES}, got {b.instance_count}"
+        )
     return DeploymentSpec(
         name=spec.name,
         team=spec.team,
         model_name=spec.model_name,
         alias=alias,
-        batching=BatchingSettings(max_batch_size=max_batch, max_queue_delay_us=b.max_queue_delay_us, instance_count=instances),
+        batching=BatchingSettings(
+            max_batch_size=max_batch,
+            max_queue_delay_us=b.max_queue_delay_us,
+            instance_count=instances,
+        ),
     )
 
 
@@ -208,12 +239,19 @@ def state_of(row: DeploymentRow, **changes: Any) -> str:
 
 
 def _needs_rollout(row: DeploymentRow) -> bool:
-    return bool(row.target_version) and row.target_version not in (row.serving_version, row.failed_version)
+    return bool(row.target_version) and row.target_version not in (
+        row.serving_version,
+        row.failed_version,
+    )
 
 
 def batching_of(row: DeploymentRow) -> BatchingSettings:
     """The Triton settings of a stored deployment."""
-    return BatchingSettings(max_batch_size=row.max_batch_size, max_queue_delay_us=row.max_queue_delay_us, instance_count=row.instance_count)
+    return BatchingSettings(
+        max_batch_size=row.max_batch_size,
+        max_queue_delay_us=row.max_queue_delay_us,
+        instance_count=row.instance_count,
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -321,7 +359,9 @@ class ServingService:
             raise NotFound("deployment", name)
         return row
 
-    async def list(self, *, team: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[DeploymentRow], str]:
+    async def list(
+        self, *, team: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[DeploymentRow], str]:
         """A page of deployments, newest first, and the next page's token ('' at the end)."""
         if team:
             check_deployment_name(team, "team")
@@ -355,7 +395,9 @@ class ServingService:
         try:
             await asyncio.wait_for(asyncio.shield(worker), timeout=self._delete_wait_s)
         except TimeoutError:
-            log.warning("deployment %s: unload still running after %.0fs", name, self._delete_wait_s)
+            log.warning(
+                "deployment %s: unload still running after %.0fs", name, self._delete_wait_s
+            )
 
     # -- promotions ----------------------------------------------------------------------------
 
@@ -366,14 +408,23 @@ class ServingService:
         Returns how many deployments follow the alias.
         """
         if not (MODEL_NAME.match(promotion.model_name) and ALIAS.match(promotion.alias)):
-            log.warning("ignoring promotion with malformed model %r / alias %r", promotion.model_name[:80], promotion.alias[:80])
+            log.warning(
+                "ignoring promotion with malformed model %r / alias %r",
+                promotion.model_name[:80],
+                promotion.alias[:80],
+            )
             return 0
         when = _utc(promotion.time)
         count = 0
         for row in await self._store.following(session, promotion.model_name, promotion.alias):
             count += 1
             if row.target_time is not None and when < _utc(row.target_time):
-                log.info("deployment %s: promotion to v%s is older than its target v%s; skipped", row.name, promotion.version, row.target_version)
+                log.info(
+                    "deployment %s: promotion to v%s is older than its target v%s; skipped",
+                    row.name,
+                    promotion.version,
+                    row.target_version,
+                )
                 continue
             changes = {
                 # Kept even when malformed (cut to the column's size), so that the rollout
@@ -390,8 +441,15 @@ class ServingService:
             }
             if changes["target_version"] == row.serving_version:
                 changes["last_error"] = ""
-            await self._store.update(session, row.name, state=state_of(row, **changes), updated_at=_now(), **changes)
-            log.info("deployment %s: target is now v%s (%s)", row.name, promotion.version, promotion.alias)
+            await self._store.update(
+                session, row.name, state=state_of(row, **changes), updated_at=_now(), **changes
+            )
+            log.info(
+                "deployment %s: target is now v%s (%s)",
+                row.name,
+                promotion.version,
+                promotion.alias,
+            )
         return count
 
     async def _resolve_alias(self, name: str) -> None:
@@ -414,9 +472,19 @@ class ServingService:
         except Exception as exc:  # noqa: BLE001 - any failure: retry later with back-off
             delay = min(2 * self._lookup_retry_at.get(name, (0.0, 0.5))[1], 60.0)
             self._lookup_retry_at[name] = (time.monotonic() + delay, delay)
-            log.warning("deployment %s: cannot ask the registry (%s); retrying in %.0fs", name, _reason(exc), delay)
+            log.warning(
+                "deployment %s: cannot ask the registry (%s); retrying in %.0fs",
+                name,
+                _reason(exc),
+                delay,
+            )
             async with self._db.transaction() as session:
-                await self._store.update(session, name, last_error=f"registry: {_reason(exc)}"[:_MAX_REASON], updated_at=_now())
+                await self._store.update(
+                    session,
+                    name,
+                    last_error=f"registry: {_reason(exc)}"[:_MAX_REASON],
+                    updated_at=_now(),
+                )
             return
         self._lookup_retry_at.pop(name, None)
         async with self._db.transaction() as session:
@@ -425,11 +493,26 @@ class ServingService:
                 return  # a promotion got there first, and is newer
             changes: dict[str, Any] = {"lookup_pending": False, "last_error": ""}
             if ref is not None and VERSION.match(ref.version):
-                changes.update(target_version=ref.version, target_source=ref.source, target_run_id=ref.run_id, target_time=_now(), target_traceparent=_current_traceparent())
-                log.info("deployment %s: %s@%s is v%s", name, row.model_name, row.alias, ref.version)
+                changes.update(
+                    target_version=ref.version,
+                    target_source=ref.source,
+                    target_run_id=ref.run_id,
+                    target_time=_now(),
+                    target_traceparent=_current_traceparent(),
+                )
+                log.info(
+                    "deployment %s: %s@%s is v%s", name, row.model_name, row.alias, ref.version
+                )
             else:
-                log.info("deployment %s: %s@%s points nowhere yet; waiting for a promotion", name, row.model_name, row.alias)
-            await self._store.update(session, name, state=state_of(row, **changes), updated_at=_now(), **changes)
+                log.info(
+                    "deployment %s: %s@%s points nowhere yet; waiting for a promotion",
+                    name,
+                    row.model_name,
+                    row.alias,
+                )
+            await self._store.update(
+                session, name, state=state_of(row, **changes), updated_at=_now(), **changes
+            )
 
     # -- inference routes ----------------------------------------------------------------------
 
@@ -480,7 +563,7 @@ class ServingService:
                 log.warning("%s; rollouts wait for it", exc)
         try:
             await self._restore()
-        except Exception:  # noqa: BLE001 - serve what can be served; rollouts redo the rest
+        except Exception:
             log.exception("restoring deployments failed")
         self._started.set()
         while True:
@@ -488,7 +571,7 @@ class ServingService:
                 await self.reconcile_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep reconciling; the next pass retries
+            except Exception:
                 log.exception("reconciliation failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._reconcile_interval_s)
@@ -533,12 +616,26 @@ class ServingService:
                     raise FileNotFoundError(f"{model} is missing from the repository")
                 await self._models.load(model)
             except Exception as exc:  # noqa: BLE001 - roll the target out again instead
-                log.warning("deployment %s: cannot restore v%s (%s); rolling out again", row.name, row.serving_version, _reason(exc))
+                log.warning(
+                    "deployment %s: cannot restore v%s (%s); rolling out again",
+                    row.name,
+                    row.serving_version,
+                    _reason(exc),
+                )
                 async with self._db.transaction() as session:
-                    await self._store.update(session, row.name, serving_version="", serving_io="", state=state_of(row, serving_version=""), updated_at=_now())
+                    await self._store.update(
+                        session,
+                        row.name,
+                        serving_version="",
+                        serving_io="",
+                        state=state_of(row, serving_version=""),
+                        updated_at=_now(),
+                    )
                 continue
             keep.add(model)
-            self._routes[row.name] = self._route(row.name, row.serving_version, ModelIO.from_json(row.serving_io), row.max_batch_size)
+            self._routes[row.name] = self._route(
+                row.name, row.serving_version, ModelIO.from_json(row.serving_io), row.max_batch_size
+            )
         for model in await asyncio.to_thread(self._repository.models):
             if model not in keep:
                 await self._discard(model)
@@ -570,7 +667,7 @@ class ServingService:
                     await self._roll_out(row)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - the reconciler starts a new worker later
+        except Exception:
             log.exception("deployment %s: rollout worker failed", name)
 
     async def _roll_out(self, row: DeploymentRow) -> None:
@@ -587,7 +684,13 @@ class ServingService:
             current = await self._store.get(session, name)
             if current is None or current.target_version != version:
                 return
-            await self._store.update(session, name, loading_version=version, state=DeploymentState.LOADING.value, updated_at=_now())
+            await self._store.update(
+                session,
+                name,
+                loading_version=version,
+                state=DeploymentState.LOADING.value,
+                updated_at=_now(),
+            )
         log.info("deployment %s: loading v%s from %s", name, version, row.target_source)
         started = time.monotonic()
         model = ""
@@ -605,8 +708,16 @@ class ServingService:
             current = await self._store.get(session, name)
             switched = current is not None and current.target_version == version
             if switched and current is not None:
-                changes = {"serving_version": version, "serving_io": io.to_json(), "loading_version": "", "failed_version": "", "last_error": ""}
-                updated = await self._store.update(session, name, state=state_of(current, **changes), updated_at=_now(), **changes)
+                changes = {
+                    "serving_version": version,
+                    "serving_io": io.to_json(),
+                    "loading_version": "",
+                    "failed_version": "",
+                    "last_error": "",
+                }
+                updated = await self._store.update(
+                    session, name, state=state_of(current, **changes), updated_at=_now(), **changes
+                )
                 assert updated is not None
                 await self._events.ready(session, updated, version)
                 await self._events.traffic_changed(session, updated, {version: 100})
@@ -628,7 +739,9 @@ class ServingService:
         try:
             downloaded = await self._artifacts.download(row.target_source, staging / "download")
             io = await asyncio.to_thread(read_model_io, downloaded)
-            await asyncio.to_thread(self._repository.install, model, staging, downloaded, io, batching_of(row))
+            await asyncio.to_thread(
+                self._repository.install, model, staging, downloaded, io, batching_of(row)
+            )
             return io
         finally:
             await asyncio.to_thread(self._repository.discard_staging, staging)
@@ -642,10 +755,15 @@ class ServingService:
             current = await self._store.get(session, name)
             if current is None:
                 return
-            changes: dict[str, Any] = {"loading_version": "", "last_error": f"v{version}: {reason}"[:_MAX_REASON]}
+            changes: dict[str, Any] = {
+                "loading_version": "",
+                "last_error": f"v{version}: {reason}"[:_MAX_REASON],
+            }
             if current.target_version == version:
                 changes["failed_version"] = version
-            updated = await self._store.update(session, name, state=state_of(current, **changes), updated_at=_now(), **changes)
+            updated = await self._store.update(
+                session, name, state=state_of(current, **changes), updated_at=_now(), **changes
+            )
             assert updated is not None
             await self._events.failed(session, updated, version, reason)
 
@@ -653,7 +771,9 @@ class ServingService:
         async with self._db.transaction() as session:
             current = await self._store.get(session, name)
             if current is not None:
-                await self._store.update(session, name, loading_version="", state=state_of(current), updated_at=_now())
+                await self._store.update(
+                    session, name, loading_version="", state=state_of(current), updated_at=_now()
+                )
 
     async def _purge(self, name: str) -> None:
         """Unloads and removes every model of a deleted deployment."""
@@ -671,5 +791,10 @@ class ServingService:
 
     @staticmethod
     def _route(name: str, version: str, io: ModelIO, max_batch_size: int) -> Route:
-        return Route(deployment=name, version=version, triton_model=triton_model_name(name, version), io=io, max_batch_size=max_batch_size)
-
+        return Route(
+            deployment=name,
+            version=version,
+            triton_model=triton_model_name(name, version),
+            io=io,
+            max_batch_size=max_batch_size,
+        )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-
 import grpc
 
-from plinth_common.prototime import to_timestamp
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from plinth_common.prototime import to_timestamp
 from services.serving.service import DeploymentSpec, ServingService
 from services.serving.signature import BatchingSettings
 from services.serving.store import DeploymentRow
-
 
 
 def deployment_to_proto(row: DeploymentRow) -> serving_pb2.Deployment:
@@ -56,16 +54,28 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
     def __init__(self, service: ServingService) -> None:
         self._service = service
 
-    async def CreateDeployment(self, request: serving_pb2.CreateDeploymentRequest, context: grpc.aio.ServicerContext) -> serving_pb2.Deployment:
+    async def CreateDeployment(
+        self, request: serving_pb2.CreateDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> serving_pb2.Deployment:
         return deployment_to_proto(await self._service.create(spec_from_proto(request)))
 
-    async def GetDeployment(self, request: serving_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext) -> serving_pb2.Deployment:
+    async def GetDeployment(
+        self, request: serving_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> serving_pb2.Deployment:
         return deployment_to_proto(await self._service.get(request.name))
 
-    async def ListDeployments(self, request: serving_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext) -> serving_pb2.ListDeploymentsResponse:
-        rows, token = await self._service.list(team=request.team, page_size=request.page_size, page_token=request.page_token)
-        return serving_pb2.ListDeploymentsResponse(deployments=[deployment_to_proto(r) for r in rows], next_page_token=token)
+    async def ListDeployments(
+        self, request: serving_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
+    ) -> serving_pb2.ListDeploymentsResponse:
+        rows, token = await self._service.list(
+            team=request.team, page_size=request.page_size, page_token=request.page_token
+        )
+        return serving_pb2.ListDeploymentsResponse(
+            deployments=[deployment_to_proto(r) for r in rows], next_page_token=token
+        )
 
-    async def DeleteDeployment(self, request: serving_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext) -> serving_pb2.DeleteDeploymentResponse:
+    async def DeleteDeployment(
+        self, request: serving_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> serving_pb2.DeleteDeploymentResponse:
         await self._service.delete(request.name)
         return serving_pb2.DeleteDeploymentResponse()

@@ -126,7 +126,7 @@ class ModelIO:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelIO":
+    def from_json(cls, text: str) -> ModelIO:
         """Reverses :meth:`to_json`."""
         data = json.loads(text)
         return cls(
@@ -138,7 +138,12 @@ class ModelIO:
 
 
 def _spec(data: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=data["name"], datatype=data["datatype"], dims=tuple(data["dims"]), pyfunc_name=data.get("pyfunc_name", ""))
+    return TensorSpec(
+        name=data["name"],
+        datatype=data["datatype"],
+        dims=tuple(data["dims"]),
+        pyfunc_name=data.get("pyfunc_name", ""),
+    )
 
 
 def read_model_io(model_dir: Path) -> ModelIO:
@@ -193,7 +198,9 @@ def _column_inputs(columns: list[dict[str, Any]], output: TensorSpec) -> ModelIO
         name = str(column.get("name") or index)
         datatype = _COLUMN_TYPES.get(str(column.get("type")))
         if datatype is None:
-            raise UnsupportedModel(f"input column {name!r} has type {column.get('type')!r}; serving takes numeric columns only (double, float, long, integer)")
+            raise UnsupportedModel(
+                f"input column {name!r} has type {column.get('type')!r}; serving takes numeric columns only (double, float, long, integer)"
+            )
         typed.append((name, datatype))
     kinds = {datatype for _, datatype in typed}
     common = kinds.pop() if len(kinds) == 1 else "FP64"
@@ -223,10 +230,14 @@ def _tensor_type(item: dict[str, Any], what: str) -> tuple[str, tuple[int, ...]]
     spec = item.get("tensor-spec") or {}
     datatype = _NUMPY_TYPES.get(str(spec.get("dtype")))
     if datatype is None:
-        raise UnsupportedModel(f"{what} has dtype {spec.get('dtype')!r}; serving takes numeric tensors only")
+        raise UnsupportedModel(
+            f"{what} has dtype {spec.get('dtype')!r}; serving takes numeric tensors only"
+        )
     shape = [int(d) for d in spec.get("shape") or ()]
     if not shape or shape[0] != -1:
-        raise UnsupportedModel(f"{what} has shape {shape}; its first dimension must be -1 (the batch)")
+        raise UnsupportedModel(
+            f"{what} has shape {shape}; its first dimension must be -1 (the batch)"
+        )
     return datatype, tuple(shape[1:]) or (1,)
 
 
@@ -242,9 +253,13 @@ def _output_spec(outputs: list[dict[str, Any]]) -> TensorSpec:
     for column in outputs:
         column_type = _COLUMN_TYPES.get(str(column.get("type")))
         if column_type is None:
-            raise UnsupportedModel(f"output column {column.get('name')!r} has type {column.get('type')!r}; serving returns numeric outputs only")
+            raise UnsupportedModel(
+                f"output column {column.get('name')!r} has type {column.get('type')!r}; serving returns numeric outputs only"
+            )
         kinds.add(column_type)
-    return TensorSpec(name=OUTPUT_NAME, datatype=kinds.pop() if len(kinds) == 1 else "FP64", dims=(len(outputs),))
+    return TensorSpec(
+        name=OUTPUT_NAME, datatype=kinds.pop() if len(kinds) == 1 else "FP64", dims=(len(outputs),)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,5 +293,7 @@ def config_pbtxt(model_name: str, io: ModelIO, settings: BatchingSettings) -> st
         f"instance_group [ {{ kind: KIND_CPU, count: {settings.instance_count} }} ]",
     ]
     if settings.max_queue_delay_us > 0:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}")
+        lines.append(
+            f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}"
+        )
     return "\n".join(lines) + "\n"

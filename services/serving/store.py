@@ -102,7 +102,9 @@ class DeploymentStore:
 
     async def insert(self, session: AsyncSession, **values: Any) -> DeploymentRow:
         """Inserts a deployment and returns it as stored."""
-        result = await session.execute(sa.insert(deployments).values(**values).returning(*deployments.c))
+        result = await session.execute(
+            sa.insert(deployments).values(**values).returning(*deployments.c)
+        )
         return _row(result.mappings().one())
 
     async def get(self, session: AsyncSession, name: str) -> DeploymentRow | None:
@@ -113,17 +115,26 @@ class DeploymentStore:
 
     async def update(self, session: AsyncSession, name: str, **values: Any) -> DeploymentRow | None:
         """Updates a deployment; returns the new row, or None when it does not exist."""
-        statement = sa.update(deployments).where(deployments.c.name == name).values(**values).returning(*deployments.c)
+        statement = (
+            sa.update(deployments)
+            .where(deployments.c.name == name)
+            .values(**values)
+            .returning(*deployments.c)
+        )
         mapping = (await session.execute(statement)).mappings().one_or_none()
         return _row(mapping) if mapping else None
 
     async def delete(self, session: AsyncSession, name: str) -> DeploymentRow | None:
         """Deletes a deployment; returns it as it was, or None."""
-        statement = sa.delete(deployments).where(deployments.c.name == name).returning(*deployments.c)
+        statement = (
+            sa.delete(deployments).where(deployments.c.name == name).returning(*deployments.c)
+        )
         mapping = (await session.execute(statement)).mappings().one_or_none()
         return _row(mapping) if mapping else None
 
-    async def page(self, session: AsyncSession, *, team: str, limit: int, before_seq: int | None) -> list[DeploymentRow]:
+    async def page(
+        self, session: AsyncSession, *, team: str, limit: int, before_seq: int | None
+    ) -> list[DeploymentRow]:
         """Deployments newest first, of one team ('' means any)."""
         statement = sa.select(deployments).order_by(deployments.c.seq.desc()).limit(limit)
         if team:
@@ -132,9 +143,15 @@ class DeploymentStore:
             statement = statement.where(deployments.c.seq < before_seq)
         return [_row(m) for m in (await session.execute(statement)).mappings()]
 
-    async def following(self, session: AsyncSession, model_name: str, alias: str) -> list[DeploymentRow]:
+    async def following(
+        self, session: AsyncSession, model_name: str, alias: str
+    ) -> list[DeploymentRow]:
         """Deployments that follow ``alias`` of ``model_name``."""
-        statement = sa.select(deployments).where(deployments.c.model_name == model_name, deployments.c.alias == alias).order_by(deployments.c.seq)
+        statement = (
+            sa.select(deployments)
+            .where(deployments.c.model_name == model_name, deployments.c.alias == alias)
+            .order_by(deployments.c.seq)
+        )
         return [_row(m) for m in (await session.execute(statement)).mappings()]
 
     async def needing_work(self, session: AsyncSession) -> list[DeploymentRow]:
@@ -142,7 +159,11 @@ class DeploymentStore:
         c = deployments.c
         statement = sa.select(deployments).where(
             sa.or_(
-                sa.and_(c.target_version != "", c.target_version != c.serving_version, c.target_version != c.failed_version),
+                sa.and_(
+                    c.target_version != "",
+                    c.target_version != c.serving_version,
+                    c.target_version != c.failed_version,
+                ),
                 c.lookup_pending.is_(True),
                 c.loading_version != "",
             )
@@ -151,7 +172,11 @@ class DeploymentStore:
 
     async def serving(self, session: AsyncSession) -> list[DeploymentRow]:
         """Deployments that have a serving version."""
-        statement = sa.select(deployments).where(deployments.c.serving_version != "").order_by(deployments.c.seq)
+        statement = (
+            sa.select(deployments)
+            .where(deployments.c.serving_version != "")
+            .order_by(deployments.c.seq)
+        )
         return [_row(m) for m in (await session.execute(statement)).mappings()]
 
     async def names(self, session: AsyncSession) -> set[str]:

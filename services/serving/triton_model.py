@@ -68,13 +68,21 @@ class TritonPythonModel:
         try:
             per_request = [self._inputs(request) for request in requests]
         except Exception as exc:  # noqa: BLE001 - reported to the caller as a Triton error
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {exc}")) for _ in requests]
+            return [
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {exc}"))
+                for _ in requests
+            ]
         rows = [len(next(iter(inputs.values()))) for inputs in per_request]
         try:
-            batch = {name: np.concatenate([inputs[name] for inputs in per_request]) for name in per_request[0]}
+            batch = {
+                name: np.concatenate([inputs[name] for inputs in per_request])
+                for name in per_request[0]
+            }
             predictions = self._predict(batch)
             if len(predictions) != sum(rows):
-                raise ValueError(f"the model returned {len(predictions)} predictions for {sum(rows)} rows")
+                raise ValueError(
+                    f"the model returned {len(predictions)} predictions for {sum(rows)} rows"
+                )
         except Exception as exc:  # noqa: BLE001
             error = pb_utils.TritonError(f"prediction failed: {type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
@@ -101,13 +109,18 @@ class TritonPythonModel:
 
             matrix = batch[self.io["inputs"][0]["name"]]
             frame = pd.DataFrame(
-                {col["name"]: matrix[:, i].astype(_NUMPY_TYPES[col["datatype"]], copy=False) for i, col in enumerate(self.io["columns"])}
+                {
+                    col["name"]: matrix[:, i].astype(_NUMPY_TYPES[col["datatype"]], copy=False)
+                    for i, col in enumerate(self.io["columns"])
+                }
             )
             result = self.model.predict(frame)
         elif kind == "tensor":
             result = self.model.predict(batch[self.io["inputs"][0]["name"]])
         else:
-            result = self.model.predict({spec["pyfunc_name"]: batch[spec["name"]] for spec in self.io["inputs"]})
+            result = self.model.predict(
+                {spec["pyfunc_name"]: batch[spec["name"]] for spec in self.io["inputs"]}
+            )
         if hasattr(result, "to_numpy"):
             result = result.to_numpy()
         result = np.asarray(result).astype(self.output_type, copy=False)

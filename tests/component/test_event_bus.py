@@ -48,10 +48,17 @@ class Stack:
     async def emit(self, job_id: str, team: str = "ml") -> CloudEvent:
         async with self.db.transaction() as session:
             return await self.outbox.add(
-                session, events_pb2.JobFinished(job_id=job_id, team=team, status=events_pb2.JOB_OUTCOME_SUCCEEDED), subject=job_id, team=team
+                session,
+                events_pb2.JobFinished(
+                    job_id=job_id, team=team, status=events_pb2.JOB_OUTCOME_SUCCEEDED
+                ),
+                subject=job_id,
+                team=team,
             )
 
-    async def consume(self, durable: str, *, fail: Exception | None = None, max_deliver: int = 3) -> EventConsumer:
+    async def consume(
+        self, durable: str, *, fail: Exception | None = None, max_deliver: int = 3
+    ) -> EventConsumer:
         async def handler(session: AsyncSession, event: CloudEvent, payload: Message) -> None:
             if fail is not None:
                 raise fail
@@ -61,7 +68,12 @@ class Stack:
             self.bus,
             self.db,
             self.processed_table,
-            ConsumerSettings(durable=durable, subjects=["plinth.job.finished"], max_deliver=max_deliver, backoff_s=(0.05,)),
+            ConsumerSettings(
+                durable=durable,
+                subjects=["plinth.job.finished"],
+                max_deliver=max_deliver,
+                backoff_s=(0.05,),
+            ),
             handler,
         )
         await self.consumer.start()
@@ -85,7 +97,9 @@ async def make_stack(tmp_path: Path, nats_url: str) -> Stack:
     await bus.start()
     relay = OutboxRelay(db, outbox_table, bus, poll_interval_s=0.2)
     await relay.start()
-    return Stack(db, bus, Outbox(outbox_table, source="/plinth/test"), relay, outbox_table, processed_table)
+    return Stack(
+        db, bus, Outbox(outbox_table, source="/plinth/test"), relay, outbox_table, processed_table
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -103,7 +117,9 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[
         await asyncio.sleep(0.02)
 
 
-async def test_event_carries_cloudevents_headers_and_traceparent(stack: Stack, nats_server: NatsServer) -> None:
+async def test_event_carries_cloudevents_headers_and_traceparent(
+    stack: Stack, nats_server: NatsServer
+) -> None:
     nc = await nats.connect(nats_server.url)
     received: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
     sub = await nc.subscribe("plinth.job.finished", cb=received.put)
@@ -158,10 +174,15 @@ async def test_redelivered_event_is_handled_once(stack: Stack, nats_server: Nats
 
 @pytest.mark.parametrize(
     ("failure", "deliveries"),
-    [(RuntimeError("handler refuses this event"), "3"), (FailedPrecondition("handler refuses this event"), "1")],
+    [
+        (RuntimeError("handler refuses this event"), "3"),
+        (FailedPrecondition("handler refuses this event"), "1"),
+    ],
     ids=["retried-then-dead", "domain-error-dead-at-once"],
 )
-async def test_poison_message_reaches_dead_letter_subject(stack: Stack, nats_server: NatsServer, failure: Exception, deliveries: str) -> None:
+async def test_poison_message_reaches_dead_letter_subject(
+    stack: Stack, nats_server: NatsServer, failure: Exception, deliveries: str
+) -> None:
     durable = f"c-{uuid.uuid4().hex[:8]}"
     nc = await nats.connect(nats_server.url)
     dead: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
@@ -193,7 +214,11 @@ async def test_outbox_keeps_events_while_nats_is_down(tmp_path: Path, own_nats: 
         during = [await stack.emit(f"j-during-{i}") for i in range(20)]  # submission still succeeds
         await asyncio.sleep(0.5)
         async with stack.db.read() as session:
-            pending = (await session.execute(sa.select(sa.func.count()).where(stack.outbox_table.c.published_at.is_(None)))).scalar_one()
+            pending = (
+                await session.execute(
+                    sa.select(sa.func.count()).where(stack.outbox_table.c.published_at.is_(None))
+                )
+            ).scalar_one()
         assert pending == 20
         await own_nats.start()
         await wait_until(lambda: len(stack.seen) == 21, timeout=30)

@@ -89,7 +89,10 @@ def test_redis_settings_render_a_redis_online_store(tmp_path: Path):
     text = engine.render_feature_store_yaml()
     assert "type: redis" in text
     assert '"cache.internal:6380,db=2,password=s3cret"' in text
-    assert redis_connection_string("rediss://user:pw@r:6379") == "r:6379,ssl=true,username=user,password=pw"
+    assert (
+        redis_connection_string("rediss://user:pw@r:6379")
+        == "r:6379,ssl=true,username=user,password=pw"
+    )
     assert redis_connection_string("redis://localhost") == "localhost:6379"
     with pytest.raises(ValueError):
         redis_connection_string("http://localhost:6379")

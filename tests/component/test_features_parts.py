@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from google.protobuf import struct_pb2
 
-from plinth_common.errors import InvalidArgument
 from plinth.features.v1 import features_pb2 as pb
-from services.features.online import FieldStatus, JoinKey, KeySerializer, _join_key, _value_proto, parse_feature_refs
+from plinth_common.errors import InvalidArgument
+from services.features.online import (
+    FieldStatus,
+    JoinKey,
+    KeySerializer,
+    OnlineColumn,
+    _join_key,
+    _value_proto,
+    parse_feature_refs,
+)
 from services.features.repository import Limits, RepositoryFolder, validate_files
-from services.features.online import OnlineColumn
 from services.features.servicer import columns_to_proto, value_of
 
 
@@ -68,7 +75,10 @@ def test_key_serializer_matches_feasts_own_bytes(keys: list[tuple[str, str, obje
     assert serializer is not None
     values = {name: value for name, _, value in keys}
     key = tuple(values[k.name] for k in ordered)
-    proto = EntityKey(join_keys=[k.name for k in ordered], entity_values=[_value_proto(Value, k.proto_field, values[k.name]) for k in ordered])
+    proto = EntityKey(
+        join_keys=[k.name for k in ordered],
+        entity_values=[_value_proto(Value, k.proto_field, values[k.name]) for k in ordered],
+    )
     assert serializer(key) == serialize_entity_key(proto, entity_key_serialization_version=3)
 
 
@@ -98,9 +108,16 @@ def test_values_map_to_json_friendly_protobuf() -> None:
     assert value_of(True).bool_value is True
     assert value_of("x").string_value == "x"
     assert value_of(b"\x00\x01").string_value == "AAE="
-    assert value_of(datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)).string_value == "2024-01-02T03:04:05Z"
+    assert (
+        value_of(datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)).string_value
+        == "2024-01-02T03:04:05Z"
+    )
     listed = value_of([1, 2.5, None])
-    assert [v.WhichOneof("kind") for v in listed.list_value.values] == ["number_value", "number_value", "null_value"]
+    assert [v.WhichOneof("kind") for v in listed.list_value.values] == [
+        "number_value",
+        "number_value",
+        "null_value",
+    ]
     assert value_of({"a": 1}).struct_value.fields["a"].number_value == 1
     import numpy as np
 
@@ -110,7 +127,9 @@ def test_values_map_to_json_friendly_protobuf() -> None:
 
 def test_domain_statuses_share_the_protobuf_numbers() -> None:
     # The servicer passes statuses through as numbers.
-    assert {s.name: int(s) for s in FieldStatus} == {n.removeprefix("FIELD_STATUS_"): v for n, v in pb.FieldStatus.items() if v}
+    assert {s.name: int(s) for s in FieldStatus} == {
+        n.removeprefix("FIELD_STATUS_"): v for n, v in pb.FieldStatus.items() if v
+    }
 
 
 def _reference_response(columns: list[OnlineColumn]) -> pb.GetOnlineFeaturesResponse:
@@ -128,13 +147,22 @@ def _reference_response(columns: list[OnlineColumn]) -> pb.GetOnlineFeaturesResp
 
 
 def test_wire_encoded_response_equals_the_message_classes_result() -> None:
-    t1 = datetime(2024, 1, 3, 23, 0, tzinfo=timezone.utc)
-    t2 = datetime(1969, 7, 20, 20, 17, 40, 123456, tzinfo=timezone.utc)  # negative seconds, nanos
+    t1 = datetime(2024, 1, 3, 23, 0, tzinfo=UTC)
+    t2 = datetime(1969, 7, 20, 20, 17, 40, 123456, tzinfo=UTC)  # negative seconds, nanos
     columns = [
-        OnlineColumn("v:f", [0.5, None, 0.0, -1e300, 3.25], [1, 2, 1, 1, 1], [t1, None, t1, t2, t1]),
-        OnlineColumn("v:ü" * 50, [7, 2**60, "x" * 200, True, b"\x00", [1.0, None], {"a": 1}], [1] * 7, [t2] * 7),
+        OnlineColumn(
+            "v:f", [0.5, None, 0.0, -1e300, 3.25], [1, 2, 1, 1, 1], [t1, None, t1, t2, t1]
+        ),
+        OnlineColumn(
+            "v:ü" * 50,
+            [7, 2**60, "x" * 200, True, b"\x00", [1.0, None], {"a": 1}],
+            [1] * 7,
+            [t2] * 7,
+        ),
         OnlineColumn("v:empty", [], [], []),
     ]
     encoded = columns_to_proto(columns)
     assert encoded == _reference_response(columns)
-    assert encoded.SerializeToString(deterministic=True) == _reference_response(columns).SerializeToString(deterministic=True)
+    assert encoded.SerializeToString(deterministic=True) == _reference_response(
+        columns
+    ).SerializeToString(deterministic=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from plinth_common.net import free_tcp_port
 from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
+from plinth_common.net import free_tcp_port
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ async def _run_training(tracking_uri: str, output_file: Path, *args: str) -> str
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=240)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise

@@ -41,7 +41,13 @@ class Trainer:
         self.model_dir = model_dir
         self.experiment_id = self.client.create_experiment(f"registry-test-{uuid.uuid4().hex[:8]}")
 
-    def train(self, metrics: Mapping[str, float], *, model_name: str = "model", params: Mapping[str, str] | None = None) -> str:
+    def train(
+        self,
+        metrics: Mapping[str, float],
+        *,
+        model_name: str = "model",
+        params: Mapping[str, str] | None = None,
+    ) -> str:
         """A finished run that logged ``metrics`` and a model named ``model_name``; returns its id."""
         from mlflow.entities import LoggedModelOutput, Metric, Param
 
@@ -52,7 +58,9 @@ class Trainer:
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             params=[Param(k, v) for k, v in (params or {}).items()],
         )
-        logged = self.client.create_logged_model(self.experiment_id, name=model_name, source_run_id=run_id)
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=model_name, source_run_id=run_id
+        )
         self.client.log_model_artifacts(logged.model_id, str(self.model_dir))
         self.client.finalize_logged_model(logged.model_id, "READY")
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
@@ -74,12 +82,18 @@ class Registry:
     async def train(self, metrics: Mapping[str, float], **options: Any) -> str:
         return await asyncio.to_thread(self.trainer.train, metrics, **options)
 
-    async def register(self, name: str, run_id: str, *, team: str = "ml", **fields: Any) -> pb.ModelVersion:
-        return await self.stub.CreateModelVersion(pb.CreateModelVersionRequest(name=name, team=team, run_id=run_id, **fields))
+    async def register(
+        self, name: str, run_id: str, *, team: str = "ml", **fields: Any
+    ) -> pb.ModelVersion:
+        return await self.stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(name=name, team=team, run_id=run_id, **fields)
+        )
 
     async def job_finished(self, payload: events_pb2.JobFinished) -> CloudEvent:
         """Publishes ``plinth.job.finished`` as the scheduler would."""
-        event = new_event(payload, source="/plinth/scheduler", subject=payload.job_id, team=payload.team)
+        event = new_event(
+            payload, source="/plinth/scheduler", subject=payload.job_id, team=payload.team
+        )
         await self.publish(event)
         return event
 
@@ -93,7 +107,9 @@ class Registry:
 
     async def versions(self, name: str) -> list[pb.ModelVersion]:
         try:
-            return list((await self.stub.ListModelVersions(pb.ListModelVersionsRequest(name=name))).versions)
+            return list(
+                (await self.stub.ListModelVersions(pb.ListModelVersionsRequest(name=name))).versions
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return []
@@ -109,7 +125,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     x = np.arange(30, dtype=float).reshape(10, 3)
     path = tmp_path_factory.mktemp("model") / "model"
-    mlflow.sklearn.save_model(Ridge().fit(x, x.sum(axis=1)), str(path), serialization_format="cloudpickle", pip_requirements=["scikit-learn"])
+    mlflow.sklearn.save_model(
+        Ridge().fit(x, x.sum(axis=1)),
+        str(path),
+        serialization_format="cloudpickle",
+        pip_requirements=["scikit-learn"],
+    )
     return path
 
 
@@ -117,7 +138,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow")
     server = MlflowServer(
-        MlflowSettings(backend_store_uri=f"sqlite:///{root / 'mlflow.db'}", artifacts_destination=str(root / "artifacts"), port=free_tcp_port()),
+        MlflowSettings(
+            backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
+            artifacts_destination=str(root / "artifacts"),
+            port=free_tcp_port(),
+        ),
         log_path=root / "server.log",
     )
     await server.start()
@@ -130,7 +155,10 @@ async def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def registry(
-    tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer, mlflow_server: MlflowServer, model_dir: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    nats_server: NatsServer,
+    mlflow_server: MlflowServer,
+    model_dir: Path,
 ) -> AsyncIterator[Registry]:
     from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
 
@@ -161,7 +189,9 @@ def unique(prefix: str = "m") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def finished(name: str, run_id: str, *, job_id: str = "", team: str = "ml", succeeded: bool = True) -> events_pb2.JobFinished:
+def finished(
+    name: str, run_id: str, *, job_id: str = "", team: str = "ml", succeeded: bool = True
+) -> events_pb2.JobFinished:
     return events_pb2.JobFinished(
         job_id=job_id or f"j-{uuid.uuid4().hex[:12]}",
         name="train",
@@ -182,33 +212,51 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
 
 
 def events_of(recorder: EventRecorder, subject: str, event_type: str) -> list[Any]:
-    return [m for m in recorder.messages if m.subject == event_type and (m.headers or {}).get("ce-subject") == subject]
+    return [
+        m
+        for m in recorder.messages
+        if m.subject == event_type and (m.headers or {}).get("ce-subject") == subject
+    ]
 
 
 # -- registration from plinth.job.finished ------------------------------------------------------
 
 
-async def test_finished_job_registers_a_version_with_lineage_and_an_event(registry: Registry, nats_server: NatsServer, spans: Any) -> None:
+async def test_finished_job_registers_a_version_with_lineage_and_an_event(
+    registry: Registry, nats_server: NatsServer, spans: Any
+) -> None:
     name, failed_name = unique("diabetes"), unique("failed")
     run_id = await registry.train({"rmse": 55.5, "r2": 0.41})
     async with EventRecorder(nats_server.url) as recorder:
         await registry.job_finished(finished(failed_name, run_id, succeeded=False))
         job = finished(name, run_id)
         await registry.job_finished(job)
-        created = await eventually(lambda: _async(events_of(recorder, name, "plinth.model.version_created")), timeout=30)
+        created = await eventually(
+            lambda: _async(events_of(recorder, name, "plinth.model.version_created")), timeout=30
+        )
 
     version = await registry.stub.GetModelVersion(pb.GetModelVersionRequest(name=name, version="1"))
     assert version.team == "ml" and version.run_id == run_id and version.status == "READY"
     assert version.tags["plinth.job_id"] == job.job_id
     assert version.tags["plinth.run_id"] == run_id
     assert version.tags["plinth.entrypoint"] == "python train.py --alpha 0.5"
-    assert float(version.tags["plinth.metric.rmse"]) == 55.5 and float(version.tags["plinth.metric.r2"]) == 0.41
+    assert (
+        float(version.tags["plinth.metric.rmse"]) == 55.5
+        and float(version.tags["plinth.metric.r2"]) == 0.41
+    )
     assert dict(version.metrics) == {"rmse": 55.5, "r2": 0.41}
     assert version.source.startswith("mlflow-artifacts:/") and version.model_id.startswith("m-")
 
     headers = created[0].headers
-    assert headers["ce-type"] == "plinth.model.version_created" and headers["ce-source"] == "/plinth/registry"
-    assert headers["ce-specversion"] == "1.0" and headers["ce-team"] == "ml" and headers["ce-id"] == headers["Nats-Msg-Id"]
+    assert (
+        headers["ce-type"] == "plinth.model.version_created"
+        and headers["ce-source"] == "/plinth/registry"
+    )
+    assert (
+        headers["ce-specversion"] == "1.0"
+        and headers["ce-team"] == "ml"
+        and headers["ce-id"] == headers["Nats-Msg-Id"]
+    )
     payload = events_pb2.ModelVersionCreated.FromString(created[0].data)
     assert (payload.model_name, payload.version, payload.team, payload.run_id, payload.source_job_id, payload.source) == (
         name, "1", "ml", run_id, job.job_id, version.source,
@@ -217,19 +265,29 @@ async def test_finished_job_registers_a_version_with_lineage_and_an_event(regist
     # Handling job.finished and publishing version_created are one trace.
     def traced() -> bool:
         finished_spans = spans.get_finished_spans()
-        handled = {s.context.trace_id for s in finished_spans if s.name == "plinth.job.finished process"}
-        published = {s.context.trace_id for s in finished_spans if s.name == "plinth.model.version_created publish"}
+        handled = {
+            s.context.trace_id for s in finished_spans if s.name == "plinth.job.finished process"
+        }
+        published = {
+            s.context.trace_id
+            for s in finished_spans
+            if s.name == "plinth.model.version_created publish"
+        }
         return bool(published) and published <= handled
 
     await eventually(lambda: _async(traced()))
 
     # The failed job was handled before the successful one (one consumer, in order): nothing.
     assert await registry.versions(failed_name) == []
-    error = await rpc_error(registry.stub.GetModelVersion(pb.GetModelVersionRequest(name=failed_name, version="1")))
+    error = await rpc_error(
+        registry.stub.GetModelVersion(pb.GetModelVersionRequest(name=failed_name, version="1"))
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND and failed_name in error.details()
 
 
-async def test_same_event_twice_registers_one_version(registry: Registry, nats_server: NatsServer) -> None:
+async def test_same_event_twice_registers_one_version(
+    registry: Registry, nats_server: NatsServer
+) -> None:
     name = unique("dup")
     run_id = await registry.train({"rmse": 50.0})
     consumer = registry.app.runtime.consumers[0]
@@ -238,7 +296,10 @@ async def test_same_event_twice_registers_one_version(registry: Registry, nats_s
         duplicates = consumer.duplicates
         # The same CloudEvent again, past JetStream's duplicate window (as a redelivery would be).
         await registry.publish(event, msg_id=f"{event.id}-again")
-        await eventually(lambda: _async(len(events_of(recorder, name, "plinth.model.version_created")) >= 1), timeout=30)
+        await eventually(
+            lambda: _async(len(events_of(recorder, name, "plinth.model.version_created")) >= 1),
+            timeout=30,
+        )
         await eventually(lambda: _async(consumer.duplicates > duplicates))
     assert [v.version for v in await registry.versions(name)] == ["1"]
 
@@ -267,7 +328,9 @@ async def test_crash_between_mlflow_write_and_commit_does_not_register_twice(
     async with EventRecorder(nats_server.url) as recorder:
         job = finished(name, run_id)
         await registry.job_finished(job)
-        created = await eventually(lambda: _async(events_of(recorder, name, "plinth.model.version_created")), timeout=30)
+        created = await eventually(
+            lambda: _async(events_of(recorder, name, "plinth.model.version_created")), timeout=30
+        )
         await asyncio.sleep(0.5)  # room for any stray second registration to show
     assert crashes == ["1"], "the first delivery must have created the version, then failed"
     assert [v.version for v in await registry.versions(name)] == ["1"]
@@ -281,8 +344,15 @@ async def test_crash_between_mlflow_write_and_commit_does_not_register_twice(
 async def test_create_model_version_belongs_to_a_team(registry: Registry) -> None:
     name = unique("owned")
     run_id = await registry.train({"rmse": 58.0})
-    first = await registry.register(name, run_id, tags={"dataset": "diabetes"}, model_tags={"task": "regression"})
-    assert (first.version, first.team, first.tags["dataset"], first.tags["plinth.run_id"]) == ("1", "ml", "diabetes", run_id)
+    first = await registry.register(
+        name, run_id, tags={"dataset": "diabetes"}, model_tags={"task": "regression"}
+    )
+    assert (first.version, first.team, first.tags["dataset"], first.tags["plinth.run_id"]) == (
+        "1",
+        "ml",
+        "diabetes",
+        run_id,
+    )
     second = await registry.register(name, run_id)
     assert second.version == "2"
 
@@ -299,7 +369,9 @@ async def test_create_model_version_belongs_to_a_team(registry: Registry) -> Non
     assert error.code() == grpc.StatusCode.NOT_FOUND and f"runs:/{run_id}/other" in error.details()
 
     models = await registry.stub.SearchModels(pb.SearchModelsRequest(name_prefix=name))
-    assert [(m.name, m.team, m.latest_version, dict(m.tags)) for m in models.models] == [(name, "ml", "2", {"task": "regression"})]
+    assert [(m.name, m.team, m.latest_version, dict(m.tags)) for m in models.models] == [
+        (name, "ml", "2", {"task": "regression"})
+    ]
 
 
 @pytest.mark.parametrize(
@@ -315,35 +387,87 @@ async def test_create_model_version_belongs_to_a_team(registry: Registry) -> Non
         ({"run_id": "../r"}, "run_id"),
     ],
 )
-async def test_path_like_names_are_refused(registry: Registry, request_fields: dict[str, str], field: str) -> None:
+async def test_path_like_names_are_refused(
+    registry: Registry, request_fields: dict[str, str], field: str
+) -> None:
     fields = {"name": "ok", "team": "ml", "run_id": "a" * 32, **request_fields}
-    error = await rpc_error(registry.stub.CreateModelVersion(pb.CreateModelVersionRequest(**fields)))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(field), error.details()
+    error = await rpc_error(
+        registry.stub.CreateModelVersion(pb.CreateModelVersionRequest(**fields))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(field), (
+        error.details()
+    )
 
 
-@pytest.mark.parametrize(("alias", "problem"), [("../prod", "letters"), ("a/b", "letters"), ("latest", "reserved"), ("v3", "reserved"), ("", "letters")])
+@pytest.mark.parametrize(
+    ("alias", "problem"),
+    [
+        ("../prod", "letters"),
+        ("a/b", "letters"),
+        ("latest", "reserved"),
+        ("v3", "reserved"),
+        ("", "letters"),
+    ],
+)
 async def test_bad_aliases_are_refused(registry: Registry, alias: str, problem: str) -> None:
-    error = await rpc_error(registry.stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name="ok", alias=alias)))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("alias") and problem in error.details()
+    error = await rpc_error(
+        registry.stub.GetModelVersionByAlias(
+            pb.GetModelVersionByAliasRequest(name="ok", alias=alias)
+        )
+    )
+    assert (
+        error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and error.details().startswith("alias")
+        and problem in error.details()
+    )
 
 
 async def test_unknown_objects_are_not_found_by_name(registry: Registry) -> None:
     name = unique("nf")
     await registry.register(name, await registry.train({"rmse": 1.0}))
     cases = [
-        (registry.stub.GetModelVersion(pb.GetModelVersionRequest(name="no-such-model", version="1")), "no-such-model"),
-        (registry.stub.GetModelVersion(pb.GetModelVersionRequest(name=name, version="9")), f"{name}/9"),
-        (registry.stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=name, alias="production")), f"{name}@production"),
-        (registry.stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name="no-such-model", alias="production")), "no-such-model"),
-        (registry.stub.ListModelVersions(pb.ListModelVersionsRequest(name="no-such-model")), "no-such-model"),
+        (
+            registry.stub.GetModelVersion(
+                pb.GetModelVersionRequest(name="no-such-model", version="1")
+            ),
+            "no-such-model",
+        ),
+        (
+            registry.stub.GetModelVersion(pb.GetModelVersionRequest(name=name, version="9")),
+            f"{name}/9",
+        ),
+        (
+            registry.stub.GetModelVersionByAlias(
+                pb.GetModelVersionByAliasRequest(name=name, alias="production")
+            ),
+            f"{name}@production",
+        ),
+        (
+            registry.stub.GetModelVersionByAlias(
+                pb.GetModelVersionByAliasRequest(name="no-such-model", alias="production")
+            ),
+            "no-such-model",
+        ),
+        (
+            registry.stub.ListModelVersions(pb.ListModelVersionsRequest(name="no-such-model")),
+            "no-such-model",
+        ),
         (registry.stub.GetRun(pb.GetRunRequest(run_id="f" * 32)), "f" * 32),
-        (registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias="production", version="7")), f"{name}/7"),
-        (registry.stub.DeleteAlias(pb.DeleteAliasRequest(name=name, alias="production")), f"{name}@production"),
+        (
+            registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias="production", version="7")),
+            f"{name}/7",
+        ),
+        (
+            registry.stub.DeleteAlias(pb.DeleteAliasRequest(name=name, alias="production")),
+            f"{name}@production",
+        ),
         (registry.stub.SetPolicy(pb.SetPolicyRequest(name="no-such-model")), "no-such-model"),
     ]
     for call, named in cases:
         error = await rpc_error(call)
-        assert error.code() == grpc.StatusCode.NOT_FOUND and named in error.details(), error.details()
+        assert error.code() == grpc.StatusCode.NOT_FOUND and named in error.details(), (
+            error.details()
+        )
 
 
 # -- promotion ----------------------------------------------------------------------------------
@@ -355,43 +479,80 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
     name = unique("promo")
     good = await registry.register(name, await registry.train({"rmse": 55.0}))
     bad = await registry.register(name, await registry.train({"rmse": 63.2}))
-    policy = pb.PromotionPolicy(rules=[pb.PolicyRule(metric="rmse", op="<", threshold=60)], require_approval=True, aliases=["production"])
+    policy = pb.PromotionPolicy(
+        rules=[pb.PolicyRule(metric="rmse", op="<", threshold=60)],
+        require_approval=True,
+        aliases=["production"],
+    )
     model = await registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=policy, team="ml"))
     assert model.policy == policy and "plinth.policy" not in model.tags
 
-    async def set_alias(version: str, *, alias: str = "production", approved: bool = True) -> pb.SetAliasResponse:
-        return await registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias=alias, version=version, approved=approved))
+    async def set_alias(
+        version: str, *, alias: str = "production", approved: bool = True
+    ) -> pb.SetAliasResponse:
+        return await registry.stub.SetAlias(
+            pb.SetAliasRequest(name=name, alias=alias, version=version, approved=approved)
+        )
 
     error = await rpc_error(set_alias(bad.version))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error.details() == "policy rule rmse < 60 does not hold: rmse = 63.2"
     error = await rpc_error(set_alias(good.version, approved=False))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "approval" in error.details()
-    error = await rpc_error(registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias="production", version="1", approved=True, team="nlp")))
+    error = await rpc_error(
+        registry.stub.SetAlias(
+            pb.SetAliasRequest(
+                name=name, alias="production", version="1", approved=True, team="nlp"
+            )
+        )
+    )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "'ml'" in error.details()
 
     async with EventRecorder(nats_server.url) as recorder:
-        staging = await set_alias(bad.version, alias="staging", approved=False)  # the policy guards production only
+        staging = await set_alias(
+            bad.version, alias="staging", approved=False
+        )  # the policy guards production only
         assert staging.previous_version == "" and list(staging.version.aliases) == ["staging"]
         first = await set_alias(good.version)
         assert first.previous_version == "" and list(first.version.aliases) == ["production"]
-        assert (await registry.stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=name, alias="production"))).version == "1"
+        assert (
+            await registry.stub.GetModelVersionByAlias(
+                pb.GetModelVersionByAliasRequest(name=name, alias="production")
+            )
+        ).version == "1"
 
         # A metric the run never logged fails the rule too.
         missing = pb.PromotionPolicy(rules=[pb.PolicyRule(metric="auc", op=">=", threshold=0.9)])
         await registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=missing))
         error = await rpc_error(set_alias(bad.version))
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "policy rule auc >= 0.9 does not hold" in error.details()
+        assert (
+            error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and "policy rule auc >= 0.9 does not hold" in error.details()
+        )
         assert "no metric 'auc'" in error.details()
 
-        await registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=pb.PromotionPolicy()))  # removes it
+        await registry.stub.SetPolicy(
+            pb.SetPolicyRequest(name=name, policy=pb.PromotionPolicy())
+        )  # removes it
         second = await set_alias(bad.version)
         assert second.previous_version == "1" and second.version.version == "2"
-        assert (await registry.stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=name, alias="production"))).version == "2"
-        await eventually(lambda: _async(len(events_of(recorder, name, "plinth.model.promoted")) >= 3))
-    everything = [events_pb2.ModelPromoted.FromString(m.data) for m in events_of(recorder, name, "plinth.model.promoted")]
+        assert (
+            await registry.stub.GetModelVersionByAlias(
+                pb.GetModelVersionByAliasRequest(name=name, alias="production")
+            )
+        ).version == "2"
+        await eventually(
+            lambda: _async(len(events_of(recorder, name, "plinth.model.promoted")) >= 3)
+        )
+    everything = [
+        events_pb2.ModelPromoted.FromString(m.data)
+        for m in events_of(recorder, name, "plinth.model.promoted")
+    ]
     payloads = [p for p in everything if p.alias == "production"]
-    assert [(p.alias, p.version, p.previous_version, p.team) for p in payloads] == [("production", "1", "", "ml"), ("production", "2", "1", "ml")]
+    assert [(p.alias, p.version, p.previous_version, p.team) for p in payloads] == [
+        ("production", "1", "", "ml"),
+        ("production", "2", "1", "ml"),
+    ]
     assert payloads[1].run_id == bad.run_id and payloads[1].source == bad.source
 
     # Serving downloads the promoted source through the tracking server and loads it.
@@ -399,7 +560,10 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
     import mlflow.pyfunc
 
     local = await asyncio.to_thread(
-        mlflow.artifacts.download_artifacts, artifact_uri=payloads[1].source, tracking_uri=registry.mlflow.tracking_uri, dst_path=str(tmp_path)
+        mlflow.artifacts.download_artifacts,
+        artifact_uri=payloads[1].source,
+        tracking_uri=registry.mlflow.tracking_uri,
+        dst_path=str(tmp_path),
     )
     assert (Path(local) / "MLmodel").is_file()
     model_loaded = await asyncio.to_thread(mlflow.pyfunc.load_model, local)
@@ -408,15 +572,25 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
     # The SetAlias call and the publication of its event are one trace.
     def traced() -> bool:
         finished_spans = spans.get_finished_spans()
-        calls = [s for s in finished_spans if s.name == "/plinth.registry.v1.RegistryService/SetAlias"]
+        calls = [
+            s for s in finished_spans if s.name == "/plinth.registry.v1.RegistryService/SetAlias"
+        ]
         publishes = [s for s in finished_spans if s.name == "plinth.model.promoted publish"]
-        return bool(calls and publishes and {s.context.trace_id for s in publishes} <= {s.context.trace_id for s in calls})
+        return bool(
+            calls
+            and publishes
+            and {s.context.trace_id for s in publishes} <= {s.context.trace_id for s in calls}
+        )
 
     await eventually(lambda: _async(traced()))
 
     previous = await registry.stub.DeleteAlias(pb.DeleteAliasRequest(name=name, alias="production"))
     assert previous.previous_version == "2"
-    error = await rpc_error(registry.stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=name, alias="production")))
+    error = await rpc_error(
+        registry.stub.GetModelVersionByAlias(
+            pb.GetModelVersionByAliasRequest(name=name, alias="production")
+        )
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -428,8 +602,14 @@ async def test_invalid_policies_are_refused_naming_the_field(registry: Registry)
         (pb.PolicyRule(metric="", op="<", threshold=1), "policy.rules[0].metric"),
         (pb.PolicyRule(metric="rmse", op="<", threshold=float("nan")), "policy.rules[0].threshold"),
     ]:
-        error = await rpc_error(registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=pb.PromotionPolicy(rules=[rule]))))
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(field), error.details()
+        error = await rpc_error(
+            registry.stub.SetPolicy(
+                pb.SetPolicyRequest(name=name, policy=pb.PromotionPolicy(rules=[rule]))
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(
+            field
+        ), error.details()
 
 
 # -- reads ----------------------------------------------------------------------------------------
@@ -440,7 +620,9 @@ async def test_search_models_by_prefix_team_and_tag_in_pages(registry: Registry)
     run_id = await registry.train({"rmse": 40.0})
     ml = [f"s{base}_ml{i}" for i in range(3)]
     for i, name in enumerate(ml):
-        await registry.register(name, run_id, model_tags={"task": "regression" if i < 2 else "ranking"})
+        await registry.register(
+            name, run_id, model_tags={"task": "regression" if i < 2 else "ranking"}
+        )
     nlp = [f"s{base}_nlp{i}" for i in range(2)]
     for name in nlp:
         await registry.register(name, run_id, team="nlp")
@@ -463,9 +645,13 @@ async def test_search_models_by_prefix_team_and_tag_in_pages(registry: Registry)
     assert (await search(name_prefix=f"s{base}", tags={"task": "regression"}))[0] == ml[:2]
     assert (await search(name_prefix=f"s{base}", team="nlp", tags={"task": "regression"}))[0] == []
     error = await rpc_error(search(page_token="not-a-token"))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("page_token")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(
+        "page_token"
+    )
     error = await rpc_error(search(name_prefix="a'b"))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("name_prefix")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(
+        "name_prefix"
+    )
 
 
 async def test_runs_are_read_through_from_tracking(registry: Registry) -> None:
@@ -473,19 +659,33 @@ async def test_runs_are_read_through_from_tracking(registry: Registry) -> None:
     high = await registry.train({"rmse": 90.0})
     run = await registry.stub.GetRun(pb.GetRunRequest(run_id=low))
     assert run.metrics["rmse"] == 10.0 and run.params["alpha"] == "0.1" and run.status == "FINISHED"
-    assert run.experiment_id == registry.trainer.experiment_id and run.artifact_uri.startswith("mlflow-artifacts:/")
-    listed = await registry.stub.ListRuns(pb.ListRunsRequest(experiment_ids=[run.experiment_id], filter="metrics.rmse < 50"))
+    assert run.experiment_id == registry.trainer.experiment_id and run.artifact_uri.startswith(
+        "mlflow-artifacts:/"
+    )
+    listed = await registry.stub.ListRuns(
+        pb.ListRunsRequest(experiment_ids=[run.experiment_id], filter="metrics.rmse < 50")
+    )
     ids = [r.run_id for r in listed.runs]
     assert low in ids and high not in ids
-    everywhere = await registry.stub.ListRuns(pb.ListRunsRequest(filter=f"attributes.run_id = '{high}'"))
+    everywhere = await registry.stub.ListRuns(
+        pb.ListRunsRequest(filter=f"attributes.run_id = '{high}'")
+    )
     assert [r.run_id for r in everywhere.runs] == [high]
-    error = await rpc_error(registry.stub.ListRuns(pb.ListRunsRequest(experiment_ids=[run.experiment_id], filter="metrics.rmse <")))
+    error = await rpc_error(
+        registry.stub.ListRuns(
+            pb.ListRunsRequest(experiment_ids=[run.experiment_id], filter="metrics.rmse <")
+        )
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("filter")
     error = await rpc_error(registry.stub.ListRuns(pb.ListRunsRequest(experiment_ids=["../1"])))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("experiment_ids")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(
+        "experiment_ids"
+    )
 
 
-async def test_reads_see_own_writes_at_once_and_outside_writes_within_the_ttl(registry: Registry) -> None:
+async def test_reads_see_own_writes_at_once_and_outside_writes_within_the_ttl(
+    registry: Registry,
+) -> None:
     name = unique("cache")
     run_id = await registry.train({"rmse": 30.0})
     for _ in range(2):
@@ -494,10 +694,14 @@ async def test_reads_see_own_writes_at_once_and_outside_writes_within_the_ttl(re
     await registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias="champion", version="1"))
     assert (await registry.stub.GetModelVersionByAlias(request)).version == "1"  # now cached
     await registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias="champion", version="2"))
-    assert (await registry.stub.GetModelVersionByAlias(request)).version == "2"  # own write: at once
+    assert (
+        await registry.stub.GetModelVersionByAlias(request)
+    ).version == "2"  # own write: at once
 
     # Behind the registry's back (MLflow's own client on the server): visible within the TTL.
-    await asyncio.to_thread(registry.trainer.client.set_registered_model_alias, name, "champion", "1")
+    await asyncio.to_thread(
+        registry.trainer.client.set_registered_model_alias, name, "champion", "1"
+    )
     started = time.monotonic()
 
     async def moved() -> bool:
@@ -507,7 +711,9 @@ async def test_reads_see_own_writes_at_once_and_outside_writes_within_the_ttl(re
     assert time.monotonic() - started <= registry.app.settings.cache_ttl_s + 1.0
 
 
-async def test_server_and_in_process_store_share_sqlite_without_lock_errors(registry: Registry) -> None:
+async def test_server_and_in_process_store_share_sqlite_without_lock_errors(
+    registry: Registry,
+) -> None:
     """Jobs write through the server while the registry writes in-process: busy timeouts, no errors."""
     name = unique("busy")
     run_id = await registry.train({"rmse": 20.0})
@@ -517,13 +723,17 @@ async def test_server_and_in_process_store_share_sqlite_without_lock_errors(regi
     def job_logging() -> int:
         live = registry.trainer.client.create_run(registry.trainer.experiment_id).info.run_id
         for step in range(40):
-            registry.trainer.client.log_batch(live, metrics=[Metric("loss", 1.0 / (step + 1), int(time.time() * 1000), step)])
+            registry.trainer.client.log_batch(
+                live, metrics=[Metric("loss", 1.0 / (step + 1), int(time.time() * 1000), step)]
+            )
         return 40
 
     async def registry_writing() -> int:
         for i in range(8):
             await registry.register(name, run_id)
-            await registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias="candidate", version=str(i + 1)))
+            await registry.stub.SetAlias(
+                pb.SetAliasRequest(name=name, alias="candidate", version=str(i + 1))
+            )
         return 8
 
     logged, written = await asyncio.gather(asyncio.to_thread(job_logging), registry_writing())

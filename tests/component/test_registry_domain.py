@@ -25,23 +25,47 @@ RMSE_BELOW_60 = PromotionPolicy(rules=(PolicyRule(metric="rmse", op="<", thresho
 
 
 async def test_policy_names_the_failing_rule_and_the_actual_value() -> None:
-    enforce_policy(RMSE_BELOW_60, model="m", alias="production", version="1", metrics={"rmse": 59.9}, approved=False)
-    with pytest.raises(FailedPrecondition, match=r"^policy rule rmse < 60 does not hold: rmse = 63.2$"):
-        enforce_policy(RMSE_BELOW_60, model="m", alias="production", version="2", metrics={"rmse": 63.2}, approved=True)
+    enforce_policy(
+        RMSE_BELOW_60,
+        model="m",
+        alias="production",
+        version="1",
+        metrics={"rmse": 59.9},
+        approved=False,
+    )
+    with pytest.raises(
+        FailedPrecondition, match=r"^policy rule rmse < 60 does not hold: rmse = 63.2$"
+    ):
+        enforce_policy(
+            RMSE_BELOW_60,
+            model="m",
+            alias="production",
+            version="2",
+            metrics={"rmse": 63.2},
+            approved=True,
+        )
     with pytest.raises(FailedPrecondition, match="has no metric 'rmse'"):
-        enforce_policy(RMSE_BELOW_60, model="m", alias="production", version="3", metrics={}, approved=True)
+        enforce_policy(
+            RMSE_BELOW_60, model="m", alias="production", version="3", metrics={}, approved=True
+        )
 
 
 async def test_policy_approval_and_guarded_aliases() -> None:
     policy = PromotionPolicy(require_approval=True, aliases=("production",))
     with pytest.raises(FailedPrecondition, match="requires approval"):
-        enforce_policy(policy, model="m", alias="production", version="1", metrics={}, approved=False)
+        enforce_policy(
+            policy, model="m", alias="production", version="1", metrics={}, approved=False
+        )
     enforce_policy(policy, model="m", alias="production", version="1", metrics={}, approved=True)
     enforce_policy(policy, model="m", alias="staging", version="1", metrics={}, approved=False)
 
 
 async def test_policy_round_trips_through_its_tag_and_refuses_garbage() -> None:
-    policy = PromotionPolicy(rules=(PolicyRule(metric="r2", op=">=", threshold=0.4),), require_approval=True, aliases=("production",))
+    policy = PromotionPolicy(
+        rules=(PolicyRule(metric="r2", op=">=", threshold=0.4),),
+        require_approval=True,
+        aliases=("production",),
+    )
     assert PromotionPolicy.from_json(policy.to_json()) == policy
     with pytest.raises(FailedPrecondition):
         PromotionPolicy.from_json("{not json")

@@ -31,7 +31,11 @@ class Scheduler:
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
 
     async def submit(self, *command: str, name: str = "t", team: str = "ml", **spec: Any) -> pb.Job:
-        response = await self.stub.SubmitJob(pb.SubmitJobRequest(spec=pb.JobSpec(name=name, team=team, entrypoint=list(command), **spec)))
+        response = await self.stub.SubmitJob(
+            pb.SubmitJobRequest(
+                spec=pb.JobSpec(name=name, team=team, entrypoint=list(command), **spec)
+            )
+        )
         return response.job
 
     async def wait_state(self, job_id: str, *states: int, timeout: float = 30) -> pb.Job:
@@ -54,7 +58,9 @@ async def start_scheduler(tmp_path: Path, nats_server: NatsServer) -> AsyncItera
     running: list[Scheduler] = []
 
     async def start(**env: str) -> Scheduler:
-        app = SchedulerApp(SchedulerSettings.from_env(service_env(tmp_path / "data", nats_server.url, **env)))
+        app = SchedulerApp(
+            SchedulerSettings.from_env(service_env(tmp_path / "data", nats_server.url, **env))
+        )
         await app.start()
         scheduler = Scheduler(app)
         running.append(scheduler)
@@ -68,7 +74,9 @@ async def start_scheduler(tmp_path: Path, nats_server: NatsServer) -> AsyncItera
 FINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
 
-async def test_job_runs_and_reports_life_cycle_events(start_scheduler: StartScheduler, nats_server: NatsServer, tmp_path: Path) -> None:
+async def test_job_runs_and_reports_life_cycle_events(
+    start_scheduler: StartScheduler, nats_server: NatsServer, tmp_path: Path
+) -> None:
     scheduler = await start_scheduler()
     script = (
         "import json, os; print('hello from', os.environ['PLINTH_JOB_ID']);"
@@ -82,8 +90,15 @@ async def test_job_runs_and_reports_life_cycle_events(start_scheduler: StartSche
         await eventually(lambda: _async(len(recorder.of(job.id)) >= 4))
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
     assert done.exit_code == 0 and done.mlflow_run_id == "r123"
-    assert recorder.of(job.id) == ["plinth.job.submitted", "plinth.job.admitted", "plinth.job.started", "plinth.job.finished"]
-    logs = b"".join([c.data async for c in scheduler.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id))])
+    assert recorder.of(job.id) == [
+        "plinth.job.submitted",
+        "plinth.job.admitted",
+        "plinth.job.started",
+        "plinth.job.finished",
+    ]
+    logs = b"".join(
+        [c.data async for c in scheduler.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id))]
+    )
     assert f"hello from {job.id}".encode() in logs
 
 
@@ -109,7 +124,9 @@ async def _async(value: Any) -> Any:
         ({"register_as": "../etc/passwd"}, "spec.register_as"),
     ],
 )
-async def test_invalid_spec_is_refused_naming_the_field(start_scheduler: StartScheduler, spec: dict[str, Any], field: str) -> None:
+async def test_invalid_spec_is_refused_naming_the_field(
+    start_scheduler: StartScheduler, spec: dict[str, Any], field: str
+) -> None:
     scheduler = await start_scheduler()
     fields = {"name": "ok", "team": "ml", "entrypoint": ["true"], **spec}
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -130,26 +147,44 @@ async def test_unknown_job_and_cancel_after_finish(start_scheduler: StartSchedul
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def test_crashed_and_killed_jobs_fail_with_exit_code_or_signal(start_scheduler: StartScheduler) -> None:
+async def test_crashed_and_killed_jobs_fail_with_exit_code_or_signal(
+    start_scheduler: StartScheduler,
+) -> None:
     scheduler = await start_scheduler()
     crashed = await scheduler.submit(PY, "-c", "import sys; sys.exit(3)")
-    killed = await scheduler.submit(PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    killed = await scheduler.submit(
+        PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    )
     missing = await scheduler.submit("/no/such/program")
     crashed = await scheduler.wait_state(crashed.id, *FINAL)
     killed = await scheduler.wait_state(killed.id, *FINAL)
     missing = await scheduler.wait_state(missing.id, *FINAL)
-    assert crashed.state == pb.JOB_STATE_FAILED and crashed.exit_code == 3 and crashed.failure_reason == "exit code 3"
-    assert killed.state == pb.JOB_STATE_FAILED and killed.signal == 9 and "SIGKILL" in killed.failure_reason
+    assert (
+        crashed.state == pb.JOB_STATE_FAILED
+        and crashed.exit_code == 3
+        and crashed.failure_reason == "exit code 3"
+    )
+    assert (
+        killed.state == pb.JOB_STATE_FAILED
+        and killed.signal == 9
+        and "SIGKILL" in killed.failure_reason
+    )
     assert missing.state == pb.JOB_STATE_FAILED and "/no/such/program" in missing.failure_reason
 
 
-async def test_cancel_running_and_queued_jobs(start_scheduler: StartScheduler, nats_server: NatsServer) -> None:
+async def test_cancel_running_and_queued_jobs(
+    start_scheduler: StartScheduler, nats_server: NatsServer
+) -> None:
     scheduler = await start_scheduler(PLINTH_SCHEDULER_CPU="1")
     async with EventRecorder(nats_server.url) as recorder:
-        running = await scheduler.submit(PY, "-c", "import time; print('started', flush=True); time.sleep(60)")
+        running = await scheduler.submit(
+            PY, "-c", "import time; print('started', flush=True); time.sleep(60)"
+        )
         queued = await scheduler.submit("true")
         await scheduler.wait_state(running.id, pb.JOB_STATE_RUNNING)
-        assert (await scheduler.stub.GetJob(pb.GetJobRequest(job_id=queued.id))).state == pb.JOB_STATE_QUEUED
+        assert (
+            await scheduler.stub.GetJob(pb.GetJobRequest(job_id=queued.id))
+        ).state == pb.JOB_STATE_QUEUED
         cancelled_queued = await scheduler.stub.CancelJob(pb.CancelJobRequest(job_id=queued.id))
         assert cancelled_queued.state == pb.JOB_STATE_CANCELLED
         await scheduler.stub.CancelJob(pb.CancelJobRequest(job_id=running.id))
@@ -159,7 +194,9 @@ async def test_cancel_running_and_queued_jobs(start_scheduler: StartScheduler, n
     assert "plinth.job.finished" not in recorder.of(running.id)
 
 
-async def test_fifo_queue_and_listing_with_filters_and_pages(start_scheduler: StartScheduler) -> None:
+async def test_fifo_queue_and_listing_with_filters_and_pages(
+    start_scheduler: StartScheduler,
+) -> None:
     scheduler = await start_scheduler(PLINTH_SCHEDULER_CPU="1")
     first = await scheduler.submit(PY, "-c", "import time; time.sleep(0.5)", team="vision")
     others = [await scheduler.submit("true", name=f"n{i}", team="vision") for i in range(4)]
@@ -170,23 +207,41 @@ async def test_fifo_queue_and_listing_with_filters_and_pages(start_scheduler: St
     assert starts == sorted(starts), "jobs must start in submission order"
     page = await scheduler.stub.ListJobs(pb.ListJobsRequest(team="vision", page_size=3))
     assert [j.id for j in page.jobs] == [j.id for j in reversed(others)][:3]
-    rest = await scheduler.stub.ListJobs(pb.ListJobsRequest(team="vision", page_size=3, page_token=page.next_page_token))
+    rest = await scheduler.stub.ListJobs(
+        pb.ListJobsRequest(team="vision", page_size=3, page_token=page.next_page_token)
+    )
     assert [j.id for j in rest.jobs] == [others[0].id, first.id] and rest.next_page_token == ""
-    succeeded = await scheduler.stub.ListJobs(pb.ListJobsRequest(team="nlp", state=pb.JOB_STATE_SUCCEEDED))
+    succeeded = await scheduler.stub.ListJobs(
+        pb.ListJobsRequest(team="nlp", state=pb.JOB_STATE_SUCCEEDED)
+    )
     assert len(succeeded.jobs) == 1
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await scheduler.stub.ListJobs(pb.ListJobsRequest(page_token="garbage"))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in caught.value.details()
+    assert (
+        caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "page_token" in caught.value.details()
+    )
 
 
 async def test_follow_logs_streams_until_the_job_ends(start_scheduler: StartScheduler) -> None:
     scheduler = await start_scheduler()
-    job = await scheduler.submit(PY, "-c", "import time\nfor i in range(3):\n    print('line', i, flush=True); time.sleep(0.2)")
-    chunks = [c.data async for c in scheduler.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id, follow=True))]
+    job = await scheduler.submit(
+        PY,
+        "-c",
+        "import time\nfor i in range(3):\n    print('line', i, flush=True); time.sleep(0.2)",
+    )
+    chunks = [
+        c.data
+        async for c in scheduler.stub.StreamJobLogs(
+            pb.StreamJobLogsRequest(job_id=job.id, follow=True)
+        )
+    ]
     assert b"".join(chunks).decode().split() == ["line", "0", "line", "1", "line", "2"]
 
 
-async def test_restart_reattaches_running_jobs_and_runs_queued_ones(start_scheduler: StartScheduler) -> None:
+async def test_restart_reattaches_running_jobs_and_runs_queued_ones(
+    start_scheduler: StartScheduler,
+) -> None:
     first = await start_scheduler(PLINTH_SCHEDULER_CPU="1")
     running = await first.submit(PY, "-c", "import time; time.sleep(1.5); print('survived')")
     queued = await first.submit(PY, "-c", "print('ran after restart')")
@@ -199,7 +254,9 @@ async def test_restart_reattaches_running_jobs_and_runs_queued_ones(start_schedu
     assert ran.state == pb.JOB_STATE_SUCCEEDED
 
 
-async def test_job_whose_process_vanished_during_restart_is_failed_with_reason(start_scheduler: StartScheduler, tmp_path: Path) -> None:
+async def test_job_whose_process_vanished_during_restart_is_failed_with_reason(
+    start_scheduler: StartScheduler, tmp_path: Path
+) -> None:
     first = await start_scheduler()
     job = await first.submit(PY, "-c", "import time; time.sleep(30)")
     job = await first.wait_state(job.id, pb.JOB_STATE_RUNNING)
@@ -207,7 +264,9 @@ async def test_job_whose_process_vanished_during_restart_is_failed_with_reason(s
     import os
     import signal
 
-    os.kill(job_pid := _pid_of(first, job.id), signal.SIGKILL)  # the supervisor dies too (host crash)
+    os.kill(
+        job_pid := _pid_of(first, job.id), signal.SIGKILL
+    )  # the supervisor dies too (host crash)
     await asyncio.sleep(0.2)
     second = await start_scheduler()
     lost = await second.wait_state(job.id, *FINAL)
@@ -222,7 +281,9 @@ def _pid_of(scheduler: Scheduler, job_id: str) -> int:
         return int(conn.execute("select pid from jobs where id = ?", (job_id,)).fetchone()[0])
 
 
-async def test_jobs_run_while_nats_is_down_and_events_follow_once_it_is_back(tmp_path: Path, own_nats: NatsServer) -> None:
+async def test_jobs_run_while_nats_is_down_and_events_follow_once_it_is_back(
+    tmp_path: Path, own_nats: NatsServer
+) -> None:
     app = SchedulerApp(SchedulerSettings.from_env(service_env(tmp_path / "chaos", own_nats.url)))
     await app.start()
     scheduler = Scheduler(app)
@@ -240,6 +301,11 @@ async def test_jobs_run_while_nats_is_down_and_events_follow_once_it_is_back(tmp
 
         await eventually(all_four, timeout=30)
         await asyncio.sleep(1.0)  # a duplicate would have been stored by now
-        assert await stored_event_types(own_nats.url, job.id) == ["plinth.job.submitted", "plinth.job.admitted", "plinth.job.started", "plinth.job.finished"]
+        assert await stored_event_types(own_nats.url, job.id) == [
+            "plinth.job.submitted",
+            "plinth.job.admitted",
+            "plinth.job.started",
+            "plinth.job.finished",
+        ]
     finally:
         await scheduler.close()

@@ -34,7 +34,11 @@ from tests.helpers import EventRecorder, eventually, service_env
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 MODEL = "diabetes"
-READY, FAILED, TRAFFIC = "plinth.deployment.ready", "plinth.deployment.failed", "plinth.deployment.traffic_changed"
+READY, FAILED, TRAFFIC = (
+    "plinth.deployment.ready",
+    "plinth.deployment.failed",
+    "plinth.deployment.traffic_changed",
+)
 
 
 # -- engines shared by the module ------------------------------------------------------------
@@ -44,7 +48,11 @@ READY, FAILED, TRAFFIC = "plinth.deployment.ready", "plinth.deployment.failed", 
 async def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow")
     server = MlflowServer(
-        MlflowSettings(backend_store_uri=f"sqlite:///{root / 'mlflow.db'}", artifacts_destination=str(root / "artifacts"), port=free_tcp_port()),
+        MlflowSettings(
+            backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
+            artifacts_destination=str(root / "artifacts"),
+            port=free_tcp_port(),
+        ),
         log_path=root / "mlflow-server.log",
     )
     await server.start()
@@ -74,7 +82,14 @@ async def triton(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Trit
     http_port = free_tcp_port()
     while http_port == grpc_port:
         http_port = free_tcp_port()
-    process = TritonProcess(TritonSettings(model_repository=root / "models", work_dir=root / "work", grpc_port=grpc_port, http_port=http_port))
+    process = TritonProcess(
+        TritonSettings(
+            model_repository=root / "models",
+            work_dir=root / "work",
+            grpc_port=grpc_port,
+            http_port=http_port,
+        )
+    )
     await process.start()
     try:
         await process.wait_ready()
@@ -123,14 +138,20 @@ def _log_versions(tracking_uri: str, artifacts_root: Path) -> Versions:
         version = MlflowClient().get_model_version(MODEL, str(info.registered_model_version))
         sources[str(version.version)] = str(version.source)
     # Version 3's artifacts get corrupted on the server's disk: downloading works, loading fails.
-    broken = next(artifacts_root.rglob(f"{sources['3'].removeprefix('models:/')}/artifacts/model.skops"))
+    broken = next(
+        artifacts_root.rglob(f"{sources['3'].removeprefix('models:/')}/artifacts/model.skops")
+    )
     broken.write_bytes(b"this is not a model")
     return Versions(sources=sources, rows=features.iloc[:16], artifacts_root=artifacts_root)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def versions(mlflow_server: MlflowServer) -> Versions:
-    return await asyncio.to_thread(_log_versions, mlflow_server.tracking_uri, Path(mlflow_server.settings.artifacts_destination))
+    return await asyncio.to_thread(
+        _log_versions,
+        mlflow_server.tracking_uri,
+        Path(mlflow_server.settings.artifacts_destination),
+    )
 
 
 class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
@@ -140,11 +161,15 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         self.aliases: dict[tuple[str, str], registry_pb2.ModelVersion] = {}
         self.calls = 0
 
-    async def GetModelVersionByAlias(self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
+    async def GetModelVersionByAlias(
+        self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ModelVersion:
         self.calls += 1
         version = self.aliases.get((request.name, request.alias))
         if version is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} has no alias {request.alias!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"model {request.name!r} has no alias {request.alias!r}"
+            )
         return version
 
 
@@ -179,12 +204,18 @@ class Serving:
 
     async def create(self, name: str, *, alias: str = "production", **triton: int) -> pb.Deployment:
         settings = pb.TritonSettings(**({"max_batch_size": 8} | triton))
-        request = pb.CreateDeploymentRequest(name=name, team="ml", model_name=MODEL, alias=alias, triton=settings)
+        request = pb.CreateDeploymentRequest(
+            name=name, team="ml", model_name=MODEL, alias=alias, triton=settings
+        )
         return await self.stub.CreateDeployment(request)
 
-    async def promote(self, version: str, source: str, *, alias: str = "production", model: str = MODEL) -> None:
+    async def promote(
+        self, version: str, source: str, *, alias: str = "production", model: str = MODEL
+    ) -> None:
         """Publishes plinth.model.promoted the way the registry does (a CloudEvent on JetStream)."""
-        payload = events_pb2.ModelPromoted(model_name=model, alias=alias, version=version, team="ml", source=source, run_id="r")
+        payload = events_pb2.ModelPromoted(
+            model_name=model, alias=alias, version=version, team="ml", source=source, run_id="r"
+        )
         event = new_event(payload, source="/plinth/registry", subject=model, team="ml")
         nc = await nats.connect(self.nats_url)
         try:
@@ -204,7 +235,9 @@ class Serving:
         await self.app.stop()
 
 
-async def _start_serving(data_dir: Path, nats_url: str, triton: Triton, mlflow_uri: str, registry_addr: str) -> Serving:
+async def _start_serving(
+    data_dir: Path, nats_url: str, triton: Triton, mlflow_uri: str, registry_addr: str
+) -> Serving:
     env = service_env(
         data_dir,
         nats_url,
@@ -230,7 +263,13 @@ async def serving(
     versions: Versions,
     registry: tuple[FakeRegistry, str],
 ) -> AsyncIterator[Serving]:
-    holder = await _start_serving(tmp_path_factory.mktemp("serving"), nats_server.url, triton, mlflow_server.tracking_uri, registry[1])
+    holder = await _start_serving(
+        tmp_path_factory.mktemp("serving"),
+        nats_server.url,
+        triton,
+        mlflow_server.tracking_uri,
+        registry[1],
+    )
     yield holder
     await holder.close()
 
@@ -254,10 +293,22 @@ def _client(serving: Serving) -> triton_sync.InferenceServerClient:
     return triton_sync.InferenceServerClient(serving.address)
 
 
-def _infer(client: triton_sync.InferenceServerClient, deployment: str, rows: np.ndarray, *, name: str = "input", datatype: str = "FP64") -> np.ndarray:
+def _infer(
+    client: triton_sync.InferenceServerClient,
+    deployment: str,
+    rows: np.ndarray,
+    *,
+    name: str = "input",
+    datatype: str = "FP64",
+) -> np.ndarray:
     tensor = triton_sync.InferInput(name, list(rows.shape), datatype)
     tensor.set_data_from_numpy(rows)
-    result = client.infer(deployment, [tensor], outputs=[triton_sync.InferRequestedOutput("predictions")], client_timeout=30)
+    result = client.infer(
+        deployment,
+        [tensor],
+        outputs=[triton_sync.InferRequestedOutput("predictions")],
+        client_timeout=30,
+    )
     out = result.as_numpy("predictions")
     assert out is not None
     return out
@@ -284,35 +335,64 @@ def _mlflow_predictions(source: str, tracking_uri: str, rows: Any) -> np.ndarray
         ({"model_name": "a/b"}, "model_name"),
         ({"alias": "../x"}, "alias"),
         ({"triton": pb.TritonSettings(max_batch_size=-1)}, "triton.max_batch_size"),
-        ({"triton": pb.TritonSettings(max_queue_delay_microseconds=-5)}, "triton.max_queue_delay_microseconds"),
+        (
+            {"triton": pb.TritonSettings(max_queue_delay_microseconds=-5)},
+            "triton.max_queue_delay_microseconds",
+        ),
         ({"triton": pb.TritonSettings(instance_count=99)}, "triton.instance_count"),
     ],
 )
-async def test_invalid_deployment_is_refused_naming_the_field(serving: Serving, fields: dict[str, Any], field_name: str) -> None:
-    request = pb.CreateDeploymentRequest(**({"name": "ok", "team": "ml", "model_name": MODEL} | fields))
+async def test_invalid_deployment_is_refused_naming_the_field(
+    serving: Serving, fields: dict[str, Any], field_name: str
+) -> None:
+    request = pb.CreateDeploymentRequest(
+        **({"name": "ok", "team": "ml", "model_name": MODEL} | fields)
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await serving.stub.CreateDeployment(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(field_name), caught.value.details()
 
 
-async def test_crud_pending_until_promotion(serving: Serving, registry: tuple[FakeRegistry, str]) -> None:
+async def test_crud_pending_until_promotion(
+    serving: Serving, registry: tuple[FakeRegistry, str]
+) -> None:
     fake, _ = registry
     calls = fake.calls
-    created = await serving.create("crud-a", alias="staging", max_queue_delay_microseconds=200, instance_count=1)
-    assert created.state == pb.DEPLOYMENT_STATE_PENDING and not created.serving_version  # alias points nowhere
-    assert created.alias == "staging" and created.triton.max_batch_size == 8 and created.triton.max_queue_delay_microseconds == 200
+    created = await serving.create(
+        "crud-a", alias="staging", max_queue_delay_microseconds=200, instance_count=1
+    )
+    assert (
+        created.state == pb.DEPLOYMENT_STATE_PENDING and not created.serving_version
+    )  # alias points nowhere
+    assert (
+        created.alias == "staging"
+        and created.triton.max_batch_size == 8
+        and created.triton.max_queue_delay_microseconds == 200
+    )
     assert fake.calls > calls  # the registry was asked
-    defaults = await serving.stub.CreateDeployment(pb.CreateDeploymentRequest(name="crud-b", team="other", model_name="nothing-here"))
-    assert defaults.alias == "production" and defaults.triton.max_batch_size == 8 and defaults.triton.instance_count == 1
+    defaults = await serving.stub.CreateDeployment(
+        pb.CreateDeploymentRequest(name="crud-b", team="other", model_name="nothing-here")
+    )
+    assert (
+        defaults.alias == "production"
+        and defaults.triton.max_batch_size == 8
+        and defaults.triton.instance_count == 1
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await serving.create("crud-a")
-    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS and "crud-a" in caught.value.details()
+    assert (
+        caught.value.code() == grpc.StatusCode.ALREADY_EXISTS and "crud-a" in caught.value.details()
+    )
 
-    assert (await serving.stub.GetDeployment(pb.GetDeploymentRequest(name="crud-a"))).model_name == MODEL
+    assert (
+        await serving.stub.GetDeployment(pb.GetDeploymentRequest(name="crud-a"))
+    ).model_name == MODEL
     first = await serving.stub.ListDeployments(pb.ListDeploymentsRequest(page_size=1))
     assert len(first.deployments) == 1 and first.next_page_token
-    second = await serving.stub.ListDeployments(pb.ListDeploymentsRequest(page_size=1, page_token=first.next_page_token))
+    second = await serving.stub.ListDeployments(
+        pb.ListDeploymentsRequest(page_size=1, page_token=first.next_page_token)
+    )
     assert second.deployments[0].name != first.deployments[0].name
     others = await serving.stub.ListDeployments(pb.ListDeploymentsRequest(team="other"))
     assert [d.name for d in others.deployments] == ["crud-b"]
@@ -325,14 +405,26 @@ async def test_crud_pending_until_promotion(serving: Serving, registry: tuple[Fa
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call(request)
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "crud-a" in caught.value.details()
+        assert (
+            caught.value.code() == grpc.StatusCode.NOT_FOUND and "crud-a" in caught.value.details()
+        )
 
 
-async def test_promotion_loads_and_serves_the_mlflow_predictions(serving: Serving, versions: Versions, events: EventRecorder, triton: Triton, mlflow_server: MlflowServer) -> None:
+async def test_promotion_loads_and_serves_the_mlflow_predictions(
+    serving: Serving,
+    versions: Versions,
+    events: EventRecorder,
+    triton: Triton,
+    mlflow_server: MlflowServer,
+) -> None:
     await serving.create("diabetes", max_batch_size=32, max_queue_delay_microseconds=500)
     await serving.promote("1", versions.sources["1"])
     deployment = await serving.wait("diabetes", lambda d: d.state == pb.DEPLOYMENT_STATE_READY)
-    assert deployment.serving_version == "1" and deployment.target_version == "1" and not deployment.loading_version
+    assert (
+        deployment.serving_version == "1"
+        and deployment.target_version == "1"
+        and not deployment.loading_version
+    )
     await eventually(lambda: _async(_events_of(events, "diabetes", TRAFFIC)))
     assert [e.version for e in _events_of(events, "diabetes", READY)] == ["1"]
     assert dict(_events_of(events, "diabetes", TRAFFIC)[0].traffic_percent) == {"1": 100}
@@ -347,12 +439,29 @@ async def test_promotion_loads_and_serves_the_mlflow_predictions(serving: Servin
         assert metadata["inputs"] == [{"name": "input", "datatype": "FP64", "shape": ["-1", "10"]}]
         rows = versions.rows.to_numpy(dtype=np.float64)
         got = await asyncio.to_thread(_infer, client, "diabetes", rows[:5])
-        want = await asyncio.to_thread(_mlflow_predictions, versions.sources["1"], mlflow_server.tracking_uri, versions.rows.iloc[:5])
+        want = await asyncio.to_thread(
+            _mlflow_predictions,
+            versions.sources["1"],
+            mlflow_server.tracking_uri,
+            versions.rows.iloc[:5],
+        )
         assert got.shape == (5, 1)
         assert np.allclose(got[:, 0], want)
         # Concurrent single rows go through Triton's dynamic batcher and each gets its own answer.
-        singles = await asyncio.gather(*(asyncio.to_thread(_infer, client, "diabetes", rows[i : i + 1]) for i in range(8)))
-        assert np.allclose(np.concatenate(singles)[:, 0], (await asyncio.to_thread(_mlflow_predictions, versions.sources["1"], mlflow_server.tracking_uri, versions.rows.iloc[:8])))
+        singles = await asyncio.gather(
+            *(asyncio.to_thread(_infer, client, "diabetes", rows[i : i + 1]) for i in range(8))
+        )
+        assert np.allclose(
+            np.concatenate(singles)[:, 0],
+            (
+                await asyncio.to_thread(
+                    _mlflow_predictions,
+                    versions.sources["1"],
+                    mlflow_server.tracking_uri,
+                    versions.rows.iloc[:8],
+                )
+            ),
+        )
     finally:
         client.close()
 
@@ -362,18 +471,33 @@ async def _async(value: Any) -> Any:
 
 
 async def test_second_version_takes_the_traffic_and_the_old_one_is_unloaded(
-    serving: Serving, versions: Versions, events: EventRecorder, triton: Triton, mlflow_server: MlflowServer
+    serving: Serving,
+    versions: Versions,
+    events: EventRecorder,
+    triton: Triton,
+    mlflow_server: MlflowServer,
 ) -> None:
     await serving.promote("2", versions.sources["2"])
     deployment = await serving.wait("diabetes", lambda d: d.serving_version == "2")
     assert deployment.state == pb.DEPLOYMENT_STATE_READY
-    await eventually(lambda: _async([e for e in _events_of(events, "diabetes", TRAFFIC) if dict(e.traffic_percent) == {"2": 100}]))
+    await eventually(
+        lambda: _async(
+            [
+                e
+                for e in _events_of(events, "diabetes", TRAFFIC)
+                if dict(e.traffic_percent) == {"2": 100}
+            ]
+        )
+    )
     repository = triton.repository
     direct = triton_aio.InferenceServerClient(triton.grpc_target)
     try:
 
         async def old_unloaded() -> bool:
-            return not await direct.is_model_ready("diabetes__v1") and not (repository / "diabetes__v1").exists()
+            return (
+                not await direct.is_model_ready("diabetes__v1")
+                and not (repository / "diabetes__v1").exists()
+            )
 
         await eventually(old_unloaded)
         assert await direct.is_model_ready("diabetes__v2")
@@ -381,25 +505,43 @@ async def test_second_version_takes_the_traffic_and_the_old_one_is_unloaded(
         await direct.close()
     client = _client(serving)
     try:
-        got = await asyncio.to_thread(_infer, client, "diabetes", versions.rows.to_numpy(dtype=np.float64))
-        result = await asyncio.to_thread(lambda: client.get_model_metadata("diabetes", as_json=True))
+        got = await asyncio.to_thread(
+            _infer, client, "diabetes", versions.rows.to_numpy(dtype=np.float64)
+        )
+        result = await asyncio.to_thread(
+            lambda: client.get_model_metadata("diabetes", as_json=True)
+        )
         assert result["versions"] == ["2"]
     finally:
         client.close()
-    want2 = await asyncio.to_thread(_mlflow_predictions, versions.sources["2"], mlflow_server.tracking_uri, versions.rows)
-    want1 = await asyncio.to_thread(_mlflow_predictions, versions.sources["1"], mlflow_server.tracking_uri, versions.rows)
+    want2 = await asyncio.to_thread(
+        _mlflow_predictions, versions.sources["2"], mlflow_server.tracking_uri, versions.rows
+    )
+    want1 = await asyncio.to_thread(
+        _mlflow_predictions, versions.sources["1"], mlflow_server.tracking_uri, versions.rows
+    )
     assert np.allclose(got[:, 0], want2) and not np.allclose(want1, want2)
 
 
-async def test_broken_version_fails_and_the_previous_one_keeps_serving(serving: Serving, versions: Versions, events: EventRecorder) -> None:
+async def test_broken_version_fails_and_the_previous_one_keeps_serving(
+    serving: Serving, versions: Versions, events: EventRecorder
+) -> None:
     await serving.promote("3", versions.sources["3"])
     deployment = await serving.wait("diabetes", lambda d: d.state == pb.DEPLOYMENT_STATE_FAILED)
-    assert deployment.serving_version == "2" and deployment.target_version == "3" and "v3" in deployment.last_error
+    assert (
+        deployment.serving_version == "2"
+        and deployment.target_version == "3"
+        and "v3" in deployment.last_error
+    )
     failed = await eventually(lambda: _async(_events_of(events, "diabetes", FAILED)))
     assert failed[-1].version == "3" and failed[-1].serving_version == "2" and failed[-1].reason
     client = _client(serving)
     try:
-        assert (await asyncio.to_thread(_infer, client, "diabetes", versions.rows.to_numpy(dtype=np.float64)[:2])).shape == (2, 1)
+        assert (
+            await asyncio.to_thread(
+                _infer, client, "diabetes", versions.rows.to_numpy(dtype=np.float64)[:2]
+            )
+        ).shape == (2, 1)
     finally:
         client.close()
 
@@ -420,12 +562,17 @@ async def test_wrong_tensors_are_invalid_argument_naming_the_tensor(
     dtype = np.float32 if kwargs.get("datatype") == "FP32" else np.float64
     try:
         with pytest.raises(InferenceServerException) as caught:
-            await asyncio.to_thread(_infer, client, "diabetes", np.zeros(rows_shape, dtype=dtype), **kwargs)
+            await asyncio.to_thread(
+                _infer, client, "diabetes", np.zeros(rows_shape, dtype=dtype), **kwargs
+            )
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
         assert f"inputs.{tensor}" in caught.value.message() and problem in caught.value.message()
         assert "__v" not in caught.value.message()
         # The deployment keeps serving.
-        assert (await asyncio.to_thread(_infer, client, "diabetes", np.zeros((1, 10)))).shape == (1, 1)
+        assert (await asyncio.to_thread(_infer, client, "diabetes", np.zeros((1, 10)))).shape == (
+            1,
+            1,
+        )
     finally:
         client.close()
 
@@ -436,7 +583,9 @@ async def test_unknown_deployment_is_not_found(serving: Serving) -> None:
         for name in ("no-such-deployment", "../diabetes__v2", "diabetes__v2"):
             with pytest.raises(InferenceServerException) as caught:
                 await asyncio.to_thread(_infer, client, name, np.zeros((1, 10)))
-            assert caught.value.status() == "StatusCode.NOT_FOUND" and name in caught.value.message()
+            assert (
+                caught.value.status() == "StatusCode.NOT_FOUND" and name in caught.value.message()
+            )
         with pytest.raises(InferenceServerException) as caught:
             await asyncio.to_thread(client.is_model_ready, "no-such-deployment")
         assert caught.value.status() == "StatusCode.NOT_FOUND"
@@ -451,16 +600,31 @@ async def test_unknown_deployment_is_not_found(serving: Serving) -> None:
         client.close()
 
 
-async def test_hostile_promotions_stay_inside_the_service(serving: Serving, events: EventRecorder, tmp_path: Path, triton: Triton) -> None:
+async def test_hostile_promotions_stay_inside_the_service(
+    serving: Serving, events: EventRecorder, tmp_path: Path, triton: Triton
+) -> None:
     await serving.create("hostile", alias="hostile")
     outside = tmp_path / "outside"
     outside.mkdir()
-    for version, source in (("../../../tmp", "models:/m-x"), ("7", f"file://{outside}"), ("8", str(outside)), ("9", "runs:/abc/../../../etc")):
+    for version, source in (
+        ("../../../tmp", "models:/m-x"),
+        ("7", f"file://{outside}"),
+        ("8", str(outside)),
+        ("9", "runs:/abc/../../../etc"),
+    ):
         await serving.promote(version, source, alias="hostile")
-        await serving.wait("hostile", lambda d, v=version: d.target_version == v and d.state == pb.DEPLOYMENT_STATE_FAILED)
+        await serving.wait(
+            "hostile",
+            lambda d, v=version: d.target_version == v and d.state == pb.DEPLOYMENT_STATE_FAILED,
+        )
     reasons = [e.reason for e in _events_of(events, "hostile", FAILED)]
     assert len(reasons) == 4, reasons
-    assert "not a number" in reasons[0] and "scheme 'file'" in reasons[1] and "scheme '(none)'" in reasons[2] and ".." in reasons[3]
+    assert (
+        "not a number" in reasons[0]
+        and "scheme 'file'" in reasons[1]
+        and "scheme '(none)'" in reasons[2]
+        and ".." in reasons[3]
+    )
     assert list(outside.iterdir()) == []
     repository = triton.repository
     assert not [p for p in repository.parent.iterdir() if p.name not in ("models", "work")]
@@ -468,23 +632,38 @@ async def test_hostile_promotions_stay_inside_the_service(serving: Serving, even
     await serving.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="hostile"))
 
 
-async def test_create_loads_the_version_the_alias_already_points_to(serving: Serving, registry: tuple[FakeRegistry, str], versions: Versions) -> None:
+async def test_create_loads_the_version_the_alias_already_points_to(
+    serving: Serving, registry: tuple[FakeRegistry, str], versions: Versions
+) -> None:
     fake, _ = registry
-    fake.aliases[(MODEL, "champion")] = registry_pb2.ModelVersion(name=MODEL, version="1", source=versions.sources["1"], run_id="r1")
+    fake.aliases[(MODEL, "champion")] = registry_pb2.ModelVersion(
+        name=MODEL, version="1", source=versions.sources["1"], run_id="r1"
+    )
     created = await serving.create("champion", alias="champion")
     assert created.state == pb.DEPLOYMENT_STATE_LOADING and created.target_version == "1"
-    await serving.wait("champion", lambda d: d.state == pb.DEPLOYMENT_STATE_READY and d.serving_version == "1")
+    await serving.wait(
+        "champion", lambda d: d.state == pb.DEPLOYMENT_STATE_READY and d.serving_version == "1"
+    )
     client = _client(serving)
     try:
-        assert (await asyncio.to_thread(_infer, client, "champion", np.zeros((3, 10)))).shape == (3, 1)
+        assert (await asyncio.to_thread(_infer, client, "champion", np.zeros((3, 10)))).shape == (
+            3,
+            1,
+        )
     finally:
         client.close()
 
 
-async def test_promotions_during_a_load_end_with_the_newest(serving: Serving, versions: Versions, events: EventRecorder) -> None:
+async def test_promotions_during_a_load_end_with_the_newest(
+    serving: Serving, versions: Versions, events: EventRecorder
+) -> None:
     await serving.create("racer", alias="canary")
     await serving.promote("1", versions.sources["1"], alias="canary")
-    await serving.wait("racer", lambda d: d.state == pb.DEPLOYMENT_STATE_LOADING and d.loading_version == "1", timeout=30)
+    await serving.wait(
+        "racer",
+        lambda d: d.state == pb.DEPLOYMENT_STATE_LOADING and d.loading_version == "1",
+        timeout=30,
+    )
     await serving.promote("2", versions.sources["2"], alias="canary")
     deployment = await serving.wait("racer", lambda d: d.state == pb.DEPLOYMENT_STATE_READY)
     assert deployment.serving_version == "2" and deployment.target_version == "2"
@@ -493,22 +672,35 @@ async def test_promotions_during_a_load_end_with_the_newest(serving: Serving, ve
     assert [dict(e.traffic_percent) for e in _events_of(events, "racer", TRAFFIC)] == [{"2": 100}]
 
 
-async def test_restart_restores_what_served(serving: Serving, tmp_path_factory: pytest.TempPathFactory, triton: Triton, mlflow_server: MlflowServer, registry: tuple[FakeRegistry, str]) -> None:
+async def test_restart_restores_what_served(
+    serving: Serving,
+    tmp_path_factory: pytest.TempPathFactory,
+    triton: Triton,
+    mlflow_server: MlflowServer,
+    registry: tuple[FakeRegistry, str],
+) -> None:
     data_dir = serving.settings.common.data_dir
     await serving.close()
-    restarted = await _start_serving(data_dir, serving.nats_url, triton, mlflow_server.tracking_uri, registry[1])
+    restarted = await _start_serving(
+        data_dir, serving.nats_url, triton, mlflow_server.tracking_uri, registry[1]
+    )
     serving.app, serving.settings = restarted.app, restarted.settings
     serving.__post_init__()
     deployment = await serving.stub.GetDeployment(pb.GetDeploymentRequest(name="diabetes"))
     assert deployment.serving_version == "2" and deployment.state == pb.DEPLOYMENT_STATE_FAILED
     client = _client(serving)
     try:
-        assert (await asyncio.to_thread(_infer, client, "diabetes", np.zeros((1, 10)))).shape == (1, 1)
+        assert (await asyncio.to_thread(_infer, client, "diabetes", np.zeros((1, 10)))).shape == (
+            1,
+            1,
+        )
     finally:
         client.close()
 
 
-async def test_delete_unloads_from_triton(serving: Serving, triton: Triton, events: EventRecorder) -> None:
+async def test_delete_unloads_from_triton(
+    serving: Serving, triton: Triton, events: EventRecorder
+) -> None:
     await serving.stub.DeleteDeployment(pb.DeleteDeploymentRequest(name="diabetes"))
     direct = triton_aio.InferenceServerClient(triton.grpc_target)
     try:
@@ -523,4 +715,8 @@ async def test_delete_unloads_from_triton(serving: Serving, triton: Triton, even
         assert caught.value.status() == "StatusCode.NOT_FOUND"
     finally:
         client.close()
-    await eventually(lambda: _async([e for e in _events_of(events, "diabetes", TRAFFIC) if not e.traffic_percent]))
+    await eventually(
+        lambda: _async(
+            [e for e in _events_of(events, "diabetes", TRAFFIC) if not e.traffic_percent]
+        )
+    )

@@ -14,12 +14,28 @@ from tritonclient.grpc import service_pb2 as kserve
 from plinth_common.errors import InvalidArgument, NotFound
 from services.serving.artifacts import ArtifactError, check_source
 from services.serving.inference import check_request, model_suffix
-from services.serving.repository import ModelRepository, RepositoryError, deployment_of, triton_model_name
+from services.serving.repository import (
+    ModelRepository,
+    RepositoryError,
+    deployment_of,
+    triton_model_name,
+)
 from services.serving.service import Route
-from services.serving.signature import BatchingSettings, ModelIO, UnsupportedModel, config_pbtxt, read_model_io
+from services.serving.signature import (
+    BatchingSettings,
+    ModelIO,
+    UnsupportedModel,
+    config_pbtxt,
+    read_model_io,
+)
 
 
-def _mlmodel(tmp_path: Path, inputs: list[dict] | None, outputs: list[dict] | None = None, flavor: bool = True) -> Path:
+def _mlmodel(
+    tmp_path: Path,
+    inputs: list[dict] | None,
+    outputs: list[dict] | None = None,
+    flavor: bool = True,
+) -> Path:
     lines = ["flavors:"]
     if flavor:
         lines += ["  python_function:", "    loader_module: mlflow.sklearn"]
@@ -50,18 +66,32 @@ def test_column_signature_becomes_one_matrix_input(tmp_path: Path) -> None:
 
 def test_mixed_numeric_columns_travel_as_fp64_and_keep_their_types(tmp_path: Path) -> None:
     columns = [{"type": "long", "name": "n"}, {"type": "float", "name": "x"}]
-    io = read_model_io(_mlmodel(tmp_path, columns, [{"type": "double", "name": "a"}, {"type": "double", "name": "b"}]))
+    io = read_model_io(
+        _mlmodel(
+            tmp_path, columns, [{"type": "double", "name": "a"}, {"type": "double", "name": "b"}]
+        )
+    )
     assert io.inputs[0].datatype == "FP64" and io.columns == (("n", "INT64"), ("x", "FP32"))
     assert io.output.dims == (2,)
 
 
 def test_tensor_signatures(tmp_path: Path) -> None:
-    single = read_model_io(_mlmodel(tmp_path, [_tensor("float32", [-1, 28, 28])], [_tensor("int64", [-1, 10])]))
-    assert single.kind == "tensor" and (single.inputs[0].name, single.inputs[0].dims) == ("input", (28, 28))
+    single = read_model_io(
+        _mlmodel(tmp_path, [_tensor("float32", [-1, 28, 28])], [_tensor("int64", [-1, 10])])
+    )
+    assert single.kind == "tensor" and (single.inputs[0].name, single.inputs[0].dims) == (
+        "input",
+        (28, 28),
+    )
     assert (single.output.datatype, single.output.dims) == ("INT64", (10,))
-    named = read_model_io(_mlmodel(tmp_path, [_tensor("float64", [-1, 3], "a"), _tensor("int32", [-1], "b b")]))
+    named = read_model_io(
+        _mlmodel(tmp_path, [_tensor("float64", [-1, 3], "a"), _tensor("int32", [-1], "b b")])
+    )
     assert named.kind == "tensors"
-    assert [(s.name, s.pyfunc_name, s.datatype, s.dims) for s in named.inputs] == [("a", "a", "FP64", (3,)), ("input__1", "b b", "INT32", (1,))]
+    assert [(s.name, s.pyfunc_name, s.datatype, s.dims) for s in named.inputs] == [
+        ("a", "a", "FP64", (3,)),
+        ("input__1", "b b", "INT32", (1,)),
+    ]
     assert (named.output.datatype, named.output.dims) == ("FP64", (-1,))  # no output schema
 
 
@@ -76,7 +106,9 @@ def test_tensor_signatures(tmp_path: Path) -> None:
         ([_tensor("float32", [-1]), _tensor("float32", [-1])], "must name each"),
     ],
 )
-def test_unservable_signatures_say_why(tmp_path: Path, inputs: list[dict] | None, problem: str) -> None:
+def test_unservable_signatures_say_why(
+    tmp_path: Path, inputs: list[dict] | None, problem: str
+) -> None:
     with pytest.raises(UnsupportedModel, match=problem):
         read_model_io(_mlmodel(tmp_path, inputs))
 
@@ -90,17 +122,24 @@ def test_not_a_pyfunc_model(tmp_path: Path) -> None:
 
 def test_config_pbtxt_carries_the_triton_settings(tmp_path: Path) -> None:
     io = read_model_io(_mlmodel(tmp_path, [{"type": "double", "name": "x"}] * 4))
-    batched = config_pbtxt("d__v3", io, BatchingSettings(max_batch_size=16, max_queue_delay_us=250, instance_count=2))
+    batched = config_pbtxt(
+        "d__v3", io, BatchingSettings(max_batch_size=16, max_queue_delay_us=250, instance_count=2)
+    )
     assert 'name: "d__v3"' in batched and "max_batch_size: 16" in batched
     assert 'input [ { name: "input", data_type: TYPE_FP64, dims: [ 4 ] } ]' in batched
     assert 'output [ { name: "predictions", data_type: TYPE_FP64, dims: [ -1 ] } ]' in batched
     assert "instance_group [ { kind: KIND_CPU, count: 2 } ]" in batched
     assert "dynamic_batching { max_queue_delay_microseconds: 250 }" in batched
-    plain = config_pbtxt("d__v3", io, BatchingSettings(max_batch_size=16, max_queue_delay_us=0, instance_count=1))
+    plain = config_pbtxt(
+        "d__v3", io, BatchingSettings(max_batch_size=16, max_queue_delay_us=0, instance_count=1)
+    )
     assert "dynamic_batching" not in plain
 
 
-@pytest.mark.parametrize(("deployment", "version"), [("../x", "1"), ("a_b", "1"), ("ok", "1/../2"), ("ok", "../../etc"), ("ok", ""), ("", "1")])
+@pytest.mark.parametrize(
+    ("deployment", "version"),
+    [("../x", "1"), ("a_b", "1"), ("ok", "1/../2"), ("ok", "../../etc"), ("ok", ""), ("", "1")],
+)
 def test_model_names_refuse_anything_but_labels_and_numbers(deployment: str, version: str) -> None:
     with pytest.raises(RepositoryError):
         triton_model_name(deployment, version)
@@ -108,7 +147,9 @@ def test_model_names_refuse_anything_but_labels_and_numbers(deployment: str, ver
 
 def test_repository_paths_stay_inside(tmp_path: Path) -> None:
     repository = ModelRepository(tmp_path / "models")
-    assert repository.model_dir("diabetes__v12") == (tmp_path / "models" / "diabetes__v12").resolve()
+    assert (
+        repository.model_dir("diabetes__v12") == (tmp_path / "models" / "diabetes__v12").resolve()
+    )
     for bad in ("../diabetes__v1", "x/../../y__v1", "diabetes", ".staging", "/etc__v1"):
         with pytest.raises(RepositoryError):
             repository.model_dir(bad)
@@ -119,7 +160,13 @@ def test_repository_paths_stay_inside(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     with pytest.raises(RepositoryError):
-        repository.install("a__v3", outside, outside, ModelIO.from_json(_io_json()), BatchingSettings(max_batch_size=1, max_queue_delay_us=0, instance_count=1))
+        repository.install(
+            "a__v3",
+            outside,
+            outside,
+            ModelIO.from_json(_io_json()),
+            BatchingSettings(max_batch_size=1, max_queue_delay_us=0, instance_count=1),
+        )
 
 
 def _io_json() -> str:
@@ -150,12 +197,23 @@ def test_sources_that_would_read_local_files_are_refused(source: str, problem: s
 
 
 def test_mlflow_sources_pass() -> None:
-    for source in ("models:/m-0123abc", "models:/diabetes/3", "runs:/0a1b/model", "mlflow-artifacts:/1/models/m-1/artifacts"):
+    for source in (
+        "models:/m-0123abc",
+        "models:/diabetes/3",
+        "runs:/0a1b/model",
+        "mlflow-artifacts:/1/models/m-1/artifacts",
+    ):
         check_source(source, ("models", "runs", "mlflow-artifacts"))
 
 
 def _route() -> Route:
-    return Route(deployment="diabetes", version="3", triton_model="diabetes__v3", io=ModelIO.from_json(_io_json()), max_batch_size=4)
+    return Route(
+        deployment="diabetes",
+        version="3",
+        triton_model="diabetes__v3",
+        io=ModelIO.from_json(_io_json()),
+        max_batch_size=4,
+    )
 
 
 def _request(**changes: object) -> kserve.ModelInferRequest:
@@ -204,4 +262,7 @@ def test_appended_fields_win_on_the_wire() -> None:
     assert (relabelled.model_name, relabelled.model_version) == ("diabetes__v3", "1")
     assert relabelled.raw_input_contents == _request().raw_input_contents
     long_name = "d" * 200  # a length that needs a two-byte varint
-    assert kserve.ModelInferResponse.FromString(b"" + model_suffix(long_name, "12")).model_name == long_name
+    assert (
+        kserve.ModelInferResponse.FromString(b"" + model_suffix(long_name, "12")).model_name
+        == long_name
+    )

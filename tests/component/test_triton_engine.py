@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_grpc
-from plinth_common.net import free_tcp_port
 
+from plinth_common.net import free_tcp_port
 from services.serving.triton import TritonProcess, TritonSettings
 
 MODEL = "double"
@@ -251,7 +251,12 @@ OWNER_SCRIPT = textwrap.dedent(
 async def test_triton_dies_with_its_owner(tmp_path: Path) -> None:
     grpc_port, http_port = _two_free_ports()
     owner = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", OWNER_SCRIPT, str(tmp_path), str(grpc_port), str(http_port),
+        sys.executable,
+        "-c",
+        OWNER_SCRIPT,
+        str(tmp_path),
+        str(grpc_port),
+        str(http_port),
         stdout=asyncio.subprocess.PIPE,
     )
     triton_pid = None

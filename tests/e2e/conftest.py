@@ -21,10 +21,16 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def platform(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> AsyncIterator[LocalPlatform]:
+async def platform(
+    tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver
+) -> AsyncIterator[LocalPlatform]:
     config = PlatformConfig.ephemeral(
         tmp_path_factory.mktemp("platform"),
-        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "200"},
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        },
     )
     local = LocalPlatform(config)
     try:

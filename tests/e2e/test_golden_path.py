@@ -30,10 +30,13 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "diabetes-golden"
 
 
-async def test_train_register_promote_deploy_infer(platform: LocalPlatform, receiver: OtlpReceiver) -> None:
+async def test_train_register_promote_deploy_infer(
+    platform: LocalPlatform, receiver: OtlpReceiver
+) -> None:
     plinth = Plinth(platform.address("gateway"), timeout=60)
     nc = await nats.connect(platform.nats_url)
     promoted: list[Msg] = []
+
     async def keep(msg: Msg) -> None:
         promoted.append(msg)
 
@@ -60,14 +63,26 @@ async def test_train_register_promote_deploy_infer(platform: LocalPlatform, rece
         version = await eventually(registered, timeout=60)
         assert version.run_id == done.mlflow_run_id and "rmse" in version.metrics
 
-        await asyncio.to_thread(plinth.deployments.create, MODEL, team="ml", model=MODEL, max_batch_size=16, max_queue_delay_us=500)
+        await asyncio.to_thread(
+            plinth.deployments.create,
+            MODEL,
+            team="ml",
+            model=MODEL,
+            max_batch_size=16,
+            max_queue_delay_us=500,
+        )
         await asyncio.to_thread(plinth.models.promote, MODEL, version.version)
-        deployment = await asyncio.to_thread(plinth.deployments.wait_ready, MODEL, 180, version=version.version)
+        deployment = await asyncio.to_thread(
+            plinth.deployments.wait_ready, MODEL, 180, version=version.version
+        )
         assert deployment.serving_version == version.version
 
         rows = load_diabetes(as_frame=True).data.iloc[:7]
         mlflow.set_tracking_uri(platform.mlflow_url)
-        expected = np.asarray((await asyncio.to_thread(mlflow.pyfunc.load_model, version.source)).predict(rows), dtype=np.float64).reshape(-1)
+        expected = np.asarray(
+            (await asyncio.to_thread(mlflow.pyfunc.load_model, version.source)).predict(rows),
+            dtype=np.float64,
+        ).reshape(-1)
 
         client = triton_grpc.InferenceServerClient(url=platform.address("gateway"))
         assert client.is_server_live() and client.is_model_ready(MODEL)
@@ -76,15 +91,34 @@ async def test_train_register_promote_deploy_infer(platform: LocalPlatform, rece
         result = await asyncio.to_thread(client.infer, MODEL, [tensor])
         assert np.allclose(result.as_numpy("predictions").reshape(-1), expected)
 
-        body = json.dumps({"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP64", "data": rows.to_numpy().tolist()}]}).encode()
-        request = urllib.request.Request(f"{platform.http_url}/v2/models/{MODEL}/infer", data=body, headers={"Content-Type": "application/json"})
-        reply = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=30).read()))
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": list(rows.shape),
+                        "datatype": "FP64",
+                        "data": rows.to_numpy().tolist(),
+                    }
+                ]
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{platform.http_url}/v2/models/{MODEL}/infer",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        reply = json.loads(
+            await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=30).read())
+        )
         assert np.allclose(np.asarray(reply["outputs"][0]["data"], dtype=np.float64), expected)
 
         await eventually(lambda: _ready(bool(promoted)), timeout=10)
         headers = promoted[-1].headers or {}
         assert headers["ce-type"] == "plinth.model.promoted" and headers["ce-specversion"] == "1.0"
-        assert headers["ce-id"] == headers["Nats-Msg-Id"] and headers["traceparent"].startswith("00-")
+        assert headers["ce-id"] == headers["Nats-Msg-Id"] and headers["traceparent"].startswith(
+            "00-"
+        )
         assert headers["ce-dataschema"] == "plinth.events.v1.ModelPromoted"
     finally:
         await nc.close()
@@ -93,13 +127,22 @@ async def test_train_register_promote_deploy_infer(platform: LocalPlatform, rece
     async def registration_in_job_trace() -> list[ReceivedSpan]:
         spans = spans_in_trace_of(receiver, "plinth-scheduler", "job train-golden")
         names = {(s.service, s.name) for s in spans}
-        wanted = {("plinth-gateway", "/plinth.scheduler.v1.SchedulerService/SubmitJob"), ("plinth-registry", "plinth.job.finished process"), ("plinth-registry", "plinth.model.version_created publish")}
+        wanted = {
+            ("plinth-gateway", "/plinth.scheduler.v1.SchedulerService/SubmitJob"),
+            ("plinth-registry", "plinth.job.finished process"),
+            ("plinth-registry", "plinth.model.version_created publish"),
+        }
         return spans if wanted <= names else []
 
     async def deployment_in_promotion_trace() -> list[ReceivedSpan]:
         spans = spans_in_trace_of(receiver, "plinth-serving", f"deployment {MODEL} rollout")
         names = {(s.service, s.name) for s in spans}
-        wanted = {("plinth-gateway", "/plinth.registry.v1.RegistryService/SetAlias"), ("plinth-registry", "plinth.model.promoted publish"), ("plinth-serving", "plinth.model.promoted process"), ("plinth-serving", "plinth.deployment.ready publish")}
+        wanted = {
+            ("plinth-gateway", "/plinth.registry.v1.RegistryService/SetAlias"),
+            ("plinth-registry", "plinth.model.promoted publish"),
+            ("plinth-serving", "plinth.model.promoted process"),
+            ("plinth-serving", "plinth.deployment.ready publish"),
+        }
         return spans if wanted <= names else []
 
     await eventually(registration_in_job_trace, timeout=20)
@@ -112,19 +155,35 @@ async def test_unknown_deployment_and_bad_tensor_are_clear_errors(platform: Loca
     tensor.set_data_from_numpy(np.zeros((1, 10)))
     with pytest.raises(Exception) as caught:
         await asyncio.to_thread(client.infer, "no-such-deployment", [tensor])
-    assert "no-such-deployment" in str(caught.value) and "NOT_FOUND" in str(caught.value).upper().replace(" ", "_")
+    assert "no-such-deployment" in str(caught.value) and "NOT_FOUND" in str(
+        caught.value
+    ).upper().replace(" ", "_")
 
 
 async def test_features_online_through_the_gateway(platform: LocalPlatform) -> None:
     plinth = Plinth(platform.address("gateway"), timeout=120)
     try:
         data_dir = platform.config.data_dir / "feast" / "data"
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "examples.feature_repo.generate_data", str(data_dir), cwd=str(REPO))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "examples.feature_repo.generate_data",
+            str(data_dir),
+            cwd=str(REPO),
+        )
         assert await proc.wait() == 0
         applied = await asyncio.to_thread(plinth.features.apply, REPO / "examples" / "feature_repo")
         assert applied
-        await asyncio.to_thread(plinth.features.materialize, pd.Timestamp("2000-01-01", tz="UTC").to_pydatetime(), pd.Timestamp.now(tz="UTC").to_pydatetime())
-        rows = await asyncio.to_thread(plinth.features.online, ["driver_hourly_stats:conv_rate"], [{"driver_id": 1001}, {"driver_id": 999999}])
+        await asyncio.to_thread(
+            plinth.features.materialize,
+            pd.Timestamp("2000-01-01", tz="UTC").to_pydatetime(),
+            pd.Timestamp.now(tz="UTC").to_pydatetime(),
+        )
+        rows = await asyncio.to_thread(
+            plinth.features.online,
+            ["driver_hourly_stats:conv_rate"],
+            [{"driver_id": 1001}, {"driver_id": 999999}],
+        )
         assert len(rows) == 2
     finally:
         plinth.close()

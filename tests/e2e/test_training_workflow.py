@@ -30,15 +30,21 @@ async def test_every_service_reports_serving_through_health(platform: LocalPlatf
 
     for service in platform.config.services:
         async with grpc.aio.insecure_channel(platform.address(service)) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="")
+            )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
-async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(platform: LocalPlatform, receiver: OtlpReceiver) -> None:
+async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(
+    platform: LocalPlatform, receiver: OtlpReceiver
+) -> None:
     async with grpc.aio.insecure_channel(platform.address("gateway")) as channel:
         jobs = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         events = gateway_pb2_grpc.EventServiceStub(channel)
-        watch = events.WatchEvents(gateway_pb2.WatchEventsRequest(types=["job.started", "job.finished"], team="ml"))
+        watch = events.WatchEvents(
+            gateway_pb2.WatchEventsRequest(types=["job.started", "job.finished"], team="ml")
+        )
         seen: list[gateway_pb2.Event] = []
 
         async def collect() -> None:
@@ -57,18 +63,25 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(platform
         job = (await jobs.SubmitJob(pb.SubmitJobRequest(spec=spec))).job
 
         async def finished() -> gateway_pb2.Event | None:
-            return next((e for e in seen if e.subject == job.id and e.type == "plinth.job.finished"), None)
+            return next(
+                (e for e in seen if e.subject == job.id and e.type == "plinth.job.finished"), None
+            )
 
         event = await eventually(finished, timeout=120)
         collector.cancel()
         done = await jobs.GetJob(pb.GetJobRequest(job_id=job.id))
-        logs = b"".join([c.data async for c in jobs.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id))])
+        logs = b"".join(
+            [c.data async for c in jobs.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id))]
+        )
 
     payload = events_pb2.JobFinished.FromString(event.data)
     assert payload.status == events_pb2.JOB_OUTCOME_SUCCEEDED, logs.decode(errors="replace")[-2000:]
     assert payload.mlflow_run_id and payload.mlflow_run_id == done.mlflow_run_id
     assert payload.register_as == "diabetes" and payload.duration_seconds > 0
-    assert [e.type for e in seen if e.subject == job.id] == ["plinth.job.started", "plinth.job.finished"]
+    assert [e.type for e in seen if e.subject == job.id] == [
+        "plinth.job.started",
+        "plinth.job.finished",
+    ]
 
     client = mlflow.MlflowClient(tracking_uri=platform.mlflow_url)
     run = await asyncio.to_thread(client.get_run, payload.mlflow_run_id)
@@ -94,25 +107,54 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(platform
     assert len({s.trace_id for s in spans}) == 1
 
 
-def _plinth(platform: LocalPlatform, *args: str) -> "subprocess.CompletedProcess[str]":
+def _plinth(platform: LocalPlatform, *args: str) -> subprocess.CompletedProcess[str]:
     import os
     import subprocess
 
     env = {**os.environ, "PLINTH_GATEWAY": platform.address("gateway")}
-    return subprocess.run([str(Path(sys.executable).with_name("plinth")), *args], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("plinth")), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 async def test_cli_submits_follows_and_reports_errors_in_one_line(platform: LocalPlatform) -> None:
     import json
 
-    submitted = await asyncio.to_thread(_plinth, platform, "jobs", "submit", "--name", "cli-job", "--team", "cli", "--", "python", "-c", "print('from the cli')")
+    submitted = await asyncio.to_thread(
+        _plinth,
+        platform,
+        "jobs",
+        "submit",
+        "--name",
+        "cli-job",
+        "--team",
+        "cli",
+        "--",
+        "python",
+        "-c",
+        "print('from the cli')",
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     logs = await asyncio.to_thread(_plinth, platform, "jobs", "logs", job_id, "--follow")
     assert "from the cli" in logs.stdout
-    listed = await asyncio.to_thread(_plinth, platform, "jobs", "list", "--team", "cli", "-o", "json")
+    listed = await asyncio.to_thread(
+        _plinth, platform, "jobs", "list", "--team", "cli", "-o", "json"
+    )
     assert [j["id"] for j in json.loads(listed.stdout)] == [job_id]
     missing = await asyncio.to_thread(_plinth, platform, "jobs", "get", "j-nothere")
-    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "NOT_FOUND" in missing.stderr and "j-nothere" in missing.stderr
-    bad = await asyncio.to_thread(_plinth, platform, "jobs", "submit", "--name", "Bad Name", "--team", "cli", "--", "true")
+    assert (
+        missing.returncode == 1
+        and missing.stderr.count("\n") == 1
+        and "NOT_FOUND" in missing.stderr
+        and "j-nothere" in missing.stderr
+    )
+    bad = await asyncio.to_thread(
+        _plinth, platform, "jobs", "submit", "--name", "Bad Name", "--team", "cli", "--", "true"
+    )
     assert bad.returncode == 1 and "spec.name" in bad.stderr and "Traceback" not in bad.stderr

@@ -29,7 +29,9 @@ async def postgres_database() -> AsyncIterator[str]:
     admin = await asyncpg.connect(dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield admin_url.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
+        yield admin_url.set(drivername="postgresql+asyncpg", database=name).render_as_string(
+            hide_password=False
+        )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()

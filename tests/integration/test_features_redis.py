@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,11 @@ from tests.helpers import service_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-STATS = ["driver_hourly_stats:conv_rate", "driver_hourly_stats:acc_rate", "driver_hourly_stats:avg_daily_trips"]
+STATS = [
+    "driver_hourly_stats:conv_rate",
+    "driver_hourly_stats:acc_rate",
+    "driver_hourly_stats:avg_daily_trips",
+]
 FRESH = ["driver_hourly_stats_fresh:conv_rate", "driver_hourly_stats_fresh:avg_daily_trips"]
 
 
@@ -38,7 +42,10 @@ def _redis_url() -> str:
 
 
 def rows(*driver_ids: int) -> list[struct_pb2.Struct]:
-    return [struct_pb2.Struct(fields={"driver_id": struct_pb2.Value(number_value=d)}) for d in driver_ids]
+    return [
+        struct_pb2.Struct(fields={"driver_id": struct_pb2.Value(number_value=d)})
+        for d in driver_ids
+    ]
 
 
 def plain(value: struct_pb2.Value) -> Any:
@@ -47,10 +54,14 @@ def plain(value: struct_pb2.Value) -> Any:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def redis_features(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tuple[FeaturesApp, features_pb2_grpc.FeaturesServiceStub]]:
+async def redis_features(
+    tmp_path: Path, nats_server: NatsServer
+) -> AsyncIterator[tuple[FeaturesApp, features_pb2_grpc.FeaturesServiceStub]]:
     url = _redis_url()
     project = f"plinth_it_{uuid.uuid4().hex[:10]}"
-    env = service_env(tmp_path / "data", nats_server.url, PLINTH_FEAST_REDIS_URL=url, PLINTH_FEAST_PROJECT=project)
+    env = service_env(
+        tmp_path / "data", nats_server.url, PLINTH_FEAST_REDIS_URL=url, PLINTH_FEAST_PROJECT=project
+    )
     app = FeaturesApp(FeaturesSettings.from_env(env))
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
@@ -72,7 +83,9 @@ async def redis_features(tmp_path: Path, nats_server: NatsServer) -> AsyncIterat
             await client.aclose()
 
 
-async def test_apply_materialize_and_read_online_from_redis(redis_features: tuple[FeaturesApp, features_pb2_grpc.FeaturesServiceStub]) -> None:
+async def test_apply_materialize_and_read_online_from_redis(
+    redis_features: tuple[FeaturesApp, features_pb2_grpc.FeaturesServiceStub],
+) -> None:
     app, stub = redis_features
     assert app.feast.store.config.online_store.type == "redis"
     assert await app.feast.is_ready()
@@ -81,19 +94,34 @@ async def test_apply_materialize_and_read_online_from_redis(redis_features: tupl
     assert "driver_hourly_stats" in applied.feature_views
 
     request = pb.MaterializeRequest(feature_views=["driver_hourly_stats"])
-    request.start_time.FromDatetime(datetime(2023, 12, 1, tzinfo=timezone.utc))
-    request.end_time.FromDatetime(datetime(2024, 2, 1, tzinfo=timezone.utc))
+    request.start_time.FromDatetime(datetime(2023, 12, 1, tzinfo=UTC))
+    request.end_time.FromDatetime(datetime(2024, 2, 1, tzinfo=UTC))
     await stub.Materialize(request)
 
     ids = [1001, 1010, 5, 1001]
-    response = await stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=STATS, entity_rows=rows(*ids)))
-    reference = app.feast.store.get_online_features(STATS, [{"driver_id": i} for i in ids]).to_dict()
+    response = await stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=STATS, entity_rows=rows(*ids))
+    )
+    reference = app.feast.store.get_online_features(
+        STATS, [{"driver_id": i} for i in ids]
+    ).to_dict()
     for column in response.columns:
         assert [plain(v) for v in column.values] == reference[column.name.split(":")[1]]
-        assert list(column.statuses) == [pb.FIELD_STATUS_PRESENT, pb.FIELD_STATUS_PRESENT, pb.FIELD_STATUS_NOT_FOUND, pb.FIELD_STATUS_PRESENT]
+        assert list(column.statuses) == [
+            pb.FIELD_STATUS_PRESENT,
+            pb.FIELD_STATUS_PRESENT,
+            pb.FIELD_STATUS_NOT_FOUND,
+            pb.FIELD_STATUS_PRESENT,
+        ]
 
     row = struct_pb2.Struct()
     row.update({"driver_id": 1002, "conv_rate": 0.5, "acc_rate": 0.5, "avg_daily_trips": 9})
-    assert (await stub.PushFeatures(pb.PushFeaturesRequest(push_source="driver_stats_push_source", rows=[row]))).rows == 1
-    fresh = await stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=FRESH, entity_rows=rows(1002)))
+    assert (
+        await stub.PushFeatures(
+            pb.PushFeaturesRequest(push_source="driver_stats_push_source", rows=[row])
+        )
+    ).rows == 1
+    fresh = await stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=FRESH, entity_rows=rows(1002))
+    )
     assert [plain(c.values[0]) for c in fresh.columns] == [0.5, 9]

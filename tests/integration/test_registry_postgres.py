@@ -40,10 +40,14 @@ async def mlflow_database(postgres_database: str) -> AsyncIterator[str]:
 
     admin_url = make_url(os.environ["PLINTH_TEST_POSTGRES_URL"])
     name = f"plinth_mlflow_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(admin_url.set(drivername="postgresql").render_as_string(hide_password=False))
+    admin = await asyncpg.connect(
+        admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    )
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield admin_url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
+        yield admin_url.set(drivername="postgresql", database=name).render_as_string(
+            hide_password=False
+        )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -57,18 +61,31 @@ def model_dir(tmp_path: Path) -> Path:
 
     x = np.arange(30, dtype=float).reshape(10, 3)
     path = tmp_path / "model"
-    mlflow.sklearn.save_model(Ridge().fit(x, x.sum(axis=1)), str(path), serialization_format="cloudpickle", pip_requirements=["scikit-learn"])
+    mlflow.sklearn.save_model(
+        Ridge().fit(x, x.sum(axis=1)),
+        str(path),
+        serialization_format="cloudpickle",
+        pip_requirements=["scikit-learn"],
+    )
     return path
 
 
 async def test_registry_registers_and_promotes_on_postgres(
-    tmp_path: Path, nats_server: NatsServer, postgres_database: str, mlflow_database: str, model_dir: Path
+    tmp_path: Path,
+    nats_server: NatsServer,
+    postgres_database: str,
+    mlflow_database: str,
+    model_dir: Path,
 ) -> None:
     from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
 
     skip_feast_mlflow_header_provider()
     server = MlflowServer(
-        MlflowSettings(backend_store_uri=mlflow_database, artifacts_destination=str(tmp_path / "artifacts"), port=free_tcp_port()),
+        MlflowSettings(
+            backend_store_uri=mlflow_database,
+            artifacts_destination=str(tmp_path / "artifacts"),
+            port=free_tcp_port(),
+        ),
         log_path=tmp_path / "mlflow-server.log",
     )
     env = service_env(
@@ -90,7 +107,10 @@ async def test_registry_registers_and_promotes_on_postgres(
         good = await asyncio.to_thread(trainer.train, {"rmse": 51.0})
         bad = await asyncio.to_thread(trainer.train, {"rmse": 70.0})
         name = f"pg-{uuid.uuid4().hex[:8]}"
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel, EventRecorder(nats_server.url) as recorder:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+            EventRecorder(nats_server.url) as recorder,
+        ):
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             job = finished(name, good)
             event = new_event(job, source="/plinth/scheduler", subject=job.job_id, team=job.team)
@@ -98,37 +118,76 @@ async def test_registry_registers_and_promotes_on_postgres(
 
             async def first_version() -> pb.ModelVersion | None:
                 try:
-                    return await stub.GetModelVersion(pb.GetModelVersionRequest(name=name, version="1"))
+                    return await stub.GetModelVersion(
+                        pb.GetModelVersionRequest(name=name, version="1")
+                    )
                 except grpc.aio.AioRpcError:
                     return None
 
             v1 = await eventually(first_version, timeout=60)
             assert v1 is not None
-            assert v1.tags["plinth.job_id"] == job.job_id and v1.metrics["rmse"] == 51.0 and v1.team == "ml"
-            v2 = await stub.CreateModelVersion(pb.CreateModelVersionRequest(name=name, team="ml", run_id=bad))
+            assert (
+                v1.tags["plinth.job_id"] == job.job_id
+                and v1.metrics["rmse"] == 51.0
+                and v1.team == "ml"
+            )
+            v2 = await stub.CreateModelVersion(
+                pb.CreateModelVersionRequest(name=name, team="ml", run_id=bad)
+            )
             assert v2.version == "2"
 
             policy = pb.PromotionPolicy(rules=[pb.PolicyRule(metric="rmse", op="<", threshold=60)])
             await stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=policy))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.SetAlias(pb.SetAliasRequest(name=name, alias="production", version="2"))
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rmse = 70" in refused.value.details()
-            promoted = await stub.SetAlias(pb.SetAliasRequest(name=name, alias="production", version="1"))
-            assert promoted.previous_version == "" and list(promoted.version.aliases) == ["production"]
-            by_alias = await stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=name, alias="production"))
+            assert (
+                refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                and "rmse = 70" in refused.value.details()
+            )
+            promoted = await stub.SetAlias(
+                pb.SetAliasRequest(name=name, alias="production", version="1")
+            )
+            assert promoted.previous_version == "" and list(promoted.version.aliases) == [
+                "production"
+            ]
+            by_alias = await stub.GetModelVersionByAlias(
+                pb.GetModelVersionByAliasRequest(name=name, alias="production")
+            )
             assert by_alias.version == "1" and by_alias.source == v1.source
             found = await stub.SearchModels(pb.SearchModelsRequest(name_prefix="pg-", team="ml"))
             assert name in [m.name for m in found.models]
 
             def types() -> list[str]:
-                return [m.subject for m in recorder.messages if (m.headers or {}).get("ce-subject") == name]
+                return [
+                    m.subject
+                    for m in recorder.messages
+                    if (m.headers or {}).get("ce-subject") == name
+                ]
 
-            await eventually(lambda: _async(types() == ["plinth.model.version_created"] * 2 + ["plinth.model.promoted"]))
-            promotion = next(m for m in recorder.messages if m.subject == "plinth.model.promoted" and (m.headers or {}).get("ce-subject") == name)
+            await eventually(
+                lambda: _async(
+                    types() == ["plinth.model.version_created"] * 2 + ["plinth.model.promoted"]
+                )
+            )
+            promotion = next(
+                m
+                for m in recorder.messages
+                if m.subject == "plinth.model.promoted"
+                and (m.headers or {}).get("ce-subject") == name
+            )
             payload = events_pb2.ModelPromoted.FromString(promotion.data)
-            assert (payload.version, payload.previous_version, payload.source, payload.run_id) == ("1", "", v1.source, good)
+            assert (payload.version, payload.previous_version, payload.source, payload.run_id) == (
+                "1",
+                "",
+                v1.source,
+                good,
+            )
         async with app.runtime.db.read() as session:
-            unpublished = (await session.execute(sa.select(sa.func.count()).where(outbox_table.c.published_at.is_(None)))).scalar_one()
+            unpublished = (
+                await session.execute(
+                    sa.select(sa.func.count()).where(outbox_table.c.published_at.is_(None))
+                )
+            ).scalar_one()
         assert unpublished == 0
     finally:
         await bus.stop()

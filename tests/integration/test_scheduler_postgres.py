@@ -19,14 +19,27 @@ from tests.helpers import EventRecorder, eventually, service_env
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
-async def test_scheduler_runs_jobs_on_postgres(tmp_path: Path, nats_server: NatsServer, postgres_database: str) -> None:
+async def test_scheduler_runs_jobs_on_postgres(
+    tmp_path: Path, nats_server: NatsServer, postgres_database: str
+) -> None:
     env = service_env(tmp_path, nats_server.url, PLINTH_SCHEDULER_DATABASE_URL=postgres_database)
     app = SchedulerApp(SchedulerSettings.from_env(env))
     await app.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel, EventRecorder(nats_server.url) as recorder:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+            EventRecorder(nats_server.url) as recorder,
+        ):
             stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-            job = (await stub.SubmitJob(pb.SubmitJobRequest(spec=pb.JobSpec(name="pg", team="ml", entrypoint=[sys.executable, "-c", "print(1)"])))).job
+            job = (
+                await stub.SubmitJob(
+                    pb.SubmitJobRequest(
+                        spec=pb.JobSpec(
+                            name="pg", team="ml", entrypoint=[sys.executable, "-c", "print(1)"]
+                        )
+                    )
+                )
+            ).job
 
             async def done() -> pb.Job | None:
                 got = await stub.GetJob(pb.GetJobRequest(job_id=job.id))
@@ -41,7 +54,11 @@ async def test_scheduler_runs_jobs_on_postgres(tmp_path: Path, nats_server: Nats
             listed = await stub.ListJobs(pb.ListJobsRequest(team="ml"))
             assert [j.id for j in listed.jobs] == [job.id]
         async with app.runtime.db.read() as session:
-            unpublished = (await session.execute(sa.select(sa.func.count()).where(outbox_table.c.published_at.is_(None)))).scalar_one()
+            unpublished = (
+                await session.execute(
+                    sa.select(sa.func.count()).where(outbox_table.c.published_at.is_(None))
+                )
+            ).scalar_one()
         assert unpublished == 0
     finally:
         await app.stop()

@@ -11,7 +11,13 @@ from services.gateway.kserve_json import infer_request_from_json, infer_response
 
 
 def test_request_tensors_become_raw_contents() -> None:
-    body = {"id": "7", "inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[1, 2, 3], [4, 5, 6]]}], "outputs": [{"name": "y"}]}
+    body = {
+        "id": "7",
+        "inputs": [
+            {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[1, 2, 3], [4, 5, 6]]}
+        ],
+        "outputs": [{"name": "y"}],
+    }
     request = infer_request_from_json("diabetes", body)
     assert request.model_name == "diabetes" and request.id == "7"
     assert list(request.inputs[0].shape) == [2, 3] and request.inputs[0].datatype == "FP32"
@@ -24,10 +30,22 @@ def test_request_tensors_become_raw_contents() -> None:
     [
         ({}, "inputs"),
         ({"inputs": [{"shape": [1], "datatype": "FP32", "data": [1]}]}, "inputs[0].name"),
-        ({"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]}, "inputs[0].shape"),
-        ({"inputs": [{"name": "x", "shape": [1], "datatype": "FLOAT", "data": [1]}]}, "inputs[0].datatype"),
-        ({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]}, "inputs[0].data"),
-        ({"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": ["a"]}]}, "inputs[0].data"),
+        (
+            {"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]},
+            "inputs[0].shape",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "FLOAT", "data": [1]}]},
+            "inputs[0].datatype",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]},
+            "inputs[0].data",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": ["a"]}]},
+            "inputs[0].data",
+        ),
     ],
 )
 def test_bad_bodies_name_the_field(body: dict, field: str) -> None:  # type: ignore[type-arg]
@@ -38,7 +56,11 @@ def test_bad_bodies_name_the_field(body: dict, field: str) -> None:  # type: ign
 
 def test_response_raw_contents_become_json_data() -> None:
     response = inference_pb2.ModelInferResponse(model_name="diabetes", model_version="3")
-    response.outputs.append(inference_pb2.ModelInferResponse.InferOutputTensor(name="predictions", datatype="FP64", shape=[2]))
+    response.outputs.append(
+        inference_pb2.ModelInferResponse.InferOutputTensor(
+            name="predictions", datatype="FP64", shape=[2]
+        )
+    )
     response.raw_output_contents.append(np.array([1.5, 2.5]).tobytes())
     assert infer_response_to_json(response) == {
         "model_name": "diabetes",

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -20,7 +20,7 @@ from plinth.scheduler.v1 import scheduler_pb2_grpc
 from plinth_sdk import Job, JobState, NotFound, Plinth, Unavailable, cli, parse_memory
 from plinth_sdk.job_context import record_output
 
-CREATED = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+CREATED = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def _ts(when: datetime) -> Timestamp:

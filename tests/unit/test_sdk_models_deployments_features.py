@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -40,7 +40,7 @@ from plinth_sdk import (
 )
 from plinth_sdk.inference import build_infer_request, decode_infer_response
 
-CREATED = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+CREATED = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def _ts(when: datetime) -> Timestamp:
@@ -64,8 +64,13 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         )
         self.versions[name] = [
             rpb.ModelVersion(
-                name=name, version=v, team=team, run_id=f"run-{v}", status="READY",
-                metrics={"rmse": 50.0 + int(v), "r2": 0.45}, tags={"plinth.job_id": f"j-{v}"},
+                name=name,
+                version=v,
+                team=team,
+                run_id=f"run-{v}",
+                status="READY",
+                metrics={"rmse": 50.0 + int(v), "r2": 0.45},
+                tags={"plinth.job_id": f"j-{v}"},
                 created_at=_ts(CREATED),
             )  # fmt: skip
             for v in reversed(versions)  # newest first
@@ -182,9 +187,7 @@ class FakeServing(serving_pb2_grpc.ServingServiceServicer):
         self, request: spb.ListDeploymentsRequest, context: grpc.ServicerContext
     ) -> spb.ListDeploymentsResponse:
         self.requests.append(request)
-        found = [
-            d for d in self.deployments.values() if not request.team or d.team == request.team
-        ]
+        found = [d for d in self.deployments.values() if not request.team or d.team == request.team]
         return spb.ListDeploymentsResponse(deployments=found)
 
     def DeleteDeployment(
@@ -709,18 +712,14 @@ def test_sdk_infer_round_trip(gateway: FakeGateway) -> None:
 
     assert outputs["predictions"].shape == (2, 1)
     assert outputs["predictions"].ravel().tolist() == [6.0, 1.5]
-    assert [(t.name, t.datatype, t.shape) for t in metadata.inputs] == [
-        ("input", "FP64", (-1, 3))
-    ]
+    assert [(t.name, t.datatype, t.shape) for t in metadata.inputs] == [("input", "FP64", (-1, 3))]
     assert caught.value.message == "inputs.input: datatype 'FP32', expected FP64"
 
 
 def test_cli_infer_json_array_and_comma_row(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = gateway.run(
-        "infer", "diabetes", "--input", "input=[[1,2,3],[4,5,6]]", "--dtype", "fp64"
-    )
+    code = gateway.run("infer", "diabetes", "--input", "input=[[1,2,3],[4,5,6]]", "--dtype", "fp64")
 
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
@@ -734,9 +733,7 @@ def test_cli_infer_json_array_and_comma_row(
     result = json.loads(capsys.readouterr().out)
     assert result == {
         "model_name": "diabetes",
-        "outputs": [
-            {"name": "predictions", "datatype": "FP64", "shape": [1, 1], "data": [[3.5]]}
-        ],
+        "outputs": [{"name": "predictions", "datatype": "FP64", "shape": [1, 1], "data": [[3.5]]}],
     }
     request = gateway.inference.requests[-1]
     assert list(request.inputs[0].shape) == [1, 3]
@@ -848,9 +845,9 @@ def test_features_materialize_range_and_incremental(
     assert code == 0
     request = gateway.features.requests[-1]
     assert isinstance(request, fpb.MaterializeRequest)
-    assert request.start_time.ToDatetime(timezone.utc) == datetime(2025, 3, 1, tzinfo=timezone.utc)
-    assert request.end_time.ToDatetime(timezone.utc) == datetime(
-        2025, 3, 1, 23, tzinfo=timezone.utc
+    assert request.start_time.ToDatetime(UTC) == datetime(2025, 3, 1, tzinfo=UTC)
+    assert request.end_time.ToDatetime(UTC) == datetime(
+        2025, 3, 1, 23, tzinfo=UTC
     )
     assert list(request.feature_views) == ["driver_stats"]
     assert json.loads(capsys.readouterr().out) == {
@@ -860,11 +857,11 @@ def test_features_materialize_range_and_incremental(
         "end_time": "2025-03-01T23:00:00+00:00",
     }
 
-    before = datetime.now(timezone.utc).replace(microsecond=0)
+    before = datetime.now(UTC).replace(microsecond=0)
     assert gateway.run("features", "materialize") == 0
     request = gateway.features.requests[-1]
     assert isinstance(request, fpb.MaterializeIncrementalRequest)
-    assert request.end_time.ToDatetime(timezone.utc) >= before
+    assert request.end_time.ToDatetime(UTC) >= before
     assert "DURATION       0.50s" in capsys.readouterr().out.splitlines()
 
     assert gateway.run("features", "materialize", "--start", "yesterday") == 2

@@ -74,7 +74,10 @@ class EventBus:
                 self._js = self._nc.jetstream(timeout=5)
                 await self.ensure_streams()
                 self._ready.set()
-                log.info("connected to NATS at %s", self._nc.connected_url.netloc if self._nc.connected_url else "?")
+                log.info(
+                    "connected to NATS at %s",
+                    self._nc.connected_url.netloc if self._nc.connected_url else "?",
+                )
                 return
             except Exception as exc:  # noqa: BLE001 - keep trying whatever the failure
                 log.warning("NATS not reachable (%s); retrying in %.1fs", exc, delay)
@@ -86,7 +89,10 @@ class EventBus:
     async def ensure_streams(self) -> None:
         """Creates or updates the events stream and the dead-letter stream (idempotent)."""
         js = self.js
-        for name, subjects in ((EVENTS_STREAM, [EVENTS_SUBJECTS]), (DEAD_LETTER_STREAM, [DEAD_LETTER_PREFIX + ">"])):
+        for name, subjects in (
+            (EVENTS_STREAM, [EVENTS_SUBJECTS]),
+            (DEAD_LETTER_STREAM, [DEAD_LETTER_PREFIX + ">"]),
+        ):
             config = StreamConfig(
                 name=name,
                 subjects=subjects,

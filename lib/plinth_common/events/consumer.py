@@ -17,11 +17,10 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import nats.errors
 import nats.js.errors
-import sqlalchemy as sa
 from google.protobuf.message import Message
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -33,8 +32,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth_common.db import Database
-from plinth_common.events.bus import DEAD_LETTER_PREFIX, EVENTS_STREAM, EventBus
 from plinth_common.errors import PlinthError, Unavailable
+from plinth_common.events.bus import DEAD_LETTER_PREFIX, EVENTS_STREAM, EventBus
 from plinth_common.events.envelope import CloudEvent, MalformedEvent
 from plinth_common.events.tracing import extract
 
@@ -80,7 +79,14 @@ class EventConsumer:
         handler: ``async (session, event, payload) -> None``; raising means "retry".
     """
 
-    def __init__(self, bus: EventBus, db: Database, processed: Table, settings: ConsumerSettings, handler: Handler) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        db: Database,
+        processed: Table,
+        settings: ConsumerSettings,
+        handler: Handler,
+    ) -> None:
         self._bus = bus
         self._db = db
         self._processed = processed
@@ -130,7 +136,9 @@ class EventConsumer:
             try:
                 if self._subscription is None:
                     await self._ensure_consumer()
-                    self._subscription = await self._bus.js.pull_subscribe_bind(durable=self.settings.durable, stream=EVENTS_STREAM)
+                    self._subscription = await self._bus.js.pull_subscribe_bind(
+                        durable=self.settings.durable, stream=EVENTS_STREAM
+                    )
                 try:
                     messages = await self._subscription.fetch(self.settings.batch, timeout=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
@@ -139,7 +147,10 @@ class EventConsumer:
             except asyncio.CancelledError:
                 raise
             except nats.js.errors.NotFoundError:
-                log.warning("consumer %s vanished (server restarted without its state?); recreating", self.settings.durable)
+                log.warning(
+                    "consumer %s vanished (server restarted without its state?); recreating",
+                    self.settings.durable,
+                )
                 self._subscription = None
                 await asyncio.sleep(0.5)
             except Exception as exc:  # noqa: BLE001 - NATS down, reconnecting: try again
@@ -182,7 +193,7 @@ class EventConsumer:
         for msg, _, _ in items:
             await msg.ack()
 
-    def _span(self, msg: Msg) -> "AbstractContextManager[Span]":
+    def _span(self, msg: Msg) -> AbstractContextManager[Span]:
         headers = msg.headers or {}
         return tracer.start_as_current_span(
             f"{msg.subject} process",
@@ -199,10 +210,17 @@ class EventConsumer:
 
     async def _first_times(self, session: AsyncSession, event_ids: Sequence[str]) -> set[str]:
         """Records the ids in one INSERT .. ON CONFLICT DO NOTHING RETURNING; returns those that were new."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         dialect = sqlite if self._db.is_sqlite else postgresql
-        statement = dialect.insert(self._processed).on_conflict_do_nothing().returning(self._processed.c.event_id)
-        rows = [{"consumer": self.settings.durable, "event_id": event_id, "processed_at": now} for event_id in event_ids]
+        statement = (
+            dialect.insert(self._processed)
+            .on_conflict_do_nothing()
+            .returning(self._processed.c.event_id)
+        )
+        rows = [
+            {"consumer": self.settings.durable, "event_id": event_id, "processed_at": now}
+            for event_id in event_ids
+        ]
         return set((await session.execute(statement, rows)).scalars())
 
     async def _process(self, msg: Msg) -> None:

@@ -7,12 +7,13 @@ catalog below maps each to its payload message in ``proto/plinth/events/v1``.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Mapping
+from datetime import UTC, datetime
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+
 from plinth.events.v1 import events_pb2
 
 SPEC_VERSION = "1.0"
@@ -93,7 +94,7 @@ class CloudEvent:
         return headers
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str] | None, data: bytes) -> "CloudEvent":
+    def from_headers(cls, headers: Mapping[str, str] | None, data: bytes) -> CloudEvent:
         """Parses a NATS message's headers and body.
 
         Raises:
@@ -110,7 +111,8 @@ class CloudEvent:
         extensions = {
             key[3:] if key.startswith("ce-") else key: value
             for key, value in headers.items()
-            if (key.startswith("ce-") and key[3:] not in _CORE) or key in ("traceparent", "tracestate")
+            if (key.startswith("ce-") and key[3:] not in _CORE)
+            or key in ("traceparent", "tracestate")
         }
         return cls(
             id=headers["ce-id"],
@@ -161,7 +163,11 @@ def new_event(
     extensions: Mapping[str, str] | None = None,
 ) -> CloudEvent:
     """Builds a fresh event (new id, current time) for ``message``."""
-    data = message_json(message).encode() if content_type.startswith(JSON) else message.SerializeToString()
+    data = (
+        message_json(message).encode()
+        if content_type.startswith(JSON)
+        else message.SerializeToString()
+    )
     ext = dict(extensions or {})
     if team:
         ext["team"] = team
@@ -170,7 +176,7 @@ def new_event(
         type=event_type_of(message),
         source=source,
         subject=subject,
-        time=datetime.now(timezone.utc),
+        time=datetime.now(UTC),
         data=data,
         content_type=content_type,
         extensions=ext,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf.message import Message
@@ -43,7 +44,9 @@ class Outbox:
         self._source = source
         self._content_type = content_type
 
-    async def add(self, session: AsyncSession, message: Message, *, subject: str, team: str = "") -> CloudEvent:
+    async def add(
+        self, session: AsyncSession, message: Message, *, subject: str, team: str = ""
+    ) -> CloudEvent:
         """Records ``message`` as an event; it is published after the transaction commits.
 
         The current trace context travels with the row, so the publication joins the trace of
@@ -141,7 +144,9 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - NATS down, DB busy: retry later
-                log.warning("outbox relay: %s; retrying in %.1fs", exc or type(exc).__name__, backoff)
+                log.warning(
+                    "outbox relay: %s; retrying in %.1fs", exc or type(exc).__name__, backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -156,7 +161,12 @@ class OutboxRelay:
         async with self._db.read() as session:
             rows = (
                 await session.execute(
-                    sa.select(self._table.c.seq, self._table.c.subject, self._table.c.headers, self._table.c.data)
+                    sa.select(
+                        self._table.c.seq,
+                        self._table.c.subject,
+                        self._table.c.headers,
+                        self._table.c.data,
+                    )
                     .where(self._table.c.published_at.is_(None))
                     .order_by(self._table.c.seq)
                     .limit(self._batch_size)
@@ -170,7 +180,10 @@ class OutboxRelay:
         try:
             await self._publish(rows[0].subject, rows[0].headers, rows[0].data)
             results.append(None)
-            results += await asyncio.gather(*(self._publish(r.subject, r.headers, r.data) for r in rows[1:]), return_exceptions=True)
+            results += await asyncio.gather(
+                *(self._publish(r.subject, r.headers, r.data) for r in rows[1:]),
+                return_exceptions=True,
+            )
         except Exception as exc:  # noqa: BLE001 - the first publish failed: nothing is marked
             results.append(exc)
         # Mark the unbroken prefix that JetStream acknowledged, so order holds across retries.
@@ -186,7 +199,7 @@ class OutboxRelay:
                 await session.execute(
                     sa.update(self._table)
                     .where(self._table.c.seq.in_(done))
-                    .values(published_at=datetime.now(timezone.utc))
+                    .values(published_at=datetime.now(UTC))
                 )
             self.published += len(done)
         if failure is not None:
@@ -207,5 +220,6 @@ class OutboxRelay:
             },
         ):
             inject(headers)
-            await self._bus.js.publish(subject, data, headers=headers, timeout=self._publish_timeout_s)
-
+            await self._bus.js.publish(
+                subject, data, headers=headers, timeout=self._publish_timeout_s
+            )
