@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast proto proto-check lock bench clean-data
+.PHONY: venv run demo test test-fast lint format proto proto-check lock bench clean-data
 
 venv: $(STAMP)
 
@@ -23,15 +23,25 @@ $(STAMP): requirements.lock pyproject.toml
 run: venv
 	$(BIN)/python -m plinth_common.devstack
 
-# The golden path on a running platform (`make run` in another terminal; PLINTH_GATEWAY).
 # Walks the golden path on a running platform (`make run` in another terminal). The example
 # feature data is generated into the platform's Feast repository first (same machine).
 demo: venv
 	$(BIN)/python -m examples.feature_repo.generate_data "$${PLINTH_DATA_DIR:-.data}/feast/data"
 	$(BIN)/python examples/demo.py
 
-test: venv proto-check
+test: venv proto-check lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Lint and types: ruff (format check and rules, configured in pyproject.toml) and mypy.
+LINT_PATHS := services lib sdk tests bench tools examples
+lint: venv
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy services lib sdk tests
+
+format: venv
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)

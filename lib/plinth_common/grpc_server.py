@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from plinth_common import errors
+from plinth_common.rich_status import DETAILS_KEY, RichDetails, details_of, status_of
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +29,44 @@ _STATUS_BY_ERROR: list[tuple[type[errors.PlinthError], grpc.StatusCode]] = [
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
+# Codes gRPC itself produces when the peer, not its handler, failed: without a rich status
+# from a Plinth server they mean "could not reach it".
+_TRANSPORT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
 
 class UpstreamStatus(errors.PlinthError):
-    """A status returned by a service this one called, passed on unchanged (the gateway's case)."""
+    """A status returned by a service this one called, passed on unchanged (code, message and
+    rich details), as the gateway does for every forwarded call."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message, code=code.name)
+    def __init__(self, code: grpc.StatusCode, message: str, *, details: RichDetails) -> None:
+        super().__init__(message, reason=details.reason or None, **details.metadata)
         self.code = code
+        self.rich = details
 
 
 def upstream_error(exc: grpc.aio.AioRpcError, upstream: str) -> errors.PlinthError:
-    """The error to raise for a failed call to ``upstream``; unreachable peers read as such."""
-    if (
-        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        and not exc.details()
-    ):
-        return errors.Unavailable(f"{upstream} did not answer ({exc.code().name})")
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return errors.Unavailable(f"{upstream} unavailable: {exc.details()}")
-    return UpstreamStatus(exc.code(), exc.details() or exc.code().name)
+    """The error to raise for a failed call to the ``upstream`` service.
+
+    A status the upstream's own handler sent (it carries rich details) passes on unchanged; a
+    call that could not reach the upstream becomes :class:`~plinth_common.errors.Unavailable`
+    naming it, so the caller learns which service is down, not that "something" is.
+    """
+    details = details_of(exc.trailing_metadata())
+    if exc.code() in _TRANSPORT_CODES and not details.reason:
+        what = (
+            "did not answer in time"
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            else "cannot be reached"
+        )
+        return errors.Unavailable(
+            f"the {upstream} service {what}; retry shortly", dependency=f"{upstream} service"
+        )
+    return UpstreamStatus(exc.code(), exc.details() or exc.code().name, details=details)
 
 
 def status_for(error: errors.PlinthError) -> grpc.StatusCode:
@@ -60,18 +79,55 @@ def status_for(error: errors.PlinthError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def domain_of(method: str) -> str:
+    """``ErrorInfo.domain`` for a method path: ``/plinth.scheduler.v1.X/Y`` -> ``scheduler.plinth``."""
+    package = method.lstrip("/").split("/", 1)[0].split(".")
+    if len(package) >= 2 and package[0] == "plinth":
+        return f"{package[1]}.plinth"
+    return "plinth"
+
+
+def _trailer(status: status_pb2.Status | bytes) -> tuple[tuple[str, bytes], ...]:
+    raw = status if isinstance(status, bytes) else status.SerializeToString()
+    return ((DETAILS_KEY, raw),) if raw else ()
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
-    if isinstance(exc, errors.PlinthError):
-        await context.abort(status_for(exc), exc.message)
-    ctx = trace.get_current_span().get_span_context()
-    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "none"
-    log.exception("unexpected error in %s", method)
-    # Internals (exception text, paths) stay in the log; the caller gets a reference to it.
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace_id {trace_id})")
+    if isinstance(exc, UpstreamStatus):
+        await context.abort(exc.code, exc.message, trailing_metadata=_trailer(exc.rich.raw))
+    if not isinstance(exc, errors.PlinthError):
+        log.exception("unexpected error in %s", method)
+        ctx = trace.get_current_span().get_span_context()
+        trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "none"
+        # Internals (exception text, paths) stay in the log; the caller gets a reference to it.
+        exc = errors.PlinthError(f"internal error (trace_id {trace_id})", trace_id=trace_id)
+    code = status_for(exc)
+    status = status_of(exc, code=code, domain=domain_of(method))
+    await context.abort(code, exc.message, trailing_metadata=_trailer(status))
+
+
+def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """Decodes inside the handler, so undecodable bytes become INVALID_ARGUMENT, not UNKNOWN."""
+    if deserialize is None:
+        return lambda raw: raw
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError:
+            raise errors.InvalidArgument(
+                "request",
+                "the bytes do not decode as this method's request message",
+                reason="MALFORMED_REQUEST",
+            ) from None
+
+    return decode
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps :class:`~plinth_common.errors.PlinthError` to status codes; anything else to INTERNAL."""
+    """Maps :class:`~plinth_common.errors.PlinthError` to status codes with rich details
+    (``ErrorInfo``, ``BadRequest``, ``ResourceInfo``, ``RetryInfo``); anything else to INTERNAL
+    without its text. Requests are decoded inside, so undecodable bytes are INVALID_ARGUMENT."""
 
     async def intercept_service(
         self,
@@ -82,35 +138,41 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        decode = _decoder(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(handler.unary_unary, method, decode),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(handler.unary_stream, method, decode),
                 response_serializer=handler.response_serializer,
             )
+        # Client streams decode message by message inside grpc; Plinth serves none today.
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
+                _wrap_unary(handler.stream_unary, method, _identity),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method),
+            _wrap_stream(handler.stream_stream, method, _identity),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
-def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+def _identity(request: Any) -> Any:
+    return request
+
+
+def _wrap_unary(
+    behaviour: Callable[..., Any], method: str, decode: Callable[[Any], Any]
+) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behaviour(request, context)
+            return await behaviour(decode(request), context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
@@ -119,10 +181,12 @@ def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Awa
     return wrapped
 
 
-def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    behaviour: Callable[..., Any], method: str, decode: Callable[[Any], Any]
+) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in behaviour(request, context):
+            async for item in behaviour(decode(request), context):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
