@@ -87,7 +87,8 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[obje
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
     print(f"\n{title}")
@@ -101,7 +102,7 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[obje
 def machine_line() -> str:
     """One line describing where the figures were taken."""
     try:
-        load = "load %.2f %.2f %.2f" % os.getloadavg()
+        load = "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         load = "load ?"
     return (

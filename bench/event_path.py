@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import json
@@ -329,17 +330,13 @@ async def consumer_worker(
         if len(handled_at) != last:
             last = len(handled_at)
             print(f"n {last}", flush=True)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.003)
-        except TimeoutError:
-            pass
     snapshot = dict(handled_at)
     out.write_text(json.dumps(snapshot))
     for close in cleanup:
-        try:
+        with contextlib.suppress(Exception):  # the worker is exiting: best effort
             await asyncio.wait_for(close(), timeout=10)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001
-            pass
     stdin_task.cancel()
     await asyncio.gather(stdin_task, return_exceptions=True)
     print("done", flush=True)

@@ -189,7 +189,7 @@ class FeastPeer:
         names = payload["metadata"]["feature_names"]
         return {
             name: result["values"]
-            for name, result in zip(names, payload["results"])
+            for name, result in zip(names, payload["results"], strict=True)
             if name != "driver_id"
         }
 
