@@ -3,7 +3,8 @@
 Spans are exported over OTLP/gRPC when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific
 variable) is set and ``OTEL_TRACES_EXPORTER`` is not ``none``; otherwise a tracer provider still
 runs, so trace context is created and propagated (into NATS headers, job environments) even
-when nothing is collected.
+when nothing is collected. Metrics (``opentelemetry.metrics``) are exported over OTLP/gRPC only
+when ``OTEL_METRICS_EXPORTER=otlp`` is set as well.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -24,23 +27,37 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 @dataclass
 class Telemetry:
-    """What :func:`setup_telemetry` built; ``shutdown`` flushes pending spans."""
+    """What :func:`setup_telemetry` built; ``shutdown`` flushes pending spans and metrics."""
 
     provider: TracerProvider
+    meter_provider: MeterProvider
 
     def shutdown(self) -> None:
-        """Flushes and stops span export."""
+        """Flushes and stops span and metric export."""
         self.provider.force_flush(timeout_millis=5000)
         self.provider.shutdown()
+        self.meter_provider.shutdown(timeout_millis=5000)
 
 
-def _otlp_wanted() -> bool:
-    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+def _otlp_wanted(signal: str) -> bool:
+    if os.environ.get(f"OTEL_{signal}_EXPORTER", "otlp").lower() == "none":
         return False
     return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
+
+
+def _metric_readers() -> list[MetricReader]:
+    # Opt-in, unlike spans: a trace-only collector (Jaeger's OTLP port) would answer every
+    # export with UNIMPLEMENTED and fill the logs.
+    if os.environ.get("OTEL_METRICS_EXPORTER", "none").lower() != "otlp" or not _otlp_wanted(
+        "METRICS"
+    ):
+        return []
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+    return [PeriodicExportingMetricReader(OTLPMetricExporter())]
 
 
 def setup_telemetry(service_name: str, *, trace_grpc_clients: bool = True) -> Telemetry:
@@ -53,16 +70,18 @@ def setup_telemetry(service_name: str, *, trace_grpc_clients: bool = True) -> Te
     """
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
-    if _otlp_wanted():
+    if _otlp_wanted("TRACES"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=200)
         )
     trace.set_tracer_provider(provider)
+    meter_provider = MeterProvider(resource=resource, metric_readers=_metric_readers())
+    metrics.set_meter_provider(meter_provider)
     instrument_grpc_aio(clients=trace_grpc_clients)
     instrument_sqlalchemy()
-    return Telemetry(provider=provider)
+    return Telemetry(provider=provider, meter_provider=meter_provider)
 
 
 def instrument_grpc_aio(*, clients: bool = True) -> None:
