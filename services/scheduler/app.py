@@ -9,16 +9,12 @@ from pathlib import Path
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from plinth_common.config import DEFAULT_MLFLOW_URL, CommonSettings, Env
 from plinth_common.runtime import ServiceRuntime
+from services.scheduler.domain import Resources
 from services.scheduler.events import OutboxJobEvents
-from services.scheduler.executor import LocalExecutor, machine_capacity
-from services.scheduler.service import (
-    JobEnvironment,
-    Resources,
-    SchedulerService,
-    job_base_environment,
-)
+from services.scheduler.local_executor import LocalExecutor, machine_capacity
+from services.scheduler.service import JobEnvironment, SchedulerService, job_base_environment
 from services.scheduler.servicer import SchedulerServicer
-from services.scheduler.store import JobStore, outbox_table, processed_table
+from services.scheduler.store import SqlJobStore, outbox_table, processed_table
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -64,16 +60,15 @@ class SchedulerApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        assert self.runtime.outbox is not None
+        if self.runtime.outbox is None:
+            raise RuntimeError("the scheduler's runtime has no outbox")
         self.executor = LocalExecutor(
             settings.common.service_dir / "jobs",
             capacity=settings.capacity,
             kill_grace_s=settings.kill_grace_s,
         )
         self.service = SchedulerService(
-            db=self.runtime.db,
-            store=JobStore(),
-            events=OutboxJobEvents(self.runtime.outbox),
+            store=SqlJobStore(self.runtime.db, events=OutboxJobEvents(self.runtime.outbox)),
             executor=self.executor,
             job_env=JobEnvironment(
                 mlflow_tracking_uri=settings.mlflow_tracking_uri,

@@ -1,148 +1,96 @@
-"""Scheduler domain logic: job validation, the FIFO queue, admission within capacity, the job
-life cycle, cancellation, recovery after a restart. Imports neither grpc nor nats.
+"""Scheduler use cases: submission, queries, cancellation, the dispatcher that admits queued
+jobs in FIFO order within capacity, and recovery after a restart.
+
+Imports neither grpc, nor nats, nor SQLAlchemy: jobs are :mod:`services.scheduler.domain` types,
+the store is reached through the :class:`JobStore` unit of work, processes through the
+:class:`~services.scheduler.executor.Executor`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import dataclasses
 import logging
-import math
 import os
-import re
-import signal as signal_module
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
+from tenacity import AsyncRetrying, before_sleep_log, stop_after_attempt, wait_random_exponential
 
-from plinth_common.db import Database
 from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from plinth_common.events.tracing import extract, inject, traceparent_of_current
-from services.scheduler.store import JobRow, JobStore, decode_page_token, encode_page_token
+from plinth_common.names import check_team, shown
+from plinth_common.paging import PageRequest
+from services.scheduler.domain import (
+    ACTIVE,
+    LOST,
+    ExitStatus,
+    Job,
+    JobEvent,
+    JobEventKind,
+    JobSpec,
+    JobState,
+    admissible,
+    free_capacity,
+    validate_spec,
+)
+from services.scheduler.executor import Executor, RunHandle
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.scheduler")
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-MAX_ARGS, MAX_ARG_LEN, MAX_ENV, MAX_ENV_VALUE = 256, 4096, 128, 32 * 1024
-DEFAULT_CPU, DEFAULT_MEMORY = 1.0, 512 * 1024**2
-RESERVED_ENV_PREFIXES = ("PLINTH_",)
-RESERVED_ENV = {"MLFLOW_TRACKING_URI", "TRACEPARENT"}
+PAGE_KIND = "jobs"
+LOG_POLL_S = 0.2
+DISPATCH_INTERVAL_S = 2.0
+STOP_GRACE_S = 15.0
 
 
-class JobState(str, enum.Enum):
-    """Where a job is in its life."""
+class JobTransaction(Protocol):
+    """One unit of work: job changes and their events commit together, or not at all."""
 
-    QUEUED = "QUEUED"
-    ADMITTED = "ADMITTED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
+    async def get(self, job_id: str) -> Job | None:
+        """The job as of this transaction (locked for it where the database can)."""
+        ...
 
-    @property
-    def terminal(self) -> bool:
-        """True once the job can change no more."""
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+    async def add(self, job: Job) -> Job:
+        """Stores a new job; returns it as stored."""
+        ...
 
+    async def replace(self, job: Job, *, expect: JobState) -> Job | None:
+        """Stores ``job`` if the stored one is still in ``expect``; None if it moved on."""
+        ...
 
-ACTIVE = (JobState.ADMITTED.value, JobState.RUNNING.value)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Resources:
-    """What a job asks for, or what the executor has."""
-
-    cpu: float = 0.0
-    memory_bytes: int = 0
-    gpu: int = 0
+    async def emit(self, event: JobEvent) -> None:
+        """Records a life-cycle event, published after the commit."""
+        ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class JobSpec:
-    """What a user submits."""
+class JobStore(Protocol):
+    """Where jobs are kept: reads, and write transactions as units of work."""
 
-    name: str
-    team: str
-    entrypoint: Sequence[str]
-    working_dir: str = ""
-    env: Mapping[str, str] = field(default_factory=dict)
-    resources: Resources = field(default_factory=Resources)
-    register_as: str = ""
+    def transaction(self) -> AbstractAsyncContextManager[JobTransaction]:
+        """A unit of work, committed when the ``async with`` block ends without error."""
+        ...
 
+    async def get(self, job_id: str) -> Job | None:
+        """The job, or None."""
+        ...
 
-@dataclass(frozen=True, kw_only=True)
-class ExitStatus:
-    """How a job's process ended: an exit code, or the signal that killed it."""
+    async def page(
+        self, *, team: str, state: JobState | None, limit: int, before_seq: int | None
+    ) -> list[Job]:
+        """Jobs newest first, filtered ('' and None mean any), older than ``before_seq``."""
+        ...
 
-    exit_code: int
-    signal: int = 0
-    reason: str = ""
-
-    @property
-    def succeeded(self) -> bool:
-        """Exit code 0 and no signal."""
-        return self.exit_code == 0 and self.signal == 0 and not self.reason
-
-    def describe(self) -> str:
-        """A human sentence, e.g. "killed by signal 9 (SIGKILL)"."""
-        if self.reason:
-            return self.reason
-        if self.signal:
-            try:
-                name = signal_module.Signals(self.signal).name
-            except ValueError:
-                name = "unknown"
-            return f"killed by signal {self.signal} ({name})"
-        return f"exit code {self.exit_code}"
-
-
-class RunHandle(Protocol):
-    """A started job process."""
-
-    pid: int
-
-    async def wait(self) -> ExitStatus: ...
-
-
-class Executor(Protocol):
-    """Runs job processes: locally, or as Kubernetes Jobs."""
-
-    capacity: Resources
-
-    async def launch(self, job: JobRow, env: Mapping[str, str]) -> RunHandle: ...
-
-    async def reattach(self, job: JobRow) -> RunHandle | None: ...
-
-    async def terminate(self, job: JobRow) -> None: ...
-
-    def outputs(self, job: JobRow) -> dict[str, str]: ...
-
-    def log_path(self, job_id: str) -> Path: ...
-
-    def prepare(self, job_id: str) -> Path: ...
-
-
-class JobEvents(Protocol):
-    """Records life-cycle events in the caller's transaction (the outbox)."""
-
-    async def submitted(self, session: Any, job: JobRow) -> None: ...
-
-    async def admitted(self, session: Any, job: JobRow) -> None: ...
-
-    async def started(self, session: Any, job: JobRow) -> None: ...
-
-    async def finished(self, session: Any, job: JobRow) -> None: ...
-
-    async def cancelled(self, session: Any, job: JobRow, reason: str) -> None: ...
+    async def in_states(self, states: Sequence[JobState]) -> list[Job]:
+        """Jobs in any of ``states``, oldest first."""
+        ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,96 +106,6 @@ class JobEnvironment:
     base: Mapping[str, str]
 
 
-def validate_spec(spec: JobSpec, capacity: Resources) -> JobSpec:
-    """Checks a submission and fills in defaults.
-
-    Raises:
-        InvalidArgument: naming the first field that is wrong.
-    """
-    _check_label("spec.name", spec.name)
-    _check_label("spec.team", spec.team)
-    if not spec.entrypoint or not spec.entrypoint[0].strip():
-        raise InvalidArgument("spec.entrypoint", "must name a command to run")
-    if len(spec.entrypoint) > MAX_ARGS:
-        raise InvalidArgument("spec.entrypoint", f"at most {MAX_ARGS} arguments")
-    for arg in spec.entrypoint:
-        if len(arg) > MAX_ARG_LEN or "\x00" in arg:
-            raise InvalidArgument(
-                "spec.entrypoint", f"each argument at most {MAX_ARG_LEN} characters, no NUL"
-            )
-    if spec.working_dir:
-        path = Path(spec.working_dir)
-        if len(spec.working_dir) > MAX_ARG_LEN or not path.is_absolute():
-            raise InvalidArgument("spec.working_dir", "must be an absolute path")
-        if not path.is_dir():
-            raise InvalidArgument("spec.working_dir", f"no such directory: {spec.working_dir}")
-    _check_env(spec.env)
-    if spec.register_as and not MODEL_NAME.match(spec.register_as):
-        raise InvalidArgument(
-            "spec.register_as",
-            "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit",
-        )
-    return JobSpec(
-        name=spec.name,
-        team=spec.team,
-        entrypoint=list(spec.entrypoint),
-        working_dir=spec.working_dir,
-        env=dict(spec.env),
-        resources=_check_resources(spec.resources, capacity),
-        register_as=spec.register_as,
-    )
-
-
-def _check_label(field_name: str, value: str) -> None:
-    if not DNS_LABEL.match(value):
-        raise InvalidArgument(
-            field_name,
-            "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit",
-        )
-
-
-def _check_env(env: Mapping[str, str]) -> None:
-    if len(env) > MAX_ENV:
-        raise InvalidArgument("spec.env", f"at most {MAX_ENV} variables")
-    for key, value in env.items():
-        if not ENV_KEY.match(key):
-            raise InvalidArgument("spec.env", f"{key[:64]!r} is not a valid variable name")
-        if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIXES):
-            raise InvalidArgument("spec.env", f"{key} is set by the platform")
-        if len(value) > MAX_ENV_VALUE or "\x00" in value:
-            raise InvalidArgument(
-                "spec.env", f"{key}: value at most {MAX_ENV_VALUE} characters, no NUL"
-            )
-
-
-def _check_resources(requested: Resources, capacity: Resources) -> Resources:
-    cpu = requested.cpu or DEFAULT_CPU
-    memory = requested.memory_bytes or DEFAULT_MEMORY
-    if not math.isfinite(cpu) or cpu < 0:
-        raise InvalidArgument(
-            "spec.resources.cpu", f"must be a positive number of cores, got {requested.cpu}"
-        )
-    if cpu > capacity.cpu:
-        raise InvalidArgument(
-            "spec.resources.cpu", f"{cpu:g} cores exceeds what the executor has ({capacity.cpu:g})"
-        )
-    if memory < 0:
-        raise InvalidArgument("spec.resources.memory_bytes", "must not be negative")
-    if memory > capacity.memory_bytes:
-        raise InvalidArgument(
-            "spec.resources.memory_bytes",
-            f"{memory} bytes exceeds what the executor has ({capacity.memory_bytes})",
-        )
-    if requested.gpu < 0:
-        raise InvalidArgument("spec.resources.gpu", "must not be negative")
-    if requested.gpu > capacity.gpu:
-        raise InvalidArgument(
-            "spec.resources.gpu",
-            f"{requested.gpu} GPUs exceeds what the executor has ({capacity.gpu})",
-        )
-    return Resources(cpu=cpu, memory_bytes=memory, gpu=requested.gpu)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -256,31 +114,29 @@ class SchedulerService:
     """Jobs: submission, queries, cancellation, and the dispatcher that runs them.
 
     Args:
-        db: the scheduler's database.
-        store: job queries.
-        events: life-cycle event recorder (the outbox).
+        store: where jobs (and their events) are kept.
         executor: where job processes run.
         job_env: what every job's environment carries.
         stop_jobs_on_shutdown: kill running jobs on :meth:`stop` (else they keep running and a
             restarted scheduler re-attaches them).
+        finish_attempts: how often recording a job's outcome is tried before giving up (a
+            restart then recovers it from the executor).
     """
 
     def __init__(
         self,
         *,
-        db: Database,
         store: JobStore,
-        events: JobEvents,
         executor: Executor,
         job_env: JobEnvironment,
         stop_jobs_on_shutdown: bool = False,
+        finish_attempts: int = 8,
     ) -> None:
-        self._db = db
         self._store = store
-        self._events = events
         self._executor = executor
         self._job_env = job_env
         self._stop_jobs_on_shutdown = stop_jobs_on_shutdown
+        self._finish_attempts = finish_attempts
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -288,114 +144,113 @@ class SchedulerService:
 
     # -- queries and commands -------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> JobRow:
-        """Validates and queues a job; emits ``job.submitted``."""
+    async def submit(self, spec: JobSpec) -> Job:
+        """Validates and queues a job; emits ``job.submitted``.
+
+        Raises:
+            InvalidArgument: naming the first field of ``spec`` that is wrong.
+        """
         spec = validate_spec(spec, self._executor.capacity)
-        job_id = f"j-{uuid.uuid4().hex[:12]}"
-        working_dir = spec.working_dir or str(self._executor.prepare(job_id) / "work")
-        async with self._db.transaction() as session:
-            job = await self._store.insert(
-                session,
-                id=job_id,
-                name=spec.name,
-                team=spec.team,
-                entrypoint=list(spec.entrypoint),
-                working_dir=working_dir,
-                env=dict(spec.env),
-                cpu=spec.resources.cpu,
-                memory_bytes=spec.resources.memory_bytes,
-                gpu=spec.resources.gpu,
-                register_as=spec.register_as,
-                state=JobState.QUEUED.value,
-                created_at=_now(),
-                outputs={},
-                traceparent=traceparent_of_current().get("traceparent", ""),
+        if spec.working_dir and not self._executor.has_directory(spec.working_dir):
+            raise InvalidArgument(
+                "spec.working_dir", f"no such directory: {shown(spec.working_dir)}"
             )
-            await self._events.submitted(session, job)
+        job_id = f"j-{uuid.uuid4().hex[:12]}"
+        if not spec.working_dir:
+            spec = dataclasses.replace(spec, working_dir=self._executor.prepare(job_id))
+        job = Job(
+            id=job_id,
+            spec=spec,
+            state=JobState.QUEUED,
+            created_at=_now(),
+            traceparent=traceparent_of_current().get("traceparent", ""),
+        )
+        async with self._store.transaction() as tx:
+            job = await tx.add(job)
+            await tx.emit(JobEvent(kind=JobEventKind.SUBMITTED, job=job))
         self._wake.set()
         return job
 
-    async def get(self, job_id: str) -> JobRow:
+    async def get(self, job_id: str) -> Job:
         """The job, or NotFound."""
-        async with self._db.read() as session:
-            job = await self._store.get(session, job_id)
+        job = await self._store.get(job_id)
         if job is None:
             raise NotFound("job", job_id)
         return job
 
     async def list(
-        self, *, team: str = "", state: str = "", page_size: int = 0, page_token: str = ""
-    ) -> tuple[list[JobRow], str]:
+        self,
+        *,
+        team: str = "",
+        state: JobState | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Job], str]:
         """A page of jobs, newest first, and the token of the next page ('' at the end)."""
         if team:
-            _check_label("team", team)
-        if state and state not in JobState.__members__:
-            raise InvalidArgument("state", f"unknown state {state!r}")
-        if page_size < 0 or page_size > 500:
-            raise InvalidArgument("page_size", "between 0 and 500")
-        limit = page_size or 50
-        before = decode_page_token(page_token) if page_token else None
-        async with self._db.read() as session:
-            rows = await self._store.list(
-                session, team=team, state=state, limit=limit + 1, before_seq=before
-            )
-        next_token = encode_page_token(rows[limit - 1].seq) if len(rows) > limit else ""
-        return rows[:limit], next_token
+            check_team(team)
+        page = PageRequest.parse(page_size, page_token, kind=PAGE_KIND)
+        rows = await self._store.page(
+            team=team, state=state, limit=page.fetch_limit, before_seq=page.before
+        )
+        return page.cut(rows, seq=lambda job: job.seq)
 
-    async def cancel(self, job_id: str) -> JobRow:
-        """Cancels a queued job at once, or stops a running one (it ends CANCELLED).
+    async def cancel(self, job_id: str) -> Job:
+        """Cancels a queued job at once, or stops an active one (it ends CANCELLED).
 
         Raises:
             NotFound: no such job.
             FailedPrecondition: the job has already ended.
         """
-        async with self._db.transaction() as session:
-            job = await self._store.get(session, job_id)
+        async with self._store.transaction() as tx:
+            job = await tx.get(job_id)
             if job is None:
                 raise NotFound("job", job_id)
-            if JobState(job.state).terminal:
+            if job.state.terminal:
                 raise FailedPrecondition(
-                    f"job {job_id} has already ended ({job.state})", job_id=job_id, state=job.state
+                    f"job {job_id} has already ended ({job.state.value})",
+                    job_id=job_id,
+                    state=job.state.value,
                 )
-            if job.state == JobState.QUEUED.value:
-                job = (
-                    await self._store.update(
-                        session,
-                        job_id,
-                        expect_states=[JobState.QUEUED.value],
-                        state=JobState.CANCELLED.value,
-                        finished_at=_now(),
-                        failure_reason="cancelled before it started",
+            if job.state is JobState.QUEUED:
+                cancelled = await tx.replace(job.cancel_queued(now=_now()), expect=job.state)
+                if cancelled is not None:
+                    await tx.emit(
+                        JobEvent(
+                            kind=JobEventKind.CANCELLED,
+                            job=cancelled,
+                            reason=cancelled.failure_reason,
+                        )
                     )
-                    or job
-                )
-                await self._events.cancelled(session, job, "cancelled before it started")
-                return job
-            job = await self._store.update(session, job_id, cancel_requested=True) or job
+                    return cancelled
+                # Admitted meanwhile: it is stopped like any active job below.
+                job = await tx.get(job_id) or job
+            if job.state.active:
+                job = await tx.replace(job.request_cancel(), expect=job.state) or job
+        # Outside the transaction: stopping a process may be a remote call.
         await self._executor.terminate(job)
         return job
 
     async def logs(self, job_id: str, *, follow: bool) -> AsyncIterator[bytes]:
         """The job's combined stdout and stderr; with ``follow``, until the job ends."""
         job = await self.get(job_id)
-        path = self._executor.log_path(job_id)
         offset = 0
         while True:
-            chunk = await asyncio.to_thread(_read_from, path, offset)
+            chunk = await self._executor.read_log(job_id, offset)
             if chunk:
                 offset += len(chunk)
                 yield chunk
                 continue
-            if not follow or JobState(job.state).terminal:
+            if not follow or job.state.terminal:
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(LOG_POLL_S)
             job = await self.get(job_id)
 
     # -- the dispatcher ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Re-attaches jobs left by a previous run, then starts dispatching."""
-        await self._recover()
+        await self.recover()
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="dispatcher")
 
     async def stop(self) -> None:
@@ -404,19 +259,27 @@ class SchedulerService:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         if self._stop_jobs_on_shutdown:
-            async with self._db.read() as session:
-                running = await self._store.in_states(session, ACTIVE)
-            for job in running:
+            for job in await self._store.in_states(ACTIVE):
                 await self._executor.terminate(job)
             if self._watchers:
-                await asyncio.wait(list(self._watchers.values()), timeout=15)
-        for task in self._watchers.values():
+                await asyncio.wait(list(self._watchers.values()), timeout=STOP_GRACE_S)
+        # The rest keep running; a restarted scheduler re-attaches them.
+        watchers = list(self._watchers.values())
+        for task in watchers:
             task.cancel()
-        await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+        await asyncio.gather(*watchers, return_exceptions=True)
+        self._watchers.clear()
         for span in self._run_spans.values():
             span.end()
+        self._run_spans.clear()
+
+    async def wait_idle(self) -> None:
+        """Waits until the outcome of every watched job is recorded."""
+        while self._watchers:
+            await asyncio.gather(*list(self._watchers.values()), return_exceptions=True)
 
     async def _dispatch_forever(self) -> None:
+        # Not a retry: the dispatcher runs on every wake-up and every few seconds regardless.
         while True:
             try:
                 await self.dispatch_once()
@@ -424,58 +287,34 @@ class SchedulerService:
                 raise
             except Exception:
                 log.exception("dispatch failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=2.0)
-            except TimeoutError:
-                pass
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=DISPATCH_INTERVAL_S)
             self._wake.clear()
 
     async def dispatch_once(self) -> int:
         """Admits queued jobs in FIFO order while they fit; returns how many started."""
-        async with self._db.read() as session:
-            queued = await self._store.in_states(session, [JobState.QUEUED.value])
-            active = await self._store.in_states(session, list(ACTIVE))
-        free = Resources(
-            cpu=self._executor.capacity.cpu - sum(j.cpu for j in active),
-            memory_bytes=self._executor.capacity.memory_bytes - sum(j.memory_bytes for j in active),
-            gpu=self._executor.capacity.gpu - sum(j.gpu for j in active),
-        )
+        jobs = await self._store.in_states([JobState.QUEUED, *ACTIVE])
+        queued = [job for job in jobs if job.state is JobState.QUEUED]
+        free = free_capacity(self._executor.capacity, [job for job in jobs if job.state.active])
         started = 0
-        for job in queued:
-            if (
-                job.cpu > free.cpu + 1e-9
-                or job.memory_bytes > free.memory_bytes
-                or job.gpu > free.gpu
-            ):
-                break  # strict FIFO: a big job at the head is not overtaken
+        for job in admissible(queued, free):
             if await self._admit_and_launch(job):
                 started += 1
-                free = Resources(
-                    cpu=free.cpu - job.cpu,
-                    memory_bytes=free.memory_bytes - job.memory_bytes,
-                    gpu=free.gpu - job.gpu,
-                )
         return started
 
-    async def _admit_and_launch(self, queued: JobRow) -> bool:
+    async def _admit_and_launch(self, queued: Job) -> bool:
         span = tracer.start_span(
             f"job {queued.name}",
             context=extract({"traceparent": queued.traceparent}),
             attributes={"plinth.job.id": queued.id, "plinth.team": queued.team},
         )
         with trace.use_span(span, end_on_exit=False):
-            async with self._db.transaction() as session:
-                job = await self._store.update(
-                    session,
-                    queued.id,
-                    expect_states=[JobState.QUEUED.value],
-                    state=JobState.ADMITTED.value,
-                    admitted_at=_now(),
-                )
+            async with self._store.transaction() as tx:
+                job = await tx.replace(queued.admit(now=_now()), expect=JobState.QUEUED)
                 if job is None:  # cancelled meanwhile
                     span.end()
                     return False
-                await self._events.admitted(session, job)
+                await tx.emit(JobEvent(kind=JobEventKind.ADMITTED, job=job))
             self._run_spans[job.id] = span
             try:
                 handle = await self._executor.launch(job, self._environment_for(job))
@@ -484,25 +323,24 @@ class SchedulerService:
                     job.id, ExitStatus(exit_code=-1, reason=f"could not start: {exc}")
                 )
                 return False
-            async with self._db.transaction() as session:
+            async with self._store.transaction() as tx:
+                current = await tx.get(job.id) or job
                 job = (
-                    await self._store.update(
-                        session,
-                        job.id,
-                        state=JobState.RUNNING.value,
-                        started_at=_now(),
-                        pid=handle.pid,
+                    await tx.replace(
+                        current.start(pid=handle.pid, now=_now()), expect=current.state
                     )
-                    or job
+                    or current
                 )
-                await self._events.started(session, job)
+                await tx.emit(JobEvent(kind=JobEventKind.STARTED, job=job))
         self._watch(job.id, handle)
+        if job.cancel_requested:  # cancelled while it was being started
+            await self._executor.terminate(job)
         return True
 
-    def _environment_for(self, job: JobRow) -> dict[str, str]:
+    def _environment_for(self, job: Job) -> dict[str, str]:
         env = dict(self._job_env.base)
         env.setdefault("MLFLOW_EXPERIMENT_NAME", job.team)
-        env.update(job.env)
+        env.update(job.spec.env)
         carrier: dict[str, str] = {}
         inject(carrier)
         env.update(
@@ -510,9 +348,6 @@ class SchedulerService:
                 "PLINTH_JOB_ID": job.id,
                 "PLINTH_JOB_NAME": job.name,
                 "PLINTH_TEAM": job.team,
-                "PLINTH_OUTPUT_FILE": str(
-                    self._executor.log_path(job.id).with_name("outputs.json")
-                ),
                 "MLFLOW_TRACKING_URI": self._job_env.mlflow_tracking_uri,
                 "TRACEPARENT": carrier.get("traceparent", ""),
                 "PYTHONUNBUFFERED": "1",
@@ -523,8 +358,10 @@ class SchedulerService:
 
     def _watch(self, job_id: str, handle: RunHandle) -> None:
         async def watch() -> None:
-            status = await handle.wait()
-            await self._finish(job_id, status)
+            try:
+                await self._finish(job_id, await handle.wait())
+            finally:
+                self._watchers.pop(job_id, None)
 
         self._watchers[job_id] = asyncio.create_task(watch(), name=f"watch-{job_id}")
 
@@ -538,85 +375,52 @@ class SchedulerService:
                 attributes={"plinth.job.id": job_id},
             )
         with trace.use_span(span, end_on_exit=True):
-            async with self._db.transaction() as session:
-                found = await self._store.get(session, job_id)
-                if found is None or JobState(found.state).terminal:
-                    return
-                job = found
-                outputs = self._executor.outputs(job)
-                if job.cancel_requested:
-                    job = (
-                        await self._store.update(
-                            session,
-                            job_id,
-                            state=JobState.CANCELLED.value,
-                            finished_at=_now(),
-                            exit_code=status.exit_code,
-                            signal=status.signal,
-                            failure_reason="cancelled",
-                            outputs=outputs,
-                        )
-                        or job
-                    )
-                    await self._events.cancelled(
-                        session, job, f"cancelled while running ({status.describe()})"
-                    )
-                else:
-                    job = (
-                        await self._store.update(
-                            session,
-                            job_id,
-                            state=(
-                                JobState.SUCCEEDED if status.succeeded else JobState.FAILED
-                            ).value,
-                            finished_at=_now(),
-                            exit_code=status.exit_code,
-                            signal=status.signal,
-                            failure_reason="" if status.succeeded else status.describe(),
-                            outputs=outputs,
-                            mlflow_run_id=outputs.get("mlflow_run_id", ""),
-                        )
-                        or job
-                    )
-                    await self._events.finished(session, job)
-        self._watchers.pop(job_id, None)
+            # A real retry: if the outcome cannot be recorded (the database is busy or briefly
+            # down), the job would stay RUNNING until the next restart.
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self._finish_attempts),
+                wait=wait_random_exponential(multiplier=0.1, max=5.0),
+                before_sleep=before_sleep_log(log, logging.WARNING),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._record_outcome(job_id, status)
         self._wake.set()
 
-    async def _recover(self) -> None:
-        """Re-attaches running jobs of a previous scheduler process, or fails them with a reason."""
-        async with self._db.read() as session:
-            active = await self._store.in_states(session, list(ACTIVE))
-        for job in active:
+    async def _record_outcome(self, job_id: str, status: ExitStatus) -> None:
+        before = await self._store.get(job_id)
+        if before is None or before.state.terminal:
+            return
+        # Read before the transaction opens: with a remote executor this is a network call.
+        outputs = await self._executor.outputs(before)
+        async with self._store.transaction() as tx:
+            job = await tx.get(job_id)
+            if job is None or job.state.terminal:
+                return
+            done = await tx.replace(
+                job.finish(status, outputs=outputs, now=_now()), expect=job.state
+            )
+            if done is None:
+                return
+            if done.state is JobState.CANCELLED:
+                reason = f"cancelled while running ({status.describe()})"
+                await tx.emit(JobEvent(kind=JobEventKind.CANCELLED, job=done, reason=reason))
+            else:
+                await tx.emit(JobEvent(kind=JobEventKind.FINISHED, job=done))
+
+    async def recover(self) -> None:
+        """Re-attaches active jobs of a previous scheduler process, or decides their fate:
+        admitted but never started -> queued again; vanished without a status -> failed."""
+        for job in await self._store.in_states(ACTIVE):
             handle = await self._executor.reattach(job)
             if handle is not None:
                 log.info("re-attached job %s (pid %d)", job.id, handle.pid)
                 self._watch(job.id, handle)
-            elif job.state == JobState.ADMITTED.value and job.pid is None:
-                async with self._db.transaction() as session:
-                    await self._store.update(
-                        session,
-                        job.id,
-                        expect_states=[JobState.ADMITTED.value],
-                        state=JobState.QUEUED.value,
-                        admitted_at=None,
-                    )
+            elif job.state is JobState.ADMITTED and job.pid is None:
+                async with self._store.transaction() as tx:
+                    await tx.replace(job.requeue(), expect=JobState.ADMITTED)
             else:
-                await self._finish(
-                    job.id,
-                    ExitStatus(
-                        exit_code=-1,
-                        reason="lost: its process ended while the scheduler was down and left no exit status",
-                    ),
-                )
-
-
-def _read_from(path: Path, offset: int, size: int = 64 * 1024) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
-    except FileNotFoundError:
-        return b""
+                await self._finish(job.id, ExitStatus(exit_code=-1, reason=LOST))
 
 
 def job_base_environment(

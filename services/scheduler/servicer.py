@@ -7,27 +7,29 @@ from collections.abc import AsyncIterator
 import grpc
 
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from plinth_common.errors import InvalidArgument
 from plinth_common.prototime import to_timestamp
-from services.scheduler.service import JobSpec, Resources, SchedulerService
-from services.scheduler.store import JobRow
+from services.scheduler.domain import Job, JobSpec, JobState, Resources
+from services.scheduler.service import SchedulerService
 
 
-def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
+def job_to_proto(job: Job) -> scheduler_pb2.Job:
     """Domain job -> ``plinth.scheduler.v1.Job``."""
+    spec, resources = job.spec, job.spec.resources
     return scheduler_pb2.Job(
         id=job.id,
         spec=scheduler_pb2.JobSpec(
-            name=job.name,
-            team=job.team,
-            entrypoint=job.entrypoint,
-            working_dir=job.working_dir,
-            env=job.env,
+            name=spec.name,
+            team=spec.team,
+            entrypoint=list(spec.entrypoint),
+            working_dir=spec.working_dir,
+            env=dict(spec.env),
             resources=scheduler_pb2.Resources(
-                cpu=job.cpu, memory_bytes=job.memory_bytes, gpu=job.gpu
+                cpu=resources.cpu, memory_bytes=resources.memory_bytes, gpu=resources.gpu
             ),
-            register_as=job.register_as,
+            register_as=spec.register_as,
         ),
-        state=scheduler_pb2.JobState.Value(f"JOB_STATE_{job.state}"),
+        state=scheduler_pb2.JobState.Value(f"JOB_STATE_{job.state.value}"),
         created_at=to_timestamp(job.created_at),
         started_at=to_timestamp(job.started_at),
         finished_at=to_timestamp(job.finished_at),
@@ -35,7 +37,7 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
         signal=job.signal or 0,
         failure_reason=job.failure_reason,
         mlflow_run_id=job.mlflow_run_id,
-        outputs=job.outputs,
+        outputs=dict(job.outputs),
     )
 
 
@@ -54,12 +56,18 @@ def spec_from_proto(spec: scheduler_pb2.JobSpec) -> JobSpec:
     )
 
 
-def _state_name(state: int) -> str:
-    return (
-        ""
-        if state == scheduler_pb2.JOB_STATE_UNSPECIFIED
-        else scheduler_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
-    )
+def state_from_proto(state: int) -> JobState | None:
+    """``plinth.scheduler.v1.JobState`` -> domain state; None for UNSPECIFIED (any state).
+
+    Raises:
+        InvalidArgument: for a number that is no state.
+    """
+    if state == scheduler_pb2.JOB_STATE_UNSPECIFIED:
+        return None
+    try:
+        return JobState(scheduler_pb2.JobState.Name(state).removeprefix("JOB_STATE_"))
+    except ValueError:
+        raise InvalidArgument("state", f"unknown job state {state}") from None
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -84,7 +92,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.ListJobsResponse:
         jobs, token = await self._service.list(
             team=request.team,
-            state=_state_name(request.state),
+            state=state_from_proto(request.state),
             page_size=request.page_size,
             page_token=request.page_token,
         )
