@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 
 from nats.aio.msg import Msg
 
@@ -28,8 +29,12 @@ class NatsEventSource:
         self._bus = bus
         self._buffer = buffer
 
-    async def subscribe(self) -> AsyncIterator[CloudEvent]:
-        """Events from now on; ends the stream with Unavailable if the watcher falls too far behind."""
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[CloudEvent]]:
+        """A subscription to every platform event, live once entered.
+
+        The iterator ends the stream with Unavailable if the watcher falls too far behind.
+        """
         await self._bus.connected()
         queue: asyncio.Queue[Msg | None] = asyncio.Queue(maxsize=self._buffer)
 
@@ -42,13 +47,21 @@ class NatsEventSource:
 
         subscription = await self._bus.nc.subscribe(EVENTS_SUBJECTS, cb=keep)
         try:
-            while True:
-                msg = await queue.get()
-                if msg is None:
-                    raise Unavailable("the event stream fell behind and was closed; watch again")
-                try:
-                    yield CloudEvent.from_headers(msg.headers, msg.data)
-                except MalformedEvent as exc:
-                    log.warning("skipping malformed event on %s: %s", msg.subject, exc)
+            # The server has the subscription once it answers the flush's PING: from here on
+            # nothing published is missed, which is what "live" promises the watcher.
+            await self._bus.nc.flush()
+            async with aclosing(_drain(queue)) as events:
+                yield events
         finally:
             await subscription.unsubscribe()
+
+
+async def _drain(queue: asyncio.Queue[Msg | None]) -> AsyncGenerator[CloudEvent, None]:
+    while True:
+        msg = await queue.get()
+        if msg is None:
+            raise Unavailable("the event stream fell behind and was closed; watch again")
+        try:
+            yield CloudEvent.from_headers(msg.headers, msg.data)
+        except MalformedEvent as exc:
+            log.warning("skipping malformed event on %s: %s", msg.subject, exc)

@@ -8,49 +8,85 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as inference_pb2
 from tritonclient.grpc import service_pb2_grpc as inference_grpc
 
 from plinth_common.errors import InvalidArgument, PlinthError
-from plinth_common.grpc_server import status_for, upstream_error
+from plinth_common.grpc_server import UpstreamStatus, status_for, upstream_error
 from services.gateway.kserve_json import infer_request_from_json, infer_response_to_json
 
 log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.FAILED_PRECONDITION: 412,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 MAX_BODY = 64 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def error_response(error: PlinthError) -> web.Response:
+    """``{"error": message, "reason": ..., "details": {...}}`` with the HTTP status of the
+    error's gRPC code, and ``Retry-After`` where a retry can help.
+
+    The reason and details are the rich status's ``ErrorInfo``, so HTTP clients branch on the
+    same stable reasons as gRPC clients; an upstream that sent none (not a Plinth service)
+    gives an empty reason.
+    """
+    if isinstance(error, UpstreamStatus):
+        reason, details, retry_after_s = (
+            error.rich.reason,
+            error.rich.metadata,
+            error.rich.retry_after_s,
+        )
+    else:
+        reason, details, retry_after_s = error.reason, error.metadata, error.retry_after_s
+    headers = {} if retry_after_s is None else {"Retry-After": str(math.ceil(retry_after_s))}
+    return web.json_response(
+        {"error": error.message, "reason": reason, "details": details},
+        status=HTTP_STATUS.get(status_for(error), 500),
+        headers=headers,
+    )
+
+
+def _internal(request: web.Request) -> PlinthError:
+    log.exception("unexpected error in %s %s", request.method, request.path)
+    ctx = trace.get_current_span().get_span_context()
+    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "none"
+    # As over gRPC: internals stay in the log, the caller gets a reference to it.
+    return PlinthError(f"internal error (trace_id {trace_id})", trace_id=trace_id)
 
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Domain and upstream errors become ``{"error": ...}`` with the matching HTTP status."""
+    """Domain and upstream errors become :func:`error_response`; anything unexpected becomes
+    INTERNAL (500) without its text."""
     try:
         return await handler(request)
+    except web.HTTPException:
+        raise  # aiohttp's own answers (unknown route, body too large) keep their status
     except grpc.aio.AioRpcError as exc:
-        error = upstream_error(exc, "serving")
-        return _error(HTTP_STATUS.get(status_for(error), 500), error.message)
+        return error_response(upstream_error(exc, "serving"))
     except PlinthError as exc:
-        return _error(HTTP_STATUS.get(status_for(exc), 500), exc.message)
+        return error_response(exc)
+    except Exception:  # noqa: BLE001 - the one place that maps every HTTP-side error
+        return error_response(_internal(request))
 
 
 class GatewayHttp:
@@ -109,16 +145,13 @@ class GatewayHttp:
         reply = await self._inference.ModelMetadata(
             inference_pb2.ModelMetadataRequest(name=request.match_info["name"]), timeout=5
         )
-        tensors = lambda items: [
-            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items
-        ]
         return web.json_response(
             {
                 "name": reply.name,
                 "versions": list(reply.versions),
                 "platform": reply.platform,
-                "inputs": tensors(reply.inputs),
-                "outputs": tensors(reply.outputs),
+                "inputs": _tensors(reply.inputs),
+                "outputs": _tensors(reply.outputs),
             }
         )
 
@@ -131,6 +164,10 @@ class GatewayHttp:
         infer_request = infer_request_from_json(request.match_info["name"], body)
         reply = await self._inference.ModelInfer(infer_request, timeout=60)
         return web.json_response(infer_response_to_json(reply))
+
+
+def _tensors(items: Iterable[Any]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
 
 
 async def _health_of(channel: grpc.aio.Channel) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,9 +14,12 @@ TYPE_PREFIX = "plinth."
 
 
 class EventSource(Protocol):
-    """Yields platform events as they are published, from now on."""
+    """Platform events as they are published."""
 
-    def subscribe(self) -> AsyncIterator[CloudEvent]: ...
+    def subscribe(self) -> AbstractAsyncContextManager[AsyncIterator[CloudEvent]]:
+        """A subscription: live once entered (every event published from then on is in the
+        iterator), ended on exit."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,26 @@ class EventStreams:
     def __init__(self, source: EventSource) -> None:
         self._source = source
 
-    async def watch(self, types: Iterable[str], team: str) -> AsyncIterator[CloudEvent]:
-        """Events matching the filter, as they happen, until the watcher goes away."""
+    @asynccontextmanager
+    async def watch(
+        self, types: Iterable[str], team: str
+    ) -> AsyncIterator[AsyncIterator[CloudEvent]]:
+        """A live watch: once entered, the events matching the filter as they happen.
+
+        Raises:
+            InvalidArgument: an unknown event type (before subscribing).
+        """
         event_filter = make_filter(types, team)
-        async for event in self._source.subscribe():
-            if event_filter.matches(event):
-                yield event
+        async with (
+            self._source.subscribe() as events,
+            aclosing(_matching(events, event_filter)) as matching,
+        ):
+            yield matching
+
+
+async def _matching(
+    events: AsyncIterator[CloudEvent], event_filter: EventFilter
+) -> AsyncGenerator[CloudEvent, None]:
+    async for event in events:
+        if event_filter.matches(event):
+            yield event

@@ -15,6 +15,10 @@ from services.gateway.service import EventStreams
 
 log = logging.getLogger(__name__)
 
+#: Initial metadata of ``WatchEvents``, sent once the subscription is live: a client that has
+#: it (``await call.initial_metadata()``) misses no event published afterwards.
+WATCH_LIVE = ("plinth-watch", "live")
+
 
 def event_to_proto(event: CloudEvent) -> gateway_pb2.Event:
     """CloudEvent -> ``plinth.gateway.v1.Event`` (payload both binary and JSON).
@@ -46,8 +50,10 @@ class EventServicer(gateway_pb2_grpc.EventServiceServicer):
     async def WatchEvents(
         self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.Event]:
-        async for event in self._streams.watch(request.types, request.team):
-            try:
-                yield event_to_proto(event)
-            except MalformedEvent as exc:  # one bad event must not end every watcher's stream
-                log.warning("skipping event %s: %s", event.id, exc)
+        async with self._streams.watch(request.types, request.team) as events:
+            await context.send_initial_metadata((WATCH_LIVE,))
+            async for event in events:
+                try:
+                    yield event_to_proto(event)
+                except MalformedEvent as exc:  # one bad event must not end every watcher's stream
+                    log.warning("skipping event %s: %s", event.id, exc)

@@ -1,31 +1,60 @@
-"""The gateway in front of a real scheduler: forwarding, errors, deadlines, the event stream."""
+"""The gateway in front of a real scheduler (and a stand-in for serving): forwarding, rich
+errors over gRPC and HTTP, a down upstream named, deadlines, the event stream, fuzzed bytes."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from tritonclient.grpc import service_pb2 as inference_pb2
+from tritonclient.grpc import service_pb2_grpc as inference_grpc
 
 from plinth.events.v1 import events_pb2
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.errors import NotFound, Unavailable
+from plinth_common.grpc_server import GrpcServer
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
+from plinth_common.rich_status import details_of
 from services.gateway.app import GatewayApp, GatewaySettings
+from services.gateway.http import GatewayHttp, start_http
+from services.gateway.servicer import WATCH_LIVE
 from services.scheduler.app import SchedulerApp, SchedulerSettings
 from tests.helpers import eventually, service_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class ServingStandIn(inference_grpc.GRPCInferenceServiceServicer):
+    """Answers inference as the serving service does when a deployment is missing or its
+    engine is down: with Plinth's rich status."""
+
+    async def ModelInfer(
+        self, request: inference_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelInferResponse:
+        if request.model_name == "engine-down":
+            raise Unavailable(
+                "the serving engine cannot be reached", dependency="serving engine", retry_after_s=2
+            )
+        raise NotFound("deployment", request.model_name, hint="deployments: fraud")
 
 
 @dataclass
@@ -33,6 +62,7 @@ class Platform:
     scheduler: SchedulerApp
     gateway: GatewayApp
     channel: grpc.aio.Channel
+    http: aiohttp.ClientSession
 
     @property
     def jobs(self) -> scheduler_pb2_grpc.SchedulerServiceStub:
@@ -42,12 +72,31 @@ class Platform:
     def events(self) -> gateway_pb2_grpc.EventServiceStub:
         return gateway_pb2_grpc.EventServiceStub(self.channel)
 
+    async def watch(
+        self, types: list[str], team: str
+    ) -> tuple[list[gateway_pb2.Event], asyncio.Task[None]]:
+        """A live watch: returns once the gateway says its subscription is in place."""
+        stream = self.events.WatchEvents(gateway_pb2.WatchEventsRequest(types=types, team=team))
+        assert WATCH_LIVE in tuple(await stream.initial_metadata())
+        received: list[gateway_pb2.Event] = []
+
+        async def collect() -> None:
+            async for event in stream:
+                received.append(event)
+
+        return received, asyncio.create_task(collect())
+
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def platform(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Platform]:
     scheduler = SchedulerApp(SchedulerSettings.from_env(service_env(tmp_path, nats_server.url)))
     await scheduler.start()
-    unused = free_tcp_port()  # nothing listens here: the registry is "down"
+    serving = GrpcServer(host="127.0.0.1", port=0)
+    serving.add(
+        inference_grpc.add_GRPCInferenceServiceServicer_to_server, ServingStandIn(), INFERENCE
+    )
+    await serving.start()
+    unused = free_tcp_port()  # nothing listens here: the registry and features are "down"
     gateway = GatewayApp(
         GatewaySettings.from_env(
             service_env(
@@ -55,14 +104,19 @@ async def platform(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Pla
                 nats_server.url,
                 PLINTH_SCHEDULER_ADDR=f"127.0.0.1:{scheduler.port}",
                 PLINTH_REGISTRY_ADDR=f"127.0.0.1:{unused}",
+                PLINTH_FEATURES_ADDR=f"127.0.0.1:{unused}",
+                PLINTH_SERVING_ADDR=f"127.0.0.1:{serving.port}",
             )
         )
     )
     await gateway.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
-    yield Platform(scheduler, gateway, channel)
+    http = aiohttp.ClientSession(f"http://127.0.0.1:{gateway.http_port}")
+    yield Platform(scheduler, gateway, channel, http)
+    await http.close()
     await channel.close()
     await gateway.stop()
+    await serving.stop(0)
     await scheduler.stop()
 
 
@@ -85,13 +139,93 @@ async def test_jobs_api_is_forwarded_with_status_codes(platform: Platform) -> No
     )
 
 
-async def test_unreachable_upstream_is_unavailable_with_its_name(platform: Platform) -> None:
+async def test_upstream_not_found_reaches_the_client_with_its_rich_status(
+    platform: Platform,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await platform.jobs.GetJob(pb.GetJobRequest(job_id="j-missing"))
+    details = details_of(caught.value.trailing_metadata())
+    # The scheduler's own ErrorInfo, not one the gateway made up: the client learns who refused.
+    assert (details.reason, details.domain) == ("NOT_FOUND", "scheduler.plinth")
+    assert details.resource == ("job", "j-missing")
+
+
+async def test_upstream_invalid_argument_names_the_field(platform: Platform) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await platform.jobs.SubmitJob(pb.SubmitJobRequest(spec=pb.JobSpec(name="x", team="ml")))
+    details = details_of(caught.value.trailing_metadata())
+    assert (details.reason, details.domain) == ("INVALID_FIELD", "scheduler.plinth")
+    assert [field for field, _ in details.field_violations] == ["spec.entrypoint"]
+
+
+async def test_down_upstream_is_unavailable_naming_it_while_the_gateway_serves(
+    platform: Platform,
+) -> None:
     registry = registry_pb2_grpc.RegistryServiceStub(platform.channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await registry.GetRun(registry_pb2.GetRunRequest(run_id="r"), timeout=5)
-    assert (
-        caught.value.code() == grpc.StatusCode.UNAVAILABLE and "registry" in caught.value.details()
+    details = details_of(caught.value.trailing_metadata())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "registry service" in caught.value.details()
+    assert details.reason == "DEPENDENCY_UNAVAILABLE"
+    assert details.metadata["dependency"] == "registry service"
+    assert details.retry_after_s is not None and details.retry_after_s > 0
+
+    health = health_pb2_grpc.HealthStub(platform.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    async with platform.http.get("/healthz") as page:
+        body = await page.json()
+    assert page.status == 503 and body["status"] == "DEGRADED"
+    assert body["services"]["scheduler"] == "SERVING"
+    assert body["services"]["registry"].startswith("UNREACHABLE")
+
+
+async def _infer(platform: Platform, model: str, body: bytes) -> tuple[int, Any, str | None]:
+    async with platform.http.post(
+        f"/v2/models/{model}/infer", data=body, headers={"Content-Type": "application/json"}
+    ) as reply:
+        return reply.status, await reply.json(), reply.headers.get("Retry-After")
+
+
+_TENSOR = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}'
+
+
+async def test_http_error_bodies_carry_the_reason_and_details(platform: Platform) -> None:
+    assert await _infer(platform, "fraud", b"{not json") == (
+        400,
+        {"error": "body: not valid JSON", "reason": "INVALID_FIELD", "details": {"field": "body"}},
+        None,
     )
+    status, body, retry_after = await _infer(platform, "nope", _TENSOR)
+    assert (status, retry_after) == (404, None)
+    assert body == {
+        "error": "deployment 'nope' not found; deployments: fraud",
+        "reason": "NOT_FOUND",
+        "details": {"kind": "deployment", "name": "nope"},
+    }
+    status, body, retry_after = await _infer(platform, "engine-down", _TENSOR)
+    assert (status, retry_after, body["reason"]) == (503, "2", "DEPENDENCY_UNAVAILABLE")
+    assert body["details"] == {"dependency": "serving engine"}
+
+
+async def test_http_with_serving_down_names_the_serving_service() -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_tcp_port()}") as down:
+        runner, port = await start_http(GatewayHttp(down, {"serving": down}).app, "127.0.0.1", 0)
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/v2/models/fraud/infer", data=_TENSOR
+                ) as reply,
+            ):
+                body = await reply.json()
+        finally:
+            await runner.cleanup()
+    assert (reply.status, reply.headers.get("Retry-After")) == (503, "1")
+    assert body["reason"] == "DEPENDENCY_UNAVAILABLE"
+    assert body["details"] == {"dependency": "serving service"}
+    assert "serving service" in body["error"]
 
 
 async def test_client_deadline_is_forwarded(platform: Platform) -> None:
@@ -115,39 +249,50 @@ async def test_client_deadline_is_forwarded(platform: Platform) -> None:
     await platform.jobs.CancelJob(pb.CancelJobRequest(job_id=job.id))
 
 
+def _of(events: list[gateway_pb2.Event], job_id: str) -> list[str]:
+    return [e.type for e in events if e.subject == job_id]
+
+
 async def test_watch_events_filters_by_type_and_team(platform: Platform) -> None:
-    stream = platform.events.WatchEvents(
-        gateway_pb2.WatchEventsRequest(types=["job.finished"], team="vision")
-    )
-    received: list[gateway_pb2.Event] = []
+    vision, vision_task = await platform.watch(["job.finished"], "vision")
+    nlp, nlp_task = await platform.watch([], "nlp")
+    try:
+        other = (
+            await platform.jobs.SubmitJob(
+                pb.SubmitJobRequest(spec=pb.JobSpec(name="other", team="nlp", entrypoint=["true"]))
+            )
+        ).job
 
-    async def collect() -> None:
-        async for event in stream:
-            received.append(event)
+        async def other_finished() -> bool:
+            return "plinth.job.finished" in _of(nlp, other.id)
 
-    collector = asyncio.create_task(collect())
-    await asyncio.sleep(0.3)  # the subscription is in place
-    other = await platform.jobs.SubmitJob(
-        pb.SubmitJobRequest(spec=pb.JobSpec(name="other", team="nlp", entrypoint=["true"]))
-    )
-    mine = await platform.jobs.SubmitJob(
-        pb.SubmitJobRequest(spec=pb.JobSpec(name="mine", team="vision", entrypoint=["true"]))
-    )
+        # Every event of the nlp job is published before the vision job exists, so a filter
+        # that let any through would have delivered it to the vision watcher first.
+        await eventually(other_finished)
+        mine = (
+            await platform.jobs.SubmitJob(
+                pb.SubmitJobRequest(
+                    spec=pb.JobSpec(name="mine", team="vision", entrypoint=["true"])
+                )
+            )
+        ).job
 
-    async def got_mine() -> bool:
-        return any(e.subject == mine.job.id for e in received)
+        async def got_mine() -> bool:
+            return bool(_of(vision, mine.id))
 
-    await eventually(got_mine)
-    await asyncio.sleep(0.3)
-    collector.cancel()
-    assert all(e.type == "plinth.job.finished" and e.team == "vision" for e in received)
-    assert other.job.id not in {e.subject for e in received}
-    event = next(e for e in received if e.subject == mine.job.id)
+        await eventually(got_mine)
+    finally:
+        vision_task.cancel()
+        nlp_task.cancel()
+    assert [(e.subject, e.type) for e in vision] == [(mine.id, "plinth.job.finished")]
+    other_types = _of(nlp, other.id)  # every type, in order; the scheduler may add more
+    assert other_types[0] == "plinth.job.submitted" and other_types[-1] == "plinth.job.finished"
+    assert "plinth.job.started" in other_types and {e.team for e in nlp} == {"nlp"}
+    event = vision[0]
     payload = events_pb2.JobFinished.FromString(event.data)
     assert payload.status == events_pb2.JOB_OUTCOME_SUCCEEDED and '"job_id"' in event.data_json
-    assert event.data_schema == "plinth.events.v1.JobFinished" and event.traceparent.startswith(
-        "00-"
-    )
+    assert event.team == "vision" and event.data_schema == "plinth.events.v1.JobFinished"
+    assert event.traceparent.startswith("00-")
 
 
 async def test_watch_events_refuses_unknown_types(platform: Platform) -> None:
@@ -160,6 +305,7 @@ async def test_watch_events_refuses_unknown_types(platform: Platform) -> None:
         caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         and "job.exploded" in caught.value.details()
     )
+    assert WATCH_LIVE not in tuple(caught.value.initial_metadata() or ())
 
 
 async def test_gateway_call_and_scheduler_work_share_one_trace(
@@ -173,7 +319,8 @@ async def test_gateway_call_and_scheduler_work_share_one_trace(
 
     async def finished_published() -> bool:
         return any(
-            s.name == "plinth.job.finished publish" and s.attributes.get("messaging.message.id")
+            s.name == "plinth.job.finished publish"
+            and (s.attributes or {}).get("messaging.message.id")
             for s in spans.get_finished_spans()
         ) and any(s.name == "job traced" for s in spans.get_finished_spans())
 
@@ -184,16 +331,131 @@ async def test_gateway_call_and_scheduler_work_share_one_trace(
         for s in recorded
         if s.kind == SpanKind.CLIENT and s.name.endswith("SubmitJob") and s.parent is None
     )
+    assert client.context is not None
     trace_id = client.context.trace_id
-    names = {s.name for s in recorded if s.context.trace_id == trace_id}
+    in_trace = [s for s in recorded if s.context is not None and s.context.trace_id == trace_id]
+    names = {s.name for s in in_trace}
     assert "job traced" in names
     assert {"plinth.job.submitted publish", "plinth.job.finished publish"} <= names
-    servers = [
-        s
-        for s in recorded
-        if s.context.trace_id == trace_id
-        and s.kind == SpanKind.SERVER
-        and s.name.endswith("SubmitJob")
-    ]
+    servers = [s for s in in_trace if s.kind == SpanKind.SERVER and s.name.endswith("SubmitJob")]
     assert len(servers) == 2, "gateway and scheduler each serve the call within the trace"
     assert job.id
+
+
+# Fuzzing: bytes that do not decode as the method's request must be INVALID_ARGUMENT
+# (MALFORMED_REQUEST) from the service behind the gateway; bytes that happen to decode must
+# still never be UNKNOWN or INTERNAL. Seeded, so a failure replays.
+_FUZZ_SEED = 6
+_FUZZ_PER_METHOD = 40
+_SCHEDULER = "/plinth.scheduler.v1.SchedulerService"
+_FUZZED: dict[str, tuple[type[Message], Message | None, bool]] = {
+    # path: (request type, a valid request to mutate (None: random bytes only), streaming)
+    f"{_SCHEDULER}/GetJob": (pb.GetJobRequest, pb.GetJobRequest(job_id="j-0123456789"), False),
+    f"{_SCHEDULER}/ListJobs": (
+        pb.ListJobsRequest,
+        pb.ListJobsRequest(team="ml", page_size=10, page_token="abc"),
+        False,
+    ),
+    f"{_SCHEDULER}/CancelJob": (
+        pb.CancelJobRequest,
+        pb.CancelJobRequest(job_id="j-0123456789"),
+        False,
+    ),
+    f"{_SCHEDULER}/StreamJobLogs": (
+        pb.StreamJobLogsRequest,
+        pb.StreamJobLogsRequest(job_id="j-0123456789"),
+        True,
+    ),
+    # Random bytes only: a mutated valid spec could start a process.
+    f"{_SCHEDULER}/SubmitJob": (pb.SubmitJobRequest, None, False),
+}
+
+
+def _mutated(valid: bytes, rng: random.Random) -> bytes:
+    data = bytearray(valid)
+    mutation: Callable[[], None] = rng.choice(
+        [
+            lambda: data.__setitem__(rng.randrange(len(data)), rng.randrange(256)),
+            lambda: data.insert(rng.randrange(len(data) + 1), rng.randrange(256)),
+            lambda: data.__delitem__(slice(rng.randrange(1, len(data)), None)),
+            lambda: data.__setitem__(1, rng.choice([0x7F, 0xFF, len(data) + 5])),
+        ]
+    )
+    mutation()
+    return bytes(data)
+
+
+def _fuzz_inputs(valid: Message | None, rng: random.Random) -> list[bytes]:
+    inputs = [rng.randbytes(rng.randrange(1, 48)) for _ in range(_FUZZ_PER_METHOD // 2)]
+    seed = valid.SerializeToString() if valid is not None else rng.randbytes(16)
+    inputs += [
+        _mutated(seed, rng) if valid is not None else rng.randbytes(rng.randrange(48, 256))
+        for _ in range(_FUZZ_PER_METHOD - len(inputs))
+    ]
+    return inputs
+
+
+def _decodes(request_type: type[Message], raw: bytes) -> bool:
+    try:
+        request_type.FromString(raw)
+    except DecodeError:
+        return False
+    return True
+
+
+async def _outcome(channel: grpc.aio.Channel, path: str, raw: bytes, streaming: bool) -> Any:
+    try:
+        if streaming:
+            async for _ in channel.unary_stream(path)(raw, timeout=5):
+                pass
+        else:
+            await channel.unary_unary(path)(raw, timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    return grpc.StatusCode.OK
+
+
+async def test_fuzzed_requests_through_the_gateway_are_never_unknown(platform: Platform) -> None:
+    rng = random.Random(_FUZZ_SEED)
+    undecodable = 0
+    for path, (request_type, valid, streaming) in _FUZZED.items():
+        for raw in _fuzz_inputs(valid, rng):
+            outcome = await _outcome(platform.channel, path, raw, streaming)
+            code = outcome.code() if isinstance(outcome, grpc.aio.AioRpcError) else outcome
+            if _decodes(request_type, raw):
+                assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (
+                    path,
+                    raw,
+                    outcome,
+                )
+                continue
+            undecodable += 1
+            details = (
+                details_of(outcome.trailing_metadata()) if code != grpc.StatusCode.OK else None
+            )
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (path, raw, outcome)
+            assert details is not None and (details.reason, details.domain) == (
+                "MALFORMED_REQUEST",
+                "scheduler.plinth",
+            ), (path, raw, outcome)
+    # The generator must really produce undecodable input, or the test proves nothing.
+    assert undecodable >= len(_FUZZED) * _FUZZ_PER_METHOD // 4
+
+
+async def test_fuzzed_watch_request_is_invalid_argument_from_the_gateway(
+    platform: Platform,
+) -> None:
+    rng = random.Random(_FUZZ_SEED)
+    path = "/plinth.gateway.v1.EventService/WatchEvents"
+    valid = gateway_pb2.WatchEventsRequest(types=["job.finished"], team="ml").SerializeToString()
+    candidates = [rng.randbytes(rng.randrange(1, 48)) for _ in range(20)]
+    candidates += [_mutated(valid, rng) for _ in range(40)]
+    # Only undecodable ones: a request that decodes may be a valid, never-ending watch.
+    undecodable = [raw for raw in candidates if not _decodes(gateway_pb2.WatchEventsRequest, raw)]
+    assert len(undecodable) >= 20
+    for raw in undecodable:
+        outcome = await _outcome(platform.channel, path, raw, True)
+        assert isinstance(outcome, grpc.aio.AioRpcError), raw
+        details = details_of(outcome.trailing_metadata())
+        assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT, (raw, outcome)
+        assert (details.reason, details.domain) == ("MALFORMED_REQUEST", "gateway.plinth")
