@@ -19,9 +19,10 @@ T = TypeVar("T")
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, timeout: float = 20.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 20.0, interval: float = 0.05
 ) -> T:
-    """Calls ``probe`` until it returns something truthy; fails after ``timeout`` seconds."""
+    """Calls ``probe`` until it returns something truthy and returns that; fails after
+    ``timeout`` seconds. A probe that returns ``X | None`` makes the result an ``X``."""
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from sklearn.datasets import load_diabetes
 
 from plinth_common.devstack import LocalPlatform
-from plinth_sdk import Plinth
+from plinth_sdk import ModelVersion, NotFound, Plinth
 from tests.helpers import eventually
 from tests.otlp import OtlpReceiver, ReceivedSpan, spans_in_trace_of
 
@@ -41,6 +41,7 @@ async def test_train_register_promote_deploy_infer(
         promoted.append(msg)
 
     await nc.subscribe("plinth.model.promoted", cb=keep)
+    await nc.flush()  # the server has the subscription: no promotion can be missed
     try:
         job = await asyncio.to_thread(
             plinth.jobs.submit,
@@ -53,10 +54,10 @@ async def test_train_register_promote_deploy_infer(
         done = await asyncio.to_thread(plinth.jobs.wait, job.id, timeout=120)
         assert done.state == "SUCCEEDED", done.failure_reason
 
-        async def registered() -> object:
+        async def registered() -> ModelVersion | None:
             try:
                 versions = await asyncio.to_thread(plinth.models.versions, MODEL)
-            except Exception:  # noqa: BLE001 - not registered yet
+            except NotFound:  # not registered yet; any other error fails the test
                 return None
             return next((v for v in versions if v.tags.get("plinth.job_id") == job.id), None)
 
@@ -113,7 +114,10 @@ async def test_train_register_promote_deploy_infer(
         )
         assert np.allclose(np.asarray(reply["outputs"][0]["data"], dtype=np.float64), expected)
 
-        await eventually(lambda: _ready(bool(promoted)), timeout=10)
+        async def promotion_seen() -> bool:
+            return bool(promoted)
+
+        await eventually(promotion_seen, timeout=10)
         headers = promoted[-1].headers or {}
         assert headers["ce-type"] == "plinth.model.promoted" and headers["ce-specversion"] == "1.0"
         assert headers["ce-id"] == headers["Nats-Msg-Id"] and headers["traceparent"].startswith(
@@ -187,7 +191,3 @@ async def test_features_online_through_the_gateway(platform: LocalPlatform) -> N
         assert len(rows) == 2
     finally:
         plinth.close()
-
-
-async def _ready(value: bool) -> bool:
-    return value

@@ -6,12 +6,16 @@ run; the gateway call, the scheduler's work and the job.finished publication are
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import grpc
 import mlflow
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from plinth.events.v1 import events_pb2
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -19,15 +23,13 @@ from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
 from plinth_common.devstack import LocalPlatform
 from tests.helpers import eventually
-from tests.otlp import PRODUCER, SERVER, OtlpReceiver, spans_in_trace_of
+from tests.otlp import PRODUCER, SERVER, OtlpReceiver, ReceivedSpan, spans_in_trace_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_every_service_reports_serving_through_health(platform: LocalPlatform) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     for service in platform.config.services:
         async with grpc.aio.insecure_channel(platform.address(service)) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -51,8 +53,9 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(
             async for event in watch:
                 seen.append(event)
 
+        # The gateway sends initial metadata once its subscription is live: nothing is missed.
+        await watch.initial_metadata()
         collector = asyncio.create_task(collect())
-        await asyncio.sleep(0.5)
         spec = pb.JobSpec(
             name="train-diabetes",
             team="ml",
@@ -92,7 +95,7 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(
     model = await asyncio.to_thread(mlflow.pyfunc.load_model, model_uri)
     assert model.metadata.signature is not None
 
-    async def whole_trace() -> list:  # type: ignore[type-arg]
+    async def whole_trace() -> list[ReceivedSpan]:
         spans = spans_in_trace_of(receiver, "plinth-scheduler", "job train-diabetes")
         names = {(s.service, s.name, s.kind) for s in spans}
         wanted = {
@@ -108,13 +111,11 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(
 
 
 def _plinth(platform: LocalPlatform, *args: str) -> subprocess.CompletedProcess[str]:
-    import os
-    import subprocess
-
     env = {**os.environ, "PLINTH_GATEWAY": platform.address("gateway")}
     return subprocess.run(
         [str(Path(sys.executable).with_name("plinth")), *args],
         env=env,
+        check=False,  # the tests assert the exit code themselves
         capture_output=True,
         text=True,
         timeout=60,
@@ -123,8 +124,6 @@ def _plinth(platform: LocalPlatform, *args: str) -> subprocess.CompletedProcess[
 
 
 async def test_cli_submits_follows_and_reports_errors_in_one_line(platform: LocalPlatform) -> None:
-    import json
-
     submitted = await asyncio.to_thread(
         _plinth,
         platform,
