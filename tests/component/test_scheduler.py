@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -261,21 +264,23 @@ async def test_job_whose_process_vanished_during_restart_is_failed_with_reason(
     job = await first.submit(PY, "-c", "import time; time.sleep(30)")
     job = await first.wait_state(job.id, pb.JOB_STATE_RUNNING)
     await first.close()
-    import os
-    import signal
-
-    os.kill(
-        job_pid := _pid_of(first, job.id), signal.SIGKILL
-    )  # the supervisor dies too (host crash)
-    await asyncio.sleep(0.2)
+    job_pid = _pid_of(first, job.id)
+    os.kill(job_pid, signal.SIGKILL)  # the supervisor dies too (host crash)
+    await eventually(lambda: _async(_gone(job_pid)))
     second = await start_scheduler()
     lost = await second.wait_state(job.id, *FINAL)
     assert lost.state == pb.JOB_STATE_FAILED and "lost" in lost.failure_reason, (job_pid, lost)
 
 
-def _pid_of(scheduler: Scheduler, job_id: str) -> int:
-    import sqlite3
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie has an empty command line)."""
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
 
+
+def _pid_of(scheduler: Scheduler, job_id: str) -> int:
     path = scheduler.app.settings.common.service_dir / "scheduler.db"
     with sqlite3.connect(path) as conn:
         return int(conn.execute("select pid from jobs where id = ?", (job_id,)).fetchone()[0])

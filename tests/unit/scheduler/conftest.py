@@ -1,0 +1,73 @@
+"""The scheduler service on a real SQLite store (a temp file) with a fake executor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+
+from plinth_common.db import Database
+from plinth_common.events import Outbox
+from services.scheduler.app import MIGRATIONS
+from services.scheduler.events import OutboxJobEvents
+from services.scheduler.service import JobEnvironment, SchedulerService
+from services.scheduler.store import SqlJobStore, outbox_table
+from tests.unit.scheduler.fakes import FakeExecutor
+
+MakeService = Callable[[FakeExecutor], SchedulerService]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'scheduler.db'}")
+    await database.migrate(MIGRATIONS)
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+def store(db: Database) -> SqlJobStore:
+    return SqlJobStore(db, events=OutboxJobEvents(Outbox(outbox_table, source="/plinth/scheduler")))
+
+
+@pytest.fixture
+def executor() -> FakeExecutor:
+    return FakeExecutor()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_service(store: SqlJobStore) -> AsyncIterator[MakeService]:
+    """Builds services on the one store (a second one plays the restarted scheduler)."""
+    made: list[SchedulerService] = []
+
+    def make(executor: FakeExecutor) -> SchedulerService:
+        service = SchedulerService(
+            store=store,
+            executor=executor,
+            job_env=JobEnvironment(
+                mlflow_tracking_uri="http://mlflow.test", base={"PATH": "/usr/bin"}
+            ),
+            finish_attempts=2,
+        )
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        await service.stop()
+
+
+@pytest.fixture
+def service(make_service: MakeService, executor: FakeExecutor) -> SchedulerService:
+    """A service whose dispatcher is not running: tests call ``dispatch_once`` themselves."""
+    return make_service(executor)
+
+
+async def event_types(db: Database, job_id: str) -> list[str]:
+    """The types of the events the outbox holds for ``job_id``, in the order they were written."""
+    async with db.read() as session:
+        rows = await session.execute(sa.select(outbox_table.c.headers).order_by(outbox_table.c.seq))
+    return [h["ce-type"] for (h,) in rows if h["ce-subject"] == job_id]

@@ -1,0 +1,84 @@
+"""Fakes at the scheduler service's seams: an executor that starts no processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.scheduler.domain import ExitStatus, Job, Resources
+
+SIGTERM = 15
+
+
+class FakeHandle:
+    """A "process" that ends when the test says so."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._status: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> ExitStatus:
+        # Shielded: a scheduler that stops watching (cancels its wait) does not end the process.
+        return await asyncio.shield(self._status)
+
+    def exit(self, status: ExitStatus) -> None:
+        if not self._status.done():
+            self._status.set_result(status)
+
+
+@dataclass
+class FakeExecutor:
+    """Records what the service asks of it; job processes are :class:`FakeHandle` objects.
+
+    Attributes:
+        survivors: what :meth:`reattach` finds per job id (absent: the process vanished).
+        reported: the outputs each job "wrote".
+        refuse_launch: job names whose launch fails, as a missing program would.
+    """
+
+    capacity: Resources = field(
+        default_factory=lambda: Resources(cpu=2.0, memory_bytes=8 * 1024**3, gpu=0)
+    )
+    directories: set[str] = field(default_factory=lambda: {"/srv/work"})
+    survivors: dict[str, FakeHandle] = field(default_factory=dict)
+    reported: dict[str, dict[str, str]] = field(default_factory=dict)
+    refuse_launch: set[str] = field(default_factory=set)
+    launched: list[str] = field(default_factory=list)
+    environments: dict[str, dict[str, str]] = field(default_factory=dict)
+    handles: dict[str, FakeHandle] = field(default_factory=dict)
+    terminated: list[str] = field(default_factory=list)
+
+    def prepare(self, job_id: str) -> str:
+        return f"/jobs/{job_id}/work"
+
+    def has_directory(self, path: str) -> bool:
+        return path in self.directories
+
+    async def launch(self, job: Job, env: Mapping[str, str]) -> FakeHandle:
+        if job.name in self.refuse_launch:
+            raise FileNotFoundError(f"no such program: {job.spec.entrypoint[0]}")
+        self.launched.append(job.id)
+        self.environments[job.id] = dict(env)
+        handle = FakeHandle(pid=1000 + len(self.launched))
+        self.handles[job.id] = handle
+        return handle
+
+    async def reattach(self, job: Job) -> FakeHandle | None:
+        handle = self.survivors.get(job.id)
+        if handle is not None:
+            self.handles[job.id] = handle
+        return handle
+
+    async def terminate(self, job: Job) -> None:
+        self.terminated.append(job.id)
+        handle = self.handles.get(job.id)
+        if handle is not None:  # the process honours SIGTERM
+            handle.exit(ExitStatus(exit_code=0, signal=SIGTERM))
+
+    async def outputs(self, job: Job) -> dict[str, str]:
+        return dict(self.reported.get(job.id, {}))
+
+    async def read_log(self, job_id: str, offset: int) -> bytes:
+        log = f"log of {job_id}\n".encode()
+        return log[offset:]

@@ -1,0 +1,269 @@
+"""SchedulerService with a fake executor: admission, life cycle, cancellation, recovery, paging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from plinth_common.db import Database
+from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from plinth_common.paging import encode_token
+from services.scheduler.domain import LOST, ExitStatus, Job, JobSpec, JobState, Resources
+from services.scheduler.service import SchedulerService
+from services.scheduler.store import SqlJobStore
+from tests.unit.scheduler.conftest import MakeService, event_types
+from tests.unit.scheduler.fakes import SIGTERM, FakeExecutor
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def spec(name: str = "train", *, cpu: float = 1.0, **fields: Any) -> JobSpec:
+    return JobSpec(
+        **{
+            "name": name,
+            "team": "ml",
+            "entrypoint": ["python", "train.py"],
+            "resources": Resources(cpu=cpu),
+            **fields,
+        }
+    )
+
+
+async def state_of(service: SchedulerService, job: Job) -> JobState:
+    return (await service.get(job.id)).state
+
+
+async def test_queued_jobs_are_admitted_in_fifo_order_within_capacity(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    small = await service.submit(spec("small", cpu=1))
+    big = await service.submit(spec("big", cpu=2))
+    behind = await service.submit(spec("behind", cpu=1))
+
+    assert await service.dispatch_once() == 1
+    # One core is left, but the big job at the head is not overtaken by the one behind it.
+    assert [await state_of(service, j) for j in (small, big, behind)] == [
+        JobState.RUNNING,
+        JobState.QUEUED,
+        JobState.QUEUED,
+    ]
+    assert await service.dispatch_once() == 0
+
+    executor.handles[small.id].exit(ExitStatus(exit_code=0))
+    await service.wait_idle()
+    assert await service.dispatch_once() == 1
+    assert await state_of(service, behind) is JobState.QUEUED
+
+    executor.handles[big.id].exit(ExitStatus(exit_code=0))
+    await service.wait_idle()
+    assert await service.dispatch_once() == 1
+    assert executor.launched == [small.id, big.id, behind.id]
+
+
+async def test_job_runs_to_success_with_outputs_environment_and_events(
+    service: SchedulerService, executor: FakeExecutor, db: Database
+) -> None:
+    job = await service.submit(spec(env={"GREETING": "hi"}))
+    assert job.state is JobState.QUEUED and job.spec.working_dir == f"/jobs/{job.id}/work"
+
+    await service.dispatch_once()
+    running = await service.get(job.id)
+    assert running.state is JobState.RUNNING and running.pid == executor.handles[job.id].pid
+    env = executor.environments[job.id]
+    assert env["GREETING"] == "hi" and env["PLINTH_JOB_ID"] == job.id
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.test"
+
+    executor.reported[job.id] = {"mlflow_run_id": "r123", "accuracy": "0.9"}
+    executor.handles[job.id].exit(ExitStatus(exit_code=0))
+    await service.wait_idle()
+
+    done = await service.get(job.id)
+    assert done.state is JobState.SUCCEEDED and done.exit_code == 0 and done.failure_reason == ""
+    assert done.mlflow_run_id == "r123" and done.outputs["accuracy"] == "0.9"
+    assert done.finished_at is not None and done.started_at is not None
+    assert await event_types(db, job.id) == [
+        "plinth.job.submitted",
+        "plinth.job.admitted",
+        "plinth.job.started",
+        "plinth.job.finished",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (ExitStatus(exit_code=3), "exit code 3"),
+        (ExitStatus(exit_code=0, signal=9), "killed by signal 9 (SIGKILL)"),
+    ],
+)
+async def test_job_that_exits_badly_fails_with_the_reason(
+    service: SchedulerService, executor: FakeExecutor, status: ExitStatus, reason: str
+) -> None:
+    job = await service.submit(spec())
+    await service.dispatch_once()
+    executor.handles[job.id].exit(status)
+    await service.wait_idle()
+    done = await service.get(job.id)
+    assert done.state is JobState.FAILED and done.failure_reason == reason
+    assert (done.exit_code, done.signal) == (status.exit_code, status.signal)
+
+
+async def test_job_that_cannot_start_fails_and_frees_its_capacity(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    executor.refuse_launch.add("broken")
+    broken = await service.submit(spec("broken", cpu=2))
+    after = await service.submit(spec("after", cpu=2))
+    assert await service.dispatch_once() == 0
+    failed = await service.get(broken.id)
+    assert failed.state is JobState.FAILED and "could not start" in failed.failure_reason
+    assert await service.dispatch_once() == 1
+    assert await state_of(service, after) is JobState.RUNNING
+
+
+async def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(
+    service: SchedulerService, executor: FakeExecutor, db: Database
+) -> None:
+    job = await service.submit(spec())
+    cancelled = await service.cancel(job.id)
+    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.failure_reason == "cancelled before it started"
+    assert await service.dispatch_once() == 0 and executor.launched == []
+    assert await event_types(db, job.id) == ["plinth.job.submitted", "plinth.job.cancelled"]
+
+
+async def test_cancelling_a_running_job_stops_its_process_and_ends_it_cancelled(
+    service: SchedulerService, executor: FakeExecutor, db: Database
+) -> None:
+    job = await service.submit(spec())
+    await service.dispatch_once()
+    await service.cancel(job.id)
+    assert executor.terminated == [job.id]
+    await service.wait_idle()
+    done = await service.get(job.id)
+    assert done.state is JobState.CANCELLED and done.signal == SIGTERM
+    types = await event_types(db, job.id)
+    assert types[-1] == "plinth.job.cancelled" and "plinth.job.finished" not in types
+
+
+async def test_cancel_of_an_ended_or_unknown_job_is_refused(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    job = await service.submit(spec())
+    await service.dispatch_once()
+    executor.handles[job.id].exit(ExitStatus(exit_code=0))
+    await service.wait_idle()
+    with pytest.raises(FailedPrecondition, match="already ended"):
+        await service.cancel(job.id)
+    with pytest.raises(NotFound) as caught:
+        await service.cancel("j-nope")
+    assert caught.value.name == "j-nope"
+
+
+async def test_restart_reattaches_survivors_fails_vanished_jobs_and_requeues_unstarted_ones(
+    make_service: MakeService, executor: FakeExecutor, store: SqlJobStore
+) -> None:
+    first = make_service(executor)
+    survivor = await first.submit(spec("survivor"))
+    vanished = await first.submit(spec("vanished"))
+    await first.dispatch_once()
+    # Admitted by a scheduler that died before it started the process (no pid recorded).
+    async with store.transaction() as tx:
+        unstarted = await tx.add(
+            Job(
+                id="j-unstarted",
+                spec=spec("unstarted", working_dir="/srv/work"),
+                state=JobState.ADMITTED,
+                created_at=survivor.created_at,
+                admitted_at=survivor.created_at,
+            )
+        )
+    await first.stop()  # the scheduler goes away; the processes do not
+
+    restarted = FakeExecutor(survivors={survivor.id: executor.handles[survivor.id]})
+    second = make_service(restarted)
+    await second.recover()
+
+    lost = await second.get(vanished.id)
+    assert lost.state is JobState.FAILED and lost.failure_reason == LOST
+    assert await state_of(second, unstarted) is JobState.QUEUED
+    assert await state_of(second, survivor) is JobState.RUNNING
+    restarted.handles[survivor.id].exit(ExitStatus(exit_code=0))
+    await second.wait_idle()
+    assert await state_of(second, survivor) is JobState.SUCCEEDED
+    assert await second.dispatch_once() == 1 and restarted.launched == [unstarted.id]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "repeated"),
+    [
+        ({"name": "Bad Name"}, "spec.name", "'Bad Name'"),
+        ({"name": "x" * 64}, "spec.name", "'xxxx"),
+        ({"team": "ML_Team"}, "spec.team", "'ML_Team'"),
+        ({"register_as": "../etc/passwd"}, "spec.register_as", "'../etc/passwd'"),
+        ({"entrypoint": []}, "spec.entrypoint", ""),
+        ({"working_dir": "relative/dir"}, "spec.working_dir", "'relative/dir'"),
+        ({"working_dir": "/no/such/dir"}, "spec.working_dir", "'/no/such/dir'"),
+        ({"env": {"PLINTH_JOB_ID": "x"}}, "spec.env", "PLINTH_JOB_ID"),
+        ({"env": {"1BAD": "x"}}, "spec.env", "'1BAD'"),
+        ({"resources": Resources(cpu=3)}, "spec.resources.cpu", "3 cores"),
+        ({"resources": Resources(memory_bytes=-5)}, "spec.resources.memory_bytes", "-5"),
+        ({"resources": Resources(gpu=1)}, "spec.resources.gpu", "1 GPUs"),
+    ],
+)
+async def test_invalid_submission_names_the_field_and_repeats_the_value(
+    service: SchedulerService, fields: dict[str, Any], field: str, repeated: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await service.submit(spec(**fields))
+    assert caught.value.field == field
+    assert repeated in caught.value.problem, caught.value.message
+    assert (await service.list())[0] == []
+
+
+async def test_listing_pages_newest_first_and_filters(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    submitted = [await service.submit(spec(f"n{i}")) for i in range(5)]
+    other = await service.submit(spec("other", team="nlp"))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page, token = await service.list(team="ml", page_size=2, page_token=token)
+        assert len(page) <= 2
+        seen += [job.id for job in page]
+        if not token:
+            break
+    assert seen == [job.id for job in reversed(submitted)]
+    await service.cancel(other.id)
+    cancelled, _ = await service.list(state=JobState.CANCELLED)
+    assert [job.id for job in cancelled] == [other.id]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ({"page_token": encode_token("deployments", 3)}, "page_token"),
+        ({"page_token": "garbage"}, "page_token"),
+        ({"page_size": 501}, "page_size"),
+        ({"page_size": -1}, "page_size"),
+        ({"team": "Not A Team"}, "team"),
+    ],
+)
+async def test_listing_refuses_foreign_tokens_and_bad_arguments(
+    service: SchedulerService, arguments: dict[str, Any], field: str
+) -> None:
+    await service.submit(spec())
+    with pytest.raises(InvalidArgument) as caught:
+        await service.list(**arguments)
+    assert caught.value.field == field
+
+
+async def test_logs_come_from_the_executor(service: SchedulerService) -> None:
+    job = await service.submit(spec())
+    await service.cancel(job.id)
+    chunks = [chunk async for chunk in service.logs(job.id, follow=True)]
+    assert b"".join(chunks) == f"log of {job.id}\n".encode()
+    with pytest.raises(NotFound):
+        [chunk async for chunk in service.logs("j-nope", follow=False)]
