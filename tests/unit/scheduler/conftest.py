@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import pytest_asyncio
@@ -13,11 +14,15 @@ from plinth_common.db import Database
 from plinth_common.events import Outbox
 from services.scheduler.app import MIGRATIONS
 from services.scheduler.events import OutboxJobEvents
-from services.scheduler.service import JobEnvironment, SchedulerService
+from services.scheduler.service import JobEnvironment, JobStore, SchedulerService
 from services.scheduler.store import SqlJobStore, outbox_table
 from tests.unit.scheduler.fakes import FakeExecutor
 
-MakeService = Callable[[FakeExecutor], SchedulerService]
+
+class MakeService(Protocol):
+    def __call__(
+        self, executor: FakeExecutor, *, store: JobStore | None = None
+    ) -> SchedulerService: ...
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -40,12 +45,13 @@ def executor() -> FakeExecutor:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def make_service(store: SqlJobStore) -> AsyncIterator[MakeService]:
+    default_store = store
     """Builds services on the one store (a second one plays the restarted scheduler)."""
     made: list[SchedulerService] = []
 
-    def make(executor: FakeExecutor) -> SchedulerService:
+    def make(executor: FakeExecutor, *, store: JobStore | None = None) -> SchedulerService:
         service = SchedulerService(
-            store=store,
+            store=store or default_store,
             executor=executor,
             job_env=JobEnvironment(
                 mlflow_tracking_uri="http://mlflow.test", base={"PATH": "/usr/bin"}

@@ -35,6 +35,7 @@ class FakeExecutor:
         survivors: what :meth:`reattach` finds per job id (absent: the process vanished).
         reported: the outputs each job "wrote".
         refuse_launch: job names whose launch fails, as a missing program would.
+        launch_gate: when set, launches wait for it.
     """
 
     capacity: Resources = field(
@@ -44,6 +45,7 @@ class FakeExecutor:
     survivors: dict[str, FakeHandle] = field(default_factory=dict)
     reported: dict[str, dict[str, str]] = field(default_factory=dict)
     refuse_launch: set[str] = field(default_factory=set)
+    launch_gate: asyncio.Event | None = None
     launched: list[str] = field(default_factory=list)
     environments: dict[str, dict[str, str]] = field(default_factory=dict)
     handles: dict[str, FakeHandle] = field(default_factory=dict)
@@ -56,6 +58,8 @@ class FakeExecutor:
         return path in self.directories
 
     async def launch(self, job: Job, env: Mapping[str, str]) -> FakeHandle:
+        if self.launch_gate is not None:  # a slow start (an image pull, a busy node)
+            await self.launch_gate.wait()
         if job.name in self.refuse_launch:
             raise FileNotFoundError(f"no such program: {job.spec.entrypoint[0]}")
         self.launched.append(job.id)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -10,8 +13,9 @@ from plinth_common.db import Database
 from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from plinth_common.paging import encode_token
 from services.scheduler.domain import LOST, ExitStatus, Job, JobSpec, JobState, Resources
-from services.scheduler.service import SchedulerService
+from services.scheduler.service import JobTransaction, SchedulerService
 from services.scheduler.store import SqlJobStore
+from tests.helpers import eventually
 from tests.unit.scheduler.conftest import MakeService, event_types
 from tests.unit.scheduler.fakes import SIGTERM, FakeExecutor
 
@@ -28,6 +32,11 @@ def spec(name: str = "train", *, cpu: float = 1.0, **fields: Any) -> JobSpec:
             **fields,
         }
     )
+
+
+async def settled(service: SchedulerService) -> None:
+    """Waits until the outcome of every ended job is recorded (a job left running fails it)."""
+    await asyncio.wait_for(service.wait_idle(), timeout=10)
 
 
 async def state_of(service: SchedulerService, job: Job) -> JobState:
@@ -51,12 +60,12 @@ async def test_queued_jobs_are_admitted_in_fifo_order_within_capacity(
     assert await service.dispatch_once() == 0
 
     executor.handles[small.id].exit(ExitStatus(exit_code=0))
-    await service.wait_idle()
+    await settled(service)
     assert await service.dispatch_once() == 1
     assert await state_of(service, behind) is JobState.QUEUED
 
     executor.handles[big.id].exit(ExitStatus(exit_code=0))
-    await service.wait_idle()
+    await settled(service)
     assert await service.dispatch_once() == 1
     assert executor.launched == [small.id, big.id, behind.id]
 
@@ -76,7 +85,7 @@ async def test_job_runs_to_success_with_outputs_environment_and_events(
 
     executor.reported[job.id] = {"mlflow_run_id": "r123", "accuracy": "0.9"}
     executor.handles[job.id].exit(ExitStatus(exit_code=0))
-    await service.wait_idle()
+    await settled(service)
 
     done = await service.get(job.id)
     assert done.state is JobState.SUCCEEDED and done.exit_code == 0 and done.failure_reason == ""
@@ -103,7 +112,7 @@ async def test_job_that_exits_badly_fails_with_the_reason(
     job = await service.submit(spec())
     await service.dispatch_once()
     executor.handles[job.id].exit(status)
-    await service.wait_idle()
+    await settled(service)
     done = await service.get(job.id)
     assert done.state is JobState.FAILED and done.failure_reason == reason
     assert (done.exit_code, done.signal) == (status.exit_code, status.signal)
@@ -140,7 +149,7 @@ async def test_cancelling_a_running_job_stops_its_process_and_ends_it_cancelled(
     await service.dispatch_once()
     await service.cancel(job.id)
     assert executor.terminated == [job.id]
-    await service.wait_idle()
+    await settled(service)
     done = await service.get(job.id)
     assert done.state is JobState.CANCELLED and done.signal == SIGTERM
     types = await event_types(db, job.id)
@@ -153,7 +162,7 @@ async def test_cancel_of_an_ended_or_unknown_job_is_refused(
     job = await service.submit(spec())
     await service.dispatch_once()
     executor.handles[job.id].exit(ExitStatus(exit_code=0))
-    await service.wait_idle()
+    await settled(service)
     with pytest.raises(FailedPrecondition, match="already ended"):
         await service.cancel(job.id)
     with pytest.raises(NotFound) as caught:
@@ -190,7 +199,7 @@ async def test_restart_reattaches_survivors_fails_vanished_jobs_and_requeues_uns
     assert await state_of(second, unstarted) is JobState.QUEUED
     assert await state_of(second, survivor) is JobState.RUNNING
     restarted.handles[survivor.id].exit(ExitStatus(exit_code=0))
-    await second.wait_idle()
+    await settled(second)
     assert await state_of(second, survivor) is JobState.SUCCEEDED
     assert await second.dispatch_once() == 1 and restarted.launched == [unstarted.id]
 
@@ -267,3 +276,55 @@ async def test_logs_come_from_the_executor(service: SchedulerService) -> None:
     assert b"".join(chunks) == f"log of {job.id}\n".encode()
     with pytest.raises(NotFound):
         [chunk async for chunk in service.logs("j-nope", follow=False)]
+
+
+async def test_a_job_cancelled_while_it_is_being_started_is_stopped_once_it_runs(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    executor.launch_gate = asyncio.Event()
+    job = await service.submit(spec())
+    dispatch = asyncio.create_task(service.dispatch_once())
+    await eventually(lambda: _is(service, job, JobState.ADMITTED))
+    await service.cancel(job.id)
+    executor.launch_gate.set()
+    assert await dispatch == 1
+    await settled(service)
+    done = await service.get(job.id)
+    assert done.state is JobState.CANCELLED and done.signal == SIGTERM
+
+
+async def test_recording_an_outcome_is_retried_when_the_store_fails_briefly(
+    make_service: MakeService, executor: FakeExecutor, store: SqlJobStore
+) -> None:
+    flaky = FlakyStore(store)
+    service = make_service(executor, store=flaky)
+    job = await service.submit(spec())
+    await service.dispatch_once()
+    flaky.failures = 1
+    executor.handles[job.id].exit(ExitStatus(exit_code=0))
+    await settled(service)
+    assert flaky.failures == 0, "the store was not called again"
+    assert await state_of(service, job) is JobState.SUCCEEDED
+
+
+async def _is(service: SchedulerService, job: Job, state: JobState) -> bool:
+    return await state_of(service, job) is state
+
+
+class FlakyStore:
+    """The real store, whose next ``failures`` transactions fail as a dropped connection would."""
+
+    def __init__(self, store: SqlJobStore) -> None:
+        self._store = store
+        self.failures = 0
+        self.get = store.get
+        self.page = store.page
+        self.in_states = store.in_states
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[JobTransaction]:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionResetError("connection to the database was lost")
+        async with self._store.transaction() as tx:
+            yield tx
