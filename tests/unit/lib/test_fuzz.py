@@ -9,7 +9,6 @@ import random
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
-import pytest
 import pytest_asyncio
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import DecodeError, Message
