@@ -20,8 +20,11 @@ from plinth_common.errors import FailedPrecondition, InvalidArgument
 from plinth_common.names import check_job_name, check_model_name, check_team, shown
 
 __all__ = [
+    "ACTIVE",
+    "CANCELLED_BEFORE_START",
     "DEFAULT_CPU",
     "DEFAULT_MEMORY",
+    "LOST",
     "ExitStatus",
     "Job",
     "JobEvent",
