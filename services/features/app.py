@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,13 +13,17 @@ from plinth.features.v1 import features_pb2, features_pb2_grpc
 from plinth_common.config import CommonSettings, Env
 from plinth_common.runtime import EngineHealth, ServiceRuntime
 from services.features.events import OutboxFeatureEvents
+from services.features.feast_adapter import FeastAdapter
 from services.features.feast_engine import FeastEngine, FeastSettings
-from services.features.repository import Limits
+from services.features.repository import Limits, RepositoryFolder
 from services.features.service import FeaturesService
 from services.features.servicer import FeaturesServicer
 from services.features.store import outbox_table, processed_table
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Feast's file registry logs "Registry cache expired, so refreshing" at INFO on every cache
+# expiry (every health probe and plan refresh): more than half of the log, none of it news.
+_QUIET_LOGGERS = ("feast.infra.registry",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,17 +83,30 @@ class FeaturesApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        assert self.runtime.outbox is not None
+        if self.runtime.outbox is None:
+            raise RuntimeError("the features service's runtime was built without an outbox")
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.feast = FeastEngine(settings.feast)
-        self.service = FeaturesService(
+        self._reads = ThreadPoolExecutor(
+            max_workers=settings.read_workers, thread_name_prefix="feast-read"
+        )
+        self._batch = ThreadPoolExecutor(
+            max_workers=settings.batch_workers, thread_name_prefix="feast-batch"
+        )
+        self.adapter = FeastAdapter(
             engine=self.feast,
+            folder=RepositoryFolder(settings.feast.repo_path),
+            reads=self._reads,
+            batch=self._batch,
+            plan_ttl_s=settings.plan_ttl_s,
+            inline_read_max_keys=settings.inline_read_max_keys,
+        )
+        self.service = FeaturesService(
+            engine=self.adapter,
             db=self.runtime.db,
             events=OutboxFeatureEvents(self.runtime.outbox, project=settings.feast.project),
             limits=Limits(max_total_bytes=settings.max_repository_bytes),
-            read_workers=settings.read_workers,
-            batch_workers=settings.batch_workers,
-            plan_ttl_s=settings.plan_ttl_s,
-            inline_read_max_keys=settings.inline_read_max_keys,
         )
         self.runtime.server.add(
             features_pb2_grpc.add_FeaturesServiceServicer_to_server,
@@ -115,5 +135,7 @@ class FeaturesApp:
         """Stops the server (draining calls), then the Feast workers, then Feast."""
         await self.health.stop()
         await self.runtime.stop()
-        await self.service.stop()
+        # Waits for running Feast calls, then releases the worker threads.
+        await asyncio.to_thread(self._reads.shutdown, wait=True)
+        await asyncio.to_thread(self._batch.shutdown, wait=True)
         await self.feast.stop()

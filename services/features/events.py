@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
 from plinth_common.events import Outbox
-from services.features.service import Materialization
+from services.features.domain import Materialization
 
 
 def _timestamp(value: datetime | None) -> Timestamp | None:

@@ -15,9 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
 from plinth_common.prototime import to_timestamp
-from services.features.online import OnlineColumn
-from services.features.service import FeaturesService, FeatureViewInfo, Materialization
-from services.features.tables import TableFormat
+from services.features.domain import FeatureViewInfo, Materialization, OnlineColumn, TableFormat
+from services.features.service import FeaturesService
 from services.features.wire import encode_online_response
 
 _MAX_EXACT_INT = 2**53
@@ -156,6 +155,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             feature_services=list(result.feature_services),
             data_sources=list(result.data_sources),
             deleted=list(result.deleted),
+            warnings=list(result.warnings),
         )
 
     async def ListFeatureViews(

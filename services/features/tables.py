@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from plinth_common.errors import InvalidArgument
+from services.features.domain import TableFormat
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -14,13 +14,6 @@ if TYPE_CHECKING:
 __all__ = ["TableFormat", "check_entity_frame", "decode_table", "detect_format", "encode_table"]
 
 _PARQUET_MAGIC = b"PAR1"
-
-
-class TableFormat(Enum):
-    """How a table travels as bytes."""
-
-    ARROW_IPC = "arrow_ipc"
-    PARQUET = "parquet"
 
 
 def detect_format(data: bytes) -> TableFormat:

@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from plinth.features.v1 import features_pb2 as pb
-from services.features.online import OnlineColumn
+from services.features.domain import OnlineColumn
 
 __all__ = ["encode_online_response"]
 

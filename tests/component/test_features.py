@@ -259,6 +259,58 @@ async def test_apply_refuses_oversized_uploads_and_broken_code_keeping_the_previ
     assert not any((features.repo / ".incoming").iterdir())
 
 
+MISSING_SOURCE = b"""
+from datetime import timedelta
+from feast import FeatureView, Field, FileSource
+from feast.types import Float32, Int64
+from driver_repo import driver
+
+missing_source = FileSource(name="missing_source", path="data/not_generated.parquet",
+                            timestamp_field="event_timestamp")
+driver_missing = FeatureView(name="driver_missing", entities=[driver], ttl=timedelta(days=1),
+                             schema=[Field(name="driver_id", dtype=Int64),
+                                     Field(name="conv_rate", dtype=Float32)],
+                             source=missing_source)
+"""
+
+
+async def test_apply_warns_of_a_source_it_cannot_read_and_materialize_names_it(
+    features: Features,
+) -> None:
+    files = {**definition_files(), "missing.py": MISSING_SOURCE}
+    try:
+        applied = await features.stub.ApplyRepository(pb.ApplyRepositoryRequest(files=files))
+        assert "driver_missing" in applied.feature_views
+        assert len(applied.warnings) == 1, applied.warnings
+        warning = applied.warnings[0]
+        assert "'missing_source'" in warning and "does not exist" in warning
+        assert str(features.repo / "data" / "not_generated.parquet") in warning
+
+        details = await expect_error(
+            features.stub.Materialize(window_request(feature_views=["driver_missing"])),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert "'missing_source'" in details and "does not exist" in details
+    finally:
+        restored = await features.stub.ApplyRepository(
+            pb.ApplyRepositoryRequest(files=definition_files())
+        )
+    assert list(restored.warnings) == []
+
+
+async def test_apply_refuses_a_view_name_the_api_could_not_address(features: Features) -> None:
+    bad = definition_files()["driver_repo.py"].replace(
+        b'name="driver_hourly_stats_fresh"', b'name="driver hourly stats"'
+    )
+    details = await expect_error(
+        features.stub.ApplyRepository(pb.ApplyRepositoryRequest(files={"driver_repo.py": bad})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details.startswith("files") and "'driver hourly stats'" in details
+    listed = await features.stub.ListFeatureViews(pb.ListFeatureViewsRequest())
+    assert "driver_hourly_stats_fresh" in {v.name for v in listed.feature_views}
+
+
 # --- materialization ------------------------------------------------------------------------
 
 

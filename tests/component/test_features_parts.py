@@ -9,15 +9,9 @@ from google.protobuf import struct_pb2
 
 from plinth.features.v1 import features_pb2 as pb
 from plinth_common.errors import InvalidArgument
-from services.features.online import (
-    FieldStatus,
-    JoinKey,
-    KeySerializer,
-    OnlineColumn,
-    _join_key,
-    _value_proto,
-    parse_feature_refs,
-)
+from services.features.domain import FieldStatus, OnlineColumn, parse_feature_refs
+from services.features.feast_values import JoinKey, join_key, value_proto
+from services.features.sqlite_online_reader import KeySerializer
 from services.features.repository import Limits, RepositoryFolder, validate_files
 from services.features.servicer import columns_to_proto, value_of
 
@@ -68,16 +62,16 @@ def test_key_serializer_matches_feasts_own_bytes(keys: list[tuple[str, str, obje
 
     ordered: list[JoinKey] = []
     for name, kind, _ in keys:
-        join_key = _join_key(name, _value_type(kind))
-        assert join_key is not None
-        ordered.append(join_key)
+        key_of = join_key(name, _value_type(kind))
+        assert key_of is not None
+        ordered.append(key_of)
     serializer = KeySerializer.verified(ordered, 3)
     assert serializer is not None
     values = {name: value for name, _, value in keys}
     key = tuple(values[k.name] for k in ordered)
     proto = EntityKey(
         join_keys=[k.name for k in ordered],
-        entity_values=[_value_proto(Value, k.proto_field, values[k.name]) for k in ordered],
+        entity_values=[value_proto(Value, k.proto_field, values[k.name]) for k in ordered],
     )
     assert serializer(key) == serialize_entity_key(proto, entity_key_serialization_version=3)
 
@@ -89,8 +83,8 @@ def _value_type(kind: str):  # type: ignore[no-untyped-def]
 
 
 def test_unsupported_key_types_leave_the_fast_path() -> None:
-    assert _join_key("flag", _value_type("BOOL")) is None
-    assert _join_key("score", _value_type("DOUBLE")) is None
+    assert join_key("flag", _value_type("BOOL")) is None
+    assert join_key("score", _value_type("DOUBLE")) is None
 
 
 def test_feature_refs_are_checked() -> None:

@@ -47,20 +47,22 @@ class ApplyRepositoryRequest(_message.Message):
     def __init__(self, files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ApplyRepositoryResponse(_message.Message):
-    __slots__ = ("entities", "feature_views", "on_demand_feature_views", "feature_services", "data_sources", "deleted")
+    __slots__ = ("entities", "feature_views", "on_demand_feature_views", "feature_services", "data_sources", "deleted", "warnings")
     ENTITIES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
     ON_DEMAND_FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SERVICES_FIELD_NUMBER: _ClassVar[int]
     DATA_SOURCES_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     entities: _containers.RepeatedScalarFieldContainer[str]
     feature_views: _containers.RepeatedScalarFieldContainer[str]
     on_demand_feature_views: _containers.RepeatedScalarFieldContainer[str]
     feature_services: _containers.RepeatedScalarFieldContainer[str]
     data_sources: _containers.RepeatedScalarFieldContainer[str]
     deleted: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, entities: _Optional[_Iterable[str]] = ..., feature_views: _Optional[_Iterable[str]] = ..., on_demand_feature_views: _Optional[_Iterable[str]] = ..., feature_services: _Optional[_Iterable[str]] = ..., data_sources: _Optional[_Iterable[str]] = ..., deleted: _Optional[_Iterable[str]] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entities: _Optional[_Iterable[str]] = ..., feature_views: _Optional[_Iterable[str]] = ..., on_demand_feature_views: _Optional[_Iterable[str]] = ..., feature_services: _Optional[_Iterable[str]] = ..., data_sources: _Optional[_Iterable[str]] = ..., deleted: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeatureView(_message.Message):
     __slots__ = ("name", "entities", "features", "ttl_seconds", "online", "join_keys", "batch_source", "push_source", "tags")

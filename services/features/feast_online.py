@@ -5,9 +5,8 @@ protobuf, sorts and groups rows, builds a response protobuf and then converts it
 
 - a request's feature references resolve once into an :class:`OnlinePlan` (cached);
 - entity values are checked and converted once per distinct key;
-- on Feast's SQLite online store, the rows are read from Feast's own tables with Feast's query
-  (:class:`SqliteRows`), keys serialized as Feast serializes them (:class:`KeySerializer`,
-  checked against Feast's function), timestamps converted as Feast converts them;
+- on Feast's SQLite online store, the rows are read from Feast's own tables
+  (:mod:`services.features.sqlite_online_reader`);
 - on stores with an async client (Redis), Feast's ``online_read_async``; on others, Feast's
   ``online_read`` in a worker thread.
 
@@ -19,154 +18,40 @@ types) are served by ``FeatureStore.get_online_features`` itself, in a worker th
 from __future__ import annotations
 
 import math
-import sqlite3
-import struct
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.features.domain import (
+    MAX_ENTITY_ROWS,
+    FieldStatus,
+    OnlineColumn,
+    parse_feature_refs,
+)
+from services.features.feast_values import (
+    MAX_EXACT_INT,
+    JoinKey,
+    join_key,
+    python_value,
+    value_proto,
+)
+from services.features.sqlite_online_reader import (
+    KeySerializer,
+    SqliteOnlineReader,
+    ViewQuery,
+)
 
 if TYPE_CHECKING:
     import feast
 
-__all__ = [
-    "FieldStatus",
-    "OnlineColumn",
-    "OnlinePlan",
-    "OnlinePlanner",
-    "OnlineReader",
-    "parse_feature_refs",
-]
-
-MAX_ENTITY_ROWS = 10_000
-_MAX_EXACT_INT = 2**53
-
-
-class FieldStatus(IntEnum):
-    """Status of one value, as Feast reports it (the numbers are ``plinth.features.v1``'s)."""
-
-    PRESENT = 1
-    NOT_FOUND = 2
-    NULL_VALUE = 3
-    OUTSIDE_MAX_AGE = 4
-
-
-@dataclass(slots=True)
-class OnlineColumn:
-    """One requested feature across the entity rows.
-
-    Attributes:
-        name: the reference as requested (``view:feature``).
-        values: Python values (None when not found or null), one per entity row.
-        statuses: one :class:`FieldStatus` per entity row.
-        event_times: the row's event timestamp (UTC), None when not found.
-    """
-
-    name: str
-    values: list[Any] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
-    event_times: list[datetime | None] = field(default_factory=list)
-
-
-def parse_feature_refs(
-    refs: Sequence[str], *, field_name: str = "features"
-) -> list[tuple[str, str]]:
-    """Splits ``view:feature`` references.
-
-    Raises:
-        InvalidArgument: empty list, malformed or duplicate reference.
-    """
-    if not refs:
-        raise InvalidArgument(
-            field_name, "at least one feature reference (view:feature) is required"
-        )
-    seen: set[str] = set()
-    parsed: list[tuple[str, str]] = []
-    for i, ref in enumerate(refs):
-        view, sep, feature = ref.partition(":")
-        if not sep or not view or not feature or ":" in feature:
-            raise InvalidArgument(
-                f"{field_name}[{i}]", f"{ref!r} is not a 'view:feature' reference"
-            )
-        if ref in seen:
-            raise InvalidArgument(f"{field_name}[{i}]", f"{ref!r} is requested twice")
-        seen.add(ref)
-        parsed.append((view, feature))
-    return parsed
-
-
-# --- entity keys -------------------------------------------------------------------------------
+__all__ = ["OnlinePlan", "OnlinePlanner", "OnlineReader"]
 
 _MISSING = object()
-
-
-def _int_key(limit: int) -> Callable[[Any, str], int]:
-    def convert(value: Any, where: str) -> int:
-        if type(value) is float and value.is_integer() and abs(value) <= min(limit, _MAX_EXACT_INT):
-            return int(value)
-        if type(value) is int and abs(value) <= limit:
-            return value
-        if type(value) is str and limit > 2**31:  # int64 as a decimal string, as proto3 JSON does
-            try:
-                number = int(value, 10)
-            except ValueError:
-                pass
-            else:
-                if abs(number) < 2**63:
-                    return number
-        raise InvalidArgument(where, f"expected an integer entity key, got {_describe(value)}")
-
-    return convert
-
-
-def _string_key(value: Any, where: str) -> str:
-    if type(value) is str:
-        return value
-    raise InvalidArgument(where, f"expected a string entity key, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {value}"
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        return f"string {value[:40]!r}"
-    return type(value).__name__
-
-
-@dataclass(frozen=True, slots=True)
-class JoinKey:
-    """A join key of a feature view: its name, Feast value type and converters."""
-
-    name: str
-    type_name: str
-    proto_field: str
-    convert: Callable[[Any, str], Any]
-
-
-# Key types the fast path serves: Feast ValueType name -> (EntityKey value field, converter).
-_KEY_TYPES: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
-    "INT64": ("int64_val", _int_key(2**63 - 1)),
-    "INT32": ("int32_val", _int_key(2**31 - 1)),
-    "STRING": ("string_val", _string_key),
-}
-
-
-def _join_key(name: str, value_type: Any) -> JoinKey | None:
-    """The :class:`JoinKey` for a Feast ``ValueType``; None for types left to Feast's own path."""
-    found = _KEY_TYPES.get(value_type.name)
-    if found is None:
-        return None
-    return JoinKey(name=name, type_name=value_type.name, proto_field=found[0], convert=found[1])
+RunBlocking = Callable[..., Awaitable[Any]]
 
 
 # --- plans ---------------------------------------------------------------------------------------
@@ -284,7 +169,7 @@ class OnlinePlanner:
                 raise FailedPrecondition(
                     f"feature view {view_name!r} is not served online (online=False)"
                 )
-            keys = [_join_key(c.name, c.dtype.to_value_type()) for c in view.entity_columns]
+            keys = [join_key(c.name, c.dtype.to_value_type()) for c in view.entity_columns]
             if not keys or None in keys or view.projection.join_key_map:
                 fallback = True
                 continue
@@ -311,21 +196,6 @@ _FROM_FEAST_STATUS = {
     3: FieldStatus.NOT_FOUND,
     4: FieldStatus.OUTSIDE_MAX_AGE,
 }
-_SCALAR_KINDS = frozenset(
-    {"int64_val", "int32_val", "float_val", "double_val", "string_val", "bool_val", "bytes_val"}
-)
-
-
-def python_value(value: Any) -> Any:
-    """A Feast ``ValueProto`` as the Python value ``OnlineResponse.to_dict`` gives."""
-    kind = value.WhichOneof("val")
-    if kind in _SCALAR_KINDS:
-        return getattr(value, kind)
-    if kind is None or kind == "null_val":
-        return None
-    from feast.type_map import feast_value_type_to_python_type
-
-    return feast_value_type_to_python_type(value)
 
 
 @dataclass(slots=True)
@@ -335,148 +205,6 @@ class _KeyedRead:
     read: ViewRead
     keys: list[tuple[Any, ...]]
     positions: list[int]
-
-
-class KeySerializer:
-    """Feast's entity-key serialization (v3) for one view's join keys, without the protobufs.
-
-    ``serialize_entity_key`` builds bytes from an ``EntityKey`` protobuf; for the scalar key
-    types here the bytes are a constant prefix (the sorted key names) followed by each value's
-    type, length and bytes. :meth:`verified` compares with Feast's own function, so a change in
-    Feast's format turns the fast path off instead of reading wrong keys.
-    """
-
-    _PACK = {"INT64": ("<q", 4), "INT32": ("<i", 3)}
-
-    def __init__(self, join_keys: Sequence[JoinKey]) -> None:
-        ordered = sorted(join_keys, key=lambda k: k.name)
-        self._order = [join_keys.index(k) for k in ordered]
-        parts = [struct.pack("<I", len(ordered))]
-        for key in ordered:
-            encoded = key.name.encode("utf8")
-            parts += [struct.pack("<II", 2, len(encoded)), encoded]  # 2: ValueType.STRING
-        self._prefix = b"".join(parts)
-        self._packers: list[Callable[[Any], bytes]] = [self._packer(k.type_name) for k in ordered]
-
-    @classmethod
-    def _packer(cls, type_name: str) -> Callable[[Any], bytes]:
-        if type_name == "STRING":
-            return lambda v: (lambda b: struct.pack("<II", 2, len(b)) + b)(v.encode("utf8"))
-        fmt, value_type = cls._PACK[type_name]
-        packed = struct.Struct("<II" + fmt[1:])
-        size = struct.calcsize(fmt)
-        return lambda v: packed.pack(value_type, size, v)
-
-    def __call__(self, key: tuple[Any, ...]) -> bytes:
-        if len(self._packers) == 1:
-            return self._prefix + self._packers[0](key[0])
-        return self._prefix + b"".join(pack(key[i]) for pack, i in zip(self._packers, self._order))
-
-    @classmethod
-    def verified(cls, join_keys: Sequence[JoinKey], version: int) -> KeySerializer | None:
-        """A serializer that agrees with Feast on sample keys, or None."""
-        from feast.infra.key_encoding_utils import serialize_entity_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        if version != 3 or any(k.type_name not in ("INT64", "INT32", "STRING") for k in join_keys):
-            return None
-        samples = {"INT64": (-(2**40) - 3, 1001), "INT32": (-7, 2**30), "STRING": ("", "driver-ü")}
-        serializer = cls(join_keys)
-        for i in range(2):
-            key = tuple(samples[k.type_name][i] for k in join_keys)
-            proto = EntityKey(
-                join_keys=[k.name for k in join_keys],
-                entity_values=[
-                    _value_proto(Value, k.proto_field, v) for k, v in zip(join_keys, key)
-                ],
-            )
-            if serializer(key) != serialize_entity_key(
-                proto, entity_key_serialization_version=version
-            ):
-                return None
-        return serializer
-
-
-class LockBusy(Exception):
-    """A no-wait read met a writer's lock (a materialization or push committing)."""
-
-
-class SqliteRows:
-    """Reads Feast's SQLite online tables directly, on read-only connections of its own.
-
-    Same table, same rows and same query as ``SqliteOnlineStore.online_read``, minus its
-    per-row costs: no protobuf entity keys, no timestamp conversion inside sqlite3, and only the
-    requested features when few are wanted.
-
-    Each thread has its own connections: a waiting one (busy timeout 10 s, for worker threads)
-    and a no-wait one (busy timeout 0) for bounded reads on the event loop, which raise
-    :class:`LockBusy` instead of waiting for a writer.
-
-    Args:
-        path: the online store's database file.
-    """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._local = threading.local()
-
-    def _connection(self, wait: bool) -> sqlite3.Connection:
-        name = "waiting" if wait else "nowait"
-        conn = getattr(self._local, name, None)
-        if conn is None:
-            # Read-only: serving can never write to Feast's store.
-            conn = sqlite3.connect(
-                f"file:{self._path}?mode=ro",
-                uri=True,
-                timeout=10.0 if wait else 0.0,
-                check_same_thread=False,
-            )
-            setattr(self._local, name, conn)
-        return conn
-
-    def fetch(
-        self, queries: list[tuple[str, list[bytes], tuple[str, ...] | None]], wait: bool = True
-    ) -> list[list[tuple[bytes, str, bytes, int]]]:
-        """For each (table, serialized keys, features or None for all), the rows.
-
-        Raises:
-            LockBusy: ``wait`` is False and a writer holds the database.
-            FailedPrecondition: a view's online table is missing.
-        """
-        conn = self._connection(wait)
-        out = []
-        for table, keys, features in queries:
-            sql = f"SELECT entity_key, feature_name, value, event_ts FROM {_quote(table)} WHERE entity_key IN ({','.join('?' * len(keys))})"
-            params: list[Any] = keys
-            if features is not None:
-                sql += f" AND feature_name IN ({','.join('?' * len(features))})"
-                params = [*keys, *features]
-            try:
-                out.append(conn.execute(sql, params).fetchall())
-            except sqlite3.OperationalError as exc:
-                message = str(exc)
-                if "no such table" in message:
-                    raise FailedPrecondition(
-                        f"the online table {table!r} does not exist: apply the repository again"
-                    ) from None
-                if not wait and "locked" in message:
-                    raise LockBusy(message) from None
-                raise
-        return out
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-RunBlocking = Callable[..., Awaitable[Any]]
-
-
-def _value_proto(value_class: Any, field_name: str, value: Any) -> Any:
-    """A Feast ``ValueProto`` with one field set."""
-    kwargs: dict[str, Any] = {field_name: value}
-    return value_class(**kwargs)
 
 
 class OnlineReader:
@@ -502,7 +230,6 @@ class OnlineReader:
 
         self._store = store
         self._run = run_blocking
-        self._inline_max_keys = inline_max_keys
         self._entity_key = EntityKey
         self._value = Value
         self._online_store = store._get_provider().online_store
@@ -511,13 +238,16 @@ class OnlineReader:
             getattr(store.config.registry, "enable_online_feature_view_versioning", False)
         )
         self._sqlite = (
-            SqliteRows(SqliteOnlineStore._get_db_path(store.config))
+            SqliteOnlineReader(
+                SqliteOnlineStore._get_db_path(store.config),
+                run_blocking,
+                inline_max_keys=inline_max_keys,
+            )
             if isinstance(self._online_store, SqliteOnlineStore)
             else None
         )
         self._async = self._sqlite is None and bool(self._online_store.async_supported.read)
         self._serializers: dict[tuple[JoinKey, ...], KeySerializer | None] = {}
-        self._times: dict[int, datetime] = {}
 
     def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Raises InvalidArgument for an empty or oversized request."""
@@ -566,7 +296,7 @@ class OnlineReader:
                     fast_int
                     and type(value) is float
                     and value.is_integer()
-                    and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
+                    and -MAX_EXACT_INT <= value <= MAX_EXACT_INT
                 ):
                     append(int(value))
                 elif value is _MISSING:
@@ -584,7 +314,9 @@ class OnlineReader:
             if len(columns) == 1:
                 positions = [distinct.setdefault((v,), len(distinct)) for v in columns[0]]
             else:
-                positions = [distinct.setdefault(t, len(distinct)) for t in zip(*columns)]
+                positions = [
+                    distinct.setdefault(t, len(distinct)) for t in zip(*columns, strict=True)
+                ]
             keyed.append(_KeyedRead(read=read, keys=list(distinct), positions=positions))
         return keyed
 
@@ -602,57 +334,21 @@ class OnlineReader:
 
         project = self._config.project
         queries = []
-        serialized_keys: list[list[bytes]] = []
-        for k, serialize in zip(keyed, serializers):
-            keys = [serialize(key) for key in k.keys]
-            serialized_keys.append(keys)
+        for k, serialize in zip(keyed, serializers, strict=True):
             # Filtering by feature name costs more than it saves unless few of the view's
             # features are wanted (measured: 3 of 3 features, 100 keys: 0.47 vs 0.30 ms).
-            wanted = (
-                k.read.features if 2 * len(k.read.features) <= len(k.read.view.features) else None
-            )
-            queries.append((compute_table_id(project, k.read.view, self._versioned), keys, wanted))
-        fetched = None
-        if sum(len(keys) for keys in serialized_keys) <= self._inline_max_keys:
-            # Small reads run on the loop: a few index lookups in a file the page cache holds,
-            # cheaper than the two thread handoffs (and their scheduling delays on a busy
-            # machine) that a worker thread costs. They never wait for a lock: when a writer
-            # is committing, the read goes to a worker thread like a large one.
-            try:
-                fetched = self._sqlite.fetch(queries, wait=False)  # type: ignore[union-attr]
-            except LockBusy:
-                fetched = None
-        if fetched is None:
-            fetched = await self._run(self._sqlite.fetch, queries)  # type: ignore[union-attr]
-
-        decode, times = self._value.FromString, self._times
-        columns: list[OnlineColumn | None] = [None] * len(plan.refs)
-        for k, keys, rows in zip(keyed, serialized_keys, fetched):
-            index = {key: i for i, key in enumerate(keys)}
-            width = len(keys)
-            per_feature: dict[str, tuple[list[Any], list[int], list[datetime | None]]] = {
-                f: ([None] * width, [_NOT_FOUND] * width, [None] * width) for f in k.read.features
-            }
-            for entity_key, feature, blob, stamp in rows:
-                slot = index[entity_key]
-                wanted_lists = per_feature.get(feature)
-                if wanted_lists is None:
-                    continue
-                values, statuses, stamps = wanted_lists
-                stored = decode(blob)
-                kind = stored.WhichOneof("val")
-                values[slot] = (
-                    getattr(stored, kind) if kind in _SCALAR_KINDS else python_value(stored)
+            queries.append(
+                ViewQuery(
+                    table=compute_table_id(project, k.read.view, self._versioned),
+                    keys=[serialize(key) for key in k.keys],
+                    features=k.read.features,
+                    filter_features=2 * len(k.read.features) <= len(k.read.view.features),
                 )
-                statuses[slot] = _PRESENT
-                moment = times.get(stamp)
-                if moment is None:
-                    moment = times[stamp] = _feast_sqlite_time(stamp)
-                    if len(times) > 100_000:
-                        times.clear()
-                        times[stamp] = moment
-                stamps[slot] = moment
-            for feature, column in zip(k.read.features, k.read.columns):
+            )
+        fetched = await self._sqlite.read(queries)  # type: ignore[union-attr]
+        columns: list[OnlineColumn | None] = [None] * len(plan.refs)
+        for k, per_feature in zip(keyed, fetched, strict=True):
+            for feature, column in zip(k.read.features, k.read.columns, strict=True):
                 values, statuses, stamps = per_feature[feature]
                 columns[column] = _fan_out(plan.refs[column], values, statuses, stamps, k.positions)
         return [c for c in columns if c is not None]
@@ -664,7 +360,7 @@ class OnlineReader:
         entity_keys = [
             EntityKey(
                 join_keys=names,
-                entity_values=[_value_proto(Value, f, v) for f, v in zip(fields, key)],
+                entity_values=[value_proto(Value, f, v) for f, v in zip(fields, key, strict=True)],
             )
             for key in k.keys
         ]
@@ -684,8 +380,8 @@ class OnlineReader:
     ) -> list[OnlineColumn]:
         """Turns ``online_read`` rows into one column per requested reference, in request order."""
         columns: list[OnlineColumn | None] = [None] * len(plan.refs)
-        for k, rows in zip(keyed, results):
-            for feature, column in zip(k.read.features, k.read.columns):
+        for k, rows in zip(keyed, results, strict=True):
+            for feature, column in zip(k.read.features, k.read.columns, strict=True):
                 values: list[Any] = []
                 statuses: list[int] = []
                 stamps: list[datetime | None] = []
@@ -738,20 +434,6 @@ _PRESENT, _NOT_FOUND = int(FieldStatus.PRESENT), int(FieldStatus.NOT_FOUND)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _feast_sqlite_time(stamp: Any) -> datetime:
-    """An ``event_ts`` cell as Feast's SQLite store returns it (its converter, then UTC)."""
-    if isinstance(stamp, bytes):
-        stamp = int(stamp)
-    if isinstance(stamp, str):
-        parsed = datetime.fromisoformat(stamp)
-        return (
-            parsed.astimezone(UTC)
-            if parsed.tzinfo
-            else parsed.replace(tzinfo=UTC)
-        )
-    return datetime.fromtimestamp(int(stamp)).replace(tzinfo=UTC)
-
-
 def _fan_out(
     name: str, values: list[Any], statuses: list[int], stamps: list[Any], positions: list[int]
 ) -> OnlineColumn:
@@ -771,7 +453,7 @@ def _integral(value: Any) -> Any:
         type(value) is float
         and value.is_integer()
         and not math.isinf(value)
-        and abs(value) <= _MAX_EXACT_INT
+        and abs(value) <= MAX_EXACT_INT
     ):
         return int(value)
     return value
