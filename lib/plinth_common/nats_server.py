@@ -5,13 +5,12 @@ Used by ``make run`` (when ``PLINTH_NATS_URL`` names no server) and by the tests
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from plinth_common.net import free_tcp_port, wait_for_port
+from plinth_common.net import free_tcp_port, port_accepts
+from plinth_common.process import ChildProcess
 
 # Durability: JetStream writes each message to its file before it acknowledges the publish, so
 # a crash of the nats-server process (or of any Plinth service) loses nothing: the kernel holds
@@ -22,6 +21,7 @@ from plinth_common.net import free_tcp_port, wait_for_port
 # minutes; set PLINTH_NATS_SYNC_INTERVAL=always where a power loss must not drop events, and in
 # production run a NATS cluster with R3 streams, which gets durability from replication.
 DEFAULT_SYNC_INTERVAL = "2m"
+_STOP_GRACE_S = 10.0
 
 
 def nats_server_binary() -> str:
@@ -38,11 +38,16 @@ def nats_server_binary() -> str:
 class NatsServer:
     """A nats-server child process with JetStream on a file store.
 
+    The child runs in a process group of its own, so that a Ctrl-C on the terminal reaches only
+    its owner (``make run`` stops the services before NATS), and dies with its owner however
+    that ends (see :mod:`plinth_common.process`).
+
     Args:
         store_dir: JetStream's storage folder (kept across restarts).
         port: client port; 0 picks a free one once, then keeps it across restarts.
         host: bind address.
         sync_interval: JetStream fsync policy ("always" or a duration such as "2m").
+        log_path: the server's log, appended to (default ``store_dir/nats-server.log``).
     """
 
     def __init__(
@@ -52,17 +57,24 @@ class NatsServer:
         port: int = 0,
         host: str = "127.0.0.1",
         sync_interval: str = DEFAULT_SYNC_INTERVAL,
+        log_path: Path | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_tcp_port(host)
         self.sync_interval = sync_interval
-        self._process: subprocess.Popen[bytes] | None = None
+        self.log_path = log_path or store_dir / "nats-server.log"
+        self._process: ChildProcess | None = None
 
     @property
     def url(self) -> str:
         """The client URL."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running server (None when it does not run)."""
+        return self._process.pid if self._process is not None and self._process.alive else None
 
     def _write_config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -74,36 +86,39 @@ class NatsServer:
         return config
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Starts the server and waits until it accepts connections."""
+        """Starts the server and waits until it accepts connections.
+
+        Raises:
+            ChildExited: the server exited first (a port in use, a bad store); the message
+                quotes its log.
+            TimeoutError: it did not listen within ``timeout`` seconds.
+        """
         config = self._write_config()
-        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
-        self._process = subprocess.Popen(
+        process = ChildProcess(
             [nats_server_binary(), "-c", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            name="nats-server",
+            log_path=self.log_path,
+            own_group=True,
+            stop_grace_s=_STOP_GRACE_S,
         )
-        log.close()
+        self._process = process
+        process.start()
         try:
-            await wait_for_port(self.host, self.port, timeout)
-        except TimeoutError:
+            await process.wait_ready(
+                lambda: port_accepts(self.host, self.port, timeout=0.2),
+                timeout=timeout,
+                poll_interval=0.05,
+                what=f"listening on {self.host}:{self.port}",
+            )
+        except BaseException:
             await self.stop()
             raise
 
     async def stop(self, *, kill: bool = False) -> None:
         """Stops the server: SIGTERM (or SIGKILL with ``kill``), then waits."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        if kill:
-            process.kill()
-        else:
-            process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, 10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        if process is not None:
+            await process.stop(kill=kill)
 
     async def restart(self) -> None:
         """Stops and starts again on the same port and store."""
@@ -113,4 +128,4 @@ class NatsServer:
     @property
     def running(self) -> bool:
         """Whether the process is alive."""
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and self._process.alive

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -23,6 +24,18 @@ def port_is_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+async def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Tells, without blocking the event loop, whether ``host:port`` accepts a TCP connection."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 async def wait_for_port(host: str, port: int, timeout: float) -> None:
     """Waits until ``host:port`` accepts connections.
 
@@ -31,7 +44,7 @@ async def wait_for_port(host: str, port: int, timeout: float) -> None:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if port_is_open(host, port):
+        if await port_accepts(host, port, timeout=0.2):
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")

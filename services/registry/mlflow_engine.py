@@ -10,15 +10,14 @@ Nothing happens at import time: the process starts in :meth:`MlflowServer.start`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 from urllib.parse import urlparse
+
+from plinth_common.process import ChildProcess
 
 __all__ = ["MlflowServer", "MlflowSettings"]
 
@@ -28,6 +27,7 @@ _READINESS_TIMEOUT_S = 2.0
 _POLL_INTERVAL_S = 0.25
 _TERM_GRACE_S = 10.0
 _LOG_TAIL_LINES = 40
+_PROCESS_NAME = "mlflow server"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +62,8 @@ class MlflowServer:
     """Runs (or points at) an MLflow tracking server and tells when its registry answers.
 
     The child is ``python -m mlflow server`` with ``--serve-artifacts`` and one uvicorn worker,
-    started in its own process group so that :meth:`stop` also ends the workers it spawns.
+    started in its own process group so that :meth:`stop` also ends the workers it spawns, and
+    so that they die with the registry however it ends (see :mod:`plinth_common.process`).
     Clients log artifacts through the tracking URI (``mlflow-artifacts:`` scheme) and the server
     writes them under ``artifacts_destination``.
 
@@ -74,14 +75,18 @@ class MlflowServer:
     def __init__(self, settings: MlflowSettings, *, log_path: Path) -> None:
         self._settings = settings
         self._log_path = log_path
-        self._process: asyncio.subprocess.Process | None = None
-        self._log_file: IO[bytes] | None = None
+        self._process: ChildProcess | None = None
         self._stopped = False
 
     @property
     def settings(self) -> MlflowSettings:
         """The settings this server was built with."""
         return self._settings
+
+    @property
+    def log_path(self) -> Path:
+        """The file the launched server writes to."""
+        return self._log_path
 
     @property
     def tracking_uri(self) -> str:
@@ -100,7 +105,7 @@ class MlflowServer:
     @property
     def pid(self) -> int | None:
         """Process id of the launched ``mlflow server`` (None if nothing runs)."""
-        if self._process is None or self._process.returncode is not None:
+        if self._process is None or not self._process.alive:
             return None
         return self._process.pid
 
@@ -149,26 +154,24 @@ class MlflowServer:
             return
         if self._stopped:
             raise RuntimeError("this MlflowServer was stopped; create a new one")
-        if self._process is not None and self._process.returncode is None:
+        if self._process is not None and self._process.alive:
             return
+        await asyncio.to_thread(self._prepare_storage)
+        self._process = ChildProcess(
+            self._command(),
+            name=_PROCESS_NAME,
+            env=self._child_env(),
+            log_path=self._log_path,
+            own_group=True,  # stop() ends the uvicorn workers too
+            stop_grace_s=_TERM_GRACE_S,
+        )
+        self._process.start()
+
+    def _prepare_storage(self) -> None:
         dest = self._settings.artifacts_destination
         if _is_local_path(dest):
             Path(dest).expanduser().mkdir(parents=True, exist_ok=True)
         _ensure_sqlite_parent(self._settings.backend_store_uri)
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self._log_path, "ab")  # noqa: SIM115 - closed in stop()
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                *self._command(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=self._log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self._child_env(),
-                start_new_session=True,  # own process group: stop() ends the uvicorn workers too
-            )
-        except BaseException:
-            self._close_log()
-            raise
 
     async def is_ready(self) -> bool:
         """Tells whether the model registry API answers (not merely ``/health``).
@@ -176,19 +179,19 @@ class MlflowServer:
         Returns:
             True when ``GET /api/2.0/mlflow/registered-models/search?max_results=1`` returns 200.
         """
-        if not self._settings.external_url and (
-            self._process is None or self._process.returncode is not None
-        ):
+        if not self._settings.external_url and (self._process is None or not self._process.alive):
             return False
         import aiohttp
 
         url = f"{self.tracking_uri}{_READINESS_PATH}"
         timeout = aiohttp.ClientTimeout(total=_READINESS_TIMEOUT_S)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.get(url, params={"max_results": "1"}) as response:
-                    await response.read()
-                    return response.status == 200
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(url, params={"max_results": "1"}) as response,
+            ):
+                await response.read()
+                return response.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
@@ -199,29 +202,26 @@ class MlflowServer:
             timeout: seconds to wait; defaults to ``settings.startup_timeout_s``.
 
         Raises:
-            RuntimeError: the server process exited (the message carries the log's tail), or
-                :meth:`start` was not called.
+            RuntimeError: the server process exited (a ``ChildExited`` whose message carries
+                the log's tail), or :meth:`start` was not called.
             TimeoutError: the registry did not answer in time.
         """
         limit = self._settings.startup_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        if not self._settings.external_url and self._process is None:
+        what = f"answering at {self.tracking_uri}"
+        if self._settings.external_url:
+            deadline = time.monotonic() + limit
+            while not await self.is_ready():
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"MLflow registry at {self.tracking_uri} not ready after {limit:.0f}s"
+                    )
+                await asyncio.sleep(_POLL_INTERVAL_S)
+            return
+        if self._process is None:
             raise RuntimeError("MlflowServer.start() was not called")
-        while True:
-            if await self.is_ready():
-                return
-            process = self._process
-            if process is not None and process.returncode is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with code {process.returncode} before it was ready; "
-                    f"log tail ({self._log_path}):\n{self.log_tail()}"
-                )
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"MLflow registry at {self.tracking_uri} not ready after {limit:.0f}s; "
-                    f"log tail ({self._log_path}):\n{self.log_tail()}"
-                )
-            await asyncio.sleep(_POLL_INTERVAL_S)
+        await self._process.wait_ready(
+            self.is_ready, timeout=limit, poll_interval=_POLL_INTERVAL_S, what=what
+        )
 
     async def stop(self) -> None:
         """Stops the server: SIGTERM to its process group, SIGKILL after a grace period.
@@ -229,43 +229,12 @@ class MlflowServer:
         Idempotent; does nothing for an external server.
         """
         self._stopped = True
-        process = self._process
-        if process is None:
-            self._close_log()
-            return
-        pgid = process.pid  # start_new_session=True: the child leads its own group
-        try:
-            if process.returncode is None or _group_alive(pgid):
-                _signal_group(pgid, signal.SIGTERM)
-                deadline = time.monotonic() + _TERM_GRACE_S
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(process.wait(), timeout=_TERM_GRACE_S)
-                while _group_alive(pgid) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
-                if process.returncode is None or _group_alive(pgid):
-                    _signal_group(pgid, signal.SIGKILL)
-                    await process.wait()
-                    while _group_alive(pgid) and time.monotonic() < deadline + 5.0:
-                        await asyncio.sleep(0.05)
-        finally:
-            self._close_log()
+        if self._process is not None:
+            await self._process.stop()
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        """Returns the last ``lines`` lines of the child's log file."""
-        try:
-            with open(self._log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                fh.seek(max(0, size - 64 * 1024))
-                data = fh.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(data.splitlines()[-lines:])
-
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        """Returns the last ``lines`` lines the launched server wrote in this run."""
+        return "" if self._process is None else self._process.log_tail(lines)
 
 
 def _is_local_path(uri: str) -> bool:
@@ -286,18 +255,3 @@ def _ensure_sqlite_parent(backend_store_uri: str) -> None:
         db_path = backend_store_uri[len(prefix) :].split("?", 1)[0]
         if db_path and db_path != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
