@@ -2,7 +2,8 @@
 
 The gateway re-exposes each service's API unchanged. Messages are not decoded: the forwarder
 passes the serialized request on and the serialized response back, so a hop costs little more
-than the call itself. Upstream errors keep their status code.
+than the call itself. Upstream errors keep their status code and rich details; an upstream that
+cannot be reached is UNAVAILABLE naming it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from plinth_common.errors import PlinthError
 from plinth_common.events.tracing import traceparent_of_current
-from plinth_common.grpc_server import upstream_error
+from plinth_common.grpc_server import UpstreamStatus, upstream_error
+from plinth_common.rich_status import details_of
 from plinth_common.telemetry import grpc_clients_traced
 
 # Headers the transport or the tracing instrumentation set afresh on the outgoing call.
@@ -59,6 +62,27 @@ def _forwarded_metadata(
     return metadata
 
 
+def forwarded_error(
+    exc: grpc.aio.AioRpcError, upstream: str, *, caller_deadline: bool
+) -> PlinthError:
+    """The error the gateway answers for a failed forwarded call.
+
+    Args:
+        exc: the upstream call's failure.
+        upstream: the upstream's short name.
+        caller_deadline: whether the forwarded deadline was the caller's own (not the gateway's
+            default): its expiry is then DEADLINE_EXCEEDED, as a direct call would answer,
+            rather than the upstream "not answering in time".
+    """
+    if caller_deadline and exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UpstreamStatus(
+            exc.code(),
+            exc.details() or "deadline exceeded",
+            details=details_of(exc.trailing_metadata()),
+        )
+    return upstream_error(exc, upstream)
+
+
 class ForwardingHandler(grpc.GenericRpcHandler):
     """Serves every method of the upstreams' services by calling the upstream.
 
@@ -89,13 +113,12 @@ class ForwardingHandler(grpc.GenericRpcHandler):
     ) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+    def _timeout(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:
+        """The forwarded call's timeout, and whether it is the caller's own deadline."""
         remaining = context.time_remaining()
-        return (
-            self._default_timeout_s
-            if remaining is None
-            else min(remaining, self._default_timeout_s)
-        )
+        if remaining is None or remaining > self._default_timeout_s:
+            return self._default_timeout_s, False
+        return remaining, True
 
     def _handler_for(
         self, upstream: Upstream, path: str, server_streaming: bool, client_streaming: bool
@@ -120,7 +143,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
                     async for response in call:
                         yield response
                 except grpc.aio.AioRpcError as exc:
-                    raise upstream_error(exc, upstream.name) from None
+                    raise forwarded_error(
+                        exc, upstream.name, caller_deadline=remaining is not None
+                    ) from None
                 finally:
                     call.cancel()
 
@@ -129,14 +154,15 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         unary_call = upstream.channel.unary_unary(path)
 
         async def forward_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            timeout, caller_deadline = self._timeout(context)
             try:
                 return await unary_call(
                     request,
-                    timeout=self._timeout(context),
+                    timeout=timeout,
                     metadata=_forwarded_metadata(context, self._inject_trace),
                 )
             except grpc.aio.AioRpcError as exc:
-                raise upstream_error(exc, upstream.name) from None
+                raise forwarded_error(exc, upstream.name, caller_deadline=caller_deadline) from None
 
         return grpc.unary_unary_rpc_method_handler(forward_unary)
 
