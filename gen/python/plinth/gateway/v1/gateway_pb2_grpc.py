@@ -50,6 +50,9 @@ class EventServiceServicer:
 
     def WatchEvents(self, request, context):
         """Relays platform events as they are published; the stream stays open.
+        The initial metadata ("plinth-watch: live") is sent once the subscription is
+        in place: a client that has received it misses no event published afterwards.
+        An unknown type is INVALID_ARGUMENT before any metadata.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
