@@ -31,11 +31,10 @@ from plinth_sdk.models import (
     plain_row,
     to_struct,
 )
+from plinth_sdk.transport import Transport
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from plinth_sdk.client import Plinth
 
 __all__ = ["EVENT_TIMESTAMP", "FeaturesAPI", "read_repository"]
 
@@ -47,11 +46,15 @@ _MAX_REPOSITORY_BYTES = 3 * 2**20  # under gRPC's default 4 MiB message limit
 
 
 class FeaturesAPI:
-    """Feature views and their values: ``plinth.features``."""
+    """Feature views and their values: ``plinth.features``.
 
-    def __init__(self, client: Plinth, stub: features_pb2_grpc.FeaturesServiceStub) -> None:
-        self._client = client
-        self._stub = stub
+    Args:
+        transport: The connection to the gateway.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._stub = transport.stub(features_pb2_grpc.FeaturesServiceStub)
 
     def apply(self, path: str | os.PathLike[str]) -> AppliedRepository:
         """Sends a feature repository's Python files to the features service, which applies
@@ -72,14 +75,14 @@ class FeaturesAPI:
         """
         files = read_repository(path)
         request = features_pb2.ApplyRepositoryRequest(files=files)
-        response = self._client._unary(
-            self._stub.ApplyRepository, request, timeout=max(self._client.timeout, 120.0)
+        response = self._transport.unary(
+            self._stub.ApplyRepository, request, timeout=max(self._transport.timeout, 120.0)
         )
         return AppliedRepository.from_proto(response)
 
     def list_views(self) -> builtins.list[FeatureView]:
         """Returns the feature views the service knows."""
-        response = self._client._unary(
+        response = self._transport.unary(
             self._stub.ListFeatureViews, features_pb2.ListFeatureViewsRequest()
         )
         return [FeatureView.from_proto(view) for view in response.feature_views]
@@ -105,7 +108,7 @@ class FeaturesAPI:
             start_time=_timestamp(start),
             end_time=_timestamp(end or _now()),
         )
-        response = self._client._unary(self._stub.Materialize, request, timeout=timeout)
+        response = self._transport.unary(self._stub.Materialize, request, timeout=timeout)
         return Materialization.from_proto(response)
 
     def materialize_incremental(
@@ -125,7 +128,9 @@ class FeaturesAPI:
         request = features_pb2.MaterializeIncrementalRequest(
             feature_views=builtins.list(views), end_time=_timestamp(end or _now())
         )
-        response = self._client._unary(self._stub.MaterializeIncremental, request, timeout=timeout)
+        response = self._transport.unary(
+            self._stub.MaterializeIncremental, request, timeout=timeout
+        )
         return Materialization.from_proto(response)
 
     def online(
@@ -151,7 +156,7 @@ class FeaturesAPI:
         request = features_pb2.GetOnlineFeaturesRequest(
             features=builtins.list(features), entity_rows=[to_struct(row) for row in rows]
         )
-        response = self._client._unary(self._stub.GetOnlineFeatures, request)
+        response = self._transport.unary(self._stub.GetOnlineFeatures, request)
         return online_rows_from_proto(response, rows)
 
     def push(
@@ -167,7 +172,7 @@ class FeaturesAPI:
             rows=[to_struct(row) for row in rows],
             to_offline=to_offline,
         )
-        return int(self._client._unary(self._stub.PushFeatures, request).rows)
+        return int(self._transport.unary(self._stub.PushFeatures, request).rows)
 
     def historical(
         self,
@@ -205,7 +210,7 @@ class FeaturesAPI:
             format=features_pb2.TABLE_FORMAT_ARROW_IPC,
             full_feature_names=full_feature_names,
         )
-        response = self._client._unary(self._stub.GetHistoricalFeatures, request, timeout=timeout)
+        response = self._transport.unary(self._stub.GetHistoricalFeatures, request, timeout=timeout)
         return _read_table(response.table, response.format).to_pandas()
 
 

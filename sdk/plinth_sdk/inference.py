@@ -22,8 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from plinth_sdk.transport import Transport
+
 __all__ = [
     "TRITON_DATATYPES",
+    "InferenceAPI",
     "ModelMetadata",
     "TensorMetadata",
     "build_infer_request",
@@ -262,3 +265,38 @@ def _from_contents(output: Any, datatype: str) -> np.ndarray:
     if datatype == "BYTES":
         return np.array(values, dtype=np.object_)
     return np.array(values, dtype=numpy_dtype(datatype))
+
+
+class InferenceAPI:
+    """KServe v2 inference on deployments, through the gateway (``plinth.infer``).
+
+    Args:
+        transport: The connection to the gateway.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        # Imported here: tritonclient's gRPC package takes about a second to load.
+        from tritonclient.grpc import service_pb2_grpc
+
+        self._transport = transport
+        self._stub = transport.stub(service_pb2_grpc.GRPCInferenceServiceStub)
+
+    def infer(
+        self,
+        deployment: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Runs a prediction; see :meth:`plinth_sdk.Plinth.infer`."""
+        request = build_infer_request(deployment, inputs, outputs=outputs)
+        response = self._transport.unary(self._stub.ModelInfer, request, timeout=timeout)
+        return decode_infer_response(response)
+
+    def model_metadata(self, deployment: str) -> ModelMetadata:
+        """Returns the input and output tensors a deployment declares."""
+        from tritonclient.grpc import service_pb2 as kserve
+
+        request = kserve.ModelMetadataRequest(name=deployment)
+        return ModelMetadata.from_proto(self._transport.unary(self._stub.ModelMetadata, request))

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -863,6 +864,8 @@ class AppliedRepository:
         feature_services: Feature service names.
         data_sources: Data source names.
         deleted: ``"<kind>:<name>"`` of the objects this apply removed.
+        warnings: What the service found wrong without refusing the apply, e.g. a data
+            source whose file it cannot read (materializing that view would fail).
     """
 
     entities: tuple[str, ...]
@@ -871,6 +874,7 @@ class AppliedRepository:
     feature_services: tuple[str, ...] = ()
     data_sources: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: features_pb2.ApplyRepositoryResponse) -> AppliedRepository:
@@ -882,6 +886,8 @@ class AppliedRepository:
             feature_services=tuple(msg.feature_services),
             data_sources=tuple(msg.data_sources),
             deleted=tuple(msg.deleted),
+            # Servers older than the field send none; getattr keeps this SDK working with them.
+            warnings=tuple(getattr(msg, "warnings", ())),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -893,6 +899,7 @@ class AppliedRepository:
             "feature_services": list(self.feature_services),
             "data_sources": list(self.data_sources),
             "deleted": list(self.deleted),
+            "warnings": list(self.warnings),
         }
 
 
@@ -985,24 +992,15 @@ def online_rows_from_proto(
                 stamps[index][column.name] = _timestamp_or_none(column.event_timestamps[index])
     return [
         OnlineRow(values=values, statuses=status, event_timestamps=stamp)
-        for values, status, stamp in zip(rows, statuses, stamps)
+        for values, status, stamp in zip(rows, statuses, stamps, strict=True)
     ]
 
 
 def value_to_python(value: Value) -> Any:
     """Converts a ``google.protobuf.Value`` to None, bool, float, str, list or dict."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        return value.number_value
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "list_value":
-        return [value_to_python(item) for item in value.list_value.values]
-    if kind == "struct_value":
-        return {key: value_to_python(item) for key, item in value.struct_value.fields.items()}
-    return None
+    if value.WhichOneof("kind") is None:
+        return None  # unset: json_format would refuse it
+    return json_format.MessageToDict(value)
 
 
 _MAX_EXACT_INT = 2**53  # protobuf numbers are doubles
@@ -1027,10 +1025,10 @@ def to_struct(row: Mapping[str, Any]) -> Struct:
             to travel as a protobuf number (send it as a str instead).
     """
     fields: dict[str, Any] = {}
-    for key, value in row.items():
+    for key, given in row.items():
         if not isinstance(key, str):
             raise ValueError(f"entity key {key!r} must be a str")
-        value = _plain(value)
+        value = _plain(given)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_EXACT_INT:
             raise ValueError(
                 f"entity value {key}={value} is too large to send exactly; pass it as a str"
@@ -1040,9 +1038,7 @@ def to_struct(row: Mapping[str, Any]) -> Struct:
                 f"entity value {key}={value!r} must be a str, int, float, bool or None"
             )
         fields[key] = value
-    struct = Struct()
-    struct.update(fields)
-    return struct
+    return json_format.ParseDict(fields, Struct())
 
 
 def _timestamp_or_none(ts: Timestamp) -> datetime | None:

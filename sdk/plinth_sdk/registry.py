@@ -11,11 +11,12 @@ Example:
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
-from plinth_sdk.errors import NotFound
+from plinth_common import names
+from plinth_common.names import DEFAULT_ALIAS
+from plinth_sdk.errors import NotFound, refused_locally
 from plinth_sdk.models import (
     ModelVersion,
     PolicyRule,
@@ -24,23 +25,24 @@ from plinth_sdk.models import (
     RegisteredModel,
     Run,
 )
-
-if TYPE_CHECKING:
-    from plinth_sdk.client import Plinth
+from plinth_sdk.paging import check_page_size, paged
+from plinth_sdk.transport import Transport
 
 __all__ = ["DEFAULT_ALIAS", "ModelsAPI", "RunsAPI"]
 
-DEFAULT_ALIAS = "production"
-_MAX_MODELS_PAGE = 500  # the registry's bounds
-_MAX_VERSIONS_PAGE = 200
+_MAX_VERSIONS_PAGE = 200  # the registry's bound for versions (models: the common 500)
 
 
 class ModelsAPI:
-    """Registered models and their versions: ``plinth.models``."""
+    """Registered models and their versions: ``plinth.models``.
 
-    def __init__(self, client: Plinth, stub: registry_pb2_grpc.RegistryServiceStub) -> None:
-        self._client = client
-        self._stub = stub
+    Args:
+        transport: The connection to the gateway.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._stub = transport.stub(registry_pb2_grpc.RegistryServiceStub)
 
     # ----------------------------------------------------------------- models
 
@@ -60,8 +62,8 @@ class ModelsAPI:
             tags: Only models carrying all these tags.
             page_size: Models per page, 1 to 500.
         """
-        response = self._search_page(team, prefix, tags, page_size, page_token="")
-        return [RegisteredModel.from_proto(model) for model in response.models]
+        models, _ = self._search_page(team, prefix, tags, page_size)("")
+        return models
 
     def iter(
         self,
@@ -72,13 +74,7 @@ class ModelsAPI:
         page_size: int = 100,
     ) -> Iterator[RegisteredModel]:
         """Yields every matching registered model, fetching pages as needed."""
-        token = ""
-        while True:
-            response = self._search_page(team, prefix, tags, page_size, page_token=token)
-            yield from (RegisteredModel.from_proto(model) for model in response.models)
-            token = response.next_page_token
-            if not token:
-                return
+        return paged(self._search_page(team, prefix, tags, page_size))
 
     search = iter
     """Alias of :meth:`iter`."""
@@ -106,20 +102,17 @@ class ModelsAPI:
 
     def iter_versions(self, name: str, *, page_size: int = 100) -> Iterator[ModelVersion]:
         """Yields the versions of a model, newest first, fetching pages as needed."""
-        if not 1 <= page_size <= _MAX_VERSIONS_PAGE:
-            raise ValueError(
-                f"page_size must be between 1 and {_MAX_VERSIONS_PAGE}, got {page_size}"
-            )
-        token = ""
-        while True:
+        check_page_size(page_size, maximum=_MAX_VERSIONS_PAGE)
+
+        def fetch(token: str) -> tuple[builtins.list[ModelVersion], str]:
             request = registry_pb2.ListModelVersionsRequest(
                 name=name, page_size=page_size, page_token=token
             )
-            response = self._client._unary(self._stub.ListModelVersions, request)
-            yield from (ModelVersion.from_proto(v) for v in response.versions)
-            token = response.next_page_token
-            if not token:
-                return
+            response = self._transport.unary(self._stub.ListModelVersions, request)
+            versions = [ModelVersion.from_proto(v) for v in response.versions]
+            return versions, response.next_page_token
+
+        return paged(fetch)
 
     def get_version(self, name: str, version: str | int) -> ModelVersion:
         """Returns one version.
@@ -128,9 +121,9 @@ class ModelsAPI:
             NotFound: the model or the version does not exist.
         """
         request = registry_pb2.GetModelVersionRequest(name=name, version=str(version))
-        return ModelVersion.from_proto(self._client._unary(self._stub.GetModelVersion, request))
+        return ModelVersion.from_proto(self._transport.unary(self._stub.GetModelVersion, request))
 
-    def get_by_alias(self, name: str, alias: str = DEFAULT_ALIAS) -> ModelVersion:
+    def get_by_alias(self, name: str, *, alias: str = DEFAULT_ALIAS) -> ModelVersion:
         """Returns the version an alias points to.
 
         Raises:
@@ -138,7 +131,7 @@ class ModelsAPI:
         """
         request = registry_pb2.GetModelVersionByAliasRequest(name=name, alias=alias)
         return ModelVersion.from_proto(
-            self._client._unary(self._stub.GetModelVersionByAlias, request)
+            self._transport.unary(self._stub.GetModelVersionByAlias, request)
         )
 
     def create_version(
@@ -175,7 +168,9 @@ class ModelsAPI:
             tags=dict(tags or {}),
             model_tags=dict(model_tags or {}),
         )
-        return ModelVersion.from_proto(self._client._unary(self._stub.CreateModelVersion, request))
+        return ModelVersion.from_proto(
+            self._transport.unary(self._stub.CreateModelVersion, request)
+        )
 
     # ----------------------------------------------------------------- aliases and policy
 
@@ -198,14 +193,19 @@ class ModelsAPI:
             team: When given, the model must belong to this team.
 
         Raises:
-            FailedPrecondition: the promotion policy refused (a rule failed, or approval
-                was required); the message says which.
+            ApprovalRequired: the policy requires approval; promote with ``approved=True``.
+            PolicyViolation: a policy rule does not hold; the message names it.
+            InvalidArgument: the name, version or alias is malformed (checked before sending).
             NotFound: the model or the version does not exist.
         """
+        with refused_locally():
+            names.check_model_name(name)
+            names.check_version(str(version))
+            names.check_alias(alias)
         request = registry_pb2.SetAliasRequest(
             name=name, alias=alias, version=str(version), approved=approved, team=team or ""
         )
-        return Promotion.from_proto(self._client._unary(self._stub.SetAlias, request))
+        return Promotion.from_proto(self._transport.unary(self._stub.SetAlias, request))
 
     def delete_alias(self, name: str, alias: str, *, team: str | None = None) -> str:
         """Removes an alias and returns the version it pointed to.
@@ -214,7 +214,7 @@ class ModelsAPI:
             NotFound: the model or the alias does not exist.
         """
         request = registry_pb2.DeleteAliasRequest(name=name, alias=alias, team=team or "")
-        response = self._client._unary(self._stub.DeleteAlias, request)
+        response = self._transport.unary(self._stub.DeleteAlias, request)
         return str(response.previous_version)
 
     def set_policy(
@@ -241,19 +241,24 @@ class ModelsAPI:
 
         Raises:
             ValueError: a rule is not ``METRIC OP THRESHOLD``; the message names it.
+            InvalidArgument: an alias is malformed or reserved (checked before sending).
             NotFound: no model has this name.
         """
         if isinstance(rules, str | PolicyRule):
             rules = [rules]  # one rule given bare
+        guarded = tuple(aliases)
+        with refused_locally():
+            for alias in guarded:
+                names.check_alias(alias, "policy.aliases")
         policy = PromotionPolicy(
             rules=tuple(PolicyRule.parse(rule) for rule in rules),
             require_approval=require_approval,
-            aliases=tuple(aliases),
+            aliases=guarded,
         )
         request = registry_pb2.SetPolicyRequest(
             name=name, policy=policy.to_proto(), team=team or ""
         )
-        return RegisteredModel.from_proto(self._client._unary(self._stub.SetPolicy, request))
+        return RegisteredModel.from_proto(self._transport.unary(self._stub.SetPolicy, request))
 
     def get_policy(self, name: str) -> PromotionPolicy:
         """Returns a model's promotion policy (empty when none is set).
@@ -269,27 +274,34 @@ class ModelsAPI:
         prefix: str | None,
         tags: Mapping[str, str] | None,
         page_size: int,
-        *,
-        page_token: str,
-    ) -> registry_pb2.SearchModelsResponse:
-        if not 1 <= page_size <= _MAX_MODELS_PAGE:
-            raise ValueError(f"page_size must be between 1 and {_MAX_MODELS_PAGE}, got {page_size}")
-        request = registry_pb2.SearchModelsRequest(
-            name_prefix=prefix or "",
-            team=team or "",
-            tags=dict(tags or {}),
-            page_size=page_size,
-            page_token=page_token,
-        )
-        return self._client._unary(self._stub.SearchModels, request)
+    ) -> Callable[[str], tuple[builtins.list[RegisteredModel], str]]:
+        check_page_size(page_size)
+
+        def fetch(token: str) -> tuple[builtins.list[RegisteredModel], str]:
+            request = registry_pb2.SearchModelsRequest(
+                name_prefix=prefix or "",
+                team=team or "",
+                tags=dict(tags or {}),
+                page_size=page_size,
+                page_token=token,
+            )
+            response = self._transport.unary(self._stub.SearchModels, request)
+            models = [RegisteredModel.from_proto(model) for model in response.models]
+            return models, response.next_page_token
+
+        return fetch
 
 
 class RunsAPI:
-    """MLflow tracking runs, through the registry: ``plinth.runs``."""
+    """MLflow tracking runs, through the registry: ``plinth.runs``.
 
-    def __init__(self, client: Plinth, stub: registry_pb2_grpc.RegistryServiceStub) -> None:
-        self._client = client
-        self._stub = stub
+    Args:
+        transport: The connection to the gateway.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._stub = transport.stub(registry_pb2_grpc.RegistryServiceStub)
 
     def get(self, run_id: str) -> Run:
         """Returns one run with its metrics, parameters and tags.
@@ -298,7 +310,7 @@ class RunsAPI:
             NotFound: no run has this id.
         """
         return Run.from_proto(
-            self._client._unary(self._stub.GetRun, registry_pb2.GetRunRequest(run_id=run_id))
+            self._transport.unary(self._stub.GetRun, registry_pb2.GetRunRequest(run_id=run_id))
         )
 
     def iter(
@@ -310,16 +322,13 @@ class RunsAPI:
     ) -> Iterator[Run]:
         """Yields runs, e.g. ``filter="metrics.rmse < 60"``, fetching pages as needed."""
         experiments = builtins.list(experiment_ids)
-        token = ""
-        while True:
+        check_page_size(page_size)
+
+        def fetch(token: str) -> tuple[builtins.list[Run], str]:
             request = registry_pb2.ListRunsRequest(
-                experiment_ids=experiments,
-                filter=filter,
-                page_size=page_size,
-                page_token=token,
+                experiment_ids=experiments, filter=filter, page_size=page_size, page_token=token
             )
-            response = self._client._unary(self._stub.ListRuns, request)
-            yield from (Run.from_proto(run) for run in response.runs)
-            token = response.next_page_token
-            if not token:
-                return
+            response = self._transport.unary(self._stub.ListRuns, request)
+            return [Run.from_proto(run) for run in response.runs], response.next_page_token
+
+        return paged(fetch)

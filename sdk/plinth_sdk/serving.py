@@ -10,21 +10,18 @@ Example:
 from __future__ import annotations
 
 import builtins
-import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
-from plinth_sdk.errors import DeploymentFailed, DeploymentWaitTimeout
+from plinth_common import names
+from plinth_common.names import DEFAULT_ALIAS
+from plinth_sdk.errors import DeploymentFailed, DeploymentWaitTimeout, refused_locally
 from plinth_sdk.models import Deployment, DeploymentState
-from plinth_sdk.registry import DEFAULT_ALIAS
+from plinth_sdk.paging import check_page_size, paged
+from plinth_sdk.transport import Transport
+from plinth_sdk.waiting import poll_until
 
-if TYPE_CHECKING:
-    from plinth_sdk.client import Plinth
-
-__all__ = ["DeploymentsAPI"]
-
-_MAX_PAGE_SIZE = 500  # the serving service's bound
+__all__ = ["DeploymentsAPI", "progress_text"]
 
 
 class DeploymentsAPI:
@@ -32,11 +29,14 @@ class DeploymentsAPI:
 
     A deployment follows a registered model's alias: promoting a version to that alias makes
     it load the version and move all traffic to it once ready.
+
+    Args:
+        transport: The connection to the gateway.
     """
 
-    def __init__(self, client: Plinth, stub: serving_pb2_grpc.ServingServiceStub) -> None:
-        self._client = client
-        self._stub = stub
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._stub = transport.stub(serving_pb2_grpc.ServingServiceStub)
 
     def create(
         self,
@@ -66,8 +66,14 @@ class DeploymentsAPI:
 
         Raises:
             AlreadyExists: the name is taken.
-            InvalidArgument: a setting is out of range.
+            InvalidArgument: a name is malformed (checked before sending) or a setting is out
+                of range.
         """
+        with refused_locally():
+            names.check_deployment_name(name)
+            names.check_team(team)
+            names.check_model_name(model, "model_name")
+            names.check_alias(alias)
         request = serving_pb2.CreateDeploymentRequest(
             name=name,
             team=team,
@@ -79,7 +85,7 @@ class DeploymentsAPI:
                 instance_count=instance_count,
             ),
         )
-        return Deployment.from_proto(self._client._unary(self._stub.CreateDeployment, request))
+        return Deployment.from_proto(self._transport.unary(self._stub.CreateDeployment, request))
 
     def get(self, name: str) -> Deployment:
         """Returns one deployment.
@@ -88,22 +94,16 @@ class DeploymentsAPI:
             NotFound: no deployment has this name.
         """
         request = serving_pb2.GetDeploymentRequest(name=name)
-        return Deployment.from_proto(self._client._unary(self._stub.GetDeployment, request))
+        return Deployment.from_proto(self._transport.unary(self._stub.GetDeployment, request))
 
     def list(self, *, team: str | None = None, page_size: int = 50) -> builtins.list[Deployment]:
         """Returns the first page of deployments, at most ``page_size``; see :meth:`iter`."""
-        response = self._list_page(team, page_size, page_token="")
-        return [Deployment.from_proto(d) for d in response.deployments]
+        deployments, _ = self._page(team, page_size)("")
+        return deployments
 
     def iter(self, *, team: str | None = None, page_size: int = 100) -> Iterator[Deployment]:
         """Yields every deployment (of ``team``, if given), fetching pages as needed."""
-        token = ""
-        while True:
-            response = self._list_page(team, page_size, page_token=token)
-            yield from (Deployment.from_proto(d) for d in response.deployments)
-            token = response.next_page_token
-            if not token:
-                return
+        return paged(self._page(team, page_size))
 
     def delete(self, name: str) -> None:
         """Deletes a deployment; its models are unloaded.
@@ -111,17 +111,17 @@ class DeploymentsAPI:
         Raises:
             NotFound: no deployment has this name.
         """
-        self._client._unary(
-            self._stub.DeleteDeployment, serving_pb2.DeleteDeploymentRequest(name=name)
-        )
+        request = serving_pb2.DeleteDeploymentRequest(name=name)
+        self._transport.unary(self._stub.DeleteDeployment, request)
 
     def wait_ready(
         self,
         name: str,
-        timeout: float | None = None,
         *,
+        timeout: float | None = None,
         version: str | int | None = None,
         poll: float = 0.5,
+        on_poll: Callable[[Deployment], None] | None = None,
     ) -> Deployment:
         """Polls a deployment until it is READY and returns it.
 
@@ -130,7 +130,8 @@ class DeploymentsAPI:
             timeout: Seconds to wait at most; None waits for ever.
             version: Wait until this version serves (say, the one just promoted) rather
                 than whatever the alias pointed to when last heard.
-            poll: Seconds between polls.
+            poll: Seconds between polls (a little jitter is added).
+            on_poll: Called with the deployment after every poll (to show progress).
 
         Raises:
             DeploymentFailed: the awaited version failed to load (``last_error`` says why).
@@ -138,38 +139,41 @@ class DeploymentsAPI:
             NotFound: no deployment has this name.
         """
         wanted = None if version is None else str(version)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            deployment = self.get(name)
-            if _is_ready(deployment, wanted):
-                return deployment
-            if _has_failed(deployment, wanted):
-                reason = f": {deployment.last_error}" if deployment.last_error else ""
-                raise DeploymentFailed(
-                    f"deployment {name} failed to load version "
-                    f"{deployment.target_version or '?'}{reason}",
-                    deployment=deployment,
-                )
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DeploymentWaitTimeout(
-                        f"deployment {name} still {_progress_text(deployment)} after {timeout:g}s",
-                        deployment=deployment,
-                    )
-                time.sleep(min(poll, remaining))
-            else:
-                time.sleep(poll)
-
-    def _list_page(
-        self, team: str | None, page_size: int, *, page_token: str
-    ) -> serving_pb2.ListDeploymentsResponse:
-        if not 1 <= page_size <= _MAX_PAGE_SIZE:
-            raise ValueError(f"page_size must be between 1 and {_MAX_PAGE_SIZE}, got {page_size}")
-        request = serving_pb2.ListDeploymentsRequest(
-            team=team or "", page_size=page_size, page_token=page_token
+        deployment, over = poll_until(
+            lambda: self.get(name),
+            done=lambda d: _is_ready(d, wanted) or _has_failed(d, wanted),
+            timeout=timeout,
+            interval=poll,
+            on_poll=on_poll,
         )
-        return self._client._unary(self._stub.ListDeployments, request)
+        if not over:
+            raise DeploymentWaitTimeout(
+                f"deployment {name} still {progress_text(deployment)} after {timeout:g}s",
+                deployment=deployment,
+            )
+        if not _is_ready(deployment, wanted):
+            reason = f": {deployment.last_error}" if deployment.last_error else ""
+            raise DeploymentFailed(
+                f"deployment {name} failed to load version "
+                f"{deployment.target_version or '?'}{reason}",
+                deployment=deployment,
+            )
+        return deployment
+
+    def _page(
+        self, team: str | None, page_size: int
+    ) -> Callable[[str], tuple[builtins.list[Deployment], str]]:
+        check_page_size(page_size)
+
+        def fetch(token: str) -> tuple[builtins.list[Deployment], str]:
+            request = serving_pb2.ListDeploymentsRequest(
+                team=team or "", page_size=page_size, page_token=token
+            )
+            response = self._transport.unary(self._stub.ListDeployments, request)
+            deployments = [Deployment.from_proto(d) for d in response.deployments]
+            return deployments, response.next_page_token
+
+        return fetch
 
 
 def _is_ready(deployment: Deployment, version: str | None) -> bool:
@@ -186,7 +190,9 @@ def _has_failed(deployment: Deployment, version: str | None) -> bool:
     return version is None or deployment.target_version == version
 
 
-def _progress_text(deployment: Deployment) -> str:
+def progress_text(deployment: Deployment) -> str:
+    """Where a deployment is, in words: ``LOADING (loading version 3)``,
+    ``PENDING (no version behind diabetes@production)``."""
     text = deployment.state.value
     if deployment.loading_version:
         text += f" (loading version {deployment.loading_version})"
