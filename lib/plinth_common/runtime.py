@@ -8,14 +8,14 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Unpack
 
 from sqlalchemy import Table
 
 from plinth_common.config import CommonSettings
 from plinth_common.db import Database
 from plinth_common.events import ConsumerSettings, EventBus, EventConsumer, Outbox, OutboxRelay
-from plinth_common.events.consumer import Handler
+from plinth_common.events.consumer import ConsumerOptions, EffectHandler, Handler
 from plinth_common.grpc_server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,20 @@ class ServiceRuntime:
         self.consumers: list[EventConsumer] = []
 
     def consume(
-        self, durable: str, subjects: Sequence[str], handler: Handler, **options: object
+        self,
+        durable: str,
+        subjects: Sequence[str],
+        handler: Handler | EffectHandler,
+        **options: Unpack[ConsumerOptions],
     ) -> EventConsumer:
-        """Declares a durable consumer, started with the runtime."""
+        """Declares a durable consumer, started with the runtime.
+
+        Args:
+            durable: the consumer's durable name.
+            subjects: the subjects it handles.
+            handler: a database-only handler, or an :class:`EffectHandler` for one that does I/O.
+            **options: further :class:`ConsumerSettings` fields.
+        """
         if self._processed_table is None:
             raise RuntimeError("a consuming service needs a processed_events table")
         consumer = EventConsumer(
@@ -67,7 +78,7 @@ class ServiceRuntime:
             self._processed_table,
             ConsumerSettings(durable=durable, subjects=subjects, **options),
             handler,
-        )  # type: ignore[arg-type]
+        )
         self.consumers.append(consumer)
         return consumer
 
@@ -133,19 +144,23 @@ class EngineHealth:
     async def _probe_forever(self) -> None:
         serving: bool | None = None
         while True:
+            cause = ""
             try:
                 ready = await self._engine.is_ready()
-            except Exception:  # noqa: BLE001 - a probe that fails means "not ready"
-                ready = False
+            except Exception as exc:  # noqa: BLE001 - a probe that fails means "not ready"
+                ready, cause = False, f" ({type(exc).__name__}: {exc})"
             if ready != serving:
                 await self._server.set_serving(ready)
                 log.log(
                     logging.INFO if ready else logging.WARNING,
-                    "%s is %s",
+                    "%s is %s%s",
                     self._name,
                     "ready" if ready else "not ready",
+                    cause,
                 )
                 serving = ready
+            elif cause:
+                log.debug("%s probe failed%s", self._name, cause)
             if ready:
                 self.ready.set()
             else:

@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from google.protobuf.message import Message
+from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
@@ -121,7 +122,7 @@ async def test_event_carries_cloudevents_headers_and_traceparent(
     stack: Stack, nats_server: NatsServer
 ) -> None:
     nc = await nats.connect(nats_server.url)
-    received: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
+    received: asyncio.Queue[Msg] = asyncio.Queue()
     sub = await nc.subscribe("plinth.job.finished", cb=received.put)
     try:
         from opentelemetry import trace
@@ -142,7 +143,8 @@ async def test_event_carries_cloudevents_headers_and_traceparent(
     assert headers["ce-time"].endswith("Z")
     assert headers["ce-dataschema"] == "plinth.events.v1.JobFinished"
     assert headers["content-type"] == "application/protobuf"
-    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    version, trace_id, _span_id, _flags = headers["traceparent"].split("-")
+    assert version == "00"
     assert len(trace_id) == 32 and int(trace_id, 16) != 0
     payload = events_pb2.JobFinished.FromString(msg.data)
     assert payload.job_id == "j-headers" and payload.status == events_pb2.JOB_OUTCOME_SUCCEEDED
@@ -185,7 +187,7 @@ async def test_poison_message_reaches_dead_letter_subject(
 ) -> None:
     durable = f"c-{uuid.uuid4().hex[:8]}"
     nc = await nats.connect(nats_server.url)
-    dead: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
+    dead: asyncio.Queue[Msg] = asyncio.Queue()
     sub = await nc.subscribe("dlq.plinth.job.finished", cb=dead.put)
     consumer = await stack.consume(durable, fail=failure, max_deliver=3)
     event = await stack.emit(f"j-poison-{deliveries}")

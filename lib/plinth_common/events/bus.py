@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import suppress
 from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +59,39 @@ class EventBus:
         self._task = asyncio.create_task(self._connect_forever(), name="nats-connect")
 
     async def _connect_forever(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                self._nc = await nats.connect(
-                    servers=self._servers,
-                    name=self._name,
-                    connect_timeout=2,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                )
-                self._js = self._nc.jetstream(timeout=5)
-                await self.ensure_streams()
-                self._ready.set()
-                log.info(
-                    "connected to NATS at %s",
-                    self._nc.connected_url.netloc if self._nc.connected_url else "?",
-                )
-                return
-            except Exception as exc:  # noqa: BLE001 - keep trying whatever the failure
-                log.warning("NATS not reachable (%s); retrying in %.1fs", exc, delay)
-                if self._nc is not None:
-                    await self._close_quietly()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # Whatever the failure (no server, no JetStream, a stream refused), keep trying.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        await retrying(self._connect_once)
+
+    async def _connect_once(self) -> None:
+        try:
+            self._nc = await nats.connect(
+                servers=self._servers,
+                name=self._name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+            self._js = self._nc.jetstream(timeout=5)
+            await self.ensure_streams()
+        except Exception:
+            if self._nc is not None:
+                await self._close_quietly()
+            raise
+        self._ready.set()
+        log.info(
+            "connected to NATS at %s",
+            self._nc.connected_url.netloc if self._nc.connected_url else "?",
+        )
 
     async def ensure_streams(self) -> None:
         """Creates or updates the events stream and the dead-letter stream (idempotent)."""
@@ -141,11 +148,10 @@ class EventBus:
         log.info("NATS reconnected")
 
     async def _close_quietly(self) -> None:
-        try:
+        # Closing a broken connection may fail in many ways; it is being dropped anyway.
+        with suppress(Exception):
             if self._nc is not None and not self._nc.is_closed:
                 await self._nc.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
-            pass
 
     async def stop(self) -> None:
         """Stops connecting and drains the connection."""
@@ -159,3 +165,9 @@ class EventBus:
                 await self._close_quietly()
         else:
             await self._close_quietly()
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("NATS not reachable (%s); retrying in %.1fs", exc, delay)

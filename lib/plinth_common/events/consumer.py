@@ -1,12 +1,26 @@
-"""Durable JetStream pull consumers with idempotent, transactional handling and dead letters.
+"""Durable JetStream pull consumers with idempotent handling and dead letters.
 
-For each message: open a CONSUMER span under the producer's trace context, then in one SQL
-transaction record the event id in ``processed_events`` and run the handler; ack after the
-commit. A domain error other than Unavailable, or a malformed event, is dead-lettered at once.
-A fetched batch shares one transaction (one commit instead of one per message); if any
-handler in it fails, the batch rolls back and is replayed one message per transaction, so
-handlers must tolerate a re-run after a rollback, as they must for any redelivery. A duplicate delivery finds its id recorded and is acked without running the handler.
-A failing handler is retried with backoff; after ``max_deliver`` deliveries the message goes to
+Two kinds of handler, chosen by what their side effect is:
+
+- a database-only :data:`Handler` ``(session, event, payload)`` runs inside the transaction
+  that records the event id in ``processed_events``, so its writes and that record commit
+  together;
+- an :class:`EffectHandler` does I/O (another engine, another service). Its
+  :meth:`~EffectHandler.perform` runs with no transaction open and returns a :data:`Record`;
+  one short transaction then records the event id and runs the record (typically adding the
+  outbox events that report the effect). No write lock is held while the I/O waits.
+
+For each message the consumer opens a CONSUMER span under the producer's trace context and
+acks after the commit. A fetched batch commits in ONE transaction (one commit instead of one
+per message); if it fails, each message is committed on its own, so the culprit is retried or
+dead-lettered alone and handlers must tolerate a re-run after a rollback, as they must for any
+redelivery. A duplicate delivery finds its id recorded: a database-only handler does not run
+(the insert of the id returns nothing), an effect handler's :meth:`~EffectHandler.perform` is
+not called (the id is looked up first, outside any transaction). An effect must still be
+idempotent: a crash between the effect and the commit performs it again on redelivery.
+
+A domain error other than Unavailable, or a malformed event, is dead-lettered at once. Any
+other failure is retried with backoff; after ``max_deliver`` deliveries the message goes to
 ``dlq.<subject>`` with the reason in its headers, and is acked.
 """
 
@@ -14,13 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypedDict
 
 import nats.errors
 import nats.js.errors
+import sqlalchemy as sa
 from google.protobuf.message import Message
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -30,6 +47,12 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from plinth_common.db import Database
 from plinth_common.errors import PlinthError, Unavailable
@@ -37,10 +60,38 @@ from plinth_common.events.bus import DEAD_LETTER_PREFIX, EVENTS_STREAM, EventBus
 from plinth_common.events.envelope import CloudEvent, MalformedEvent
 from plinth_common.events.tracing import extract
 
+__all__ = [
+    "ConsumerOptions",
+    "ConsumerSettings",
+    "EffectHandler",
+    "EventConsumer",
+    "Handler",
+    "Record",
+]
+
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.events")
 
+#: A database-only handler: runs in the transaction that records the event as processed.
 Handler = Callable[[AsyncSession, CloudEvent, Message], Awaitable[None]]
+#: What an effect leaves to write: runs in the short transaction that records the event.
+Record = Callable[[AsyncSession], Awaitable[None]]
+
+
+class EffectHandler(ABC):
+    """A handler whose side effect is I/O rather than SQL (an engine, another service).
+
+    The consumer calls :meth:`perform` with no transaction open, then records the event as
+    processed in one short transaction that also runs the returned :data:`Record`.
+    """
+
+    @abstractmethod
+    async def perform(self, event: CloudEvent, payload: Message) -> Record | None:
+        """Does the effect; returns what to write with the processed-event row (or None).
+
+        It must be idempotent (a redelivery after a crash before the commit runs it again).
+        Raising means "retry"; a domain error other than Unavailable means "dead letter".
+        """
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,15 +119,36 @@ class ConsumerSettings:
         return self.backoff_s[min(delivery - 1, len(self.backoff_s) - 1)]
 
 
+class ConsumerOptions(TypedDict, total=False):
+    """The optional fields of :class:`ConsumerSettings`, as keyword arguments."""
+
+    max_deliver: int
+    backoff_s: Sequence[float]
+    ack_wait_s: float
+    batch: int
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """One fetched, well-formed message on its way through a batch."""
+
+    msg: Msg
+    span: Span
+    event: CloudEvent
+    payload: Message
+    record: Record | None = None
+
+
 class EventConsumer:
     """Runs one durable consumer against one handler.
 
     Args:
         bus: the NATS connection.
-        db: the service's database, in whose transaction the handler runs.
+        db: the service's database, where ``processed_events`` lives.
         processed: the service's ``processed_events`` table.
         settings: the consumer's settings.
-        handler: ``async (session, event, payload) -> None``; raising means "retry".
+        handler: a database-only :data:`Handler` ``async (session, event, payload) -> None``,
+            or an :class:`EffectHandler`.
     """
 
     def __init__(
@@ -85,7 +157,7 @@ class EventConsumer:
         db: Database,
         processed: Table,
         settings: ConsumerSettings,
-        handler: Handler,
+        handler: Handler | EffectHandler,
     ) -> None:
         self._bus = bus
         self._db = db
@@ -109,11 +181,47 @@ class EventConsumer:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._subscription is not None:
             # An open pull subscription makes the connection's drain wait and then complain.
-            try:
+            with suppress(Exception):  # the connection may already be gone
                 await self._subscription.unsubscribe()
-            except Exception:  # noqa: BLE001 - the connection may already be gone
-                pass
             self._subscription = None
+
+    # -- pulling ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        await self._bus.connected()
+        # NATS down or reconnecting, the consumer deleted: try again with a jittered backoff
+        # that starts over after each successful pull.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+            before_sleep=self._before_retry,
+            reraise=True,
+        )
+        while True:
+            await retrying(self._pull_once)
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, nats.js.errors.NotFoundError):
+            log.warning(
+                "consumer %s vanished (server restarted without its state?); recreating",
+                self.settings.durable,
+            )
+            self._subscription = None
+            return
+        log.warning("consumer %s: %s", self.settings.durable, exc or type(exc).__name__)
+
+    async def _pull_once(self) -> None:
+        if self._subscription is None:
+            await self._ensure_consumer()
+            self._subscription = await self._bus.js.pull_subscribe_bind(
+                durable=self.settings.durable, stream=EVENTS_STREAM
+            )
+        try:
+            messages = await self._subscription.fetch(self.settings.batch, timeout=1.0)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return
+        await self._process_batch(messages)
 
     async def _ensure_consumer(self) -> None:
         s = self.settings
@@ -130,83 +238,91 @@ class EventConsumer:
         )
         await self._bus.js.add_consumer(EVENTS_STREAM, config)
 
-    async def _run(self) -> None:
-        await self._bus.connected()
-        while True:
-            try:
-                if self._subscription is None:
-                    await self._ensure_consumer()
-                    self._subscription = await self._bus.js.pull_subscribe_bind(
-                        durable=self.settings.durable, stream=EVENTS_STREAM
-                    )
-                try:
-                    messages = await self._subscription.fetch(self.settings.batch, timeout=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                await self._process_batch(messages)
-            except asyncio.CancelledError:
-                raise
-            except nats.js.errors.NotFoundError:
-                log.warning(
-                    "consumer %s vanished (server restarted without its state?); recreating",
-                    self.settings.durable,
-                )
-                self._subscription = None
-                await asyncio.sleep(0.5)
-            except Exception as exc:  # noqa: BLE001 - NATS down, reconnecting: try again
-                log.warning("consumer %s: %s", self.settings.durable, exc or type(exc).__name__)
-                await asyncio.sleep(0.5)
+    # -- processing ---------------------------------------------------------------------------
 
-    async def _process_batch(self, messages: list[Msg]) -> None:
-        """A fetched batch in ONE transaction: record every id (one statement), run the handlers of
-        the new ones, commit once, then ack. Any failure rolls the whole batch back and replays it
-        one message per transaction (:meth:`_process`), which retries or dead-letters the culprit.
-        """
-        if len(messages) == 1:
-            await self._process(messages[0])
-            return
-        handled = duplicates = 0
+    async def _process_batch(self, messages: Sequence[Msg]) -> None:
+        """Parses, performs (effect handlers, no transaction open), commits once, acks."""
+        spans: list[Span] = []
         try:
-            items = []
+            deliveries: list[_Delivery] = []
             for msg in messages:
-                event = CloudEvent.from_headers(msg.headers or {}, msg.data)
-                items.append((msg, event, event.payload()))
-            async with self._db.transaction() as session:
-                fresh = await self._first_times(session, [event.id for _, event, _ in items])
-                for msg, event, payload in items:
-                    with self._span(msg) as span:
-                        if event.id in fresh:
-                            fresh.discard(event.id)  # the same id twice in one batch runs once
-                            await self._handler(session, event, payload)
-                            handled += 1
-                        else:
-                            duplicates += 1
-                            span.set_attribute("plinth.duplicate", True)
+                spans.append(span := self._start_span(msg))
+                try:
+                    event = CloudEvent.from_headers(msg.headers or {}, msg.data)
+                    deliveries.append(_Delivery(msg, span, event, event.payload()))
+                except MalformedEvent as exc:
+                    await self._fail(msg, span, exc)
+            ready = await self._perform_all(deliveries)
+            if ready:
+                await self._commit(ready)
+        finally:
+            for span in spans:
+                span.end()
+
+    async def _perform_all(self, deliveries: list[_Delivery]) -> list[_Delivery]:
+        """Gives each delivery its record; returns those to commit (failures are retrying)."""
+        handler = self._handler
+        if not isinstance(handler, EffectHandler):
+            for d in deliveries:
+                d.record = _in_transaction(handler, d.event, d.payload)
+            return deliveries
+        done = await self._recorded([d.event.id for d in deliveries])
+        # The same id twice in one batch performs once; both copies share its record.
+        performed: dict[str, Record | None] = {}
+        ready: list[_Delivery] = []
+        for d in deliveries:
+            if d.event.id not in done and d.event.id not in performed:
+                try:
+                    with _current(d.span):
+                        performed[d.event.id] = await handler.perform(d.event, d.payload)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any failure is a retry, then a dead letter
+                    await self._fail(d.msg, d.span, exc)
+                    continue
+            # An id recorded already has no record: its commit acks it as a duplicate.
+            d.record = performed.get(d.event.id)
+            ready.append(d)
+        return ready
+
+    async def _commit(self, deliveries: list[_Delivery]) -> None:
+        """One transaction records the ids and runs the records of the new ones; then acks.
+
+        If it fails, a batch is committed message by message to isolate the culprit, which is
+        retried or dead-lettered.
+        """
+        try:
+            handled = await self._record_all(deliveries)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - isolate the failing message on the one-by-one path
-            for msg in messages:
-                await self._process(msg)
+        except Exception as exc:  # noqa: BLE001 - isolate the failing message, then retry it
+            if len(deliveries) > 1:
+                for d in deliveries:
+                    await self._commit([d])
+            else:
+                await self._fail(deliveries[0].msg, deliveries[0].span, exc)
             return
-        self.handled += handled
-        self.duplicates += duplicates
-        for msg, _, _ in items:
-            await msg.ack()
+        for d in deliveries:
+            if d not in handled:
+                d.span.set_attribute("plinth.duplicate", True)
+        self.handled += len(handled)
+        self.duplicates += len(deliveries) - len(handled)
+        for d in deliveries:
+            await d.msg.ack()
 
-    def _span(self, msg: Msg) -> AbstractContextManager[Span]:
-        headers = msg.headers or {}
-        return tracer.start_as_current_span(
-            f"{msg.subject} process",
-            context=extract(headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "messaging.consumer.group.name": self.settings.durable,
-                "messaging.message.id": headers.get("ce-id", ""),
-                "messaging.operation.type": "process",
-            },
-        )
+    async def _record_all(self, deliveries: list[_Delivery]) -> set[_Delivery]:
+        handled: set[_Delivery] = set()
+        async with self._db.transaction() as session:
+            fresh = await self._first_times(session, [d.event.id for d in deliveries])
+            for d in deliveries:
+                if d.event.id not in fresh:
+                    continue
+                fresh.discard(d.event.id)  # the same id twice in one batch runs once
+                if d.record is not None:
+                    with _current(d.span):
+                        await d.record(session)
+                handled.add(d)
+        return handled
 
     async def _first_times(self, session: AsyncSession, event_ids: Sequence[str]) -> set[str]:
         """Records the ids in one INSERT .. ON CONFLICT DO NOTHING RETURNING; returns those that were new."""
@@ -223,29 +339,39 @@ class EventConsumer:
         ]
         return set((await session.execute(statement, rows)).scalars())
 
-    async def _process(self, msg: Msg) -> None:
-        headers = msg.headers or {}
-        with self._span(msg) as span:
-            try:
-                event = CloudEvent.from_headers(headers, msg.data)
-                payload = event.payload()
-                async with self._db.transaction() as session:
-                    if await self._first_time(session, event.id):
-                        await self._handler(session, event, payload)
-                        self.handled += 1
-                    else:
-                        self.duplicates += 1
-                        span.set_attribute("plinth.duplicate", True)
-                await msg.ack()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure is a retry, then a dead letter
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-                await self._retry_or_dead_letter(msg, exc)
+    async def _recorded(self, event_ids: Sequence[str]) -> set[str]:
+        """The ids already recorded as processed (a read: takes no write lock)."""
+        table = self._processed
+        async with self._db.read() as session:
+            found = await session.execute(
+                sa.select(table.c.event_id).where(
+                    table.c.consumer == self.settings.durable,
+                    table.c.event_id.in_(set(event_ids)),
+                )
+            )
+            return set(found.scalars())
 
-    async def _first_time(self, session: AsyncSession, event_id: str) -> bool:
-        return event_id in await self._first_times(session, [event_id])
+    def _start_span(self, msg: Msg) -> Span:
+        headers = msg.headers or {}
+        return tracer.start_span(
+            f"{msg.subject} process",
+            context=extract(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.consumer.group.name": self.settings.durable,
+                "messaging.message.id": headers.get("ce-id", ""),
+                "messaging.operation.type": "process",
+            },
+        )
+
+    # -- failures -----------------------------------------------------------------------------
+
+    async def _fail(self, msg: Msg, span: Span, exc: Exception) -> None:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, str(exc)))
+        await self._retry_or_dead_letter(msg, exc)
 
     async def _retry_or_dead_letter(self, msg: Msg, exc: Exception) -> None:
         delivery = msg.metadata.num_delivered or 1
@@ -270,6 +396,23 @@ class EventConsumer:
         await msg.ack()
         self.dead_lettered += 1
         log.error("%s dead-lettered after %d deliveries: %s", msg.subject, delivery, reason)
+
+
+def _in_transaction(handler: Handler, event: CloudEvent, payload: Message) -> Record:
+    """A database-only handler as the record of an effect that has nothing to do outside."""
+
+    async def record(session: AsyncSession) -> None:
+        await handler(session, event, payload)
+
+    return record
+
+
+def _current(span: Span) -> AbstractContextManager[Span]:
+    """Makes ``span`` current (for child spans and the outbox's trace context), leaving its
+    ending and its error status to the consumer: a failed batch commit may succeed alone."""
+    return trace.use_span(
+        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    )
 
 
 def _retryable(exc: Exception) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from plinth.events.v1 import events_pb2
 
@@ -140,7 +140,7 @@ class CloudEvent:
                 json_format.Parse(self.data.decode("utf-8"), message, ignore_unknown_fields=True)
             else:
                 message.ParseFromString(self.data)
-        except Exception as exc:  # protobuf raises several unrelated types here
+        except (DecodeError, json_format.ParseError, ValueError) as exc:  # ValueError: bad UTF-8
             raise MalformedEvent(f"cannot decode {self.type} payload: {exc}") from None
         return message
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from plinth_common.db import Database
 from plinth_common.events.bus import EventBus
@@ -122,33 +124,25 @@ class OutboxRelay:
         if self._task is None:
             return
         if self._bus.is_connected:
-            try:
+            with suppress(Exception):  # rows stay in the outbox for the next start
                 await asyncio.wait_for(self.drain(), timeout=1.0)
-            except Exception:  # noqa: BLE001 - rows stay in the outbox for the next start
-                pass
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         await self._bus.connected()
-        backoff = 0.1
+        # NATS down, the database busy: retry with a jittered backoff that starts over after
+        # each drained outbox.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.1),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
         while True:
-            try:
-                while await self.drain_once():
-                    pass
-                backoff = 0.1
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval_s)
-                except TimeoutError:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - NATS down, DB busy: retry later
-                log.warning(
-                    "outbox relay: %s; retrying in %.1fs", exc or type(exc).__name__, backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            await retrying(self.drain)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval_s)
 
     async def drain(self) -> None:
         """Publishes every unpublished row."""
@@ -189,7 +183,7 @@ class OutboxRelay:
         # Mark the unbroken prefix that JetStream acknowledged, so order holds across retries.
         done: list[int] = []
         failure: BaseException | None = None
-        for row, result in zip(rows, results):
+        for row, result in zip(rows, results, strict=False):  # results stop at a failed first
             if isinstance(result, BaseException):
                 failure = result
                 break
@@ -223,3 +217,9 @@ class OutboxRelay:
             await self._bus.js.publish(
                 subject, data, headers=headers, timeout=self._publish_timeout_s
             )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("outbox relay: %s; retrying in %.1fs", exc or type(exc).__name__, delay)
