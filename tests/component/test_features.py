@@ -387,10 +387,9 @@ async def test_online_values_equal_feasts_own(features: Features, extra: int) ->
     )
     reference = features.feast.get_online_features(STATS, [{"driver_id": i} for i in ids])
     expected = reference.to_dict()
-    vectors = {
-        name: vector
-        for name, vector in zip(reference.proto.metadata.feature_names.val, reference.proto.results)
-    }
+    vectors = dict(
+        zip(reference.proto.metadata.feature_names.val, reference.proto.results, strict=True)
+    )
 
     assert [c.name for c in response.columns] == STATS
     for column in response.columns:
@@ -411,8 +410,7 @@ async def test_online_values_equal_feasts_own(features: Features, extra: int) ->
     trips = next(c for c in response.columns if c.name.endswith("avg_daily_trips"))
     assert trips.values[2].number_value == latest.avg_daily_trips
     assert (
-        trips.event_timestamps[2].ToDatetime(tzinfo=UTC)
-        == latest.event_timestamp.to_pydatetime()
+        trips.event_timestamps[2].ToDatetime(tzinfo=UTC) == latest.event_timestamp.to_pydatetime()
     )
 
 

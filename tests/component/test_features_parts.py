@@ -11,9 +11,9 @@ from plinth.features.v1 import features_pb2 as pb
 from plinth_common.errors import InvalidArgument
 from services.features.domain import FieldStatus, OnlineColumn, parse_feature_refs
 from services.features.feast_values import JoinKey, join_key, value_proto
-from services.features.sqlite_online_reader import KeySerializer
 from services.features.repository import Limits, RepositoryFolder, validate_files
 from services.features.servicer import columns_to_proto, value_of
+from services.features.sqlite_online_reader import KeySerializer
 
 
 def test_validate_files_normalizes_and_bounds_uploads() -> None:
@@ -103,8 +103,7 @@ def test_values_map_to_json_friendly_protobuf() -> None:
     assert value_of("x").string_value == "x"
     assert value_of(b"\x00\x01").string_value == "AAE="
     assert (
-        value_of(datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)).string_value
-        == "2024-01-02T03:04:05Z"
+        value_of(datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)).string_value == "2024-01-02T03:04:05Z"
     )
     listed = value_of([1, 2.5, None])
     assert [v.WhichOneof("kind") for v in listed.list_value.values] == [
