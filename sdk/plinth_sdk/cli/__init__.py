@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
@@ -27,7 +28,7 @@ from plinth_sdk.cli.output import stderr_line
 from plinth_sdk.cli.runs import runs
 from plinth_sdk.errors import PlinthClientError
 
-__all__ = ["main", "plinth"]
+__all__ = ["PlinthGroup", "main", "plinth"]
 
 _PROG = "plinth"
 _NO_ARGS_IS_HELP: type[click.UsageError] = getattr(
@@ -35,8 +36,36 @@ _NO_ARGS_IS_HELP: type[click.UsageError] = getattr(
 )
 
 
+class PlinthGroup(click.Group):
+    """The root group: every failure ends as one line on stderr and an exit code, whether the
+    CLI runs as ``plinth`` or under ``click.testing.CliRunner``."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> int:
+        """Runs the CLI; exits with the code in standalone mode, else returns it."""
+        code = _exit_code(
+            lambda: super(PlinthGroup, self).main(
+                args=args,
+                prog_name=prog_name or _PROG,
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        )
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 @click.group(
     name=_PROG,
+    cls=PlinthGroup,
     help="Plinth ML platform command line.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -61,8 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    return int(plinth.main(args=args, prog_name=_PROG, standalone_mode=False))
+
+
+def _exit_code(run: Callable[[], Any]) -> int:
     try:
-        code = plinth.main(args=args, prog_name=_PROG, standalone_mode=False)
+        code = run()
         sys.stdout.flush()  # a closed pipe surfaces here, not as noise at interpreter exit
     except _NO_ARGS_IS_HELP as err:
         # ``plinth`` or ``plinth jobs`` alone: the help is the useful answer (Click >= 8.2).

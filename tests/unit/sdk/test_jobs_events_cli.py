@@ -17,7 +17,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
-from plinth_sdk import Job, JobState, NotFound, Plinth, Unavailable, cli, parse_memory
+from plinth_sdk import (
+    GatewayUnreachable,
+    InvalidArgument,
+    Job,
+    JobState,
+    NotFound,
+    Plinth,
+    Unavailable,
+    cli,
+    parse_memory,
+)
 from plinth_sdk.job_context import record_output
 
 CREATED = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -399,10 +409,10 @@ def test_sdk_returns_typed_jobs_and_typed_errors(
 
 
 def test_sdk_unavailable_error() -> None:
-    with Plinth(f"127.0.0.1:{_free_port()}", timeout=5) as plinth:
-        with pytest.raises(Unavailable) as caught:
-            plinth.jobs.get("j-1")
-    assert caught.value.code == "UNAVAILABLE"
+    address = f"127.0.0.1:{_free_port()}"
+    with Plinth(address, timeout=5) as plinth, pytest.raises(GatewayUnreachable) as caught:
+        plinth.jobs.get("j-1")
+    assert isinstance(caught.value, Unavailable) and caught.value.code == "UNAVAILABLE"
     assert "cannot reach the Plinth gateway" in caught.value.message
 
 
@@ -465,3 +475,46 @@ def test_record_output_creates_the_file_and_is_a_no_op_outside_a_job(
 
     with pytest.raises(TypeError):
         record_output("k", 1)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- SDK submission
+
+
+def test_sdk_submit_runs_in_the_callers_folder_by_default(
+    gateway: FakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with Plinth(gateway.address) as plinth:
+        plinth.jobs.submit(name="a", team="ml", command=["python", "examples/train.py"])
+        plinth.jobs.submit(name="b", team="ml", command=["true"], working_dir="sub")
+
+    assert [spec.working_dir for spec in gateway.scheduler.specs] == [
+        str(tmp_path),
+        str(tmp_path / "sub"),
+    ]
+
+
+def test_sdk_refuses_a_malformed_name_before_sending(gateway: FakeGateway) -> None:
+    with Plinth(gateway.address) as plinth, pytest.raises(InvalidArgument) as caught:
+        plinth.jobs.submit(name="iris", team="ML Team", command=["true"])
+
+    assert gateway.scheduler.specs == []
+    assert caught.value.field_violations[0].field == "spec.team"
+    assert caught.value.message.endswith("got 'ML Team'")
+
+
+def test_sdk_wait_reports_each_state_and_the_failure_reason(gateway: FakeGateway) -> None:
+    gateway.scheduler.add("j-1", "iris", "ml", pb.JOB_STATE_RUNNING, started_at=_ts(CREATED))
+    seen: list[JobState] = []
+
+    def watch(job: Job) -> None:
+        seen.append(job.state)
+        if len(seen) == 2:  # the job fails while it is being waited for
+            gateway.scheduler.jobs["j-1"].state = pb.JOB_STATE_FAILED
+            gateway.scheduler.jobs["j-1"].failure_reason = "exit code 1"
+
+    with Plinth(gateway.address) as plinth:
+        job = plinth.jobs.wait("j-1", timeout=10, poll=0.01, on_poll=watch)
+
+    assert seen == [JobState.RUNNING, JobState.RUNNING, JobState.FAILED]
+    assert (job.state, job.failure_reason) == (JobState.FAILED, "exit code 1")

@@ -72,7 +72,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
                 metrics={"rmse": 50.0 + int(v), "r2": 0.45},
                 tags={"plinth.job_id": f"j-{v}"},
                 created_at=_ts(CREATED),
-            )  # fmt: skip
+            )
             for v in reversed(versions)  # newest first
         ]
 
@@ -846,9 +846,7 @@ def test_features_materialize_range_and_incremental(
     request = gateway.features.requests[-1]
     assert isinstance(request, fpb.MaterializeRequest)
     assert request.start_time.ToDatetime(UTC) == datetime(2025, 3, 1, tzinfo=UTC)
-    assert request.end_time.ToDatetime(UTC) == datetime(
-        2025, 3, 1, 23, tzinfo=UTC
-    )
+    assert request.end_time.ToDatetime(UTC) == datetime(2025, 3, 1, 23, tzinfo=UTC)
     assert list(request.feature_views) == ["driver_stats"]
     assert json.loads(capsys.readouterr().out) == {
         "feature_views": ["driver_stats"],
