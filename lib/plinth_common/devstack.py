@@ -1,25 +1,29 @@
 """The whole platform on one machine: ``python -m plinth_common.devstack`` (``make run``).
 
 Starts an embedded nats-server with JetStream (unless ``PLINTH_NATS_URL`` names one), then each
-service as its own process, waits until each reports SERVING over gRPC health, prints the
-endpoints, and stops everything in order on Ctrl-C. The end-to-end tests start it too, on
+service as its own process, waits until each reports SERVING over gRPC health (printing a line
+per component as it comes up), prints the endpoints, and stops everything in order on Ctrl-C.
+Every process logs into one folder, ``<data dir>/logs``. The end-to-end tests start it too, on
 ephemeral ports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.status import Status
 
 from plinth_common.config import (
     DEFAULT_GATEWAY_HTTP_PORT,
@@ -31,8 +35,21 @@ from plinth_common.config import (
 )
 from plinth_common.nats_server import DEFAULT_SYNC_INTERVAL, NatsServer
 from plinth_common.net import free_tcp_port
+from plinth_common.process import ChildProcess
 
 SERVICES = ("registry", "scheduler", "features", "serving", "gateway")
+NATS = "nats-server"
+# Logs that a service's engine writes where the service puts it (the registry's MLflow server,
+# serving's Triton), linked into the logs folder so that it holds every process's log.
+ENGINE_LOGS = {
+    "registry": ("mlflow.log", Path("registry") / "mlflow-server.log"),
+    "serving": ("triton.log", Path("serving") / "triton" / "tritonserver.log"),
+}
+# A service gets this long between SIGTERM and SIGKILL: it drains requests and stops its engine.
+SERVICE_STOP_GRACE_S = 30.0
+
+OnReady = Callable[[str, float], None]
+"""Called with a component's name and the seconds since start, once it is up."""
 
 
 @dataclass(kw_only=True)
@@ -116,9 +133,10 @@ class LocalPlatform:
                 config.data_dir / "nats",
                 port=config.nats_port,
                 sync_interval=config.nats_sync_interval,
+                log_path=self.logs_dir / "nats.log",
             )
         )
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, ChildProcess] = {}
 
     @property
     def nats_url(self) -> str:
@@ -135,13 +153,22 @@ class LocalPlatform:
         """The gateway's HTTP/JSON base URL."""
         return f"http://127.0.0.1:{self.config.gateway_http_port}"
 
+    @property
+    def logs_dir(self) -> Path:
+        """The one folder with every process's log."""
+        return self.config.data_dir / "logs"
+
+    def components(self) -> list[str]:
+        """What :meth:`start` brings up, in order: the embedded NATS, then the services."""
+        return ([NATS] if self.nats is not None else []) + list(self.config.services)
+
     def address(self, service: str) -> str:
         """A service's gRPC address."""
         return f"127.0.0.1:{self.config.ports[service]}"
 
     def log_path(self, service: str) -> Path:
         """Where a service's log goes."""
-        return self.config.data_dir / "logs" / f"{service}.log"
+        return self.logs_dir / f"{service}.log"
 
     def service_env(self, service: str) -> dict[str, str]:
         """The environment a service process starts with."""
@@ -149,6 +176,7 @@ class LocalPlatform:
         env.update(
             {
                 "PLINTH_DATA_DIR": str(self.config.data_dir),
+                "PLINTH_LOG_DIR": str(self.logs_dir),
                 "PLINTH_NATS_URL": self.nats_url,
                 "PLINTH_MLFLOW_PORT": str(self.config.mlflow_port),
                 "PLINTH_GATEWAY_HTTP_PORT": str(self.config.gateway_http_port),
@@ -164,53 +192,95 @@ class LocalPlatform:
         env.update(self.config.env)
         return env
 
-    async def start(self, *, timeout: float = 120.0) -> None:
+    async def start(self, *, timeout: float = 120.0, on_ready: OnReady | None = None) -> None:
         """Starts NATS and every service; returns once all report SERVING.
 
+        Args:
+            timeout: how long each service may take to report SERVING.
+            on_ready: told about each component as it comes up (``make run`` prints a line).
+
         Raises:
-            RuntimeError: a service exited or stayed NOT_SERVING past ``timeout`` (its log tail included).
+            RuntimeError: a process exited or a service stayed NOT_SERVING past ``timeout``
+                (its log tail included).
         """
+        began = time.monotonic()
+
+        def ready(component: str) -> None:
+            if on_ready is not None:
+                on_ready(component, time.monotonic() - began)
+
+        await asyncio.to_thread(self._prepare_logs)
         if self.nats is not None:
             await self.nats.start()
-        (self.config.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+            ready(NATS)
         for service in self.config.services:
             self.start_service(service)
-        await asyncio.gather(*(self.wait_serving(s, timeout=timeout) for s in self.config.services))
+
+        async def serving(service: str) -> None:
+            await self.wait_serving(service, timeout=timeout)
+            ready(service)
+
+        waits = [asyncio.create_task(serving(s), name=f"wait-{s}") for s in self.config.services]
+        try:
+            for done in asyncio.as_completed(waits):
+                await done
+        finally:
+            # The first failure ends the start: the other waits would only repeat it.
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    def _prepare_logs(self) -> None:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        for service, (name, target) in ENGINE_LOGS.items():
+            if service in self.config.services:
+                _link_log(self.logs_dir / name, self.config.data_dir / target)
 
     def start_service(self, service: str) -> None:
         """Starts one service process (``python -m services.<name>``)."""
-        with open(self.log_path(service), "ab") as log:
-            self.processes[service] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"],
-                env=self.service_env(service),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the launcher, which stops services in order
-            )
+        process = ChildProcess(
+            [sys.executable, "-m", f"services.{service}"],
+            name=service,
+            env=self.service_env(service),
+            log_path=self.log_path(service),
+            # Its own group: Ctrl-C reaches the launcher, which stops services in order, and
+            # stopping a service also ends what it started.
+            own_group=True,
+            stop_grace_s=SERVICE_STOP_GRACE_S,
+        )
+        process.start()
+        self.processes[service] = process
 
     async def wait_serving(self, service: str, *, timeout: float = 120.0) -> None:
-        """Waits until the service's overall gRPC health is SERVING."""
-        deadline = time.monotonic() + timeout
+        """Waits until the service's overall gRPC health is SERVING.
+
+        Raises:
+            RuntimeError: the service exited first, or was not SERVING in time (log tail
+                included).
+        """
+        process = self.processes[service]
         async with grpc.aio.insecure_channel(self.address(service)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                process = self.processes.get(service)
-                if process is not None and process.poll() is not None:
-                    raise RuntimeError(
-                        f"{service} exited with {process.returncode}:\n{self.log_tail(service)}"
-                    )
+
+            async def is_serving() -> bool:
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
                 except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"{service} not SERVING after {timeout:.0f}s:\n{self.log_tail(service)}")
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            try:
+                await process.wait_ready(
+                    is_serving, timeout=timeout, poll_interval=0.2, what="SERVING"
+                )
+            except TimeoutError as exc:
+                raise RuntimeError(str(exc)) from None
 
     def log_tail(self, service: str, lines: int = 30) -> str:
-        """The last lines of a service's log."""
+        """The last lines of a service's log (of its current run, once started)."""
+        process = self.processes.get(service)
+        if process is not None:
+            return process.log_tail(lines) or "(no output)"
         try:
             return "\n".join(
                 self.log_path(service).read_text(errors="replace").splitlines()[-lines:]
@@ -219,18 +289,12 @@ class LocalPlatform:
             return "(no log)"
 
     async def stop_service(
-        self, service: str, *, kill: bool = False, timeout: float = 30.0
+        self, service: str, *, kill: bool = False, timeout: float = SERVICE_STOP_GRACE_S
     ) -> None:
-        """Stops one service: SIGTERM (graceful) or SIGKILL."""
+        """Stops one service: SIGTERM (graceful, SIGKILL after ``timeout``) or SIGKILL."""
         process = self.processes.pop(service, None)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        if process is not None:
+            await process.stop(grace=timeout, kill=kill)
 
     async def stop(self) -> None:
         """Stops the gateway first, then the other services, then NATS."""
@@ -250,19 +314,88 @@ class LocalPlatform:
         if "gateway" in self.config.services:
             rows.insert(1, ("http", f"{self.http_url}  (KServe v2 REST, /healthz)"))
         rows.append(("mlflow", self.mlflow_url))
-        rows.append(("logs", str(self.config.data_dir / "logs")))
+        rows.append(("logs", str(self.logs_dir)))
         return rows
 
 
+def _link_log(link: Path, target: Path) -> None:
+    """Points ``link`` at ``target`` (relative), unless a real file is there already."""
+    if link.exists() and not link.is_symlink():
+        return
+    relative = Path(os.path.relpath(target, link.parent))
+    if link.is_symlink() and Path(os.readlink(link)) == relative:
+        return
+    link.unlink(missing_ok=True)
+    link.symlink_to(relative)
+
+
+class _StartupProgress:
+    """One line per component as it comes up; on a terminal also a spinner naming the rest.
+
+    Args:
+        console: where to print.
+        components: what is expected, in start order.
+    """
+
+    def __init__(self, console: Console, components: list[str]) -> None:
+        self._console = console
+        self._pending = list(components)
+        self._began = time.monotonic()
+        self._status: Status | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    def ready(self, component: str, seconds: float) -> None:
+        """Prints ``  registry     ready in 7.9 s``."""
+        if component in self._pending:
+            self._pending.remove(component)
+        self._console.print(f"  {component:<12} ready in {seconds:.1f} s")
+        self._refresh()
+
+    def _text(self) -> str:
+        waiting = ", ".join(self._pending) or "done"
+        return f"waiting for {waiting} ({time.monotonic() - self._began:.0f} s)"
+
+    def _refresh(self) -> None:
+        if self._status is not None:
+            self._status.update(self._text())
+
+    async def _tick(self) -> None:
+        while True:
+            self._refresh()
+            await asyncio.sleep(0.5)
+
+    async def __aenter__(self) -> _StartupProgress:
+        if self._console.is_terminal:
+            self._status = self._console.status(self._text())
+            self._status.start()
+            self._ticker = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._status is not None:
+            self._status.stop()
+
+
 async def _serve(platform: LocalPlatform) -> None:
+    console = Console(highlight=False, markup=False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"Starting Plinth (data in {platform.config.data_dir}) ...", flush=True)
-    starting = asyncio.create_task(platform.start())
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    console.print(f"Starting Plinth (data in {platform.config.data_dir}) ...")
+    async with _StartupProgress(console, platform.components()) as progress:
+        starting = asyncio.create_task(platform.start(on_ready=progress.ready))
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
     try:
         if starting.done():
             starting.result()
@@ -277,7 +410,10 @@ async def _serve(platform: LocalPlatform) -> None:
             print("Press Ctrl-C to stop.", flush=True)
             await _watch_children(platform, stop)
     finally:
+        waiter.cancel()
         starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            await starting
         print("\nStopping Plinth ...", flush=True)
         await platform.stop()
         print("Stopped.", flush=True)
@@ -287,16 +423,14 @@ async def _watch_children(platform: LocalPlatform, stop: asyncio.Event) -> None:
     reported: set[str] = set()
     while not stop.is_set():
         for service, process in platform.processes.items():
-            if process.poll() is not None and service not in reported:
+            if not process.alive and service not in reported:
                 reported.add(service)
                 print(
-                    f"!! {service} exited with {process.returncode}; see {platform.log_path(service)}",
+                    f"!! {service} {process.exit_description()}; see {platform.log_path(service)}",
                     flush=True,
                 )
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except TimeoutError:
-            pass
 
 
 def main() -> int:
