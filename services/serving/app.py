@@ -12,7 +12,6 @@ from plinth_common.config import DEFAULT_MLFLOW_URL, CommonSettings, Env
 from plinth_common.net import free_tcp_port
 from plinth_common.runtime import EngineHealth, ServiceRuntime
 from services.serving.artifacts import DEFAULT_SCHEMES, MlflowArtifacts
-from services.serving.engine import TritonLiveness, TritonModels
 from services.serving.events import (
     PROMOTED_DURABLE,
     PROMOTED_SUBJECT,
@@ -21,12 +20,18 @@ from services.serving.events import (
 )
 from services.serving.inference import SERVICE as INFERENCE_SERVICE
 from services.serving.inference import InferenceProxy
+from services.serving.reconciler import Reconciler
 from services.serving.registry_client import GrpcRegistry
-from services.serving.repository import ModelRepository
 from services.serving.service import ServingService
 from services.serving.servicer import ServingServicer
 from services.serving.store import DeploymentStore, outbox_table, processed_table
-from services.serving.triton import TritonProcess, TritonSettings
+from services.serving.triton import (
+    ModelRepository,
+    TritonLiveness,
+    TritonModels,
+    TritonProcess,
+    TritonSettings,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -92,15 +97,18 @@ class ServingApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        assert self.runtime.outbox is not None
+        if self.runtime.outbox is None:
+            raise RuntimeError("the serving runtime was built without an outbox")
         self.triton = TritonProcess(settings.triton)
         self.health = EngineHealth(self.runtime.server, TritonLiveness(self.triton), name="triton")
         self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
         self.registry = GrpcRegistry(settings.registry_addr)
-        self.service = ServingService(
+        store = DeploymentStore()
+        events = OutboxDeploymentEvents(self.runtime.outbox)
+        self.reconciler = Reconciler(
             db=self.runtime.db,
-            store=DeploymentStore(),
-            events=OutboxDeploymentEvents(self.runtime.outbox),
+            store=store,
+            events=events,
             repository=ModelRepository(settings.triton.model_repository),
             artifacts=MlflowArtifacts(
                 settings.mlflow_tracking_uri, allowed_schemes=settings.artifact_schemes
@@ -108,6 +116,13 @@ class ServingApp:
             models=self.models,
             registry=self.registry,
             unload_grace_s=settings.unload_grace_s,
+        )
+        self.service = ServingService(
+            db=self.runtime.db,
+            store=store,
+            events=events,
+            registry=self.registry,
+            reconciler=self.reconciler,
         )
         self.runtime.consume(PROMOTED_DURABLE, [PROMOTED_SUBJECT], PromotionHandler(self.service))
         server = self.runtime.server
@@ -133,13 +148,13 @@ class ServingApp:
         await self.runtime.start()
         await self.triton.start()
         await self.health.start()
-        await self.service.start()
+        await self.reconciler.start()
 
     async def stop(self) -> None:
         """Stops taking calls and rollouts, then Triton."""
         await self.health.stop()
         await self.runtime.server.set_serving(False)
-        await self.service.stop()
+        await self.reconciler.stop()
         await self.runtime.stop()
         await self.models.close()
         await self.proxy.close()

@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
 from plinth_common.events import CloudEvent, Outbox
-from services.serving.service import Promotion, ServingService
-from services.serving.store import DeploymentRow
+from services.serving.domain import Deployment, Promotion
+from services.serving.service import ServingService
 
 PROMOTED_SUBJECT = "plinth.model.promoted"
 PROMOTED_DURABLE = "serving-model-promoted"
@@ -23,35 +23,38 @@ class OutboxDeploymentEvents:
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
-    async def ready(self, session: AsyncSession, row: DeploymentRow, version: str) -> None:
+    async def ready(self, session: AsyncSession, deployment: Deployment, version: str) -> None:
         """``plinth.deployment.ready``: ``version`` loaded and serving."""
         message = events_pb2.DeploymentReady(
-            deployment=row.name, team=row.team, model_name=row.model_name, version=version
+            deployment=deployment.name,
+            team=deployment.team,
+            model_name=deployment.model_name,
+            version=version,
         )
-        await self._outbox.add(session, message, subject=row.name, team=row.team)
+        await self._outbox.add(session, message, subject=deployment.name, team=deployment.team)
 
     async def failed(
-        self, session: AsyncSession, row: DeploymentRow, version: str, reason: str
+        self, session: AsyncSession, deployment: Deployment, version: str, reason: str
     ) -> None:
         """``plinth.deployment.failed``: ``version`` could not be served; ``serving_version`` still is."""
         message = events_pb2.DeploymentFailed(
-            deployment=row.name,
-            team=row.team,
-            model_name=row.model_name,
+            deployment=deployment.name,
+            team=deployment.team,
+            model_name=deployment.model_name,
             version=version,
             reason=reason,
-            serving_version=row.serving_version,
+            serving_version=deployment.serving_version,
         )
-        await self._outbox.add(session, message, subject=row.name, team=row.team)
+        await self._outbox.add(session, message, subject=deployment.name, team=deployment.team)
 
     async def traffic_changed(
-        self, session: AsyncSession, row: DeploymentRow, traffic: Mapping[str, int]
+        self, session: AsyncSession, deployment: Deployment, traffic: Mapping[str, int]
     ) -> None:
         """``plinth.deployment.traffic_changed``: percent of requests per version (empty: none, deleted)."""
         message = events_pb2.DeploymentTrafficChanged(
-            deployment=row.name, team=row.team, traffic_percent=dict(traffic)
+            deployment=deployment.name, team=deployment.team, traffic_percent=dict(traffic)
         )
-        await self._outbox.add(session, message, subject=row.name, team=row.team)
+        await self._outbox.add(session, message, subject=deployment.name, team=deployment.team)
 
 
 class PromotionHandler:
@@ -62,7 +65,8 @@ class PromotionHandler:
 
     async def __call__(self, session: AsyncSession, event: CloudEvent, payload: Message) -> None:
         """Runs in the transaction that records the event as processed."""
-        assert isinstance(payload, events_pb2.ModelPromoted)
+        if not isinstance(payload, events_pb2.ModelPromoted):
+            raise TypeError(f"expected ModelPromoted, got {type(payload).__name__}")
         await self._service.on_promoted(
             session,
             Promotion(

@@ -23,11 +23,18 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from plinth_common.errors import InvalidArgument, NotFound, PlinthError, Unavailable
 from plinth_common.grpc_server import UpstreamStatus
-from services.serving.service import Route
+from plinth_common.rich_status import details_of
+from services.serving.domain import Route
+from services.serving.triton.repository import deployment_of
 
 SERVICE = "inference.GRPCInferenceService"
 METHODS = ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer")
-_INTERNAL_NAME = re.compile(r"\b([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)__v([0-9]{1,18})\b")
+#: What ``ErrorInfo.metadata['dependency']`` names when Triton does not answer.
+ENGINE = "serving engine"
+# Words that look like a Triton model name (``<deployment>__v<version>``) inside a message.
+_INTERNAL_NAME = re.compile(r"\b[-a-z0-9]+__v[0-9]+\b")
+# How long the liveness question after a failed call may take: loopback, or Triton is down.
+_LIVENESS_TIMEOUT_S = 2.0
 _SHOWN = 64  # characters of a client-sent name quoted back in an error
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -122,7 +129,18 @@ def check_request(request: kserve.ModelInferRequest, route: Route) -> None:
 def _public(message: str, route: Route) -> str:
     # Triton's messages name its own model ("diabetes__v3"); clients know the deployment.
     return _INTERNAL_NAME.sub(
-        lambda m: m.group(1) if m.group(1) == route.deployment else "model", message
+        lambda m: route.deployment if deployment_of(m.group(0)) == route.deployment else "model",
+        message,
+    )
+
+
+def engine_unavailable() -> Unavailable:
+    """The error for a call that Triton did not answer because it is down."""
+    return Unavailable(
+        "the serving engine (Triton) is not answering; retry in a few seconds, and if it "
+        "lasts, Triton is down (the serving service's log says why)",
+        dependency=ENGINE,
+        retry_after_s=2.0,
     )
 
 
@@ -221,15 +239,30 @@ class InferenceProxy:
                     route = newer
                     check_request(parsed, route)
                     continue
-                raise self._error(exc, route) from None
-        raise AssertionError("unreachable")
+                raise await self._error(exc, route) from None
+        raise RuntimeError("the forwarding loop ended without an answer")  # not reached
 
-    def _error(self, exc: grpc.aio.AioRpcError, route: Route) -> PlinthError:
+    async def _error(self, exc: grpc.aio.AioRpcError, route: Route) -> PlinthError:
         code = exc.code()
+        if code is grpc.StatusCode.UNAVAILABLE and not await self._engine_live():
+            return engine_unavailable()
         details = _public(exc.details() or code.name, route)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-            return Unavailable(f"deployment {route.deployment!r} is unavailable: {details}")
-        return UpstreamStatus(code, details)
+            # Triton is up but the version is not (it is being swapped or unloaded).
+            return Unavailable(
+                f"deployment {route.deployment!r} is unavailable: {details}; retry shortly"
+            )
+        return UpstreamStatus(code, details, details=details_of(exc.trailing_metadata()))
+
+    async def _engine_live(self) -> bool:
+        """True when Triton answers ServerLive (asked after a call to it failed)."""
+        try:
+            raw = await self._server_live(
+                kserve.ServerLiveRequest().SerializeToString(), timeout=_LIVENESS_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return kserve.ServerLiveResponse.FromString(raw).live
 
     async def server_live(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """``ServerLive``: this process answers, so it is live."""
@@ -270,7 +303,9 @@ class InferenceProxy:
         forwarded = kserve.ModelReadyRequest(name=route.triton_model).SerializeToString()
         try:
             return await self._model_ready(forwarded, timeout=self._timeout(context))
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and not await self._engine_live():
+                raise engine_unavailable() from None
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
 
     async def model_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -287,7 +322,7 @@ class InferenceProxy:
         try:
             raw = await self._model_metadata(forwarded, timeout=self._timeout(context))
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, route) from None
+            raise await self._error(exc, route) from None
         metadata = kserve.ModelMetadataResponse.FromString(raw)
         metadata.name = route.deployment
         del metadata.versions[:]

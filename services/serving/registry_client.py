@@ -1,19 +1,64 @@
-"""Where an alias points, asked of the registry over gRPC (``RegistryService/GetModelVersionByAlias``)."""
+"""The registry service as serving's :class:`~services.serving.ports.ModelRegistry`, over gRPC
+(``RegistryService/GetModelVersionByAlias`` and ``RegistryService/SearchModels``).
+
+Errors keep their meaning on the way through: a registry that cannot be reached, or that cannot
+answer now (its own MLflow is down, it is overloaded), becomes
+:class:`~plinth_common.errors.Unavailable` naming what is down; a refusal (INVALID_ARGUMENT,
+NOT_FOUND, PERMISSION_DENIED, ...) passes on with the registry's own status and details, so the
+caller can tell "retry later" from "this question has no answer".
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import grpc
 
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
-from plinth_common.errors import Unavailable
+from plinth_common.errors import NotFound, PlinthError, Unavailable
 from plinth_common.events.tracing import traceparent_of_current
-from plinth_common.grpc_server import upstream_error
+from plinth_common.grpc_server import UpstreamStatus, upstream_error
 from plinth_common.telemetry import grpc_clients_traced
-from services.serving.service import VersionRef
+from services.serving.domain import VersionRef
+
+DEPENDENCY = "registry service"
+# Codes of an answer that may change if asked again later; every other code is a refusal.
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+# The registry's ResourceInfo type for a model it does not have (an unset alias is "alias").
+_MODEL_RESOURCE = "registered model"
+_SEARCH_PAGE = 500
+_MAX_PAGES = 20
+
+
+def registry_error(exc: grpc.aio.AioRpcError) -> PlinthError:
+    """The domain error for a failed call to the registry.
+
+    Returns:
+        :class:`Unavailable` (naming the registry, or what the registry said is down) when a
+        retry may succeed; otherwise the registry's own status, passed on unchanged.
+    """
+    error = upstream_error(exc, "registry")
+    if isinstance(error, UpstreamStatus) and error.code in _TRANSIENT:
+        rich = error.rich
+        return Unavailable(
+            f"the registry service cannot answer now ({error.message}); retry shortly",
+            dependency=rich.metadata.get("dependency") or DEPENDENCY,
+            retry_after_s=rich.retry_after_s or 1.0,
+        )
+    return error
 
 
 class GrpcRegistry:
-    """The registry service as an :class:`~services.serving.service.AliasResolver`.
+    """The registry service, reached over gRPC.
 
     Args:
         target: the registry's gRPC address (``PLINTH_REGISTRY_ADDR``).
@@ -33,6 +78,11 @@ class GrpcRegistry:
             self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         return self._stub
 
+    @staticmethod
+    def _metadata() -> list[tuple[str, str]] | None:
+        # Without client instrumentation (see __main__) the trace context travels by hand.
+        return None if grpc_clients_traced() else list(traceparent_of_current().items())
+
     async def close(self) -> None:
         """Closes the channel."""
         if self._channel is not None:
@@ -40,21 +90,58 @@ class GrpcRegistry:
             self._channel = self._stub = None
 
     async def version_for_alias(self, model_name: str, alias: str) -> VersionRef | None:
-        """The version ``alias`` of ``model_name`` points to; None when there is none.
+        """The version ``alias`` of ``model_name`` points to; None when it points nowhere.
 
         Raises:
-            Unavailable: the registry cannot be reached.
+            NotFound: the registry has no such model.
+            Unavailable: the registry cannot answer now.
+            PlinthError: the registry refused the question (its status, passed on).
         """
         request = registry_pb2.GetModelVersionByAliasRequest(name=model_name, alias=alias)
-        # Without client instrumentation (see __main__) the trace context travels by hand.
-        metadata = None if grpc_clients_traced() else list(traceparent_of_current().items())
         try:
             version = await self._registry().GetModelVersionByAlias(
-                request, timeout=self._timeout_s, metadata=metadata
+                request, timeout=self._timeout_s, metadata=self._metadata()
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            error = upstream_error(exc, "registry")
-            raise Unavailable(f"registry: {error.message}") from None
+            error = registry_error(exc)
+            if isinstance(error, UpstreamStatus) and error.code == grpc.StatusCode.NOT_FOUND:
+                if error.rich.resource and error.rich.resource[0] == _MODEL_RESOURCE:
+                    raise NotFound(_MODEL_RESOURCE, model_name) from None
+                return None  # the model exists; the alias is not set (yet)
+            raise error from None
         return VersionRef(version=version.version, source=version.source, run_id=version.run_id)
+
+    async def _search(self, name_prefix: str) -> list[str]:
+        names: list[str] = []
+        token = ""
+        for _ in range(_MAX_PAGES):
+            request = registry_pb2.SearchModelsRequest(
+                name_prefix=name_prefix, page_size=_SEARCH_PAGE, page_token=token
+            )
+            try:
+                page = await self._registry().SearchModels(
+                    request, timeout=self._timeout_s, metadata=self._metadata()
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise registry_error(exc) from None
+            names.extend(model.name for model in page.models)
+            token = page.next_page_token
+            if not token:
+                break
+        return names
+
+    async def model_exists(self, model_name: str) -> bool:
+        """True when the registry has a model called ``model_name``.
+
+        Raises:
+            Unavailable: the registry cannot answer now.
+        """
+        return model_name in await self._search(model_name)
+
+    async def model_names(self) -> Sequence[str]:
+        """Names of registered models, in name order (at most ``_MAX_PAGES`` pages of them).
+
+        Raises:
+            Unavailable: the registry cannot answer now.
+        """
+        return await self._search("")

@@ -6,30 +6,30 @@ import grpc
 
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common.prototime import to_timestamp
-from services.serving.service import DeploymentSpec, ServingService
-from services.serving.signature import BatchingSettings
-from services.serving.store import DeploymentRow
+from services.serving.domain import BatchingSettings, Deployment, DeploymentSpec
+from services.serving.service import ServingService
 
 
-def deployment_to_proto(row: DeploymentRow) -> serving_pb2.Deployment:
+def deployment_to_proto(deployment: Deployment) -> serving_pb2.Deployment:
     """Domain deployment -> ``plinth.serving.v1.Deployment``."""
+    batching = deployment.batching
     return serving_pb2.Deployment(
-        name=row.name,
-        team=row.team,
-        model_name=row.model_name,
-        alias=row.alias,
+        name=deployment.name,
+        team=deployment.team,
+        model_name=deployment.model_name,
+        alias=deployment.alias,
         triton=serving_pb2.TritonSettings(
-            max_batch_size=row.max_batch_size,
-            max_queue_delay_microseconds=row.max_queue_delay_us,
-            instance_count=row.instance_count,
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_microseconds=batching.max_queue_delay_us,
+            instance_count=batching.instance_count,
         ),
-        state=serving_pb2.DeploymentState.Value(f"DEPLOYMENT_STATE_{row.state}"),
-        serving_version=row.serving_version,
-        loading_version=row.loading_version,
-        target_version=row.target_version,
-        last_error=row.last_error,
-        created_at=to_timestamp(row.created_at),
-        updated_at=to_timestamp(row.updated_at),
+        state=serving_pb2.DeploymentState.Value(f"DEPLOYMENT_STATE_{deployment.state.value}"),
+        serving_version=deployment.serving_version,
+        loading_version=deployment.loading_version,
+        target_version=deployment.target_version,
+        last_error=deployment.last_error,
+        created_at=to_timestamp(deployment.created_at),
+        updated_at=to_timestamp(deployment.updated_at),
     )
 
 
@@ -67,11 +67,11 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
     async def ListDeployments(
         self, request: serving_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
     ) -> serving_pb2.ListDeploymentsResponse:
-        rows, token = await self._service.list(
+        found, token = await self._service.list(
             team=request.team, page_size=request.page_size, page_token=request.page_token
         )
         return serving_pb2.ListDeploymentsResponse(
-            deployments=[deployment_to_proto(r) for r in rows], next_page_token=token
+            deployments=[deployment_to_proto(d) for d in found], next_page_token=token
         )
 
     async def DeleteDeployment(

@@ -1,4 +1,5 @@
-"""How an MLflow model's signature becomes Triton tensors, and the ``config.pbtxt`` that says so.
+"""How an MLflow model's signature becomes Triton tensors (``triton.repository`` writes them into
+each model's ``config.pbtxt``).
 
 The mapping (what clients of a deployment send and get back):
 
@@ -88,7 +89,9 @@ class TensorSpec:
         """True when a request shape (batch dimension first) fits this tensor."""
         if len(shape) != len(self.dims) + 1:
             return False
-        return all(want == -1 or want == got for want, got in zip(self.dims, shape[1:]))
+        return all(
+            want == -1 or want == got for want, got in zip(self.dims, shape[1:], strict=True)
+        )
 
     def describe_shape(self) -> str:
         """The expected shape, batch first, e.g. ``[-1, 10]``."""
@@ -260,40 +263,3 @@ def _output_spec(outputs: list[dict[str, Any]]) -> TensorSpec:
     return TensorSpec(
         name=OUTPUT_NAME, datatype=kinds.pop() if len(kinds) == 1 else "FP64", dims=(len(outputs),)
     )
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchingSettings:
-    """The Triton settings of a deployment.
-
-    Attributes:
-        max_batch_size: largest batch Triton hands the model.
-        max_queue_delay_us: dynamic batching's wait for more requests; 0 turns batching off.
-        instance_count: model instances (Python stub processes) on the CPU.
-    """
-
-    max_batch_size: int
-    max_queue_delay_us: int
-    instance_count: int
-
-
-def _tensor_block(spec: TensorSpec) -> str:
-    dims = ", ".join(str(d) for d in spec.dims)
-    return f'{{ name: "{spec.name}", data_type: TYPE_{spec.datatype}, dims: [ {dims} ] }}'
-
-
-def config_pbtxt(model_name: str, io: ModelIO, settings: BatchingSettings) -> str:
-    """A complete ``config.pbtxt`` (the server does not auto-complete configs)."""
-    lines = [
-        f'name: "{model_name}"',
-        'backend: "python"',
-        f"max_batch_size: {settings.max_batch_size}",
-        "input [ " + ", ".join(_tensor_block(s) for s in io.inputs) + " ]",
-        f"output [ {_tensor_block(io.output)} ]",
-        f"instance_group [ {{ kind: KIND_CPU, count: {settings.instance_count} }} ]",
-    ]
-    if settings.max_queue_delay_us > 0:
-        lines.append(
-            f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}"
-        )
-    return "\n".join(lines) + "\n"

@@ -1,17 +1,20 @@
-"""The serving store: deployments, plus the outbox and processed-events tables."""
+"""The serving store: deployments, plus the outbox and processed-events tables.
+
+Rows never leave this module: every query returns :class:`~services.serving.domain.Deployment`.
+"""
 
 from __future__ import annotations
 
-import base64
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from plinth_common.errors import InvalidArgument
+from plinth_common.errors import AlreadyExists
 from plinth_common.events import event_tables
+from services.serving.domain import BatchingSettings, Deployment, DeploymentState
+from services.serving.signature import ModelIO
 
 metadata = sa.MetaData()
 outbox_table, processed_table = event_tables(metadata)
@@ -49,113 +52,133 @@ deployments = sa.Table(
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class DeploymentRow:
-    """A deployment as stored."""
-
-    seq: int
-    name: str
-    team: str
-    model_name: str
-    alias: str
-    max_batch_size: int
-    max_queue_delay_us: int
-    instance_count: int
-    state: str
-    serving_version: str
-    serving_io: str
-    loading_version: str
-    target_version: str
-    target_source: str
-    target_run_id: str
-    target_time: datetime | None
-    target_traceparent: str
-    failed_version: str
-    last_error: str
-    lookup_pending: bool
-    created_at: datetime
-    updated_at: datetime
-
-
-def _row(mapping: Any) -> DeploymentRow:
-    return DeploymentRow(**dict(mapping))
+def _deployment(row: sa.RowMapping) -> Deployment:
+    return Deployment(
+        seq=row["seq"],
+        name=row["name"],
+        team=row["team"],
+        model_name=row["model_name"],
+        alias=row["alias"],
+        batching=BatchingSettings(
+            max_batch_size=row["max_batch_size"],
+            max_queue_delay_us=row["max_queue_delay_us"],
+            instance_count=row["instance_count"],
+        ),
+        state=DeploymentState(row["state"]),
+        serving_version=row["serving_version"],
+        serving_io=ModelIO.from_json(row["serving_io"]) if row["serving_io"] else None,
+        loading_version=row["loading_version"],
+        target_version=row["target_version"],
+        target_source=row["target_source"],
+        target_run_id=row["target_run_id"],
+        target_time=row["target_time"],
+        target_traceparent=row["target_traceparent"],
+        failed_version=row["failed_version"],
+        last_error=row["last_error"],
+        lookup_pending=row["lookup_pending"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
 
 
-def encode_page_token(seq: int) -> str:
-    """An opaque token for "deployments older than ``seq``"."""
-    return base64.urlsafe_b64encode(f"deployments:{seq}".encode()).decode()
-
-
-def decode_page_token(token: str) -> int:
-    """Reverses :func:`encode_page_token`; a bad token is an invalid argument."""
-    try:
-        kind, seq = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        if kind != "deployments":
-            raise ValueError(kind)
-        return int(seq)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "not a token this server issued") from None
+def _values(d: Deployment) -> dict[str, Any]:
+    return {
+        "state": d.state.value,
+        "serving_version": d.serving_version,
+        "serving_io": d.serving_io.to_json() if d.serving_io is not None else "",
+        "loading_version": d.loading_version,
+        "target_version": d.target_version,
+        "target_source": d.target_source,
+        "target_run_id": d.target_run_id,
+        "target_time": d.target_time,
+        "target_traceparent": d.target_traceparent,
+        "failed_version": d.failed_version,
+        "last_error": d.last_error,
+        "lookup_pending": d.lookup_pending,
+        "updated_at": d.updated_at,
+    }
 
 
 class DeploymentStore:
     """Queries on the deployments table; every method runs in the caller's session."""
 
-    async def insert(self, session: AsyncSession, **values: Any) -> DeploymentRow:
-        """Inserts a deployment and returns it as stored."""
-        result = await session.execute(
-            sa.insert(deployments).values(**values).returning(*deployments.c)
-        )
-        return _row(result.mappings().one())
+    async def insert(self, session: AsyncSession, deployment: Deployment) -> Deployment:
+        """Stores a new deployment and returns it with its ``seq``.
 
-    async def get(self, session: AsyncSession, name: str) -> DeploymentRow | None:
+        Raises:
+            AlreadyExists: the name is taken.
+        """
+        values = {
+            "name": deployment.name,
+            "team": deployment.team,
+            "model_name": deployment.model_name,
+            "alias": deployment.alias,
+            "max_batch_size": deployment.batching.max_batch_size,
+            "max_queue_delay_us": deployment.batching.max_queue_delay_us,
+            "instance_count": deployment.batching.instance_count,
+            "created_at": deployment.created_at,
+            **_values(deployment),
+        }
+        try:
+            # A savepoint, so that a lost race on the name leaves the caller's transaction usable.
+            async with session.begin_nested():
+                result = await session.execute(
+                    sa.insert(deployments).values(**values).returning(*deployments.c)
+                )
+        except IntegrityError:
+            raise AlreadyExists("deployment", deployment.name) from None
+        return _deployment(result.mappings().one())
+
+    async def get(self, session: AsyncSession, name: str) -> Deployment | None:
         """The deployment called ``name``, or None."""
         result = await session.execute(sa.select(deployments).where(deployments.c.name == name))
         mapping = result.mappings().one_or_none()
-        return _row(mapping) if mapping else None
+        return _deployment(mapping) if mapping else None
 
-    async def update(self, session: AsyncSession, name: str, **values: Any) -> DeploymentRow | None:
-        """Updates a deployment; returns the new row, or None when it does not exist."""
+    async def save(self, session: AsyncSession, deployment: Deployment) -> Deployment | None:
+        """Writes a deployment's mutable fields; returns it as stored, or None when it is gone."""
         statement = (
             sa.update(deployments)
-            .where(deployments.c.name == name)
-            .values(**values)
+            .where(deployments.c.name == deployment.name)
+            .values(**_values(deployment))
             .returning(*deployments.c)
         )
         mapping = (await session.execute(statement)).mappings().one_or_none()
-        return _row(mapping) if mapping else None
+        return _deployment(mapping) if mapping else None
 
-    async def delete(self, session: AsyncSession, name: str) -> DeploymentRow | None:
+    async def delete(self, session: AsyncSession, name: str) -> Deployment | None:
         """Deletes a deployment; returns it as it was, or None."""
         statement = (
             sa.delete(deployments).where(deployments.c.name == name).returning(*deployments.c)
         )
         mapping = (await session.execute(statement)).mappings().one_or_none()
-        return _row(mapping) if mapping else None
+        return _deployment(mapping) if mapping else None
 
     async def page(
         self, session: AsyncSession, *, team: str, limit: int, before_seq: int | None
-    ) -> list[DeploymentRow]:
+    ) -> list[Deployment]:
         """Deployments newest first, of one team ('' means any)."""
         statement = sa.select(deployments).order_by(deployments.c.seq.desc()).limit(limit)
         if team:
             statement = statement.where(deployments.c.team == team)
         if before_seq is not None:
             statement = statement.where(deployments.c.seq < before_seq)
-        return [_row(m) for m in (await session.execute(statement)).mappings()]
+        return await self._all(session, statement)
 
     async def following(
         self, session: AsyncSession, model_name: str, alias: str
-    ) -> list[DeploymentRow]:
+    ) -> list[Deployment]:
         """Deployments that follow ``alias`` of ``model_name``."""
         statement = (
             sa.select(deployments)
             .where(deployments.c.model_name == model_name, deployments.c.alias == alias)
             .order_by(deployments.c.seq)
         )
-        return [_row(m) for m in (await session.execute(statement)).mappings()]
+        return await self._all(session, statement)
 
-    async def needing_work(self, session: AsyncSession) -> list[DeploymentRow]:
-        """Deployments whose target is neither served nor failed, or whose alias is unresolved."""
+    async def needing_work(self, session: AsyncSession) -> list[Deployment]:
+        """Deployments whose target is neither served nor failed, whose alias is unresolved, or
+        that a load in progress left marked."""
         c = deployments.c
         statement = sa.select(deployments).where(
             sa.or_(
@@ -168,17 +191,17 @@ class DeploymentStore:
                 c.loading_version != "",
             )
         )
-        return [_row(m) for m in (await session.execute(statement)).mappings()]
+        return await self._all(session, statement)
 
-    async def serving(self, session: AsyncSession) -> list[DeploymentRow]:
+    async def serving(self, session: AsyncSession) -> list[Deployment]:
         """Deployments that have a serving version."""
         statement = (
             sa.select(deployments)
             .where(deployments.c.serving_version != "")
             .order_by(deployments.c.seq)
         )
-        return [_row(m) for m in (await session.execute(statement)).mappings()]
+        return await self._all(session, statement)
 
-    async def names(self, session: AsyncSession) -> set[str]:
-        """Names of every deployment."""
-        return set((await session.execute(sa.select(deployments.c.name))).scalars())
+    @staticmethod
+    async def _all(session: AsyncSession, statement: sa.Select[Any]) -> list[Deployment]:
+        return [_deployment(m) for m in (await session.execute(statement)).mappings()]

@@ -155,11 +155,23 @@ async def versions(mlflow_server: MlflowServer) -> Versions:
 
 
 class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
-    """Implements just GetModelVersionByAlias, from a dict."""
+    """Implements just GetModelVersionByAlias and SearchModels, from a dict and a set."""
 
     def __init__(self) -> None:
         self.aliases: dict[tuple[str, str], registry_pb2.ModelVersion] = {}
+        self.models = {MODEL, "wine-quality"}
         self.calls = 0
+
+    async def SearchModels(
+        self, request: registry_pb2.SearchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.SearchModelsResponse:
+        return registry_pb2.SearchModelsResponse(
+            models=[
+                registry_pb2.RegisteredModel(name=name)
+                for name in sorted(self.models)
+                if name.startswith(request.name_prefix)
+            ]
+        )
 
     async def GetModelVersionByAlias(
         self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
@@ -250,7 +262,7 @@ async def _start_serving(
     settings = ServingSettings.from_env(env)
     app = ServingApp(settings)
     await app.start()
-    await asyncio.wait_for(app.service.wait_started(), 60)
+    await asyncio.wait_for(app.reconciler.wait_started(), 60)
     return Serving(app=app, settings=settings, nats_url=nats_url)
 
 
@@ -354,6 +366,28 @@ async def test_invalid_deployment_is_refused_naming_the_field(
     assert caught.value.details().startswith(field_name), caught.value.details()
 
 
+async def test_alias_latest_is_refused_naming_the_field(serving: Serving) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await serving.create("follows-latest", alias="latest")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("alias:") and "reserved" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await serving.stub.GetDeployment(pb.GetDeploymentRequest(name="follows-latest"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was created
+
+
+async def test_unknown_model_is_not_found_with_the_closest_names(serving: Serving) -> None:
+    request = pb.CreateDeploymentRequest(name="diab2", team="ml", model_name="diabetis")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await serving.stub.CreateDeployment(request)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'diabetis'" in caught.value.details()
+    assert "did you mean 'diabetes'?" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await serving.stub.GetDeployment(pb.GetDeploymentRequest(name="diab2"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was created
+
+
 async def test_crud_pending_until_promotion(
     serving: Serving, registry: tuple[FakeRegistry, str]
 ) -> None:
@@ -372,7 +406,7 @@ async def test_crud_pending_until_promotion(
     )
     assert fake.calls > calls  # the registry was asked
     defaults = await serving.stub.CreateDeployment(
-        pb.CreateDeploymentRequest(name="crud-b", team="other", model_name="nothing-here")
+        pb.CreateDeploymentRequest(name="crud-b", team="other", model_name=MODEL)
     )
     assert (
         defaults.alias == "production"
@@ -620,7 +654,7 @@ async def test_hostile_promotions_stay_inside_the_service(
     reasons = [e.reason for e in _events_of(events, "hostile", FAILED)]
     assert len(reasons) == 4, reasons
     assert (
-        "not a number" in reasons[0]
+        "positive integer" in reasons[0]
         and "scheme 'file'" in reasons[1]
         and "scheme '(none)'" in reasons[2]
         and ".." in reasons[3]

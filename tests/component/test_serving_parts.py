@@ -9,24 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kserve
 
 from plinth_common.errors import InvalidArgument, NotFound
 from services.serving.artifacts import ArtifactError, check_source
+from services.serving.domain import BatchingSettings, Route
 from services.serving.inference import check_request, model_suffix
-from services.serving.repository import (
+from services.serving.signature import ModelIO, UnsupportedModel, read_model_io
+from services.serving.triton.repository import (
     ModelRepository,
     RepositoryError,
+    config_pbtxt,
     deployment_of,
     triton_model_name,
-)
-from services.serving.service import Route
-from services.serving.signature import (
-    BatchingSettings,
-    ModelIO,
-    UnsupportedModel,
-    config_pbtxt,
-    read_model_io,
 )
 
 
@@ -125,20 +122,36 @@ def test_config_pbtxt_carries_the_triton_settings(tmp_path: Path) -> None:
     batched = config_pbtxt(
         "d__v3", io, BatchingSettings(max_batch_size=16, max_queue_delay_us=250, instance_count=2)
     )
-    assert 'name: "d__v3"' in batched and "max_batch_size: 16" in batched
-    assert 'input [ { name: "input", data_type: TYPE_FP64, dims: [ 4 ] } ]' in batched
-    assert 'output [ { name: "predictions", data_type: TYPE_FP64, dims: [ -1 ] } ]' in batched
-    assert "instance_group [ { kind: KIND_CPU, count: 2 } ]" in batched
-    assert "dynamic_batching { max_queue_delay_microseconds: 250 }" in batched
+    # What Triton reads: the text parses as its own ModelConfig, with every setting in place.
+    config = text_format.Parse(batched, mc.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == ("d__v3", "python", 16)
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+        ("input", mc.TYPE_FP64, [4])
+    ]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
+        ("predictions", mc.TYPE_FP64, [-1])
+    ]
+    assert [(g.kind, g.count) for g in config.instance_group] == [
+        (mc.ModelInstanceGroup.KIND_CPU, 2)
+    ]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
     plain = config_pbtxt(
         "d__v3", io, BatchingSettings(max_batch_size=16, max_queue_delay_us=0, instance_count=1)
     )
-    assert "dynamic_batching" not in plain
+    assert not text_format.Parse(plain, mc.ModelConfig()).HasField("dynamic_batching")
 
 
 @pytest.mark.parametrize(
     ("deployment", "version"),
-    [("../x", "1"), ("a_b", "1"), ("ok", "1/../2"), ("ok", "../../etc"), ("ok", ""), ("", "1")],
+    [
+        ("../x", "1"),
+        ("a_b", "1"),
+        ("ok", "1/../2"),
+        ("ok", "../../etc"),
+        ("ok", ""),
+        ("", "1"),
+        ("ok", "0"),
+    ],
 )
 def test_model_names_refuse_anything_but_labels_and_numbers(deployment: str, version: str) -> None:
     with pytest.raises(RepositoryError):
@@ -252,7 +265,7 @@ def test_request_checks_pass_and_versions_must_match() -> None:
     with pytest.raises(NotFound):
         check_request(_request(version="2"), _route())
     missing = kserve.ModelInferRequest(model_name="diabetes")
-    with pytest.raises(InvalidArgument, match="inputs.input: missing"):
+    with pytest.raises(InvalidArgument, match=r"inputs\.input: missing"):
         check_request(missing, _route())
 
 

@@ -6,15 +6,20 @@ methods that :mod:`services.serving.inference` forwards.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import TYPE_CHECKING
 
 import tritonclient.grpc.aio as triton_grpc
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_fixed,
+)
 from tritonclient.utils import InferenceServerException
 
 if TYPE_CHECKING:
-    from services.serving.triton import TritonProcess
+    from services.serving.triton.process import TritonProcess
 
 
 # Why liveness and not ServerReady: with its default --strict-readiness, Triton reports the
@@ -23,6 +28,11 @@ if TYPE_CHECKING:
 # all the time and must keep serving the previous version when a new one fails, so "Triton is
 # up" is ServerLive here; whether a deployment answers is ModelReady's business.
 _PROBE_TIMEOUT_S = 3.0
+_POLL_INTERVAL_S = 0.2
+
+
+class _NotUp(Exception):
+    """Triton did not answer ServerLive (yet)."""
 
 
 class ModelLoadError(Exception):
@@ -89,13 +99,19 @@ class TritonModels:
         Raises:
             TimeoutError: it did not within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            if await triton_is_up(self._target):
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"Triton at {self._target} not ready after {timeout:.0f}s")
-            await asyncio.sleep(0.2)
+        polling = AsyncRetrying(
+            stop=stop_after_delay(timeout),
+            wait=wait_fixed(_POLL_INTERVAL_S),
+            retry=retry_if_exception_type(_NotUp),
+        )
+        try:
+            await polling(self._probe)
+        except RetryError:
+            raise TimeoutError(f"Triton at {self._target} not ready after {timeout:.0f}s") from None
+
+    async def _probe(self) -> None:
+        if not await triton_is_up(self._target):
+            raise _NotUp(self._target)
 
     async def load(self, model: str) -> None:
         """Loads (or reloads) ``model`` from the repository and returns once it is ready.

@@ -2,28 +2,34 @@
 version), named ``<deployment>__v<version>``::
 
     <root>/<deployment>__v<version>/config.pbtxt
-    <root>/<deployment>__v<version>/1/model.py          (a copy of triton_model.py)
+    <root>/<deployment>__v<version>/1/model.py          (a copy of python_backend_model.py)
     <root>/<deployment>__v<version>/1/plinth_io.json    (signature.ModelIO)
     <root>/<deployment>__v<version>/1/mlflow_model/...  (the downloaded MLflow model)
 
-Every path is built from a validated deployment name (a DNS label, so it holds no ``_``, ``.``
-or ``/``) and a numeric version, and is checked to stay inside the root. Models are assembled
+Every path is built from a checked deployment name (a DNS label, so it holds no ``_``, ``.``
+or ``/``) and a version number, and is checked to stay inside the root. Models are assembled
 in ``<root>/.staging`` and renamed into place, so Triton never sees half a model.
+
+``config.pbtxt`` is Triton's own ``ModelConfig`` message (``tritonclient``'s
+``model_config_pb2``) in protobuf text format, complete: the server does not auto-complete.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import uuid
 from pathlib import Path
 
-from services.serving.signature import BatchingSettings, ModelIO, config_pbtxt
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
-MODEL_PY = Path(__file__).with_name("triton_model.py")
-_MODEL_NAME = re.compile(r"^([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)__v([0-9]{1,18})$")
-_DEPLOYMENT = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
-_VERSION = re.compile(r"^[0-9]{1,18}$")
+from plinth_common.errors import InvalidArgument
+from plinth_common.names import check_deployment_name, check_version
+from services.serving.domain import BatchingSettings
+from services.serving.signature import ModelIO, TensorSpec
+
+MODEL_PY = Path(__file__).with_name("python_backend_model.py")
+_SEPARATOR = "__v"
 _STAGING = ".staging"
 _TRITON_VERSION = "1"
 
@@ -38,17 +44,59 @@ def triton_model_name(deployment: str, version: str) -> str:
     Raises:
         RepositoryError: the deployment is not a DNS label or the version not a number.
     """
-    if not _DEPLOYMENT.match(deployment):
-        raise RepositoryError(f"deployment name {deployment[:80]!r} is not a DNS label")
-    if not _VERSION.match(version):
-        raise RepositoryError(f"version {version[:40]!r} is not a number")
-    return f"{deployment}__v{version}"
+    try:
+        check_deployment_name(deployment, "deployment")
+        check_version(version)
+    except InvalidArgument as exc:
+        raise RepositoryError(exc.message) from None
+    return f"{deployment}{_SEPARATOR}{version}"
 
 
 def deployment_of(model: str) -> str | None:
     """The deployment a Triton model belongs to, or None for a foreign name."""
-    match = _MODEL_NAME.match(model)
-    return match.group(1) if match else None
+    deployment, separator, version = model.rpartition(_SEPARATOR)
+    if not separator:
+        return None
+    try:
+        triton_model_name(deployment, version)
+    except RepositoryError:
+        return None
+    return deployment
+
+
+def _data_type(spec: TensorSpec) -> mc.DataType.ValueType:
+    return mc.DataType.Value(f"TYPE_{spec.datatype}")
+
+
+def model_config(model_name: str, io: ModelIO, settings: BatchingSettings) -> mc.ModelConfig:
+    """The complete Triton config of one deployment version (a Python-backend model)."""
+    config = mc.ModelConfig(
+        name=model_name,
+        backend="python",
+        max_batch_size=settings.max_batch_size,
+        input=[
+            mc.ModelInput(name=spec.name, data_type=_data_type(spec), dims=spec.dims)
+            for spec in io.inputs
+        ],
+        output=[
+            mc.ModelOutput(
+                name=io.output.name, data_type=_data_type(io.output), dims=io.output.dims
+            )
+        ],
+        instance_group=[
+            mc.ModelInstanceGroup(
+                kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.instance_count
+            )
+        ],
+    )
+    if settings.max_queue_delay_us > 0:
+        config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    return config
+
+
+def config_pbtxt(model_name: str, io: ModelIO, settings: BatchingSettings) -> str:
+    """:func:`model_config` as the text of ``config.pbtxt``."""
+    return text_format.MessageToString(model_config(model_name, io, settings))
 
 
 class ModelRepository:
@@ -62,6 +110,10 @@ class ModelRepository:
     def __init__(self, root: Path) -> None:
         self._root = root.resolve()
 
+    def model_name(self, deployment: str, version: str) -> str:
+        """:func:`triton_model_name` (pure; no file-system work)."""
+        return triton_model_name(deployment, version)
+
     @property
     def root(self) -> Path:
         """The repository folder."""
@@ -73,7 +125,7 @@ class ModelRepository:
         Raises:
             RepositoryError: the name is not one this repository creates.
         """
-        if not _MODEL_NAME.match(model):
+        if deployment_of(model) is None:
             raise RepositoryError(f"{model[:80]!r} is not a serving model name")
         path = (self._root / model).resolve()
         if path.parent != self._root:  # belt and braces: the pattern already excludes '/' and '..'
@@ -128,9 +180,7 @@ class ModelRepository:
         """Every serving model in the repository."""
         if not self._root.is_dir():
             return []
-        return sorted(
-            p.name for p in self._root.iterdir() if p.is_dir() and _MODEL_NAME.match(p.name)
-        )
+        return sorted(p.name for p in self._root.iterdir() if p.is_dir() and deployment_of(p.name))
 
     def models_of(self, deployment: str) -> list[str]:
         """The models of one deployment."""

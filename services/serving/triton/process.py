@@ -15,7 +15,6 @@ The launched server never auto-completes configs, so ``config.pbtxt`` must be co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import ipaddress
 import logging
@@ -23,12 +22,13 @@ import os
 import signal
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import tritonclient.grpc.aio as triton_grpc
+from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
+
+from plinth_common.process import ChildProcess
 
 _LOG = logging.getLogger(__name__)
 
@@ -40,23 +40,6 @@ _POLL_INTERVAL_S = 0.1
 # which we set just below this) before it exits; past this we SIGKILL it.
 _STOP_GRACE_S = 15.0
 _TRITON_EXIT_TIMEOUT_S = 10
-_LOG_TAIL_BYTES = 4000
-_PR_SET_PDEATHSIG = 1
-
-# Runs between fork and exec of tritonserver, in a fresh interpreter, so that the kernel sends
-# Triton SIGTERM when our process dies. Doing this in a preexec_fn instead would force a plain
-# fork() of a process that runs gRPC threads (preexec_fn is documented as unsafe with threads
-# and disables subprocess' vfork path); a separate interpreter costs ~20 ms once per launch.
-# The getppid() check closes the race where we die before prctl() takes effect.
-_PDEATHSIG_SHIM = f"""
-import ctypes, os, signal, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0) != 0:
-    sys.stderr.write("plinth: prctl(PR_SET_PDEATHSIG) failed, errno %d\\n" % ctypes.get_errno())
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(75)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,18 +141,17 @@ class TritonProcess:
 
     The child is bound to ``settings.host``, serves ``settings.model_repository`` in explicit
     model-control mode (models are loaded and unloaded through the repository API), and writes
-    its output to ``work_dir/tritonserver.log``. On Linux the kernel sends it SIGTERM when the
-    thread that started it ends (PR_SET_PDEATHSIG); that is the event loop's thread, so in
-    practice when our process dies, however it dies.
+    its output to ``work_dir/tritonserver.log``. It runs under
+    :class:`~plinth_common.process.ChildProcess`: in our process group (a Ctrl-C on the terminal
+    reaches it too), and on Linux the kernel sends it SIGTERM when the thread that started it
+    ends (the event loop's thread, so in practice when our process dies, however it dies).
     """
 
     def __init__(self, settings: TritonSettings) -> None:
         """Keeps the settings; does no I/O. Call :meth:`start` to launch Triton."""
         self._settings = settings
-        self._proc: asyncio.subprocess.Process | None = None
-        self._log_file: IO[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._log_path = settings.work_dir / "tritonserver.log"
-        self._log_offset = 0
         self._lock = asyncio.Lock()
 
     @property
@@ -182,12 +164,12 @@ class TritonProcess:
     @property
     def returncode(self) -> int | None:
         """Exit code of the launched child; None while it runs or when nothing was launched."""
-        return None if self._proc is None else self._proc.returncode
+        return None if self._child is None else self._child.returncode
 
     @property
     def pid(self) -> int | None:
         """Process id of the launched child; None when nothing was launched."""
-        return None if self._proc is None else self._proc.pid
+        return None if self._child is None else self._child.pid
 
     @property
     def log_path(self) -> Path:
@@ -206,39 +188,27 @@ class TritonProcess:
             if self._settings.url is not None:
                 _LOG.info("using external Triton at %s", self._settings.url)
                 return
-            if self._proc is not None and self._proc.returncode is None:
-                raise RuntimeError(f"tritonserver already runs as pid {self._proc.pid}")
+            if self._child is not None and self._child.alive:
+                raise RuntimeError(f"tritonserver already runs as pid {self._child.pid}")
             dist = await asyncio.to_thread(self._launch_prepare)
             argv, env = self._command(dist)
-            self._close_log()
-            self._settings.work_dir.mkdir(parents=True, exist_ok=True)
-            # Append, so that a crash log of an earlier run in the same work_dir survives a
-            # restart; errors quote only this run's part, from the offset.
-            log_file = self._log_path.open("ab")
-            self._log_offset = log_file.tell()
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            log_file.write(f"==== {stamp} starting tritonserver\n".encode())
-            log_file.flush()
-            self._log_file = log_file
-            if sys.platform.startswith("linux"):
-                argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=env,
-                    # Same session and process group: a Ctrl-C on the terminal reaches Triton
-                    # too, and nothing survives as an orphan in a session of its own.
-                    start_new_session=False,
-                )
-            except BaseException:
-                self._close_log()
-                raise
+            # Appended to, so that a crash log of an earlier run in the same work_dir survives
+            # a restart; errors quote only this run's part. Started from the event loop's
+            # thread, which lives as long as Triton should (the parent-death signal follows it).
+            child = ChildProcess(
+                argv,
+                name="tritonserver",
+                env=env,
+                log_path=self._log_path,
+                own_group=False,
+                parent_death_signal=signal.SIGTERM,
+                stop_grace_s=_STOP_GRACE_S,
+            )
+            child.start()
+            self._child = child
             _LOG.info(
-                "started tritonserver pid %d, gRPC %s, log %s",
-                self._proc.pid,
+                "started tritonserver pid %s, gRPC %s, log %s",
+                child.pid,
                 self.grpc_target,
                 self._log_path,
             )
@@ -315,9 +285,9 @@ class TritonProcess:
         Returns:
             True if Triton answered ready within a short timeout; False on any error.
         """
-        if self._proc is not None and self._proc.returncode is not None:
+        if self._child is not None and self._child.returncode is not None:
             return False
-        if self._settings.url is None and self._proc is None:
+        if self._settings.url is None and self._child is None:
             return False
         try:
             # A fresh channel per probe: a long-lived channel that saw Triton down would sit in
@@ -338,72 +308,34 @@ class TritonProcess:
             timeout: Seconds to wait; ``settings.startup_timeout_s`` when None.
 
         Raises:
-            RuntimeError: the launched tritonserver exited; the message quotes its log's tail.
+            RuntimeError: tritonserver was not started, or it exited (a
+                :class:`~plinth_common.process.ChildExited` quoting its log's tail).
             TimeoutError: Triton was not ready in time.
         """
         limit = self._settings.startup_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while True:
-            self._raise_if_exited()
-            if await self.is_ready():
-                return
-            self._raise_if_exited()
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"Triton at {self.grpc_target} not ready after {limit:.1f}s"
-                    + (f"; log tail:\n{self._log_tail()}" if self._settings.url is None else "")
-                )
-            await asyncio.sleep(_POLL_INTERVAL_S)
-
-    def _raise_if_exited(self) -> None:
-        if self._settings.url is None and self._proc is None:
-            raise RuntimeError("tritonserver was not started")
-        if self._proc is not None and self._proc.returncode is not None:
-            raise RuntimeError(
-                f"tritonserver exited with code {self._proc.returncode}; "
-                f"log tail ({self._log_path}):\n{self._log_tail()}"
+        if self._child is not None:
+            await self._child.wait_ready(
+                self.is_ready, timeout=limit, poll_interval=_POLL_INTERVAL_S
             )
+            return
+        if self._settings.url is None:
+            raise RuntimeError("tritonserver was not started")
+        polling = AsyncRetrying(
+            stop=stop_after_delay(limit),
+            wait=wait_fixed(_POLL_INTERVAL_S),
+            retry=retry_if_result(lambda ready: not ready),
+        )
+        try:
+            await polling(self.is_ready)
+        except RetryError:
+            raise TimeoutError(
+                f"Triton at {self.grpc_target} not ready after {limit:.1f}s"
+            ) from None
 
     async def stop(self) -> None:
         """Stops the launched tritonserver: SIGTERM, a grace period, then SIGKILL.
 
         Safe to call repeatedly, concurrently, or when nothing was launched.
         """
-        async with self._lock:
-            proc = self._proc
-            try:
-                if proc is None or proc.returncode is not None:
-                    return
-                _LOG.info("stopping tritonserver pid %d", proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
-                except TimeoutError:
-                    _LOG.warning("tritonserver pid %d ignored SIGTERM, killing it", proc.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-                _LOG.info("tritonserver pid %d exited with code %s", proc.pid, proc.returncode)
-            finally:
-                # Also reached when the caller's task is cancelled mid-wait: better a killed
-                # Triton than one that outlives its owner.
-                if proc is not None and proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def _log_tail(self) -> str:
-        """The last few KB that this run of tritonserver wrote to its log."""
-        try:
-            with self._log_path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(self._log_offset, size - _LOG_TAIL_BYTES))
-                return f.read().decode("utf-8", errors="replace")
-        except OSError as exc:
-            return f"(log unreadable: {exc})"
+        if self._child is not None:
+            await self._child.stop()

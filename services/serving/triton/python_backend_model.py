@@ -1,9 +1,9 @@
 """The Triton Python-backend model that serves one MLflow model version.
 
-This file runs inside Triton's Python stub, never in the serving service: the service copies it
-verbatim to ``<model>/1/model.py`` of each Triton model it writes, beside the downloaded MLflow
-model (``mlflow_model/``) and ``plinth_io.json``, which says how Triton's tensors map to the
-pyfunc's input (see ``services/serving/signature.py``).
+This file runs inside Triton's Python stub, never in the serving service: ``repository.py``
+copies it verbatim to ``<model>/1/model.py`` of each Triton model it writes, beside the
+downloaded MLflow model (``mlflow_model/``) and ``plinth_io.json``, which says how Triton's
+tensors map to the pyfunc's input (see ``services/serving/signature.py``).
 
 Requests that the dynamic batcher groups are predicted in one ``predict`` call: their rows are
 concatenated, predicted together, and split again.

@@ -1,0 +1,486 @@
+"""The rollout reconciler: brings every deployment to its target version on the model server.
+
+Reconciliation is level-triggered: whenever the store changes (and every few seconds),
+deployments whose target is neither served nor failed get a rollout worker, at most one per
+deployment, so rollouts of one deployment are serialized. A worker downloads the version, builds
+its Triton model, loads it, and then, only if the target has not moved on meanwhile, switches
+traffic to it and unloads the old version. A newer promotion that arrives during a load therefore
+wins, and stale versions are never switched to. A failed load leaves the old version serving.
+
+A new deployment's worker first asks the registry where its alias points. A registry that cannot
+answer is asked again later (exponential back-off with jitter, per deployment, without holding
+the worker); a registry that refuses the question leaves the deployment FAILED.
+
+The decisions themselves are the pure functions of :mod:`services.serving.domain`; this module
+runs them against the store, the registry, the artifact store and the model server. No network
+call happens while a write transaction is open. Imports neither grpc nor nats nor sqlalchemy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from plinth_common.db import Database
+from plinth_common.errors import PlinthError, Unavailable
+from plinth_common.events.tracing import extract, traceparent_of_current
+from services.serving import domain
+from services.serving.domain import Deployment, Route
+from services.serving.ports import (
+    ArtifactStore,
+    DeploymentEvents,
+    Deployments,
+    ModelRegistry,
+    ModelRepository,
+    ModelServer,
+)
+from services.serving.signature import ModelIO, read_model_io
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("plinth.serving")
+
+# One decision of the domain about one deployment: the deployment as it is -> as it becomes.
+_Change = Callable[[Deployment], Deployment]
+
+
+def _traceparent() -> str:
+    return traceparent_of_current().get("traceparent", "")
+
+
+@dataclass
+class Backoff:
+    """When to ask the registry again about each deployment: exponential, capped, with jitter
+    (so that deployments created together do not ask together again).
+
+    Attributes:
+        initial_s: the first delay.
+        max_s: the longest delay.
+    """
+
+    initial_s: float = 1.0
+    max_s: float = 60.0
+    _due: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def failed(self, name: str, now: float) -> float:
+        """Records a failed attempt for ``name``; returns the delay before the next one."""
+        attempts = self._due.get(name, (0.0, 0))[1] + 1
+        delay = min(self.max_s, self.initial_s * 2 ** (attempts - 1)) * random.uniform(0.5, 1.0)
+        self._due[name] = (now + delay, attempts)
+        return delay
+
+    def waiting(self, name: str, now: float) -> bool:
+        """True while ``name``'s next attempt is not due."""
+        due = self._due.get(name)
+        return due is not None and due[0] > now
+
+    def forget(self, name: str) -> None:
+        """Starts ``name`` afresh (it succeeded, or it is gone)."""
+        self._due.pop(name, None)
+
+
+class Reconciler:
+    """Runs rollouts and keeps the inference routes.
+
+    Args:
+        db: the serving database.
+        store: the deployments.
+        events: deployment event recorder (the outbox).
+        repository: the model server's repository on disk.
+        artifacts: where versions' artifacts come from (MLflow).
+        models: the model server (Triton).
+        registry: tells where an alias points when a deployment is created.
+        unload_grace_s: pause between moving traffic and unloading the old version, so that
+            requests already routed to it reach Triton before it goes.
+        reconcile_interval_s: how often to look for work without a wake-up.
+        max_parallel_rollouts: rollouts that may download and load at the same time.
+        backoff: when to ask an unreachable registry again.
+        clock: monotonic seconds (the back-off's time).
+    """
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        store: Deployments,
+        events: DeploymentEvents,
+        repository: ModelRepository,
+        artifacts: ArtifactStore,
+        models: ModelServer,
+        registry: ModelRegistry,
+        unload_grace_s: float = 0.5,
+        reconcile_interval_s: float = 2.0,
+        max_parallel_rollouts: int = 2,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        self._store = store
+        self._events = events
+        self._repository = repository
+        self._artifacts = artifacts
+        self._models = models
+        self._registry = registry
+        self._unload_grace_s = unload_grace_s
+        self._reconcile_interval_s = reconcile_interval_s
+        self._parallel = asyncio.Semaphore(max_parallel_rollouts)
+        self._backoff = backoff or Backoff()
+        self._clock = clock
+        self._routes: dict[str, Route] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._resolving: dict[str, asyncio.Future[None]] = {}
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+        # Any commit may have created work (a promotion, a new deployment): look again.
+        db.on_commit(lambda _info: self._wake.set())
+
+    # -- what the use cases ask -----------------------------------------------------------------
+
+    def route(self, name: str) -> Route | None:
+        """Where inference for deployment ``name`` goes, or None (unknown or not serving)."""
+        return self._routes.get(name)
+
+    async def retire(self, name: str, *, timeout_s: float) -> None:
+        """After a deployment was deleted: stops its traffic at once, then waits (at most
+        ``timeout_s``) until its worker has unloaded its models."""
+        self._routes.pop(name, None)
+        self._backoff.forget(name)
+        # The deployment's worker owns its Triton models; once it sees the row gone it unloads
+        # them (after a load in progress ends).
+        worker = self._ensure_worker(name)
+        try:
+            await asyncio.wait_for(asyncio.shield(worker), timeout=timeout_s)
+        except TimeoutError:
+            log.warning("deployment %s: unload still running after %.0fs", name, timeout_s)
+
+    async def resolve_alias(self, name: str) -> None:
+        """Asks the registry where a new deployment's alias points, if still unknown (one
+        question per deployment at a time: CreateDeployment and its worker share it)."""
+        running = self._resolving.get(name)
+        if running is None:
+            running = asyncio.ensure_future(self._ask_registry(name))
+            self._resolving[name] = running
+            running.add_done_callback(lambda _: self._resolving.pop(name, None))
+        await asyncio.shield(running)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts reconciling in the background (after the model server is ready)."""
+        self._loop = asyncio.create_task(self._run(), name="serving-reconciler")
+
+    async def wait_started(self) -> None:
+        """Waits until routes of the versions served before a restart are back."""
+        await self._started.wait()
+
+    async def stop(self) -> None:
+        """Stops reconciling; a rollout in progress resumes after a restart."""
+        tasks = [t for t in (self._loop, *self._workers.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._models.wait_ready(timeout=60.0)
+                break
+            except TimeoutError as exc:
+                log.warning("%s; rollouts wait for it", exc)
+        try:
+            await self._restore()
+        except Exception:
+            log.exception("restoring deployments failed")
+        self._started.set()
+        while True:
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciliation failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._reconcile_interval_s)
+            self._wake.clear()
+
+    async def reconcile_once(self) -> None:
+        """Starts a worker for each deployment that has work and no worker."""
+        async with self._db.read() as session:
+            pending = await self._store.needing_work(session)
+        now = self._clock()
+        for d in pending:
+            if d.lookup_pending and not d.needs_rollout and self._backoff.waiting(d.name, now):
+                continue
+            self._ensure_worker(d.name)
+
+    async def wait_idle(self) -> None:
+        """Waits until no rollout worker runs (tests use it after :meth:`reconcile_once`)."""
+        while self._workers:
+            await asyncio.gather(*self._workers.values(), return_exceptions=True)
+
+    def _ensure_worker(self, name: str) -> asyncio.Task[None]:
+        worker = self._workers.get(name)
+        if worker is None or worker.done():
+            worker = asyncio.create_task(self._work(name), name=f"rollout-{name}")
+            self._workers[name] = worker
+            worker.add_done_callback(self._forget_worker)
+        return worker
+
+    def _forget_worker(self, task: asyncio.Task[None]) -> None:
+        name = task.get_name().removeprefix("rollout-")
+        if self._workers.get(name) is task:
+            del self._workers[name]
+
+    async def _restore(self) -> None:
+        """Reloads what served before a restart; drops what interrupted rollouts left."""
+        await asyncio.to_thread(self._repository.clear_staging)
+        async with self._db.read() as session:
+            served = await self._store.serving(session)
+        keep = set()
+        for d in served:
+            try:
+                model = self._repository.model_name(d.name, d.serving_version)
+                if d.serving_io is None:
+                    raise ValueError("its tensors were not recorded")
+                if not await asyncio.to_thread(self._repository.exists, model):
+                    raise FileNotFoundError(f"{model} is missing from the repository")
+                await self._models.load(model)
+            except Exception as exc:  # noqa: BLE001 - roll the target out again instead
+                log.warning(
+                    "deployment %s: cannot restore v%s (%s); rolling out again",
+                    d.name,
+                    d.serving_version,
+                    domain.reason_of(exc),
+                )
+                await self._update(d.name, lambda cur: domain.unserved(cur, at=domain.now()))
+                continue
+            keep.add(model)
+            self._routes[d.name] = self._route(d, d.serving_version, d.serving_io)
+        for model in await asyncio.to_thread(self._repository.models):
+            if model not in keep:
+                await self._discard(model)
+        log.info("restored %d deployments", len(keep))
+
+    # -- the registry ---------------------------------------------------------------------------
+
+    async def _ask_registry(self, name: str) -> None:
+        d = await self._get(name)
+        if d is None or not d.lookup_pending:
+            return
+        try:
+            ref = await self._registry.version_for_alias(d.model_name, d.alias)
+        except Unavailable as exc:
+            why = exc.message
+            self._retry_lookup_later(name, why)
+            await self._update_pending(
+                name, lambda cur: domain.lookup_retrying(cur, why, at=domain.now())
+            )
+            return
+        except PlinthError as exc:
+            # The registry answered, and no retry of the same question can change the answer.
+            refusal = exc.message
+            log.warning(
+                "deployment %s: the registry refused %s@%s for good: %s",
+                name,
+                d.model_name,
+                d.alias,
+                refusal,
+            )
+            self._backoff.forget(name)
+            await self._update_pending(
+                name, lambda cur: domain.lookup_refused(cur, refusal, at=domain.now())
+            )
+            return
+        except Exception as exc:  # an unexpected failure: logged, and asked again later
+            log.exception("deployment %s: asking the registry failed", name)
+            self._retry_lookup_later(name, domain.reason_of(exc))
+            return
+        self._backoff.forget(name)
+        traceparent = _traceparent()
+        changed = await self._update_pending(
+            name,
+            lambda cur: domain.resolved(cur, ref, traceparent=traceparent, at=domain.now()),
+        )
+        if changed is not None and ref is not None:
+            log.info("deployment %s: %s@%s is v%s", name, d.model_name, d.alias, ref.version)
+        elif changed is not None:
+            log.info(
+                "deployment %s: %s@%s points nowhere yet; waiting for a promotion",
+                name,
+                d.model_name,
+                d.alias,
+            )
+
+    def _retry_lookup_later(self, name: str, reason: str) -> None:
+        delay = self._backoff.failed(name, self._clock())
+        log.warning(
+            "deployment %s: cannot ask the registry (%s); retrying in %.0fs", name, reason, delay
+        )
+
+    async def _update_pending(self, name: str, change: _Change) -> Deployment | None:
+        """Applies ``change`` only while the lookup is still pending: a promotion that got there
+        first is newer than what the registry said before it."""
+
+        def if_pending(cur: Deployment) -> Deployment:
+            return change(cur) if cur.lookup_pending else cur
+
+        return await self._update(name, if_pending)
+
+    # -- rollouts -------------------------------------------------------------------------------
+
+    async def _work(self, name: str) -> None:
+        try:
+            while True:
+                d = await self._get(name)
+                if d is None:
+                    await self._purge(name)
+                    return
+                if d.lookup_pending and not d.target_version:
+                    await self.resolve_alias(name)
+                    d = await self._get(name)
+                    if d is None:
+                        continue
+                    if d.lookup_pending:
+                        return  # the registry did not answer; the reconciler retries later
+                if not d.needs_rollout:
+                    if d.loading_version:
+                        await self._update(name, lambda cur: domain.settled(cur, at=domain.now()))
+                    return
+                async with self._parallel:
+                    await self._roll_out(d)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deployment %s: rollout worker failed", name)
+
+    async def _roll_out(self, d: Deployment) -> None:
+        with tracer.start_as_current_span(
+            f"deployment {d.name} rollout",
+            context=extract({"traceparent": d.target_traceparent}),
+            attributes={"plinth.deployment": d.name, "plinth.model.version": d.target_version},
+        ):
+            await self._roll_out_traced(d)
+
+    async def _roll_out_traced(self, d: Deployment) -> None:
+        name, version = d.name, d.target_version
+
+        def start_loading(cur: Deployment) -> Deployment:
+            return domain.loading(cur, at=domain.now()) if cur.target_version == version else cur
+
+        started = await self._update(name, start_loading)
+        if started is None or started.target_version != version:
+            return
+        log.info("deployment %s: loading v%s from %s", name, version, d.target_source)
+        began = time.monotonic()
+        model = ""
+        try:
+            model = self._repository.model_name(name, version)
+            io = await self._build(model, d)
+            await self._models.load(model)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure ends the same way
+            await self._fail(name, version, model, domain.reason_of(exc))
+            return
+        log.info("deployment %s: v%s loaded in %.1fs", name, version, time.monotonic() - began)
+        switched = await self._switch(name, version, io)
+        if switched is None:
+            log.info("deployment %s: v%s is stale (target moved on); dropping it", name, version)
+            route = self._routes.get(name)
+            if route is None or route.triton_model != model:
+                await self._discard(model)
+            return
+        old = self._routes.get(name)
+        self._routes[name] = self._route(switched, version, io)
+        log.info("deployment %s: traffic moved to v%s", name, version)
+        if old is not None and old.triton_model != model:
+            await asyncio.sleep(self._unload_grace_s)
+            await self._discard(old.triton_model)
+
+    async def _switch(self, name: str, version: str, io: ModelIO) -> Deployment | None:
+        """Moves traffic to ``version`` if it is still the target; None when it is stale."""
+        async with self._db.transaction() as session:
+            cur = await self._store.get(session, name)
+            if cur is None or cur.target_version != version:
+                return None
+            saved = await self._store.save(
+                session, domain.switched(cur, version, io, at=domain.now())
+            )
+            if saved is None:
+                return None
+            await self._events.ready(session, saved, version)
+            await self._events.traffic_changed(session, saved, {version: 100})
+            return saved
+
+    async def _build(self, model: str, d: Deployment) -> ModelIO:
+        """Downloads the version and writes its Triton model into the repository."""
+        staging = await asyncio.to_thread(self._repository.new_staging, model)
+        try:
+            downloaded = await self._artifacts.download(d.target_source, staging / "download")
+            io = await asyncio.to_thread(read_model_io, downloaded)
+            await asyncio.to_thread(
+                self._repository.install, model, staging, downloaded, io, d.batching
+            )
+            return io
+        finally:
+            await asyncio.to_thread(self._repository.discard_staging, staging)
+
+    async def _fail(self, name: str, version: str, model: str, reason: str) -> None:
+        log.warning("deployment %s: v%s failed: %s", name, version, reason)
+        route = self._routes.get(name)
+        if model and (route is None or route.triton_model != model):
+            await self._discard(model)
+        async with self._db.transaction() as session:
+            cur = await self._store.get(session, name)
+            if cur is None:
+                return
+            saved = await self._store.save(
+                session, domain.rollout_failed(cur, version, reason, at=domain.now())
+            )
+            if saved is not None:
+                await self._events.failed(session, saved, version, reason)
+
+    async def _purge(self, name: str) -> None:
+        """Unloads and removes every model of a deleted deployment."""
+        self._routes.pop(name, None)
+        for model in await asyncio.to_thread(self._repository.models_of, name):
+            await self._discard(model)
+        log.info("deployment %s: deleted and unloaded", name)
+
+    async def _discard(self, model: str) -> None:
+        try:
+            await self._models.unload(model)
+        except Exception as exc:  # noqa: BLE001 - the folder goes anyway; Triton forgets on restart
+            log.warning("cannot unload %s: %s", model, domain.reason_of(exc))
+        await asyncio.to_thread(self._repository.remove, model)
+
+    # -- the store ------------------------------------------------------------------------------
+
+    async def _get(self, name: str) -> Deployment | None:
+        async with self._db.read() as session:
+            return await self._store.get(session, name)
+
+    async def _update(self, name: str, change: _Change) -> Deployment | None:
+        """Reads, changes and writes one deployment in one short transaction; None when gone."""
+        async with self._db.transaction() as session:
+            cur = await self._store.get(session, name)
+            if cur is None:
+                return None
+            new = change(cur)
+            return cur if new == cur else await self._store.save(session, new)
+
+    def _route(self, d: Deployment, version: str, io: ModelIO) -> Route:
+        return Route(
+            deployment=d.name,
+            version=version,
+            triton_model=self._repository.model_name(d.name, version),
+            io=io,
+            max_batch_size=d.batching.max_batch_size,
+        )

@@ -1,0 +1,142 @@
+"""Fakes at the serving service's seams: the registry, the artifact store, the model server and
+the event recorder. The store is the real one on a SQLite file, and the repository the real one
+in a temporary folder (both are local I/O, no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plinth_common.errors import NotFound, PlinthError, Unavailable
+from services.serving.domain import Deployment, VersionRef
+
+# A column-based signature of two doubles, as MLflow writes it into MLmodel.
+_MLMODEL = "\n".join(
+    [
+        "flavors:",
+        "  python_function:",
+        "    loader_module: mlflow.sklearn",
+        "signature:",
+        "  inputs: '"
+        + json.dumps([{"type": "double", "name": "a"}, {"type": "double", "name": "b"}])
+        + "'",
+        "",
+    ]
+)
+
+
+class FakeRegistry:
+    """Models and aliases from dicts. ``down`` makes every call fail as an unreachable registry
+    would; ``lookup_errors`` are raised, one per call, by the next alias lookups."""
+
+    def __init__(self, models: Sequence[str] = ("diabetes", "wine-quality")) -> None:
+        self.models = set(models)
+        self.aliases: dict[tuple[str, str], VersionRef] = {}
+        self.down = False
+        self.lookup_errors: list[PlinthError] = []
+        self.lookups = 0
+        self.existence_checks = 0
+
+    def _check_up(self) -> None:
+        if self.down:
+            raise Unavailable(
+                "the registry service cannot be reached; retry shortly",
+                dependency="registry service",
+            )
+
+    async def version_for_alias(self, model_name: str, alias: str) -> VersionRef | None:
+        self.lookups += 1
+        self._check_up()
+        if self.lookup_errors:
+            raise self.lookup_errors.pop(0)
+        if model_name not in self.models:
+            raise NotFound("registered model", model_name)
+        return self.aliases.get((model_name, alias))
+
+    async def model_exists(self, model_name: str) -> bool:
+        self.existence_checks += 1
+        self._check_up()
+        return model_name in self.models
+
+    async def model_names(self) -> Sequence[str]:
+        self._check_up()
+        return sorted(self.models)
+
+
+class FakeArtifacts:
+    """Every source downloads as a small MLflow model; sources starting ``broken:`` fail."""
+
+    def __init__(self) -> None:
+        self.downloads: list[str] = []
+
+    async def download(self, source: str, dst: Path) -> Path:
+        self.downloads.append(source)
+        if source.startswith("broken:"):
+            raise RuntimeError(f"cannot download {source}")
+        dst.mkdir(parents=True)
+        (dst / "MLmodel").write_text(_MLMODEL)
+        return dst
+
+
+@dataclass
+class FakeModelServer:
+    """Records loads and unloads. ``failing`` models fail to load with the given reason; loads of
+    ``held`` models wait until their event is set (and report that they started)."""
+
+    loaded: set[str] = field(default_factory=set)
+    history: list[tuple[str, str]] = field(default_factory=list)
+    failing: dict[str, str] = field(default_factory=dict)
+    held: dict[str, asyncio.Event] = field(default_factory=dict)
+    started: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    async def wait_ready(self, timeout: float = 0.0) -> None:
+        return None
+
+    async def load(self, model: str) -> None:
+        self.history.append(("load", model))
+        self.started.setdefault(model, asyncio.Event()).set()
+        if model in self.held:
+            await self.held[model].wait()
+        if model in self.failing:
+            raise RuntimeError(self.failing[model])
+        self.loaded.add(model)
+
+    async def unload(self, model: str) -> None:
+        self.history.append(("unload", model))
+        self.loaded.discard(model)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One deployment event: its type, deployment and what it said."""
+
+    type: str
+    deployment: str
+    detail: Any
+
+
+class FakeEvents:
+    """Keeps the deployment events in the order they were recorded."""
+
+    def __init__(self) -> None:
+        self.recorded: list[Recorded] = []
+
+    async def ready(self, session: Any, deployment: Deployment, version: str) -> None:
+        self.recorded.append(Recorded("ready", deployment.name, version))
+
+    async def failed(self, session: Any, deployment: Deployment, version: str, reason: str) -> None:
+        self.recorded.append(Recorded("failed", deployment.name, (version, reason)))
+
+    async def traffic_changed(
+        self, session: Any, deployment: Deployment, traffic: Mapping[str, int]
+    ) -> None:
+        self.recorded.append(Recorded("traffic_changed", deployment.name, dict(traffic)))
+
+    def of(self, deployment: str, event_type: str) -> list[Any]:
+        return [
+            r.detail for r in self.recorded if r.deployment == deployment and r.type == event_type
+        ]
