@@ -1,10 +1,12 @@
 """Deterministic data for the example driver repository, and the files to apply.
 
-    python -m examples.feature_repo.generate_data <feast-repository>/data
+    python -m examples.feature_repo.generate_data [<feast-repository>/data]
 
 writes ``driver_stats.parquet``: one row per driver and hour (``driver_id``, ``event_timestamp``,
 ``created``, ``conv_rate``, ``acc_rate``, ``avg_daily_trips``), from a fixed seed, so every run
-produces the same values. Nothing is downloaded.
+produces the same values. Nothing is downloaded. Without a folder, the data goes where the
+features service started with the same environment reads it: ``$PLINTH_FEAST_REPO/data``, by
+default ``$PLINTH_DATA_DIR/feast/data``.
 """
 
 from __future__ import annotations
@@ -75,18 +77,32 @@ def generate(
     return frame
 
 
+def service_data_dir() -> Path:
+    """The data folder of the features service's Feast repository, as its settings resolve it."""
+    from services.features.app import FeaturesSettings
+
+    return FeaturesSettings.from_env().feast.repo_path / "data"
+
+
 def main() -> None:
-    """Command line: writes the Parquet file into the given folder."""
+    """Command line: writes the Parquet file into the given folder (or the service's)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("data_dir", type=Path, help="the Feast repository's data folder")
+    parser.add_argument(
+        "data_dir",
+        type=Path,
+        nargs="?",
+        help="the Feast repository's data folder (default: the features service's, which "
+        "follows PLINTH_FEAST_REPO and PLINTH_DATA_DIR)",
+    )
     parser.add_argument("--drivers", type=int, default=DEFAULT_DRIVERS)
     parser.add_argument("--hours", type=int, default=DEFAULT_HOURS)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args()
-    frame = generate(args.data_dir, drivers=args.drivers, hours=args.hours, seed=args.seed)
-    print(f"wrote {len(frame)} rows to {args.data_dir / PARQUET_NAME}")
+    data_dir = args.data_dir or service_data_dir()
+    frame = generate(data_dir, drivers=args.drivers, hours=args.hours, seed=args.seed)
+    print(f"wrote {len(frame)} rows to {data_dir / PARQUET_NAME}")
 
 
 if __name__ == "__main__":
