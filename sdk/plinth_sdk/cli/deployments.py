@@ -20,7 +20,7 @@ __all__ = ["deployments", "waiting_text"]
 _COLUMNS = ("NAME", "TEAM", "MODEL", "ALIAS", "STATE", "SERVING", "TARGET")
 
 
-@click.group(help="model deployments on Triton")
+@click.group(help="Model deployments on Triton.")
 def deployments() -> None:
     """The ``deployments`` group."""
 

@@ -14,7 +14,7 @@ from plinth_sdk.models import Event
 __all__ = ["events"]
 
 
-@click.group(help="platform events")
+@click.group(help="Platform events (from now on).")
 def events() -> None:
     """The ``events`` group."""
 

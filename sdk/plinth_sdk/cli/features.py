@@ -21,7 +21,7 @@ __all__ = ["features"]
 _VIEW_COLUMNS = ("NAME", "ENTITIES", "KEYS", "FEATURES", "TTL", "ONLINE", "SOURCE")
 
 
-@click.group(help="feature store")
+@click.group(help="Feature store (Feast).")
 def features() -> None:
     """The ``features`` group."""
 

@@ -32,7 +32,7 @@ __all__ = ["jobs"]
 _COLUMNS = ("ID", "NAME", "TEAM", "STATE", "CREATED", "DURATION", "EXIT")
 
 
-@click.group(help="training jobs")
+@click.group(help="Training jobs.")
 def jobs() -> None:
     """The ``jobs`` group."""
 

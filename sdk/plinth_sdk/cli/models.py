@@ -20,7 +20,7 @@ _MODEL_COLUMNS = ("NAME", "TEAM", "LATEST", "ALIASES", "POLICY")
 _VERSION_COLUMNS = ("VERSION", "STATUS", "ALIASES", "CREATED", "RUN", "JOB", "METRICS")
 
 
-@click.group(help="registered models, versions, promotion")
+@click.group(help="Registered models, versions, promotion.")
 def models() -> None:
     """The ``models`` group."""
 

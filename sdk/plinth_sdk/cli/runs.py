@@ -18,7 +18,7 @@ __all__ = ["runs"]
 _COLUMNS = ("RUN", "EXPERIMENT", "STATUS", "STARTED", "METRICS")
 
 
-@click.group(help="MLflow tracking runs")
+@click.group(help="MLflow tracking runs.")
 def runs() -> None:
     """The ``runs`` group."""
 
