@@ -125,12 +125,21 @@ class ChildExited(RuntimeError):
         log_tail: the last lines it wrote in this run.
     """
 
-    def __init__(self, name: str, returncode: int, log_tail: str, *, context: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        returncode: int,
+        log_tail: str,
+        *,
+        log_path: Path | None = None,
+        context: str = "",
+    ) -> None:
         self.name = name
         self.returncode = returncode
         self.log_tail = log_tail
-        message = f"{name} {describe_exit(returncode)}{context}"
-        super().__init__(f"{message}; log tail:\n{log_tail}" if log_tail else message)
+        super().__init__(
+            f"{name} {describe_exit(returncode)}{context}" + _quoted_log(log_tail, log_path)
+        )
 
 
 def describe_exit(returncode: int) -> str:
@@ -238,7 +247,9 @@ class ChildProcess:
             raise RuntimeError(f"{self.name} was not started")
         code = self._proc.poll()
         if code is not None:
-            raise ChildExited(self.name, code, self._tail_for_error(), context=context)
+            raise ChildExited(
+                self.name, code, self.log_tail(), log_path=self.log_path, context=context
+            )
 
     # -- start ------------------------------------------------------------------------------
 
@@ -376,10 +387,9 @@ class ChildProcess:
                 return
             self.raise_if_exited(" before it was ready")
             if time.monotonic() >= deadline:
-                tail = self._tail_for_error()
                 raise TimeoutError(
                     f"{self.name} not {what} after {timeout:.1f}s"
-                    + (f"; log tail:\n{tail}" if tail else "")
+                    + _quoted_log(self.log_tail(), self.log_path)
                 )
             await asyncio.sleep(poll_interval)
 
@@ -520,9 +530,11 @@ class ChildProcess:
             return ""
         return "\n".join(data.splitlines()[-lines:])
 
-    def _tail_for_error(self) -> str:
-        tail = self.log_tail()
-        return f"({self.log_path})\n{tail}" if tail else ""
+
+def _quoted_log(tail: str, log_path: Path | None) -> str:
+    if not tail:
+        return ""
+    return f"; log tail ({log_path}):\n{tail}" if log_path else f"; log tail:\n{tail}"
 
 
 def group_alive(pgid: int) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -163,3 +164,62 @@ async def test_external_url_launches_nothing(tmp_path: Path):
     await server.start()
     assert server.pid is None
     assert not (tmp_path / "unused.log").exists()
+
+
+OWNER = """
+import asyncio, sys
+from pathlib import Path
+from plinth_common.net import free_tcp_port
+from services.registry.mlflow_engine import MlflowServer, MlflowSettings
+
+async def main() -> None:
+    folder = Path(sys.argv[1])
+    server = MlflowServer(
+        MlflowSettings(
+            backend_store_uri=f"sqlite:///{folder / 'mlflow.db'}",
+            artifacts_destination=str(folder / "artifacts"),
+            port=free_tcp_port(),
+        ),
+        log_path=folder / "mlflow-server.log",
+    )
+    await server.start()
+    await server.wait_ready(timeout=120)
+    print(server.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+async def test_server_and_workers_die_with_a_killed_registry(tmp_path: Path):
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWNER, str(tmp_path), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert owner.stdout is not None
+        line = await asyncio.wait_for(owner.stdout.readline(), timeout=150)
+        pgid = int(line)
+        assert len(_group_members(pgid)) >= 2  # mlflow's CLI and its uvicorn server
+        owner.kill()  # as kill -9: the registry gets no chance to stop MLflow
+        await owner.wait()
+        deadline = time.monotonic() + 30
+        while _group_members(pgid):
+            assert time.monotonic() < deadline, f"left running: {_group_members(pgid)}"
+            await asyncio.sleep(0.1)
+    finally:
+        if owner.returncode is None:
+            owner.kill()
+            await owner.wait()
