@@ -9,6 +9,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth_common.config import DEFAULT_MLFLOW_PORT, CommonSettings, Env
 from plinth_common.errors import InvalidArgument
@@ -110,7 +112,8 @@ class RegistryApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        assert self.runtime.outbox is not None
+        if self.runtime.outbox is None:
+            raise RuntimeError("the registry's runtime has no outbox")
         self.mlflow = MlflowServer(
             settings.mlflow, log_path=settings.common.service_dir / "mlflow-server.log"
         )
@@ -119,10 +122,10 @@ class RegistryApp:
         )
         self.cache = ReadCache(ttl_s=settings.cache_ttl_s)
         self.facts = ReadCache(ttl_s=settings.facts_ttl_s)
+        self.events = OutboxModelEvents(self.runtime.db, self.runtime.outbox)
         self.service = RegistryService(
-            db=self.runtime.db,
             mlflow=self.store,
-            events=OutboxModelEvents(self.runtime.outbox),
+            events=self.events,
             cache=self.cache,
             facts=self.facts,
         )
@@ -156,22 +159,18 @@ class RegistryApp:
         await asyncio.wait_for(self.ready.wait(), timeout)
 
     async def _open_when_mlflow_answers(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                # Only after the server answers: on a fresh database it creates the schema, and
-                # the in-process store must not race it to do so.
-                await self.mlflow.wait_ready()
-                await self.store.open()
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - keep trying; health stays NOT_SERVING
-                log.warning("MLflow not usable yet (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        # Keep trying (health stays NOT_SERVING meanwhile), with a jittered backoff.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential_jitter(initial=0.5, max=10.0, jitter=0.5),
+            before_sleep=_log_not_usable,
+            reraise=True,
+        )
+        await retrying(self._open_store)
         # Consume only once registrations can succeed: earlier they would burn redeliveries.
-        consumer = self.runtime.consume(CONSUMER, [JOB_FINISHED], JobFinishedHandler(self.service))
+        consumer = self.runtime.consume(
+            CONSUMER, [JOB_FINISHED], JobFinishedHandler(self.service, self.events)
+        )
         await consumer.start()
         self.ready.set()
         log.info(
@@ -179,6 +178,12 @@ class RegistryApp:
             _redacted(self.settings.mlflow.backend_store_uri),
             JOB_FINISHED,
         )
+
+    async def _open_store(self) -> None:
+        # Only after the server answers: on a fresh database it creates the schema, and the
+        # in-process store must not race it to do so.
+        await self.mlflow.wait_ready()
+        await self.store.open()
 
     async def stop(self) -> None:
         """Stops the server and consumers, then the store's threads, then MLflow."""
@@ -189,6 +194,12 @@ class RegistryApp:
         await self.runtime.stop()
         await self.store.close()
         await self.mlflow.stop()
+
+
+def _log_not_usable(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("MLflow not usable yet (%s); retrying in %.1fs", exc, delay)
 
 
 def _redacted(url: str) -> str:

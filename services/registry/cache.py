@@ -1,9 +1,11 @@
 """A small read cache for the registry's hot reads (a version by alias, model searches).
 
-Entries live ``ttl_s`` seconds. The registry's own writes call :meth:`ReadCache.invalidate`,
-so a reader never sees data older than the registry's last write; writes made behind its back
-(MLflow's UI, another client on the same store) show after at most ``ttl_s``. Concurrent misses
-on one key share one load, and a load that raced with a write is not stored.
+Entries live ``ttl_s`` seconds in a :class:`cachetools.TTLCache` (least recently used ones go
+first when it is full). The registry's own writes call :meth:`ReadCache.invalidate`, so a
+reader never sees data older than the registry's last write; writes made behind its back
+(MLflow's UI, another client on the same store) show after at most ``ttl_s``. Concurrent
+misses on one key share one load (cachetools' own stampede guard is for threads, not for
+coroutines), and a load that raced with a write is not stored.
 
 Used from the event loop only (no locking).
 """
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
+from cachetools import TTLCache
+
 T = TypeVar("T")
+_MISSING = object()
 
 
 class ReadCache:
@@ -36,9 +40,9 @@ class ReadCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._entries: TTLCache[Hashable, Any] = TTLCache(
+            maxsize=max_entries, ttl=max(ttl_s, 0.0), timer=clock
+        )
         self._loading: dict[Hashable, asyncio.Future[Any]] = {}
         self._generation = 0
         self.hits = 0
@@ -53,11 +57,10 @@ class ReadCache:
         """The cached value of ``key``, or what ``load()`` returns (stored unless a write raced)."""
         if not self.enabled:
             return await load()
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > self._clock():
-            self._entries.move_to_end(key)
+        value = self._entries.get(key, _MISSING)
+        if value is not _MISSING:
             self.hits += 1
-            return entry[1]  # type: ignore[no-any-return]
+            return value  # type: ignore[no-any-return]
         self.misses += 1
         pending = self._loading.get(key)
         if pending is None:
@@ -75,10 +78,7 @@ class ReadCache:
             if self._loading.get(key) is asyncio.current_task():
                 del self._loading[key]
         if generation == self._generation:
-            self._entries[key] = (self._clock() + self._ttl_s, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
+            self._entries[key] = value
         return value
 
     def invalidate(self) -> None:

@@ -1,5 +1,7 @@
 """The registry's domain: runs, registered models, versions, promotion policies, and the rules
-their names follow. Pure values and functions; no I/O, no grpc, no nats, no MLflow.
+of the names only the registry uses (run ids, tags, artifact paths). Model names, teams,
+aliases and versions follow :mod:`plinth_common.names`, as everywhere in Plinth.
+Pure values and functions; no I/O, no grpc, no nats, no MLflow.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument
+from plinth_common.names import check_alias
 
 # Tags Plinth keeps on MLflow objects. Users may not set keys under this prefix themselves.
 RESERVED_TAG_PREFIX = "plinth."
@@ -25,13 +28,6 @@ ENTRYPOINT_TAG = "plinth.entrypoint"
 MODEL_ID_TAG = "plinth.model_id"
 METRIC_TAG_PREFIX = "plinth.metric."
 
-# The same rule as the scheduler's ``register_as``: no '/', so no path tricks such as '../'.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-TEAM = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-# MLflow's alias rule (word characters and '-'), minus its reserved names (checked below).
-ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
-RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
-VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,255}$")
 EXPERIMENT_ID = re.compile(r"^[0-9]{1,19}$")
 PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -220,44 +216,6 @@ class ModelQuery:
 # -- validation -------------------------------------------------------------------------------
 
 
-def check_model_name(value: str, field_name: str = "name") -> str:
-    """Refuses anything but MLflow-safe model names (no '/', so no '../')."""
-    if not MODEL_NAME.match(value):
-        raise InvalidArgument(
-            field_name,
-            "letters, digits, '.', '_' and '-', at most 128, starting with a letter or digit",
-        )
-    return value
-
-
-def check_team(value: str, field_name: str = "team") -> str:
-    """Teams are DNS labels, as everywhere in Plinth."""
-    if not TEAM.match(value):
-        raise InvalidArgument(
-            field_name,
-            "lower-case letters, digits and '-', 1 to 63, starting and ending with a letter or digit",
-        )
-    return value
-
-
-def check_alias(value: str, field_name: str = "alias") -> str:
-    """MLflow's alias rule; ``latest`` and ``v<N>`` are reserved by MLflow."""
-    if not ALIAS.match(value):
-        raise InvalidArgument(field_name, "letters, digits, '_' and '-', 1 to 63")
-    if RESERVED_ALIAS.match(value):
-        raise InvalidArgument(
-            field_name, f"{value!r} is reserved by MLflow ('latest' and 'v<number>')"
-        )
-    return value
-
-
-def check_version(value: str, field_name: str = "version") -> str:
-    """A version number, as MLflow counts them (1, 2, ...)."""
-    if not VERSION.match(value):
-        raise InvalidArgument(field_name, f"a positive integer, got {value[:32]!r}")
-    return value
-
-
 def check_run_id(value: str, field_name: str = "run_id") -> str:
     """MLflow's run id rule."""
     if not RUN_ID.match(value):
@@ -328,13 +286,6 @@ def check_policy(policy: PromotionPolicy) -> PromotionPolicy:
     return policy
 
 
-def check_page_size(value: int, *, default: int, maximum: int) -> int:
-    """0 means the default; more than ``maximum`` is refused."""
-    if value < 0 or value > maximum:
-        raise InvalidArgument("page_size", f"between 0 and {maximum}")
-    return value or default
-
-
 # -- promotion --------------------------------------------------------------------------------
 
 
@@ -349,9 +300,13 @@ def enforce_policy(
 ) -> None:
     """Raises when moving ``alias`` to ``version`` breaks the model's policy.
 
+    Rules are checked in the order the policy lists them, approval last, so the caller learns
+    first what no approval can fix.
+
     Raises:
-        FailedPrecondition: naming the first rule that does not hold and the actual value (or
-            that the run has no such metric), or that approval is required.
+        FailedPrecondition: reason ``POLICY_VIOLATION`` naming the first rule that does not
+            hold and the actual value (or that the run has no such metric); reason
+            ``APPROVAL_REQUIRED`` when every rule holds but approval is required and not given.
     """
     if not policy.guards(alias):
         return
@@ -359,19 +314,24 @@ def enforce_policy(
         if rule.metric not in metrics:
             raise FailedPrecondition(
                 f"policy rule {rule} does not hold: version {version} of {model!r} has no metric {rule.metric!r}",
+                reason="POLICY_VIOLATION",
                 rule=str(rule),
+                metric=rule.metric,
             )
         value = metrics[rule.metric]
         if not rule.holds(value):
             raise FailedPrecondition(
                 f"policy rule {rule} does not hold: {rule.metric} = {value:g}",
+                reason="POLICY_VIOLATION",
                 rule=str(rule),
-                value=value,
+                metric=rule.metric,
+                value=f"{value:g}",
             )
     if policy.require_approval and not approved:
         raise FailedPrecondition(
             f"policy of {model!r} requires approval to move alias {alias!r}; set approved",
-            rule="require_approval",
+            reason="APPROVAL_REQUIRED",
+            alias=alias,
         )
 
 

@@ -8,7 +8,8 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
-from plinth_common.events import CloudEvent, Outbox
+from plinth_common.db import Database
+from plinth_common.events import CloudEvent, EffectHandler, Outbox, Record
 from services.registry.domain import FinishedJob, ModelVersion, Promotion
 from services.registry.service import RegistryService
 
@@ -17,15 +18,30 @@ CONSUMER = "registry-job-finished"
 
 
 class OutboxModelEvents:
-    """Writes ``plinth.model.*`` events in the caller's transaction; subject = the model name."""
+    """Writes ``plinth.model.*`` events to the outbox; subject = the model name.
 
-    def __init__(self, outbox: Outbox) -> None:
+    ``version_created`` and ``promoted`` open a short transaction of their own (the service
+    calls them after its MLflow write); the ``add_*`` methods write in the caller's.
+    """
+
+    def __init__(self, db: Database, outbox: Outbox) -> None:
+        self._db = db
         self._outbox = outbox
 
-    async def version_created(
+    async def version_created(self, version: ModelVersion, *, job_id: str) -> None:
+        """``plinth.model.version_created``, in a transaction of its own."""
+        async with self._db.transaction() as session:
+            await self.add_version_created(session, version, job_id=job_id)
+
+    async def promoted(self, promotion: Promotion) -> None:
+        """``plinth.model.promoted``, in a transaction of its own."""
+        async with self._db.transaction() as session:
+            await self.add_promoted(session, promotion)
+
+    async def add_version_created(
         self, session: AsyncSession, version: ModelVersion, *, job_id: str
     ) -> None:
-        """``plinth.model.version_created``."""
+        """``plinth.model.version_created`` in the caller's transaction."""
         message = events_pb2.ModelVersionCreated(
             model_name=version.name,
             version=version.version,
@@ -36,8 +52,9 @@ class OutboxModelEvents:
         )
         await self._outbox.add(session, message, subject=version.name, team=version.team)
 
-    async def promoted(self, session: AsyncSession, promotion: Promotion) -> None:
-        """``plinth.model.promoted``: the new and previous version and where its files are."""
+    async def add_promoted(self, session: AsyncSession, promotion: Promotion) -> None:
+        """``plinth.model.promoted`` in the caller's transaction: the new and previous version
+        and where its files are."""
         version = promotion.version
         message = events_pb2.ModelPromoted(
             model_name=version.name,
@@ -64,17 +81,31 @@ def finished_job(payload: events_pb2.JobFinished, event: CloudEvent) -> Finished
     )
 
 
-class JobFinishedHandler:
+class JobFinishedHandler(EffectHandler):
     """Handles ``plinth.job.finished``: registers the job's model when it asked and succeeded.
 
-    Raising (MLflow unavailable, the run's model missing, another team's model) means retry,
-    then the dead-letter subject with the reason.
+    The registration talks to MLflow with no transaction open (it is idempotent: a version
+    tagged with the job id is reused); ``model.version_created`` is then recorded in the
+    consumer's short transaction, with the processed-event row. Raising (MLflow unavailable,
+    the run's model missing, another team's model) means retry, then the dead-letter subject
+    with the reason.
     """
 
-    def __init__(self, service: RegistryService) -> None:
+    def __init__(self, service: RegistryService, events: OutboxModelEvents) -> None:
         self._service = service
+        self._events = events
 
-    async def __call__(self, session: AsyncSession, event: CloudEvent, payload: Message) -> None:
+    async def perform(self, event: CloudEvent, payload: Message) -> Record | None:
+        """Registers the version; returns the write of its ``version_created`` event."""
         if not isinstance(payload, events_pb2.JobFinished):
-            return
-        await self._service.register_finished_job(session, finished_job(payload, event))
+            return None
+        job = finished_job(payload, event)
+        version = await self._service.register_finished_job(job)
+        if version is None:
+            return None
+        add_event = self._events.add_version_created
+
+        async def record(session: AsyncSession) -> None:
+            await add_event(session, version, job_id=job.job_id)
+
+        return record

@@ -11,8 +11,10 @@ On SQLite, MLflow sets ``PRAGMA busy_timeout = 20000`` on each session, so this 
 the server wait for each other's write locks instead of failing with "database is locked".
 
 MLflow entities become plain records here, and MLflow's errors become Plinth's: a missing
-object reads as None, a bad filter or page token as InvalidArgument, a busy or unreachable
-database as Unavailable.
+object reads as None (or NotFound naming it, for a write), a bad filter or page token as
+InvalidArgument naming that field, a wrong state as FailedPrecondition, a busy or unreachable
+database (or a store not open yet) as Unavailable naming MLflow. Anything else is unexpected
+and propagates: the interceptor logs it and answers INTERNAL.
 """
 
 from __future__ import annotations
@@ -20,25 +22,33 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import sqlalchemy.exc
 from opentelemetry import trace
 
-from plinth_common.errors import InvalidArgument, Unavailable
+from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.registry.domain import LoggedModel, Run
 
 __all__ = ["MlflowModel", "MlflowStore", "MlflowVersion", "Page"]
 
+log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.registry")
 T = TypeVar("T")
 
+MLFLOW = "MLflow"  # the dependency an Unavailable names
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 _ALREADY_EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
+# MLflow's SQL store reports a sqlalchemy OperationalError (locked, unreachable) as
+# TEMPORARILY_UNAVAILABLE; BAD_REQUEST there is any other SQLAlchemyError, not bad input.
 _UNAVAILABLE = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+_BAD_INPUT = ("INVALID_PARAMETER_VALUE",)
+_WRONG_STATE = ("INVALID_STATE",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,9 +158,7 @@ class MlflowStore:
             )
             return Page(items=[_run(r) for r in result], next_page_token=_token(result.token))
 
-        return await self._call(
-            "search_runs", search, bad_request_field="filter" if filter_string else "page_token"
-        )
+        return await self._call("search_runs", search, bad_input_field="filter")
 
     async def experiment_ids(self) -> list[str]:
         """Ids of every active experiment."""
@@ -226,12 +234,14 @@ class MlflowStore:
             )
             return Page(items=[_model(m) for m in result], next_page_token=_token(result.token))
 
-        return await self._call("search_registered_models", search, bad_request_field="page_token")
+        return await self._call("search_registered_models", search)
 
     async def set_model_tag(self, name: str, key: str, value: str) -> None:
         """Sets a tag on a registered model."""
         await self._call(
-            "set_registered_model_tag", lambda c: c.set_registered_model_tag(name, key, value)
+            "set_registered_model_tag",
+            lambda c: c.set_registered_model_tag(name, key, value),
+            not_found=("registered model", name),
         )
 
     async def delete_model_tag(self, name: str, key: str) -> None:
@@ -244,7 +254,9 @@ class MlflowStore:
                 if getattr(exc, "error_code", "") not in _NOT_FOUND:
                     raise
 
-        await self._call("delete_registered_model_tag", delete)
+        await self._call(
+            "delete_registered_model_tag", delete, not_found=("registered model", name)
+        )
 
     async def get_version(self, name: str, version: str) -> MlflowVersion | None:
         """A model version, or None."""
@@ -290,7 +302,7 @@ class MlflowStore:
             )
             return Page(items=[_version(v) for v in result], next_page_token=_token(result.token))
 
-        return await self._call("search_model_versions", search, bad_request_field="page_token")
+        return await self._call("search_model_versions", search)
 
     async def create_version(
         self, name: str, *, source: str, run_id: str, tags: Mapping[str, str]
@@ -301,6 +313,7 @@ class MlflowStore:
             lambda c: _version(
                 c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags))
             ),
+            not_found=("registered model", name),
         )
 
     async def set_alias(self, name: str, alias: str, version: str) -> None:
@@ -308,12 +321,15 @@ class MlflowStore:
         await self._call(
             "set_registered_model_alias",
             lambda c: c.set_registered_model_alias(name, alias, version),
+            not_found=("model version", f"{name}/{version}"),
         )
 
     async def delete_alias(self, name: str, alias: str) -> None:
         """Removes an alias."""
         await self._call(
-            "delete_registered_model_alias", lambda c: c.delete_registered_model_alias(name, alias)
+            "delete_registered_model_alias",
+            lambda c: c.delete_registered_model_alias(name, alias),
+            not_found=("alias", f"{name}@{alias}"),
         )
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -324,10 +340,24 @@ class MlflowStore:
         body: Callable[[Any], T],
         *,
         missing: bool = False,
-        bad_request_field: str = "",
+        bad_input_field: str = "",
+        not_found: tuple[str, str] | None = None,
     ) -> T:
+        """Runs ``body(client)`` on the store's threads, with MLflow's errors made Plinth's.
+
+        Args:
+            missing: a missing object returns None instead of raising.
+            bad_input_field: the request field MLflow's INVALID_PARAMETER_VALUE blames (a page
+                token MLflow refuses is always ``page_token``); '' when no user input reaches
+                MLflow, so such an error is a bug (INTERNAL).
+            not_found: (kind, name) of the NotFound raised when the object is missing.
+        """
         if self._client is None:
-            raise Unavailable("the registry is starting: MLflow's store is not open yet")
+            raise Unavailable(
+                "the registry is starting: MLflow's store is not open yet; retry shortly",
+                dependency=MLFLOW,
+                retry_after_s=2.0,
+            )
         client = self._client
 
         def guarded() -> Any:
@@ -337,7 +367,15 @@ class MlflowStore:
                 code = getattr(exc, "error_code", "")
                 if missing and code in _NOT_FOUND:
                     return None
-                raise _plinth_error(exc, code, bad_request_field) from exc
+                raise _plinth_error(
+                    exc,
+                    code,
+                    operation=operation,
+                    bad_input_field=bad_input_field,
+                    not_found=not_found,
+                ) from exc
+            except sqlalchemy.exc.OperationalError as exc:  # raised outside MLflow's sessions
+                raise _unavailable(operation, exc) from exc
 
         return await self._run(operation, guarded)  # type: ignore[no-any-return]
 
@@ -352,13 +390,37 @@ class MlflowStore:
             )
 
 
-def _plinth_error(exc: Exception, code: str, bad_request_field: str) -> Exception:
-    message = getattr(exc, "message", None) or str(exc)
+def _plinth_error(
+    exc: Exception,
+    code: str,
+    *,
+    operation: str,
+    bad_input_field: str,
+    not_found: tuple[str, str] | None,
+) -> Exception:
+    message = str(getattr(exc, "message", None) or exc)
     if code in _UNAVAILABLE:
-        return Unavailable(f"MLflow's store is unavailable: {str(message)[:300]}")
-    if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST") and bad_request_field:
-        return InvalidArgument(bad_request_field, str(message)[:500])
-    return exc  # anything else is unexpected: the interceptor answers INTERNAL and logs it
+        return _unavailable(operation, exc)
+    if code in _BAD_INPUT:
+        field = "page_token" if "page token" in message.lower() else bad_input_field
+        if field:
+            return InvalidArgument(field, message[:500])
+    if code in _NOT_FOUND and not_found is not None:
+        return NotFound(*not_found)
+    if code in _WRONG_STATE:
+        return FailedPrecondition(message[:500])
+    return exc  # anything else is unexpected: the interceptor logs it and answers INTERNAL
+
+
+def _unavailable(operation: str, exc: Exception) -> Unavailable:
+    # The cause (SQL, host names) goes to the log; the caller learns what is down.
+    log.warning("MLflow %s failed: MLflow's store is unavailable: %s", operation, exc)
+    return Unavailable(
+        "MLflow's backend store is busy or unreachable; retry shortly",
+        dependency=MLFLOW,
+        retry_after_s=1.0,
+        operation=operation,
+    )
 
 
 def _token(token: Any) -> str:

@@ -17,10 +17,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from plinth_common.db import Database
 from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from plinth_common.names import check_alias, check_model_name, check_team, check_version
+from plinth_common.paging import check_page_size
 from services.registry.cache import ReadCache
 from services.registry.domain import (
     JOB_ID_TAG,
@@ -36,21 +35,16 @@ from services.registry.domain import (
     PromotionPolicy,
     RegisteredModel,
     Run,
-    check_alias,
     check_artifact_path,
     check_experiment_ids,
-    check_model_name,
-    check_page_size,
     check_policy,
     check_run_id,
     check_tags,
-    check_team,
-    check_version,
     enforce_policy,
     lineage_tags,
     parse_model_uri,
 )
-from services.registry.mlflow_store import MlflowModel, MlflowStore, MlflowVersion
+from services.registry.mlflow_store import MlflowModel, MlflowVersion, Page
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +52,80 @@ _LOCK_STRIPES = 64
 _NAME_PREFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
+class ModelStore(Protocol):
+    """MLflow's tracking and registry store, as the registry uses it (``MlflowStore``).
+
+    Reads return None for a missing object; errors are already Plinth's (Unavailable naming
+    MLflow, InvalidArgument naming the field).
+    """
+
+    async def get_run(self, run_id: str) -> Run | None: ...
+
+    async def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str,
+        max_results: int,
+        page_token: str,
+    ) -> Page: ...
+
+    async def experiment_ids(self) -> list[str]: ...
+
+    async def get_logged_model(self, model_id: str) -> LoggedModel | None: ...
+
+    async def logged_models_of_run(self, run: Run, name: str) -> list[LoggedModel]: ...
+
+    async def get_model(self, name: str) -> MlflowModel | None: ...
+
+    async def create_model(self, name: str, tags: Mapping[str, str]) -> bool: ...
+
+    async def search_models(
+        self, filter_string: str, *, max_results: int, page_token: str
+    ) -> Page: ...
+
+    async def set_model_tag(self, name: str, key: str, value: str) -> None: ...
+
+    async def delete_model_tag(self, name: str, key: str) -> None: ...
+
+    async def get_version(self, name: str, version: str) -> MlflowVersion | None: ...
+
+    async def version_by_alias(self, name: str, alias: str) -> MlflowVersion | None: ...
+
+    async def search_versions(
+        self,
+        filter_string: str,
+        *,
+        max_results: int,
+        page_token: str = "",
+        newest_first: bool = True,
+    ) -> Page: ...
+
+    async def create_version(
+        self, name: str, *, source: str, run_id: str, tags: Mapping[str, str]
+    ) -> MlflowVersion: ...
+
+    async def set_alias(self, name: str, alias: str, version: str) -> None: ...
+
+    async def delete_alias(self, name: str, alias: str) -> None: ...
+
+
 class ModelEvents(Protocol):
-    """Records ``plinth.model.*`` events in the caller's transaction (the outbox)."""
+    """Records ``plinth.model.*`` events (in the outbox, in a short transaction of its own).
 
-    async def version_created(
-        self, session: AsyncSession, version: ModelVersion, *, job_id: str
-    ) -> None: ...
+    Called after the MLflow write it reports, never around it: no transaction is open while
+    MLflow works.
+    """
 
-    async def promoted(self, session: AsyncSession, promotion: Promotion) -> None: ...
+    async def version_created(self, version: ModelVersion, *, job_id: str) -> None: ...
+
+    async def promoted(self, promotion: Promotion) -> None: ...
 
 
 class RegistryService:
     """Runs, registered models, versions, aliases and policies, on MLflow.
 
     Args:
-        db: the registry's own database (outbox and processed events).
         mlflow: MLflow's store.
         events: the ``plinth.model.*`` event recorder.
         cache: answers of hot reads (versions, aliases, searches); dropped on every write made
@@ -85,13 +138,11 @@ class RegistryService:
     def __init__(
         self,
         *,
-        db: Database,
-        mlflow: MlflowStore,
+        mlflow: ModelStore,
         events: ModelEvents,
         cache: ReadCache,
         facts: ReadCache,
     ) -> None:
-        self._db = db
         self._mlflow = mlflow
         self._events = events
         self._cache = cache
@@ -164,18 +215,16 @@ class RegistryService:
                 )
             finally:
                 self._cache.invalidate()
-            async with self._db.transaction() as session:
-                await self._events.version_created(session, version, job_id="")
+            await self._events.version_created(version, job_id="")
         return version
 
-    async def register_finished_job(
-        self, session: AsyncSession, job: FinishedJob
-    ) -> ModelVersion | None:
+    async def register_finished_job(self, job: FinishedJob) -> ModelVersion | None:
         """Registers the model a finished job logged, if it asked to and succeeded.
 
-        Runs inside the consumer's transaction (which also records the event id). If an
-        earlier delivery created the version in MLflow but crashed before its commit, the
-        version tagged with this job id is found and reused instead of creating another.
+        Idempotent: the version tagged with this job id, if one exists (an earlier delivery
+        registered it, then failed to record its event), is returned instead of creating
+        another. The caller records ``model.version_created`` for the version returned, in the
+        transaction that marks the job's event as processed.
 
         Returns:
             The version (new or found), or None when there was nothing to register.
@@ -204,7 +253,6 @@ class RegistryService:
                     )
             finally:
                 self._cache.invalidate()
-            await self._events.version_created(session, version, job_id=job.job_id)
         log.info(
             "registered %s version %s from job %s (run %s)",
             name,
@@ -353,7 +401,8 @@ class RegistryService:
             f"name = '{name}'", max_results=limit, page_token=page_token
         )
         run_ids = sorted({v.run_id for v in page.items if v.run_id})
-        metrics = dict(zip(run_ids, await asyncio.gather(*(self._metrics(r) for r in run_ids))))
+        found = await asyncio.gather(*(self._metrics(r) for r in run_ids))
+        metrics = dict(zip(run_ids, found, strict=True))
         versions = [
             _compose(
                 v,
@@ -451,12 +500,12 @@ class RegistryService:
             promoted = _compose(found, team=model.team, metrics=metrics, aliases=aliases)
             promotion = Promotion(version=promoted, alias=alias, previous_version=previous)
             try:
-                # The alias moves inside the outbox transaction: if MLflow refuses, no event.
-                async with self._db.transaction() as session:
-                    await self._mlflow.set_alias(name, alias, version)
-                    await self._events.promoted(session, promotion)
+                await self._mlflow.set_alias(name, alias, version)
             finally:
                 self._cache.invalidate()
+            # After the move, not around it: if MLflow refuses, no event. If recording fails,
+            # the caller sees the error and its retry (same alias, same version) records it.
+            await self._events.promoted(promotion)
         log.info("%s@%s -> version %s (was %s)", name, alias, version, previous or "unset")
         return promotion
 

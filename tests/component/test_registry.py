@@ -23,6 +23,7 @@ from plinth.registry.v1 import registry_pb2_grpc
 from plinth_common.events import CloudEvent, EventBus, new_event
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
+from plinth_common.rich_status import details_of
 from services.registry.app import RegistryApp, RegistrySettings
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
 from tests.helpers import EventRecorder, eventually, service_env
@@ -309,29 +310,25 @@ async def test_crash_between_mlflow_write_and_commit_does_not_register_twice(
 ) -> None:
     name = unique("crash")
     run_id = await registry.train({"rmse": 52.0})
-    real = registry.app.service._events
+    real = registry.app.events.add_version_created
     crashes: list[str] = []
 
-    class CrashOnce:
+    async def crash_once(session: Any, version: Any, *, job_id: str) -> None:
         """Fails the first version_created: MLflow has the version, the transaction rolls back."""
+        if version.name == name and not crashes:
+            crashes.append(version.version)
+            raise RuntimeError("simulated crash before commit")
+        await real(session, version, job_id=job_id)
 
-        async def version_created(self, session: Any, version: Any, *, job_id: str) -> None:
-            if version.name == name and not crashes:
-                crashes.append(version.version)
-                raise RuntimeError("simulated crash before commit")
-            await real.version_created(session, version, job_id=job_id)
-
-        async def promoted(self, session: Any, promotion: Any) -> None:
-            await real.promoted(session, promotion)
-
-    monkeypatch.setattr(registry.app.service, "_events", CrashOnce())
+    monkeypatch.setattr(registry.app.events, "add_version_created", crash_once)
     async with EventRecorder(nats_server.url) as recorder:
         job = finished(name, run_id)
         await registry.job_finished(job)
         created = await eventually(
             lambda: _async(events_of(recorder, name, "plinth.model.version_created")), timeout=30
         )
-        await asyncio.sleep(0.5)  # room for any stray second registration to show
+    # The event was published, so the delivery that recorded it committed the processed-event
+    # row with it: any later delivery is a duplicate that registers nothing.
     assert crashes == ["1"], "the first delivery must have created the version, then failed"
     assert [v.version for v in await registry.versions(name)] == ["1"]
     assert len(events_of(recorder, name, "plinth.model.version_created")) == 1
@@ -497,8 +494,15 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
     error = await rpc_error(set_alias(bad.version))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error.details() == "policy rule rmse < 60 does not hold: rmse = 63.2"
+    rich = details_of(error.trailing_metadata())
+    assert (rich.reason, rich.metadata.get("rule"), rich.metadata.get("value")) == (
+        "POLICY_VIOLATION",
+        "rmse < 60",
+        "63.2",
+    )
     error = await rpc_error(set_alias(good.version, approved=False))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "approval" in error.details()
+    assert details_of(error.trailing_metadata()).reason == "APPROVAL_REQUIRED"
     error = await rpc_error(
         registry.stub.SetAlias(
             pb.SetAliasRequest(

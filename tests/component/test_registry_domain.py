@@ -7,13 +7,12 @@ import asyncio
 import pytest
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument
+from plinth_common.names import check_alias, check_model_name
 from services.registry.cache import ReadCache
 from services.registry.domain import (
     PolicyRule,
     PromotionPolicy,
-    check_alias,
     check_artifact_path,
-    check_model_name,
     check_tags,
     enforce_policy,
     parse_model_uri,

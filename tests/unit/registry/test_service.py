@@ -1,0 +1,265 @@
+"""The registry service with a fake MLflow store and an event recorder: registration from jobs,
+ownership, promotion ordering under a policy, and errors naming what is wrong."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from plinth_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from services.registry.cache import ReadCache
+from services.registry.domain import FinishedJob, PolicyRule, PromotionPolicy
+from services.registry.service import RegistryService
+from tests.unit.registry.fakes import FakeMlflow, RecordedEvents
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+RUN_A, RUN_B, RUN_C = "a" * 32, "b" * 32, "c" * 32
+
+
+@pytest.fixture
+def mlflow() -> FakeMlflow:
+    fake = FakeMlflow()
+    fake.add_run(RUN_A, {"rmse": 55.0})
+    fake.add_run(RUN_B, {"rmse": 63.2})
+    fake.add_run(RUN_C, {"rmse": 41.0})
+    return fake
+
+
+@pytest.fixture
+def events() -> RecordedEvents:
+    return RecordedEvents()
+
+
+@pytest.fixture
+def service(mlflow: FakeMlflow, events: RecordedEvents) -> RegistryService:
+    return RegistryService(
+        mlflow=mlflow, events=events, cache=ReadCache(ttl_s=60.0), facts=ReadCache(ttl_s=60.0)
+    )
+
+
+def job(job_id: str, run_id: str, *, name: str = "diabetes", team: str = "ml") -> FinishedJob:
+    return FinishedJob(
+        job_id=job_id,
+        team=team,
+        succeeded=True,
+        register_as=name,
+        mlflow_run_id=run_id,
+        model_uri=f"runs:/{run_id}/model",
+        entrypoint=("python", "train.py"),
+    )
+
+
+async def register_three(service: RegistryService) -> None:
+    for run_id in (RUN_A, RUN_B, RUN_C):
+        await service.create_version(name="diabetes", team="ml", run_id=run_id)
+
+
+# -- registration ---------------------------------------------------------------------------
+
+
+async def test_a_finished_job_registers_once_however_often_it_is_handled(
+    service: RegistryService, mlflow: FakeMlflow, events: RecordedEvents
+) -> None:
+    first = await service.register_finished_job(job("j-1", RUN_A))
+    again = await service.register_finished_job(job("j-1", RUN_A))
+    assert first is not None and again is not None
+    assert (first.version, again.version) == ("1", "1")
+    assert [v for (n, v) in mlflow.versions] == ["1"]
+    assert first.team == "ml" and first.tags["plinth.job_id"] == "j-1"
+    assert first.tags["plinth.entrypoint"] == "python train.py"
+    # The consumer records the event for a job, in its own transaction: not the service.
+    assert events.created == []
+
+
+async def test_jobs_that_failed_or_asked_nothing_register_nothing(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    failed = FinishedJob(
+        job_id="j-f", team="ml", succeeded=False, register_as="m", mlflow_run_id=RUN_A, model_uri=""
+    )
+    silent = FinishedJob(
+        job_id="j-s", team="ml", succeeded=True, register_as="", mlflow_run_id=RUN_A, model_uri=""
+    )
+    assert await service.register_finished_job(failed) is None
+    assert await service.register_finished_job(silent) is None
+    assert mlflow.versions == {}
+
+
+async def test_another_teams_model_is_refused_naming_its_owner(
+    service: RegistryService, events: RecordedEvents
+) -> None:
+    await service.create_version(name="diabetes", team="ml", run_id=RUN_A)
+    with pytest.raises(PermissionDenied, match="belongs to team 'ml'") as caught:
+        await service.create_version(name="diabetes", team="nlp", run_id=RUN_B)
+    assert caught.value.details["owner"] == "ml"
+    with pytest.raises(PermissionDenied):
+        await service.register_finished_job(job("j-2", RUN_B, team="nlp"))
+    assert [v.version for v, _ in events.created] == ["1"]
+
+
+async def test_a_run_without_the_named_model_is_not_found(service: RegistryService) -> None:
+    with pytest.raises(NotFound, match=f"runs:/{RUN_A}/other"):
+        await service.create_version(
+            name="diabetes", team="ml", run_id=RUN_A, artifact_path="other"
+        )
+
+
+# -- promotion ------------------------------------------------------------------------------
+
+
+async def test_promotions_report_the_version_they_replace_in_order(
+    service: RegistryService, events: RecordedEvents
+) -> None:
+    await register_three(service)
+    moves = [await service.set_alias(name="diabetes", alias="production", version=v) for v in "123"]
+    assert [(p.version.version, p.previous_version) for p in moves] == [
+        ("1", ""),
+        ("2", "1"),
+        ("3", "2"),
+    ]
+    assert events.promotions == moves, "one event per move, in the order of the moves"
+    assert moves[-1].version.aliases == ("production",)
+    assert (await service.version_by_alias("diabetes", "production")).version == "3"
+
+
+async def test_concurrent_promotions_of_one_model_form_one_chain(
+    service: RegistryService, events: RecordedEvents
+) -> None:
+    await register_three(service)
+    moves = await asyncio.gather(
+        *(service.set_alias(name="diabetes", alias="production", version=v) for v in "123")
+    )
+    # Serialized per model: each move's previous version is the one moved before it, so no two
+    # moves claim to replace the same version and the events tell one consistent history.
+    chain = {p.previous_version: p.version.version for p in moves}
+    assert len(chain) == 3 and "" in chain
+    order = [chain[""]]
+    while order[-1] in chain:
+        order.append(chain[order[-1]])
+    assert order == [p.version.version for p in events.promotions]
+
+
+async def test_moving_an_alias_to_where_it_points_emits_again(
+    service: RegistryService, events: RecordedEvents
+) -> None:
+    await register_three(service)
+    await service.set_alias(name="diabetes", alias="production", version="1")
+    repeat = await service.set_alias(name="diabetes", alias="production", version="1")
+    assert repeat.previous_version == "1" and len(events.promotions) == 2
+
+
+async def test_policy_refusals_carry_their_reason_and_move_nothing(
+    service: RegistryService, mlflow: FakeMlflow, events: RecordedEvents
+) -> None:
+    await register_three(service)
+    policy = PromotionPolicy(
+        rules=(PolicyRule(metric="rmse", op="<", threshold=60),),
+        require_approval=True,
+        aliases=("production",),
+    )
+    await service.set_policy(name="diabetes", policy=policy, team="ml")
+    with pytest.raises(FailedPrecondition) as violation:
+        await service.set_alias(name="diabetes", alias="production", version="2", approved=True)
+    assert violation.value.reason == "POLICY_VIOLATION"
+    assert violation.value.message == "policy rule rmse < 60 does not hold: rmse = 63.2"
+    with pytest.raises(FailedPrecondition) as approval:
+        await service.set_alias(name="diabetes", alias="production", version="1")
+    assert approval.value.reason == "APPROVAL_REQUIRED"
+    assert "set_alias" not in mlflow.calls and events.promotions == []
+    # The policy guards production only.
+    staging = await service.set_alias(name="diabetes", alias="staging", version="2")
+    assert staging.alias == "staging" and len(events.promotions) == 1
+
+
+async def test_the_policy_reads_metrics_fresh_not_from_the_cache(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    await register_three(service)
+    policy = PromotionPolicy(rules=(PolicyRule(metric="rmse", op="<", threshold=60),))
+    await service.set_policy(name="diabetes", policy=policy)
+    assert (await service.get_version("diabetes", "1")).metrics == {"rmse": 55.0}  # now cached
+    mlflow.add_run(RUN_A, {"rmse": 70.0})  # the run was updated behind the registry's back
+    with pytest.raises(FailedPrecondition, match="rmse = 70"):
+        await service.set_alias(name="diabetes", alias="production", version="1")
+
+
+async def test_only_the_owning_team_moves_aliases(service: RegistryService) -> None:
+    await register_three(service)
+    with pytest.raises(PermissionDenied, match="belongs to team 'ml', not 'nlp'"):
+        await service.set_alias(name="diabetes", alias="production", version="1", team="nlp")
+    with pytest.raises(NotFound, match="diabetes/9"):
+        await service.set_alias(name="diabetes", alias="production", version="9")
+
+
+async def test_no_event_when_mlflow_refuses_the_move(
+    service: RegistryService, mlflow: FakeMlflow, events: RecordedEvents
+) -> None:
+    await register_three(service)
+    real = mlflow.set_alias
+
+    async def refuse(name: str, alias: str, version: str) -> None:
+        raise Unavailable("MLflow's backend store is busy or unreachable", dependency="MLflow")
+
+    mlflow.set_alias = refuse  # type: ignore[method-assign]
+    with pytest.raises(Unavailable) as caught:
+        await service.set_alias(name="diabetes", alias="production", version="1")
+    assert caught.value.dependency == "MLflow" and events.promotions == []
+    mlflow.set_alias = real  # type: ignore[method-assign]
+    assert (await service.set_alias(name="diabetes", alias="production", version="1")).version
+
+
+async def test_reads_answer_unavailable_naming_mlflow_when_it_is_down(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    mlflow.down = True
+    with pytest.raises(Unavailable) as caught:
+        await service.get_version("diabetes", "1")
+    assert caught.value.dependency == "MLflow" and caught.value.reason == "DEPENDENCY_UNAVAILABLE"
+
+
+# -- names and paging -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s: s.version_by_alias("diabetes", "latest"), "alias"),
+        (lambda s: s.version_by_alias("diabetes", "v2"), "alias"),
+        (lambda s: s.get_version("../etc", "1"), "name"),
+        (lambda s: s.get_version("diabetes", "01"), "version"),
+        (lambda s: s.list_versions("diabetes", page_size=201, page_token=""), "page_size"),
+        (lambda s: s.list_versions("diabetes", page_size=0, page_token="garbage"), "page_token"),
+        (lambda s: s.create_version(name="m", team="ML", run_id=RUN_A), "team"),
+        (lambda s: s.create_version(name="m", team="ml", run_id="../r"), "run_id"),
+        (
+            lambda s: s.set_alias(name="diabetes", alias="latest", version="1"),
+            "alias",
+        ),
+    ],
+    ids=[
+        "reserved-alias",
+        "version-alias",
+        "path-name",
+        "zero-padded-version",
+        "page-too-big",
+        "foreign-token",
+        "upper-case-team",
+        "path-run-id",
+        "set-reserved-alias",
+    ],
+)
+async def test_bad_names_are_refused_naming_the_field(
+    service: RegistryService, mlflow: FakeMlflow, call: object, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await call(service)  # type: ignore[operator]
+    assert caught.value.field == field
+    assert mlflow.calls == [], "refused before MLflow is asked"
