@@ -41,22 +41,22 @@ from services.features.domain import (
 )
 from services.features.feast_engine import FeastEngine
 from services.features.feast_errors import translated
+from services.features.feast_history import join_keys_of, point_in_time_join
 from services.features.feast_online import OnlinePlanner, OnlineReader
+from services.features.feast_push import push_frame
+from services.features.feast_sources import check_source, check_sources, source_warnings
 from services.features.repository import DefinitionFiles, RepositoryFolder, load_repo_contents
 from services.features.tables import check_entity_frame, decode_table, encode_table
 
 if TYPE_CHECKING:
     import feast
-    import pandas as pd
-    import pyarrow as pa
     from feast.repo_contents import RepoContents
 
-__all__ = ["FeastAdapter", "file_source_problem"]
+__all__ = ["FeastAdapter"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ROW_ORDER_COLUMN = "__plinth_row"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # sys.stdout is process-wide: one captured Feast call at a time.
 _OUTPUT_LOCK = threading.Lock()
@@ -156,7 +156,7 @@ class FeastAdapter:
                 self._batch, lambda: load_repo_contents(staging, project=store.project)
             )
             warnings = await self._in(
-                self._batch, lambda: _source_warnings(store, contents.data_sources)
+                self._batch, lambda: source_warnings(store, contents.data_sources)
             )
         except BaseException:
             await self._in(self._batch, lambda: self._folder.discard(staging))
@@ -280,7 +280,8 @@ class FeastAdapter:
         Raises:
             InvalidArgument: a missing, unknown or mistyped column (named).
             NotFound: an unknown push source.
-            FailedPrecondition: the push source feeds no view.
+            FailedPrecondition: the push source feeds no view, or (``to_offline``) its batch
+                source cannot be read.
             Unavailable: the online store cannot be reached.
         """
         store = self._store()
@@ -288,7 +289,10 @@ class FeastAdapter:
         def write() -> int:
             from feast.data_source import PushMode
 
-            frame = _push_frame(store, push_source, rows)
+            frame = push_frame(store, push_source, rows)
+            if to_offline:
+                source: Any = store.get_data_source(push_source)  # a PushSource: push_frame checked
+                check_source(store, source.batch_source)
             store.push(
                 push_source,
                 frame,
@@ -319,11 +323,11 @@ class FeastAdapter:
         names = [f"{view}:{feature}" for view, feature in refs]
 
         def retrieve() -> HistoricalResult:
-            join_keys = _join_keys_of(store, refs)
+            join_keys = join_keys_of(store, refs)
             table = decode_table(entity_table, table_format)
             frame = table.to_pandas()
             check_entity_frame(frame, join_keys, timestamp_column=ENTITY_TIMESTAMP_COLUMN)
-            result = _point_in_time_join(
+            result = point_in_time_join(
                 store, table, frame, list(join_keys), names, full_feature_names
             )
             return HistoricalResult(
@@ -409,75 +413,6 @@ def _apply(store: feast.FeatureStore, contents: RepoContents) -> tuple[str, ...]
     return tuple(f"{type(o).__name__}:{o.name}" for o in to_delete if not o.name.startswith("__"))
 
 
-def file_source_problem(uri: str, *, columns: Sequence[str] = ()) -> str | None:
-    """Why Feast's file offline store could not read a Parquet source, or None when it can.
-
-    Args:
-        uri: the source's resolved path or URI.
-        columns: columns the source must have (its timestamp fields).
-    """
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    try:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError):
-        filesystem, path = pafs.LocalFileSystem(), uri
-    try:
-        info = filesystem.get_file_info(path)
-    except OSError as exc:
-        return f"cannot check {uri}: {exc}"
-    if info.type == pafs.FileType.NotFound:
-        return f"{uri} does not exist"
-    try:
-        schema = pq.ParquetDataset(path, filesystem=filesystem).schema
-    except (OSError, ValueError) as exc:
-        return f"{uri} is not readable as Parquet: {exc}"
-    missing = [c for c in columns if c and c not in schema.names]
-    if missing:
-        return f"{uri} has no column {', '.join(map(repr, missing))}"
-    return None
-
-
-def _source_problem(store: feast.FeatureStore, source: Any) -> str | None:
-    from feast import FileSource
-    from feast.data_format import DeltaFormat
-
-    if not isinstance(source, FileSource) or isinstance(source.file_format, DeltaFormat):
-        return None  # only Parquet files are checked; other stores check themselves
-    uri = FileSource.get_uri_for_file_path(store.config.repo_path, source.path)
-    return file_source_problem(
-        uri, columns=[source.timestamp_field, source.created_timestamp_column]
-    )
-
-
-def _source_warnings(store: feast.FeatureStore, sources: Sequence[Any]) -> list[str]:
-    """One sentence per data source that Feast will fail to read when it is used."""
-    warnings = []
-    for source in sources:
-        problem = _source_problem(store, source)
-        if problem is not None:
-            warnings.append(
-                f"data source {source.name!r} cannot be read: {problem}; "
-                "materialization and historical retrieval from it will fail"
-            )
-    return warnings
-
-
-def _check_sources(store: feast.FeatureStore, views: Sequence[Any]) -> None:
-    """Raises FailedPrecondition for a view whose batch source cannot be read."""
-    for view in views:
-        source = getattr(view, "batch_source", None)
-        if source is None:
-            continue
-        problem = _source_problem(store, source)
-        if problem is not None:
-            raise FailedPrecondition(
-                f"feature view {view.name!r}: its data source {source.name!r} cannot be read: "
-                f"{problem}"
-            )
-
-
 def _view_info(view: Any) -> FeatureViewInfo:
     from feast.data_source import PushSource
 
@@ -510,7 +445,7 @@ def _views_to_materialize(store: feast.FeatureStore, names: Sequence[str]) -> tu
     except ValueError as exc:
         # Feast's words for a view that is not materialized (online=False, no batch source).
         raise FailedPrecondition(str(exc)) from None
-    _check_sources(store, views)
+    check_sources(store, views)
     return tuple(v.name for v in views)
 
 
@@ -548,191 +483,3 @@ def _incremental_starts(
             start = now - timedelta(weeks=52)
         starts.append(start if start.tzinfo else start.replace(tzinfo=UTC))
     return starts
-
-
-def _join_keys_of(store: feast.FeatureStore, parsed: Sequence[FeatureRef]) -> dict[str, Any]:
-    """Join key -> ValueType of the referenced views; NotFound for unknown views or features."""
-    from feast import FeatureView
-    from feast.errors import FeatureViewNotFoundException
-
-    keys: dict[str, Any] = {}
-    views = []
-    for view_name, feature in parsed:
-        try:
-            view = store.registry.get_any_feature_view(
-                view_name.split("@")[0], store.project, allow_cache=True
-            )
-        except FeatureViewNotFoundException:
-            raise NotFound("feature view", view_name) from None
-        if feature not in {f.name for f in view.features}:
-            raise NotFound("feature", f"{view_name}:{feature}")
-        if isinstance(view, FeatureView):
-            views.append(view)
-            for column in view.entity_columns:
-                keys[view.projection.join_key_map.get(column.name, column.name)] = (
-                    column.dtype.to_value_type()
-                )
-    _check_sources(store, views)
-    return keys
-
-
-def _point_in_time_join(
-    store: feast.FeatureStore,
-    table: pa.Table,
-    frame: pd.DataFrame,
-    join_keys: list[str],
-    refs: list[str],
-    full_feature_names: bool,
-) -> pa.Table:
-    """Feast's historical retrieval, made total: every entity row comes back, in order.
-
-    Feast's file offline store drops an entity row that has no feature row inside its window
-    and collapses repeated (keys, timestamp) rows; so Feast gets the distinct (keys, timestamp)
-    rows and its answer is left-joined back onto the entity table: a row without a match gets
-    nulls, as point-in-time semantics require.
-    """
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    on = [*join_keys, ENTITY_TIMESTAMP_COLUMN]
-    if _ROW_ORDER_COLUMN in frame.columns:
-        raise InvalidArgument(f"entity_table.{_ROW_ORDER_COLUMN}", "reserved column name")
-    utc = pd.to_datetime(frame[ENTITY_TIMESTAMP_COLUMN], utc=True)
-    frame = frame.assign(**{ENTITY_TIMESTAMP_COLUMN: utc})
-    distinct = frame.drop_duplicates(subset=on, ignore_index=True)
-    job = store.get_historical_features(
-        entity_df=distinct, features=refs, full_feature_names=full_feature_names
-    )
-    found = job.to_arrow()
-    added = [c for c in found.column_names if c not in distinct.columns]
-    for name in added:
-        if name in table.column_names:
-            raise InvalidArgument(
-                f"entity_table.{name}", "collides with a requested feature's column; rename it"
-            )
-    left = pa.Table.from_pandas(frame[on], preserve_index=False)
-    left = left.append_column(_ROW_ORDER_COLUMN, pa.array(range(len(frame)), pa.int64()))
-    right = found.select([*on, *added])
-    for i, name in enumerate(on):  # Feast may widen keys and timestamps; join on the caller's types
-        right = right.set_column(i, name, pc.cast(right.column(name), left.schema.field(name).type))
-    joined = left.join(right, keys=on, join_type="left outer").sort_by(_ROW_ORDER_COLUMN)
-    result = table
-    for name in added:
-        result = result.append_column(joined.schema.field(name), joined.column(name))
-    return result
-
-
-def _push_frame(
-    store: feast.FeatureStore, push_source: str, rows: Sequence[Mapping[str, Any]]
-) -> pd.DataFrame:
-    """The rows as a DataFrame typed by the schemas of the views the push source feeds."""
-    import pandas as pd
-    from feast.data_source import PushSource
-    from feast.errors import DataSourceObjectNotFoundException
-
-    try:
-        source = store.get_data_source(push_source)
-    except DataSourceObjectNotFoundException:
-        raise NotFound("push source", push_source) from None
-    if not isinstance(source, PushSource):
-        raise InvalidArgument(
-            "push_source", f"{push_source!r} is a {type(source).__name__}, not a push source"
-        )
-    views = [
-        v
-        for v in store.list_feature_views(allow_cache=True)
-        if v.stream_source is not None and v.stream_source.name == push_source
-    ]
-    if not views:
-        raise FailedPrecondition(f"push source {push_source!r} feeds no feature view")
-    columns: dict[str, Any] = {}
-    for view in views:
-        for f in [*view.entity_columns, *view.features]:
-            columns.setdefault(f.name, f.dtype.to_value_type())
-    batch = source.batch_source
-    timestamp_field = (
-        batch.timestamp_field
-        if batch is not None and batch.timestamp_field
-        else ENTITY_TIMESTAMP_COLUMN
-    )
-    created_field = batch.created_timestamp_column if batch is not None else ""
-    join_keys = {c.name for v in views for c in v.entity_columns}
-
-    now = datetime.now(UTC)
-    data: dict[str, list[Any]] = {name: [] for name in columns}
-    stamps: list[datetime] = []
-    for i, row in enumerate(rows):
-        for key in row:
-            if key not in columns and key != timestamp_field:
-                raise InvalidArgument(
-                    f"rows[{i}].{key}", f"not a column of the views {push_source!r} feeds"
-                )
-        for name, value_type in columns.items():
-            where = f"rows[{i}].{name}"
-            value = row.get(name)
-            if value is None and name in join_keys:
-                raise InvalidArgument(where, f"join key {name!r} is missing")
-            data[name].append(_typed(value, value_type, where))
-        stamps.append(_timestamp(row.get(timestamp_field), now, f"rows[{i}].{timestamp_field}"))
-    frame = pd.DataFrame(
-        {
-            name: pd.array(values, dtype=_PANDAS_DTYPES.get(columns[name].name, object))
-            for name, values in data.items()
-        }
-    )
-    frame[timestamp_field] = pd.to_datetime(stamps, utc=True)
-    if created_field:
-        frame[created_field] = pd.Timestamp(now)
-    return frame
-
-
-_PANDAS_DTYPES = {
-    "INT64": "Int64",
-    "INT32": "Int32",
-    "FLOAT": "Float32",
-    "DOUBLE": "Float64",
-    "BOOL": "boolean",
-    "STRING": object,
-}
-
-
-def _typed(value: Any, value_type: Any, where: str) -> Any:
-    if value is None:
-        return None
-    kind = value_type.name
-    if kind in ("INT64", "INT32"):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise InvalidArgument(where, f"expected an integer, got {type(value).__name__} {value!r}")
-    if kind in ("FLOAT", "DOUBLE"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise InvalidArgument(where, f"expected a number, got {type(value).__name__} {value!r}")
-    if kind == "STRING":
-        if isinstance(value, str):
-            return value
-        raise InvalidArgument(where, f"expected a string, got {type(value).__name__}")
-    if kind == "BOOL":
-        if isinstance(value, bool):
-            return value
-        raise InvalidArgument(where, f"expected a boolean, got {type(value).__name__}")
-    raise InvalidArgument(where, f"pushing {kind} values is not supported")
-
-
-def _timestamp(value: Any, default: datetime, where: str) -> datetime:
-    if value is None:
-        return default
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), tz=UTC)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidArgument(where, f"not an RFC 3339 timestamp: {value!r}") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    raise InvalidArgument(
-        where, f"expected an RFC 3339 string or epoch seconds, got {type(value).__name__}"
-    )

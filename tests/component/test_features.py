@@ -261,16 +261,18 @@ async def test_apply_refuses_oversized_uploads_and_broken_code_keeping_the_previ
 
 MISSING_SOURCE = b"""
 from datetime import timedelta
-from feast import FeatureView, Field, FileSource
+from feast import FeatureView, Field, FileSource, PushSource
 from feast.types import Float32, Int64
 from driver_repo import driver
 
 missing_source = FileSource(name="missing_source", path="data/not_generated.parquet",
                             timestamp_field="event_timestamp")
+schema = [Field(name="driver_id", dtype=Int64), Field(name="conv_rate", dtype=Float32)]
 driver_missing = FeatureView(name="driver_missing", entities=[driver], ttl=timedelta(days=1),
-                             schema=[Field(name="driver_id", dtype=Int64),
-                                     Field(name="conv_rate", dtype=Float32)],
-                             source=missing_source)
+                             schema=schema, source=missing_source)
+missing_push = PushSource(name="missing_push", batch_source=missing_source)
+driver_missing_fresh = FeatureView(name="driver_missing_fresh", entities=[driver],
+                                   ttl=timedelta(days=1), schema=schema, source=missing_push)
 """
 
 
@@ -289,6 +291,16 @@ async def test_apply_warns_of_a_source_it_cannot_read_and_materialize_names_it(
         details = await expect_error(
             features.stub.Materialize(window_request(feature_views=["driver_missing"])),
             grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert "'missing_source'" in details and "does not exist" in details
+
+        row = struct_pb2.Struct()
+        row.update({"driver_id": 1001, "conv_rate": 0.5})
+        online_only = pb.PushFeaturesRequest(push_source="missing_push", rows=[row])
+        assert (await features.stub.PushFeatures(online_only)).rows == 1
+        offline = pb.PushFeaturesRequest(push_source="missing_push", rows=[row], to_offline=True)
+        details = await expect_error(
+            features.stub.PushFeatures(offline), grpc.StatusCode.FAILED_PRECONDITION
         )
         assert "'missing_source'" in details and "does not exist" in details
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from services.features.feast_adapter import file_source_problem
+from services.features.feast_sources import file_source_problem
 
 
 def test_a_missing_file_is_named_with_the_path_looked_at(tmp_path: Path) -> None:
