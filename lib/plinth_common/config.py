@@ -84,6 +84,7 @@ class CommonSettings:
         port: the gRPC port.
         database_url: SQLAlchemy async URL of the service's own store.
         log_level: logging level name.
+        log_dir: the one folder for the logs of every process of the platform, engines too.
     """
 
     service: str
@@ -93,6 +94,7 @@ class CommonSettings:
     port: int
     database_url: str
     log_level: str
+    log_dir: Path
 
     @classmethod
     def from_env(cls, service: str, env: Env | None = None) -> CommonSettings:
@@ -109,6 +111,7 @@ class CommonSettings:
             port=env.int(prefix + "PORT", DEFAULT_PORTS[service]),
             database_url=env.str(prefix + "DATABASE_URL", default_db),
             log_level=env.str("PLINTH_LOG_LEVEL", "INFO"),
+            log_dir=env.path("PLINTH_LOG_DIR", data_dir / "logs"),
         )
 
     @property
