@@ -74,7 +74,7 @@ async def test_train_register_promote_deploy_infer(
         )
         await asyncio.to_thread(plinth.models.promote, MODEL, version.version)
         deployment = await asyncio.to_thread(
-            plinth.deployments.wait_ready, MODEL, 180, version=version.version
+            plinth.deployments.wait_ready, MODEL, timeout=180, version=version.version
         )
         assert deployment.serving_version == version.version
 
