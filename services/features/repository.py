@@ -257,7 +257,8 @@ def _load(folder: Path, path: Path) -> Any:
         if all(p.isidentifier() for p in parts):
             return importlib.import_module(".".join(parts))
         spec = importlib.util.spec_from_file_location(f"_plinth_repo_{uuid.uuid4().hex}", path)
-        assert spec is not None and spec.loader is not None
+        if spec is None or spec.loader is None:
+            raise InvalidArgument(_field(str(relative)), "cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

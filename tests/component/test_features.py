@@ -8,6 +8,7 @@ the same repository.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -180,6 +181,31 @@ driver_extra = FeatureView(name="driver_extra", entities=[driver], ttl=timedelta
     assert stats.ttl_seconds == timedelta(days=2).total_seconds() and stats.online
     assert stats.batch_source == "driver_hourly_stats_source"
     assert by_name["driver_hourly_stats_fresh"].push_source == "driver_stats_push_source"
+
+
+async def test_feasts_output_goes_to_the_log_and_its_registry_refreshes_stay_quiet(
+    features: Features, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    view = b"""
+from datetime import timedelta
+from feast import FeatureView, Field
+from feast.types import Float32
+from driver_repo import driver, driver_stats_source
+
+driver_logged = FeatureView(name="driver_logged", entities=[driver], ttl=timedelta(days=1),
+                            schema=[Field(name="conv_rate", dtype=Float32)], source=driver_stats_source)
+"""
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        await features.stub.ApplyRepository(
+            pb.ApplyRepositoryRequest(files={**definition_files(), "logged.py": view})
+        )
+        await features.stub.ApplyRepository(pb.ApplyRepositoryRequest(files=definition_files()))
+    printed = capsys.readouterr()
+    assert "driver_logged" not in printed.out + printed.err
+    messages = [r.getMessage() for r in caplog.records]
+    assert "feast: Created feature view driver_logged" in messages
+    assert not logging.getLogger("feast.infra.registry.registry").isEnabledFor(logging.INFO)
 
 
 @pytest.mark.parametrize(
