@@ -45,7 +45,7 @@ def online_store(tmp_path: Path) -> Iterator[Path]:
 class Worker:
     """run_blocking that counts the reads sent to a worker thread."""
 
-    def __init__(self, before: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, before: Callable[[], object] = lambda: None) -> None:
         self.calls = 0
         self._before = before
 
