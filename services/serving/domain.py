@@ -346,6 +346,12 @@ def rollout_failed(d: Deployment, version: str, reason: str, *, at: datetime) ->
     return d.changed(at, **changes)
 
 
+def postponed(d: Deployment, version: str, reason: str, *, at: datetime) -> Deployment:
+    """The deployment after the model server was down while ``version`` loaded: still LOADING
+    (the rollout runs again once the server answers), saying why."""
+    return d.changed(at, loading_version="", last_error=f"v{version}: {reason}"[:MAX_REASON])
+
+
 def settled(d: Deployment, *, at: datetime) -> Deployment:
     """The deployment with no load in progress (a load that ended without a switch)."""
     return d.changed(at, loading_version="")

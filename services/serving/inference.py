@@ -25,12 +25,12 @@ from plinth_common.errors import InvalidArgument, NotFound, PlinthError, Unavail
 from plinth_common.grpc_server import UpstreamStatus
 from plinth_common.rich_status import details_of
 from services.serving.domain import Route
+from services.serving.triton.client import ENGINE, engine_unavailable
 from services.serving.triton.repository import deployment_of
 
 SERVICE = "inference.GRPCInferenceService"
 METHODS = ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer")
-#: What ``ErrorInfo.metadata['dependency']`` names when Triton does not answer.
-ENGINE = "serving engine"
+__all__ = ["ENGINE", "METHODS", "SERVICE", "InferenceProxy", "check_request", "model_suffix"]
 # Words that look like a Triton model name (``<deployment>__v<version>``) inside a message.
 _INTERNAL_NAME = re.compile(r"\b[-a-z0-9]+__v[0-9]+\b")
 # How long the liveness question after a failed call may take: loopback, or Triton is down.
@@ -131,16 +131,6 @@ def _public(message: str, route: Route) -> str:
     return _INTERNAL_NAME.sub(
         lambda m: route.deployment if deployment_of(m.group(0)) == route.deployment else "model",
         message,
-    )
-
-
-def engine_unavailable() -> Unavailable:
-    """The error for a call that Triton did not answer because it is down."""
-    return Unavailable(
-        "the serving engine (Triton) is not answering; retry in a few seconds, and if it "
-        "lasts, Triton is down (the serving service's log says why)",
-        dependency=ENGINE,
-        retry_after_s=2.0,
     )
 
 

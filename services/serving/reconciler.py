@@ -9,7 +9,8 @@ wins, and stale versions are never switched to. A failed load leaves the old ver
 
 A new deployment's worker first asks the registry where its alias points. A registry that cannot
 answer is asked again later (exponential back-off with jitter, per deployment, without holding
-the worker); a registry that refuses the question leaves the deployment FAILED.
+the worker); a registry that refuses the question leaves the deployment FAILED. Likewise a load
+that finds the model server down is tried again after a back-off instead of failing the version.
 
 The decisions themselves are the pure functions of :mod:`services.serving.domain`; this module
 runs them against the store, the registry, the artifact store and the model server. No network
@@ -100,7 +101,8 @@ class Reconciler:
             requests already routed to it reach Triton before it goes.
         reconcile_interval_s: how often to look for work without a wake-up.
         max_parallel_rollouts: rollouts that may download and load at the same time.
-        backoff: when to ask an unreachable registry again.
+        backoff: when to ask an unreachable registry again, or to load again on a model server
+            that was down (one schedule each, with these settings).
         clock: monotonic seconds (the back-off's time).
     """
 
@@ -130,7 +132,9 @@ class Reconciler:
         self._unload_grace_s = unload_grace_s
         self._reconcile_interval_s = reconcile_interval_s
         self._parallel = asyncio.Semaphore(max_parallel_rollouts)
-        self._backoff = backoff or Backoff()
+        schedule = backoff or Backoff()
+        self._lookup_backoff = schedule
+        self._engine_backoff = Backoff(initial_s=schedule.initial_s, max_s=schedule.max_s)
         self._clock = clock
         self._routes: dict[str, Route] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -151,7 +155,8 @@ class Reconciler:
         """After a deployment was deleted: stops its traffic at once, then waits (at most
         ``timeout_s``) until its worker has unloaded its models."""
         self._routes.pop(name, None)
-        self._backoff.forget(name)
+        self._lookup_backoff.forget(name)
+        self._engine_backoff.forget(name)
         # The deployment's worker owns its Triton models; once it sees the row gone it unloads
         # them (after a load in progress ends).
         worker = self._ensure_worker(name)
@@ -216,7 +221,13 @@ class Reconciler:
             pending = await self._store.needing_work(session)
         now = self._clock()
         for d in pending:
-            if d.lookup_pending and not d.needs_rollout and self._backoff.waiting(d.name, now):
+            if (
+                d.lookup_pending
+                and not d.needs_rollout
+                and self._lookup_backoff.waiting(d.name, now)
+            ):
+                continue
+            if d.needs_rollout and self._engine_backoff.waiting(d.name, now):
                 continue
             self._ensure_worker(d.name)
 
@@ -293,7 +304,7 @@ class Reconciler:
                 d.alias,
                 refusal,
             )
-            self._backoff.forget(name)
+            self._lookup_backoff.forget(name)
             await self._update_pending(
                 name, lambda cur: domain.lookup_refused(cur, refusal, at=domain.now())
             )
@@ -302,7 +313,7 @@ class Reconciler:
             log.exception("deployment %s: asking the registry failed", name)
             self._retry_lookup_later(name, domain.reason_of(exc))
             return
-        self._backoff.forget(name)
+        self._lookup_backoff.forget(name)
         traceparent = _traceparent()
         changed = await self._update_pending(
             name,
@@ -319,7 +330,7 @@ class Reconciler:
             )
 
     def _retry_lookup_later(self, name: str, reason: str) -> None:
-        delay = self._backoff.failed(name, self._clock())
+        delay = self._lookup_backoff.failed(name, self._clock())
         log.warning(
             "deployment %s: cannot ask the registry (%s); retrying in %.0fs", name, reason, delay
         )
@@ -353,6 +364,8 @@ class Reconciler:
                     if d.loading_version:
                         await self._update(name, lambda cur: domain.settled(cur, at=domain.now()))
                     return
+                if self._engine_backoff.waiting(name, self._clock()):
+                    return  # the model server was down; the reconciler starts it again later
                 async with self._parallel:
                     await self._roll_out(d)
         except asyncio.CancelledError:
@@ -386,9 +399,13 @@ class Reconciler:
             await self._models.load(model)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure ends the same way
+        except Unavailable as exc:
+            await self._postpone(name, version, model, exc.message)
+            return
+        except Exception as exc:  # noqa: BLE001 - every other failure ends the same way
             await self._fail(name, version, model, domain.reason_of(exc))
             return
+        self._engine_backoff.forget(name)
         log.info("deployment %s: v%s loaded in %.1fs", name, version, time.monotonic() - began)
         switched = await self._switch(name, version, io)
         if switched is None:
@@ -446,6 +463,22 @@ class Reconciler:
             )
             if saved is not None:
                 await self._events.failed(session, saved, version, reason)
+
+    async def _postpone(self, name: str, version: str, model: str, reason: str) -> None:
+        delay = self._engine_backoff.failed(name, self._clock())
+        log.warning(
+            "deployment %s: v%s waits for the model server (%s); loading again in %.0fs",
+            name,
+            version,
+            reason,
+            delay,
+        )
+        route = self._routes.get(name)
+        if route is None or route.triton_model != model:
+            await self._discard(model)
+        await self._update(
+            name, lambda cur: domain.postponed(cur, version, reason, at=domain.now())
+        )
 
     async def _purge(self, name: str) -> None:
         """Unloads and removes every model of a deleted deployment."""

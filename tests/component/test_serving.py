@@ -754,3 +754,29 @@ async def test_delete_unloads_from_triton(
             [e for e in _events_of(events, "diabetes", TRAFFIC) if not e.traffic_percent]
         )
     )
+
+
+async def test_inference_with_triton_down_names_the_serving_engine(
+    serving: Serving, triton: Triton
+) -> None:
+    """Last in the module: it stops the module's Triton."""
+    client = _client(serving)
+    try:
+        assert (await asyncio.to_thread(_infer, client, "champion", np.zeros((1, 10)))).shape == (
+            1,
+            1,
+        )
+        await triton.process.stop()
+        for call in (
+            lambda: _infer(client, "champion", np.zeros((1, 10))),
+            lambda: client.is_model_ready("champion"),
+        ):
+            with pytest.raises(InferenceServerException) as caught:
+                await asyncio.to_thread(call)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+            assert "serving engine (Triton) is not answering" in caught.value.message()
+    finally:
+        client.close()
+    # What serving knows about the deployment is still there to read.
+    deployment = await serving.stub.GetDeployment(pb.GetDeploymentRequest(name="champion"))
+    assert deployment.serving_version == "1"

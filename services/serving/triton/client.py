@@ -18,6 +18,8 @@ from tenacity import (
 )
 from tritonclient.utils import InferenceServerException
 
+from plinth_common.errors import Unavailable
+
 if TYPE_CHECKING:
     from services.serving.triton.process import TritonProcess
 
@@ -35,8 +37,27 @@ class _NotUp(Exception):
     """Triton did not answer ServerLive (yet)."""
 
 
+#: What ``ErrorInfo.metadata['dependency']`` names when Triton does not answer.
+ENGINE = "serving engine"
+
+
 class ModelLoadError(Exception):
     """Triton could not load a model; the message is Triton's reason."""
+
+
+def engine_unavailable(what: str = "") -> Unavailable:
+    """The error for a call that Triton did not answer because it is down.
+
+    Args:
+        what: what waits for it, appended to the message (e.g. "the rollout resumes then").
+    """
+    return Unavailable(
+        "the serving engine (Triton) is not answering; retry in a few seconds, and if it "
+        "lasts, Triton is down (the serving service's log says why)"
+        + (f"; {what}" if what else ""),
+        dependency=ENGINE,
+        retry_after_s=2.0,
+    )
 
 
 async def triton_is_up(target: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
@@ -118,10 +139,13 @@ class TritonModels:
 
         Raises:
             ModelLoadError: with Triton's reason.
+            Unavailable: Triton does not answer (the load may succeed once it is back).
         """
         try:
             await self._triton.load_model(model, client_timeout=self._load_timeout_s)
         except InferenceServerException as exc:
+            if not await triton_is_up(self._target):
+                raise engine_unavailable("the rollout resumes once it is back") from None
             raise ModelLoadError(_reason(exc)) from None
         if not await self.is_ready(model):
             raise ModelLoadError(f"{model} is not ready after loading")

@@ -85,19 +85,25 @@ class FakeArtifacts:
 @dataclass
 class FakeModelServer:
     """Records loads and unloads. ``failing`` models fail to load with the given reason; loads of
-    ``held`` models wait until their event is set (and report that they started)."""
+    ``held`` models wait until their event is set (and report that they started); while
+    ``down``, every load fails as on a Triton that does not answer."""
 
     loaded: set[str] = field(default_factory=set)
     history: list[tuple[str, str]] = field(default_factory=list)
     failing: dict[str, str] = field(default_factory=dict)
     held: dict[str, asyncio.Event] = field(default_factory=dict)
     started: dict[str, asyncio.Event] = field(default_factory=dict)
+    down: bool = False
 
     async def wait_ready(self, timeout: float = 0.0) -> None:
         return None
 
     async def load(self, model: str) -> None:
         self.history.append(("load", model))
+        if self.down:
+            raise Unavailable(
+                "the serving engine (Triton) is not answering", dependency="serving engine"
+            )
         self.started.setdefault(model, asyncio.Event()).set()
         if model in self.held:
             await self.held[model].wait()

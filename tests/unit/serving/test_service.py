@@ -198,6 +198,30 @@ async def test_a_failed_load_keeps_the_old_version_serving(serving: Serving) -> 
     assert (await serving.service.get("diab")).serving_version == "2"
 
 
+async def test_a_model_server_that_is_down_postpones_the_rollout_instead_of_failing_it(
+    serving: Serving,
+) -> None:
+    await serve(serving, "diab", "1")
+    serving.models.down = True
+    await promote(serving, "2", minute=1)
+    await serving.reconcile()
+    waiting = await serving.service.get("diab")
+    assert waiting.state is DeploymentState.LOADING and waiting.serving_version == "1"
+    assert waiting.failed_version == "" and "serving engine" in waiting.last_error
+    assert serving.events.of("diab", "failed") == []
+    route = serving.service.route("diab")
+    assert route is not None and route.version == "1"
+    loads = len(serving.models.history)
+    await serving.reconcile()
+    assert len(serving.models.history) == loads  # not before the back-off is over
+    serving.models.down = False
+    serving.clock.now += 10.0
+    await serving.reconcile()
+    deployment = await serving.service.get("diab")
+    assert deployment.state is DeploymentState.READY and deployment.serving_version == "2"
+    assert not deployment.last_error
+
+
 async def test_a_source_that_cannot_be_downloaded_fails_the_rollout(serving: Serving) -> None:
     await serving.service.create(spec())
     promotion = Promotion(
