@@ -44,7 +44,9 @@ class UpstreamStatus(errors.PlinthError):
     rich details), as the gateway does for every forwarded call."""
 
     def __init__(self, code: grpc.StatusCode, message: str, *, details: RichDetails) -> None:
-        super().__init__(message, reason=details.reason or None, **details.metadata)
+        super().__init__(message, **details.metadata)
+        # A peer that is not a Plinth server (Triton, a plain gRPC server) sends no reason.
+        self.reason = details.reason
         self.code = code
         self.rich = details
 
@@ -92,17 +94,28 @@ def _trailer(status: status_pb2.Status | bytes) -> tuple[tuple[str, bytes], ...]
     return ((DETAILS_KEY, raw),) if raw else ()
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+def internal_error(where: str) -> errors.PlinthError:
+    """Logs the exception being handled (with its traceback) and returns what the caller gets:
+    INTERNAL with the trace id that finds the log line, never the exception's text or paths.
+
+    Args:
+        where: what failed, for the log (the method, or the HTTP route).
+    """
+    log.exception("unexpected error in %s", where)
+    ctx = trace.get_current_span().get_span_context()
+    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "none"
+    return errors.PlinthError(f"internal error (trace_id {trace_id})", trace_id=trace_id)
+
+
+async def _abort_for(
+    exc: BaseException, context: grpc.aio.ServicerContext, method: str, domain: str | None
+) -> None:
     if isinstance(exc, UpstreamStatus):
         await context.abort(exc.code, exc.message, trailing_metadata=_trailer(exc.rich.raw))
     if not isinstance(exc, errors.PlinthError):
-        log.exception("unexpected error in %s", method)
-        ctx = trace.get_current_span().get_span_context()
-        trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "none"
-        # Internals (exception text, paths) stay in the log; the caller gets a reference to it.
-        exc = errors.PlinthError(f"internal error (trace_id {trace_id})", trace_id=trace_id)
+        exc = internal_error(method)
     code = status_for(exc)
-    status = status_of(exc, code=code, domain=domain_of(method))
+    status = status_of(exc, code=code, domain=domain or domain_of(method))
     await context.abort(code, exc.message, trailing_metadata=_trailer(status))
 
 
@@ -127,7 +140,17 @@ def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps :class:`~plinth_common.errors.PlinthError` to status codes with rich details
     (``ErrorInfo``, ``BadRequest``, ``ResourceInfo``, ``RetryInfo``); anything else to INTERNAL
-    without its text. Requests are decoded inside, so undecodable bytes are INVALID_ARGUMENT."""
+    without its text. Requests are decoded inside, so undecodable bytes are INVALID_ARGUMENT.
+
+    Args:
+        domain: ``ErrorInfo.domain`` of the errors this process raises (``gateway.plinth``);
+            by default derived from the method's package. Set it where a process serves
+            methods of another service's API (the gateway), so that an error the gateway
+            raises itself does not read as the service's own.
+    """
+
+    def __init__(self, *, domain: str | None = None) -> None:
+        self._domain = domain
 
     async def intercept_service(
         self,
@@ -141,23 +164,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         decode = _decoder(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, decode),
+                _wrap_unary(handler.unary_unary, method, decode, self._domain),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, decode),
+                _wrap_stream(handler.unary_stream, method, decode, self._domain),
                 response_serializer=handler.response_serializer,
             )
         # Client streams decode message by message inside grpc; Plinth serves none today.
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, _identity),
+                _wrap_unary(handler.stream_unary, method, _identity, self._domain),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method, _identity),
+            _wrap_stream(handler.stream_stream, method, _identity, self._domain),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -168,7 +191,10 @@ def _identity(request: Any) -> Any:
 
 
 def _wrap_unary(
-    behaviour: Callable[..., Any], method: str, decode: Callable[[Any], Any]
+    behaviour: Callable[..., Any],
+    method: str,
+    decode: Callable[[Any], Any],
+    domain: str | None,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -176,13 +202,16 @@ def _wrap_unary(
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
-            await _abort_for(exc, context, method)
+            await _abort_for(exc, context, method, domain)
 
     return wrapped
 
 
 def _wrap_stream(
-    behaviour: Callable[..., Any], method: str, decode: Callable[[Any], Any]
+    behaviour: Callable[..., Any],
+    method: str,
+    decode: Callable[[Any], Any],
+    domain: str | None,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
@@ -191,7 +220,7 @@ def _wrap_stream(
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001
-            await _abort_for(exc, context, method)
+            await _abort_for(exc, context, method, domain)
 
     return wrapped
 
@@ -209,13 +238,20 @@ class GrpcServer:
         host: address to bind.
         port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
         interceptors: extra interceptors, run after the error mapping.
+        domain: ``ErrorInfo.domain`` of this process's own errors (see
+            :class:`ErrorMappingInterceptor`).
     """
 
     def __init__(
-        self, *, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+        self,
+        *,
+        host: str,
+        port: int,
+        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        domain: str | None = None,
     ) -> None:
         self._server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(), *interceptors],
+            interceptors=[ErrorMappingInterceptor(domain=domain), *interceptors],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),

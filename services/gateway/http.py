@@ -15,12 +15,11 @@ from typing import Any
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as inference_pb2
 from tritonclient.grpc import service_pb2_grpc as inference_grpc
 
 from plinth_common.errors import InvalidArgument, PlinthError
-from plinth_common.grpc_server import UpstreamStatus, status_for, upstream_error
+from plinth_common.grpc_server import UpstreamStatus, internal_error, status_for, upstream_error
 from services.gateway.kserve_json import infer_request_from_json, infer_response_to_json
 
 log = logging.getLogger(__name__)
@@ -65,14 +64,6 @@ def error_response(error: PlinthError) -> web.Response:
     )
 
 
-def _internal(request: web.Request) -> PlinthError:
-    log.exception("unexpected error in %s %s", request.method, request.path)
-    ctx = trace.get_current_span().get_span_context()
-    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "none"
-    # As over gRPC: internals stay in the log, the caller gets a reference to it.
-    return PlinthError(f"internal error (trace_id {trace_id})", trace_id=trace_id)
-
-
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Domain and upstream errors become :func:`error_response`; anything unexpected becomes
@@ -86,7 +77,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except PlinthError as exc:
         return error_response(exc)
     except Exception:  # noqa: BLE001 - the one place that maps every HTTP-side error
-        return error_response(_internal(request))
+        return error_response(internal_error(f"{request.method} {request.path}"))
 
 
 class GatewayHttp:

@@ -169,6 +169,7 @@ async def test_down_upstream_is_unavailable_naming_it_while_the_gateway_serves(
     assert "registry service" in caught.value.details()
     assert details.reason == "DEPENDENCY_UNAVAILABLE"
     assert details.metadata["dependency"] == "registry service"
+    assert details.domain == "gateway.plinth"  # the gateway says so, not the registry
     assert details.retry_after_s is not None and details.retry_after_s > 0
 
     health = health_pb2_grpc.HealthStub(platform.channel)
