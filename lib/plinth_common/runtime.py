@@ -42,7 +42,9 @@ class ServiceRuntime:
         self.settings = settings
         self.db = Database(settings.database_url)
         self.bus = EventBus(settings.nats_url, name=f"plinth-{settings.service}")
-        self.server = GrpcServer(host=settings.host, port=settings.port)
+        self.server = GrpcServer(
+            host=settings.host, port=settings.port, domain=f"{settings.service}.plinth"
+        )
         self.outbox = (
             Outbox(outbox_table, source=f"/plinth/{settings.service}")
             if outbox_table is not None
