@@ -48,12 +48,40 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from bench.common import Latency, machine_line, ms, print_table, rate, ratio
 from plinth.events.v1 import events_pb2
+from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common.events import new_event
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 
 MODEL = "bench-diabetes"
+
+
+class _StandInRegistry(registry_pb2_grpc.RegistryServiceServicer):
+    """What serving asks the registry here: that the model exists, and (before the promotion
+    event arrives) where the alias points. The benchmark measures inference, so the registry
+    service and its MLflow stay out of the measured machine's load."""
+
+    async def SearchModels(
+        self, request: registry_pb2.SearchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.SearchModelsResponse:
+        return registry_pb2.SearchModelsResponse(models=[registry_pb2.RegisteredModel(name=MODEL)])
+
+    async def GetModelVersionByAlias(
+        self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ModelVersion:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no alias yet: the promotion event sets it")
+        raise AssertionError("abort raises")
+
+
+async def _start_registry() -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(_StandInRegistry(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
 # label -> (deployment, max_queue_delay_microseconds, concurrencies measured)
 DEPLOYMENTS = {
     "no batching": ("bench-plain", 0, (1, 32)),
@@ -273,6 +301,7 @@ async def run(quick: bool) -> None:
     serving_port, triton_port = free_tcp_port(), free_tcp_port()
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     process: subprocess.Popen[bytes] | None = None
+    registry, registry_address = await _start_registry()
     try:
         t0 = time.perf_counter()
         await nats_server.start()
@@ -283,7 +312,7 @@ async def run(quick: bool) -> None:
             PLINTH_SERVING_PORT=str(serving_port),
             PLINTH_TRITON_GRPC_PORT=str(triton_port),
             PLINTH_MLFLOW_TRACKING_URI=tracking_uri,
-            PLINTH_REGISTRY_ADDR="127.0.0.1:1",  # no registry: the promotion event says where the alias points
+            PLINTH_REGISTRY_ADDR=registry_address,
             PLINTH_LOG_LEVEL="WARNING",
             PYTHONUNBUFFERED="1",
         )
@@ -398,6 +427,7 @@ async def run(quick: bool) -> None:
                 process.kill()
                 await asyncio.to_thread(process.wait)
         await nats_server.stop()
+        await registry.stop(0)
         shutil.rmtree(work, ignore_errors=True)
 
 
