@@ -26,7 +26,7 @@ run: venv
 # Walks the golden path on a running platform (`make run` in another terminal). The example
 # feature data is generated into the platform's Feast repository first (same machine).
 demo: venv
-	$(BIN)/python -m examples.feature_repo.generate_data "$${PLINTH_DATA_DIR:-.data}/feast/data"
+	$(BIN)/python -m examples.feature_repo.generate_data
 	$(BIN)/python examples/demo.py
 
 test: venv proto-check lint

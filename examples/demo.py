@@ -53,7 +53,7 @@ _DATA_SUFFIXES = (".parquet", ".csv")
 EXAMPLE_ENTITY_IDS: dict[str, list[Any]] = {"driver_id": [1001, 1002]}
 _DATA_HINT = (
     "the example data is written on the server's side by "
-    "`python -m examples.feature_repo.generate_data <feast repository>/data`"
+    "`python -m examples.feature_repo.generate_data`"
 )
 
 _T = TypeVar("_T")
@@ -314,7 +314,7 @@ def materialize(plinth: Plinth, repo: Path, start: datetime, end: datetime) -> M
     try:
         return plinth.features.materialize(start, end)
     except PlinthClientError as err:
-        if "FileNotFoundError" in err.message and (repo / "generate_data.py").is_file():
+        if "cannot be read" in err.message and (repo / "generate_data.py").is_file():
             raise StepFailed(f"{_one_line(err)} ({_DATA_HINT})") from None
         raise
 
