@@ -23,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -259,14 +260,12 @@ def run(plinth: Plinth, args: argparse.Namespace) -> None:
                 "on the server"
             ),
         )
-        try:
+        with contextlib.suppress(Skipped):  # the step printed why it was skipped
             walk.step(
                 "read online features for a couple of entities",
                 lambda: online_features(plinth, applied.feature_views, repo, args.entities, walk),
                 lambda summary: summary,
             )
-        except Skipped:
-            pass
     print(f"Done in {walk.elapsed:.1f}s.", flush=True)
 
 
@@ -332,7 +331,7 @@ def predict(plinth: Plinth, deployment: str, rows: int, walk: Walkthrough) -> st
         raise StepFailed(f"the response has no 'predictions' output, only {sorted(outputs)}")
     predictions = outputs["predictions"].reshape(len(x), -1)[:, 0]
     walk.note("row  prediction  actual")
-    for index, (predicted, actual) in enumerate(zip(predictions, target[:rows])):
+    for index, (predicted, actual) in enumerate(zip(predictions, target[:rows], strict=True)):
         walk.note(f"{index:>3}  {predicted:>10.1f}  {actual:>6.1f}")
     return f"{len(predictions)} predictions in {took * 1000:.1f} ms (one KServe v2 call)"
 
@@ -373,7 +372,9 @@ def online_features(
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
-        walk.note("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        walk.note(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
     present = sum(
         1
         for row in result
