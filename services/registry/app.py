@@ -168,8 +168,9 @@ class RegistryApp:
         )
         await retrying(self._open_store)
         # Consume only once registrations can succeed: earlier they would burn redeliveries.
+        # A registration is several MLflow calls: a batch must finish well within ack_wait.
         consumer = self.runtime.consume(
-            CONSUMER, [JOB_FINISHED], JobFinishedHandler(self.service, self.events)
+            CONSUMER, [JOB_FINISHED], JobFinishedHandler(self.service, self.events), batch=16
         )
         await consumer.start()
         self.ready.set()

@@ -49,6 +49,8 @@ from services.registry.mlflow_store import MlflowModel, MlflowVersion, Page
 log = logging.getLogger(__name__)
 
 _LOCK_STRIPES = 64
+# Each version on a page costs a run lookup for its metrics: a smaller page than elsewhere.
+MAX_VERSIONS_PAGE = 200
 _NAME_PREFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
@@ -169,7 +171,7 @@ class RegistryService:
     ) -> tuple[list[Run], str]:
         """Runs matching an MLflow filter (every active experiment when none is named)."""
         ids = check_experiment_ids(experiment_ids)
-        limit = check_page_size(page_size, default=50, maximum=1000)
+        limit = check_page_size(page_size)
         _check_page_token(page_token)
         if len(filter_string) > 4096:
             raise InvalidArgument("filter", "at most 4096 characters")
@@ -394,7 +396,7 @@ class RegistryService:
     ) -> tuple[list[ModelVersion], str]:
         """A model's versions, newest first."""
         check_model_name(name)
-        limit = check_page_size(page_size, default=50, maximum=200)
+        limit = check_page_size(page_size, maximum=MAX_VERSIONS_PAGE)
         _check_page_token(page_token)
         model = await self._model(name)
         page = await self._mlflow.search_versions(
@@ -423,7 +425,7 @@ class RegistryService:
         if query.team:
             check_team(query.team)
         check_tags(query.tags, allow_reserved=True)
-        limit = check_page_size(page_size, default=50, maximum=500)
+        limit = check_page_size(page_size)
         _check_page_token(page_token)
         key = (
             "search",

@@ -266,7 +266,14 @@ class EventConsumer:
             for d in deliveries:
                 d.record = _in_transaction(handler, d.event, d.payload)
             return deliveries
-        done = await self._recorded([d.event.id for d in deliveries])
+        try:
+            done = await self._recorded([d.event.id for d in deliveries])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store is down: retry each message later
+            for d in deliveries:
+                await self._fail(d.msg, d.span, exc)
+            return []
         # The same id twice in one batch performs once; both copies share its record.
         performed: dict[str, Record | None] = {}
         ready: list[_Delivery] = []
