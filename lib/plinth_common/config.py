@@ -119,6 +119,11 @@ class CommonSettings:
         """The service's own folder under the data dir (created on demand by the app)."""
         return self.data_dir / self.service
 
+    def mlflow_tracking_uri(self, env: Env | None = None) -> str:
+        """The MLflow tracking server jobs log to and models download from
+        (``PLINTH_MLFLOW_TRACKING_URI``)."""
+        return (env or Env()).str("PLINTH_MLFLOW_TRACKING_URI", DEFAULT_MLFLOW_URL)
+
     def address(self, service: str, env: Env | None = None) -> str:
         """The gRPC address of a peer service: ``PLINTH_<PEER>_ADDR`` or the default port."""
         env = env or Env()

@@ -41,10 +41,6 @@ SERVICES = ("registry", "scheduler", "features", "serving", "gateway")
 NATS = "nats-server"
 # Logs that a service's engine writes where the service puts it (the registry's MLflow server,
 # serving's Triton), linked into the logs folder so that it holds every process's log.
-ENGINE_LOGS = {
-    "registry": ("mlflow.log", Path("registry") / "mlflow-server.log"),
-    "serving": ("triton.log", Path("serving") / "triton" / "tritonserver.log"),
-}
 # A service gets this long between SIGTERM and SIGKILL: it drains requests and stops its engine.
 SERVICE_STOP_GRACE_S = 30.0
 
@@ -232,9 +228,11 @@ class LocalPlatform:
 
     def _prepare_logs(self) -> None:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        for service, (name, target) in ENGINE_LOGS.items():
-            if service in self.config.services:
-                _link_log(self.logs_dir / name, self.config.data_dir / target)
+        # Earlier versions linked engine logs here from the services' folders; the services now
+        # write them here themselves, and a stale link would send their writes elsewhere.
+        for entry in self.logs_dir.iterdir():
+            if entry.is_symlink():
+                entry.unlink()
 
     def start_service(self, service: str) -> None:
         """Starts one service process (``python -m services.<name>``)."""
@@ -316,17 +314,6 @@ class LocalPlatform:
         rows.append(("mlflow", self.mlflow_url))
         rows.append(("logs", str(self.logs_dir)))
         return rows
-
-
-def _link_log(link: Path, target: Path) -> None:
-    """Points ``link`` at ``target`` (relative), unless a real file is there already."""
-    if link.exists() and not link.is_symlink():
-        return
-    relative = Path(os.path.relpath(target, link.parent))
-    if link.is_symlink() and Path(os.readlink(link)) == relative:
-        return
-    link.unlink(missing_ok=True)
-    link.symlink_to(relative)
 
 
 class _StartupProgress:

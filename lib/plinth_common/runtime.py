@@ -57,6 +57,16 @@ class ServiceRuntime:
         self._migrations = migrations
         self.consumers: list[EventConsumer] = []
 
+    def require_outbox(self) -> Outbox:
+        """The outbox, for a service that emits events (built with an ``outbox_table``).
+
+        Raises:
+            RuntimeError: the runtime was built without one (a wiring mistake).
+        """
+        if self.outbox is None:
+            raise RuntimeError(f"the {self.settings.service} runtime was built without an outbox")
+        return self.outbox
+
     def consume(
         self,
         durable: str,

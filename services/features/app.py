@@ -83,8 +83,6 @@ class FeaturesApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        if self.runtime.outbox is None:
-            raise RuntimeError("the features service's runtime was built without an outbox")
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.feast = FeastEngine(settings.feast)
@@ -105,7 +103,9 @@ class FeaturesApp:
         self.service = FeaturesService(
             engine=self.adapter,
             db=self.runtime.db,
-            events=OutboxFeatureEvents(self.runtime.outbox, project=settings.feast.project),
+            events=OutboxFeatureEvents(
+                self.runtime.require_outbox(), project=settings.feast.project
+            ),
             limits=Limits(max_total_bytes=settings.max_repository_bytes),
         )
         self.runtime.server.add(

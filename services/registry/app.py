@@ -112,17 +112,13 @@ class RegistryApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        if self.runtime.outbox is None:
-            raise RuntimeError("the registry's runtime has no outbox")
-        self.mlflow = MlflowServer(
-            settings.mlflow, log_path=settings.common.service_dir / "mlflow-server.log"
-        )
+        self.mlflow = MlflowServer(settings.mlflow, log_path=settings.common.log_dir / "mlflow.log")
         self.store = MlflowStore(
             settings.mlflow.backend_store_uri, max_workers=settings.mlflow_workers
         )
         self.cache = ReadCache(ttl_s=settings.cache_ttl_s)
         self.facts = ReadCache(ttl_s=settings.facts_ttl_s)
-        self.events = OutboxModelEvents(self.runtime.db, self.runtime.outbox)
+        self.events = OutboxModelEvents(self.runtime.db, self.runtime.require_outbox())
         self.service = RegistryService(
             mlflow=self.store,
             events=self.events,

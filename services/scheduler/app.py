@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from plinth_common.config import DEFAULT_MLFLOW_URL, CommonSettings, Env
+from plinth_common.config import CommonSettings, Env
 from plinth_common.runtime import ServiceRuntime
 from services.scheduler.domain import Resources
 from services.scheduler.events import OutboxJobEvents
@@ -37,7 +37,7 @@ class SchedulerSettings:
         machine = machine_capacity()
         return cls(
             common=common,
-            mlflow_tracking_uri=env.str("PLINTH_MLFLOW_TRACKING_URI", DEFAULT_MLFLOW_URL),
+            mlflow_tracking_uri=common.mlflow_tracking_uri(env),
             capacity=Resources(
                 cpu=env.float("PLINTH_SCHEDULER_CPU", machine.cpu),
                 memory_bytes=env.int("PLINTH_SCHEDULER_MEMORY_BYTES", machine.memory_bytes),
@@ -60,15 +60,15 @@ class SchedulerApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        if self.runtime.outbox is None:
-            raise RuntimeError("the scheduler's runtime has no outbox")
         self.executor = LocalExecutor(
             settings.common.service_dir / "jobs",
             capacity=settings.capacity,
             kill_grace_s=settings.kill_grace_s,
         )
         self.service = SchedulerService(
-            store=SqlJobStore(self.runtime.db, events=OutboxJobEvents(self.runtime.outbox)),
+            store=SqlJobStore(
+                self.runtime.db, events=OutboxJobEvents(self.runtime.require_outbox())
+            ),
             executor=self.executor,
             job_env=JobEnvironment(
                 mlflow_tracking_uri=settings.mlflow_tracking_uri,

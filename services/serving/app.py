@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
-from plinth_common.config import DEFAULT_MLFLOW_URL, CommonSettings, Env
+from plinth_common.config import CommonSettings, Env
 from plinth_common.net import free_tcp_port
 from plinth_common.runtime import EngineHealth, ServiceRuntime
 from services.serving.artifacts import DEFAULT_SCHEMES, MlflowArtifacts
@@ -76,8 +76,9 @@ class ServingSettings:
                 http_port=env.int("PLINTH_TRITON_HTTP_PORT", 0) or free_tcp_port(),
                 url=env.optional("PLINTH_TRITON_URL"),
                 startup_timeout_s=env.float("PLINTH_TRITON_STARTUP_TIMEOUT_S", 60.0),
+                log_path=common.log_dir / "triton.log",
             ),
-            mlflow_tracking_uri=env.str("PLINTH_MLFLOW_TRACKING_URI", DEFAULT_MLFLOW_URL),
+            mlflow_tracking_uri=common.mlflow_tracking_uri(env),
             registry_addr=common.address("registry", env),
             artifact_schemes=tuple(s.strip().lower() for s in schemes.split(",") if s.strip()),
             load_timeout_s=env.float("PLINTH_SERVING_LOAD_TIMEOUT_S", 300.0),
@@ -97,14 +98,12 @@ class ServingApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        if self.runtime.outbox is None:
-            raise RuntimeError("the serving runtime was built without an outbox")
         self.triton = TritonProcess(settings.triton)
         self.health = EngineHealth(self.runtime.server, TritonLiveness(self.triton), name="triton")
         self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
         self.registry = GrpcRegistry(settings.registry_addr)
         store = DeploymentStore()
-        events = OutboxDeploymentEvents(self.runtime.outbox)
+        events = OutboxDeploymentEvents(self.runtime.require_outbox())
         self.reconciler = Reconciler(
             db=self.runtime.db,
             store=store,

@@ -48,7 +48,7 @@ class TritonSettings:
 
     Attributes:
         model_repository: Folder Triton serves, in explicit model-control mode.
-        work_dir: Folder for our assembled backend folder and Triton's log.
+        work_dir: Folder for our assembled backend folder (and Triton's log by default).
         grpc_port: Port of Triton's gRPC (KServe v2) endpoint.
         http_port: Port of Triton's HTTP endpoint.
         host: Address Triton binds to. Keep it on loopback: Triton's model-repository API
@@ -56,6 +56,7 @@ class TritonSettings:
         url: An external Triton's ``host:grpcport``. When set, nothing is launched and the
             other launch settings are ignored.
         startup_timeout_s: Default bound for :meth:`TritonProcess.wait_ready`.
+        log_path: Triton's log file; ``work_dir/tritonserver.log`` when None.
     """
 
     model_repository: Path
@@ -65,6 +66,7 @@ class TritonSettings:
     host: str = "127.0.0.1"
     url: str | None = None
     startup_timeout_s: float = 60.0
+    log_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class TritonProcess:
         """Keeps the settings; does no I/O. Call :meth:`start` to launch Triton."""
         self._settings = settings
         self._child: ChildProcess | None = None
-        self._log_path = settings.work_dir / "tritonserver.log"
+        self._log_path = settings.log_path or settings.work_dir / "tritonserver.log"
         self._lock = asyncio.Lock()
 
     @property
