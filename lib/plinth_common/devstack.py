@@ -39,8 +39,6 @@ from plinth_common.process import ChildProcess
 
 SERVICES = ("registry", "scheduler", "features", "serving", "gateway")
 NATS = "nats-server"
-# Logs that a service's engine writes where the service puts it (the registry's MLflow server,
-# serving's Triton), linked into the logs folder so that it holds every process's log.
 # A service gets this long between SIGTERM and SIGKILL: it drains requests and stops its engine.
 SERVICE_STOP_GRACE_S = 30.0
 
