@@ -11,13 +11,20 @@ import click
 from plinth_common.names import DEFAULT_ALIAS
 from plinth_sdk.cli.base import NON_NEGATIVE, leaf
 from plinth_sdk.cli.output import print_fields, print_json, print_table, time_text
+from plinth_sdk.cli.progress import spinner
 from plinth_sdk.client import Plinth
-from plinth_sdk.models import ModelVersion, PolicyRule, PromotionPolicy, RegisteredModel
+from plinth_sdk.errors import NotFound
+from plinth_sdk.models import Job, ModelVersion, PolicyRule, PromotionPolicy, RegisteredModel
+from plinth_sdk.waiting import poll_until
 
 __all__ = ["metrics_text", "models"]
 
 _MODEL_COLUMNS = ("NAME", "TEAM", "LATEST", "ALIASES", "POLICY")
 _VERSION_COLUMNS = ("VERSION", "STATUS", "ALIASES", "CREATED", "RUN", "JOB", "METRICS")
+# ``versions --job --wait``: the registry registers a job's model within a second or two of the
+# job's end; the default gives up well after that rather than hang on a registration that failed.
+_REGISTRATION_TIMEOUT_S = 120.0
+_REGISTRATION_POLL_S = 0.5
 
 
 @click.group(help="Registered models, versions, promotion.")
@@ -47,17 +54,109 @@ def list_models(
 @leaf(models, "versions", help="List a model's versions, newest first.")
 @click.argument("name", metavar="NAME")
 @click.option("--limit", type=NON_NEGATIVE, default=0, help="at most N versions (default: 0, all)")
-def versions(client: Plinth, *, name: str, limit: int, output: str) -> int:
+@click.option("--job", "job_id", metavar="ID", help="only the version this job registered")
+@click.option(
+    "--wait",
+    "wait_",
+    is_flag=True,
+    help="with --job: wait until the registry has registered it (after the job finished)",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=_REGISTRATION_TIMEOUT_S,
+    show_default=True,
+    metavar="S",
+    help="with --wait: give up after S seconds",
+)
+@click.option("-q", "--quiet", is_flag=True, help="print only the version numbers")
+def versions(
+    client: Plinth,
+    *,
+    name: str,
+    limit: int,
+    job_id: str | None,
+    wait_: bool,
+    timeout: float,
+    quiet: bool,
+    output: str,
+) -> int:
     """Lists a model's versions."""
-    found = client.models.iter_versions(name)
-    listed = list(islice(found, limit) if limit else found)
-    if output == "json":
-        print_json([version.to_dict() for version in listed])
-    elif not listed:
-        print(f"Model {name} has no versions.", file=sys.stderr)
+    if wait_ and not job_id:
+        raise click.UsageError("--wait needs --job (the job whose registration to wait for)")
+    if job_id and wait_:
+        listed = _wait_for_job_versions(client, name, job_id, timeout=timeout)
+    elif job_id:
+        listed = _job_versions(client, name, job_id)
     else:
+        found = client.models.iter_versions(name)
+        listed = list(islice(found, limit) if limit else found)
+    if limit:
+        listed = listed[:limit]
+    if quiet:
+        for version in listed:
+            print(version.version)
+    elif output == "json":
+        print_json([version.to_dict() for version in listed])
+    elif listed:
         print_table(_VERSION_COLUMNS, [_version_row(version) for version in listed])
+    if not listed:
+        if job_id:
+            # A script reading ``V=$(... --job $ID -q)`` must not go on with nothing.
+            raise click.ClickException(f"job {job_id} has registered no version of {name}")
+        print(f"Model {name} has no versions.", file=sys.stderr)
     return 0
+
+
+def _job_versions(client: Plinth, name: str, job_id: str) -> list[ModelVersion]:
+    """The versions of ``name`` tagged as registered by ``job_id`` (none if no model yet)."""
+    try:
+        return [v for v in client.models.iter_versions(name) if v.job_id == job_id]
+    except NotFound:
+        return []
+
+
+def _wait_for_job_versions(
+    client: Plinth, name: str, job_id: str, *, timeout: float
+) -> list[ModelVersion]:
+    """Waits until the registry has registered the job's model: that happens on the job's
+    ``job.finished`` event, so shortly after the job ends; a job that did not succeed never
+    registers anything, which ends the wait at once."""
+    seen: list[Job] = []
+
+    def registered() -> list[ModelVersion]:
+        found = _job_versions(client, name, job_id)
+        if not found:
+            seen[:] = [client.jobs.get(job_id)]
+        return found
+
+    def over(found: list[ModelVersion]) -> bool:
+        return bool(found) or bool(seen and seen[0].state.is_terminal and not seen[0].succeeded)
+
+    def progress(found: list[ModelVersion]) -> str:
+        state = f": job {seen[0].state.value}" if seen and not found else ""
+        return f"waiting for job {job_id} to register a version of {name}{state}"
+
+    with spinner(progress([])) as show:
+        found, done = poll_until(
+            registered,
+            done=over,
+            timeout=timeout,
+            interval=_REGISTRATION_POLL_S,
+            on_poll=lambda value: show(progress(value)),
+        )
+    if found:
+        return found
+    if done:
+        job = seen[0]
+        why = f": {job.failure_reason}" if job.failure_reason else ""
+        raise click.ClickException(
+            f"job {job_id} ended {job.state.value}{why}; it registers no version of {name}"
+        )
+    raise click.ClickException(
+        f"job {job_id} registered no version of {name} within {timeout:g} s "
+        f"(see `plinth jobs get {job_id}` and the registry's log)"
+    )
 
 
 @leaf(
