@@ -1,67 +1,117 @@
-"""The gateway's consumer side: platform events from NATS, for the event stream."""
+"""The gateway's consumer side: platform events from the JetStream stream, for the event stream."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 
-from nats.aio.msg import Msg
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from plinth_common.errors import Unavailable
 from plinth_common.events import CloudEvent, EventBus
-from plinth_common.events.bus import EVENTS_SUBJECTS
+from plinth_common.events.bus import EVENTS_STREAM, EVENTS_SUBJECTS
 from plinth_common.events.envelope import MalformedEvent
+from services.gateway.service import StartPoint, StreamedEvent
 
 log = logging.getLogger(__name__)
 
 
 class NatsEventSource:
-    """A core-NATS subscription on ``plinth.>`` per watcher, with a bounded buffer.
+    """An ephemeral ordered JetStream consumer on the events stream per watcher.
+
+    Ordered consumers need no acks, replay from any start point, deliver in stream order and
+    re-create themselves from the last delivered sequence after a gap or a lost connection.
+    Flow control holds the server back while a watcher is slow, so nothing is dropped.
 
     Args:
         bus: the gateway's NATS connection.
-        buffer: events held for a slow watcher before its stream is ended.
+        inactive_threshold_s: how long the server keeps a consumer nobody listens to (a
+            watcher whose gateway lost NATS for longer gets a fresh one at its resume point).
     """
 
-    def __init__(self, bus: EventBus, *, buffer: int = 10_000) -> None:
+    def __init__(self, bus: EventBus, *, inactive_threshold_s: float = 30.0) -> None:
         self._bus = bus
-        self._buffer = buffer
+        self._inactive_threshold_s = inactive_threshold_s
+
+    async def last_sequence(self) -> int:
+        """The stream sequence of the newest event (0: the stream is empty)."""
+        js = await self._bus.connected()
+        info = await js.stream_info(EVENTS_STREAM)
+        return info.state.last_seq
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[AsyncIterator[CloudEvent]]:
-        """A subscription to every platform event, live once entered.
+    async def subscribe(
+        self, *, types: frozenset[str], start: StartPoint
+    ) -> AsyncIterator[AsyncIterator[StreamedEvent]]:
+        """A subscription to events of ``types`` (empty: all) from ``start`` on, in place once
+        entered (the consumer exists: its start is fixed).
 
-        The iterator ends the stream with Unavailable if the watcher falls too far behind.
+        Raises:
+            Unavailable: on iteration, the NATS connection was closed.
         """
-        await self._bus.connected()
-        queue: asyncio.Queue[Msg | None] = asyncio.Queue(maxsize=self._buffer)
-
-        async def keep(msg: Msg) -> None:
-            try:
-                queue.put_nowait(msg)
-            except asyncio.QueueFull:
-                queue.get_nowait()
-                queue.put_nowait(None)  # marks the overflow
-
-        subscription = await self._bus.nc.subscribe(EVENTS_SUBJECTS, cb=keep)
+        js = await self._bus.connected()
+        subject, config = _consumer_config(types, start)
+        subscription = await js.subscribe(
+            subject,
+            stream=EVENTS_STREAM,
+            config=config,
+            ordered_consumer=True,
+            inactive_threshold=self._inactive_threshold_s,
+        )
         try:
-            # The server has the subscription once it answers the flush's PING: from here on
-            # nothing published is missed, which is what "live" promises the watcher.
-            await self._bus.nc.flush()
-            async with aclosing(_drain(queue)) as events:
+            await _seed_resume_point(subscription)
+            async with aclosing(_drain(subscription)) as events:
                 yield events
         finally:
-            await subscription.unsubscribe()
+            # The connection may be closing with the gateway; the server drops the consumer
+            # after its inactive threshold anyway.
+            with suppress(nats.errors.Error):
+                await subscription.unsubscribe()
 
 
-async def _drain(queue: asyncio.Queue[Msg | None]) -> AsyncGenerator[CloudEvent, None]:
+def _consumer_config(types: frozenset[str], start: StartPoint) -> tuple[str, ConsumerConfig]:
+    config = ConsumerConfig()
+    if start.after_sequence is not None:
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = start.after_sequence + 1
+    elif start.since is not None:
+        config.deliver_policy = DeliverPolicy.BY_START_TIME
+        config.opt_start_time = start.since
+    else:
+        config.deliver_policy = DeliverPolicy.NEW
+    if len(types) > 1:
+        config.filter_subjects = sorted(types)
+    subject = next(iter(types)) if len(types) == 1 else EVENTS_SUBJECTS
+    return subject, config
+
+
+async def _seed_resume_point(subscription: JetStreamContext.PushSubscription) -> None:
+    # nats-py re-creates an ordered consumer from the last stream sequence it delivered, which
+    # it starts at 0: a gap or an outage before the first message would replay the whole stream
+    # (days of events) to a watcher that asked for new ones. The consumer's own delivered
+    # sequence at creation is where its start point lies; nats-py offers no public setter.
+    info = await subscription.consumer_info()
+    jsi = getattr(subscription._sub, "_jsi", None)
+    if jsi is not None and info.delivered is not None:
+        jsi._sseq = max(jsi._sseq, info.delivered.stream_seq or 0)
+
+
+async def _drain(
+    subscription: JetStreamContext.PushSubscription,
+) -> AsyncGenerator[StreamedEvent, None]:
     while True:
-        msg = await queue.get()
-        if msg is None:
-            raise Unavailable("the event stream fell behind and was closed; watch again")
         try:
-            yield CloudEvent.from_headers(msg.headers, msg.data)
+            msg = await subscription.next_msg(timeout=None)
+        except nats.errors.ConnectionClosedError:
+            raise Unavailable(
+                "the gateway lost its connection to the event bus; watch again", dependency="NATS"
+            ) from None
+        try:
+            event = CloudEvent.from_headers(msg.headers, msg.data)
         except MalformedEvent as exc:
             log.warning("skipping malformed event on %s: %s", msg.subject, exc)
+            continue
+        yield StreamedEvent(event=event, sequence=msg.metadata.sequence.stream)

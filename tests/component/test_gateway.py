@@ -16,6 +16,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -73,10 +74,13 @@ class Platform:
         return gateway_pb2_grpc.EventServiceStub(self.channel)
 
     async def watch(
-        self, types: list[str], team: str
+        self, types: list[str], team: str, **start: Any
     ) -> tuple[list[gateway_pb2.Event], asyncio.Task[None]]:
-        """A live watch: returns once the gateway says its subscription is in place."""
-        stream = self.events.WatchEvents(gateway_pb2.WatchEventsRequest(types=types, team=team))
+        """A watch (``since=`` / ``after_sequence=``: from there on): returns once the gateway
+        says its subscription is in place."""
+        stream = self.events.WatchEvents(
+            gateway_pb2.WatchEventsRequest(types=types, team=team, **start)
+        )
         assert WATCH_LIVE in tuple(await stream.initial_metadata())
         received: list[gateway_pb2.Event] = []
 
@@ -294,6 +298,112 @@ async def test_watch_events_filters_by_type_and_team(platform: Platform) -> None
     assert payload.status == events_pb2.JOB_OUTCOME_SUCCEEDED and '"job_id"' in event.data_json
     assert event.team == "vision" and event.data_schema == "plinth.events.v1.JobFinished"
     assert event.traceparent.startswith("00-")
+
+
+async def _run_job(platform: Platform, name: str, team: str) -> list[gateway_pb2.Event]:
+    """Runs a job to its end; returns its events as a live watcher saw them (all published)."""
+    seen, task = await platform.watch([], team)
+    try:
+        job = (
+            await platform.jobs.SubmitJob(
+                pb.SubmitJobRequest(spec=pb.JobSpec(name=name, team=team, entrypoint=["true"]))
+            )
+        ).job
+
+        async def finished() -> bool:
+            return "plinth.job.finished" in _of(seen, job.id)
+
+        await eventually(finished)
+    finally:
+        task.cancel()
+    return [e for e in seen if e.subject == job.id]
+
+
+def _ids(events: list[gateway_pb2.Event]) -> list[tuple[int, str, str]]:
+    return [(e.sequence, e.type, e.id) for e in events]
+
+
+async def _until(events: list[gateway_pb2.Event], count: int) -> list[gateway_pb2.Event]:
+    async def enough() -> bool:
+        return len(events) >= count
+
+    await eventually(enough)
+    return events[:count]
+
+
+async def test_watch_events_replays_since_a_time_for_the_team_only(platform: Platform) -> None:
+    before = Timestamp()
+    before.GetCurrentTime()
+    others = await _run_job(platform, "replay-other", "replay-nlp")
+    mine = await _run_job(platform, "replay-mine", "replay-vision")
+    sequences = [e.sequence for e in others + mine]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences) > 0
+
+    replayed, task = await platform.watch([], "replay-vision", since=before)
+    try:
+        # Every event of the other team's job is older than mine: a leak would come first.
+        got = await _until(replayed, len(mine))
+    finally:
+        task.cancel()
+    assert _ids(got) == _ids(mine)
+    assert got[0].type == "plinth.job.submitted" and got[-1].type == "plinth.job.finished"
+
+    finished, task = await platform.watch(["job.finished"], "", since=before)
+    teams = {"replay-nlp", "replay-vision"}
+
+    async def both_finished() -> list[gateway_pb2.Event]:
+        ours = [e for e in finished if e.team in teams]  # other tests' jobs may end meanwhile
+        return ours if len(ours) >= 2 else []
+
+    try:
+        got = await eventually(both_finished)
+    finally:
+        task.cancel()
+    assert {e.type for e in finished} == {"plinth.job.finished"}
+    assert [(e.subject, e.team) for e in got] == [
+        (others[-1].subject, "replay-nlp"),
+        (mine[-1].subject, "replay-vision"),
+    ]
+
+
+async def test_watch_events_resumes_exactly_after_a_sequence(platform: Platform) -> None:
+    mine = await _run_job(platform, "resume", "resume-ml")
+    assert len(mine) >= 3
+    resumed, task = await platform.watch([], "resume-ml", after_sequence=mine[0].sequence)
+    try:
+        got = await _until(resumed, len(mine) - 1)
+        # The newest one as the resume point: nothing old, then what follows.
+        caught_up, follow = await platform.watch([], "resume-ml", after_sequence=mine[-1].sequence)
+        later = await _run_job(platform, "resume-later", "resume-ml")
+        followed = await _until(caught_up, len(later))
+        follow.cancel()
+    finally:
+        task.cancel()
+    assert _ids(got) == _ids(mine[1:])
+    assert _ids(followed) == _ids(later)
+
+
+async def _refused(platform: Platform, request: gateway_pb2.WatchEventsRequest) -> Any:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in platform.events.WatchEvents(request):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert WATCH_LIVE not in tuple(caught.value.initial_metadata() or ())
+    return caught.value
+
+
+async def test_watch_events_refuses_two_start_points_and_an_unknown_resume_point(
+    platform: Platform,
+) -> None:
+    since = Timestamp()
+    since.GetCurrentTime()
+    both = await _refused(platform, gateway_pb2.WatchEventsRequest(since=since, after_sequence=1))
+    assert both.details().startswith("after_sequence: cannot be combined with since")
+    assert [f for f, _ in details_of(both.trailing_metadata()).field_violations] == [
+        "after_sequence"
+    ]
+    future = await _refused(platform, gateway_pb2.WatchEventsRequest(after_sequence=10**15))
+    assert "is past the newest event" in future.details()
 
 
 async def test_watch_events_refuses_unknown_types(platform: Platform) -> None:

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/gateway/v1/gateway.proto\x12\x11plinth.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"1\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\"\xc5\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x61ta_schema\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t2`\n\x0c\x45ventService\x12P\n\x0bWatchEvents\x12%.plinth.gateway.v1.WatchEventsRequest\x1a\x18.plinth.gateway.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/gateway/v1/gateway.proto\x12\x11plinth.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xd7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x61ta_schema\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x10\n\x08sequence\x18\x0b \x01(\x04\x32`\n\x0c\x45ventService\x12P\n\x0bWatchEvents\x12%.plinth.gateway.v1.WatchEventsRequest\x1a\x18.plinth.gateway.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plinth.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=87
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=136
-  _globals['_EVENT']._serialized_start=139
-  _globals['_EVENT']._serialized_end=336
-  _globals['_EVENTSERVICE']._serialized_start=338
-  _globals['_EVENTSERVICE']._serialized_end=434
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=88
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=228
+  _globals['_EVENT']._serialized_start=231
+  _globals['_EVENT']._serialized_end=446
+  _globals['_EVENTSERVICE']._serialized_start=448
+  _globals['_EVENTSERVICE']._serialized_end=544
 # @@protoc_insertion_point(module_scope)

@@ -49,10 +49,14 @@ class EventServiceServicer:
     """
 
     def WatchEvents(self, request, context):
-        """Relays platform events as they are published; the stream stays open.
-        The initial metadata ("plinth-watch: live") is sent once the subscription is
-        in place: a client that has received it misses no event published afterwards.
-        An unknown type is INVALID_ARGUMENT before any metadata.
+        """Relays platform events; the stream stays open. Without a start point it follows
+        new events only; with `since` or `after_sequence` it first replays the events
+        the stream still keeps from that point on, then follows.
+        The initial metadata ("plinth-watch: live") is sent once the subscription (with a
+        start point: the replaying consumer) is in place: a client that has received it
+        misses no event published afterwards.
+        An unknown type, or both start points at once, is INVALID_ARGUMENT before any
+        metadata; so is an `after_sequence` past the newest event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
