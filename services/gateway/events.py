@@ -30,11 +30,16 @@ class NatsEventSource:
         bus: the gateway's NATS connection.
         inactive_threshold_s: how long the server keeps a consumer nobody listens to (a
             watcher whose gateway lost NATS for longer gets a fresh one at its resume point).
+        idle_heartbeat_s: the server's heartbeat on a quiet consumer; two missed ones make the
+            client re-create the consumer at its resume point.
     """
 
-    def __init__(self, bus: EventBus, *, inactive_threshold_s: float = 30.0) -> None:
+    def __init__(
+        self, bus: EventBus, *, inactive_threshold_s: float = 30.0, idle_heartbeat_s: float = 5.0
+    ) -> None:
         self._bus = bus
         self._inactive_threshold_s = inactive_threshold_s
+        self._idle_heartbeat_s = idle_heartbeat_s
 
     async def last_sequence(self) -> int:
         """The stream sequence of the newest event (0: the stream is empty)."""
@@ -59,6 +64,7 @@ class NatsEventSource:
             stream=EVENTS_STREAM,
             config=config,
             ordered_consumer=True,
+            idle_heartbeat=self._idle_heartbeat_s,
             inactive_threshold=self._inactive_threshold_s,
         )
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import nats.errors
 import pytest
 import pytest_asyncio
 from google.protobuf.message import DecodeError, Message
@@ -29,12 +30,16 @@ from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
 from plinth_common.errors import NotFound, Unavailable
+from plinth_common.events import EventBus
+from plinth_common.events.envelope import new_event
 from plinth_common.grpc_server import GrpcServer
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 from plinth_common.rich_status import details_of
 from services.gateway.app import GatewayApp, GatewaySettings
+from services.gateway.events import NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
+from services.gateway.service import StartPoint
 from services.gateway.servicer import WATCH_LIVE
 from services.scheduler.app import SchedulerApp, SchedulerSettings
 from tests.helpers import eventually, service_env
@@ -381,6 +386,39 @@ async def test_watch_events_resumes_exactly_after_a_sequence(platform: Platform)
         task.cancel()
     assert _ids(got) == _ids(mine[1:])
     assert _ids(followed) == _ids(later)
+
+
+async def test_a_live_watch_survives_a_nats_restart_without_replaying_the_past(
+    own_nats: NatsServer,
+) -> None:
+    bus = EventBus(own_nats.url, name="gateway-restart-test")
+    await bus.start()
+    js = await bus.connected()
+
+    async def publish(job_id: str) -> int:
+        event = new_event(events_pb2.JobSubmitted(job_id=job_id), source="test", subject=job_id)
+        return (await js.publish(event.type, event.data, headers=event.headers())).seq
+
+    try:
+        for old in ("old-1", "old-2", "old-3"):
+            await publish(old)
+        source = NatsEventSource(bus, idle_heartbeat_s=0.5)
+        async with source.subscribe(types=frozenset(), start=StartPoint()) as events:
+            # The ordered consumer lives in the server's memory: the restart loses it, and the
+            # client re-creates it from the last sequence it knows (none delivered yet).
+            await own_nats.restart()
+
+            async def republished() -> int | None:
+                try:
+                    return await publish("new")
+                except (nats.errors.Error, TimeoutError):
+                    return None  # still reconnecting
+
+            sequence = await eventually(republished)
+            first = await asyncio.wait_for(anext(events), timeout=20)
+    finally:
+        await bus.stop()
+    assert (first.event.subject, first.sequence) == ("new", sequence)
 
 
 async def _refused(platform: Platform, request: gateway_pb2.WatchEventsRequest) -> Any:
