@@ -44,7 +44,10 @@ class NatsEventSource:
     async def last_sequence(self) -> int:
         """The stream sequence of the newest event (0: the stream is empty)."""
         js = await self._bus.connected()
-        info = await js.stream_info(EVENTS_STREAM)
+        try:
+            info = await js.stream_info(EVENTS_STREAM)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _unreachable(exc) from None
         return info.state.last_seq
 
     @asynccontextmanager
@@ -55,18 +58,22 @@ class NatsEventSource:
         entered (the consumer exists: its start is fixed).
 
         Raises:
-            Unavailable: on iteration, the NATS connection was closed.
+            Unavailable: JetStream refused the consumer, or (on iteration) the NATS connection
+                was closed.
         """
         js = await self._bus.connected()
         subject, config = _consumer_config(types, start)
-        subscription = await js.subscribe(
-            subject,
-            stream=EVENTS_STREAM,
-            config=config,
-            ordered_consumer=True,
-            idle_heartbeat=self._idle_heartbeat_s,
-            inactive_threshold=self._inactive_threshold_s,
-        )
+        try:
+            subscription = await js.subscribe(
+                subject,
+                stream=EVENTS_STREAM,
+                config=config,
+                ordered_consumer=True,
+                idle_heartbeat=self._idle_heartbeat_s,
+                inactive_threshold=self._inactive_threshold_s,
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _unreachable(exc) from None
         try:
             await _seed_resume_point(subscription)
             async with aclosing(_drain(subscription)) as events:
@@ -76,6 +83,13 @@ class NatsEventSource:
             # after its inactive threshold anyway.
             with suppress(nats.errors.Error):
                 await subscription.unsubscribe()
+
+
+def _unreachable(exc: BaseException) -> Unavailable:
+    return Unavailable(
+        f"the event stream cannot be opened right now ({exc or type(exc).__name__}); watch again",
+        dependency="NATS",
+    )
 
 
 def _consumer_config(types: frozenset[str], start: StartPoint) -> tuple[str, ConsumerConfig]:
@@ -99,7 +113,10 @@ async def _seed_resume_point(subscription: JetStreamContext.PushSubscription) ->
     # it starts at 0: a gap or an outage before the first message would replay the whole stream
     # (days of events) to a watcher that asked for new ones. The consumer's own delivered
     # sequence at creation is where its start point lies; nats-py offers no public setter.
-    info = await subscription.consumer_info()
+    try:
+        info = await subscription.consumer_info()
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise _unreachable(exc) from None
     jsi = getattr(subscription._sub, "_jsi", None)
     if jsi is not None and info.delivered is not None:
         jsi._sseq = max(jsi._sseq, info.delivered.stream_seq or 0)

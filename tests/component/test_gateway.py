@@ -8,6 +8,7 @@ import random
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -433,6 +434,11 @@ async def _refused(platform: Platform, request: gateway_pb2.WatchEventsRequest) 
 async def test_watch_events_refuses_two_start_points_and_an_unknown_resume_point(
     platform: Platform,
 ) -> None:
+    later = Timestamp()
+    later.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    _, waiting = await platform.watch([], "", since=later)  # a future time: nothing until then
+    waiting.cancel()
+
     since = Timestamp()
     since.GetCurrentTime()
     both = await _refused(platform, gateway_pb2.WatchEventsRequest(since=since, after_sequence=1))
