@@ -131,7 +131,7 @@ def _wait_for_job_versions(
         return found
 
     def over(found: list[ModelVersion]) -> bool:
-        return bool(found) or bool(seen and seen[0].state.is_terminal and not seen[0].succeeded)
+        return bool(found) or bool(seen and _never_registers(seen[0], name))
 
     def progress(found: list[ModelVersion]) -> str:
         state = f": job {seen[0].state.value}" if seen and not found else ""
@@ -148,15 +148,22 @@ def _wait_for_job_versions(
     if found:
         return found
     if done:
-        job = seen[0]
-        why = f": {job.failure_reason}" if job.failure_reason else ""
-        raise click.ClickException(
-            f"job {job_id} ended {job.state.value}{why}; it registers no version of {name}"
-        )
+        raise click.ClickException(_never_registers(seen[0], name))
     raise click.ClickException(
         f"job {job_id} registered no version of {name} within {timeout:g} s "
         f"(see `plinth jobs get {job_id}` and the registry's log)"
     )
+
+
+def _never_registers(job: Job, name: str) -> str:
+    """Why ``job`` will never register a version of ``name``, or "" while it still may."""
+    if job.register_as != name:
+        asked = f"registers as {job.register_as}" if job.register_as else "has no --register-as"
+        return f"job {job.id} {asked}, so it registers no version of {name}"
+    if job.state.is_terminal and not job.succeeded:
+        why = f": {job.failure_reason}" if job.failure_reason else ""
+        return f"job {job.id} ended {job.state.value}{why}; it registers no version of {name}"
+    return ""
 
 
 @leaf(
