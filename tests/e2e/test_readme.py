@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,9 +183,9 @@ def transcript_pattern(expected: str) -> re.Pattern[str]:
 
 @dataclass(kw_only=True)
 class Outcome:
-    """How a block ended."""
+    """How a block ended: its exit status (None: killed, it did not end in time) and output."""
 
-    status: int
+    status: int | None
     output: str
     interrupted: bool = False
 
@@ -261,23 +262,25 @@ class ReadmeSession:
                 start_new_session=True,
             )
             with _reaped(process):
-                interrupted = False
-                if block.interrupt_after_s is not None:
-                    try:
-                        process.wait(timeout=block.interrupt_after_s)
-                    except subprocess.TimeoutExpired:
-                        interrupted = True
-                        os.killpg(process.pid, signal.SIGINT)
-                        status = process.wait(timeout=INTERRUPT_GRACE_S)
-                    else:
-                        status = process.returncode
-                else:
-                    status = process.wait(timeout=BLOCK_TIMEOUT_S)
-        return Outcome(
-            status=status,
-            output=log.read_text(errors="replace"),
-            interrupted=interrupted,
-        )
+                status, interrupted = _wait(process, block)
+        output = log.read_text(errors="replace")
+        if status is None:
+            output += f"\n[readme test: still running after {BLOCK_TIMEOUT_S:g} s, killed]\n"
+        return Outcome(status=status, output=output, interrupted=interrupted)
+
+
+def _wait(process: subprocess.Popen[bytes], block: Block) -> tuple[int | None, bool]:
+    """The block's exit status (None: it did not end in time) and whether it was interrupted."""
+    try:
+        if block.interrupt_after_s is None:
+            return process.wait(timeout=BLOCK_TIMEOUT_S), False
+        try:
+            return process.wait(timeout=block.interrupt_after_s), False
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            return process.wait(timeout=INTERRUPT_GRACE_S), True
+    except subprocess.TimeoutExpired:
+        return None, block.interrupt_after_s is not None
 
 
 def _transcript_commands(text: str) -> str:
@@ -437,21 +440,87 @@ def test_the_readme_has_runnable_blocks() -> None:
     assert {"shell", "python"} <= kinds
 
 
+class _Config:
+    ports: Mapping[str, int] = {name: 40000 + i for i, name in enumerate(DEFAULT_PORTS)}
+    gateway_http_port = 41000
+    mlflow_port = 41001
+    data_dir: Path
+
+
+class _Platform:
+    """Only what a session reads of a platform (no processes)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.config = _Config()
+        self.config.data_dir = data_dir
+
+    def address(self, service: str) -> str:
+        return f"127.0.0.1:{self.config.ports[service]}"
+
+
+def _offline_session(tmp_path: Path) -> ReadmeSession:
+    return ReadmeSession(_Platform(tmp_path), tmp_path)  # type: ignore[arg-type]
+
+
+def _shell(text: str, **directives: Any) -> Block:
+    return Block(line=1, lang="sh", section="test", text=text, **directives)
+
+
 def test_readme_addresses_become_the_platforms(tmp_path: Path) -> None:
-    class _Config:
-        ports: Mapping[str, int] = {name: 40000 + i for i, name in enumerate(DEFAULT_PORTS)}
-        gateway_http_port = 41000
-        mlflow_port = 41001
-        data_dir = tmp_path
-
-    class _Platform:
-        config = _Config()
-
-        def address(self, service: str) -> str:
-            return f"127.0.0.1:{self.config.ports[service]}"
-
-    session = ReadmeSession(_Platform(), tmp_path)  # type: ignore[arg-type]
     gateway = _Config.ports["gateway"]
-    assert session.localize("curl -s localhost:18080/v2 127.0.0.1:50051 :500510") == (
-        f"curl -s localhost:41000/v2 127.0.0.1:{gateway} :500510"
+    assert _offline_session(tmp_path).localize(
+        "curl -s localhost:18080/v2 127.0.0.1:50051 :500510"
+    ) == (f"curl -s localhost:41000/v2 127.0.0.1:{gateway} :500510")
+
+
+def test_variables_of_one_block_reach_the_later_ones(tmp_path: Path) -> None:
+    session = _offline_session(tmp_path)
+    assert session.run(_shell("ID=$(echo j-1)\n")).status == 0
+    later = session.run(_shell('echo "id=$ID"\n'))
+    python = session.run(
+        Block(line=2, lang="python", section="t", text="import os; print(os.environ['ID'])\n")
     )
+    assert (later.output, python.output) == ("id=j-1\n", "j-1\n")
+
+
+def test_a_failing_command_ends_its_block(tmp_path: Path) -> None:
+    outcome = _offline_session(tmp_path).run(_shell("false\necho after\n"))
+    assert (outcome.status, outcome.output) == (1, "")
+    with pytest.raises(AssertionError, match="exited 1, expected 0"):
+        check(_shell("false\n"), outcome)
+
+
+def test_a_block_that_outlives_its_time_is_killed_with_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "BLOCK_TIMEOUT_S", 0.5)
+    pid_file = tmp_path / "pid"
+    outcome = _offline_session(tmp_path).run(
+        _shell(f"sleep 30 &\necho $! > {pid_file}\nsleep 30\n")
+    )
+    assert outcome.status is None and "killed" in outcome.output
+    left = int(pid_file.read_text())
+    # SIGKILL is sent; the process ends as soon as it is scheduled.
+    deadline = time.monotonic() + 5
+    while _running(left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(left)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not merely a zombie waiting for its new parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_an_interrupted_block_must_still_run_then_end_cleanly(tmp_path: Path) -> None:
+    session = _offline_session(tmp_path)
+    follows = _shell("trap 'exit 0' INT\nwhile true; do sleep 0.1; done\n", interrupt_after_s=0.5)
+    outcome = session.run(follows)
+    check(follows, outcome)
+    ends = _shell("true\n", interrupt_after_s=0.5)
+    with pytest.raises(AssertionError, match="ended by itself"):
+        check(ends, session.run(ends))
