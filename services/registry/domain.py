@@ -6,6 +6,7 @@ Pure values and functions; no I/O, no grpc, no nats, no MLflow.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import operator
@@ -149,6 +150,45 @@ class PromotionPolicy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PolicyUpdate:
+    """Changes to a stored policy; what it leaves None (or empty) stays as it is.
+
+    Attributes:
+        add_rules: added; one with the metric and op of a stored rule replaces that rule.
+        remove_rule_metrics: every rule on these metrics is removed (before the additions).
+        require_approval: the new flag, or None to keep it.
+        aliases: the new guarded aliases (empty: every alias), or None to keep them.
+    """
+
+    add_rules: tuple[PolicyRule, ...] = ()
+    remove_rule_metrics: tuple[str, ...] = ()
+    require_approval: bool | None = None
+    aliases: tuple[str, ...] | None = None
+
+    def applied_to(self, policy: PromotionPolicy) -> PromotionPolicy:
+        """The policy after this change."""
+        removed = set(self.remove_rule_metrics)
+        rules = [rule for rule in policy.rules if rule.metric not in removed]
+        for rule in self.add_rules:
+            same = [
+                i
+                for i, kept in enumerate(rules)
+                if (kept.metric, kept.op) == (rule.metric, rule.op)
+            ]
+            if same:
+                rules[same[0]] = rule  # in place, so the rules keep the order they are checked in
+            else:
+                rules.append(rule)
+        return PromotionPolicy(
+            rules=tuple(rules),
+            require_approval=(
+                policy.require_approval if self.require_approval is None else self.require_approval
+            ),
+            aliases=policy.aliases if self.aliases is None else self.aliases,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegisteredModel:
     """A registered model: its owner, aliases and policy."""
 
@@ -163,6 +203,15 @@ class RegisteredModel:
     def user_tags(self) -> dict[str, str]:
         """Tags without the ones shown as fields of their own (team, policy)."""
         return {k: v for k, v in self.tags.items() if k not in (TEAM_TAG, POLICY_TAG)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyOutcome:
+    """A model with its whole policy (after a change, or as stored), and what may be wrong
+    with that policy."""
+
+    model: RegisteredModel
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,20 +319,100 @@ def check_policy(policy: PromotionPolicy) -> PromotionPolicy:
     """Rules name a metric, one of the six operators and a finite threshold."""
     if len(policy.rules) > MAX_RULES:
         raise InvalidArgument("policy.rules", f"at most {MAX_RULES} rules")
-    for i, rule in enumerate(policy.rules):
-        if not METRIC_NAME.match(rule.metric):
-            raise InvalidArgument(
-                f"policy.rules[{i}].metric", f"{rule.metric[:64]!r} is not a metric name"
-            )
-        if rule.op not in OPERATORS:
-            raise InvalidArgument(
-                f"policy.rules[{i}].op", f"one of {' '.join(OPERATORS)}, got {rule.op[:8]!r}"
-            )
-        if not math.isfinite(rule.threshold):
-            raise InvalidArgument(f"policy.rules[{i}].threshold", "must be a finite number")
+    _check_rules(policy.rules, "policy.rules")
     for alias in policy.aliases:
         check_alias(alias, "policy.aliases")
     return policy
+
+
+def check_update(update: PolicyUpdate) -> PolicyUpdate:
+    """The rules and aliases of a change follow :func:`check_policy`'s rules."""
+    if len(update.add_rules) > MAX_RULES:
+        raise InvalidArgument("update.add_rules", f"at most {MAX_RULES} rules")
+    _check_rules(update.add_rules, "update.add_rules")
+    for metric in update.remove_rule_metrics:
+        if not METRIC_NAME.match(metric):
+            raise InvalidArgument(
+                "update.remove_rule_metrics", f"{metric[:64]!r} is not a metric name"
+            )
+    for alias in update.aliases or ():
+        check_alias(alias, "update.aliases")
+    return update
+
+
+def _check_rules(rules: Iterable[PolicyRule], field_name: str) -> None:
+    for i, rule in enumerate(rules):
+        if not METRIC_NAME.match(rule.metric):
+            raise InvalidArgument(
+                f"{field_name}[{i}].metric", f"{rule.metric[:64]!r} is not a metric name"
+            )
+        if rule.op not in OPERATORS:
+            raise InvalidArgument(
+                f"{field_name}[{i}].op", f"one of {' '.join(OPERATORS)}, got {rule.op[:8]!r}"
+            )
+        if not math.isfinite(rule.threshold):
+            raise InvalidArgument(f"{field_name}[{i}].threshold", "must be a finite number")
+
+
+# -- warnings ---------------------------------------------------------------------------------
+
+_SHOWN_METRICS = 10
+
+
+def policy_warnings(
+    policy: PromotionPolicy, *, model: str, known_metrics: Iterable[str]
+) -> list[str]:
+    """What makes a policy block promotions its author likely did not mean to block.
+
+    A rule on a metric no version of the model has is named, with the closest metric names
+    the versions do have (a misspelling such as ``rsme``). It is a warning, not an error: a
+    version registered later may log that metric.
+
+    Args:
+        policy: the policy (as stored after the change).
+        model: the model's name, for the message.
+        known_metrics: the metric names the model's versions' runs logged.
+    """
+    known = sorted(set(known_metrics))
+    warnings = []
+    if policy.empty and policy.aliases:
+        warnings.append(
+            "a policy with no rule and no approval requirement guards nothing: it is removed, "
+            f"its aliases ({', '.join(policy.aliases)}) too"
+        )
+    missing = (rule.metric for rule in policy.rules if rule.metric not in known)
+    for metric in dict.fromkeys(missing):  # once per metric, in the order of the rules
+        close = difflib.get_close_matches(metric, known, n=3, cutoff=0.6)
+        if close:
+            hint = "did you mean " + " or ".join(repr(name) for name in close) + "?"
+        elif known:
+            shown = ", ".join(known[:_SHOWN_METRICS]) + (
+                ", ..." if len(known) > _SHOWN_METRICS else ""
+            )
+            hint = f"its versions have: {shown}"
+        else:
+            hint = "its versions have no metrics"
+        warnings.append(
+            f"no version of {model!r} has a metric {metric!r} ({hint}): promotions the policy "
+            "guards fail until one does"
+        )
+    return warnings
+
+
+def update_warnings(update: PolicyUpdate, *, before: PromotionPolicy) -> list[str]:
+    """What a change asked for and could not do: remove a rule that is not there."""
+    ruled = {rule.metric for rule in before.rules}
+    warnings = [
+        f"the policy had no rule on metric {metric!r} to remove" + _closest(metric, sorted(ruled))
+        for metric in dict.fromkeys(update.remove_rule_metrics)
+        if metric not in ruled
+    ]
+    return warnings
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # -- promotion --------------------------------------------------------------------------------
@@ -329,7 +458,7 @@ def enforce_policy(
             )
     if policy.require_approval and not approved:
         raise FailedPrecondition(
-            f"policy of {model!r} requires approval to move alias {alias!r}; set approved",
+            f"policy of {model!r} requires approval to move alias {alias!r}",
             reason="APPROVAL_REQUIRED",
             alias=alias,
         )

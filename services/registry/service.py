@@ -23,6 +23,7 @@ from plinth_common.paging import check_page_size
 from services.registry.cache import ReadCache
 from services.registry.domain import (
     JOB_ID_TAG,
+    METRIC_TAG_PREFIX,
     MODEL_ID_TAG,
     POLICY_TAG,
     TEAM_TAG,
@@ -31,6 +32,8 @@ from services.registry.domain import (
     ModelQuery,
     ModelRef,
     ModelVersion,
+    PolicyOutcome,
+    PolicyUpdate,
     Promotion,
     PromotionPolicy,
     RegisteredModel,
@@ -40,9 +43,12 @@ from services.registry.domain import (
     check_policy,
     check_run_id,
     check_tags,
+    check_update,
     enforce_policy,
     lineage_tags,
     parse_model_uri,
+    policy_warnings,
+    update_warnings,
 )
 from services.registry.mlflow_store import MlflowModel, MlflowVersion, Page
 
@@ -51,6 +57,10 @@ log = logging.getLogger(__name__)
 _LOCK_STRIPES = 64
 # Each version on a page costs a run lookup for its metrics: a smaller page than elsewhere.
 MAX_VERSIONS_PAGE = 200
+# A policy's metric names are checked against the newest versions: their metric tags (written
+# at registration), and their runs' metrics (logged later) for the newest few.
+_CHECKED_VERSIONS = 200
+_CHECKED_RUNS = 20
 _NAME_PREFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
@@ -488,12 +498,7 @@ class RegistryService:
             if found is None:
                 raise NotFound("model version", f"{name}/{version}")
             metrics = await self._metrics(found.run_id, fresh=True)
-            # Fail closed: a policy tag that cannot be read blocks promotion.
-            policy = (
-                PromotionPolicy.from_json(model.tags[POLICY_TAG])
-                if POLICY_TAG in model.tags
-                else PromotionPolicy()
-            )
+            policy = _stored_policy(model)  # fails closed: an unreadable tag blocks promotion
             enforce_policy(
                 policy, model=name, alias=alias, version=version, metrics=metrics, approved=approved
             )
@@ -531,23 +536,104 @@ class RegistryService:
                 self._cache.invalidate()
         return previous
 
+    async def get_policy(self, name: str) -> PolicyOutcome:
+        """A model's policy (empty when none is set), with warnings about its rules.
+
+        Raises:
+            NotFound: no such model.
+        """
+        check_model_name(name)
+        model = await self._model(name)
+        known = await self._known_metrics(name) if model.policy.rules else set()
+        return PolicyOutcome(
+            model=model,
+            warnings=tuple(policy_warnings(model.policy, model=name, known_metrics=known)),
+        )
+
     async def set_policy(
         self, *, name: str, policy: PromotionPolicy, team: str = ""
-    ) -> RegisteredModel:
-        """Stores (or, when empty, removes) a model's promotion policy."""
+    ) -> PolicyOutcome:
+        """Replaces a model's whole policy (an empty one removes it).
+
+        Returns:
+            The model with its new policy, and warnings such as a rule on a metric no version
+            of the model has (with the closest names its versions have).
+
+        Raises:
+            InvalidArgument: a malformed rule or alias, naming the field.
+            NotFound: no such model.
+            PermissionDenied: ``team`` is given and does not own the model.
+        """
         check_model_name(name)
         check_policy(policy)
         async with self._write_lock(name):
             model = await self._model(name)
             _check_owner(model, team)
-            try:
-                if policy.empty:
-                    await self._mlflow.delete_model_tag(name, POLICY_TAG)
-                else:
-                    await self._mlflow.set_model_tag(name, POLICY_TAG, policy.to_json())
-            finally:
-                self._cache.invalidate()
-            return await self._model(name)
+            return await self._store_policy(model, policy)
+
+    async def update_policy(
+        self, *, name: str, update: PolicyUpdate, team: str = ""
+    ) -> PolicyOutcome:
+        """Changes a model's stored policy: removes and adds rules, sets the flags given.
+
+        A rule with the metric and op of a stored rule replaces it; removals apply first. A
+        result with no rule and no approval requirement removes the policy.
+
+        Returns:
+            The model with its whole policy after the change, and warnings: those of
+            :meth:`set_policy`, and a removal that found no rule on that metric.
+
+        Raises:
+            InvalidArgument: a malformed rule, metric or alias, or more rules than allowed.
+            NotFound: no such model.
+            PermissionDenied: ``team`` is given and does not own the model.
+            FailedPrecondition: the stored policy cannot be read (nothing to change).
+        """
+        check_model_name(name)
+        check_update(update)
+        async with self._write_lock(name):
+            model = await self._model(name)
+            _check_owner(model, team)
+            before = _stored_policy(model)
+            after = check_policy(update.applied_to(before))
+            outcome = await self._store_policy(model, after)
+        return PolicyOutcome(
+            model=outcome.model,
+            warnings=(*update_warnings(update, before=before), *outcome.warnings),
+        )
+
+    async def _store_policy(self, model: RegisteredModel, policy: PromotionPolicy) -> PolicyOutcome:
+        # Read before writing: if MLflow fails here, nothing has changed yet.
+        known = await self._known_metrics(model.name) if policy.rules else set()
+        try:
+            if policy.empty:
+                await self._mlflow.delete_model_tag(model.name, POLICY_TAG)
+            else:
+                await self._mlflow.set_model_tag(model.name, POLICY_TAG, policy.to_json())
+        finally:
+            self._cache.invalidate()
+        stored = await self._model(model.name)
+        log.info("%s: promotion policy now %s", model.name, stored.policy.to_json())
+        return PolicyOutcome(
+            model=stored,
+            warnings=tuple(policy_warnings(policy, model=model.name, known_metrics=known)),
+        )
+
+    async def _known_metrics(self, name: str) -> set[str]:
+        """Metric names the model's newest versions have."""
+        page = await self._mlflow.search_versions(f"name = '{name}'", max_results=_CHECKED_VERSIONS)
+        versions: list[MlflowVersion] = page.items
+        known = {
+            key.removeprefix(METRIC_TAG_PREFIX)
+            for version in versions
+            for key in version.tags
+            if key.startswith(METRIC_TAG_PREFIX)
+        }
+        run_ids = list(dict.fromkeys(v.run_id for v in versions if v.run_id))[:_CHECKED_RUNS]
+        # Fresh, as the promotions the policy will guard read them (policies change rarely).
+        for metrics in await asyncio.gather(*(self._metrics(r, fresh=True) for r in run_ids)):
+            known.update(metrics)
+        return known
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -623,6 +709,13 @@ def _registered(model: MlflowModel) -> RegisteredModel:
         latest_version=model.latest_version,
         policy=policy,
     )
+
+
+def _stored_policy(model: RegisteredModel) -> PromotionPolicy:
+    # Strict, unlike _registered: a change to a policy that cannot be read would lose it.
+    if POLICY_TAG not in model.tags:
+        return PromotionPolicy()
+    return PromotionPolicy.from_json(model.tags[POLICY_TAG])
 
 
 def _check_owner(model: RegisteredModel, team: str) -> None:

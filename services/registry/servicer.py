@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 from plinth.registry.v1 import registry_pb2 as pb
@@ -10,7 +12,9 @@ from plinth_common.prototime import to_timestamp
 from services.registry.domain import (
     ModelQuery,
     ModelVersion,
+    PolicyOutcome,
     PolicyRule,
+    PolicyUpdate,
     PromotionPolicy,
     RegisteredModel,
     Run,
@@ -47,11 +51,23 @@ def policy_to_proto(policy: PromotionPolicy) -> pb.PromotionPolicy:
 def policy_from_proto(policy: pb.PromotionPolicy) -> PromotionPolicy:
     """``plinth.registry.v1.PromotionPolicy`` -> domain policy (validated by the service)."""
     return PromotionPolicy(
-        rules=tuple(
-            PolicyRule(metric=r.metric, op=r.op, threshold=r.threshold) for r in policy.rules
-        ),
+        rules=_rules_from_proto(policy.rules),
         require_approval=policy.require_approval,
         aliases=tuple(policy.aliases),
+    )
+
+
+def _rules_from_proto(rules: Iterable[pb.PolicyRule]) -> tuple[PolicyRule, ...]:
+    return tuple(PolicyRule(metric=r.metric, op=r.op, threshold=r.threshold) for r in rules)
+
+
+def update_from_proto(update: pb.PolicyUpdate) -> PolicyUpdate:
+    """``plinth.registry.v1.PolicyUpdate`` -> domain change (validated by the service)."""
+    return PolicyUpdate(
+        add_rules=_rules_from_proto(update.add_rules),
+        remove_rule_metrics=tuple(update.remove_rule_metrics),
+        require_approval=(update.require_approval if update.HasField("require_approval") else None),
+        aliases=tuple(update.aliases.aliases) if update.HasField("aliases") else None,
     )
 
 
@@ -173,10 +189,26 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
         return pb.DeleteAliasResponse(previous_version=previous)
 
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPolicyResponse:
+        outcome = await self._service.get_policy(request.name)
+        return pb.GetPolicyResponse(
+            model=model_to_proto(outcome.model), warnings=list(outcome.warnings)
+        )
+
     async def SetPolicy(
         self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RegisteredModel:
-        model = await self._service.set_policy(
-            name=request.name, policy=policy_from_proto(request.policy), team=request.team
+    ) -> pb.SetPolicyResponse:
+        outcome: PolicyOutcome
+        if request.WhichOneof("change") == "update":
+            outcome = await self._service.update_policy(
+                name=request.name, update=update_from_proto(request.update), team=request.team
+            )
+        else:  # no change at all is the empty policy, which removes it (as before updates)
+            outcome = await self._service.set_policy(
+                name=request.name, policy=policy_from_proto(request.policy), team=request.team
+            )
+        return pb.SetPolicyResponse(
+            model=model_to_proto(outcome.model), warnings=list(outcome.warnings)
         )
-        return model_to_proto(model)

@@ -481,8 +481,9 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
         require_approval=True,
         aliases=["production"],
     )
-    model = await registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=policy, team="ml"))
-    assert model.policy == policy and "plinth.policy" not in model.tags
+    answer = await registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=policy, team="ml"))
+    assert answer.model.policy == policy and "plinth.policy" not in answer.model.tags
+    assert list(answer.warnings) == []
 
     async def set_alias(
         version: str, *, alias: str = "production", approved: bool = True
@@ -501,7 +502,8 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
         "63.2",
     )
     error = await rpc_error(set_alias(good.version, approved=False))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "approval" in error.details()
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == f"policy of {name!r} requires approval to move alias 'production'"
     assert details_of(error.trailing_metadata()).reason == "APPROVAL_REQUIRED"
     error = await rpc_error(
         registry.stub.SetAlias(
@@ -614,6 +616,89 @@ async def test_invalid_policies_are_refused_naming_the_field(registry: Registry)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(
             field
         ), error.details()
+
+
+async def test_a_policy_update_merges_where_a_set_replaces_and_warns_of_unknown_metrics(
+    registry: Registry,
+) -> None:
+    name = unique("merge")
+    await registry.register(name, await registry.train({"rmse": 55.0, "r2": 0.5}))
+    await registry.register(name, await registry.train({"rmse": 63.2, "r2": 0.4}))
+    approval = pb.PromotionPolicy(require_approval=True, aliases=["production"])
+    await registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, policy=approval))
+
+    # `plinth models policy NAME --rule "rsme < 70"`: a rule added, the approval kept, and the
+    # misspelled metric named with the one the versions have.
+    typo = pb.PolicyRule(metric="rsme", op="<", threshold=70)
+    added = await registry.stub.SetPolicy(
+        pb.SetPolicyRequest(name=name, update=pb.PolicyUpdate(add_rules=[typo]))
+    )
+    expected = pb.PromotionPolicy(rules=[typo], require_approval=True, aliases=["production"])
+    assert added.model.policy == expected
+    assert list(added.warnings) == [
+        f"no version of {name!r} has a metric 'rsme' (did you mean 'rmse'?): promotions the "
+        "policy guards fail until one does"
+    ]
+    shown = await registry.stub.GetPolicy(pb.GetPolicyRequest(name=name))
+    assert shown.model.policy == expected and list(shown.warnings) == list(added.warnings)
+
+    # Fixing it: remove the rules on the misspelled metric, add the right one, in one call.
+    fixed = await registry.stub.SetPolicy(
+        pb.SetPolicyRequest(
+            name=name,
+            update=pb.PolicyUpdate(
+                remove_rule_metrics=["rsme"],
+                add_rules=[pb.PolicyRule(metric="rmse", op="<", threshold=60)],
+            ),
+        )
+    )
+    assert [(r.metric, r.threshold) for r in fixed.model.policy.rules] == [("rmse", 60)]
+    assert fixed.model.policy.require_approval and list(fixed.warnings) == []
+    error = await rpc_error(
+        registry.stub.SetAlias(pb.SetAliasRequest(name=name, alias="production", version="1"))
+    )
+    assert details_of(error.trailing_metadata()).reason == "APPROVAL_REQUIRED"
+
+    # A replace keeps only what it says: the approval requirement and the aliases are gone.
+    replaced = await registry.stub.SetPolicy(
+        pb.SetPolicyRequest(
+            name=name,
+            policy=pb.PromotionPolicy(rules=[pb.PolicyRule(metric="r2", op=">=", threshold=0.45)]),
+        )
+    )
+    assert not replaced.model.policy.require_approval and not replaced.model.policy.aliases
+    promoted = await registry.stub.SetAlias(
+        pb.SetAliasRequest(name=name, alias="production", version="1")
+    )
+    assert promoted.version.version == "1"
+
+    # An update that leaves no rule and no approval removes the policy.
+    emptied = await registry.stub.SetPolicy(
+        pb.SetPolicyRequest(name=name, update=pb.PolicyUpdate(remove_rule_metrics=["r2"]))
+    )
+    assert emptied.model.policy == pb.PromotionPolicy()
+    assert (await registry.stub.GetPolicy(pb.GetPolicyRequest(name=name))).model.policy == (
+        pb.PromotionPolicy()
+    )
+
+
+async def test_policy_updates_are_checked_like_policies(registry: Registry) -> None:
+    name = unique("upd")
+    await registry.register(name, await registry.train({"rmse": 1.0}))
+    for update, field in [
+        (
+            pb.PolicyUpdate(add_rules=[pb.PolicyRule(metric="rmse", op="=<", threshold=1)]),
+            "update.add_rules[0].op",
+        ),
+        (pb.PolicyUpdate(aliases=pb.GuardedAliases(aliases=["latest"])), "update.aliases"),
+    ]:
+        error = await rpc_error(
+            registry.stub.SetPolicy(pb.SetPolicyRequest(name=name, update=update))
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details().startswith(field), error.details()
+    error = await rpc_error(registry.stub.GetPolicy(pb.GetPolicyRequest(name="no-such-model")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "no-such-model" in error.details()
 
 
 # -- reads ----------------------------------------------------------------------------------------

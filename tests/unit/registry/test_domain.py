@@ -9,14 +9,18 @@ from plinth_common.errors import FailedPrecondition, InvalidArgument
 from services.registry.domain import (
     LoggedModel,
     PolicyRule,
+    PolicyUpdate,
     PromotionPolicy,
     Run,
     check_experiment_ids,
     check_policy,
     check_run_id,
     check_tags,
+    check_update,
     enforce_policy,
     lineage_tags,
+    policy_warnings,
+    update_warnings,
 )
 
 RMSE = PolicyRule(metric="rmse", op="<", threshold=60)
@@ -81,6 +85,94 @@ def test_approval_is_asked_for_only_once_every_rule_holds() -> None:
     assert approval.value.reason == "APPROVAL_REQUIRED"
     assert approval.value.metadata == {"alias": "production"}
     enforce(policy, {"rmse": 50.0}, approved=True)
+
+
+def test_the_approval_error_names_no_client_field() -> None:
+    # The SDK's docstring names approved=True and the CLI appends its --approve: the server's
+    # message says what the policy asks for, in words fit for both.
+    with pytest.raises(FailedPrecondition) as caught:
+        enforce(PromotionPolicy(require_approval=True), {})
+    assert caught.value.message == "policy of 'm' requires approval to move alias 'production'"
+
+
+# -- changes to a stored policy ---------------------------------------------------------------
+
+STORED = PromotionPolicy(rules=(RMSE, R2), require_approval=True, aliases=("production",))
+
+
+def test_adding_a_rule_keeps_the_rest_of_the_policy() -> None:
+    mae = PolicyRule(metric="mae", op="<", threshold=40)
+    after = PolicyUpdate(add_rules=(mae,)).applied_to(STORED)
+    assert after == PromotionPolicy(
+        rules=(RMSE, R2, mae), require_approval=True, aliases=("production",)
+    )
+
+
+def test_a_rule_on_the_same_metric_and_op_replaces_it_in_place() -> None:
+    tighter = PolicyRule(metric="rmse", op="<", threshold=50)
+    floor = PolicyRule(metric="rmse", op=">", threshold=1)
+    after = PolicyUpdate(add_rules=(tighter, floor)).applied_to(STORED)
+    assert after.rules == (tighter, R2, floor), "another op on the metric is another rule"
+
+
+def test_removals_apply_before_additions_and_flags_change_only_when_given() -> None:
+    replaced = PolicyRule(metric="r2", op=">", threshold=0.5)
+    update = PolicyUpdate(
+        remove_rule_metrics=("rmse", "r2"), add_rules=(replaced,), require_approval=False
+    )
+    after = update.applied_to(STORED)
+    assert after == PromotionPolicy(rules=(replaced,), aliases=("production",))
+    every_alias = PolicyUpdate(aliases=()).applied_to(STORED)
+    assert every_alias.aliases == () and every_alias.rules == STORED.rules
+
+
+def test_an_empty_change_changes_nothing() -> None:
+    assert PolicyUpdate().applied_to(STORED) == STORED
+    assert PolicyUpdate().applied_to(PromotionPolicy()).empty
+
+
+@pytest.mark.parametrize(
+    ("update", "field"),
+    [
+        (PolicyUpdate(add_rules=(PolicyRule(metric="rmse", op="=<", threshold=1),)), "op"),
+        (PolicyUpdate(remove_rule_metrics=("rm`se",)), "remove_rule_metrics"),
+        (PolicyUpdate(aliases=("latest",)), "aliases"),
+    ],
+)
+def test_invalid_changes_name_their_field(update: PolicyUpdate, field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_update(update)
+    assert caught.value.field.startswith("update.") and caught.value.field.endswith(field)
+
+
+def test_a_rule_on_a_metric_no_version_has_warns_with_the_closest_names() -> None:
+    policy = PromotionPolicy(rules=(PolicyRule(metric="rsme", op="<", threshold=70), R2))
+    warnings = policy_warnings(policy, model="diabetes", known_metrics=["rmse", "r2", "mae"])
+    assert warnings == [
+        "no version of 'diabetes' has a metric 'rsme' (did you mean 'rmse'?): promotions the "
+        "policy guards fail until one does"
+    ]
+    far = policy_warnings(
+        PromotionPolicy(rules=(PolicyRule(metric="auc", op=">", threshold=0.9),)),
+        model="diabetes",
+        known_metrics=["rmse", "r2"],
+    )
+    assert len(far) == 1 and "(its versions have: r2, rmse)" in far[0]
+    assert policy_warnings(STORED, model="diabetes", known_metrics=["rmse", "r2"]) == []
+
+
+def test_removing_a_rule_that_is_not_there_warns() -> None:
+    update = PolicyUpdate(remove_rule_metrics=("rsme", "rmse"))
+    assert update_warnings(update, before=STORED) == [
+        "the policy had no rule on metric 'rsme' to remove (did you mean 'rmse'?)"
+    ]
+
+
+def test_a_policy_guarding_aliases_but_demanding_nothing_warns() -> None:
+    warnings = policy_warnings(
+        PromotionPolicy(aliases=("production",)), model="diabetes", known_metrics=[]
+    )
+    assert len(warnings) == 1 and "guards nothing" in warnings[0]
 
 
 def test_a_policy_guards_only_its_aliases_and_an_empty_one_nothing() -> None:

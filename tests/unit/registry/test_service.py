@@ -15,7 +15,7 @@ from plinth_common.errors import (
     Unavailable,
 )
 from services.registry.cache import ReadCache
-from services.registry.domain import FinishedJob, PolicyRule, PromotionPolicy
+from services.registry.domain import FinishedJob, PolicyRule, PolicyUpdate, PromotionPolicy
 from services.registry.service import RegistryService
 from tests.unit.registry.fakes import FakeMlflow, RecordedEvents
 
@@ -189,6 +189,111 @@ async def test_the_policy_reads_metrics_fresh_not_from_the_cache(
     mlflow.add_run(RUN_A, {"rmse": 70.0})  # the run was updated behind the registry's back
     with pytest.raises(FailedPrecondition, match="rmse = 70"):
         await service.set_alias(name="diabetes", alias="production", version="1")
+
+
+# -- policy changes ----------------------------------------------------------------------------
+
+RMSE_60 = PolicyRule(metric="rmse", op="<", threshold=60)
+
+
+async def guarded(service: RegistryService) -> None:
+    await register_three(service)
+    await service.set_policy(
+        name="diabetes",
+        policy=PromotionPolicy(rules=(RMSE_60,), require_approval=True, aliases=("production",)),
+    )
+
+
+async def test_adding_a_rule_keeps_the_approval_requirement(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    await guarded(service)
+    rmse_70 = PolicyRule(metric="rmse", op="<", threshold=70)
+    outcome = await service.update_policy(
+        name="diabetes", update=PolicyUpdate(add_rules=(rmse_70,)), team="ml"
+    )
+    # The rule on rmse with the same op is replaced; approval and aliases are kept.
+    expected = PromotionPolicy(rules=(rmse_70,), require_approval=True, aliases=("production",))
+    assert outcome.model.policy == expected and outcome.warnings == ()
+    assert (await service.get_policy("diabetes")).model.policy == expected, "as stored"
+    with pytest.raises(FailedPrecondition) as caught:
+        await service.set_alias(name="diabetes", alias="production", version="2")
+    assert caught.value.reason == "APPROVAL_REQUIRED", "63.2 < 70 holds; approval still asked"
+    assert "set_alias" not in mlflow.calls
+
+
+async def test_replacing_the_policy_drops_what_it_does_not_say(service: RegistryService) -> None:
+    await guarded(service)
+    rmse_70 = PolicyRule(metric="rmse", op="<", threshold=70)
+    outcome = await service.set_policy(name="diabetes", policy=PromotionPolicy(rules=(rmse_70,)))
+    assert outcome.model.policy == PromotionPolicy(rules=(rmse_70,))
+    promoted = await service.set_alias(name="diabetes", alias="production", version="2")
+    assert promoted.version.version == "2"
+
+
+async def test_a_change_that_leaves_nothing_removes_the_policy(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    await guarded(service)
+    outcome = await service.update_policy(
+        name="diabetes", update=PolicyUpdate(remove_rule_metrics=("rmse",), require_approval=False)
+    )
+    assert outcome.model.policy == PromotionPolicy()
+    assert "plinth.policy" not in mlflow.models["diabetes"].tags
+    assert any("guards nothing" in w for w in outcome.warnings), "the aliases went too"
+
+
+async def test_a_misspelled_metric_is_stored_with_a_warning_naming_the_real_one(
+    service: RegistryService,
+) -> None:
+    await guarded(service)
+    typo = PolicyRule(metric="rsme", op="<", threshold=70)
+    outcome = await service.update_policy(name="diabetes", update=PolicyUpdate(add_rules=(typo,)))
+    assert outcome.model.policy.rules == (RMSE_60, typo), "a later version may log it"
+    assert len(outcome.warnings) == 1
+    assert "'rsme'" in outcome.warnings[0] and "did you mean 'rmse'?" in outcome.warnings[0]
+    assert (await service.get_policy("diabetes")).warnings == outcome.warnings
+    replaced = await service.set_policy(name="diabetes", policy=PromotionPolicy(rules=(typo,)))
+    assert replaced.warnings == outcome.warnings
+
+
+async def test_metrics_a_run_logged_after_registration_count_as_known(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    await guarded(service)
+    mlflow.add_run(RUN_C, {"rmse": 41.0, "mae": 30.0})  # logged later: not in the version's tags
+    mae = PolicyRule(metric="mae", op="<", threshold=35)
+    outcome = await service.update_policy(name="diabetes", update=PolicyUpdate(add_rules=(mae,)))
+    assert outcome.warnings == ()
+
+
+async def test_a_change_to_an_unreadable_stored_policy_is_refused_and_writes_nothing(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    await register_three(service)
+    await mlflow.set_model_tag("diabetes", "plinth.policy", "{not json")
+    mlflow.calls.clear()
+    with pytest.raises(FailedPrecondition, match="unreadable"):
+        await service.update_policy(name="diabetes", update=PolicyUpdate(require_approval=True))
+    assert "set_model_tag" not in mlflow.calls and "delete_model_tag" not in mlflow.calls
+    # Replacing it whole is how to repair it.
+    outcome = await service.set_policy(
+        name="diabetes", policy=PromotionPolicy(require_approval=True)
+    )
+    assert outcome.model.policy.require_approval
+
+
+async def test_only_the_owning_team_changes_the_policy(
+    service: RegistryService, mlflow: FakeMlflow
+) -> None:
+    await guarded(service)
+    with pytest.raises(PermissionDenied):
+        await service.update_policy(
+            name="diabetes", update=PolicyUpdate(require_approval=False), team="nlp"
+        )
+    with pytest.raises(NotFound, match="nope"):
+        await service.get_policy("nope")
+    assert (await service.get_policy("diabetes")).model.policy.require_approval
 
 
 async def test_only_the_owning_team_moves_aliases(service: RegistryService) -> None:

@@ -302,11 +302,53 @@ class DeleteAliasResponse(_message.Message):
     def __init__(self, previous_version: _Optional[str] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
-    __slots__ = ("name", "policy", "team")
+    __slots__ = ("name", "policy", "update", "team")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     name: str
     policy: PromotionPolicy
+    update: PolicyUpdate
     team: str
-    def __init__(self, name: _Optional[str] = ..., policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ..., team: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ..., update: _Optional[_Union[PolicyUpdate, _Mapping]] = ..., team: _Optional[str] = ...) -> None: ...
+
+class PolicyUpdate(_message.Message):
+    __slots__ = ("add_rules", "remove_rule_metrics", "require_approval", "aliases")
+    ADD_RULES_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_RULE_METRICS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    add_rules: _containers.RepeatedCompositeFieldContainer[PolicyRule]
+    remove_rule_metrics: _containers.RepeatedScalarFieldContainer[str]
+    require_approval: bool
+    aliases: GuardedAliases
+    def __init__(self, add_rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., remove_rule_metrics: _Optional[_Iterable[str]] = ..., require_approval: _Optional[bool] = ..., aliases: _Optional[_Union[GuardedAliases, _Mapping]] = ...) -> None: ...
+
+class GuardedAliases(_message.Message):
+    __slots__ = ("aliases",)
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetPolicyResponse(_message.Message):
+    __slots__ = ("model", "warnings")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    model: RegisteredModel
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[RegisteredModel, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetPolicyResponse(_message.Message):
+    __slots__ = ("model", "warnings")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    model: RegisteredModel
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[RegisteredModel, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...

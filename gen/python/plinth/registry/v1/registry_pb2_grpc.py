@@ -81,10 +81,15 @@ class RegistryServiceStub:
                 request_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
                 response_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
                 _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/plinth.registry.v1.RegistryService/GetPolicy',
+                request_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
         self.SetPolicy = channel.unary_unary(
                 '/plinth.registry.v1.RegistryService/SetPolicy',
                 request_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.SerializeToString,
-                response_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.RegisteredModel.FromString,
+                response_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyResponse.FromString,
                 _registered_method=True)
 
 
@@ -147,6 +152,12 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -201,10 +212,15 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasRequest.FromString,
                     response_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasResponse.SerializeToString,
             ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.FromString,
+                    response_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.GetPolicyResponse.SerializeToString,
+            ),
             'SetPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPolicy,
                     request_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.FromString,
-                    response_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.RegisteredModel.SerializeToString,
+                    response_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -463,6 +479,33 @@ class RegistryService:
             _registered_method=True)
 
     @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.registry.v1.RegistryService/GetPolicy',
+            plinth_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.SerializeToString,
+            plinth_dot_registry_dot_v1_dot_registry__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SetPolicy(request,
             target,
             options=(),
@@ -478,7 +521,7 @@ class RegistryService:
             target,
             '/plinth.registry.v1.RegistryService/SetPolicy',
             plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.SerializeToString,
-            plinth_dot_registry_dot_v1_dot_registry__pb2.RegisteredModel.FromString,
+            plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
