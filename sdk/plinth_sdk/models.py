@@ -38,6 +38,7 @@ __all__ = [
     "Materialization",
     "ModelVersion",
     "OnlineRow",
+    "PolicyReport",
     "PolicyRule",
     "Promotion",
     "PromotionPolicy",
@@ -414,7 +415,7 @@ class PromotionPolicy:
 
     Attributes:
         rules: Every rule must hold on the version's run metrics.
-        require_approval: Promotions must say ``approved=True``.
+        require_approval: Promotions must say ``approved=True`` (``--approve``).
         aliases: The aliases it guards; empty guards every alias.
     """
 
@@ -567,6 +568,43 @@ class RegisteredModel:
             "latest_version": self.latest_version,
             "policy": self.policy.to_dict(),
         }
+
+
+@dataclass(frozen=True)
+class PolicyReport:
+    """A model's whole promotion policy, after a change or as stored, and what the registry
+    found that may not be meant.
+
+    Attributes:
+        model: The registered model, with its policy.
+        warnings: e.g. a rule on a metric no version of the model has, naming the closest
+            metric names its versions have (``rsme`` for ``rmse``). Not errors: a version
+            registered later may log that metric.
+    """
+
+    model: RegisteredModel
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self.model.name
+
+    @property
+    def policy(self) -> PromotionPolicy:
+        """The whole policy (empty when none is set)."""
+        return self.model.policy
+
+    @classmethod
+    def from_proto(
+        cls, msg: registry_pb2.SetPolicyResponse | registry_pb2.GetPolicyResponse
+    ) -> PolicyReport:
+        """Converts a ``SetPolicyResponse`` or ``GetPolicyResponse`` message."""
+        return cls(model=RegisteredModel.from_proto(msg.model), warnings=tuple(msg.warnings))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict: the model's name, its policy and the warnings."""
+        return {"name": self.name, "policy": self.policy.to_dict(), "warnings": list(self.warnings)}
 
 
 @dataclass(frozen=True)

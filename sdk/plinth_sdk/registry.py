@@ -5,6 +5,7 @@ Example:
     >>> from plinth_sdk import Plinth
     >>> with Plinth() as plinth:
     ...     plinth.models.set_policy("diabetes", ["rmse < 60"], require_approval=True)
+    ...     plinth.models.update_policy("diabetes", add_rules=["r2 >= 0.4"])  # keeps the rest
     ...     plinth.models.promote("diabetes", "3", approved=True)
 """
 
@@ -19,6 +20,7 @@ from plinth_common.names import DEFAULT_ALIAS
 from plinth_sdk.errors import NotFound, refused_locally
 from plinth_sdk.models import (
     ModelVersion,
+    PolicyReport,
     PolicyRule,
     Promotion,
     PromotionPolicy,
@@ -225,8 +227,11 @@ class ModelsAPI:
         require_approval: bool = False,
         aliases: Iterable[str] = (),
         team: str | None = None,
-    ) -> RegisteredModel:
-        """Replaces a model's promotion policy; no rules and no approval removes it.
+    ) -> PolicyReport:
+        """Replaces a model's whole promotion policy; no rules and no approval removes it.
+
+        What is not passed is not kept: ``set_policy("m", ["rmse < 70"])`` turns off a
+        required approval. To change one part and keep the rest, use :meth:`update_policy`.
 
         Args:
             name: Registered model name.
@@ -237,28 +242,68 @@ class ModelsAPI:
             team: When given, the model must belong to this team.
 
         Returns:
-            The model with its new policy.
+            The model with its new policy, and the registry's warnings (e.g. a rule on a
+            metric no version of the model has).
 
         Raises:
             ValueError: a rule is not ``METRIC OP THRESHOLD``; the message names it.
             InvalidArgument: an alias is malformed or reserved (checked before sending).
             NotFound: no model has this name.
         """
-        if isinstance(rules, str | PolicyRule):
-            rules = [rules]  # one rule given bare
-        guarded = tuple(aliases)
-        with refused_locally():
-            for alias in guarded:
-                names.check_alias(alias, "policy.aliases")
+        guarded = _checked_aliases(aliases, "policy.aliases")
         policy = PromotionPolicy(
-            rules=tuple(PolicyRule.parse(rule) for rule in rules),
-            require_approval=require_approval,
-            aliases=guarded,
+            rules=_parsed_rules(rules), require_approval=require_approval, aliases=guarded
         )
         request = registry_pb2.SetPolicyRequest(
             name=name, policy=policy.to_proto(), team=team or ""
         )
-        return RegisteredModel.from_proto(self._transport.unary(self._stub.SetPolicy, request))
+        return PolicyReport.from_proto(self._transport.unary(self._stub.SetPolicy, request))
+
+    def update_policy(
+        self,
+        name: str,
+        *,
+        add_rules: Iterable[str | PolicyRule] = (),
+        remove_rules: Iterable[str] = (),
+        require_approval: bool | None = None,
+        aliases: Iterable[str] | None = None,
+        team: str | None = None,
+    ) -> PolicyReport:
+        """Changes part of a model's promotion policy; what is not passed stays as it is.
+
+        The registry applies the change to the stored policy (removals first, then additions),
+        so concurrent changes do not undo each other. A policy left with no rule and no
+        approval requirement is removed.
+
+        Args:
+            name: Registered model name.
+            add_rules: Rules to add, such as ``"rmse < 60"``; one on a metric that has a rule
+                with the same operator replaces that rule.
+            remove_rules: Metric names whose rules are removed.
+            require_approval: The new approval requirement; None keeps it.
+            aliases: The new guarded aliases (empty: every alias); None keeps them.
+            team: When given, the model must belong to this team.
+
+        Returns:
+            The model with its whole policy after the change, and the registry's warnings
+            (e.g. a rule on a metric no version has, or a removal that found no rule).
+
+        Raises:
+            ValueError: a rule is not ``METRIC OP THRESHOLD``; the message names it.
+            InvalidArgument: an alias is malformed or reserved (checked before sending).
+            NotFound: no model has this name.
+        """
+        update = registry_pb2.PolicyUpdate(
+            add_rules=[rule.to_proto() for rule in _parsed_rules(add_rules)],
+            remove_rule_metrics=[remove_rules] if isinstance(remove_rules, str) else remove_rules,
+        )
+        if require_approval is not None:
+            update.require_approval = require_approval
+        if aliases is not None:
+            guarded = _checked_aliases(aliases, "update.aliases")
+            update.aliases.CopyFrom(registry_pb2.GuardedAliases(aliases=guarded))
+        request = registry_pb2.SetPolicyRequest(name=name, update=update, team=team or "")
+        return PolicyReport.from_proto(self._transport.unary(self._stub.SetPolicy, request))
 
     def get_policy(self, name: str) -> PromotionPolicy:
         """Returns a model's promotion policy (empty when none is set).
@@ -266,7 +311,16 @@ class ModelsAPI:
         Raises:
             NotFound: no model has this name.
         """
-        return self.get(name).policy
+        return self.describe_policy(name).policy
+
+    def describe_policy(self, name: str) -> PolicyReport:
+        """Returns a model's promotion policy with the registry's warnings about it.
+
+        Raises:
+            NotFound: no model has this name.
+        """
+        request = registry_pb2.GetPolicyRequest(name=name)
+        return PolicyReport.from_proto(self._transport.unary(self._stub.GetPolicy, request))
 
     def _search_page(
         self,
@@ -290,6 +344,20 @@ class ModelsAPI:
             return models, response.next_page_token
 
         return fetch
+
+
+def _parsed_rules(rules: Iterable[str | PolicyRule]) -> tuple[PolicyRule, ...]:
+    if isinstance(rules, str | PolicyRule):
+        rules = [rules]  # one rule given bare
+    return tuple(PolicyRule.parse(rule) for rule in rules)
+
+
+def _checked_aliases(aliases: Iterable[str], field: str) -> tuple[str, ...]:
+    guarded = (aliases,) if isinstance(aliases, str) else tuple(aliases)
+    with refused_locally():
+        for alias in guarded:
+            names.check_alias(alias, field)
+    return guarded
 
 
 class RunsAPI:

@@ -10,11 +10,17 @@ import click
 
 from plinth_common.names import DEFAULT_ALIAS
 from plinth_sdk.cli.base import NON_NEGATIVE, leaf
-from plinth_sdk.cli.output import print_fields, print_json, print_table, time_text
+from plinth_sdk.cli.output import (
+    print_fields,
+    print_json,
+    print_table,
+    stderr_warning,
+    time_text,
+)
 from plinth_sdk.cli.progress import spinner
 from plinth_sdk.client import Plinth
 from plinth_sdk.errors import NotFound
-from plinth_sdk.models import Job, ModelVersion, PolicyRule, PromotionPolicy, RegisteredModel
+from plinth_sdk.models import Job, ModelVersion, PolicyReport, PolicyRule, RegisteredModel
 from plinth_sdk.waiting import poll_until
 
 __all__ = ["metrics_text", "models"]
@@ -209,8 +215,12 @@ def promote(
 @leaf(
     models,
     "policy",
-    help="Show a model's promotion policy, or replace it. With no --rule, --require-approval, "
-    "--alias or --clear it shows the policy. Setting replaces the whole policy.",
+    help="Show or change a model's promotion policy. With no option it shows the policy. "
+    "A change keeps what it does not name: --rule adds a rule (replacing the rule on that "
+    "metric with the same operator), --remove-rule removes a metric's rules, "
+    "--[no-]require-approval and --alias/--all-aliases set those parts. --replace makes the "
+    "options given the whole policy; --clear removes it. Every change prints the whole "
+    "resulting policy, and warns of a rule on a metric no version of the model has.",
 )
 @click.argument("name", metavar="NAME")
 @click.option(
@@ -218,15 +228,33 @@ def promote(
     "rules",
     metavar="RULE",
     multiple=True,
-    help='a condition on the run\'s metrics, e.g. "rmse < 60" (repeatable)',
+    help='add a condition on the run\'s metrics, e.g. "rmse < 60"; it replaces the rule on '
+    "that metric with the same operator (repeatable)",
 )
-@click.option("--require-approval", is_flag=True, help="promotions must pass --approve")
+@click.option(
+    "--remove-rule",
+    "removed",
+    metavar="METRIC",
+    multiple=True,
+    help="remove the rules on this metric (repeatable)",
+)
+@click.option(
+    "--require-approval/--no-require-approval",
+    default=None,
+    help="promotions must (or need not) pass --approve (default: unchanged)",
+)
 @click.option(
     "--alias",
     "aliases",
     metavar="ALIAS",
     multiple=True,
-    help="an alias the policy guards (repeatable; default: every alias)",
+    help="guard only these aliases (repeatable; default: unchanged, every alias when new)",
+)
+@click.option("--all-aliases", is_flag=True, help="guard every alias")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="make the options given the whole policy (what they do not set is dropped)",
 )
 @click.option("--clear", is_flag=True, help="remove the policy")
 @click.option("--team", help="fail unless the model belongs to this team")
@@ -235,30 +263,77 @@ def policy(
     *,
     name: str,
     rules: tuple[str, ...],
-    require_approval: bool,
+    removed: tuple[str, ...],
+    require_approval: bool | None,
     aliases: tuple[str, ...],
+    all_aliases: bool,
+    replace: bool,
     clear: bool,
     team: str | None,
     output: str,
 ) -> int:
-    """Shows or replaces a promotion policy."""
-    if not (rules or require_approval or aliases or clear):
-        model = client.models.get(name)
-        _print_policy(model.name, model.policy, output)
-        return 0
-    if clear and (rules or require_approval or aliases):
-        raise click.UsageError(
-            "--clear cannot be combined with --rule, --require-approval or --alias"
-        )
+    """Shows or changes a promotion policy."""
+    _check_policy_options(
+        rules=rules,
+        removed=removed,
+        require_approval=require_approval,
+        aliases=aliases,
+        all_aliases=all_aliases,
+        replace=replace,
+        clear=clear,
+    )
     try:
         parsed = [PolicyRule.parse(rule) for rule in rules]
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    model = client.models.set_policy(
-        name, parsed, require_approval=require_approval, aliases=aliases, team=team
-    )
-    _print_policy(model.name, model.policy, output)
+    if clear:
+        report = client.models.set_policy(name, team=team)
+    elif replace:
+        report = client.models.set_policy(
+            name, parsed, require_approval=bool(require_approval), aliases=aliases, team=team
+        )
+    elif parsed or removed or require_approval is not None or aliases or all_aliases:
+        report = client.models.update_policy(
+            name,
+            add_rules=parsed,
+            remove_rules=removed,
+            require_approval=require_approval,
+            aliases=aliases or (() if all_aliases else None),
+            team=team,
+        )
+    else:
+        report = client.models.describe_policy(name)
+    for warning in report.warnings:
+        stderr_warning(warning)
+    _print_policy(report, output)
     return 0
+
+
+def _check_policy_options(
+    *,
+    rules: tuple[str, ...],
+    removed: tuple[str, ...],
+    require_approval: bool | None,
+    aliases: tuple[str, ...],
+    all_aliases: bool,
+    replace: bool,
+    clear: bool,
+) -> None:
+    """Refuses combinations whose meaning would be a guess."""
+    if aliases and all_aliases:
+        raise click.UsageError("--alias and --all-aliases contradict each other; pass one")
+    changes = bool(rules or removed or aliases or all_aliases or require_approval is not None)
+    if clear and (changes or replace):
+        raise click.UsageError("--clear removes the whole policy; pass it alone")
+    if replace and removed:
+        raise click.UsageError(
+            "--remove-rule changes the stored policy; with --replace, leave the rule out instead"
+        )
+    if replace and not changes:
+        raise click.UsageError(
+            "--replace needs the new policy's --rule, --require-approval or --alias "
+            "(to remove the policy, pass --clear)"
+        )
 
 
 def _model_row(model: RegisteredModel) -> list[str]:
@@ -288,13 +363,14 @@ def metrics_text(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
 
 
-def _print_policy(name: str, policy: PromotionPolicy, output: str) -> None:
+def _print_policy(report: PolicyReport, output: str) -> None:
     if output == "json":
-        print_json({"name": name, "policy": policy.to_dict()})
+        print_json(report.to_dict())
         return
+    policy = report.policy
     print_fields(
         [
-            ("MODEL", name),
+            ("MODEL", report.name),
             ("RULES", ", ".join(str(rule) for rule in policy.rules) or "none"),
             ("APPROVAL", "required" if policy.require_approval else "not required"),
             ("ALIASES", ", ".join(policy.aliases) or "all"),

@@ -18,7 +18,15 @@ from plinth_sdk.cli.deployments import waiting_text
 from plinth_sdk.cli.progress import spinner
 from plinth_sdk.errors import from_rpc_error
 from plinth_sdk.features import FeaturesAPI
-from plinth_sdk.models import AppliedRepository, Deployment, DeploymentState
+from plinth_sdk.models import (
+    AppliedRepository,
+    Deployment,
+    DeploymentState,
+    PolicyReport,
+    PolicyRule,
+    PromotionPolicy,
+    RegisteredModel,
+)
 from plinth_sdk.registry import ModelsAPI
 from tests.unit.sdk.rpc_errors import rpc_error_of
 
@@ -41,8 +49,9 @@ def raising(error: domain.PlinthError, *, code: grpc.StatusCode | None = None) -
 
 
 def test_approval_required_tells_the_user_to_pass_approve(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The registry's own words (services.registry.domain.enforce_policy): no client's field.
     refused = domain.FailedPrecondition(
-        "policy of 'diabetes' requires approval to move alias 'production'; set approved",
+        "policy of 'diabetes' requires approval to move alias 'production'",
         reason="APPROVAL_REQUIRED",
     )
     monkeypatch.setattr(ModelsAPI, "promote", raising(refused))
@@ -54,6 +63,82 @@ def test_approval_required_tells_the_user_to_pass_approve(monkeypatch: pytest.Mo
         "plinth: FAILED_PRECONDITION: policy of 'diabetes' requires approval to move alias "
         "'production'; pass --approve to approve it\n"
     )
+
+
+def _report(policy: PromotionPolicy, *warnings: str) -> PolicyReport:
+    model = RegisteredModel(
+        name="diabetes",
+        team="ml",
+        description="",
+        tags={},
+        aliases={},
+        latest_version="2",
+        policy=policy,
+    )
+    return PolicyReport(model=model, warnings=warnings)
+
+
+GUARDED = PromotionPolicy(rules=(PolicyRule("rmse", "<", 70.0),), require_approval=True)
+
+
+def test_policy_with_no_option_shows_it_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ModelsAPI, "describe_policy", lambda self, name: _report(GUARDED))
+    monkeypatch.setattr(ModelsAPI, "set_policy", raising(domain.PlinthError("must not be called")))
+    monkeypatch.setattr(
+        ModelsAPI, "update_policy", raising(domain.PlinthError("must not be called"))
+    )
+
+    result = run("models", "policy", "diabetes")
+
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout.splitlines() == [
+        "MODEL     diabetes",
+        "RULES     rmse < 70",
+        "APPROVAL  required",
+        "ALIASES   all",
+    ]
+
+
+def test_policy_rule_is_added_and_the_approval_requirement_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: dict[str, object] = {}
+
+    def update_policy(self: ModelsAPI, name: str, **change: object) -> PolicyReport:
+        sent.update(change)
+        return _report(GUARDED)
+
+    monkeypatch.setattr(ModelsAPI, "update_policy", update_policy)
+
+    result = run("models", "policy", "diabetes", "--rule", "rmse < 70")
+
+    assert result.exit_code == 0
+    assert sent["add_rules"] == [PolicyRule("rmse", "<", 70.0)]
+    assert sent["require_approval"] is None and sent["aliases"] is None, "left as they are"
+    assert "APPROVAL  required" in result.stdout.splitlines(), "the whole policy is printed"
+
+
+def test_policy_warnings_go_to_stderr_and_the_policy_to_stdout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    typo = PromotionPolicy(rules=(PolicyRule("rsme", "<", 70.0),), require_approval=True)
+    warned = _report(
+        typo,
+        "no version of 'diabetes' has a metric 'rsme' (did you mean 'rmse'?): promotions "
+        "the policy guards fail until one does",
+    )
+    monkeypatch.setattr(ModelsAPI, "update_policy", lambda self, name, **change: warned)
+
+    result = run("models", "policy", "diabetes", "--rule", "rsme < 70")
+
+    assert result.exit_code == 0
+    assert result.stderr == (
+        "warning: no version of 'diabetes' has a metric 'rsme' (did you mean 'rmse'?): "
+        "promotions the policy guards fail until one does\n"
+    )
+    assert "RULES     rsme < 70" in result.stdout.splitlines()
 
 
 def test_a_dependency_down_behind_the_gateway_is_named_not_the_gateway(

@@ -57,6 +57,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         self.models: dict[str, rpb.RegisteredModel] = {}
         self.versions: dict[str, list[rpb.ModelVersion]] = {}
         self.requests: list[object] = []
+        self.policy_warnings: list[str] = []
 
     def add_model(self, name: str, team: str, *versions: str) -> None:
         self.models[name] = rpb.RegisteredModel(
@@ -142,13 +143,36 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         model = self._model(request.name, context)
         return rpb.DeleteAliasResponse(previous_version=model.aliases.pop(request.alias))
 
-    def SetPolicy(
-        self, request: rpb.SetPolicyRequest, context: grpc.ServicerContext
-    ) -> rpb.RegisteredModel:
+    def GetPolicy(
+        self, request: rpb.GetPolicyRequest, context: grpc.ServicerContext
+    ) -> rpb.GetPolicyResponse:
         self.requests.append(request)
         model = self._model(request.name, context)
-        model.policy.CopyFrom(request.policy)
-        return model
+        return rpb.GetPolicyResponse(model=model, warnings=self.policy_warnings)
+
+    def SetPolicy(
+        self, request: rpb.SetPolicyRequest, context: grpc.ServicerContext
+    ) -> rpb.SetPolicyResponse:
+        self.requests.append(request)
+        model = self._model(request.name, context)
+        if request.WhichOneof("change") == "update":
+            _apply_update(model.policy, request.update)
+        else:
+            model.policy.CopyFrom(request.policy)
+        return rpb.SetPolicyResponse(model=model, warnings=self.policy_warnings)
+
+
+def _apply_update(policy: rpb.PromotionPolicy, update: rpb.PolicyUpdate) -> None:
+    """The registry's merge, as far as these tests need it (the registry's own tests cover it)."""
+    kept = [r for r in policy.rules if r.metric not in update.remove_rule_metrics]
+    for rule in update.add_rules:
+        kept = [r for r in kept if (r.metric, r.op) != (rule.metric, rule.op)] + [rule]
+    del policy.rules[:]
+    policy.rules.extend(kept)
+    if update.HasField("require_approval"):
+        policy.require_approval = update.require_approval
+    if update.HasField("aliases"):
+        policy.aliases[:] = update.aliases.aliases
 
 
 class FakeServing(serving_pb2_grpc.ServingServiceServicer):
@@ -498,24 +522,110 @@ def test_models_policy_sets_parsed_rules_and_shows_it(
 
     assert code == 0
     request = gateway.registry.requests[-1]
-    assert isinstance(request, rpb.SetPolicyRequest)
-    assert [(r.metric, r.op, r.threshold) for r in request.policy.rules] == [
+    assert isinstance(request, rpb.SetPolicyRequest) and request.WhichOneof("change") == "update"
+    assert [(r.metric, r.op, r.threshold) for r in request.update.add_rules] == [
         ("rmse", "<", 60.0), ("r2", ">=", 0.4),
     ]  # fmt: skip
-    assert request.policy.require_approval and list(request.policy.aliases) == ["production"]
-    assert "RULES     rmse < 60, r2 >= 0.4" in capsys.readouterr().out.splitlines()
+    assert request.update.require_approval
+    assert list(request.update.aliases.aliases) == ["production"]
+    assert capsys.readouterr().out.splitlines() == [
+        "MODEL     diabetes",
+        "RULES     rmse < 60, r2 >= 0.4",
+        "APPROVAL  required",
+        "ALIASES   production",
+    ]
 
     # No options: shows the current policy without changing it.
     assert gateway.run("models", "policy", "diabetes", "-o", "json") == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["policy"]["rules_text"] == ["rmse < 60", "r2 >= 0.4"]
-    assert shown["policy"]["require_approval"] is True
-    assert isinstance(gateway.registry.requests[-1], rpb.SearchModelsRequest)
+    assert shown["policy"]["require_approval"] is True and shown["warnings"] == []
+    assert isinstance(gateway.registry.requests[-1], rpb.GetPolicyRequest)
 
     assert gateway.run("models", "policy", "diabetes", "--clear") == 0
     cleared = gateway.registry.requests[-1]
     assert isinstance(cleared, rpb.SetPolicyRequest)
-    assert cleared.policy == rpb.PromotionPolicy()
+    assert cleared.WhichOneof("change") == "policy" and cleared.policy == rpb.PromotionPolicy()
+    assert "APPROVAL  not required" in capsys.readouterr().out.splitlines()
+
+
+def test_models_policy_adding_a_rule_keeps_the_approval_requirement(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.registry.add_model("diabetes", "ml", "1")
+    assert gateway.run("models", "policy", "diabetes", "--require-approval") == 0
+    capsys.readouterr()
+
+    assert gateway.run("models", "policy", "diabetes", "--rule", "rmse < 70") == 0
+
+    request = gateway.registry.requests[-1]
+    assert isinstance(request, rpb.SetPolicyRequest)
+    assert not request.update.HasField("require_approval"), "unchanged: not sent"
+    assert not request.update.HasField("aliases")
+    out = capsys.readouterr().out.splitlines()
+    assert "RULES     rmse < 70" in out and "APPROVAL  required" in out
+
+
+def test_models_policy_replace_and_remove_say_what_they_send(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.registry.add_model("diabetes", "ml", "1")
+    gateway.run("models", "policy", "diabetes", "--rule", "rmse < 60", "--require-approval")
+
+    assert gateway.run("models", "policy", "diabetes", "--replace", "--rule", "r2 > 0.4") == 0
+    replaced = gateway.registry.requests[-1]
+    assert isinstance(replaced, rpb.SetPolicyRequest) and replaced.WhichOneof("change") == "policy"
+    assert not replaced.policy.require_approval, "--replace: what is not given is dropped"
+    assert "APPROVAL  not required" in capsys.readouterr().out.splitlines()
+
+    assert gateway.run("models", "policy", "diabetes", "--remove-rule", "r2", "--all-aliases") == 0
+    removed = gateway.registry.requests[-1]
+    assert isinstance(removed, rpb.SetPolicyRequest)
+    assert list(removed.update.remove_rule_metrics) == ["r2"]
+    assert removed.update.HasField("aliases") and not removed.update.aliases.aliases
+    assert "RULES     none" in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("--clear", "--rule", "rmse < 1"), "--clear removes the whole policy; pass it alone"),
+        (("--replace",), "--replace needs the new policy's --rule"),
+        (("--replace", "--remove-rule", "rmse", "--rule", "r2 > 0"), "--remove-rule changes"),
+        (("--alias", "production", "--all-aliases"), "contradict"),
+    ],
+)
+def test_models_policy_refuses_options_whose_meaning_is_a_guess(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], complaint: str
+) -> None:
+    gateway.registry.add_model("diabetes", "ml", "1")
+
+    assert gateway.run("models", "policy", "diabetes", *args) == 2
+
+    assert complaint in _one_error_line(capsys.readouterr().err)
+    assert gateway.registry.requests == []
+
+
+def test_models_policy_prints_the_registrys_warnings_on_stderr(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway.registry.add_model("diabetes", "ml", "1")
+    gateway.registry.policy_warnings = [
+        "no version of 'diabetes' has a metric 'rsme' (did you mean 'rmse'?): promotions the "
+        "policy guards fail until one does"
+    ]
+
+    assert gateway.run("models", "policy", "diabetes", "--rule", "rsme < 70") == 0
+
+    out, err = capsys.readouterr()
+    assert err == (
+        "warning: no version of 'diabetes' has a metric 'rsme' (did you mean 'rmse'?): "
+        "promotions the policy guards fail until one does\n"
+    )
+    assert "RULES     rsme < 70" in out.splitlines(), "stored all the same"
+    assert gateway.run("models", "policy", "diabetes", "-o", "json") == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: ") and json.loads(out)["warnings"] == [err[9:].strip()]
 
 
 def test_models_policy_bad_rule_is_a_usage_error(
@@ -533,11 +643,19 @@ def test_models_policy_bad_rule_is_a_usage_error(
 def test_sdk_models_and_runs(gateway: FakeGateway) -> None:
     gateway.registry.add_model("diabetes", "ml", "1")
     with Plinth(gateway.address) as plinth:
-        model = plinth.models.set_policy("diabetes", "rmse < 60")
+        model = plinth.models.set_policy("diabetes", "rmse < 60", require_approval=True)
         assert [str(r) for r in model.policy.rules] == ["rmse < 60"]
         with pytest.raises(ValueError, match="invalid rule 'rmse'"):
             plinth.models.set_policy("diabetes", ["rmse"])
         assert plinth.models.get("diabetes").policy.rules == (PolicyRule("rmse", "<", 60.0),)
+        updated = plinth.models.update_policy("diabetes", add_rules="r2 >= 0.4")
+        assert [str(r) for r in updated.policy.rules] == ["rmse < 60", "r2 >= 0.4"]
+        assert updated.policy.require_approval and updated.warnings == ()
+        assert plinth.models.get_policy("diabetes") == updated.policy
+        with pytest.raises(InvalidArgument, match=r"update\.aliases"):
+            plinth.models.update_policy("diabetes", aliases=["latest"])
+        relaxed = plinth.models.update_policy("diabetes", require_approval=False)
+        assert not relaxed.policy.require_approval and len(relaxed.policy.rules) == 2
         with pytest.raises(NotFound):
             plinth.models.get("diabetes-x")
         plinth.models.promote("diabetes", "1", alias="staging")
