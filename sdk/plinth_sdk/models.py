@@ -221,6 +221,8 @@ class Event:
         data_json: The payload in proto3 JSON form, as sent.
         data_bytes: The protobuf-encoded payload, as sent.
         traceparent: W3C trace context of the producing span, or "".
+        sequence: Its place in the platform's event stream; ``watch(after_sequence=...)``
+            resumes right after it.
     """
 
     id: str
@@ -233,6 +235,7 @@ class Event:
     data_json: str
     data_bytes: bytes = field(repr=False)
     traceparent: str
+    sequence: int = 0
 
     @property
     def data(self) -> dict[str, Any]:
@@ -259,6 +262,7 @@ class Event:
             data_json=msg.data_json,
             data_bytes=msg.data,
             traceparent=msg.traceparent,
+            sequence=msg.sequence,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +277,7 @@ class Event:
             "data_schema": self.data_schema,
             "data": self.data,
             "traceparent": self.traceparent,
+            "sequence": self.sequence,
         }
 
 

@@ -109,9 +109,9 @@ def watch(
     last = 0
     try:
         for event in client.events.watch(types=types, team=team, since=since, after_sequence=after):
-            last = _sequence(event) or last
+            last = event.sequence or last
             if output == "json":
-                print_json_line({"sequence": _sequence(event), **event.to_dict()})
+                print_json_line(event.to_dict())
             else:
                 print(_event_line(event), flush=True)
     except KeyboardInterrupt:
@@ -121,16 +121,9 @@ def watch(
     return 0
 
 
-def _sequence(event: Event) -> int:
-    # The gateway's resume point; read defensively because models.Event only gains the field
-    # with this change's counterpart there, and a gateway that does not send it gives 0.
-    sequence = getattr(event, "sequence", 0)
-    return sequence if isinstance(sequence, int) else 0
-
-
 def _event_line(event: Event) -> str:
     payload = json.dumps(event.data, separators=(",", ":"), sort_keys=True)
-    sequence = _sequence(event)
+    sequence = event.sequence
     return " ".join(
         ([str(sequence)] if sequence else [])  # 0: a gateway that does not send it
         + [
