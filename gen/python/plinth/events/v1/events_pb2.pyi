@@ -143,16 +143,18 @@ class ModelPromoted(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., previous_version: _Optional[str] = ..., team: _Optional[str] = ..., source: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class DeploymentReady(_message.Message):
-    __slots__ = ("deployment", "team", "model_name", "version")
+    __slots__ = ("deployment", "team", "model_name", "version", "recovered")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     team: str
     model_name: str
     version: str
-    def __init__(self, deployment: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    recovered: bool
+    def __init__(self, deployment: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., recovered: _Optional[bool] = ...) -> None: ...
 
 class DeploymentFailed(_message.Message):
     __slots__ = ("deployment", "team", "model_name", "version", "reason", "serving_version")

@@ -17,11 +17,13 @@ class DeploymentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPLOYMENT_STATE_LOADING: _ClassVar[DeploymentState]
     DEPLOYMENT_STATE_READY: _ClassVar[DeploymentState]
     DEPLOYMENT_STATE_FAILED: _ClassVar[DeploymentState]
+    DEPLOYMENT_STATE_UNAVAILABLE: _ClassVar[DeploymentState]
 DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState
 DEPLOYMENT_STATE_PENDING: DeploymentState
 DEPLOYMENT_STATE_LOADING: DeploymentState
 DEPLOYMENT_STATE_READY: DeploymentState
 DEPLOYMENT_STATE_FAILED: DeploymentState
+DEPLOYMENT_STATE_UNAVAILABLE: DeploymentState
 
 class TritonSettings(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_delay_microseconds", "instance_count")
