@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
@@ -16,7 +16,14 @@ from plinth_common.config import DEFAULT_MLFLOW_PORT, CommonSettings, Env
 from plinth_common.errors import InvalidArgument
 from plinth_common.runtime import EngineHealth, ServiceRuntime
 from services.registry.cache import ReadCache
-from services.registry.events import CONSUMER, JOB_FINISHED, JobFinishedHandler, OutboxModelEvents
+from services.registry.events import (
+    CONSUMER,
+    CONSUMER_OPTIONS,
+    JOB_FINISHED,
+    JobFinishedHandler,
+    OutboxModelEvents,
+)
+from services.registry.healing import Backoff, MlflowGate, MlflowWatcher
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
 from services.registry.mlflow_store import MlflowStore
 from services.registry.service import RegistryService
@@ -40,6 +47,9 @@ class RegistrySettings:
         facts_ttl_s: how long a model's owning team and a run's metrics are remembered (the
             registry never changes them; 0 disables).
         mlflow_workers: threads running MLflow's blocking store calls.
+        restart_backoff: delays between restarts of the embedded MLflow server when it dies.
+        registration_wait_s: how long into an MLflow outage a registration from
+            ``job.finished`` waits before its delivery is retried later.
     """
 
     common: CommonSettings
@@ -47,6 +57,8 @@ class RegistrySettings:
     cache_ttl_s: float = 2.0
     facts_ttl_s: float = 60.0
     mlflow_workers: int = 4
+    restart_backoff: Backoff = field(default_factory=Backoff)
+    registration_wait_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RegistrySettings:
@@ -80,22 +92,29 @@ class RegistrySettings:
             cache_ttl_s=env.float("PLINTH_REGISTRY_CACHE_TTL_S", 2.0),
             facts_ttl_s=env.float("PLINTH_REGISTRY_FACTS_TTL_S", 60.0),
             mlflow_workers=env.int("PLINTH_REGISTRY_MLFLOW_WORKERS", 4),
+            restart_backoff=Backoff(
+                initial_s=env.float("PLINTH_MLFLOW_RESTART_BACKOFF_S", 0.5),
+                max_s=env.float("PLINTH_MLFLOW_RESTART_BACKOFF_MAX_S", 30.0),
+            ),
+            registration_wait_s=env.float("PLINTH_REGISTRY_REGISTRATION_WAIT_S", 30.0),
         )
 
 
 class _Readiness:
-    """The registry's engine as health sees it: the MLflow server answers and its store is open."""
+    """The registry's engine as health sees it: the MLflow server runs and answers (not being
+    restarted) and its store is open."""
 
-    def __init__(self, server: MlflowServer, store: MlflowStore) -> None:
+    def __init__(self, server: MlflowServer, store: MlflowStore, gate: MlflowGate) -> None:
         self._server = server
         self._store = store
+        self._gate = gate
 
     async def start(self) -> None:
         """Nothing to start (the app starts both parts)."""
 
     async def is_ready(self) -> bool:
-        """True when the store is open and the server's registry API answers."""
-        return self._store.is_open and await self._server.is_ready()
+        """True when the store is open, the gate too and the server's registry API answers."""
+        return self._store.is_open and self._gate.usable and await self._server.is_ready()
 
     async def stop(self) -> None:
         """Nothing to stop (the app stops both parts)."""
@@ -113,8 +132,15 @@ class RegistryApp:
             migrations=MIGRATIONS,
         )
         self.mlflow = MlflowServer(settings.mlflow, log_path=settings.common.log_dir / "mlflow.log")
+        self.gate = MlflowGate()
+        self.watcher = MlflowWatcher(
+            self.mlflow,
+            self.gate,
+            backoff=settings.restart_backoff,
+            ready_timeout_s=settings.mlflow.startup_timeout_s,
+        )
         self.store = MlflowStore(
-            settings.mlflow.backend_store_uri, max_workers=settings.mlflow_workers
+            settings.mlflow.backend_store_uri, max_workers=settings.mlflow_workers, gate=self.gate
         )
         self.cache = ReadCache(ttl_s=settings.cache_ttl_s)
         self.facts = ReadCache(ttl_s=settings.facts_ttl_s)
@@ -131,10 +157,11 @@ class RegistryApp:
             registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
         )
         self.health = EngineHealth(
-            self.runtime.server, _Readiness(self.mlflow, self.store), name="mlflow"
+            self.runtime.server, _Readiness(self.mlflow, self.store, self.gate), name="mlflow"
         )
         self.ready = asyncio.Event()
         self._opening: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -147,6 +174,8 @@ class RegistryApp:
         """
         await self.runtime.start()
         await self.mlflow.start()
+        # From here on the watcher restarts the server whenever it dies, the first start too.
+        self._watching = asyncio.create_task(self.watcher.run(), name="registry-mlflow-watcher")
         self._opening = asyncio.create_task(self._open_when_mlflow_answers(), name="registry-open")
         await self.health.start()
 
@@ -165,9 +194,13 @@ class RegistryApp:
         await retrying(self._open_store)
         # Consume only once registrations can succeed: earlier they would burn redeliveries.
         # A registration is several MLflow calls: a batch must finish well within ack_wait.
-        consumer = self.runtime.consume(
-            CONSUMER, [JOB_FINISHED], JobFinishedHandler(self.service, self.events), batch=16
+        handler = JobFinishedHandler(
+            self.service,
+            self.events,
+            gate=self.gate,
+            wait_budget_s=self.settings.registration_wait_s,
         )
+        consumer = self.runtime.consume(CONSUMER, [JOB_FINISHED], handler, **CONSUMER_OPTIONS)
         await consumer.start()
         self.ready.set()
         log.info(
@@ -177,16 +210,17 @@ class RegistryApp:
         )
 
     async def _open_store(self) -> None:
-        # Only after the server answers: on a fresh database it creates the schema, and the
-        # in-process store must not race it to do so.
-        await self.mlflow.wait_ready()
+        # Only after the server answers (the watcher opens the gate then): on a fresh database
+        # it creates the schema, and the in-process store must not race it to do so.
+        await self.gate.wait()
         await self.store.open()
 
     async def stop(self) -> None:
         """Stops the server and consumers, then the store's threads, then MLflow."""
-        if self._opening is not None:
-            self._opening.cancel()
-            await asyncio.gather(self._opening, return_exceptions=True)
+        for task in (self._opening, self._watching):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.health.stop()
         await self.runtime.stop()
         await self.store.close()

@@ -4,17 +4,31 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
 from plinth_common.db import Database
 from plinth_common.events import CloudEvent, EffectHandler, Outbox, Record
+from plinth_common.events.consumer import ConsumerOptions
 from services.registry.domain import FinishedJob, ModelVersion, Promotion
+from services.registry.healing import MlflowGate
 from services.registry.service import RegistryService
 
 JOB_FINISHED = "plinth.job.finished"
 CONSUMER = "registry-job-finished"
+#: The job.finished consumer's delivery policy. A registration waits up to the handler's budget
+#: (30 s) into an MLflow outage, then each delivery fails fast with Unavailable and is retried
+#: after these delays: 19 retries = 1+2+5+10+15*15 s, so an outage of about 4.5 minutes
+#: dead-letters nothing, and a registration follows MLflow's return within 15 s. A batch of 16
+#: registrations (several MLflow calls each) stays well within the 60 s ack wait.
+CONSUMER_OPTIONS: ConsumerOptions = {
+    "batch": 16,
+    "max_deliver": 20,
+    "backoff_s": (1.0, 2.0, 5.0, 10.0, 15.0),
+}
 
 
 class OutboxModelEvents:
@@ -81,25 +95,64 @@ def finished_job(payload: events_pb2.JobFinished, event: CloudEvent) -> Finished
     )
 
 
+class VersionCreatedWriter(Protocol):
+    """Writes ``model.version_created`` in the caller's transaction (:class:`OutboxModelEvents`)."""
+
+    async def add_version_created(
+        self, session: AsyncSession, version: ModelVersion, *, job_id: str
+    ) -> None: ...
+
+
 class JobFinishedHandler(EffectHandler):
     """Handles ``plinth.job.finished``: registers the job's model when it asked and succeeded.
 
     The registration talks to MLflow with no transaction open (it is idempotent: a version
     tagged with the job id is reused); ``model.version_created`` is then recorded in the
-    consumer's short transaction, with the processed-event row. Raising (MLflow unavailable,
-    the run's model missing, another team's model) means retry, then the dead-letter subject
-    with the reason.
+    consumer's short transaction, with the processed-event row. The run's model missing or
+    another team's model dead-letters at once, with the reason.
+
+    While MLflow is down (its server dead or restarting) a registration waits for it, up to
+    ``wait_budget_s`` after the outage began (a budget shared by every message, so a fetched
+    batch waits at most that long in total and is done well within the consumer's ack wait);
+    past the budget it raises Unavailable naming MLflow, which the consumer retries with
+    backoff (see :data:`CONSUMER_OPTIONS` for how long an outage it rides out).
+
+    Args:
+        service: the registry's domain logic.
+        events: where ``model.version_created`` is written.
+        gate: whether MLflow is usable (None: do not wait, the store decides).
+        wait_budget_s: how long into an outage a registration waits for MLflow.
     """
 
-    def __init__(self, service: RegistryService, events: OutboxModelEvents) -> None:
+    def __init__(
+        self,
+        service: RegistryService,
+        events: VersionCreatedWriter,
+        *,
+        gate: MlflowGate | None = None,
+        wait_budget_s: float = 30.0,
+    ) -> None:
         self._service = service
         self._events = events
+        self._gate = gate
+        self._wait_budget_s = wait_budget_s
 
     async def perform(self, event: CloudEvent, payload: Message) -> Record | None:
-        """Registers the version; returns the write of its ``version_created`` event."""
+        """Registers the version; returns the write of its ``version_created`` event.
+
+        Raises:
+            Unavailable: MLflow is down (the consumer retries later).
+        """
         if not isinstance(payload, events_pb2.JobFinished):
             return None
         job = finished_job(payload, event)
+        if (
+            self._gate is not None
+            and job.register_as
+            and job.succeeded
+            and not await self._gate.wait_usable(budget_s=self._wait_budget_s)
+        ):
+            self._gate.check()  # raises Unavailable with the reason MLflow is down
         version = await self._service.register_finished_job(job)
         if version is None:
             return None

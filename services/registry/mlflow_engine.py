@@ -26,6 +26,8 @@ _READINESS_PATH = "/api/2.0/mlflow/registered-models/search"
 _READINESS_TIMEOUT_S = 2.0
 _POLL_INTERVAL_S = 0.25
 _TERM_GRACE_S = 10.0
+# What is left of a dead server's group (its uvicorn worker) gets this long after SIGTERM.
+_RESTART_GRACE_S = 3.0
 _LOG_TAIL_LINES = 40
 _PROCESS_NAME = "mlflow server"
 
@@ -157,15 +159,46 @@ class MlflowServer:
         if self._process is not None and self._process.alive:
             return
         await asyncio.to_thread(self._prepare_storage)
-        self._process = ChildProcess(
-            self._command(),
-            name=_PROCESS_NAME,
-            env=self._child_env(),
-            log_path=self._log_path,
-            own_group=True,  # stop() ends the uvicorn workers too
-            stop_grace_s=_TERM_GRACE_S,
-        )
+        if self._process is None:
+            self._process = ChildProcess(
+                self._command(),
+                name=_PROCESS_NAME,
+                env=self._child_env(),
+                log_path=self._log_path,
+                own_group=True,  # stop() ends the uvicorn workers too
+                stop_grace_s=_TERM_GRACE_S,
+            )
+        # The same ChildProcess runs again after an exit: it reaps the previous run's guard.
         self._process.start()
+
+    async def restart(self) -> None:
+        """Ends what is left of the previous run's process group, then starts a new run.
+
+        A ``kill -9`` of the ``mlflow`` process alone leaves its uvicorn worker holding the
+        port: the whole group goes first. Does nothing for an external server.
+
+        Raises:
+            RuntimeError: the server was stopped (the registry is shutting down).
+        """
+        if self._settings.external_url:
+            return
+        if self._stopped:
+            raise RuntimeError("this MlflowServer was stopped; create a new one")
+        if self._process is not None:
+            await self._process.stop(grace=_RESTART_GRACE_S)
+        await self.start()
+
+    async def wait_exited(self) -> str:
+        """Waits until the launched server exits; returns how (``was killed by SIGKILL``).
+
+        Never returns for an external server or one that was never started.
+        """
+        process = self._process
+        if self._settings.external_url or process is None:
+            await asyncio.get_running_loop().create_future()  # nothing to watch: never done
+            raise RuntimeError("unreachable: the future above never completes")
+        await process.wait()
+        return process.exit_description()
 
     def _prepare_storage(self) -> None:
         dest = self._settings.artifacts_destination

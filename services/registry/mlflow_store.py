@@ -34,6 +34,7 @@ from opentelemetry import trace
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.registry.domain import LoggedModel, Run
+from services.registry.healing import MLFLOW, MlflowGate
 
 __all__ = ["MlflowModel", "MlflowStore", "MlflowVersion", "Page"]
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.registry")
 T = TypeVar("T")
 
-MLFLOW = "MLflow"  # the dependency an Unavailable names
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 _ALREADY_EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
 # MLflow's SQL store reports a sqlalchemy OperationalError (locked, unreachable) as
@@ -91,10 +91,16 @@ class MlflowStore:
         store_uri: SQLAlchemy URL of MLflow's backend store (``sqlite:////...`` or
             ``postgresql://...``): the same database the MLflow server uses.
         max_workers: threads for MLflow calls (also bounds concurrent database sessions).
+        gate: when given, every call first checks that MLflow is usable (its server runs) and
+            answers Unavailable naming MLflow and the reason otherwise (see
+            :mod:`services.registry.healing`).
     """
 
-    def __init__(self, store_uri: str, *, max_workers: int = 4) -> None:
+    def __init__(
+        self, store_uri: str, *, max_workers: int = 4, gate: MlflowGate | None = None
+    ) -> None:
         self._store_uri = store_uri
+        self._gate = gate
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="mlflow-store"
         )
@@ -358,6 +364,8 @@ class MlflowStore:
                 dependency=MLFLOW,
                 retry_after_s=2.0,
             )
+        if self._gate is not None:
+            self._gate.check()
         client = self._client
 
         def guarded() -> Any:
