@@ -1,20 +1,26 @@
-"""The gateway's consumer side: platform events from the JetStream stream, for the event stream."""
+"""The gateway's JetStream side: platform events for the event stream, and the dead letters."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager, suppress
 
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from plinth_common.errors import Unavailable
 from plinth_common.events import CloudEvent, EventBus
-from plinth_common.events.bus import EVENTS_STREAM, EVENTS_SUBJECTS
+from plinth_common.events.bus import (
+    DEAD_LETTER_PREFIX,
+    DEAD_LETTER_STREAM,
+    EVENTS_STREAM,
+    EVENTS_SUBJECTS,
+)
 from plinth_common.events.envelope import MalformedEvent
-from services.gateway.service import StartPoint, StreamedEvent
+from services.gateway.service import StartPoint, StoredMessage, StreamedEvent
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +144,75 @@ async def _drain(
             log.warning("skipping malformed event on %s: %s", msg.subject, exc)
             continue
         yield StreamedEvent(event=event, sequence=msg.metadata.sequence.stream)
+
+
+class NatsDeadLetterStore:
+    """The dead letters in the ``PLINTH_DLQ`` stream, read message by message (no consumer is
+    left behind), and the events stream their replays go back to.
+
+    Args:
+        bus: the gateway's NATS connection.
+    """
+
+    prefix = DEAD_LETTER_PREFIX
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+
+    async def next_message(self, after: int, *, subject: str) -> StoredMessage | None:
+        """The first dead letter after ``after`` on ``subject`` (``dlq.>``: any), or None."""
+        js = await self._bus.connected()
+        try:
+            raw = await js.get_msg(DEAD_LETTER_STREAM, seq=after + 1, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _dlq_unreachable(exc) from None
+        return _stored(raw)
+
+    async def message(self, sequence: int) -> StoredMessage | None:
+        """The dead letter at ``sequence``, or None."""
+        js = await self._bus.connected()
+        try:
+            raw = await js.get_msg(DEAD_LETTER_STREAM, seq=sequence)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _dlq_unreachable(exc) from None
+        return _stored(raw)
+
+    async def publish(self, subject: str, headers: Mapping[str, str], data: bytes) -> int:
+        """Publishes to the events stream; the stored sequence."""
+        js = await self._bus.connected()
+        try:
+            ack = await js.publish(subject, data, headers=dict(headers), stream=EVENTS_STREAM)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _dlq_unreachable(exc) from None
+        return ack.seq
+
+    async def remove(self, sequence: int) -> None:
+        """Deletes the dead letter at ``sequence`` (gone already: nothing to do)."""
+        js = await self._bus.connected()
+        try:
+            await js.delete_msg(DEAD_LETTER_STREAM, sequence)
+        except nats.js.errors.NotFoundError:
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _dlq_unreachable(exc) from None
+
+
+def _stored(raw: RawStreamMsg) -> StoredMessage:
+    return StoredMessage(
+        sequence=raw.seq or 0,
+        subject=raw.subject or "",
+        headers={str(k): str(v) for k, v in (raw.headers or {}).items()},
+        data=raw.data or b"",
+        stored_at=raw.time,
+    )
+
+
+def _dlq_unreachable(exc: BaseException) -> Unavailable:
+    return Unavailable(
+        f"the dead letters cannot be read right now ({exc or type(exc).__name__}); retry",
+        dependency="NATS",
+    )

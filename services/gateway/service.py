@@ -1,16 +1,17 @@
-"""Gateway domain logic: which platform events a watcher asked for, and from where. No grpc or
-nats imports."""
+"""Gateway domain logic: which platform events a watcher asked for, and from where; the dead
+letters, listed and replayed. No grpc or nats imports."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
-from plinth_common.errors import InvalidArgument
-from plinth_common.events.envelope import CATALOG, CloudEvent
+from plinth_common.errors import InvalidArgument, NotFound
+from plinth_common.events.envelope import CATALOG, CloudEvent, MalformedEvent
+from plinth_common.paging import check_page_size, decode_token, encode_token
 
 TYPE_PREFIX = "plinth."
 
@@ -131,6 +132,16 @@ class EventStreams:
         ):
             yield matching
 
+    async def pin(self, start: StartPoint) -> StartPoint:
+        """A live start as the resume point it stands for: after the newest event now.
+
+        The watch then has a resume point before its first event arrives, and following it is
+        exactly "new events only" (nothing published after this call is missed).
+        """
+        if start.is_live:
+            return StartPoint(after_sequence=await self._source.last_sequence())
+        return start
+
     async def _check_resume_point(self, after_sequence: int) -> None:
         # A resume point the stream never reached comes from another stream (a platform whose
         # data was reset) or a typo; following it would silently show nothing for a long time.
@@ -150,3 +161,224 @@ async def _matching(
     async for streamed in events:
         if event_filter.matches(streamed.event):
             yield streamed
+
+
+# --------------------------------------------------------------------------- dead letters
+
+#: Headers the consumer adds when it dead-letters an event (lib/plinth_common/events/consumer.py).
+DLQ_REASON = "plinth-dlq-reason"
+DLQ_CONSUMER = "plinth-dlq-consumer"
+DLQ_DELIVERIES = "plinth-dlq-deliveries"
+DLQ_SUBJECT = "plinth-dlq-subject"
+_DLQ_HEADERS = frozenset({DLQ_REASON, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_SUBJECT})
+_MSG_ID = "Nats-Msg-Id"
+DEAD_LETTER_PAGES = "dead-letters"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredMessage:
+    """A message of the dead-letter stream as stored: its subject there (``dlq.<original>``),
+    headers and payload."""
+
+    sequence: int
+    subject: str
+    headers: Mapping[str, str]
+    data: bytes
+    stored_at: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetter:
+    """An event a consumer gave up on: what failed, why, after how many deliveries, and when."""
+
+    sequence: int
+    subject: str
+    consumer: str
+    reason: str
+    deliveries: int
+    dead_lettered_at: datetime | None
+    headers: Mapping[str, str]
+    data: bytes
+
+    @classmethod
+    def of(cls, message: StoredMessage, *, prefix: str) -> DeadLetter:
+        """Reads the consumer's headers off a stored message."""
+        headers = message.headers
+        try:
+            deliveries = int(headers.get(DLQ_DELIVERIES, "0"))
+        except ValueError:
+            deliveries = 0
+        return cls(
+            sequence=message.sequence,
+            subject=headers.get(DLQ_SUBJECT) or message.subject.removeprefix(prefix),
+            consumer=headers.get(DLQ_CONSUMER, ""),
+            reason=headers.get(DLQ_REASON, ""),
+            deliveries=deliveries,
+            dead_lettered_at=message.stored_at,
+            headers=headers,
+            data=message.data,
+        )
+
+    @property
+    def event_id(self) -> str:
+        """The original event's ``ce-id`` ('' for a message that was no CloudEvent)."""
+        return self.headers.get("ce-id", "")
+
+    @property
+    def event_type(self) -> str:
+        """The original event's ``ce-type``."""
+        return self.headers.get("ce-type", "")
+
+    @property
+    def team(self) -> str:
+        """The original event's team."""
+        return self.headers.get("ce-team", "")
+
+    def event(self) -> CloudEvent | None:
+        """The original event, or None when its headers do not make one."""
+        try:
+            return CloudEvent.from_headers(self.original_headers(), self.data)
+        except MalformedEvent:
+            return None
+
+    def original_headers(self) -> dict[str, str]:
+        """The headers the event was published with (the consumer's own and the message id
+        it gave the dead letter removed)."""
+        return {k: v for k, v in self.headers.items() if k not in _DLQ_HEADERS and k != _MSG_ID}
+
+    def replay_id(self) -> str:
+        """The ``Nats-Msg-Id`` of its replay: new (JetStream would drop the original id as a
+        duplicate within its window), yet the same on a retried replay of this dead letter, so
+        a replay whose removal failed and is run again publishes once."""
+        return f"{self.event_id or 'message'}:replay:{self.sequence}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetterFilter:
+    """Which dead letters a listing shows (empty fields: all)."""
+
+    consumer: str = ""
+    type: str = ""
+    team: str = ""
+
+    def matches(self, letter: DeadLetter) -> bool:
+        """Whether ``letter`` is listed."""
+        return (
+            (not self.consumer or letter.consumer == self.consumer)
+            and (not self.type or letter.subject == self.type)
+            and (not self.team or letter.team == self.team)
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replayed:
+    """A replayed dead letter and the sequence its event got in the event stream."""
+
+    dead_letter: DeadLetter
+    event_sequence: int
+
+
+class DeadLetterStore(Protocol):
+    """The stream that keeps dead letters, and the one their events go back to."""
+
+    prefix: str
+
+    async def next_message(self, after: int, *, subject: str) -> StoredMessage | None:
+        """The first message with a sequence greater than ``after`` on ``subject`` (wildcards
+        allowed), or None."""
+        ...
+
+    async def message(self, sequence: int) -> StoredMessage | None:
+        """The message at ``sequence``, or None (never there, or removed)."""
+        ...
+
+    async def publish(self, subject: str, headers: Mapping[str, str], data: bytes) -> int:
+        """Publishes to the event stream; returns the stored sequence."""
+        ...
+
+    async def remove(self, sequence: int) -> None:
+        """Removes the dead letter at ``sequence`` (gone already: nothing to do)."""
+        ...
+
+
+class DeadLetters:
+    """Lists, shows and replays the dead letters.
+
+    Args:
+        store: where they are kept.
+        max_scanned: the most dead letters one page reads while filtering, so a filter that
+            matches little answers in bounded time (the page then ends early, with a token).
+    """
+
+    def __init__(self, store: DeadLetterStore, *, max_scanned: int = 5000) -> None:
+        self._store = store
+        self._max_scanned = max_scanned
+
+    async def list(
+        self, *, page_size: int, page_token: str, where: DeadLetterFilter
+    ) -> tuple[list[DeadLetter], str]:
+        """A page of dead letters, oldest first, and the next page's token ('' at the end).
+
+        Raises:
+            InvalidArgument: a bad page size or token.
+        """
+        limit = check_page_size(page_size)
+        after = decode_token(page_token, DEAD_LETTER_PAGES) if page_token else 0
+        where = replace(where, type=_full_type(where.type))
+        subject = self._store.prefix + (where.type or ">")
+        found: list[DeadLetter] = []
+        for _ in range(self._max_scanned):
+            message = await self._store.next_message(after, subject=subject)
+            if message is None:
+                return found, ""
+            after = message.sequence
+            letter = DeadLetter.of(message, prefix=self._store.prefix)
+            if where.matches(letter):
+                found.append(letter)
+                if len(found) == limit:
+                    break
+        # A full page, or the scan bound: the next page goes on from the last one read.
+        return found, encode_token(DEAD_LETTER_PAGES, after)
+
+    async def get(self, sequence: int) -> DeadLetter:
+        """The dead letter at ``sequence``.
+
+        Raises:
+            InvalidArgument: sequence 0.
+            NotFound: none there (never, or replayed already).
+        """
+        if sequence < 1:
+            raise InvalidArgument(
+                "sequence", f"a dead letter's sequence is 1 or more, not {sequence}"
+            )
+        message = await self._store.message(sequence)
+        if message is None or not message.subject.startswith(self._store.prefix):
+            raise NotFound(
+                "dead letter",
+                str(sequence),
+                hint="it was replayed already or never existed; `plinth events dlq list` shows "
+                "the dead letters",
+            )
+        return DeadLetter.of(message, prefix=self._store.prefix)
+
+    async def replay(self, sequence: int) -> Replayed:
+        """Republishes the dead letter's event to its original subject (same ``ce-id``, a new
+        message id), then removes the dead letter.
+
+        Raises:
+            InvalidArgument: sequence 0.
+            NotFound: no dead letter there.
+        """
+        letter = await self.get(sequence)
+        headers = letter.original_headers()
+        headers[_MSG_ID] = letter.replay_id()
+        event_sequence = await self._store.publish(letter.subject, headers, letter.data)
+        # Removed only after the publish is stored: a failure in between leaves the dead letter,
+        # and replaying it again publishes the same message id, which JetStream drops.
+        await self._store.remove(sequence)
+        return Replayed(dead_letter=letter, event_sequence=event_sequence)
+
+
+def _full_type(name: str) -> str:
+    # Unknown types are allowed: a dead letter may be an event no catalog knows.
+    return name if not name or name.startswith(TYPE_PREFIX) else TYPE_PREFIX + name

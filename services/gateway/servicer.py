@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from datetime import UTC, datetime
 
 import grpc
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from plinth_common.errors import InvalidArgument
+from plinth_common.errors import FailedPrecondition, InvalidArgument
 from plinth_common.events import CloudEvent
 from plinth_common.events.envelope import PROTOBUF, MalformedEvent, message_json
 from plinth_common.prototime import to_timestamp
-from services.gateway.service import EventStreams, StartPoint, make_start
+from services.gateway.service import (
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetters,
+    EventStreams,
+    StartPoint,
+    make_start,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +29,8 @@ log = logging.getLogger(__name__)
 #: replaying consumer) is in place: a client that has it (``await call.initial_metadata()``)
 #: misses no event published afterwards.
 WATCH_LIVE = ("plinth-watch", "live")
+#: Initial metadata of ``WatchEvents`` naming its resume point before any event arrives.
+WATCH_AFTER = "plinth-watch-after"
 
 
 def event_to_proto(event: CloudEvent, *, sequence: int = 0) -> gateway_pb2.Event:
@@ -62,20 +72,87 @@ def start_of(request: gateway_pb2.WatchEventsRequest) -> StartPoint:
     return make_start(since=since, after_sequence=after)
 
 
-class EventServicer(gateway_pb2_grpc.EventServiceServicer):
-    """Serves ``plinth.gateway.v1.EventService``."""
+def dead_letter_to_proto(letter: DeadLetter) -> gateway_pb2.DeadLetter:
+    """Domain dead letter -> ``plinth.gateway.v1.DeadLetter`` (JSON payload when it decodes)."""
+    message = gateway_pb2.DeadLetter(
+        sequence=letter.sequence,
+        subject=letter.subject,
+        event_id=letter.event_id,
+        event_type=letter.event_type,
+        team=letter.team,
+        consumer=letter.consumer,
+        reason=letter.reason,
+        deliveries=letter.deliveries,
+        data=letter.data,
+    )
+    if letter.dead_lettered_at is not None:
+        message.dead_lettered_at.CopyFrom(to_timestamp(letter.dead_lettered_at))
+    event = letter.event()
+    if event is not None:
+        message.event_subject = event.subject
+        message.event_time.CopyFrom(to_timestamp(event.time))
+        # The payload may be why it was dead-lettered: its bytes are in `data` anyway.
+        with suppress(MalformedEvent):
+            message.data_json = message_json(event.payload())
+    return message
 
-    def __init__(self, streams: EventStreams) -> None:
+
+class EventServicer(gateway_pb2_grpc.EventServiceServicer):
+    """Serves ``plinth.gateway.v1.EventService``.
+
+    Args:
+        streams: the event streams.
+        dead_letters: the dead letters; None: a gateway that does not serve them
+            (FAILED_PRECONDITION).
+    """
+
+    def __init__(self, streams: EventStreams, dead_letters: DeadLetters | None = None) -> None:
         self._streams = streams
+        self._dead_letters = dead_letters
 
     async def WatchEvents(
         self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.Event]:
-        start = start_of(request)
+        start = await self._streams.pin(start_of(request))
         async with self._streams.watch(request.types, request.team, start=start) as events:
-            await context.send_initial_metadata((WATCH_LIVE,))
+            metadata = [WATCH_LIVE]
+            if start.after_sequence is not None:
+                metadata.append((WATCH_AFTER, str(start.after_sequence)))
+            await context.send_initial_metadata(tuple(metadata))
             async for streamed in events:
                 try:
                     yield event_to_proto(streamed.event, sequence=streamed.sequence)
                 except MalformedEvent as exc:  # one bad event must not end every watcher's stream
                     log.warning("skipping event %s: %s", streamed.event.id, exc)
+
+    async def ListDeadLetters(
+        self, request: gateway_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListDeadLettersResponse:
+        letters, token = await self._letters().list(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            where=DeadLetterFilter(consumer=request.consumer, type=request.type, team=request.team),
+        )
+        return gateway_pb2.ListDeadLettersResponse(
+            dead_letters=[dead_letter_to_proto(letter) for letter in letters],
+            next_page_token=token,
+        )
+
+    async def GetDeadLetter(
+        self, request: gateway_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.DeadLetter:
+        return dead_letter_to_proto(await self._letters().get(request.sequence))
+
+    async def ReplayDeadLetter(
+        self, request: gateway_pb2.ReplayDeadLetterRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ReplayDeadLetterResponse:
+        replayed = await self._letters().replay(request.sequence)
+        return gateway_pb2.ReplayDeadLetterResponse(
+            dead_letter=dead_letter_to_proto(replayed.dead_letter),
+            event_sequence=replayed.event_sequence,
+        )
+
+    def _letters(self) -> DeadLetters:
+        if self._dead_letters is None:
+            raise FailedPrecondition("this gateway does not serve dead letters")
+        return self._dead_letters

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,11 +18,13 @@ import grpc
 import nats.errors
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from sqlalchemy.ext.asyncio import AsyncSession
 from tritonclient.grpc import service_pb2 as inference_pb2
 from tritonclient.grpc import service_pb2_grpc as inference_grpc
 
@@ -30,18 +33,23 @@ from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.db import Database
 from plinth_common.errors import NotFound, Unavailable
-from plinth_common.events import EventBus
+from plinth_common.events import CloudEvent, ConsumerSettings, EventBus, EventConsumer, event_tables
 from plinth_common.events.envelope import new_event
 from plinth_common.grpc_server import GrpcServer
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 from plinth_common.rich_status import details_of
+from plinth_sdk import Plinth
+from plinth_sdk.errors import InvalidArgument as PlinthInvalidArgument
+from plinth_sdk.errors import NotFound as PlinthNotFound
+from plinth_sdk.events import DeadLetter
 from services.gateway.app import GatewayApp, GatewaySettings
-from services.gateway.events import NatsEventSource
+from services.gateway.events import NatsDeadLetterStore, NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
-from services.gateway.service import StartPoint
-from services.gateway.servicer import WATCH_LIVE
+from services.gateway.service import DeadLetters, EventStreams, StartPoint
+from services.gateway.servicer import WATCH_LIVE, EventServicer
 from services.scheduler.app import SchedulerApp, SchedulerSettings
 from tests.helpers import eventually, service_env
 
@@ -614,3 +622,149 @@ async def test_fuzzed_watch_request_is_invalid_argument_from_the_gateway(
         details = details_of(outcome.trailing_metadata())
         assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT, (raw, outcome)
         assert (details.reason, details.domain) == ("MALFORMED_REQUEST", "gateway.plinth")
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+@dataclass
+class DeadLetterBench:
+    """The gateway's event service with its dead letters (as the gateway app wires it), a
+    bus to publish on, and consumers whose handler can be broken and fixed."""
+
+    bus: EventBus
+    db: Database
+    processed: sa.Table
+    client: Plinth
+    consumers: list[EventConsumer]
+
+    def consume(self, durable: str, handler: Callable[[CloudEvent], None]) -> EventConsumer:
+        async def handle(session: AsyncSession, event: CloudEvent, payload: Message) -> None:
+            handler(event)
+
+        consumer = EventConsumer(
+            self.bus,
+            self.db,
+            self.processed,
+            ConsumerSettings(
+                durable=durable,
+                subjects=["plinth.features.materialized"],
+                max_deliver=2,
+                backoff_s=(0.05,),
+            ),
+            handle,
+        )
+        self.consumers.append(consumer)
+        return consumer
+
+    async def publish(self, view: str) -> CloudEvent:
+        event = new_event(
+            events_pb2.FeaturesMaterialized(feature_views=[view]),
+            source="/plinth/test",
+            subject=view,
+            team="ml",
+        )
+        await self.bus.js.publish(event.type, event.data, headers=event.headers())
+        return event
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def bench(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[DeadLetterBench]:
+    bus = EventBus(nats_server.url, name="test-dlq")
+    await bus.start()
+    await bus.connected()
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'processed.db'}")
+    metadata = sa.MetaData()
+    _, processed = event_tables(metadata)
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    server = GrpcServer(host="127.0.0.1", port=0, domain="gateway.plinth")
+    server.add(
+        gateway_pb2_grpc.add_EventServiceServicer_to_server,
+        EventServicer(EventStreams(NatsEventSource(bus)), DeadLetters(NatsDeadLetterStore(bus))),
+        gateway_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    )
+    port = await server.start()
+    client = Plinth(f"127.0.0.1:{port}", timeout=10)
+    consumers: list[EventConsumer] = []
+    yield DeadLetterBench(bus, db, processed, client, consumers)
+    client.close()
+    for consumer in consumers:
+        await consumer.stop()
+    await server.stop(0)
+    await bus.stop()
+    await db.close()
+
+
+async def test_a_poison_event_is_listed_shown_and_replayed_once_the_handler_is_fixed(
+    bench: DeadLetterBench,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    broken = True
+    fixed_saw: list[str] = []
+    healthy_saw: list[str] = []
+
+    def fragile(event: CloudEvent) -> None:
+        if broken:
+            raise RuntimeError(f"cannot parse view {event.subject}")
+        fixed_saw.append(event.id)
+
+    # Two consumers of the subject: one healthy all along, one whose handler is broken.
+    healthy = bench.consume(f"dlq-healthy-{run}", lambda e: healthy_saw.append(e.id))
+    fragile_consumer = bench.consume(f"dlq-fragile-{run}", fragile)
+    for consumer in (healthy, fragile_consumer):
+        await consumer.start()
+    event = await bench.publish(f"view-{run}")
+
+    async def listed() -> list[DeadLetter]:
+        return await asyncio.to_thread(
+            lambda: list(bench.client.events.dead_letters(consumer=f"dlq-fragile-{run}"))
+        )
+
+    (letter,) = await eventually(listed, timeout=15)
+    assert (letter.event_id, letter.event_type, letter.subject) == (
+        event.id,
+        "plinth.features.materialized",
+        "plinth.features.materialized",
+    )
+    assert (letter.event_subject, letter.team, letter.deliveries) == (f"view-{run}", "ml", 2)
+    assert letter.reason == f"RuntimeError: cannot parse view view-{run}"
+    assert letter.dead_lettered_at is not None and letter.data == {"feature_views": [f"view-{run}"]}
+    assert healthy_saw == [event.id] and fixed_saw == []
+    # Listing filters by type and team as well.
+    by_type = await asyncio.to_thread(
+        lambda: [d.sequence for d in bench.client.events.dead_letters(type="features.materialized")]
+    )
+    assert letter.sequence in by_type
+    assert not await asyncio.to_thread(
+        lambda: list(bench.client.events.dead_letters(consumer=f"dlq-fragile-{run}", team="nlp"))
+    )
+
+    shown = await asyncio.to_thread(bench.client.events.dead_letter, letter.sequence)
+    assert shown == letter
+
+    broken = False
+    replayed = await asyncio.to_thread(bench.client.events.replay, letter.sequence)
+    assert replayed.dead_letter.event_id == event.id and replayed.event_sequence > 0
+    await eventually(lambda: _true(fixed_saw == [event.id]), timeout=15)
+    # The healthy consumer got the replay too, and recognised the event: no second effect.
+    await eventually(lambda: _true(healthy.duplicates == 1), timeout=15)
+    assert healthy_saw == [event.id] and fixed_saw == [event.id]
+    assert await listed() == []
+    with pytest.raises(PlinthNotFound, match="replayed already"):
+        await asyncio.to_thread(bench.client.events.replay, letter.sequence)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_dead_letter_requests_are_checked(bench: DeadLetterBench) -> None:
+    with pytest.raises(PlinthInvalidArgument, match="sequence"):
+        await asyncio.to_thread(bench.client.events.dead_letter, 0)
+    with pytest.raises(PlinthInvalidArgument, match="page_token"):
+        await asyncio.to_thread(
+            bench.client.events._transport.unary,
+            bench.client.events._stub.ListDeadLetters,
+            gateway_pb2.ListDeadLettersRequest(page_token="bogus"),
+        )

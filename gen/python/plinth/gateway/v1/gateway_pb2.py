@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/gateway/v1/gateway.proto\x12\x11plinth.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xd7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x61ta_schema\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x10\n\x08sequence\x18\x0b \x01(\x04\x32`\n\x0c\x45ventService\x12P\n\x0bWatchEvents\x12%.plinth.gateway.v1.WatchEventsRequest\x1a\x18.plinth.gateway.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/gateway/v1/gateway.proto\x12\x11plinth.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xd7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x61ta_schema\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x10\n\x08sequence\x18\x0b \x01(\x04\"\xb7\x02\n\nDeadLetter\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x15\n\revent_subject\x18\x05 \x01(\t\x12\x0c\n\x04team\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63onsumer\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\ndeliveries\x18\n \x01(\r\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x64\x61ta\x18\x0c \x01(\x0c\x12\x11\n\tdata_json\x18\r \x01(\t\"m\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0c\n\x04team\x18\x05 \x01(\t\"g\n\x17ListDeadLettersResponse\x12\x33\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1d.plinth.gateway.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x14GetDeadLetterRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"+\n\x17ReplayDeadLetterRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"f\n\x18ReplayDeadLetterResponse\x12\x32\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x1d.plinth.gateway.v1.DeadLetter\x12\x16\n\x0e\x65vent_sequence\x18\x02 \x01(\x04\x32\x90\x03\n\x0c\x45ventService\x12P\n\x0bWatchEvents\x12%.plinth.gateway.v1.WatchEventsRequest\x1a\x18.plinth.gateway.v1.Event0\x01\x12h\n\x0fListDeadLetters\x12).plinth.gateway.v1.ListDeadLettersRequest\x1a*.plinth.gateway.v1.ListDeadLettersResponse\x12W\n\rGetDeadLetter\x12\'.plinth.gateway.v1.GetDeadLetterRequest\x1a\x1d.plinth.gateway.v1.DeadLetter\x12k\n\x10ReplayDeadLetter\x12*.plinth.gateway.v1.ReplayDeadLetterRequest\x1a+.plinth.gateway.v1.ReplayDeadLetterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHEVENTSREQUEST']._serialized_end=228
   _globals['_EVENT']._serialized_start=231
   _globals['_EVENT']._serialized_end=446
-  _globals['_EVENTSERVICE']._serialized_start=448
-  _globals['_EVENTSERVICE']._serialized_end=544
+  _globals['_DEADLETTER']._serialized_start=449
+  _globals['_DEADLETTER']._serialized_end=760
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=762
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=871
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=873
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=976
+  _globals['_GETDEADLETTERREQUEST']._serialized_start=978
+  _globals['_GETDEADLETTERREQUEST']._serialized_end=1018
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_start=1020
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_end=1063
+  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_start=1065
+  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_end=1167
+  _globals['_EVENTSERVICE']._serialized_start=1170
+  _globals['_EVENTSERVICE']._serialized_end=1570
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,21 @@ class EventServiceStub:
                 request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/plinth.gateway.v1.EventService/ListDeadLetters',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.GetDeadLetter = channel.unary_unary(
+                '/plinth.gateway.v1.EventService/GetDeadLetter',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetDeadLetterRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.DeadLetter.FromString,
+                _registered_method=True)
+        self.ReplayDeadLetter = channel.unary_unary(
+                '/plinth.gateway.v1.EventService/ReplayDeadLetter',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ReplayDeadLetterRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ReplayDeadLetterResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -57,6 +72,39 @@ class EventServiceServicer:
         misses no event published afterwards.
         An unknown type, or both start points at once, is INVALID_ARGUMENT before any
         metadata; so is an `after_sequence` past the newest event.
+        The initial metadata also carries "plinth-watch-after: <sequence>" when the watch has a
+        resume point before its first event (a live watch: the newest event when it began; one
+        with after_sequence: that one): a client whose stream breaks before any event arrives
+        watches again with after_sequence = it and misses nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """Dead letters: events a durable consumer gave up on (its handler kept failing, or refused
+        the event as invalid), kept in the PLINTH_DLQ stream, oldest first. Each says what failed
+        (the original subject, event id, type), why (the last failure), how many deliveries were
+        made and when it was dead-lettered.
+        Admin-only once tenancy lands: a dead letter can hold any team's event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeadLetter(self, request, context):
+        """One dead letter, with its payload. NOT_FOUND once replayed (or never there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayDeadLetter(self, request, context):
+        """Republishes the original event (same ce-id, headers and payload) to its original subject
+        with a new Nats-Msg-Id, so JetStream's duplicate window does not drop it, then removes the
+        dead letter. Every consumer of that subject gets a new delivery; one that had handled the
+        event already finds its id in its processed events and has no second effect (idempotency
+        holds). Run it once the handler is fixed. Admin-only once tenancy lands.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,6 +117,21 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.WatchEventsRequest.FromString,
                     response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.Event.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'GetDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeadLetter,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetDeadLetterRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.DeadLetter.SerializeToString,
+            ),
+            'ReplayDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetter,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ReplayDeadLetterRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ReplayDeadLetterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,6 +163,87 @@ class EventService:
             '/plinth.gateway.v1.EventService/WatchEvents',
             plinth_dot_gateway_dot_v1_dot_gateway__pb2.WatchEventsRequest.SerializeToString,
             plinth_dot_gateway_dot_v1_dot_gateway__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.EventService/ListDeadLetters',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListDeadLettersRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.EventService/GetDeadLetter',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetDeadLetterRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.DeadLetter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.EventService/ReplayDeadLetter',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ReplayDeadLetterRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ReplayDeadLetterResponse.FromString,
             options,
             channel_credentials,
             insecure,
