@@ -13,7 +13,8 @@ the server wait for each other's write locks instead of failing with "database i
 MLflow entities become plain records here, and MLflow's errors become Plinth's: a missing
 object reads as None (or NotFound naming it, for a write), a bad filter or page token as
 InvalidArgument naming that field, a wrong state as FailedPrecondition, a busy or unreachable
-database (or a store not open yet) as Unavailable naming MLflow. Anything else is unexpected
+database (or a store not open yet, or MLflow's server dead or restarting: see
+:mod:`services.registry.healing`) as Unavailable naming MLflow. Anything else is unexpected
 and propagates: the interceptor logs it and answers INTERNAL.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -150,6 +151,38 @@ async def test_wait_ready_reports_a_dead_server(tmp_path: Path):
     finally:
         await server.stop()
     assert await server.is_ready() is False
+
+
+async def test_a_server_killed_alone_is_restarted_on_its_port_without_its_old_worker(
+    mlflow_server: MlflowServer,
+):
+    pid = mlflow_server.pid
+    assert pid is not None
+    # kill -9 of the mlflow process only: its uvicorn worker may keep the port.
+    os.kill(pid, signal.SIGKILL)
+    how = await asyncio.wait_for(mlflow_server.wait_exited(), 10)
+    assert how == "was killed by SIGKILL"
+    assert await mlflow_server.is_ready() is False
+
+    await mlflow_server.restart()
+    await mlflow_server.wait_ready(timeout=120)
+    assert mlflow_server.pid not in (None, pid)
+    assert not group_alive(pid)  # the old run's worker went before the new run started
+    assert await mlflow_server.is_ready()
+
+
+async def test_an_external_server_is_never_seen_exiting(tmp_path: Path):
+    settings = MlflowSettings(
+        backend_store_uri="postgresql://ignored",
+        artifacts_destination="s3://ignored",
+        port=5000,
+        external_url="http://mlflow.internal:5000/",
+    )
+    server = MlflowServer(settings, log_path=tmp_path / "mlflow-server.log")
+    await server.restart()  # launches nothing
+    assert server.pid is None
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(server.wait_exited(), 0.2)
 
 
 async def test_external_url_launches_nothing(tmp_path: Path):
