@@ -2,23 +2,36 @@
 
 Starts an embedded nats-server with JetStream (unless ``PLINTH_NATS_URL`` names one), then each
 service as its own process, waits until each reports SERVING over gRPC health (printing a line
-per component as it comes up), prints the endpoints, and stops everything in order on Ctrl-C.
-Every process logs into one folder, ``<data dir>/logs``. The end-to-end tests start it too, on
-ephemeral ports.
+per component as it comes up), prints the endpoints, and stops everything in order on Ctrl-C
+or SIGTERM. Every process logs into one folder, ``<data dir>/logs``. The end-to-end tests start
+it too, on ephemeral ports.
+
+While it runs, a supervisor restarts a service that exits without being asked to, like
+systemd's ``Restart=on-failure`` (any exit the launcher did not ask for counts): after 0.5 s,
+doubling up to 30 s, back to 0.5 s once the service stayed up 60 s (:class:`RestartPolicy`).
+A service that needs a 6th restart within 2 minutes is reported and left down instead of being
+restarted in a tight loop (systemd's ``StartLimitBurst``). Each service's state, pid and
+restart count go to a small status file (:func:`supervisor_status_path`) that the gateway's
+``/healthz`` and ``plinth status`` show.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,8 +55,144 @@ NATS = "nats-server"
 # A service gets this long between SIGTERM and SIGKILL: it drains requests and stops its engine.
 SERVICE_STOP_GRACE_S = 30.0
 
+# A restarted service gets this long to report SERVING before it counts as crashed again.
+RESTART_READY_TIMEOUT_S = 120.0
+
 OnReady = Callable[[str, float], None]
 """Called with a component's name and the seconds since start, once it is up."""
+Report = Callable[[str], None]
+"""Told one console line about a supervised service (exit, restart, giving up)."""
+
+log = logging.getLogger(__name__)
+
+
+def supervisor_status_path(data_dir: Path) -> Path:
+    """Where the launcher keeps its supervisor status: ``<data dir>/run/supervisor.json``.
+
+    The one place that knows the path: the launcher writes it, the gateway's ``/healthz`` and
+    ``plinth status`` read it (:func:`read_supervisor_status`).
+    """
+    return data_dir / "run" / "supervisor.json"
+
+
+def read_supervisor_status(data_dir: Path) -> dict[str, Any] | None:
+    """The launcher's status file as written, or None when no launcher supervises this data dir
+    (no file, a file being replaced, or one left by a launcher that was killed).
+
+    Returns:
+        ``{"launcher_pid": int, "updated_at": ISO time, "policy": {...},
+        "services": {name: {"state", "pid", "restarts", "last_exit", "since"}}}``.
+    """
+    path = supervisor_status_path(data_dir)
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the supervisor status %s: %s", path, exc)
+        return None
+    if not isinstance(status, dict) or not _pid_alive(status.get("launcher_pid")):
+        return None
+    return status
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartPolicy:
+    """When the supervisor restarts a service that exited (systemd's Restart= settings).
+
+    Attributes:
+        first_delay_s: pause before the first restart (``RestartSec``).
+        max_delay_s: the pause doubles with each restart in a row, up to this.
+        reset_after_s: a run at least this long ends the streak: the next pause is the first.
+        burst: at most this many restarts within ``interval_s`` (``StartLimitBurst``) ...
+        interval_s: ... (``StartLimitIntervalSec``); one more crash leaves the service down.
+    """
+
+    first_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    reset_after_s: float = 60.0
+    burst: int = 5
+    interval_s: float = 120.0
+
+    def delay(self, streak: int) -> float:
+        """The pause before restart number ``streak`` (1-based) of a streak."""
+        return float(min(self.first_delay_s * 2 ** max(streak - 1, 0), self.max_delay_s))
+
+
+class RestartTracker:
+    """The restart bookkeeping of one service; pure: callers pass the clock's reading.
+
+    Args:
+        policy: backoff and start limit.
+    """
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self.restarts = 0
+        self.gave_up = False
+        self._streak = 0
+        self._recent: deque[float] = deque()
+        self._started_at: float | None = None
+
+    def started(self, now: float) -> None:
+        """Records that a run began at ``now``."""
+        self._started_at = now
+
+    def exited(self, now: float) -> float | None:
+        """Records that the run ended unexpectedly at ``now``.
+
+        Returns:
+            Seconds to wait before the restart, or None once the start limit is reached (the
+            service is to be left down; :attr:`gave_up` is then True).
+        """
+        if self._started_at is not None and now - self._started_at >= self.policy.reset_after_s:
+            self._streak = 0
+        self._started_at = None
+        while self._recent and now - self._recent[0] >= self.policy.interval_s:
+            self._recent.popleft()
+        if len(self._recent) >= self.policy.burst:
+            self.gave_up = True
+            return None
+        self._streak += 1
+        self.restarts += 1
+        self._recent.append(now)
+        return self.policy.delay(self._streak)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(kw_only=True)
+class ServiceStatus:
+    """One service as the supervisor sees it (a row of the status file).
+
+    Attributes:
+        state: ``starting``, ``running``, ``restarting`` (waiting out the backoff), ``failed``
+            (start limit reached: left down) or ``stopped``.
+        pid: its process id while it runs.
+        restarts: how often the supervisor restarted it.
+        last_exit: how its last run ended (``was killed by SIGKILL``), empty before any.
+        since: when it entered ``state`` (ISO 8601, UTC).
+    """
+
+    state: str
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: str = ""
+    since: str = field(default_factory=_now_iso)
 
 
 @dataclass(kw_only=True)
@@ -53,7 +202,7 @@ class PlatformConfig:
     Attributes:
         data_dir: SQLite stores, MLflow, Feast, Triton repository, logs.
         nats_url: an existing NATS server, or None to start the embedded one.
-        nats_port: port of the embedded NATS.
+        nats_port: port of the embedded NATS (``PLINTH_NATS_PORT``).
         nats_sync_interval: its JetStream fsync policy (see ``plinth_common.nats_server``).
         ports: gRPC port of each service.
         mlflow_port: the registry's MLflow server.
@@ -80,7 +229,7 @@ class PlatformConfig:
         return cls(
             data_dir=env.path("PLINTH_DATA_DIR", default_data_dir()),
             nats_url=nats_url,
-            nats_port=int(DEFAULT_NATS_URL.rsplit(":", 1)[1]),
+            nats_port=env.int("PLINTH_NATS_PORT", int(DEFAULT_NATS_URL.rsplit(":", 1)[1])),
             ports={
                 name: env.int(f"PLINTH_{name.upper()}_PORT", DEFAULT_PORTS[name])
                 for name in SERVICES
@@ -116,10 +265,26 @@ class LocalPlatform:
 
     Args:
         config: ports, folders, environment.
+        policy: how :meth:`start_supervisor` restarts a service that exits.
+        clock: monotonic seconds (the supervisor's backoff and start limit).
     """
 
-    def __init__(self, config: PlatformConfig) -> None:
+    def __init__(
+        self,
+        config: PlatformConfig,
+        *,
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self.policy = policy or RestartPolicy()
+        self._clock = clock
+        self.status: dict[str, ServiceStatus] = {}
+        self._trackers: dict[str, RestartTracker] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._launched_at: dict[str, float] = {}
+        self._report: Report | None = None
+        self._supervising = False
         self.nats = (
             None
             if config.nats_url
@@ -233,7 +398,13 @@ class LocalPlatform:
                 entry.unlink()
 
     def start_service(self, service: str) -> None:
-        """Starts one service process (``python -m services.<name>``)."""
+        """Starts one service process (``python -m services.<name>``), supervised once
+        :meth:`start_supervisor` was called."""
+        self._launch(service)
+        if self._supervising:
+            self._ensure_watcher(service)
+
+    def _launch(self, service: str) -> None:
         process = ChildProcess(
             [sys.executable, "-m", f"services.{service}"],
             name=service,
@@ -246,6 +417,17 @@ class LocalPlatform:
         )
         process.start()
         self.processes[service] = process
+        self._launched_at[service] = self._clock()
+        previous = self.status.get(service)
+        self._set_status(
+            service,
+            ServiceStatus(
+                state="starting",
+                pid=process.pid,
+                restarts=previous.restarts if previous else 0,
+                last_exit=previous.last_exit if previous else "",
+            ),
+        )
 
     async def wait_serving(self, service: str, *, timeout: float = 120.0) -> None:
         """Waits until the service's overall gRPC health is SERVING.
@@ -271,6 +453,133 @@ class LocalPlatform:
                 )
             except TimeoutError as exc:
                 raise RuntimeError(str(exc)) from None
+        current = self.status.get(service)
+        if current is not None and self.processes.get(service) is process:
+            self._set_status(
+                service,
+                ServiceStatus(
+                    state="running",
+                    pid=process.pid,
+                    restarts=current.restarts,
+                    last_exit=current.last_exit,
+                ),
+            )
+
+    # -- supervisor -------------------------------------------------------------------------
+
+    def start_supervisor(self, *, report: Report | None = None) -> None:
+        """From now on, restarts a service that exits without :meth:`stop_service` asking
+        (see :class:`RestartPolicy`) and keeps the status file up to date.
+
+        Call it from the event loop's thread (restarted services must die with it).
+
+        Args:
+            report: told a console line per exit, restart and give-up (also logged).
+        """
+        self._report = report
+        self._supervising = True
+        for service in self.processes:
+            self._ensure_watcher(service)
+        self._write_status()
+
+    def _ensure_watcher(self, service: str) -> None:
+        watcher = self._watchers.get(service)
+        if watcher is None or watcher.done():
+            self._watchers[service] = asyncio.create_task(
+                self._supervise(service), name=f"supervise-{service}"
+            )
+
+    async def _supervise(self, service: str) -> None:
+        tracker = self._trackers.setdefault(service, RestartTracker(self.policy))
+        tracker.started(self._launched_at.get(service, self._clock()))
+        while True:
+            process = self.processes.get(service)
+            if process is None:
+                return
+            await process.wait()
+            if not self._supervising or self.processes.get(service) is not process:
+                return  # stopped on purpose
+            if not await self._restart_after_exit(service, process, tracker):
+                return
+
+    async def _restart_after_exit(
+        self, service: str, process: ChildProcess, tracker: RestartTracker
+    ) -> bool:
+        """Waits out the backoff and restarts ``service``; False once it is left down."""
+        what = process.exit_description()
+        delay = tracker.exited(self._clock())
+        if delay is None:
+            self._set_status(
+                service, ServiceStatus(state="failed", restarts=tracker.restarts, last_exit=what)
+            )
+            self._say(
+                f"!! {service} {what} and keeps crashing ({tracker.restarts} restarts, "
+                f"{self.policy.burst} within {self.policy.interval_s:.0f} s): not restarting it "
+                f"again; see {self.log_path(service)}"
+            )
+            return False
+        self._set_status(
+            service, ServiceStatus(state="restarting", restarts=tracker.restarts, last_exit=what)
+        )
+        self._say(
+            f"!! {service} {what}; restart {tracker.restarts} in {delay:.1f} s; "
+            f"see {self.log_path(service)}"
+        )
+        await asyncio.sleep(delay)
+        if not self._supervising or self.processes.get(service) is not process:
+            return False  # stopped while waiting
+        self._launch(service)
+        began = self._launched_at[service]
+        tracker.started(began)
+        try:
+            await self.wait_serving(service, timeout=RESTART_READY_TIMEOUT_S)
+        except (KeyError, RuntimeError) as exc:
+            log.warning("restarted %s did not come up: %s", service, exc)
+            restarted = self.processes.get(service)
+            if restarted is not None and restarted.alive:
+                # Hung rather than exited: kill it so that the loop counts it as a crash.
+                await restarted.stop(kill=True)
+            return True
+        self._say(
+            f"   {service} restarted (restart {tracker.restarts}), serving again in "
+            f"{self._clock() - began:.1f} s"
+        )
+        return True
+
+    def _say(self, line: str) -> None:
+        log.warning("%s", line.removeprefix("!! ").strip())
+        if self._report is not None:
+            self._report(line)
+
+    def _set_status(self, service: str, status: ServiceStatus) -> None:
+        self.status[service] = status
+        if self._supervising:
+            self._write_status()
+
+    def _write_status(self) -> None:
+        path = supervisor_status_path(self.config.data_dir)
+        body = {
+            "launcher_pid": os.getpid(),
+            "updated_at": _now_iso(),
+            "policy": asdict(self.policy),
+            "services": {name: asdict(status) for name, status in self.status.items()},
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = path.with_name(f".{path.name}.{os.getpid()}")
+            scratch.write_text(json.dumps(body, indent=2) + "\n")
+            # Atomic: readers never see half a file.
+            scratch.replace(path)
+        except OSError as exc:
+            log.warning("cannot write the supervisor status %s: %s", path, exc)
+
+    async def _stop_supervisor(self) -> None:
+        self._supervising = False
+        watchers = list(self._watchers.values())
+        self._watchers.clear()
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
 
     def log_tail(self, service: str, lines: int = 30) -> str:
         """The last lines of a service's log (of its current run, once started)."""
@@ -291,13 +600,30 @@ class LocalPlatform:
         process = self.processes.pop(service, None)
         if process is not None:
             await process.stop(grace=timeout, kill=kill)
+            previous = self.status.get(service)
+            self._set_status(
+                service,
+                ServiceStatus(
+                    state="stopped",
+                    restarts=previous.restarts if previous else 0,
+                    last_exit=process.exit_description(),
+                ),
+            )
 
     async def stop(self) -> None:
-        """Stops the gateway first, then the other services, then NATS."""
-        await self.stop_service("gateway")
-        await asyncio.gather(*(self.stop_service(s) for s in list(self.processes)))
-        if self.nats is not None:
-            await self.nats.stop()
+        """Stops the supervisor, then the gateway, then the other services, then NATS; removes
+        the status file."""
+        supervised = self._supervising
+        await self._stop_supervisor()
+        try:
+            await self.stop_service("gateway")
+            await asyncio.gather(*(self.stop_service(s) for s in list(self.processes)))
+            if self.nats is not None:
+                await self.nats.stop()
+        finally:
+            if supervised:
+                with contextlib.suppress(FileNotFoundError):
+                    supervisor_status_path(self.config.data_dir).unlink()
 
     def endpoints(self) -> list[tuple[str, str]]:
         """(what, where) rows for the banner."""
@@ -393,7 +719,8 @@ async def _serve(platform: LocalPlatform) -> None:
                 + "   # for the plinth CLI and SDK"
             )
             print("Press Ctrl-C to stop.", flush=True)
-            await _watch_children(platform, stop)
+            platform.start_supervisor(report=lambda line: print(line, flush=True))
+            await stop.wait()
     finally:
         waiter.cancel()
         starting.cancel()
@@ -402,20 +729,6 @@ async def _serve(platform: LocalPlatform) -> None:
         print("\nStopping Plinth ...", flush=True)
         await platform.stop()
         print("Stopped.", flush=True)
-
-
-async def _watch_children(platform: LocalPlatform, stop: asyncio.Event) -> None:
-    reported: set[str] = set()
-    while not stop.is_set():
-        for service, process in platform.processes.items():
-            if not process.alive and service not in reported:
-                reported.add(service)
-                print(
-                    f"!! {service} {process.exit_description()}; see {platform.log_path(service)}",
-                    flush=True,
-                )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
 def main() -> int:

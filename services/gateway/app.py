@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from plinth.registry.v1 import registry_pb2
 from plinth.scheduler.v1 import scheduler_pb2
 from plinth.serving.v1 import serving_pb2
 from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, CommonSettings, Env
+from plinth_common.devstack import read_supervisor_status
 from plinth_common.runtime import ServiceRuntime
 from services.gateway.events import NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
@@ -80,7 +82,11 @@ class GatewayApp:
             EventServicer(EventStreams(NatsEventSource(self.runtime.bus))),
             gateway_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
         )
-        self.http = GatewayHttp(self._channels["serving"], self._channels)
+        self.http = GatewayHttp(
+            self._channels["serving"],
+            self._channels,
+            supervisor_status=functools.partial(read_supervisor_status, settings.common.data_dir),
+        )
         self._http_runner: web.AppRunner | None = None
         self.http_port = 0
 

@@ -6,6 +6,7 @@ gRPC clients reach the same deployments with the same errors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -38,6 +39,8 @@ HTTP_STATUS = {
 }
 MAX_BODY = 64 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SupervisorStatus = Callable[[], Mapping[str, Any] | None]
+"""Reads the local launcher's supervisor status (None: not supervised)."""
 
 
 def error_response(error: PlinthError) -> web.Response:
@@ -86,13 +89,20 @@ class GatewayHttp:
     Args:
         serving: channel to the serving service (KServe v2 gRPC).
         upstreams: name -> channel of every service, for the health page.
+        supervisor_status: reads the local launcher's supervisor status (``make run``: each
+            service's state, pid and restarts), None when no launcher supervises the services.
     """
 
     def __init__(
-        self, serving: grpc.aio.Channel, upstreams: Mapping[str, grpc.aio.Channel]
+        self,
+        serving: grpc.aio.Channel,
+        upstreams: Mapping[str, grpc.aio.Channel],
+        *,
+        supervisor_status: SupervisorStatus | None = None,
     ) -> None:
         self._inference = inference_grpc.GRPCInferenceServiceStub(serving)
         self._upstreams = upstreams
+        self._supervisor_status = supervisor_status
         self.app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
         self.app.add_routes(
             [
@@ -106,13 +116,35 @@ class GatewayHttp:
         )
 
     async def health_page(self, request: web.Request) -> web.Response:
-        """Each service's gRPC health, as JSON; 200 only when all serve."""
+        """Each service's gRPC health, as JSON; 200 only when all serve.
+
+        Under ``make run`` the body also carries the launcher's ``supervisor`` status (each
+        service's state, pid, restart count and last exit); a service the supervisor is
+        restarting or has given up on makes the page DEGRADED too.
+        """
         statuses = {name: await _health_of(channel) for name, channel in self._upstreams.items()}
         healthy = all(status == "SERVING" for status in statuses.values())
-        return web.json_response(
-            {"status": "SERVING" if healthy else "DEGRADED", "services": statuses},
-            status=200 if healthy else 503,
-        )
+        body: dict[str, Any] = {"services": statuses}
+        supervisor = await self._read_supervisor()
+        if supervisor is not None:
+            body["supervisor"] = supervisor
+            supervised = supervisor.get("services")
+            if isinstance(supervised, Mapping):
+                healthy = healthy and all(
+                    isinstance(row, Mapping) and row.get("state") == "running"
+                    for row in supervised.values()
+                )
+        body = {"status": "SERVING" if healthy else "DEGRADED", **body}
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def _read_supervisor(self) -> Mapping[str, Any] | None:
+        if self._supervisor_status is None:
+            return None
+        try:
+            return await asyncio.to_thread(self._supervisor_status)
+        except Exception:  # the health page must answer; the cause is logged
+            log.exception("cannot read the supervisor status")
+            return None
 
     async def server_live(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/health/live``."""

@@ -26,6 +26,7 @@ from plinth_sdk.cli.jobs import jobs
 from plinth_sdk.cli.models import models
 from plinth_sdk.cli.output import stderr_line
 from plinth_sdk.cli.runs import runs
+from plinth_sdk.cli.status import status
 from plinth_sdk.errors import PlinthClientError
 
 __all__ = ["PlinthGroup", "main", "plinth"]
@@ -75,7 +76,7 @@ def plinth(gateway: str | None) -> None:
     del gateway  # read by the leaf commands through the root context
 
 
-for _group in (jobs, events, models, runs, deployments, features):
+for _group in (jobs, events, models, runs, deployments, features, status):
     plinth.add_command(_group)
 infer.register(plinth)
 
