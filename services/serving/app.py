@@ -10,7 +10,7 @@ from pathlib import Path
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common.config import CommonSettings, Env
 from plinth_common.net import free_tcp_port
-from plinth_common.runtime import EngineHealth, ServiceRuntime
+from plinth_common.runtime import ServiceRuntime
 from services.serving.artifacts import DEFAULT_SCHEMES, MlflowArtifacts
 from services.serving.events import (
     PROMOTED_DURABLE,
@@ -18,6 +18,7 @@ from services.serving.events import (
     OutboxDeploymentEvents,
     PromotionHandler,
 )
+from services.serving.healer import EngineHealer
 from services.serving.inference import SERVICE as INFERENCE_SERVICE
 from services.serving.inference import InferenceProxy
 from services.serving.reconciler import Reconciler
@@ -27,7 +28,7 @@ from services.serving.servicer import ServingServicer
 from services.serving.store import DeploymentStore, outbox_table, processed_table
 from services.serving.triton import (
     ModelRepository,
-    TritonLiveness,
+    TritonEngine,
     TritonModels,
     TritonProcess,
     TritonSettings,
@@ -99,7 +100,6 @@ class ServingApp:
             migrations=MIGRATIONS,
         )
         self.triton = TritonProcess(settings.triton)
-        self.health = EngineHealth(self.runtime.server, TritonLiveness(self.triton), name="triton")
         self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
         self.registry = GrpcRegistry(settings.registry_addr)
         store = DeploymentStore()
@@ -116,12 +116,20 @@ class ServingApp:
             registry=self.registry,
             unload_grace_s=settings.unload_grace_s,
         )
+        # Watches Triton: restarts a launched one that died (waits for an external one),
+        # reloads the deployments, and keeps the gRPC health equal to "Triton serves them".
+        self.healer = EngineHealer(
+            engine=TritonEngine(self.triton),
+            reloader=self.reconciler,
+            set_serving=self.runtime.server.set_serving,
+        )
         self.service = ServingService(
             db=self.runtime.db,
             store=store,
             events=events,
             registry=self.registry,
             reconciler=self.reconciler,
+            engine=self.healer,
         )
         self.runtime.consume(PROMOTED_DURABLE, [PROMOTED_SUBJECT], PromotionHandler(self.service))
         server = self.runtime.server
@@ -142,16 +150,17 @@ class ServingApp:
         return self.runtime.server.port
 
     async def start(self) -> None:
-        """Starts the store, consumers and server, Triton, then rollouts; health follows Triton."""
+        """Starts the store, consumers and server, Triton, rollouts, then the healer (health is
+        SERVING once Triton answers and the deployments are restored)."""
         self.settings.triton.model_repository.mkdir(parents=True, exist_ok=True)
         await self.runtime.start()
         await self.triton.start()
-        await self.health.start()
         await self.reconciler.start()
+        await self.healer.start()
 
     async def stop(self) -> None:
         """Stops taking calls and rollouts, then Triton."""
-        await self.health.stop()
+        await self.healer.stop()
         await self.runtime.server.set_serving(False)
         await self.reconciler.stop()
         await self.runtime.stop()

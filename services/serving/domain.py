@@ -8,7 +8,9 @@ a ``plinth.model.promoted`` event, or from the registry when the deployment is c
 - LOADING: a target that is neither served nor failed;
 - READY: the target is the version that answers;
 - FAILED: the target could not be served (the previous version, if any, keeps answering), or
-  the registry refused for good to say where the alias points.
+  the registry refused for good to say where the alias points;
+- UNAVAILABLE: the serving engine is down. Never stored: it is how :func:`engine_down` shows a
+  deployment while serving heals its engine, after which the stored state shows again.
 
 Pure values and functions: no I/O, no grpc, no nats, no SQL.
 """
@@ -48,6 +50,7 @@ class DeploymentState(enum.StrEnum):
     LOADING = "LOADING"
     READY = "READY"
     FAILED = "FAILED"
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,3 +363,12 @@ def settled(d: Deployment, *, at: datetime) -> Deployment:
 def unserved(d: Deployment, *, at: datetime) -> Deployment:
     """The deployment whose serving version could not be restored: it rolls out again."""
     return d.changed(at, serving_version="", serving_io=None)
+
+
+def engine_down(d: Deployment, reason: str) -> Deployment:
+    """How a deployment shows while the serving engine is down: UNAVAILABLE with the reason,
+    if it serves (or loads) a version; a deployment that waits for a version, or whose target
+    failed, shows as it is. Not stored: once the engine is back the stored state shows again."""
+    if not d.serving_version and d.state is not DeploymentState.LOADING:
+        return d
+    return dataclasses.replace(d, state=DeploymentState.UNAVAILABLE, last_error=reason[:MAX_REASON])

@@ -23,13 +23,22 @@ class OutboxDeploymentEvents:
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
-    async def ready(self, session: AsyncSession, deployment: Deployment, version: str) -> None:
-        """``plinth.deployment.ready``: ``version`` loaded and serving."""
+    async def ready(
+        self,
+        session: AsyncSession,
+        deployment: Deployment,
+        version: str,
+        *,
+        recovered: bool = False,
+    ) -> None:
+        """``plinth.deployment.ready``: ``version`` loaded and serving (``recovered``: again,
+        after the serving engine restarted)."""
         message = events_pb2.DeploymentReady(
             deployment=deployment.name,
             team=deployment.team,
             model_name=deployment.model_name,
             version=version,
+            recovered=recovered,
         )
         await self._outbox.add(session, message, subject=deployment.name, team=deployment.team)
 

@@ -25,7 +25,7 @@ from plinth_common.errors import InvalidArgument, NotFound, PlinthError, Unavail
 from plinth_common.grpc_server import UpstreamStatus
 from plinth_common.rich_status import details_of
 from services.serving.domain import Route
-from services.serving.triton.client import ENGINE, engine_unavailable
+from services.serving.triton.client import ENGINE, RECONNECT_OPTIONS, engine_unavailable
 from services.serving.triton.repository import deployment_of
 
 SERVICE = "inference.GRPCInferenceService"
@@ -39,6 +39,7 @@ _SHOWN = 64  # characters of a client-sent name quoted back in an error
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    *RECONNECT_OPTIONS,
 ]
 
 
@@ -50,6 +51,8 @@ class Routes(Protocol):
     async def unroutable(self, name: str) -> PlinthError: ...
 
     async def exists(self, name: str) -> bool: ...
+
+    def engine_problem(self) -> str | None: ...
 
 
 def _varint(value: int) -> bytes:
@@ -216,6 +219,10 @@ class InferenceProxy:
         if route is None:
             raise await self._routes.unroutable(name)
         check_request(parsed, route)
+        problem = self._routes.engine_problem()
+        if problem is not None:
+            # Down, restarting or reloading: nothing to forward to yet.
+            raise engine_unavailable(problem)
         timeout = self._timeout(context)
         for attempt in (1, 2):
             to_triton, to_client = self._suffix(route)

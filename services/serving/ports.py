@@ -59,6 +59,43 @@ class ModelServer(Protocol):
     async def unload(self, model: str) -> None: ...
 
 
+class EngineStatus(Protocol):
+    """Whether the model server is up, as the engine healer last saw it."""
+
+    def problem(self) -> str | None:
+        """Why the model server cannot serve now (it is down or reloading); None when it can."""
+        ...
+
+
+class Engine(Protocol):
+    """The model server's process, as the engine healer watches and restarts it."""
+
+    @property
+    def restartable(self) -> bool:
+        """True when serving launched it (and so restarts it); False for an external one."""
+        ...
+
+    def exit_reason(self) -> str | None:
+        """How the launched process ended (``was killed by SIGKILL``); None while it runs."""
+        ...
+
+    async def wait_exit(self, timeout: float) -> None:
+        """Returns when the launched process ends, or after ``timeout`` seconds."""
+        ...
+
+    async def is_up(self) -> bool:
+        """True when the model server answers (never raises)."""
+        ...
+
+    async def restart(self) -> None:
+        """Launches it again and waits until it answers.
+
+        Raises:
+            Exception: it exited again, or did not answer in time.
+        """
+        ...
+
+
 class ModelRepository(Protocol):
     """The model server's repository on disk (blocking calls: run them in a worker thread,
     except :meth:`model_name`)."""
@@ -93,7 +130,9 @@ class ModelRepository(Protocol):
 class DeploymentEvents(Protocol):
     """Records deployment events in the caller's transaction (the outbox)."""
 
-    async def ready(self, session: Any, deployment: Deployment, version: str) -> None: ...
+    async def ready(
+        self, session: Any, deployment: Deployment, version: str, *, recovered: bool = False
+    ) -> None: ...
 
     async def failed(
         self, session: Any, deployment: Deployment, version: str, reason: str

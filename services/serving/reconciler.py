@@ -85,6 +85,10 @@ class Backoff:
         """Starts ``name`` afresh (it succeeded, or it is gone)."""
         self._due.pop(name, None)
 
+    def clear(self) -> None:
+        """Starts every name afresh (what they waited for is back)."""
+        self._due.clear()
+
 
 class Reconciler:
     """Runs rollouts and keeps the inference routes.
@@ -230,6 +234,59 @@ class Reconciler:
             if d.needs_rollout and self._engine_backoff.waiting(d.name, now):
                 continue
             self._ensure_worker(d.name)
+
+    @property
+    def started(self) -> bool:
+        """True once the versions served before a restart are restored."""
+        return self._started.is_set()
+
+    async def reload_served(self) -> int:
+        """Loads every serving version again into a model server that restarted empty, and
+        records ``deployment.ready`` (a recovery) for each; returns how many it reloaded.
+
+        Routes that change meanwhile (a rollout switching) are reloaded too, until every route
+        was; a version that no longer loads rolls out again as after a restart.
+
+        Raises:
+            Unavailable: the model server went down again (the caller waits and calls again).
+        """
+        reloaded: set[str] = set()
+        while todo := [r for r in self._routes.values() if r.triton_model not in reloaded]:
+            for route in todo:
+                reloaded.add(route.triton_model)
+                if await self._reload(route):
+                    await self._recovered(route)
+        # Rollouts that found the model server down may go now rather than after their back-off.
+        self._engine_backoff.clear()
+        self._wake.set()
+        return len(reloaded)
+
+    async def _reload(self, route: Route) -> bool:
+        try:
+            await self._models.load(route.triton_model)
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - roll the version out again instead
+            log.warning(
+                "deployment %s: cannot reload v%s (%s); rolling out again",
+                route.deployment,
+                route.version,
+                domain.reason_of(exc),
+            )
+            if self._routes.get(route.deployment) is route:
+                del self._routes[route.deployment]
+                await self._update(
+                    route.deployment, lambda cur: domain.unserved(cur, at=domain.now())
+                )
+            return False
+        return True
+
+    async def _recovered(self, route: Route) -> None:
+        async with self._db.transaction() as session:
+            cur = await self._store.get(session, route.deployment)
+            if cur is not None and cur.serving_version == route.version:
+                await self._events.ready(session, cur, route.version, recovered=True)
+        log.info("deployment %s: v%s serves again", route.deployment, route.version)
 
     async def wait_idle(self) -> None:
         """Waits until no rollout worker runs (tests use it after :meth:`reconcile_once`)."""

@@ -26,7 +26,7 @@ from plinth_common.names import check_alias, check_deployment_name, check_model_
 from plinth_common.paging import PageRequest
 from services.serving import domain
 from services.serving.domain import Deployment, DeploymentSpec, DeploymentState, Promotion, Route
-from services.serving.ports import DeploymentEvents, Deployments, ModelRegistry
+from services.serving.ports import DeploymentEvents, Deployments, EngineStatus, ModelRegistry
 from services.serving.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class ServingService:
         events: deployment event recorder (the outbox).
         registry: which models exist (checked at creation).
         reconciler: runs the rollouts and keeps the routes.
+        engine: whether the model server is up (None: always taken as up).
         delete_wait_s: how long DeleteDeployment waits for the unload.
     """
 
@@ -55,6 +56,7 @@ class ServingService:
         events: DeploymentEvents,
         registry: ModelRegistry,
         reconciler: Reconciler,
+        engine: EngineStatus | None = None,
         delete_wait_s: float = 60.0,
     ) -> None:
         self._db = db
@@ -62,6 +64,7 @@ class ServingService:
         self._events = events
         self._registry = registry
         self._reconciler = reconciler
+        self._engine = engine
         self._delete_wait_s = delete_wait_s
 
     # -- commands and queries -------------------------------------------------------------------
@@ -86,6 +89,15 @@ class ServingService:
         # are newer than what the registry said before them).
         await self._reconciler.resolve_alias(spec.name)
         return await self.get(spec.name)
+
+    def engine_problem(self) -> str | None:
+        """Why the model server cannot serve now; None when it can."""
+        return None if self._engine is None else self._engine.problem()
+
+    def _shown(self, d: Deployment) -> Deployment:
+        """The deployment as clients see it: UNAVAILABLE while the model server is down."""
+        problem = self.engine_problem()
+        return d if problem is None else domain.engine_down(d, problem)
 
     async def _check_model_exists(self, model_name: str) -> None:
         try:
@@ -116,7 +128,7 @@ class ServingService:
             found = await self._store.get(session, name)
         if found is None:
             raise NotFound("deployment", name)
-        return found
+        return self._shown(found)
 
     async def list(
         self, *, team: str = "", page_size: int = 0, page_token: str = ""
@@ -129,7 +141,8 @@ class ServingService:
             found = await self._store.page(
                 session, team=team, limit=page.fetch_limit, before_seq=page.before
             )
-        return page.cut(found, seq=lambda d: d.seq)
+        shown, token = page.cut(found, seq=lambda d: d.seq)
+        return [self._shown(d) for d in shown], token
 
     async def delete(self, name: str) -> None:
         """Deletes a deployment: inference stops at once, its Triton models are unloaded.

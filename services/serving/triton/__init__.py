@@ -8,7 +8,12 @@
   inside Triton's Python stub, never in the service, and is not imported here).
 """
 
-from services.serving.triton.client import ModelLoadError, TritonLiveness, TritonModels
+from services.serving.triton.client import (
+    ModelLoadError,
+    TritonEngine,
+    TritonLiveness,
+    TritonModels,
+)
 from services.serving.triton.process import TritonProcess, TritonSettings
 from services.serving.triton.repository import (
     ModelRepository,
@@ -23,6 +28,7 @@ __all__ = [
     "ModelLoadError",
     "ModelRepository",
     "RepositoryError",
+    "TritonEngine",
     "TritonLiveness",
     "TritonModels",
     "TritonProcess",

@@ -33,6 +33,15 @@ _PROBE_TIMEOUT_S = 3.0
 _POLL_INTERVAL_S = 0.2
 
 
+#: Channel options that bound gRPC's reconnect back-off (default: up to two minutes), so that a
+#: channel that saw Triton die reaches the restarted one within about a second.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 class _NotUp(Exception):
     """Triton did not answer ServerLive (yet)."""
 
@@ -52,9 +61,8 @@ def engine_unavailable(what: str = "") -> Unavailable:
         what: what waits for it, appended to the message (e.g. "the rollout resumes then").
     """
     return Unavailable(
-        "the serving engine (Triton) is not answering; retry in a few seconds, and if it "
-        "lasts, Triton is down (the serving service's log says why)"
-        + (f"; {what}" if what else ""),
+        "the serving engine (Triton) is not answering; retry in a few seconds"
+        + (f"; {what}" if what else ", and if it lasts, the serving service's log says why"),
         dependency=ENGINE,
         retry_after_s=2.0,
     )
@@ -95,6 +103,42 @@ class TritonLiveness:
         """Nothing to stop: the app stops Triton."""
 
 
+class TritonEngine:
+    """The engine that :class:`~services.serving.healer.EngineHealer` watches and restarts.
+
+    Args:
+        process: the launched (or external) Triton.
+    """
+
+    def __init__(self, process: TritonProcess) -> None:
+        self._process = process
+
+    @property
+    def restartable(self) -> bool:
+        """True for a Triton serving launched; an external one is only waited for."""
+        return not self._process.external
+
+    def exit_reason(self) -> str | None:
+        """How the launched Triton ended; None while it runs (or when it is external)."""
+        return self._process.exit_reason()
+
+    async def wait_exit(self, timeout: float) -> None:
+        """Returns when the launched Triton ends, or after ``timeout`` seconds."""
+        await self._process.wait_exit(timeout)
+
+    async def is_up(self) -> bool:
+        """True when Triton answers ServerLive (and the launched child runs)."""
+        if self._process.returncode is not None:
+            return False
+        return await triton_is_up(self._process.grpc_target)
+
+    async def restart(self) -> None:
+        """Launches Triton again and waits until it answers (an external one: waits)."""
+        if not self._process.external:
+            await self._process.start()
+        await self._process.wait_ready()
+
+
 class TritonModels:
     """Loads and unloads models on the Triton at ``target``.
 
@@ -111,7 +155,9 @@ class TritonModels:
     @property
     def _triton(self) -> triton_grpc.InferenceServerClient:
         if self._client is None:
-            self._client = triton_grpc.InferenceServerClient(self._target)
+            self._client = triton_grpc.InferenceServerClient(
+                self._target, channel_args=RECONNECT_OPTIONS
+            )
         return self._client
 
     async def wait_ready(self, timeout: float = 120.0) -> None:

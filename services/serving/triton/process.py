@@ -15,6 +15,7 @@ The launched server never auto-completes configs, so ``config.pbtxt`` must be co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import ipaddress
 import logging
@@ -333,6 +334,28 @@ class TritonProcess:
             raise TimeoutError(
                 f"Triton at {self.grpc_target} not ready after {limit:.1f}s"
             ) from None
+
+    @property
+    def external(self) -> bool:
+        """True when Triton runs elsewhere (``settings.url``): nothing is launched here."""
+        return self._settings.url is not None
+
+    def exit_reason(self) -> str | None:
+        """How the launched child ended (``was killed by SIGKILL``); None while it runs, before
+        it was started, or when nothing is launched."""
+        if self._child is None or self._child.returncode is None:
+            return None
+        return self._child.exit_description()
+
+    async def wait_exit(self, timeout: float) -> None:
+        """Returns when the launched child ends, or after ``timeout`` seconds (at once if it
+        already ended; after ``timeout`` when nothing is launched)."""
+        child = self._child
+        if child is None or not child.started:
+            await asyncio.sleep(timeout)
+            return
+        with contextlib.suppress(TimeoutError):
+            await child.wait(timeout)
 
     async def stop(self) -> None:
         """Stops the launched tritonserver: SIGTERM, a grace period, then SIGKILL.

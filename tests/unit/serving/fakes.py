@@ -131,8 +131,12 @@ class FakeEvents:
     def __init__(self) -> None:
         self.recorded: list[Recorded] = []
 
-    async def ready(self, session: Any, deployment: Deployment, version: str) -> None:
-        self.recorded.append(Recorded("ready", deployment.name, version))
+    async def ready(
+        self, session: Any, deployment: Deployment, version: str, *, recovered: bool = False
+    ) -> None:
+        self.recorded.append(
+            Recorded("recovered" if recovered else "ready", deployment.name, version)
+        )
 
     async def failed(self, session: Any, deployment: Deployment, version: str, reason: str) -> None:
         self.recorded.append(Recorded("failed", deployment.name, (version, reason)))

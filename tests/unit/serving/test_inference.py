@@ -39,6 +39,11 @@ class Routes:
     async def exists(self, name: str) -> bool:
         return name == "diab"
 
+    def engine_problem(self) -> str | None:
+        return self.problem
+
+    problem: str | None = None
+
 
 class Context:
     """The part of a servicer context the proxy reads."""
