@@ -18,7 +18,6 @@ from plinth_sdk.cli.output import (
     print_json,
     print_json_line,
     print_table,
-    stderr_line,
     time_text,
 )
 from plinth_sdk.client import Plinth
@@ -225,7 +224,10 @@ def replay_dead_letter(client: Plinth, *, sequence: int, output: str) -> int:
             f"replayed dead letter {letter.sequence}: {letter.event_type or letter.subject} "
             f"{letter.event_id or '-'} is event {replayed.event_sequence} again"
         )
-        stderr_line(f"follow it with: plinth events watch --after {replayed.event_sequence - 1}")
+        print(
+            f"follow it with: plinth events watch --after {replayed.event_sequence - 1}",
+            file=sys.stderr,
+        )
     return 0
 
 
