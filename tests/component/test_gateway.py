@@ -49,7 +49,7 @@ from services.gateway.app import GatewayApp, GatewaySettings
 from services.gateway.events import NatsDeadLetterStore, NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
 from services.gateway.service import DeadLetters, EventStreams, StartPoint
-from services.gateway.servicer import WATCH_LIVE, EventServicer
+from services.gateway.servicer import WATCH_AFTER, WATCH_LIVE, EventServicer
 from services.scheduler.app import SchedulerApp, SchedulerSettings
 from tests.helpers import eventually, service_env
 
@@ -395,6 +395,30 @@ async def test_watch_events_resumes_exactly_after_a_sequence(platform: Platform)
         task.cancel()
     assert _ids(got) == _ids(mine[1:])
     assert _ids(followed) == _ids(later)
+
+
+async def test_a_watch_names_its_resume_point_before_its_first_event(platform: Platform) -> None:
+    # A live watch is pinned after the newest event: a client whose stream breaks before any
+    # event arrives resumes from there and misses nothing.
+    js = await platform.gateway.runtime.bus.connected()
+    event = new_event(events_pb2.JobSubmitted(job_id="j-pin"), source="test", subject="j-pin")
+    newest = (await js.publish(event.type, event.data, headers=event.headers())).seq
+    live = platform.events.WatchEvents(gateway_pb2.WatchEventsRequest(team="pin"))
+    resumed = platform.events.WatchEvents(
+        gateway_pb2.WatchEventsRequest(team="pin", after_sequence=1)
+    )
+    since = platform.events.WatchEvents(
+        gateway_pb2.WatchEventsRequest(team="pin", since=Timestamp(seconds=1))
+    )
+    try:
+        metadata = [dict(await call.initial_metadata()) for call in (live, resumed, since)]
+    finally:
+        for call in (live, resumed, since):
+            call.cancel()
+    assert all(m[WATCH_LIVE[0]] == WATCH_LIVE[1] for m in metadata)
+    assert int(metadata[0][WATCH_AFTER]) >= newest
+    assert metadata[1][WATCH_AFTER] == "1"
+    assert WATCH_AFTER not in metadata[2]
 
 
 async def test_a_live_watch_survives_a_nats_restart_without_replaying_the_past(

@@ -6,7 +6,9 @@ counted apart; health stays answerable while the server is full."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -14,6 +16,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from plinth_common.grpc_server import GrpcServer
 from plinth_common.overload import InFlight, OverloadInterceptor
@@ -129,7 +132,7 @@ async def test_a_sustained_overload_queues_nothing(server: Server) -> None:
     held = await _fill(server)
     # Far more callers than slots, at once: every one past the limit is refused, none of them
     # reaches the handler or waits for a slot, and the counters come back to the limit.
-    burst = 400
+    burst = 200
     started = time.monotonic()
     outcomes = await asyncio.gather(
         *(server.unary()(b"x", timeout=10) for _ in range(burst)), return_exceptions=True
@@ -146,6 +149,41 @@ async def test_a_sustained_overload_queues_nothing(server: Server) -> None:
     server.service.release.set()
     await asyncio.gather(*held)
     assert server.overload.calls.current == 0
+
+
+async def test_memory_stays_flat_under_a_sustained_overload(
+    server: Server, spans: InMemorySpanExporter
+) -> None:
+    held = await _fill(server)
+
+    def _kept() -> int:
+        # The test session keeps every span in memory (tests/conftest.py): not the server's.
+        spans.clear()
+        gc.collect()  # refused calls' errors and tracebacks form cycles: count what stays
+        return tracemalloc.get_traced_memory()[0]
+
+    async def burst() -> None:
+        await asyncio.gather(
+            *(server.unary()(b"x" * 1024, timeout=10) for _ in range(100)), return_exceptions=True
+        )
+
+    await burst()  # warm-up: channels, status objects, interned strings
+    tracemalloc.start()
+    try:
+        await burst()
+        after_one = _kept()
+        for _ in range(4):
+            await burst()
+        after_five = _kept()
+    finally:
+        tracemalloc.stop()
+    grown = after_five - after_one
+    print(f"\n400 more refused calls grew traced memory by {grown / 1024:.0f} KiB", flush=True)
+    # Queued calls would hold 400 requests of 1 KiB and their contexts: several MiB.
+    assert grown < 512 * 1024
+    assert server.overload.calls.refused == 600
+    server.service.release.set()
+    await asyncio.gather(*held)
 
 
 async def test_streams_are_counted_apart_from_unary_calls(server: Server) -> None:
