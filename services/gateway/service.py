@@ -3,6 +3,7 @@ letters, listed and replayed. No grpc or nats imports."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -324,6 +325,8 @@ class DeadLetters:
         """
         limit = check_page_size(page_size)
         after = decode_token(page_token, DEAD_LETTER_PAGES) if page_token else 0
+        if after < 0:
+            raise InvalidArgument("page_token", "not a token this server issued")
         where = replace(where, type=_full_type(where.type))
         subject = self._store.prefix + (where.type or ">")
         found: list[DeadLetter] = []
@@ -379,6 +382,21 @@ class DeadLetters:
         return Replayed(dead_letter=letter, event_sequence=event_sequence)
 
 
+_SUBJECT_TOKENS = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
 def _full_type(name: str) -> str:
-    # Unknown types are allowed: a dead letter may be an event no catalog knows.
-    return name if not name or name.startswith(TYPE_PREFIX) else TYPE_PREFIX + name
+    """``job.finished`` -> ``plinth.job.finished``; unknown types are allowed (a dead letter may
+    be an event no catalog knows), but not wildcards or characters no subject has.
+
+    Raises:
+        InvalidArgument: a type that cannot be a subject.
+    """
+    if not name:
+        return name
+    if len(name) > 255 or not _SUBJECT_TOKENS.fullmatch(name):
+        raise InvalidArgument(
+            "type",
+            f"{name[:80]!r} is not an event type; expected dot-separated words like job.finished",
+        )
+    return name if name.startswith(TYPE_PREFIX) else TYPE_PREFIX + name

@@ -792,3 +792,32 @@ async def test_dead_letter_requests_are_checked(bench: DeadLetterBench) -> None:
             bench.client.events._stub.ListDeadLetters,
             gateway_pb2.ListDeadLettersRequest(page_token="bogus"),
         )
+
+
+async def test_fuzzed_dead_letter_requests_are_never_internal_or_unavailable(
+    bench: DeadLetterBench,
+) -> None:
+    # Against a real NATS: odd sequences, types and tokens are the caller's mistake (or simply
+    # not there), never "NATS is down" nor an internal error.
+    rng = random.Random(_FUZZ_SEED)
+    requests: list[tuple[str, Message]] = [
+        ("ListDeadLetters", gateway_pb2.ListDeadLettersRequest(type="job.>")),
+        ("ListDeadLetters", gateway_pb2.ListDeadLettersRequest(type="a b", page_size=-1)),
+        ("ListDeadLetters", gateway_pb2.ListDeadLettersRequest(type="é", team="\x00")),
+        ("ListDeadLetters", gateway_pb2.ListDeadLettersRequest(page_size=2**31 - 1)),
+        ("GetDeadLetter", gateway_pb2.GetDeadLetterRequest(sequence=2**64 - 1)),
+        ("ReplayDeadLetter", gateway_pb2.ReplayDeadLetterRequest(sequence=2**63)),
+    ]
+    raws = [(name, message.SerializeToString()) for name, message in requests]
+    for name in ("ListDeadLetters", "GetDeadLetter", "ReplayDeadLetter"):
+        raws += [(name, rng.randbytes(rng.randrange(1, 32))) for _ in range(_FUZZ_PER_METHOD)]
+    async with grpc.aio.insecure_channel(bench.client.target) as channel:
+        for name, raw in raws:
+            path = f"/plinth.gateway.v1.EventService/{name}"
+            outcome = await _outcome(channel, path, raw, streaming=False)
+            code = outcome.code() if isinstance(outcome, grpc.aio.AioRpcError) else outcome
+            assert code in (
+                grpc.StatusCode.OK,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+            ), (name, raw, outcome)

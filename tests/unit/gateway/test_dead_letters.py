@@ -14,7 +14,9 @@ import pytest
 from plinth.events.v1 import events_pb2
 from plinth_common.errors import InvalidArgument, NotFound, Unavailable
 from plinth_common.events.envelope import new_event
+from plinth_common.paging import encode_token
 from services.gateway.service import (
+    DEAD_LETTER_PAGES,
     DeadLetterFilter,
     DeadLetters,
     EventStreams,
@@ -166,6 +168,14 @@ async def test_bad_requests_name_the_field() -> None:
     assert caught.value.field == "page_size"
     with pytest.raises(NotFound, match="replayed already or never existed"):
         await letters.get(3)
+    for bad_type in ("job.>", "job.*", "job finished", "job..finished", "x" * 300):
+        with pytest.raises(InvalidArgument) as caught:
+            await letters.list(page_size=0, page_token="", where=DeadLetterFilter(type=bad_type))
+        assert caught.value.field == "type"
+    negative = encode_token(DEAD_LETTER_PAGES, -4)
+    with pytest.raises(InvalidArgument) as caught:
+        await letters.list(page_size=0, page_token=negative, where=DeadLetterFilter())
+    assert caught.value.field == "page_token"
 
 
 async def test_replay_republishes_the_original_event_with_a_new_message_id_then_removes_it() -> (
