@@ -4,7 +4,7 @@ Triton runs in explicit model-control mode, so a Triton that restarts has nothin
 model repository on disk still holds every version). The healer therefore:
 
 1. watches the engine: the launched process's exit is seen at once, a Triton that stops
-   answering within a probe or two;
+   answering after three failed probes;
 2. while it is down, says so: :meth:`EngineHealer.problem` (deployments show UNAVAILABLE with
    it, inference answers UNAVAILABLE naming the serving engine) and the service's health is
    NOT_SERVING;
@@ -53,14 +53,17 @@ class HealSettings:
 
     Attributes:
         probe_interval_s: pause between liveness probes while the engine is up.
-        failed_probes: consecutive failed probes of a running engine that mean it is down.
+        failed_probes: consecutive failed probes of a running engine that mean it is down (it
+            is then waited for, not restarted: only an engine that exited is launched again).
         restart_initial_s: delay before the second restart in a row (the first is immediate).
         restart_max_s: the longest delay between restarts of an engine that keeps dying.
         stable_s: an engine up this long after a recovery starts its back-off afresh.
     """
 
     probe_interval_s: float = 0.5
-    failed_probes: int = 2
+    # Three probes of up to 3 s each: a Triton that is only slow (a busy machine) is not
+    # reported down for it.
+    failed_probes: int = 3
     restart_initial_s: float = 1.0
     restart_max_s: float = 30.0
     stable_s: float = 60.0
@@ -171,6 +174,10 @@ class EngineHealer:
                 reloaded = await self._reloader.reload_served()
             except Unavailable as exc:
                 log.warning("the serving engine went down again while reloading: %s", exc.message)
+                continue
+            except Exception:  # e.g. the database: logged, and tried again
+                log.exception("reloading the deployments failed; trying again")
+                await self._sleep(self._settings.probe_interval_s)
                 continue
             break
         self.recoveries += 1

@@ -262,3 +262,18 @@ async def test_a_rollout_that_found_triton_down_resumes_after_the_recovery(
     await serving.reconcile()
     shown = await serving.service.get("diab")
     assert shown.state is DeploymentState.READY and shown.serving_version == "2"
+
+
+async def test_a_launched_triton_that_stops_answering_is_waited_for_not_killed(
+    serving: Serving,
+) -> None:
+    await _ready_deployment(serving)
+    h = await _started(serving, FakeEngine())
+    h.engine.answering = False  # still running: busy, or stuck for a while
+    await _eventually(lambda: h.healer.problem() is not None, "reported down")
+    assert "does not answer" in (h.healer.problem() or "")
+    assert (await serving.service.get("diab")).state is DeploymentState.UNAVAILABLE
+    h.engine.answering = True
+    await asyncio.wait_for(h.healer.up.wait(), _BOUND_S)
+    assert h.engine.restarts == 0
+    assert (await serving.service.get("diab")).state is DeploymentState.READY
