@@ -474,7 +474,7 @@ class LocalPlatform:
         Call it from the event loop's thread (restarted services must die with it).
 
         Args:
-            report: told a console line per exit, restart and give-up (also logged).
+            report: told a console line per exit, restart and give-up (default: logged).
         """
         self._report = report
         self._supervising = True
@@ -513,9 +513,9 @@ class LocalPlatform:
                 service, ServiceStatus(state="failed", restarts=tracker.restarts, last_exit=what)
             )
             self._say(
-                f"!! {service} {what} and keeps crashing ({tracker.restarts} restarts, "
-                f"{self.policy.burst} within {self.policy.interval_s:.0f} s): not restarting it "
-                f"again; see {self.log_path(service)}"
+                f"!! {service} {what} and keeps crashing ({self.policy.burst} restarts within "
+                f"{self.policy.interval_s:.0f} s): left down, not restarted again; "
+                f"see {self.log_path(service)}"
             )
             return False
         self._set_status(
@@ -547,9 +547,11 @@ class LocalPlatform:
         return True
 
     def _say(self, line: str) -> None:
-        log.warning("%s", line.removeprefix("!! ").strip())
+        # One channel: make run prints the line itself; without a report the line is logged.
         if self._report is not None:
             self._report(line)
+        else:
+            log.warning("%s", line.removeprefix("!! ").strip())
 
     def _set_status(self, service: str, status: ServiceStatus) -> None:
         self.status[service] = status

@@ -3,7 +3,8 @@ doing is lost or done twice.
 
 - the scheduler, while two jobs run and two wait for capacity: the supervisor restarts it, the
   running jobs are re-attached (they succeed, not LOST), the queued ones run, and the stream
-  holds exactly one ``plinth.job.finished`` per job;
+  holds exactly one ``plinth.job.finished`` per job; ``plinth status`` shows the restart; when
+  it then keeps crashing, the start limit leaves it down (reported, no tight loop);
 - the registry, between a job's MLflow run and its registration (the job itself kills the
   registry as its last act, so the ``job.finished`` event arrives while the registry is down):
   the MLflow server it had started dies with it (nothing holds its port), the restarted
@@ -29,7 +30,7 @@ import pytest
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
-from plinth_common.devstack import LocalPlatform
+from plinth_common.devstack import LocalPlatform, RestartPolicy
 from tests.chaos.conftest import (
     StartPlatform,
     consumers_drained,
@@ -69,7 +70,9 @@ async def test_scheduler_killed_while_jobs_run_and_queue_heals_without_losing_a_
 ) -> None:
     # Room for two one-core jobs: of four, two run and two queue.
     platform = await chaos_platform(
-        services=("scheduler", "gateway"), env={"PLINTH_SCHEDULER_CPU": "2"}
+        services=("scheduler", "gateway"),
+        env={"PLINTH_SCHEDULER_CPU": "2"},
+        policy=RestartPolicy(burst=3),
     )
     async with grpc.aio.insecure_channel(platform.address("gateway")) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -131,6 +134,22 @@ async def test_scheduler_killed_while_jobs_run_and_queue_heals_without_losing_a_
     scheduler = report["services"]["scheduler"]
     assert (scheduler["restarts"], scheduler["state"]) == (1, "running")
     assert scheduler["last_exit"] == "was killed by SIGKILL"
+
+    # Then it keeps crashing (a setting it refuses at start-up): two more restarts with a
+    # growing pause, then the start limit (3 here) leaves it down instead of a tight loop.
+    platform.config.env["PLINTH_SCHEDULER_CPU"] = "not-a-number"
+    kill9(platform, "scheduler")
+
+    async def given_up() -> bool:
+        status = platform.status["scheduler"]
+        return status.state == "failed"
+
+    await _eventually_true(given_up, timeout=RECOVERY_BOUND_S)
+    status = platform.status["scheduler"]
+    assert status.restarts == 3 and status.last_exit == "exited with code 1", status
+    shown = await asyncio.to_thread(_plinth_status, platform)
+    assert shown.returncode == 1
+    assert json.loads(shown.stdout)["services"]["scheduler"]["state"] == "failed"
 
 
 async def test_registry_killed_before_registration_registers_the_version_exactly_once(
