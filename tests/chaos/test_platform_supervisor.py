@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
@@ -123,6 +124,14 @@ async def test_scheduler_killed_while_jobs_run_and_queue_heals_without_losing_a_
     _report("scheduler killed", recovered_s=recovered_s, lost=lost, duplicates=duplicates)
     assert (lost, duplicates) == (0, 0), dict(counts)
     assert recovered_s < RECOVERY_BOUND_S
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{platform.http_url}/healthz") as page,
+    ):
+        health = await page.json()
+    supervised = health["supervisor"]["services"]["scheduler"]
+    assert (supervised["restarts"], supervised["state"]) == (1, "running"), health
 
     # The restart shows in `plinth status` (through the gateway's /healthz); the services this
     # platform did not start make it DEGRADED, hence exit code 1.
