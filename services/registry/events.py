@@ -20,13 +20,13 @@ from services.registry.service import RegistryService
 JOB_FINISHED = "plinth.job.finished"
 CONSUMER = "registry-job-finished"
 #: The job.finished consumer's delivery policy. A registration waits up to the handler's budget
-#: (30 s) into an MLflow outage, then each delivery fails fast with Unavailable and is retried
-#: after these delays: 19 retries = 1+2+5+10+15*15 s, so an outage of about 4.5 minutes
-#: dead-letters nothing, and a registration follows MLflow's return within 15 s. A batch of 16
-#: registrations (several MLflow calls each) stays well within the 60 s ack wait.
+#: (30 s) into an MLflow outage, then each delivery fails fast with Unavailable, which the
+#: consumer retries after these delays without counting it toward max_deliver, until the event
+#: is 10 minutes old (ConsumerSettings.unavailable_max_age_s): an outage dead-letters nothing,
+#: and a registration follows MLflow's return within 15 s. A batch of 16 registrations (several
+#: MLflow calls each) stays well within the 60 s ack wait.
 CONSUMER_OPTIONS: ConsumerOptions = {
     "batch": 16,
-    "max_deliver": 20,
     "backoff_s": (1.0, 2.0, 5.0, 10.0, 15.0),
 }
 

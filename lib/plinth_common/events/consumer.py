@@ -103,6 +103,10 @@ class ConsumerSettings:
         subjects: subjects it handles, e.g. ``["plinth.job.finished"]``.
         max_deliver: deliveries before a message goes to the dead-letter subject.
         backoff_s: delay before each redelivery (the last value repeats).
+        unavailable_max_age_s: a message whose handler fails with
+            :class:`~plinth_common.errors.Unavailable` (a dependency is down) is retried, not
+            counted toward ``max_deliver``, until it is this old: an outage is not a poison
+            message.
         ack_wait_s: how long the server waits for an ack before redelivering.
         batch: messages fetched per pull.
     """
@@ -111,6 +115,7 @@ class ConsumerSettings:
     subjects: Sequence[str]
     max_deliver: int = 5
     backoff_s: Sequence[float] = (0.2, 1.0, 5.0, 15.0)
+    unavailable_max_age_s: float = 600.0
     ack_wait_s: float = 60.0
     batch: int = 64
 
@@ -124,6 +129,7 @@ class ConsumerOptions(TypedDict, total=False):
 
     max_deliver: int
     backoff_s: Sequence[float]
+    unavailable_max_age_s: float
     ack_wait_s: float
     batch: int
 
@@ -383,6 +389,13 @@ class EventConsumer:
     async def _retry_or_dead_letter(self, msg: Msg, exc: Exception) -> None:
         delivery = msg.metadata.num_delivered or 1
         reason = f"{type(exc).__name__}: {exc}"[:1000]
+        if isinstance(exc, Unavailable) and self._within_outage_budget(msg):
+            delay = max(self.settings.backoff_for(delivery), exc.retry_after_s or 0.0)
+            log.warning(
+                "%s delivery %d: %s; retrying in %.1fs", msg.subject, delivery, reason, delay
+            )
+            await msg.nak(delay=min(delay, max(self.settings.backoff_s)))
+            return
         if delivery < self.settings.max_deliver and _retryable(exc):
             log.warning("%s delivery %d failed (%s); retrying", msg.subject, delivery, reason)
             await msg.nak(delay=self.settings.backoff_for(delivery))
@@ -403,6 +416,12 @@ class EventConsumer:
         await msg.ack()
         self.dead_lettered += 1
         log.error("%s dead-lettered after %d deliveries: %s", msg.subject, delivery, reason)
+
+    def _within_outage_budget(self, msg: Msg) -> bool:
+        """Whether a message whose dependency is down is young enough to keep waiting."""
+        # JetStream's ack subject carries the time the stream stored the message.
+        age = (datetime.now(UTC) - msg.metadata.timestamp).total_seconds()
+        return age < self.settings.unavailable_max_age_s
 
 
 def _in_transaction(handler: Handler, event: CloudEvent, payload: Message) -> Record:

@@ -162,6 +162,7 @@ async def start(
     handler: Handler | EffectHandler,
     *,
     max_deliver: int = 3,
+    unavailable_max_age_s: float = 600.0,
 ) -> EventConsumer:
     consumer = EventConsumer(
         bus,
@@ -172,6 +173,7 @@ async def start(
             subjects=[SUBJECT],
             max_deliver=max_deliver,
             backoff_s=(0.05,),
+            unavailable_max_age_s=unavailable_max_age_s,
         ),
         handler,
     )
@@ -263,7 +265,8 @@ async def test_failing_effect_is_retried_then_dead_lettered(
     dead: asyncio.Queue[Msg] = asyncio.Queue()
     await nc.subscribe("dlq." + SUBJECT, cb=dead.put)
     probe = Probe(store, fail=lambda attempt: failure)
-    consumer = await start(consumers, bus, store, probe, max_deliver=3)
+    # An outage is ridden out while the event is young; here it is never young enough.
+    consumer = await start(consumers, bus, store, probe, max_deliver=3, unavailable_max_age_s=0.0)
     try:
         event = await publish(js, "j-poison")
         letter = await asyncio.wait_for(dead.get(), 15)
@@ -276,6 +279,25 @@ async def test_failing_effect_is_retried_then_dead_lettered(
     assert probe.performed == [event.id] * deliveries and consumer.handled == 0
     assert await store.count(store.processed_table) == 0
     assert await store.count(store.outbox_table) == 0
+
+
+async def test_an_outage_is_retried_past_max_deliver_while_the_event_is_young(
+    bus: EventBus, js: JetStreamContext, store: Store, consumers: list[EventConsumer]
+) -> None:
+    outage = 6  # deliveries that find the dependency down: twice max_deliver
+    probe = Probe(
+        store,
+        fail=lambda attempt: (
+            Unavailable("MLflow is down", dependency="MLflow", retry_after_s=0.05)
+            if attempt <= outage
+            else None
+        ),
+    )
+    consumer = await start(consumers, bus, store, probe, max_deliver=3)
+    event = await publish(js, "j-outage")
+    await reached(lambda: consumer.handled == 1)
+    assert probe.performed == [event.id] * (outage + 1) and consumer.dead_lettered == 0
+    assert await store.count(store.outbox_table) == 1
 
 
 async def test_a_failed_record_rolls_back_and_the_effect_is_performed_again(

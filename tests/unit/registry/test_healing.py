@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -110,6 +111,7 @@ class FakeMsg:
     delivery: int
     naks: list[float] = field(default_factory=list)
     acked: bool = False
+    stored_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def subject(self) -> str:
@@ -129,7 +131,7 @@ class FakeMsg:
 
     @property
     def metadata(self) -> Any:
-        return SimpleNamespace(num_delivered=self.delivery)
+        return SimpleNamespace(num_delivered=self.delivery, timestamp=self.stored_at)
 
     async def nak(self, delay: float | None = None) -> None:
         self.naks.append(delay or 0.0)
