@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, Unpack
 
+import grpc
 from sqlalchemy import Table
 
 from plinth_common.config import CommonSettings
@@ -29,6 +30,7 @@ class ServiceRuntime:
         outbox_table: its ``event_outbox`` table (None for a service that emits nothing).
         processed_table: its ``processed_events`` table (None for one that consumes nothing).
         migrations: its Alembic folder.
+        interceptors: extra server interceptors (an overload bound), after the error mapping.
     """
 
     def __init__(
@@ -38,12 +40,16 @@ class ServiceRuntime:
         outbox_table: Table | None = None,
         processed_table: Table | None = None,
         migrations: Path | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.settings = settings
         self.db = Database(settings.database_url)
         self.bus = EventBus(settings.nats_url, name=f"plinth-{settings.service}")
         self.server = GrpcServer(
-            host=settings.host, port=settings.port, domain=f"{settings.service}.plinth"
+            host=settings.host,
+            port=settings.port,
+            domain=f"{settings.service}.plinth",
+            interceptors=interceptors,
         )
         self.outbox = (
             Outbox(outbox_table, source=f"/plinth/{settings.service}")
