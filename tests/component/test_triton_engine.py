@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc.aio as triton_grpc
 
 from plinth_common.net import free_tcp_port
-from services.serving.triton import TritonProcess, TritonSettings
+from services.serving.triton import TritonEngine, TritonModels, TritonProcess, TritonSettings
 
 MODEL = "double"
 
@@ -276,3 +276,43 @@ async def test_triton_dies_with_its_owner(tmp_path: Path) -> None:
             await owner.wait()
         if triton_pid is not None and _alive(triton_pid):
             os.kill(triton_pid, signal.SIGKILL)
+
+
+async def test_triton_killed_is_seen_at_once_and_restarts_empty_on_the_same_port(
+    tmp_path: Path,
+) -> None:
+    settings = _settings(tmp_path)
+    _write_double_model(settings.model_repository)
+    triton = TritonProcess(settings)
+    engine = TritonEngine(triton)
+    assert engine.restartable
+    await triton.start()
+    try:
+        await triton.wait_ready(timeout=60)
+        models = TritonModels(triton.grpc_target, load_timeout_s=60)
+        await models.load(MODEL)
+        first = triton.pid
+        assert first is not None and engine.exit_reason() is None
+        os.kill(first, signal.SIGKILL)
+        t0 = time.perf_counter()
+        await engine.wait_exit(10)
+        assert time.perf_counter() - t0 < 2  # the exit is seen at once, not at the next probe
+        assert engine.exit_reason() == "was killed by SIGKILL"
+        assert not await engine.is_up()
+
+        await engine.restart()
+        assert triton.pid not in (None, first) and engine.exit_reason() is None
+        assert await engine.is_up()
+        # Explicit model control: the restarted Triton has nothing loaded until told; the
+        # control channel that saw it die reaches it again.
+        assert not await models.is_ready(MODEL)
+        await models.load(MODEL)
+        client = triton_grpc.InferenceServerClient(triton.grpc_target)
+        try:
+            out = await _infer(client, np.array([[1.5, -2.0]], dtype=np.float32))
+        finally:
+            await client.close()
+        np.testing.assert_array_equal(out, [[3.0, -4.0]])
+        await models.close()
+    finally:
+        await triton.stop()
