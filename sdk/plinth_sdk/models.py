@@ -718,6 +718,8 @@ class DeploymentState(enum.StrEnum):
     LOADING = "LOADING"
     READY = "READY"
     FAILED = "FAILED"
+    #: The serving engine is down; serving restarts (or waits for) it and reloads the version.
+    UNAVAILABLE = "UNAVAILABLE"
 
     @classmethod
     def from_proto(cls, value: int) -> DeploymentState:

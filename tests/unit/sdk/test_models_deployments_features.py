@@ -1041,3 +1041,12 @@ def test_sdk_online_and_historical(gateway: FakeGateway) -> None:
     assert rows[1].values["driver_stats:conv_rate"] is None
     assert list(frame.columns) == ["driver_id", "event_timestamp", "conv_rate"]
     assert frame["conv_rate"].tolist()[0] == 0.5 and pd.isna(frame["conv_rate"].tolist()[1])
+
+
+def test_every_deployment_state_of_the_proto_has_an_sdk_name() -> None:
+    from plinth.serving.v1 import serving_pb2
+    from plinth_sdk.models import DeploymentState
+
+    for number in serving_pb2.DeploymentState.values():
+        state = DeploymentState.from_proto(number)
+        assert number == 0 or state is not DeploymentState.UNSPECIFIED, number
