@@ -490,6 +490,13 @@ class LocalPlatform:
             )
 
     async def _supervise(self, service: str) -> None:
+        try:
+            await self._supervise_runs(service)
+        except Exception as exc:  # a bug here must not pass silently: the service is unguarded
+            log.exception("supervising %s failed", service)
+            self._say(f"!! {service} is no longer supervised: {type(exc).__name__}: {exc}")
+
+    async def _supervise_runs(self, service: str) -> None:
         tracker = self._trackers.setdefault(service, RestartTracker(self.policy))
         tracker.started(self._launched_at.get(service, self._clock()))
         while True:

@@ -96,6 +96,12 @@ async def test_scheduler_killed_while_jobs_run_and_queue_heals_without_losing_a_
         before = await eventually(two_running_two_queued, timeout=20)
         running = [j.id for j in before if j.state == pb.JOB_STATE_RUNNING]
         kill9(platform, "scheduler")
+        # While it is down (the first restart waits 0.5 s), a call says what is unavailable.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetJob(pb.GetJobRequest(job_id=ids[0]), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "scheduler" in (refused.value.details() or ""), refused.value.details()
+        print(f"\nwhile the scheduler is down: UNAVAILABLE: {refused.value.details()}", flush=True)
         recovered_s = await wait_restarted(
             platform, "scheduler", restarts=1, timeout=RECOVERY_BOUND_S
         )
