@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from plinth_common.devstack import LocalPlatform
 from plinth_common.rich_status import details_of
 
-EXAMPLES_VARIABLE = "PLINTH_FUZZ_EXAMPLES"
+# PLINTH_TEST_*: tests/conftest.py clears every other PLINTH_ variable before the tests run.
+EXAMPLES_VARIABLE = "PLINTH_TEST_FUZZ_EXAMPLES"
 # A unary call slower than this is a hang (the slowest honest one, a Feast apply, takes ~2 s).
 UNARY_DEADLINE_S = 20.0
 # A stream is read for this long at most: a valid watch or a followed log legitimately waits.
@@ -26,7 +27,7 @@ NEVER = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 
 def examples(default: int) -> int:
-    """The example budget per method: ``$PLINTH_FUZZ_EXAMPLES`` if set, else ``default``."""
+    """The example budget per method: ``$PLINTH_TEST_FUZZ_EXAMPLES`` if set, else ``default``."""
     raw = os.environ.get(EXAMPLES_VARIABLE, "").strip()
     return int(raw) if raw else default
 
