@@ -10,6 +10,7 @@ from pathlib import Path
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common.config import CommonSettings, Env
 from plinth_common.net import free_tcp_port
+from plinth_common.overload import OverloadInterceptor
 from plinth_common.runtime import ServiceRuntime
 from services.serving.artifacts import DEFAULT_SCHEMES, MlflowArtifacts
 from services.serving.events import (
@@ -50,6 +51,8 @@ class ServingSettings:
         load_timeout_s: bound of one model load in Triton.
         unload_grace_s: pause between moving traffic and unloading the old version.
         infer_timeout_s: deadline of a forwarded inference call without a client deadline.
+        max_in_flight: unary calls (inference included) served at once; past it a call is
+            RESOURCE_EXHAUSTED at once instead of queueing.
     """
 
     common: CommonSettings
@@ -60,6 +63,7 @@ class ServingSettings:
     load_timeout_s: float
     unload_grace_s: float
     infer_timeout_s: float
+    max_in_flight: int = 128
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ServingSettings:
@@ -85,6 +89,7 @@ class ServingSettings:
             load_timeout_s=env.float("PLINTH_SERVING_LOAD_TIMEOUT_S", 300.0),
             unload_grace_s=env.float("PLINTH_SERVING_UNLOAD_GRACE_S", 0.5),
             infer_timeout_s=env.float("PLINTH_SERVING_INFER_TIMEOUT_S", 30.0),
+            max_in_flight=env.int("PLINTH_SERVING_MAX_IN_FLIGHT", 128),
         )
 
 
@@ -98,6 +103,7 @@ class ServingApp:
             outbox_table=outbox_table,
             processed_table=processed_table,
             migrations=MIGRATIONS,
+            interceptors=[OverloadInterceptor(max_in_flight=settings.max_in_flight)],
         )
         self.triton = TritonProcess(settings.triton)
         self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
