@@ -15,11 +15,12 @@ from plinth.scheduler.v1 import scheduler_pb2
 from plinth.serving.v1 import serving_pb2
 from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, CommonSettings, Env
 from plinth_common.devstack import read_supervisor_status
+from plinth_common.overload import OverloadInterceptor
 from plinth_common.runtime import ServiceRuntime
-from services.gateway.events import NatsEventSource
+from services.gateway.events import NatsDeadLetterStore, NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
 from services.gateway.proxy import ForwardingHandler, Upstream, open_channel
-from services.gateway.service import EventStreams
+from services.gateway.service import DeadLetters, EventStreams
 from services.gateway.servicer import EventServicer
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -39,12 +40,23 @@ FORWARDED_ONLY = {
 
 @dataclass(frozen=True, kw_only=True)
 class GatewaySettings:
-    """The gateway's settings: its own, and where each upstream lives (``PLINTH_<SERVICE>_ADDR``)."""
+    """The gateway's settings: its own, and where each upstream lives (``PLINTH_<SERVICE>_ADDR``).
+
+    Attributes:
+        common: settings every service reads.
+        upstreams: service name -> its gRPC address.
+        forward_timeout_s: deadline of a forwarded call when the client set none.
+        http_port: the HTTP/JSON port.
+        max_in_flight: unary calls served at once; past it a call is RESOURCE_EXHAUSTED at once.
+        max_streams: server streams (WatchEvents, logs --follow) open at once.
+    """
 
     common: CommonSettings
     upstreams: dict[str, str]
     forward_timeout_s: float
     http_port: int
+    max_in_flight: int = 256
+    max_streams: int = 1024
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -56,6 +68,8 @@ class GatewaySettings:
             upstreams={name: common.address(name, env) for name in FORWARDED},
             forward_timeout_s=env.float("PLINTH_GATEWAY_FORWARD_TIMEOUT_S", 30.0),
             http_port=env.int("PLINTH_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
+            max_in_flight=env.int("PLINTH_GATEWAY_MAX_IN_FLIGHT", 256),
+            max_streams=env.int("PLINTH_GATEWAY_MAX_STREAMS", 1024),
         )
 
 
@@ -64,7 +78,14 @@ class GatewayApp:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(settings.common)
+        self.runtime = ServiceRuntime(
+            settings.common,
+            interceptors=[
+                OverloadInterceptor(
+                    max_in_flight=settings.max_in_flight, max_streams=settings.max_streams
+                )
+            ],
+        )
         self._channels = {name: open_channel(target) for name, target in settings.upstreams.items()}
         forwarding = ForwardingHandler(
             [
@@ -79,7 +100,10 @@ class GatewayApp:
             server.add_name(name)
         server.add(
             gateway_pb2_grpc.add_EventServiceServicer_to_server,
-            EventServicer(EventStreams(NatsEventSource(self.runtime.bus))),
+            EventServicer(
+                EventStreams(NatsEventSource(self.runtime.bus)),
+                DeadLetters(NatsDeadLetterStore(self.runtime.bus)),
+            ),
             gateway_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
         )
         self.http = GatewayHttp(
