@@ -7,7 +7,9 @@ extremes), enums (known and unknown numbers), nested messages (to a depth), and 
 map fields of bounded size. ``overrides`` replaces the strategy of named fields, for fields
 whose real values would have side effects outside the platform (a job's command line).
 ``requests(descriptor)`` mixes them with plausible messages (values that pass validation, so
-the domain logic behind it is reached). ``raw_requests(descriptor)`` draws wire bytes: arbitrary ones and valid messages mutated.
+the domain logic behind it is reached). ``raw_requests(descriptor)`` draws wire bytes:
+arbitrary ones and generated messages mutated (bytes overwritten, inserted, cut off, or a
+length prefix running past the end).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ MAX_DEPTH = 3
 MAX_REPEATED = 4
 HUGE = 100_000  # characters or bytes: well past any limit a field has, well below gRPC's 4 MiB
 
-# Strings a careless handler mishandles: paths out of a folder, names that are almost valid,
-# control characters, right-to-left marks, SQL and format-string tricks, reserved words.
 # Values that pass validation, so that requests made of them reach the domain logic.
 PLAUSIBLE_STRINGS = ("ml", "fuzz-a", "production", "1", "staging", "/tmp", "rmse", ">=")
+# Strings a careless handler mishandles: paths out of a folder, names that are almost valid,
+# control characters, right-to-left marks, SQL and format-string tricks, reserved words.
 SPECIAL_STRINGS = (
     *PLAUSIBLE_STRINGS,
     "",

@@ -2,15 +2,19 @@
 
 A Ridge regressor (diabetes, 10 FP64 features) is trained in this process, logged to the
 platform's MLflow, registered, deployed and promoted (``tests.fuzz.deployment``, in the
-background while the other fuzz tests run). Each malformed ``ModelInfer`` request (wrong byte length for
-its shape, negative or zero or huge dimensions, the wrong rank, a mismatched datatype, a batch
-past the deployment's maximum, unknown or missing or repeated inputs, an unknown output, typed
-contents of the wrong count) must be INVALID_ARGUMENT naming the tensor, and the deployment
-must answer a valid request with the model's own predictions right afterwards.
+background while the other fuzz tests run). Each malformed ``ModelInfer`` request (a wrong
+byte length for its shape, negative, zero or huge dimensions, the wrong rank, a mismatched
+datatype, a batch past the deployment's maximum, unknown, missing or repeated inputs, an
+unknown output, raw or typed contents of the wrong count) must be INVALID_ARGUMENT naming the
+tensor, and the deployment must answer a valid request with the model's own predictions right
+afterwards. Cases that find a bug are xfail(strict=True) with the fix's place (KNOWN_BUGS).
 """
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -234,6 +238,85 @@ def test_malformed_tensor_is_invalid_argument_naming_it_and_the_deployment_keeps
     error: Any = caught.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
     assert tensor in (error.details() or ""), error.details()
+    _assert_still_serving(deployed)
+
+
+def _row(count: int = FEATURES) -> list[float]:
+    return [0.01] * count
+
+
+# The KServe v2 REST form of the same mistakes: name -> (body, the tensor name the error names).
+HTTP_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "data-short-for-shape": (
+        {"inputs": [{"name": INPUT, "shape": [2, FEATURES], "datatype": "FP64", "data": _row(19)}]},
+        INPUT,
+    ),
+    "negative-dim": (
+        {"inputs": [{"name": INPUT, "shape": [-1, FEATURES], "datatype": "FP64", "data": _row()}]},
+        INPUT,
+    ),
+    "huge-dim": (
+        {
+            "inputs": [
+                {"name": INPUT, "shape": [2**62, FEATURES], "datatype": "FP64", "data": _row()}
+            ]
+        },
+        INPUT,
+    ),
+    "datatype-fp32": (
+        {"inputs": [{"name": INPUT, "shape": [1, FEATURES], "datatype": "FP32", "data": _row()}]},
+        INPUT,
+    ),
+    "datatype-unknown": (
+        {"inputs": [{"name": INPUT, "shape": [1, FEATURES], "datatype": "FP65", "data": _row()}]},
+        INPUT,
+    ),
+    "data-not-numbers": (
+        {"inputs": [{"name": INPUT, "shape": [1, 2], "datatype": "FP64", "data": ["a", {}]}]},
+        INPUT,
+    ),
+    "batch-past-max": (
+        {
+            "inputs": [
+                {
+                    "name": INPUT,
+                    "shape": [MAX_BATCH + 1, FEATURES],
+                    "datatype": "FP64",
+                    "data": _row((MAX_BATCH + 1) * FEATURES),
+                }
+            ]
+        },
+        INPUT,
+    ),
+    "unknown-input-name": (
+        {
+            "inputs": [
+                {"name": "inputs_x", "shape": [1, FEATURES], "datatype": "FP64", "data": _row()}
+            ]
+        },
+        "inputs_x",
+    ),
+}
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, str]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+@pytest.mark.parametrize("case", list(HTTP_CASES))
+def test_malformed_rest_tensor_is_400_naming_it_and_the_deployment_keeps_serving(
+    case: str, deployed: Deployed, fuzz_platform: LocalPlatform
+) -> None:
+    body, tensor = HTTP_CASES[case]
+    status, text = _post(f"{fuzz_platform.http_url}/v2/models/{DEPLOYMENT}/infer", body)
+    assert status == 400 and tensor in text, (status, text)
     _assert_still_serving(deployed)
 
 
