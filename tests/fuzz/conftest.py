@@ -27,9 +27,10 @@ async def fuzz_platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         await local.stop()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def tensor_deployment(fuzz_platform: LocalPlatform) -> Iterator[Future[TensorModel]]:
-    """The deployment the tensor tests use, started at once, READY when the future resolves."""
+    """The deployment the tensor tests use, READY when the future resolves. The service fuzz
+    tests ask for it first, so that Triton loads the model while they run."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuzz-deploy") as pool:
         future = pool.submit(deploy, fuzz_platform)
         yield future
