@@ -1,4 +1,4 @@
-"""One platform for the whole fuzz session: every service as its own process, as `make run`
+"""One platform for all the fuzz tests: every service as its own process, as `make run`
 starts them, on ephemeral ports, with a data folder of its own, and one deployment of a tiny model
 for the KServe tensor tests, made in the background while the other fuzz tests run (waiting
 for Triton to load it would otherwise add its whole duration to the suite)."""
@@ -16,9 +16,10 @@ from plinth_common.devstack import LocalPlatform, PlatformConfig
 from tests.fuzz.deployment import DEPLOY_TIMEOUT_S, TensorModel, deploy
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+@pytest_asyncio.fixture(scope="package", loop_scope="session")
 async def fuzz_platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalPlatform]:
-    """The platform under fuzz (stopped at the end of the session, whatever happened)."""
+    """The platform under fuzz, stopped (whatever happened) once the fuzz tests are done: package
+    scope, so that it does not run on beside the tiers that come after."""
     local = LocalPlatform(PlatformConfig.ephemeral(tmp_path_factory.mktemp("fuzz-platform")))
     try:
         await local.start(timeout=180)
@@ -27,7 +28,7 @@ async def fuzz_platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         await local.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tensor_deployment(fuzz_platform: LocalPlatform) -> Iterator[Future[TensorModel]]:
     """The deployment the tensor tests use, READY when the future resolves. The service fuzz
     tests ask for it first, so that Triton loads the model while they run."""

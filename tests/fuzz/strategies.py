@@ -55,8 +55,6 @@ SPECIAL_STRINGS = (
     "a" * 63,
     "a" * 64,
     "a" * 1024,
-    "x" * HUGE,
-    "é" * (HUGE // 4),
     "\u202e\u0645\u0631\u062d\u0628\u0627",
     "💥🔥" * 8,
     "\ud7ff\ue000\uffff",
@@ -95,10 +93,19 @@ Overrides = Mapping[str, st.SearchStrategy[Any]]
 (for a repeated field, of the whole list)."""
 
 
+def _huge(make: Callable[[], Any]) -> st.SearchStrategy[Any]:
+    # Built on drawing, not held in the strategy: Hypothesis reprs strategies, and a 100 kB
+    # literal in one makes every repr (and its warning) 100 kB long.
+    return st.builds(make)
+
+
 def strings() -> st.SearchStrategy[str]:
-    """Special strings, then arbitrary unicode (surrogates excluded: protobuf refuses them)."""
+    """Special strings, huge ones, then arbitrary unicode (surrogates excluded: protobuf refuses
+    them)."""
     return st.one_of(
         st.sampled_from(SPECIAL_STRINGS),
+        _huge(lambda: "x" * HUGE),
+        _huge(lambda: "é" * (HUGE // 4)),
         st.text(st.characters(exclude_categories=["Cs"]), max_size=40),
     )
 
@@ -164,7 +171,9 @@ def _scalar(field: FieldDescriptor, plausible: bool = False) -> st.SearchStrateg
         return strings()
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.one_of(
-            st.sampled_from([b"", b"\x00", b"\xff" * 8, b"x" * HUGE]), st.binary(max_size=64)
+            st.sampled_from([b"", b"\x00", b"\xff" * 8]),
+            _huge(lambda: b"x" * HUGE),
+            st.binary(max_size=64),
         )
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
