@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
-from plinth_common.prototime import to_timestamp
+from plinth_common.prototime import from_timestamp, to_timestamp
 from services.features.domain import FeatureViewInfo, Materialization, OnlineColumn, TableFormat
 from services.features.service import FeaturesService
 from services.features.wire import encode_online_response
@@ -28,8 +28,8 @@ _TABLE_FORMATS = {
 _TABLE_FORMATS_OUT = {v: k for k, v in _TABLE_FORMATS.items()}
 
 
-def _datetime(stamp: Timestamp, present: bool) -> datetime | None:
-    return stamp.ToDatetime(tzinfo=UTC) if present else None
+def _datetime(stamp: Timestamp, present: bool, field_name: str) -> datetime | None:
+    return from_timestamp(stamp, field_name) if present else None
 
 
 def python_of(value: struct_pb2.Value) -> Any:
@@ -169,8 +169,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     ) -> pb.MaterializeResponse:
         run = await self._service.materialize(
             list(request.feature_views),
-            _datetime(request.start_time, request.HasField("start_time")),
-            _datetime(request.end_time, request.HasField("end_time")),
+            _datetime(request.start_time, request.HasField("start_time"), "start_time"),
+            _datetime(request.end_time, request.HasField("end_time"), "end_time"),
         )
         return materialization_to_proto(run)
 
@@ -178,7 +178,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         self, request: pb.MaterializeIncrementalRequest, context: grpc.aio.ServicerContext
     ) -> pb.MaterializeResponse:
         run = await self._service.materialize_incremental(
-            list(request.feature_views), _datetime(request.end_time, request.HasField("end_time"))
+            list(request.feature_views),
+            _datetime(request.end_time, request.HasField("end_time"), "end_time"),
         )
         return materialization_to_proto(run)
 

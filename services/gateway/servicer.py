@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from datetime import UTC, datetime
 
 import grpc
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from plinth_common.errors import FailedPrecondition, InvalidArgument
+from plinth_common.errors import FailedPrecondition
 from plinth_common.events import CloudEvent
 from plinth_common.events.envelope import PROTOBUF, MalformedEvent, message_json
-from plinth_common.prototime import to_timestamp
+from plinth_common.prototime import from_timestamp, to_timestamp
 from services.gateway.service import (
     DeadLetter,
     DeadLetterFilter,
@@ -62,12 +61,7 @@ def start_of(request: gateway_pb2.WatchEventsRequest) -> StartPoint:
     Raises:
         InvalidArgument: a timestamp out of range, or both start points set.
     """
-    since: datetime | None = None
-    if request.HasField("since"):
-        try:
-            since = request.since.ToDatetime(tzinfo=UTC)
-        except (ValueError, OverflowError) as exc:
-            raise InvalidArgument("since", f"not a valid timestamp ({exc})") from None
+    since = from_timestamp(request.since, "since") if request.HasField("since") else None
     after = request.after_sequence if request.HasField("after_sequence") else None
     return make_start(since=since, after_sequence=after)
 

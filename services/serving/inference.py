@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as kserve
 
 from plinth_common.errors import InvalidArgument, NotFound, PlinthError, Unavailable
@@ -55,6 +56,89 @@ class Routes(Protocol):
     def engine_problem(self) -> str | None: ...
 
 
+# Bytes per element of each KServe v2 datatype with a fixed size (BYTES elements carry a 4-byte
+# little-endian length each), and the typed ``InferTensorContents`` field that holds it.
+_ELEMENT_BYTES = {
+    "BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16": 2, "BF16": 2,
+    "INT32": 4, "UINT32": 4, "FP32": 4, "INT64": 8, "UINT64": 8, "FP64": 8,
+}  # fmt: skip
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}  # fmt: skip
+
+
+def _parse(message: type[Message], raw: bytes) -> Any:
+    """Decodes a request that arrived as bytes (these methods bypass the interceptor's decoding)."""
+    try:
+        return message.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(
+            "request",
+            f"the bytes do not decode as {message.DESCRIPTOR.name}",
+            reason="MALFORMED_REQUEST",
+        ) from None
+
+
+def _elements(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _bytes_elements(raw: bytes) -> int | None:
+    """How many length-prefixed elements ``raw`` holds, or None when the lengths do not add up."""
+    count, offset = 0, 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            return None
+        offset += 4 + int.from_bytes(raw[offset : offset + 4], "little")
+        count += 1
+    return count if offset == len(raw) else None
+
+
+def _check_contents(request: kserve.ModelInferRequest) -> None:
+    """Each input's data must hold exactly as many elements as its shape says: Triton's Python
+    backend does not check, and would compute on too little or too much data."""
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise InvalidArgument(
+            "raw_input_contents",
+            f"{len(raw_contents)} given for {len(request.inputs)} input tensors; one per input",
+        )
+    for index, tensor in enumerate(request.inputs):
+        expected = _elements(list(tensor.shape))
+        where = f"inputs.{tensor.name}"
+        typed = getattr(tensor.contents, _CONTENTS_FIELD.get(tensor.datatype, ""), ())
+        if raw_contents:
+            if len(typed):
+                raise InvalidArgument(where, "has typed contents as well as raw_input_contents")
+            raw = raw_contents[index]
+            size = _ELEMENT_BYTES.get(tensor.datatype)
+            if size is None:
+                found = _bytes_elements(raw)
+                if found != expected:
+                    raise InvalidArgument(
+                        where,
+                        f"raw contents hold {found if found is not None else 'malformed'} "
+                        f"BYTES elements, shape {list(tensor.shape)} needs {expected}",
+                    )
+            elif len(raw) != expected * size:
+                raise InvalidArgument(
+                    where,
+                    f"{len(raw)} bytes of raw contents, shape {list(tensor.shape)} of "
+                    f"{tensor.datatype} needs {expected * size}",
+                )
+        elif len(typed) != expected:
+            raise InvalidArgument(
+                where,
+                f"{len(typed)} values in contents, shape {list(tensor.shape)} needs {expected}",
+            )
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -83,8 +167,8 @@ def check_request(request: kserve.ModelInferRequest, route: Route) -> None:
 
     Raises:
         NotFound: the request asks for a version the deployment does not serve.
-        InvalidArgument: naming the tensor that is unknown, missing, or of the wrong datatype
-            or shape.
+        InvalidArgument: naming the tensor that is unknown, missing, of the wrong datatype or
+            shape, or whose data does not hold as many elements as its shape.
     """
     deployment = route.deployment
     if request.model_version and request.model_version != route.version:
@@ -121,6 +205,7 @@ def check_request(request: kserve.ModelInferRequest, route: Route) -> None:
                 f"inputs.{spec.name}",
                 f"missing; shape {spec.describe_shape()}, datatype {spec.datatype}",
             )
+    _check_contents(request)
     for output in request.outputs:
         if output.name != route.io.output.name:
             raise InvalidArgument(
@@ -210,10 +295,7 @@ class InferenceProxy:
         """``ModelInfer``: checks the tensors, forwards the bytes, relabels the response."""
         if self._channel is None:
             self._open()
-        try:
-            parsed = kserve.ModelInferRequest.FromString(request)
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
-            raise InvalidArgument("request", "not a ModelInferRequest") from None
+        parsed = _parse(kserve.ModelInferRequest, request)
         name = parsed.model_name
         route = self._routes.route(name)
         if route is None:
@@ -289,7 +371,7 @@ class InferenceProxy:
         """``ModelReady``: whether the deployment (at the version asked, if any) answers."""
         if self._channel is None:
             self._open()
-        parsed = kserve.ModelReadyRequest.FromString(request)
+        parsed = _parse(kserve.ModelReadyRequest, request)
         route = self._routes.route(parsed.name)
         if route is None:
             if not await self._routes.exists(parsed.name):
@@ -309,7 +391,7 @@ class InferenceProxy:
         """``ModelMetadata``: the deployment's tensors, named as the deployment at its version."""
         if self._channel is None:
             self._open()
-        parsed = kserve.ModelMetadataRequest.FromString(request)
+        parsed = _parse(kserve.ModelMetadataRequest, request)
         route = self._routes.route(parsed.name)
         if route is None:
             raise await self._routes.unroutable(parsed.name)

@@ -73,42 +73,15 @@ OVERRIDES: strategies.Overrides = {
     "plinth.scheduler.v1.JobSpec.entrypoint": st.just(HARMLESS_COMMAND),
 }
 KSERVE = "inference.GRPCInferenceService"
-# Timestamp's valid range (0001-01-01 to 9999-12-31); ToDatetime raises ValueError outside it.
-_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
-
-
-def _bad_timestamp(message: Message) -> bool:
-    """True if any Timestamp in the message (at any depth) is outside the valid range."""
-    if isinstance(message, timestamp_pb2.Timestamp):
-        low, high = _TIMESTAMP_SECONDS
-        return not (low <= message.seconds <= high and 0 <= message.nanos <= 999_999_999)
-    for field, value in message.ListFields():
-        if field.message_type is None:
-            continue
-        if field.message_type.GetOptions().map_entry:
-            values = (
-                value.values() if field.message_type.fields_by_name["value"].message_type else []
-            )
-        else:
-            values = value if field.is_repeated else [value]
-        if any(_bad_timestamp(v) for v in values):
-            return True
-    return False
-
-
 # Bugs the fuzzer found. Requests that reproduce one are left out of the fuzz run (or it would
 # fail on them every time, shrinking each time); each bug has a test of its own at the end of
 # this module, xfail(strict=True), so it stays visible until fixed (then drop it from here).
 # By method: a predicate on the decoded request.
-KNOWN_BUGS: dict[str, Callable[[Message], bool]] = {
-    "plinth.features.v1.FeaturesService.Materialize": _bad_timestamp,
-    "plinth.features.v1.FeaturesService.MaterializeIncremental": _bad_timestamp,
-}
+# None open now: the out-of-range timestamps of Materialize and the undecodable ModelReady and
+# ModelMetadata requests it found are fixed, and their tests stay below as regression tests.
+KNOWN_BUGS: dict[str, Callable[[Message], bool]] = {}
 # Methods that answer every undecodable request wrongly.
-UNDECODABLE_BUGS = {
-    "inference.GRPCInferenceService.ModelReady",
-    "inference.GRPCInferenceService.ModelMetadata",
-}
+UNDECODABLE_BUGS: set[str] = set()
 
 
 def _gateway_methods() -> Iterator[MethodDescriptor]:
@@ -241,9 +214,8 @@ def test_raw_bytes_are_malformed_request_or_handled_and_leave_the_platform_healt
 def _malformed_as_expected(method: MethodDescriptor, outcome: Outcome) -> bool:
     """Plinth's own services answer undecodable bytes INVALID_ARGUMENT, MALFORMED_REQUEST (the
     one interceptor decodes). The KServe v2 methods are the serving service's byte-level proxy:
-    INVALID_ARGUMENT (ModelInfer with reason INVALID_FIELD, not MALFORMED_REQUEST: a lesser
-    inconsistency), and ServerLive and ServerReady, whose requests have no fields, ignore the
-    body: OK there misreads nothing."""
+    INVALID_ARGUMENT, MALFORMED_REQUEST too, and ServerLive and ServerReady, whose requests have
+    no fields, ignore the body: OK there misreads nothing."""
     if method.containing_service.full_name != KSERVE:
         return (outcome.code, outcome.reason) == (
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -251,7 +223,7 @@ def _malformed_as_expected(method: MethodDescriptor, outcome: Outcome) -> bool:
         )
     if not method.input_type.fields:
         return outcome.code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT)
-    return outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    return (outcome.code, outcome.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
 
 
 def test_every_service_the_gateway_serves_is_fuzzed() -> None:
@@ -268,15 +240,9 @@ def test_every_service_the_gateway_serves_is_fuzzed() -> None:
     assert "inference.GRPCInferenceService.RepositoryModelLoad" not in METHODS
 
 
-# ---------------------------------------------------------------- the bugs the fuzzer found
+# ------------------------------------------------- the bugs the fuzzer found, now fixed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="features servicer _datetime(): Timestamp.ToDatetime raises ValueError on a "
-    "timestamp outside 0001..9999 (or nanos < 0), which becomes INTERNAL; it should be "
-    "INVALID_ARGUMENT naming start_time/end_time (services/features/servicer.py)",
-)
 @pytest.mark.parametrize(
     ("method", "request_"),
     [
@@ -298,15 +264,13 @@ def test_out_of_range_timestamp_is_invalid_argument(
 ) -> None:
     outcome = call(channel, METHODS[method], request_.SerializeToString())
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, str(outcome)
+    assert outcome.message.startswith(("start_time:", "end_time:")), str(outcome)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serving inference proxy: ModelReady and ModelMetadata parse the request with "
-    "FromString outside any try, so a DecodeError becomes INTERNAL; it should be "
-    "INVALID_ARGUMENT MALFORMED_REQUEST (services/serving/inference.py model_ready/model_metadata)",
+@pytest.mark.parametrize(
+    "method",
+    [f"{KSERVE}.ModelReady", f"{KSERVE}.ModelMetadata", f"{KSERVE}.ModelInfer"],
 )
-@pytest.mark.parametrize("method", sorted(UNDECODABLE_BUGS))
 def test_undecodable_kserve_request_is_malformed_request(
     method: str, channel: grpc.Channel
 ) -> None:

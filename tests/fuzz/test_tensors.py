@@ -173,20 +173,8 @@ CASES: dict[str, tuple[Case, str]] = {
 }
 # Cases that show a bug in the platform: name -> where the fix belongs. Each stays xfail(strict)
 # so it is seen until fixed.
-_UNCHECKED_CONTENTS = (
-    "serving answers OK with predictions computed from {what}: neither the serving "
-    "service's check_request nor Triton (Python backend) compares the contents with the "
-    "tensor's shape and datatype. Fix in services/serving/inference.py check_request: one raw "
-    "content per input, each exactly prod(shape) x the datatype's size bytes, or typed "
-    "contents of exactly prod(shape) values, INVALID_ARGUMENT naming inputs.<name> otherwise"
-)
-KNOWN_BUGS: dict[str, str] = {
-    "bytes-short-for-shape": _UNCHECKED_CONTENTS.format(what="19 values for shape [2, 10]"),
-    "bytes-long-for-shape": _UNCHECKED_CONTENTS.format(what="11 values for shape [1, 10]"),
-    "bytes-not-a-multiple-of-8": _UNCHECKED_CONTENTS.format(what="77 bytes of FP64"),
-    "raw-contents-extra": _UNCHECKED_CONTENTS.format(what="two raw contents for one input"),
-    "typed-contents-short": _UNCHECKED_CONTENTS.format(what="7 fp64_contents for shape [1, 10]"),
-}
+# None open now: the contents-vs-shape cases it found are checked by serving's check_request.
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _infer(channel: grpc.Channel, request: kserve.ModelInferRequest) -> kserve.ModelInferResponse:
