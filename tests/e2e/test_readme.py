@@ -212,6 +212,8 @@ class ReadmeSession:
         # What a user of `make run` has by default: the platform's gateway and data folder.
         env["PLINTH_GATEWAY"] = self.platform.address("gateway")
         env["PLINTH_DATA_DIR"] = str(self.platform.config.data_dir)
+        # `plinth status` reads /healthz; under `make run` its default port is the right one.
+        env["PLINTH_GATEWAY_HTTP"] = f"http://127.0.0.1:{self.platform.config.gateway_http_port}"
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
