@@ -480,7 +480,35 @@ class LocalPlatform:
         self._supervising = True
         for service in self.processes:
             self._ensure_watcher(service)
+        if self.nats is not None and NATS not in self._watchers:
+            self._watchers[NATS] = asyncio.create_task(self._supervise_nats(self.nats))
         self._write_status()
+
+    async def _supervise_nats(self, nats: NatsServer) -> None:
+        """Restarts the embedded nats-server when it dies, on its port and store, with the
+        services' backoff: their connections reconnect and outboxes publish what waited."""
+        tracker = RestartTracker(self.policy)
+        tracker.started(self._clock())
+        while self._supervising:
+            what = await nats.wait_exit()
+            if not self._supervising:
+                return
+            delay = tracker.exited(self._clock())
+            if delay is None:
+                self._say(f"!! {NATS} {what} and keeps crashing: left down; see {nats.log_path}")
+                return
+            self._say(f"!! {NATS} {what}; restart {tracker.restarts} in {delay:.1f} s")
+            await asyncio.sleep(delay)
+            began = self._clock()
+            try:
+                await nats.start()
+            except (RuntimeError, TimeoutError) as exc:  # ChildExited is a RuntimeError
+                self._say(f"!! {NATS} did not come back: {exc}")
+                continue
+            tracker.started(began)
+            self._say(
+                f"   {NATS} restarted (restart {tracker.restarts}), ready in {self._clock() - began:.1f} s"
+            )
 
     def _ensure_watcher(self, service: str) -> None:
         watcher = self._watchers.get(service)

@@ -129,3 +129,11 @@ class NatsServer:
     def running(self) -> bool:
         """Whether the process is alive."""
         return self._process is not None and self._process.alive
+
+    async def wait_exit(self) -> str:
+        """Waits until the running server exits (at once if none runs); says how it ended."""
+        process = self._process
+        if process is None:
+            return "is not running"
+        await process.wait()
+        return process.exit_description()
