@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +23,7 @@ from tenacity import RetryCallState, Retrying, wait_exponential_jitter
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth_sdk.errors import Unavailable
-from plinth_sdk.models import Event
+from plinth_sdk.models import Event, datetime_field, iso_or_none, json_object
 from plinth_sdk.paging import check_page_size, paged
 from plinth_sdk.transport import Transport
 
@@ -75,11 +74,7 @@ class DeadLetter:
     @property
     def data(self) -> dict[str, Any]:
         """The payload parsed from ``data_json``; {} when there is none."""
-        try:
-            parsed = json.loads(self.data_json) if self.data_json else {}
-        except ValueError:
-            return {}
-        return parsed if isinstance(parsed, dict) else {}
+        return json_object(self.data_json)
 
     @classmethod
     def from_proto(cls, msg: gateway_pb2.DeadLetter) -> DeadLetter:
@@ -91,11 +86,11 @@ class DeadLetter:
             event_type=msg.event_type,
             event_subject=msg.event_subject,
             team=msg.team,
-            event_time=_time_or_none(msg, "event_time"),
+            event_time=datetime_field(msg, "event_time"),
             consumer=msg.consumer,
             reason=msg.reason,
             deliveries=msg.deliveries,
-            dead_lettered_at=_time_or_none(msg, "dead_lettered_at"),
+            dead_lettered_at=datetime_field(msg, "dead_lettered_at"),
             data_json=msg.data_json,
             data_bytes=msg.data,
         )
@@ -109,11 +104,11 @@ class DeadLetter:
             "event_type": self.event_type,
             "event_subject": self.event_subject,
             "team": self.team,
-            "event_time": _iso(self.event_time),
+            "event_time": iso_or_none(self.event_time),
             "consumer": self.consumer,
             "reason": self.reason,
             "deliveries": self.deliveries,
-            "dead_lettered_at": _iso(self.dead_lettered_at),
+            "dead_lettered_at": iso_or_none(self.dead_lettered_at),
             "data": self.data,
         }
 
@@ -339,14 +334,3 @@ def _timestamp(value: datetime) -> Timestamp:
     aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     stamp.FromDatetime(aware.astimezone(UTC))
     return stamp
-
-
-def _time_or_none(msg: Any, name: str) -> datetime | None:
-    if not msg.HasField(name):
-        return None
-    stamp: Timestamp = getattr(msg, name)
-    return stamp.ToDatetime(tzinfo=UTC)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

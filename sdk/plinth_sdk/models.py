@@ -171,9 +171,9 @@ class Job:
             gpu=spec.resources.gpu,
             register_as=spec.register_as,
             state=JobState.from_proto(msg.state),
-            created_at=_datetime_or_none(msg, "created_at"),
-            started_at=_datetime_or_none(msg, "started_at"),
-            finished_at=_datetime_or_none(msg, "finished_at"),
+            created_at=datetime_field(msg, "created_at"),
+            started_at=datetime_field(msg, "started_at"),
+            finished_at=datetime_field(msg, "finished_at"),
             exit_code=msg.exit_code,
             signal=msg.signal,
             failure_reason=msg.failure_reason,
@@ -195,9 +195,9 @@ class Job:
             "gpu": self.gpu,
             "register_as": self.register_as,
             "state": self.state.value,
-            "created_at": _iso(self.created_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
+            "created_at": iso_or_none(self.created_at),
+            "started_at": iso_or_none(self.started_at),
+            "finished_at": iso_or_none(self.finished_at),
             "exit_code": self.exit_code,
             "signal": self.signal,
             "failure_reason": self.failure_reason,
@@ -240,13 +240,7 @@ class Event:
     @property
     def data(self) -> dict[str, Any]:
         """The payload parsed from ``data_json``; {} when it is empty or not a JSON object."""
-        if not self.data_json:
-            return {}
-        try:
-            parsed = json.loads(self.data_json)
-        except ValueError:
-            return {}
-        return parsed if isinstance(parsed, dict) else {}
+        return json_object(self.data_json)
 
     @classmethod
     def from_proto(cls, msg: gateway_pb2.Event) -> Event:
@@ -256,7 +250,7 @@ class Event:
             type=msg.type,
             source=msg.source,
             subject=msg.subject,
-            time=_datetime_or_none(msg, "time"),
+            time=datetime_field(msg, "time"),
             team=msg.team,
             data_schema=msg.data_schema,
             data_json=msg.data_json,
@@ -272,7 +266,7 @@ class Event:
             "type": self.type,
             "source": self.source,
             "subject": self.subject,
-            "time": _iso(self.time),
+            "time": iso_or_none(self.time),
             "team": self.team,
             "data_schema": self.data_schema,
             "data": self.data,
@@ -281,7 +275,19 @@ class Event:
         }
 
 
-def _datetime_or_none(msg: Any, field_name: str) -> datetime | None:
+def json_object(text: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; {} when it is empty, not JSON, or not an object."""
+    if not text:
+        return {}
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def datetime_field(msg: Any, field_name: str) -> datetime | None:
+    """A Timestamp field as an aware UTC datetime; None when unset (or the epoch)."""
     # An unset Timestamp and the epoch both mean "not happened yet": servers that fill every
     # field send zeros rather than leaving it unset.
     if not msg.HasField(field_name):
@@ -293,7 +299,7 @@ def _datetime_or_none(msg: Any, field_name: str) -> datetime | None:
     return when
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso_or_none(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
@@ -504,8 +510,8 @@ class Run:
             run_id=msg.run_id,
             experiment_id=msg.experiment_id,
             status=msg.status,
-            start_time=_datetime_or_none(msg, "start_time"),
-            end_time=_datetime_or_none(msg, "end_time"),
+            start_time=datetime_field(msg, "start_time"),
+            end_time=datetime_field(msg, "end_time"),
             metrics=dict(msg.metrics),
             params=dict(msg.params),
             tags=dict(msg.tags),
@@ -518,8 +524,8 @@ class Run:
             "run_id": self.run_id,
             "experiment_id": self.experiment_id,
             "status": self.status,
-            "start_time": _iso(self.start_time),
-            "end_time": _iso(self.end_time),
+            "start_time": iso_or_none(self.start_time),
+            "end_time": iso_or_none(self.end_time),
             "metrics": dict(self.metrics),
             "params": dict(self.params),
             "tags": dict(self.tags),
@@ -660,7 +666,7 @@ class ModelVersion:
             aliases=tuple(msg.aliases),
             tags=dict(msg.tags),
             metrics=dict(msg.metrics),
-            created_at=_datetime_or_none(msg, "created_at"),
+            created_at=datetime_field(msg, "created_at"),
             model_id=msg.model_id,
         )
 
@@ -676,7 +682,7 @@ class ModelVersion:
             "aliases": list(self.aliases),
             "tags": dict(self.tags),
             "metrics": dict(self.metrics),
-            "created_at": _iso(self.created_at),
+            "created_at": iso_or_none(self.created_at),
             "model_id": self.model_id,
         }
 
@@ -791,8 +797,8 @@ class Deployment:
             loading_version=msg.loading_version,
             target_version=msg.target_version,
             last_error=msg.last_error,
-            created_at=_datetime_or_none(msg, "created_at"),
-            updated_at=_datetime_or_none(msg, "updated_at"),
+            created_at=datetime_field(msg, "created_at"),
+            updated_at=datetime_field(msg, "updated_at"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -810,8 +816,8 @@ class Deployment:
             "loading_version": self.loading_version,
             "target_version": self.target_version,
             "last_error": self.last_error,
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
+            "created_at": iso_or_none(self.created_at),
+            "updated_at": iso_or_none(self.updated_at),
         }
 
 
@@ -971,8 +977,8 @@ class Materialization:
         return cls(
             feature_views=tuple(msg.feature_views),
             duration_seconds=msg.duration_seconds,
-            start_time=_datetime_or_none(msg, "start_time"),
-            end_time=_datetime_or_none(msg, "end_time"),
+            start_time=datetime_field(msg, "start_time"),
+            end_time=datetime_field(msg, "end_time"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -980,8 +986,8 @@ class Materialization:
         return {
             "feature_views": list(self.feature_views),
             "duration_seconds": self.duration_seconds,
-            "start_time": _iso(self.start_time),
-            "end_time": _iso(self.end_time),
+            "start_time": iso_or_none(self.start_time),
+            "end_time": iso_or_none(self.end_time),
         }
 
 
@@ -1007,7 +1013,9 @@ class OnlineRow:
         return {
             "values": dict(self.values),
             "statuses": {name: status.value for name, status in self.statuses.items()},
-            "event_timestamps": {name: _iso(ts) for name, ts in self.event_timestamps.items()},
+            "event_timestamps": {
+                name: iso_or_none(ts) for name, ts in self.event_timestamps.items()
+            },
         }
 
 
