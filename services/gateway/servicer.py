@@ -9,7 +9,6 @@ from contextlib import suppress
 import grpc
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from plinth_common.errors import FailedPrecondition
 from plinth_common.events import CloudEvent
 from plinth_common.events.envelope import PROTOBUF, MalformedEvent, message_json
 from plinth_common.prototime import from_timestamp, to_timestamp
@@ -96,11 +95,10 @@ class EventServicer(gateway_pb2_grpc.EventServiceServicer):
 
     Args:
         streams: the event streams.
-        dead_letters: the dead letters; None: a gateway that does not serve them
-            (FAILED_PRECONDITION).
+        dead_letters: the dead letters.
     """
 
-    def __init__(self, streams: EventStreams, dead_letters: DeadLetters | None = None) -> None:
+    def __init__(self, streams: EventStreams, dead_letters: DeadLetters) -> None:
         self._streams = streams
         self._dead_letters = dead_letters
 
@@ -122,7 +120,7 @@ class EventServicer(gateway_pb2_grpc.EventServiceServicer):
     async def ListDeadLetters(
         self, request: gateway_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListDeadLettersResponse:
-        letters, token = await self._letters().list(
+        letters, token = await self._dead_letters.list(
             page_size=request.page_size,
             page_token=request.page_token,
             where=DeadLetterFilter(consumer=request.consumer, type=request.type, team=request.team),
@@ -135,18 +133,13 @@ class EventServicer(gateway_pb2_grpc.EventServiceServicer):
     async def GetDeadLetter(
         self, request: gateway_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.DeadLetter:
-        return dead_letter_to_proto(await self._letters().get(request.sequence))
+        return dead_letter_to_proto(await self._dead_letters.get(request.sequence))
 
     async def ReplayDeadLetter(
         self, request: gateway_pb2.ReplayDeadLetterRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ReplayDeadLetterResponse:
-        replayed = await self._letters().replay(request.sequence)
+        replayed = await self._dead_letters.replay(request.sequence)
         return gateway_pb2.ReplayDeadLetterResponse(
             dead_letter=dead_letter_to_proto(replayed.dead_letter),
             event_sequence=replayed.event_sequence,
         )
-
-    def _letters(self) -> DeadLetters:
-        if self._dead_letters is None:
-            raise FailedPrecondition("this gateway does not serve dead letters")
-        return self._dead_letters
