@@ -8,14 +8,37 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from plinth_common.auth import InternalTokens, Principal, Role, identity_interceptors
 from plinth_common.config import Env
 
 T = TypeVar("T")
+
+#: The internal key services under test share (``service_env`` sets it), so tests can call
+#: a service port directly as the gateway would, with a forwarded identity.
+TEST_INTERNAL_KEY = "plinth-test-internal-key"
+TEST_TOKENS = InternalTokens(TEST_INTERNAL_KEY.encode())
+#: A platform admin: what tests of a service's behaviour (not its access rules) call as.
+ADMIN = Principal("test-admin", admin=True, via="test")
+
+
+def member(name: str, **roles: Role) -> Principal:
+    """A user with the given team roles: ``member("ann", vision=Role.DEVELOPER)``."""
+    return Principal(name, teams=dict(roles), via="test")
+
+
+def channel_as(target: str, principal: Principal = ADMIN, **options: object) -> grpc.aio.Channel:
+    """A channel to a service port whose calls carry ``principal`` as the gateway forwards it."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=list(options.items()),
+        interceptors=identity_interceptors(TEST_TOKENS, principal),
+    )
 
 
 async def eventually(
@@ -94,6 +117,7 @@ def service_env(data_dir: Path, nats_url: str, **extra: str) -> Env:
         "PLINTH_REGISTRY_PORT": "0",
         "PLINTH_FEATURES_PORT": "0",
         "PLINTH_SERVING_PORT": "0",
+        "PLINTH_INTERNAL_KEY": TEST_INTERNAL_KEY,
     }
     values.update(extra)
     return Env(values)

@@ -85,6 +85,10 @@ class CommonSettings:
         database_url: SQLAlchemy async URL of the service's own store.
         log_level: logging level name.
         log_dir: the one folder for the logs of every process of the platform, engines too.
+        internal_key: the key that signs the identity the gateway forwards to services
+            (``PLINTH_INTERNAL_KEY``; set it from a secret in production).
+        internal_key_file: where the key lives when ``internal_key`` is unset (created 0600 on
+            first start; every process of one machine reads the same file).
     """
 
     service: str
@@ -95,6 +99,8 @@ class CommonSettings:
     database_url: str
     log_level: str
     log_dir: Path
+    internal_key: str = ""
+    internal_key_file: Path = Path()
 
     @classmethod
     def from_env(cls, service: str, env: Env | None = None) -> CommonSettings:
@@ -112,6 +118,10 @@ class CommonSettings:
             database_url=env.str(prefix + "DATABASE_URL", default_db),
             log_level=env.str("PLINTH_LOG_LEVEL", "INFO"),
             log_dir=env.path("PLINTH_LOG_DIR", data_dir / "logs"),
+            internal_key=env.str("PLINTH_INTERNAL_KEY", ""),
+            internal_key_file=env.path(
+                "PLINTH_INTERNAL_KEY_FILE", data_dir / "run" / "internal.key"
+            ),
         )
 
     @property

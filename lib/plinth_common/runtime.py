@@ -13,6 +13,7 @@ from typing import Protocol, Unpack
 import grpc
 from sqlalchemy import Table
 
+from plinth_common.auth import InternalTokens, ServiceAuthInterceptor, load_internal_key
 from plinth_common.config import CommonSettings
 from plinth_common.db import Database
 from plinth_common.events import ConsumerSettings, EventBus, EventConsumer, Outbox, OutboxRelay
@@ -31,6 +32,8 @@ class ServiceRuntime:
         processed_table: its ``processed_events`` table (None for one that consumes nothing).
         migrations: its Alembic folder.
         interceptors: extra server interceptors (an overload bound), after the error mapping.
+        verify_callers: admit only calls carrying the identity the gateway forwards (every
+            service; the gateway authenticates callers itself and passes False).
     """
 
     def __init__(
@@ -41,8 +44,14 @@ class ServiceRuntime:
         processed_table: Table | None = None,
         migrations: Path | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        verify_callers: bool = True,
     ) -> None:
         self.settings = settings
+        self.tokens = InternalTokens(
+            load_internal_key(settings.internal_key, settings.internal_key_file)
+        )
+        if verify_callers:
+            interceptors = [*interceptors, ServiceAuthInterceptor(self.tokens)]
         self.db = Database(settings.database_url)
         self.bus = EventBus(settings.nats_url, name=f"plinth-{settings.service}")
         self.server = GrpcServer(

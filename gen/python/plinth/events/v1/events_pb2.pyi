@@ -125,7 +125,7 @@ class ModelVersionCreated(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., source_job_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ModelPromoted(_message.Message):
-    __slots__ = ("model_name", "alias", "version", "previous_version", "team", "source", "run_id")
+    __slots__ = ("model_name", "alias", "version", "previous_version", "team", "source", "run_id", "promoted_by", "approved_by")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,8 @@ class ModelPromoted(_message.Message):
     TEAM_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_BY_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     alias: str
     version: str
@@ -140,7 +142,9 @@ class ModelPromoted(_message.Message):
     team: str
     source: str
     run_id: str
-    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., previous_version: _Optional[str] = ..., team: _Optional[str] = ..., source: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+    promoted_by: str
+    approved_by: str
+    def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[str] = ..., previous_version: _Optional[str] = ..., team: _Optional[str] = ..., source: _Optional[str] = ..., run_id: _Optional[str] = ..., promoted_by: _Optional[str] = ..., approved_by: _Optional[str] = ...) -> None: ...
 
 class DeploymentReady(_message.Message):
     __slots__ = ("deployment", "team", "model_name", "version", "recovered")

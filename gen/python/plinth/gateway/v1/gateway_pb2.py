@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/gateway/v1/gateway.proto\x12\x11plinth.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xd7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x61ta_schema\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x10\n\x08sequence\x18\x0b \x01(\x04\"\xb7\x02\n\nDeadLetter\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x15\n\revent_subject\x18\x05 \x01(\t\x12\x0c\n\x04team\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63onsumer\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\ndeliveries\x18\n \x01(\r\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x64\x61ta\x18\x0c \x01(\x0c\x12\x11\n\tdata_json\x18\r \x01(\t\"m\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0c\n\x04team\x18\x05 \x01(\t\"g\n\x17ListDeadLettersResponse\x12\x33\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1d.plinth.gateway.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x14GetDeadLetterRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"+\n\x17ReplayDeadLetterRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"f\n\x18ReplayDeadLetterResponse\x12\x32\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x1d.plinth.gateway.v1.DeadLetter\x12\x16\n\x0e\x65vent_sequence\x18\x02 \x01(\x04\x32\x90\x03\n\x0c\x45ventService\x12P\n\x0bWatchEvents\x12%.plinth.gateway.v1.WatchEventsRequest\x1a\x18.plinth.gateway.v1.Event0\x01\x12h\n\x0fListDeadLetters\x12).plinth.gateway.v1.ListDeadLettersRequest\x1a*.plinth.gateway.v1.ListDeadLettersResponse\x12W\n\rGetDeadLetter\x12\'.plinth.gateway.v1.GetDeadLetterRequest\x1a\x1d.plinth.gateway.v1.DeadLetter\x12k\n\x10ReplayDeadLetter\x12*.plinth.gateway.v1.ReplayDeadLetterRequest\x1a+.plinth.gateway.v1.ReplayDeadLetterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/gateway/v1/gateway.proto\x12\x11plinth.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xd7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x61ta_schema\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x10\n\x08sequence\x18\x0b \x01(\x04\"\xb7\x02\n\nDeadLetter\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x15\n\revent_subject\x18\x05 \x01(\t\x12\x0c\n\x04team\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63onsumer\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\ndeliveries\x18\n \x01(\r\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x64\x61ta\x18\x0c \x01(\x0c\x12\x11\n\tdata_json\x18\r \x01(\t\"m\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0c\n\x04team\x18\x05 \x01(\t\"g\n\x17ListDeadLettersResponse\x12\x33\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1d.plinth.gateway.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x14GetDeadLetterRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"+\n\x17ReplayDeadLetterRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"f\n\x18ReplayDeadLetterResponse\x12\x32\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x1d.plinth.gateway.v1.DeadLetter\x12\x16\n\x0e\x65vent_sequence\x18\x02 \x01(\x04\"?\n\x08TeamRole\x12\x0c\n\x04team\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.plinth.gateway.v1.Role\"\x0f\n\rWhoAmIRequest\"\x84\x01\n\x0eWhoAmIResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12*\n\x05teams\x18\x04 \x03(\x0b\x32\x1b.plinth.gateway.v1.TeamRole\x12\x0b\n\x03via\x18\x05 \x01(\t\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"\xad\x01\n\x04Team\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x04 \x01(\t\x12\x14\n\x0cmember_count\x18\x05 \x01(\x05\x12(\n\x07my_role\x18\x06 \x01(\x0e\x32\x17.plinth.gateway.v1.Role\"6\n\x11\x43reateTeamRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x12\n\x10ListTeamsRequest\";\n\x11ListTeamsResponse\x12&\n\x05teams\x18\x01 \x03(\x0b\x32\x17.plinth.gateway.v1.Team\"\x8b\x01\n\x06Member\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.plinth.gateway.v1.Role\x12,\n\x08\x61\x64\x64\x65\x64_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61\x64\x64\x65\x64_by\x18\x05 \x01(\t\"\"\n\x12ListMembersRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"A\n\x13ListMembersResponse\x12*\n\x07members\x18\x01 \x03(\x0b\x32\x19.plinth.gateway.v1.Member\"U\n\x10\x41\x64\x64MemberRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.plinth.gateway.v1.Role\"1\n\x13RemoveMemberRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"B\n\x14RemoveMemberResponse\x12*\n\x07removed\x18\x01 \x01(\x0b\x32\x19.plinth.gateway.v1.Member\"\xa4\x02\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\r\n\x05\x61\x64min\x18\n \x01(\x08\"\x8a\x01\n\x13\x43reateApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x17\n\x0fservice_account\x18\x03 \x01(\x08\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x64min\x18\x05 \x01(\x08\"N\n\x14\x43reateApiKeyResponse\x12&\n\x03key\x18\x01 \x01(\x0b\x32\x19.plinth.gateway.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"<\n\x12ListApiKeysRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\">\n\x13ListApiKeysResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.plinth.gateway.v1.ApiKey\"!\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xe6\x01\n\x0b\x41uditRecord\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x16\n\x0eprincipal_kind\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x12\n\npermission\x18\x06 \x01(\t\x12\x0c\n\x04team\x18\x07 \x01(\t\x12\x10\n\x08resource\x18\x08 \x01(\t\x12\x0f\n\x07outcome\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\"\xcd\x01\n\x17ListAuditRecordsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65nials_only\x18\x05 \x01(\x08\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"d\n\x18ListAuditRecordsResponse\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.plinth.gateway.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*V\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_VIEWER\x10\x01\x12\x12\n\x0eROLE_DEVELOPER\x10\x02\x12\x13\n\x0fROLE_MAINTAINER\x10\x03\x32\x90\x03\n\x0c\x45ventService\x12P\n\x0bWatchEvents\x12%.plinth.gateway.v1.WatchEventsRequest\x1a\x18.plinth.gateway.v1.Event0\x01\x12h\n\x0fListDeadLetters\x12).plinth.gateway.v1.ListDeadLettersRequest\x1a*.plinth.gateway.v1.ListDeadLettersResponse\x12W\n\rGetDeadLetter\x12\'.plinth.gateway.v1.GetDeadLetterRequest\x1a\x1d.plinth.gateway.v1.DeadLetter\x12k\n\x10ReplayDeadLetter\x12*.plinth.gateway.v1.ReplayDeadLetterRequest\x1a+.plinth.gateway.v1.ReplayDeadLetterResponse2\x90\x07\n\x0fIdentityService\x12M\n\x06WhoAmI\x12 .plinth.gateway.v1.WhoAmIRequest\x1a!.plinth.gateway.v1.WhoAmIResponse\x12K\n\nCreateTeam\x12$.plinth.gateway.v1.CreateTeamRequest\x1a\x17.plinth.gateway.v1.Team\x12V\n\tListTeams\x12#.plinth.gateway.v1.ListTeamsRequest\x1a$.plinth.gateway.v1.ListTeamsResponse\x12\\\n\x0bListMembers\x12%.plinth.gateway.v1.ListMembersRequest\x1a&.plinth.gateway.v1.ListMembersResponse\x12K\n\tAddMember\x12#.plinth.gateway.v1.AddMemberRequest\x1a\x19.plinth.gateway.v1.Member\x12_\n\x0cRemoveMember\x12&.plinth.gateway.v1.RemoveMemberRequest\x1a\'.plinth.gateway.v1.RemoveMemberResponse\x12_\n\x0c\x43reateApiKey\x12&.plinth.gateway.v1.CreateApiKeyRequest\x1a\'.plinth.gateway.v1.CreateApiKeyResponse\x12\\\n\x0bListApiKeys\x12%.plinth.gateway.v1.ListApiKeysRequest\x1a&.plinth.gateway.v1.ListApiKeysResponse\x12Q\n\x0cRevokeApiKey\x12&.plinth.gateway.v1.RevokeApiKeyRequest\x1a\x19.plinth.gateway.v1.ApiKey\x12k\n\x10ListAuditRecords\x12*.plinth.gateway.v1.ListAuditRecordsRequest\x1a+.plinth.gateway.v1.ListAuditRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plinth.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ROLE']._serialized_start=3370
+  _globals['_ROLE']._serialized_end=3456
   _globals['_WATCHEVENTSREQUEST']._serialized_start=88
   _globals['_WATCHEVENTSREQUEST']._serialized_end=228
   _globals['_EVENT']._serialized_start=231
@@ -48,6 +50,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLAYDEADLETTERREQUEST']._serialized_end=1063
   _globals['_REPLAYDEADLETTERRESPONSE']._serialized_start=1065
   _globals['_REPLAYDEADLETTERRESPONSE']._serialized_end=1167
-  _globals['_EVENTSERVICE']._serialized_start=1170
-  _globals['_EVENTSERVICE']._serialized_end=1570
+  _globals['_TEAMROLE']._serialized_start=1169
+  _globals['_TEAMROLE']._serialized_end=1232
+  _globals['_WHOAMIREQUEST']._serialized_start=1234
+  _globals['_WHOAMIREQUEST']._serialized_end=1249
+  _globals['_WHOAMIRESPONSE']._serialized_start=1252
+  _globals['_WHOAMIRESPONSE']._serialized_end=1384
+  _globals['_TEAM']._serialized_start=1387
+  _globals['_TEAM']._serialized_end=1560
+  _globals['_CREATETEAMREQUEST']._serialized_start=1562
+  _globals['_CREATETEAMREQUEST']._serialized_end=1616
+  _globals['_LISTTEAMSREQUEST']._serialized_start=1618
+  _globals['_LISTTEAMSREQUEST']._serialized_end=1636
+  _globals['_LISTTEAMSRESPONSE']._serialized_start=1638
+  _globals['_LISTTEAMSRESPONSE']._serialized_end=1697
+  _globals['_MEMBER']._serialized_start=1700
+  _globals['_MEMBER']._serialized_end=1839
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1841
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1875
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1877
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1942
+  _globals['_ADDMEMBERREQUEST']._serialized_start=1944
+  _globals['_ADDMEMBERREQUEST']._serialized_end=2029
+  _globals['_REMOVEMEMBERREQUEST']._serialized_start=2031
+  _globals['_REMOVEMEMBERREQUEST']._serialized_end=2080
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_start=2082
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_end=2148
+  _globals['_APIKEY']._serialized_start=2151
+  _globals['_APIKEY']._serialized_end=2443
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=2446
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=2584
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=2586
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=2664
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=2666
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=2726
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=2728
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=2790
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=2792
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2825
+  _globals['_AUDITRECORD']._serialized_start=2828
+  _globals['_AUDITRECORD']._serialized_end=3058
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=3061
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=3266
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=3268
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=3368
+  _globals['_EVENTSERVICE']._serialized_start=3459
+  _globals['_EVENTSERVICE']._serialized_end=3859
+  _globals['_IDENTITYSERVICE']._serialized_start=3862
+  _globals['_IDENTITYSERVICE']._serialized_end=4774
 # @@protoc_insertion_point(module_scope)

@@ -253,3 +253,482 @@ class EventService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class IdentityServiceStub:
+    """Identities, teams and API keys; the audit log. Every call needs a credential
+    ("authorization: Bearer <API key or OIDC token>"); the authorization table in the README
+    says which calls need which role.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WhoAmI = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/WhoAmI',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
+        self.CreateTeam = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/CreateTeam',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateTeamRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.Team.FromString,
+                _registered_method=True)
+        self.ListTeams = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/ListTeams',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListTeamsRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListTeamsResponse.FromString,
+                _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/ListMembers',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListMembersResponse.FromString,
+                _registered_method=True)
+        self.AddMember = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/AddMember',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.AddMemberRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.Member.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/RemoveMember',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.RemoveMemberResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/CreateApiKey',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/ListApiKeys',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/RevokeApiKey',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.ListAuditRecords = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/ListAuditRecords',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
+
+
+class IdentityServiceServicer:
+    """Identities, teams and API keys; the audit log. Every call needs a credential
+    ("authorization: Bearer <API key or OIDC token>"); the authorization table in the README
+    says which calls need which role.
+    """
+
+    def WhoAmI(self, request, context):
+        """Who the credential of this call belongs to, and their teams and roles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTeam(self, request, context):
+        """admin
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTeams(self, request, context):
+        """The caller's teams (admins: every team).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMembers(self, request, context):
+        """A team's members: for its members and admins; another team answers NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddMember(self, request, context):
+        """Adds a member, or changes the role of one (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """admin
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """A new API key, returned whole only here. For oneself; for another owner or a service
+        account: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Keys without their secrets: one's own; an admin may name any owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes a key at once (one's own; an admin: any).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditRecords(self, request, context):
+        """Mutating calls and denials, newest first (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IdentityServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.WhoAmIRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'CreateTeam': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTeam,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateTeamRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.Team.SerializeToString,
+            ),
+            'ListTeams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTeams,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListTeamsRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListTeamsResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListMembersRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListMembersResponse.SerializeToString,
+            ),
+            'AddMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMember,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.AddMemberRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.Member.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.RemoveMemberResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ApiKey.SerializeToString,
+            ),
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'plinth.gateway.v1.IdentityService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('plinth.gateway.v1.IdentityService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class IdentityService:
+    """Identities, teams and API keys; the audit log. Every call needs a credential
+    ("authorization: Bearer <API key or OIDC token>"); the authorization table in the README
+    says which calls need which role.
+    """
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/WhoAmI',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.WhoAmIRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTeam(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/CreateTeam',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateTeamRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.Team.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTeams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/ListTeams',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListTeamsRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListTeamsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/ListMembers',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListMembersRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/AddMember',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.AddMemberRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.Member.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/RemoveMember',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.RemoveMemberRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.RemoveMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/CreateApiKey',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/ListApiKeys',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/RevokeApiKey',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.RevokeApiKeyRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/ListAuditRecords',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

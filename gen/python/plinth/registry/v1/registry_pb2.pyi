@@ -89,14 +89,16 @@ class PolicyRule(_message.Message):
     def __init__(self, metric: _Optional[str] = ..., op: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class PromotionPolicy(_message.Message):
-    __slots__ = ("rules", "require_approval", "aliases")
+    __slots__ = ("rules", "require_approval", "aliases", "require_distinct_approver")
     RULES_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_DISTINCT_APPROVER_FIELD_NUMBER: _ClassVar[int]
     rules: _containers.RepeatedCompositeFieldContainer[PolicyRule]
     require_approval: bool
     aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., require_approval: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+    require_distinct_approver: bool
+    def __init__(self, rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., require_approval: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., require_distinct_approver: _Optional[bool] = ...) -> None: ...
 
 class RegisteredModel(_message.Message):
     __slots__ = ("name", "team", "description", "tags", "aliases", "latest_version", "policy")
@@ -131,7 +133,7 @@ class RegisteredModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., latest_version: _Optional[str] = ..., policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "team", "run_id", "source", "status", "aliases", "tags", "metrics", "created_at", "model_id")
+    __slots__ = ("name", "version", "team", "run_id", "source", "status", "aliases", "tags", "metrics", "created_at", "model_id", "approvals", "history")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +159,8 @@ class ModelVersion(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     team: str
@@ -168,7 +172,71 @@ class ModelVersion(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     created_at: _timestamp_pb2.Timestamp
     model_id: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., source: _Optional[str] = ..., status: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    history: _containers.RepeatedCompositeFieldContainer[Promotion]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., team: _Optional[str] = ..., run_id: _Optional[str] = ..., source: _Optional[str] = ..., status: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_id: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Promotion, _Mapping]]] = ...) -> None: ...
+
+class Approval(_message.Message):
+    __slots__ = ("alias", "approved_by", "approved_at", "comment")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    approved_by: str
+    approved_at: _timestamp_pb2.Timestamp
+    comment: str
+    def __init__(self, alias: _Optional[str] = ..., approved_by: _Optional[str] = ..., approved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., comment: _Optional[str] = ...) -> None: ...
+
+class Promotion(_message.Message):
+    __slots__ = ("alias", "promoted_by", "approved_by", "promoted_at", "previous_version")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_BY_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    promoted_by: str
+    approved_by: str
+    promoted_at: _timestamp_pb2.Timestamp
+    previous_version: str
+    def __init__(self, alias: _Optional[str] = ..., promoted_by: _Optional[str] = ..., approved_by: _Optional[str] = ..., promoted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., previous_version: _Optional[str] = ...) -> None: ...
+
+class ApproveModelVersionRequest(_message.Message):
+    __slots__ = ("name", "version", "alias", "comment")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    alias: str
+    comment: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., alias: _Optional[str] = ..., comment: _Optional[str] = ...) -> None: ...
+
+class ApproveModelVersionResponse(_message.Message):
+    __slots__ = ("version", "approval")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    version: ModelVersion
+    approval: Approval
+    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ...) -> None: ...
+
+class GetTeamCredentialsRequest(_message.Message):
+    __slots__ = ("team",)
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    def __init__(self, team: _Optional[str] = ...) -> None: ...
+
+class TeamCredentials(_message.Message):
+    __slots__ = ("team", "username", "password")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    username: str
+    password: str
+    def __init__(self, team: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
 
 class CreateModelVersionRequest(_message.Message):
     __slots__ = ("name", "team", "run_id", "artifact_path", "tags", "model_tags")
@@ -314,16 +382,18 @@ class SetPolicyRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ..., update: _Optional[_Union[PolicyUpdate, _Mapping]] = ..., team: _Optional[str] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
-    __slots__ = ("add_rules", "remove_rule_metrics", "require_approval", "aliases")
+    __slots__ = ("add_rules", "remove_rule_metrics", "require_approval", "aliases", "require_distinct_approver")
     ADD_RULES_FIELD_NUMBER: _ClassVar[int]
     REMOVE_RULE_METRICS_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_DISTINCT_APPROVER_FIELD_NUMBER: _ClassVar[int]
     add_rules: _containers.RepeatedCompositeFieldContainer[PolicyRule]
     remove_rule_metrics: _containers.RepeatedScalarFieldContainer[str]
     require_approval: bool
     aliases: GuardedAliases
-    def __init__(self, add_rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., remove_rule_metrics: _Optional[_Iterable[str]] = ..., require_approval: _Optional[bool] = ..., aliases: _Optional[_Union[GuardedAliases, _Mapping]] = ...) -> None: ...
+    require_distinct_approver: bool
+    def __init__(self, add_rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ..., remove_rule_metrics: _Optional[_Iterable[str]] = ..., require_approval: _Optional[bool] = ..., aliases: _Optional[_Union[GuardedAliases, _Mapping]] = ..., require_distinct_approver: _Optional[bool] = ...) -> None: ...
 
 class GuardedAliases(_message.Message):
     __slots__ = ("aliases",)

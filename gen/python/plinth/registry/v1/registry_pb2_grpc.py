@@ -91,6 +91,16 @@ class RegistryServiceStub:
                 request_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.SerializeToString,
                 response_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyResponse.FromString,
                 _registered_method=True)
+        self.ApproveModelVersion = channel.unary_unary(
+                '/plinth.registry.v1.RegistryService/ApproveModelVersion',
+                request_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.ApproveModelVersionRequest.SerializeToString,
+                response_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.ApproveModelVersionResponse.FromString,
+                _registered_method=True)
+        self.GetTeamCredentials = channel.unary_unary(
+                '/plinth.registry.v1.RegistryService/GetTeamCredentials',
+                request_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.GetTeamCredentialsRequest.SerializeToString,
+                response_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.TeamCredentials.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -164,6 +174,24 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveModelVersion(self, request, context):
+        """Records the caller's approval of a version for an alias (a maintainer of the model's team).
+        A policy with require_approval lets SetAlias move that alias only to an approved version;
+        with require_distinct_approver the approver must not be the one who promotes (four-eyes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTeamCredentials(self, request, context):
+        """The MLflow user of a team, created on first request with permissions on the team's
+        experiments and models only. For the scheduler, which gives each job its team's
+        credentials; no person may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +249,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.SetPolicy,
                     request_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.FromString,
                     response_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyResponse.SerializeToString,
+            ),
+            'ApproveModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveModelVersion,
+                    request_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.ApproveModelVersionRequest.FromString,
+                    response_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.ApproveModelVersionResponse.SerializeToString,
+            ),
+            'GetTeamCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTeamCredentials,
+                    request_deserializer=plinth_dot_registry_dot_v1_dot_registry__pb2.GetTeamCredentialsRequest.FromString,
+                    response_serializer=plinth_dot_registry_dot_v1_dot_registry__pb2.TeamCredentials.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +560,60 @@ class RegistryService:
             '/plinth.registry.v1.RegistryService/SetPolicy',
             plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.SerializeToString,
             plinth_dot_registry_dot_v1_dot_registry__pb2.SetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.registry.v1.RegistryService/ApproveModelVersion',
+            plinth_dot_registry_dot_v1_dot_registry__pb2.ApproveModelVersionRequest.SerializeToString,
+            plinth_dot_registry_dot_v1_dot_registry__pb2.ApproveModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTeamCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.registry.v1.RegistryService/GetTeamCredentials',
+            plinth_dot_registry_dot_v1_dot_registry__pb2.GetTeamCredentialsRequest.SerializeToString,
+            plinth_dot_registry_dot_v1_dot_registry__pb2.TeamCredentials.FromString,
             options,
             channel_credentials,
             insecure,

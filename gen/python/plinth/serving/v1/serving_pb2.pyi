@@ -36,7 +36,7 @@ class TritonSettings(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., instance_count: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "team", "model_name", "alias", "triton", "state", "serving_version", "loading_version", "last_error", "created_at", "updated_at", "target_version")
+    __slots__ = ("name", "team", "model_name", "alias", "triton", "state", "serving_version", "loading_version", "last_error", "created_at", "updated_at", "target_version", "shared_with")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class Deployment(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
     name: str
     team: str
     model_name: str
@@ -61,21 +62,24 @@ class Deployment(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     target_version: str
-    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., alias: _Optional[str] = ..., triton: _Optional[_Union[TritonSettings, _Mapping]] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., serving_version: _Optional[str] = ..., loading_version: _Optional[str] = ..., last_error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target_version: _Optional[str] = ...) -> None: ...
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., alias: _Optional[str] = ..., triton: _Optional[_Union[TritonSettings, _Mapping]] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., serving_version: _Optional[str] = ..., loading_version: _Optional[str] = ..., last_error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target_version: _Optional[str] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateDeploymentRequest(_message.Message):
-    __slots__ = ("name", "team", "model_name", "alias", "triton")
+    __slots__ = ("name", "team", "model_name", "alias", "triton", "shared_with")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     TRITON_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
     name: str
     team: str
     model_name: str
     alias: str
     triton: TritonSettings
-    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., alias: _Optional[str] = ..., triton: _Optional[_Union[TritonSettings, _Mapping]] = ...) -> None: ...
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., alias: _Optional[str] = ..., triton: _Optional[_Union[TritonSettings, _Mapping]] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetDeploymentRequest(_message.Message):
     __slots__ = ("name",)
@@ -106,6 +110,14 @@ class DeleteDeploymentRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ShareDeploymentRequest(_message.Message):
+    __slots__ = ("name", "teams")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TEAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    teams: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., teams: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteDeploymentResponse(_message.Message):
     __slots__ = ()

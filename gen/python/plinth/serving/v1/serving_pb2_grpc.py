@@ -63,6 +63,11 @@ class ServingServiceStub:
                 request_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.DeleteDeploymentRequest.SerializeToString,
                 response_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.DeleteDeploymentResponse.FromString,
                 _registered_method=True)
+        self.ShareDeployment = channel.unary_unary(
+                '/plinth.serving.v1.ServingService/ShareDeployment',
+                request_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.ShareDeploymentRequest.SerializeToString,
+                response_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.FromString,
+                _registered_method=True)
 
 
 class ServingServiceServicer:
@@ -101,6 +106,13 @@ class ServingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareDeployment(self, request, context):
+        """Replaces the teams the deployment is shared with, read-only, for inference.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +135,11 @@ def add_ServingServiceServicer_to_server(servicer, server):
                     servicer.DeleteDeployment,
                     request_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.DeleteDeploymentRequest.FromString,
                     response_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.DeleteDeploymentResponse.SerializeToString,
+            ),
+            'ShareDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareDeployment,
+                    request_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.ShareDeploymentRequest.FromString,
+                    response_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -242,6 +259,33 @@ class ServingService:
             '/plinth.serving.v1.ServingService/DeleteDeployment',
             plinth_dot_serving_dot_v1_dot_serving__pb2.DeleteDeploymentRequest.SerializeToString,
             plinth_dot_serving_dot_v1_dot_serving__pb2.DeleteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.serving.v1.ServingService/ShareDeployment',
+            plinth_dot_serving_dot_v1_dot_serving__pb2.ShareDeploymentRequest.SerializeToString,
+            plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.FromString,
             options,
             channel_credentials,
             insecure,

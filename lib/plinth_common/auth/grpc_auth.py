@@ -1,0 +1,173 @@
+"""The caller's identity inside a service: the interceptor that verifies the forwarded token,
+the context variable servicers read it from, and the metadata a service attaches to its own
+calls to another service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+
+from plinth_common.auth.permissions import Scope, rule_for
+from plinth_common.auth.principal import Principal
+from plinth_common.auth.tokens import PRINCIPAL_HEADER, InternalTokens
+from plinth_common.errors import PermissionDenied, Unauthenticated
+
+__all__ = [
+    "ServiceAuthInterceptor",
+    "acting_as",
+    "current_principal",
+    "identity_interceptors",
+    "metadata_value",
+]
+
+_CURRENT: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "plinth_principal", default=None
+)
+
+
+def current_principal() -> Principal:
+    """The verified caller of the call being served.
+
+    Raises:
+        Unauthenticated: outside a call that went through the auth interceptor.
+    """
+    principal = _CURRENT.get()
+    if principal is None:
+        raise Unauthenticated("no verified caller")
+    return principal
+
+
+@contextlib.contextmanager
+def acting_as(principal: Principal) -> Iterator[Principal]:
+    """Makes ``principal`` the current caller inside the block (interceptors, in-process calls)."""
+    token = _CURRENT.set(principal)
+    try:
+        yield principal
+    finally:
+        _CURRENT.reset(token)
+
+
+def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    """One invocation metadata value of the call (the first one with that key)."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+class ServiceAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Admits only calls that carry a valid forwarded identity, to methods that have a rule.
+
+    Public methods (health) pass without one. The verified principal is the current caller
+    (:func:`current_principal`) while the handler runs.
+
+    Args:
+        tokens: verifies the ``x-plinth-principal`` token.
+    """
+
+    def __init__(self, tokens: InternalTokens) -> None:
+        self._tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        rule = rule_for(handler_call_details.method)
+        if rule is not None and rule.scope is Scope.PUBLIC:
+            return handler
+        method = handler_call_details.method
+        verify = self._principal_of
+        if handler.unary_unary:
+            unary = handler.unary_unary
+
+            async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with acting_as(verify(context, method)):
+                    return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behaviour,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            stream = handler.unary_stream
+
+            async def stream_behaviour(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                with acting_as(verify(context, method)):
+                    async for item in stream(request, context):
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behaviour,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # Plinth serves no client-streaming methods
+
+    def _principal_of(self, context: grpc.aio.ServicerContext, method: str) -> Principal:
+        principal = self._tokens.verify(metadata_value(context, PRINCIPAL_HEADER))
+        if rule_for(method) is None:
+            raise PermissionDenied(f"{method} has no authorization rule, so it is denied")
+        return principal
+
+
+class _CallIdentity:
+    """Adds the forwarded identity of a fixed principal to every call of a channel."""
+
+    def __init__(self, tokens: InternalTokens, principal: Principal) -> None:
+        self._tokens = tokens
+        self._principal = principal
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(
+            *[(k, v) for k, v in (details.metadata or ()) if k != PRINCIPAL_HEADER]
+        )
+        metadata.add(*self._tokens.metadata(self._principal))
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class IdentityUnaryInterceptor(_CallIdentity, grpc.aio.UnaryUnaryClientInterceptor):
+    """Client interceptor: unary calls made as ``principal`` (a service calling another)."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[..., Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class IdentityStreamInterceptor(_CallIdentity, grpc.aio.UnaryStreamClientInterceptor):
+    """Client interceptor: server-streaming calls made as ``principal``."""
+
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[..., Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+def identity_interceptors(
+    tokens: InternalTokens, principal: Principal
+) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for a channel whose every call is made as ``principal``."""
+    return [
+        IdentityUnaryInterceptor(tokens, principal),
+        IdentityStreamInterceptor(tokens, principal),
+    ]

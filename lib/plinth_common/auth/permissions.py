@@ -1,0 +1,192 @@
+"""The authorization table: every method Plinth serves, and the permission it needs.
+
+This is the one place a reviewer reads to know who may do what. A method that is not listed
+here is denied, at the gateway and at every service. Two checks use it:
+
+* the gateway, once per call, before forwarding: the caller is authenticated, the method has a
+  rule, and the caller holds the rule's role in at least one team (or is an admin) — a cheap
+  early answer that needs no knowledge of the resource;
+* the service that owns the resource, which knows its team: the caller's role in *that* team
+  must reach the permission's role. A caller who is no member of the owning team gets NOT_FOUND,
+  so a private resource's existence does not leak.
+
+Roles: viewer < developer < maintainer in a team; ``admin`` is platform-wide.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from plinth_common.auth.principal import Role
+
+__all__ = ["HTTP_RULES", "METHOD_RULES", "Permission", "Scope", "rule_for"]
+
+
+class Scope(enum.Enum):
+    """Whose resources a permission is about."""
+
+    TEAM = "team"  # a team's resource: the role is needed in the owning team
+    ADMIN = "admin"  # platform-wide: admins only
+    AUTHENTICATED = "authenticated"  # any verified caller (e.g. whoami, their own keys)
+    PUBLIC = "public"  # no credential needed (health probes)
+
+
+@dataclass(frozen=True)
+class Permission:
+    """A named permission.
+
+    Attributes:
+        name: ``<resource>.<verb>``, as error messages and audit records show it.
+        scope: whose resources it is about.
+        role: the team role it needs (TEAM scope).
+        mutating: whether calls with it change state (they are audited).
+        services: Plinth services that may use it on any team's resources (serving reads any
+            team's model aliases to load them).
+    """
+
+    name: str
+    scope: Scope = Scope.TEAM
+    role: Role = Role.VIEWER
+    mutating: bool = False
+    services: frozenset[str] = frozenset()
+
+    def describe(self) -> str:
+        """Who holds it, for error messages: ``needs maintainer``, ``needs admin``."""
+        if self.scope is Scope.ADMIN:
+            return "needs admin"
+        if self.scope is Scope.TEAM:
+            return f"needs {self.role.label}"
+        return "needs a credential"
+
+
+def _team(name: str, role: Role, *, mutating: bool = False, services: str = "") -> Permission:
+    return Permission(name, Scope.TEAM, role, mutating, frozenset(services.split()))
+
+
+def _admin(name: str, *, mutating: bool = True) -> Permission:
+    return Permission(name, Scope.ADMIN, Role.MAINTAINER, mutating)
+
+
+def _any(name: str, *, mutating: bool = False) -> Permission:
+    return Permission(name, Scope.AUTHENTICATED, Role.VIEWER, mutating)
+
+
+V, D, M = Role.VIEWER, Role.DEVELOPER, Role.MAINTAINER
+
+# Permissions, by resource. Services check these by name against the owning team.
+JOBS_READ = _team("jobs.read", V)
+JOBS_SUBMIT = _team("jobs.submit", D, mutating=True)
+JOBS_CANCEL = _team("jobs.cancel", D, mutating=True)
+RUNS_READ = _team("runs.read", V)
+MODELS_READ = _team("models.read", V, services="serving")
+MODELS_REGISTER = _team("models.register", D, mutating=True)
+# Promotion to a protected alias (production) needs maintainer; the registry raises the role.
+MODELS_PROMOTE = _team("models.promote", D, mutating=True)
+MODELS_APPROVE = _team("models.approve", M, mutating=True)
+MODELS_SET_POLICY = _team("models.set_policy", M, mutating=True)
+MLFLOW_CREDENTIALS = _team("mlflow.credentials", M, services="scheduler")
+FEATURES_READ = _team("features.read", V, services="serving")
+FEATURES_MATERIALIZE = _team("features.materialize", D, mutating=True)
+FEATURES_PUSH = _team("features.push", D, mutating=True)
+# ApplyRepository imports and runs the repository's Python on the features host.
+FEATURES_APPLY = _admin("features.apply")
+DEPLOYMENTS_READ = _team("deployments.read", V)
+DEPLOYMENTS_CREATE = _team("deployments.create", D, mutating=True)
+DEPLOYMENTS_SHARE = _team("deployments.share", M, mutating=True)
+DEPLOYMENTS_DELETE = _team("deployments.delete", M, mutating=True)
+# Inference: members of the owning team, and of the teams the deployment is shared with.
+INFERENCE_CALL = _team("inference.call", V)
+INFERENCE_SERVER = _any("inference.server")
+EVENTS_WATCH = _any("events.watch")  # filtered to the caller's teams
+DEAD_LETTERS_READ = _admin("deadletters.read", mutating=False)
+DEAD_LETTERS_REPLAY = _admin("deadletters.replay")
+WHOAMI = _any("identity.whoami")
+TEAMS_READ = _any("teams.read")  # members see their teams, admins all
+TEAMS_MANAGE = _admin("teams.manage")
+KEYS_OWN = _any("keys.own", mutating=True)  # one's own keys; others' need admin
+KEYS_READ = _any("keys.read")
+AUDIT_READ = _admin("audit.read", mutating=False)
+HEALTH = Permission("health", Scope.PUBLIC)
+REFLECTION = _any("reflection")
+
+_SCHEDULER = "/plinth.scheduler.v1.SchedulerService/"
+_REGISTRY = "/plinth.registry.v1.RegistryService/"
+_FEATURES = "/plinth.features.v1.FeaturesService/"
+_SERVING = "/plinth.serving.v1.ServingService/"
+_INFERENCE = "/inference.GRPCInferenceService/"
+_EVENTS = "/plinth.gateway.v1.EventService/"
+_IDENTITY = "/plinth.gateway.v1.IdentityService/"
+
+#: gRPC method path -> the permission it needs. Not listed: denied.
+METHOD_RULES: Mapping[str, Permission] = {
+    _SCHEDULER + "SubmitJob": JOBS_SUBMIT,
+    _SCHEDULER + "GetJob": JOBS_READ,
+    _SCHEDULER + "ListJobs": JOBS_READ,
+    _SCHEDULER + "CancelJob": JOBS_CANCEL,
+    _SCHEDULER + "StreamJobLogs": JOBS_READ,
+    _REGISTRY + "GetRun": RUNS_READ,
+    _REGISTRY + "ListRuns": RUNS_READ,
+    _REGISTRY + "CreateModelVersion": MODELS_REGISTER,
+    _REGISTRY + "GetModelVersion": MODELS_READ,
+    _REGISTRY + "GetModelVersionByAlias": MODELS_READ,
+    _REGISTRY + "ListModelVersions": MODELS_READ,
+    _REGISTRY + "SearchModels": MODELS_READ,
+    _REGISTRY + "GetPolicy": MODELS_READ,
+    _REGISTRY + "SetAlias": MODELS_PROMOTE,
+    _REGISTRY + "DeleteAlias": MODELS_PROMOTE,
+    _REGISTRY + "ApproveModelVersion": MODELS_APPROVE,
+    _REGISTRY + "SetPolicy": MODELS_SET_POLICY,
+    _REGISTRY + "GetTeamCredentials": MLFLOW_CREDENTIALS,
+    _FEATURES + "ApplyRepository": FEATURES_APPLY,
+    _FEATURES + "ListFeatureViews": FEATURES_READ,
+    _FEATURES + "Materialize": FEATURES_MATERIALIZE,
+    _FEATURES + "MaterializeIncremental": FEATURES_MATERIALIZE,
+    _FEATURES + "GetOnlineFeatures": FEATURES_READ,
+    _FEATURES + "PushFeatures": FEATURES_PUSH,
+    _FEATURES + "GetHistoricalFeatures": FEATURES_READ,
+    _SERVING + "CreateDeployment": DEPLOYMENTS_CREATE,
+    _SERVING + "GetDeployment": DEPLOYMENTS_READ,
+    _SERVING + "ListDeployments": DEPLOYMENTS_READ,
+    _SERVING + "ShareDeployment": DEPLOYMENTS_SHARE,
+    _SERVING + "DeleteDeployment": DEPLOYMENTS_DELETE,
+    _INFERENCE + "ServerLive": INFERENCE_SERVER,
+    _INFERENCE + "ServerReady": INFERENCE_SERVER,
+    _INFERENCE + "ModelReady": INFERENCE_CALL,
+    _INFERENCE + "ModelMetadata": INFERENCE_CALL,
+    _INFERENCE + "ModelInfer": INFERENCE_CALL,
+    _EVENTS + "WatchEvents": EVENTS_WATCH,
+    _EVENTS + "ListDeadLetters": DEAD_LETTERS_READ,
+    _EVENTS + "GetDeadLetter": DEAD_LETTERS_READ,
+    _EVENTS + "ReplayDeadLetter": DEAD_LETTERS_REPLAY,
+    _IDENTITY + "WhoAmI": WHOAMI,
+    _IDENTITY + "CreateTeam": TEAMS_MANAGE,
+    _IDENTITY + "ListTeams": TEAMS_READ,
+    _IDENTITY + "ListMembers": TEAMS_READ,
+    _IDENTITY + "AddMember": TEAMS_MANAGE,
+    _IDENTITY + "RemoveMember": TEAMS_MANAGE,
+    _IDENTITY + "CreateApiKey": KEYS_OWN,
+    _IDENTITY + "ListApiKeys": KEYS_READ,
+    _IDENTITY + "RevokeApiKey": KEYS_OWN,
+    _IDENTITY + "ListAuditRecords": AUDIT_READ,
+    "/grpc.health.v1.Health/Check": HEALTH,
+    "/grpc.health.v1.Health/Watch": HEALTH,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": REFLECTION,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": REFLECTION,
+}
+
+#: HTTP route on the gateway (method, aiohttp route pattern) -> the permission it needs.
+HTTP_RULES: Mapping[tuple[str, str], Permission] = {
+    ("GET", "/healthz"): HEALTH,
+    ("GET", "/v2/health/live"): INFERENCE_SERVER,
+    ("GET", "/v2/health/ready"): INFERENCE_SERVER,
+    ("GET", "/v2/models/{name}"): INFERENCE_CALL,
+    ("GET", "/v2/models/{name}/ready"): INFERENCE_CALL,
+    ("POST", "/v2/models/{name}/infer"): INFERENCE_CALL,
+}
+
+
+def rule_for(method: str) -> Permission | None:
+    """The permission a gRPC method needs; None when it has no rule (deny)."""
+    return METHOD_RULES.get(method)
