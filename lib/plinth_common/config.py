@@ -12,12 +12,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from plinth_common.auth.tokens import load_internal_key
 from plinth_common.errors import InvalidArgument
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:14222"
 DEFAULT_MLFLOW_PORT = 15000
 DEFAULT_MLFLOW_URL = f"http://127.0.0.1:{DEFAULT_MLFLOW_PORT}"
 DEFAULT_GATEWAY_HTTP_PORT = 18080
+MLFLOW_ADMIN_USER = "plinth-admin"
+
+
+def admin_key_file(data_dir: Path) -> Path:
+    """Where ``make run`` writes the local platform's admin API key (0600), and where the SDK and
+    CLI look for it when they talk to a platform on this machine."""
+    return data_dir / "run" / "admin.key"
 DEFAULT_PORTS = {
     "gateway": 50051,
     "scheduler": 50061,
@@ -133,6 +141,21 @@ class CommonSettings:
         """The MLflow tracking server jobs log to and models download from
         (``PLINTH_MLFLOW_TRACKING_URI``)."""
         return (env or Env()).str("PLINTH_MLFLOW_TRACKING_URI", DEFAULT_MLFLOW_URL)
+
+    def mlflow_admin_credentials(self, env: Env | None = None) -> tuple[str, str]:
+        """The MLflow tracking server's admin user and password.
+
+        ``PLINTH_MLFLOW_ADMIN_USERNAME`` (default ``plinth-admin``) and
+        ``PLINTH_MLFLOW_ADMIN_PASSWORD``; without the latter, the 0600 file
+        ``<data_dir>/run/mlflow-admin.password``, created on first use, so the registry (which
+        runs the server and manages its users) and serving (which downloads models) agree.
+        """
+        env = env or Env()
+        password = load_internal_key(
+            env.str("PLINTH_MLFLOW_ADMIN_PASSWORD", ""),
+            self.data_dir / "run" / "mlflow-admin.password",
+        )
+        return env.str("PLINTH_MLFLOW_ADMIN_USERNAME", MLFLOW_ADMIN_USER), password.decode()
 
     def address(self, service: str, env: Env | None = None) -> str:
         """The gRPC address of a peer service: ``PLINTH_<PEER>_ADDR`` or the default port."""
