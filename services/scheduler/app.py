@@ -9,9 +9,16 @@ from pathlib import Path
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from plinth_common.config import CommonSettings, Env
 from plinth_common.runtime import ServiceRuntime
+from services.scheduler.credentials import (
+    CachedCredentials,
+    MlflowAuth,
+    NoCredentials,
+    TeamCredentialsSource,
+)
 from services.scheduler.domain import Resources
 from services.scheduler.events import OutboxJobEvents
 from services.scheduler.local_executor import LocalExecutor, machine_capacity
+from services.scheduler.registry_credentials import RegistryCredentials
 from services.scheduler.service import JobEnvironment, SchedulerService, job_base_environment
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.store import SqlJobStore, outbox_table, processed_table
@@ -21,10 +28,22 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerSettings:
-    """The scheduler's settings (``PLINTH_SCHEDULER_*``)."""
+    """The scheduler's settings (``PLINTH_SCHEDULER_*``).
+
+    Attributes:
+        mlflow_auth: where jobs' MLflow credentials come from (``PLINTH_SCHEDULER_MLFLOW_AUTH``:
+            ``registry``, the team's MLflow user, by default; ``none`` injects nothing, for a
+            tracking server without authentication).
+        registry_addr: the registry's gRPC address, asked for a team's MLflow user.
+        credentials_ttl_s: how long a team's MLflow user is reused before the registry is asked
+            again (``PLINTH_SCHEDULER_MLFLOW_CREDENTIALS_TTL_S``).
+    """
 
     common: CommonSettings
     mlflow_tracking_uri: str
+    mlflow_auth: MlflowAuth
+    registry_addr: str
+    credentials_ttl_s: float
     capacity: Resources
     stop_jobs_on_shutdown: bool
     kill_grace_s: float
@@ -38,6 +57,9 @@ class SchedulerSettings:
         return cls(
             common=common,
             mlflow_tracking_uri=common.mlflow_tracking_uri(env),
+            mlflow_auth=MlflowAuth.parse(env.str("PLINTH_SCHEDULER_MLFLOW_AUTH", "registry")),
+            registry_addr=common.address("registry", env),
+            credentials_ttl_s=env.float("PLINTH_SCHEDULER_MLFLOW_CREDENTIALS_TTL_S", 300.0),
             capacity=Resources(
                 cpu=env.float("PLINTH_SCHEDULER_CPU", machine.cpu),
                 memory_bytes=env.int("PLINTH_SCHEDULER_MEMORY_BYTES", machine.memory_bytes),
@@ -52,8 +74,18 @@ class SchedulerSettings:
 class SchedulerApp:
     """The scheduler process: store, outbox relay, executor, dispatcher, gRPC server."""
 
-    def __init__(self, settings: SchedulerSettings) -> None:
+    def __init__(
+        self, settings: SchedulerSettings, *, credentials: TeamCredentialsSource | None = None
+    ) -> None:
+        """Builds the process.
+
+        Args:
+            settings: the scheduler's settings.
+            credentials: where jobs' MLflow credentials come from, instead of what
+                ``settings.mlflow_auth`` says (tests pass a fake).
+        """
         self.settings = settings
+        self._registry: RegistryCredentials | None = None
         self.runtime = ServiceRuntime(
             settings.common,
             outbox_table=outbox_table,
@@ -70,6 +102,10 @@ class SchedulerApp:
                 self.runtime.db, events=OutboxJobEvents(self.runtime.require_outbox())
             ),
             executor=self.executor,
+            credentials=CachedCredentials(
+                credentials or self._credentials_source(),
+                ttl_s=settings.credentials_ttl_s,
+            ),
             job_env=JobEnvironment(
                 mlflow_tracking_uri=settings.mlflow_tracking_uri,
                 base=job_base_environment(str(Path(sys.executable).parent)),
@@ -81,6 +117,12 @@ class SchedulerApp:
             SchedulerServicer(self.service),
             scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
         )
+
+    def _credentials_source(self) -> TeamCredentialsSource:
+        if self.settings.mlflow_auth is MlflowAuth.NONE:
+            return NoCredentials()
+        self._registry = RegistryCredentials(self.settings.registry_addr, self.runtime.tokens)
+        return self._registry
 
     @property
     def port(self) -> int:
@@ -97,4 +139,6 @@ class SchedulerApp:
         """Stops taking calls, then the dispatcher, then infrastructure."""
         await self.runtime.server.set_serving(False)
         await self.service.stop()
+        if self._registry is not None:
+            await self._registry.close()
         await self.runtime.stop()

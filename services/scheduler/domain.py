@@ -22,6 +22,7 @@ from plinth_common.names import check_job_name, check_model_name, check_team, sh
 __all__ = [
     "ACTIVE",
     "CANCELLED_BEFORE_START",
+    "CREDENTIAL_ENV",
     "DEFAULT_CPU",
     "DEFAULT_MEMORY",
     "LOST",
@@ -41,7 +42,17 @@ ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_ARGS, MAX_ARG_LEN, MAX_ENV, MAX_ENV_VALUE = 256, 4096, 128, 32 * 1024
 DEFAULT_CPU, DEFAULT_MEMORY = 1.0, 512 * 1024**2
 RESERVED_ENV_PREFIXES = ("PLINTH_",)
-RESERVED_ENV = frozenset({"MLFLOW_TRACKING_URI", "TRACEPARENT"})
+#: The variables that carry MLflow credentials: the platform sets them (the team's MLflow user),
+#: a job spec may not, and the scheduler's own environment never leaks them into jobs.
+CREDENTIAL_ENV = frozenset(
+    {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    }
+)
+RESERVED_ENV = frozenset({"MLFLOW_TRACKING_URI", "TRACEPARENT"}) | CREDENTIAL_ENV
 # Floating-point slack when summing fractional cores.
 _CPU_EPSILON = 1e-9
 

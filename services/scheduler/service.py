@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,10 +23,24 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from tenacity import AsyncRetrying, before_sleep_log, stop_after_attempt, wait_random_exponential
 
-from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from plinth_common.auth import Principal, require
+from plinth_common.auth.permissions import JOBS_CANCEL, JOBS_READ, JOBS_SUBMIT, Permission
+from plinth_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PlinthError,
+    Unavailable,
+)
 from plinth_common.events.tracing import extract, inject, traceparent_of_current
 from plinth_common.names import check_team, shown
 from plinth_common.paging import PageRequest
+from services.scheduler.credentials import (
+    CREDENTIAL_ENV,
+    NoCredentials,
+    TeamCredentials,
+    TeamCredentialsSource,
+)
 from services.scheduler.domain import (
     ACTIVE,
     LOST,
@@ -83,9 +97,15 @@ class JobStore(Protocol):
         ...
 
     async def page(
-        self, *, team: str, state: JobState | None, limit: int, before_seq: int | None
+        self,
+        *,
+        teams: Collection[str] | None,
+        state: JobState | None,
+        limit: int,
+        before_seq: int | None,
     ) -> list[Job]:
-        """Jobs newest first, filtered ('' and None mean any), older than ``before_seq``."""
+        """Jobs newest first of ``teams`` (None: any team) in ``state`` (None: any), older than
+        ``before_seq``."""
         ...
 
     async def in_states(self, states: Sequence[JobState]) -> list[Job]:
@@ -113,10 +133,14 @@ def _now() -> datetime:
 class SchedulerService:
     """Jobs: submission, queries, cancellation, and the dispatcher that runs them.
 
+    Every query and command takes the verified caller (``principal``) and checks it against the
+    job's team: another team's job answers NOT_FOUND, exactly as a missing id does.
+
     Args:
         store: where jobs (and their events) are kept.
         executor: where job processes run.
         job_env: what every job's environment carries.
+        credentials: each team's MLflow user, injected into its jobs (none by default).
         stop_jobs_on_shutdown: kill running jobs on :meth:`stop` (else they keep running and a
             restarted scheduler re-attaches them).
         finish_attempts: how often recording a job's outcome is tried before giving up (a
@@ -129,12 +153,14 @@ class SchedulerService:
         store: JobStore,
         executor: Executor,
         job_env: JobEnvironment,
+        credentials: TeamCredentialsSource | None = None,
         stop_jobs_on_shutdown: bool = False,
         finish_attempts: int = 8,
     ) -> None:
         self._store = store
         self._executor = executor
         self._job_env = job_env
+        self._credentials = credentials or NoCredentials()
         self._stop_jobs_on_shutdown = stop_jobs_on_shutdown
         self._finish_attempts = finish_attempts
         self._wake = asyncio.Event()
@@ -144,12 +170,16 @@ class SchedulerService:
 
     # -- queries and commands -------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> Job:
-        """Validates and queues a job; emits ``job.submitted``.
+    async def submit(self, principal: Principal, spec: JobSpec) -> Job:
+        """Validates and queues a job of ``spec.team``; emits ``job.submitted``.
 
         Raises:
             InvalidArgument: naming the first field of ``spec`` that is wrong.
+            NotFound: the caller is no member of the team (kind ``team``).
+            PermissionDenied: the caller's role in the team is below developer.
         """
+        check_team(spec.team, "spec.team")
+        require(principal, JOBS_SUBMIT, spec.team, kind="team", name=spec.team)
         spec = validate_spec(spec, self._executor.capacity)
         if spec.working_dir and not self._executor.has_directory(spec.working_dir):
             raise InvalidArgument(
@@ -171,8 +201,22 @@ class SchedulerService:
         self._wake.set()
         return job
 
-    async def get(self, job_id: str) -> Job:
-        """The job, or NotFound."""
+    async def get(self, principal: Principal, job_id: str) -> Job:
+        """The job.
+
+        Raises:
+            NotFound: no such job, or one of a team the caller is no member of.
+        """
+        return self._checked(principal, JOBS_READ, await self._store.get(job_id), job_id)
+
+    @staticmethod
+    def _checked(principal: Principal, permission: Permission, job: Job | None, job_id: str) -> Job:
+        if job is None:
+            raise NotFound("job", job_id)
+        require(principal, permission, job.team, kind="job", name=job_id)
+        return job
+
+    async def _load(self, job_id: str) -> Job:
         job = await self._store.get(job_id)
         if job is None:
             raise NotFound("job", job_id)
@@ -180,32 +224,45 @@ class SchedulerService:
 
     async def list(
         self,
+        principal: Principal,
         *,
         team: str = "",
         state: JobState | None = None,
         page_size: int = 0,
         page_token: str = "",
     ) -> tuple[list[Job], str]:
-        """A page of jobs, newest first, and the token of the next page ('' at the end)."""
+        """A page of jobs, newest first, and the token of the next page ('' at the end).
+
+        Without ``team``, the jobs of every team the caller sees (admins: all).
+
+        Raises:
+            NotFound: ``team`` is one the caller is no member of (kind ``team``).
+        """
+        teams: Collection[str] | None
         if team:
             check_team(team)
+            require(principal, JOBS_READ, team, kind="team", name=team)
+            teams = {team}
+        else:
+            teams = principal.visible_teams()
         page = PageRequest.parse(page_size, page_token, kind=PAGE_KIND)
+        if teams is not None and not teams:
+            return [], ""
         rows = await self._store.page(
-            team=team, state=state, limit=page.fetch_limit, before_seq=page.before
+            teams=teams, state=state, limit=page.fetch_limit, before_seq=page.before
         )
         return page.cut(rows, seq=lambda job: job.seq)
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, principal: Principal, job_id: str) -> Job:
         """Cancels a queued job at once, or stops an active one (it ends CANCELLED).
 
         Raises:
-            NotFound: no such job.
+            NotFound: no such job, or one of a team the caller is no member of.
+            PermissionDenied: the caller's role in the job's team is below developer.
             FailedPrecondition: the job has already ended.
         """
         async with self._store.transaction() as tx:
-            job = await tx.get(job_id)
-            if job is None:
-                raise NotFound("job", job_id)
+            job = self._checked(principal, JOBS_CANCEL, await tx.get(job_id), job_id)
             if job.state.terminal:
                 raise FailedPrecondition(
                     f"job {job_id} has already ended ({job.state.value})",
@@ -231,9 +288,15 @@ class SchedulerService:
         await self._executor.terminate(job)
         return job
 
-    async def logs(self, job_id: str, *, follow: bool) -> AsyncIterator[bytes]:
-        """The job's combined stdout and stderr; with ``follow``, until the job ends."""
-        job = await self.get(job_id)
+    async def logs(
+        self, principal: Principal, job_id: str, *, follow: bool
+    ) -> AsyncIterator[bytes]:
+        """The job's combined stdout and stderr; with ``follow``, until the job ends.
+
+        Raises:
+            NotFound: no such job, or one of a team the caller is no member of.
+        """
+        job = await self.get(principal, job_id)
         offset = 0
         while True:
             chunk = await self._executor.read_log(job_id, offset)
@@ -244,7 +307,7 @@ class SchedulerService:
             if not follow or job.state.terminal:
                 return
             await asyncio.sleep(LOG_POLL_S)
-            job = await self.get(job_id)
+            job = await self._load(job_id)
 
     # -- the dispatcher ---------------------------------------------------------------------
 
@@ -292,17 +355,45 @@ class SchedulerService:
             self._wake.clear()
 
     async def dispatch_once(self) -> int:
-        """Admits queued jobs in FIFO order while they fit; returns how many started."""
+        """Admits queued jobs in FIFO order while they fit; returns how many started.
+
+        A job whose team's MLflow credentials cannot be obtained now stays queued (the next
+        dispatch tries again); one whose credentials are refused fails with the reason.
+        """
         jobs = await self._store.in_states([JobState.QUEUED, *ACTIVE])
         queued = [job for job in jobs if job.state is JobState.QUEUED]
         free = free_capacity(self._executor.capacity, [job for job in jobs if job.state.active])
         started = 0
+        # Teams whose credentials failed in this pass: their other jobs do not ask again.
+        unavailable: set[str] = set()
         for job in admissible(queued, free):
-            if await self._admit_and_launch(job):
+            if job.team in unavailable:
+                continue
+            credentials = await self._credentials_for(job)
+            if isinstance(credentials, Unavailable):
+                unavailable.add(job.team)
+                continue
+            if await self._admit_and_launch(job, credentials):
                 started += 1
         return started
 
-    async def _admit_and_launch(self, queued: Job) -> bool:
+    async def _credentials_for(self, job: Job) -> TeamCredentials | Unavailable | _Refused | None:
+        """The team's credentials (None: jobs get none); the error when they cannot be obtained
+        now; a refusal, which fails the job as a launch failure would."""
+        try:
+            return await self._credentials.for_team(job.team)
+        except Unavailable as exc:
+            log.warning(
+                "job %s stays queued: MLflow credentials of team %s: %s", job.id, job.team, exc
+            )
+            return exc
+        except PlinthError as exc:
+            log.warning("job %s: MLflow credentials of team %s refused: %s", job.id, job.team, exc)
+            return _Refused(f"could not obtain the MLflow credentials of team {job.team}: {exc}")
+
+    async def _admit_and_launch(
+        self, queued: Job, credentials: TeamCredentials | _Refused | None
+    ) -> bool:
         span = tracer.start_span(
             f"job {queued.name}",
             context=extract({"traceparent": queued.traceparent}),
@@ -316,8 +407,11 @@ class SchedulerService:
                     return False
                 await tx.emit(JobEvent(kind=JobEventKind.ADMITTED, job=job))
             self._run_spans[job.id] = span
+            if isinstance(credentials, _Refused):
+                await self._finish(job.id, ExitStatus(exit_code=-1, reason=credentials.reason))
+                return False
             try:
-                handle = await self._executor.launch(job, self._environment_for(job))
+                handle = await self._executor.launch(job, self._environment_for(job, credentials))
             except Exception as exc:  # noqa: BLE001 - a job that cannot start has failed
                 await self._finish(
                     job.id, ExitStatus(exit_code=-1, reason=f"could not start: {exc}")
@@ -337,8 +431,9 @@ class SchedulerService:
             await self._executor.terminate(job)
         return True
 
-    def _environment_for(self, job: Job) -> dict[str, str]:
-        env = dict(self._job_env.base)
+    def _environment_for(self, job: Job, credentials: TeamCredentials | None) -> dict[str, str]:
+        # Credentials of the scheduler's own environment are never passed on to a job.
+        env = {k: v for k, v in self._job_env.base.items() if k not in CREDENTIAL_ENV}
         env.setdefault("MLFLOW_EXPERIMENT_NAME", job.team)
         env.update(job.spec.env)
         carrier: dict[str, str] = {}
@@ -353,6 +448,8 @@ class SchedulerService:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if credentials is not None:
+            env.update(credentials.environment())
         env.setdefault("OTEL_SERVICE_NAME", f"job-{job.name}")
         return env
 
@@ -368,7 +465,7 @@ class SchedulerService:
     async def _finish(self, job_id: str, status: ExitStatus) -> None:
         span = self._run_spans.pop(job_id, None)
         if span is None:  # a job re-attached after a restart: continue its submission's trace
-            submitted = await self.get(job_id)
+            submitted = await self._load(job_id)
             span = tracer.start_span(
                 "job finish (re-attached)",
                 context=extract({"traceparent": submitted.traceparent}),
@@ -421,6 +518,13 @@ class SchedulerService:
                     await tx.replace(job.requeue(), expect=JobState.ADMITTED)
             else:
                 await self._finish(job.id, ExitStatus(exit_code=-1, reason=LOST))
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """Credentials the registry refused: the job fails with ``reason``."""
+
+    reason: str
 
 
 def job_base_environment(

@@ -1,4 +1,5 @@
-"""gRPC servicer of the scheduler: protobuf in, domain call, protobuf out. Nothing else."""
+"""gRPC servicer of the scheduler: protobuf in, domain call (with the verified caller), protobuf
+out. Nothing else."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from plinth_common.auth import current_principal
 from plinth_common.errors import InvalidArgument
 from plinth_common.prototime import to_timestamp
 from services.scheduler.domain import Job, JobSpec, JobState, Resources
@@ -79,18 +81,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def SubmitJob(
         self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobResponse:
-        job = await self._service.submit(spec_from_proto(request.spec))
+        job = await self._service.submit(current_principal(), spec_from_proto(request.spec))
         return scheduler_pb2.SubmitJobResponse(job=job_to_proto(job))
 
     async def GetJob(
         self, request: scheduler_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Job:
-        return job_to_proto(await self._service.get(request.job_id))
+        return job_to_proto(await self._service.get(current_principal(), request.job_id))
 
     async def ListJobs(
         self, request: scheduler_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListJobsResponse:
         jobs, token = await self._service.list(
+            current_principal(),
             team=request.team,
             state=state_from_proto(request.state),
             page_size=request.page_size,
@@ -103,10 +106,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def CancelJob(
         self, request: scheduler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Job:
-        return job_to_proto(await self._service.cancel(request.job_id))
+        return job_to_proto(await self._service.cancel(current_principal(), request.job_id))
 
     async def StreamJobLogs(
         self, request: scheduler_pb2.StreamJobLogsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.LogChunk]:
-        async for chunk in self._service.logs(request.job_id, follow=request.follow):
+        async for chunk in self._service.logs(
+            current_principal(), request.job_id, follow=request.follow
+        ):
             yield scheduler_pb2.LogChunk(data=chunk)

@@ -7,7 +7,7 @@ changes and their events (the outbox) commit together.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -197,12 +197,17 @@ class SqlJobStore:
         return job_from_row(row) if row else None
 
     async def page(
-        self, *, team: str, state: JobState | None, limit: int, before_seq: int | None
+        self,
+        *,
+        teams: Collection[str] | None,
+        state: JobState | None,
+        limit: int,
+        before_seq: int | None,
     ) -> list[Job]:
-        """Up to ``limit`` jobs newest first, filtered by team ('' means any) and state."""
+        """Up to ``limit`` jobs newest first, of ``teams`` (None means any) in ``state``."""
         statement = sa.select(jobs).order_by(jobs.c.seq.desc()).limit(limit)
-        if team:
-            statement = statement.where(jobs.c.team == team)
+        if teams is not None:
+            statement = statement.where(jobs.c.team.in_(sorted(teams)))
         if state is not None:
             statement = statement.where(jobs.c.state == state.value)
         if before_seq is not None:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from plinth_common.db import Database
 from plinth_common.events import Outbox
 from services.scheduler.app import MIGRATIONS
+from services.scheduler.credentials import TeamCredentialsSource
 from services.scheduler.events import OutboxJobEvents
 from services.scheduler.service import JobEnvironment, JobStore, SchedulerService
 from services.scheduler.store import SqlJobStore, outbox_table
@@ -21,7 +22,11 @@ from tests.unit.scheduler.fakes import FakeExecutor
 
 class MakeService(Protocol):
     def __call__(
-        self, executor: FakeExecutor, *, store: JobStore | None = None
+        self,
+        executor: FakeExecutor,
+        *,
+        store: JobStore | None = None,
+        credentials: TeamCredentialsSource | None = None,
     ) -> SchedulerService: ...
 
 
@@ -49,13 +54,21 @@ async def make_service(store: SqlJobStore) -> AsyncIterator[MakeService]:
     """Builds services on the one store (a second one plays the restarted scheduler)."""
     made: list[SchedulerService] = []
 
-    def make(executor: FakeExecutor, *, store: JobStore | None = None) -> SchedulerService:
+    def make(
+        executor: FakeExecutor,
+        *,
+        store: JobStore | None = None,
+        credentials: TeamCredentialsSource | None = None,
+    ) -> SchedulerService:
         service = SchedulerService(
             store=store or default_store,
             executor=executor,
             job_env=JobEnvironment(
-                mlflow_tracking_uri="http://mlflow.test", base={"PATH": "/usr/bin"}
+                mlflow_tracking_uri="http://mlflow.test",
+                # The scheduler's own MLflow login must never reach a job.
+                base={"PATH": "/usr/bin", "MLFLOW_TRACKING_PASSWORD": "the-scheduler's-own"},
             ),
+            credentials=credentials,
             finish_attempts=2,
         )
         made.append(service)

@@ -1,4 +1,5 @@
-"""Fakes at the scheduler service's seams: an executor that starts no processes."""
+"""Fakes at the scheduler service's seams: an executor that starts no processes, and a
+registry that hands out teams' MLflow credentials."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from plinth_common.errors import PlinthError, Unavailable
+from services.scheduler.credentials import TeamCredentials
 from services.scheduler.domain import ExitStatus, Job, Resources
 
 SIGTERM = 15
@@ -86,3 +89,26 @@ class FakeExecutor:
     async def read_log(self, job_id: str, offset: int) -> bytes:
         log = f"log of {job_id}\n".encode()
         return log[offset:]
+
+
+@dataclass
+class FakeCredentials:
+    """Each team's MLflow user ``<team>-mlflow`` with password ``pw-<team>``.
+
+    Attributes:
+        down: while True the registry "cannot be reached" (Unavailable).
+        refused: teams the registry refuses (the error it answers with).
+        asked: the teams asked for, in order.
+    """
+
+    down: bool = False
+    refused: dict[str, PlinthError] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+
+    async def for_team(self, team: str) -> TeamCredentials:
+        self.asked.append(team)
+        if self.down:
+            raise Unavailable("the registry service cannot be reached", dependency="registry")
+        if team in self.refused:
+            raise self.refused[team]
+        return TeamCredentials(username=f"{team}-mlflow", password=f"pw-{team}")

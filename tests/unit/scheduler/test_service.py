@@ -15,7 +15,7 @@ from plinth_common.paging import encode_token
 from services.scheduler.domain import LOST, ExitStatus, Job, JobSpec, JobState, Resources
 from services.scheduler.service import JobTransaction, SchedulerService
 from services.scheduler.store import SqlJobStore
-from tests.helpers import eventually
+from tests.helpers import ADMIN, eventually
 from tests.unit.scheduler.conftest import MakeService, event_types
 from tests.unit.scheduler.fakes import SIGTERM, FakeExecutor
 
@@ -40,15 +40,15 @@ async def settled(service: SchedulerService) -> None:
 
 
 async def state_of(service: SchedulerService, job: Job) -> JobState:
-    return (await service.get(job.id)).state
+    return (await service.get(ADMIN, job.id)).state
 
 
 async def test_queued_jobs_are_admitted_in_fifo_order_within_capacity(
     service: SchedulerService, executor: FakeExecutor
 ) -> None:
-    small = await service.submit(spec("small", cpu=1))
-    big = await service.submit(spec("big", cpu=2))
-    behind = await service.submit(spec("behind", cpu=1))
+    small = await service.submit(ADMIN, spec("small", cpu=1))
+    big = await service.submit(ADMIN, spec("big", cpu=2))
+    behind = await service.submit(ADMIN, spec("behind", cpu=1))
 
     assert await service.dispatch_once() == 1
     # One core is left, but the big job at the head is not overtaken by the one behind it.
@@ -73,11 +73,11 @@ async def test_queued_jobs_are_admitted_in_fifo_order_within_capacity(
 async def test_job_runs_to_success_with_outputs_environment_and_events(
     service: SchedulerService, executor: FakeExecutor, db: Database
 ) -> None:
-    job = await service.submit(spec(env={"GREETING": "hi"}))
+    job = await service.submit(ADMIN, spec(env={"GREETING": "hi"}))
     assert job.state is JobState.QUEUED and job.spec.working_dir == f"/jobs/{job.id}/work"
 
     await service.dispatch_once()
-    running = await service.get(job.id)
+    running = await service.get(ADMIN, job.id)
     assert running.state is JobState.RUNNING and running.pid == executor.handles[job.id].pid
     env = executor.environments[job.id]
     assert env["GREETING"] == "hi" and env["PLINTH_JOB_ID"] == job.id
@@ -87,7 +87,7 @@ async def test_job_runs_to_success_with_outputs_environment_and_events(
     executor.handles[job.id].exit(ExitStatus(exit_code=0))
     await settled(service)
 
-    done = await service.get(job.id)
+    done = await service.get(ADMIN, job.id)
     assert done.state is JobState.SUCCEEDED and done.exit_code == 0 and done.failure_reason == ""
     assert done.mlflow_run_id == "r123" and done.outputs["accuracy"] == "0.9"
     assert done.finished_at is not None and done.started_at is not None
@@ -109,11 +109,11 @@ async def test_job_runs_to_success_with_outputs_environment_and_events(
 async def test_job_that_exits_badly_fails_with_the_reason(
     service: SchedulerService, executor: FakeExecutor, status: ExitStatus, reason: str
 ) -> None:
-    job = await service.submit(spec())
+    job = await service.submit(ADMIN, spec())
     await service.dispatch_once()
     executor.handles[job.id].exit(status)
     await settled(service)
-    done = await service.get(job.id)
+    done = await service.get(ADMIN, job.id)
     assert done.state is JobState.FAILED and done.failure_reason == reason
     assert (done.exit_code, done.signal) == (status.exit_code, status.signal)
 
@@ -122,10 +122,10 @@ async def test_job_that_cannot_start_fails_and_frees_its_capacity(
     service: SchedulerService, executor: FakeExecutor
 ) -> None:
     executor.refuse_launch.add("broken")
-    broken = await service.submit(spec("broken", cpu=2))
-    after = await service.submit(spec("after", cpu=2))
+    broken = await service.submit(ADMIN, spec("broken", cpu=2))
+    after = await service.submit(ADMIN, spec("after", cpu=2))
     assert await service.dispatch_once() == 0
-    failed = await service.get(broken.id)
+    failed = await service.get(ADMIN, broken.id)
     assert failed.state is JobState.FAILED and "could not start" in failed.failure_reason
     assert await service.dispatch_once() == 1
     assert await state_of(service, after) is JobState.RUNNING
@@ -134,8 +134,8 @@ async def test_job_that_cannot_start_fails_and_frees_its_capacity(
 async def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(
     service: SchedulerService, executor: FakeExecutor, db: Database
 ) -> None:
-    job = await service.submit(spec())
-    cancelled = await service.cancel(job.id)
+    job = await service.submit(ADMIN, spec())
+    cancelled = await service.cancel(ADMIN, job.id)
     assert cancelled.state is JobState.CANCELLED
     assert cancelled.failure_reason == "cancelled before it started"
     assert await service.dispatch_once() == 0 and executor.launched == []
@@ -145,12 +145,12 @@ async def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(
 async def test_cancelling_a_running_job_stops_its_process_and_ends_it_cancelled(
     service: SchedulerService, executor: FakeExecutor, db: Database
 ) -> None:
-    job = await service.submit(spec())
+    job = await service.submit(ADMIN, spec())
     await service.dispatch_once()
-    await service.cancel(job.id)
+    await service.cancel(ADMIN, job.id)
     assert executor.terminated == [job.id]
     await settled(service)
-    done = await service.get(job.id)
+    done = await service.get(ADMIN, job.id)
     assert done.state is JobState.CANCELLED and done.signal == SIGTERM
     types = await event_types(db, job.id)
     assert types[-1] == "plinth.job.cancelled" and "plinth.job.finished" not in types
@@ -159,14 +159,14 @@ async def test_cancelling_a_running_job_stops_its_process_and_ends_it_cancelled(
 async def test_cancel_of_an_ended_or_unknown_job_is_refused(
     service: SchedulerService, executor: FakeExecutor
 ) -> None:
-    job = await service.submit(spec())
+    job = await service.submit(ADMIN, spec())
     await service.dispatch_once()
     executor.handles[job.id].exit(ExitStatus(exit_code=0))
     await settled(service)
     with pytest.raises(FailedPrecondition, match="already ended"):
-        await service.cancel(job.id)
+        await service.cancel(ADMIN, job.id)
     with pytest.raises(NotFound) as caught:
-        await service.cancel("j-nope")
+        await service.cancel(ADMIN, "j-nope")
     assert caught.value.name == "j-nope"
 
 
@@ -174,8 +174,8 @@ async def test_restart_reattaches_survivors_fails_vanished_jobs_and_requeues_uns
     make_service: MakeService, executor: FakeExecutor, store: SqlJobStore
 ) -> None:
     first = make_service(executor)
-    survivor = await first.submit(spec("survivor"))
-    vanished = await first.submit(spec("vanished"))
+    survivor = await first.submit(ADMIN, spec("survivor"))
+    vanished = await first.submit(ADMIN, spec("vanished"))
     await first.dispatch_once()
     # Admitted by a scheduler that died before it started the process (no pid recorded).
     async with store.transaction() as tx:
@@ -194,7 +194,7 @@ async def test_restart_reattaches_survivors_fails_vanished_jobs_and_requeues_uns
     second = make_service(restarted)
     await second.recover()
 
-    lost = await second.get(vanished.id)
+    lost = await second.get(ADMIN, vanished.id)
     assert lost.state is JobState.FAILED and lost.failure_reason == LOST
     assert await state_of(second, unstarted) is JobState.QUEUED
     assert await state_of(second, survivor) is JobState.RUNNING
@@ -225,28 +225,28 @@ async def test_invalid_submission_names_the_field_and_repeats_the_value(
     service: SchedulerService, fields: dict[str, Any], field: str, repeated: str
 ) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        await service.submit(spec(**fields))
+        await service.submit(ADMIN, spec(**fields))
     assert caught.value.field == field
     assert repeated in caught.value.problem, caught.value.message
-    assert (await service.list())[0] == []
+    assert (await service.list(ADMIN))[0] == []
 
 
 async def test_listing_pages_newest_first_and_filters(
     service: SchedulerService, executor: FakeExecutor
 ) -> None:
-    submitted = [await service.submit(spec(f"n{i}")) for i in range(5)]
-    other = await service.submit(spec("other", team="nlp"))
+    submitted = [await service.submit(ADMIN, spec(f"n{i}")) for i in range(5)]
+    other = await service.submit(ADMIN, spec("other", team="nlp"))
     seen: list[str] = []
     token = ""
     while True:
-        page, token = await service.list(team="ml", page_size=2, page_token=token)
+        page, token = await service.list(ADMIN, team="ml", page_size=2, page_token=token)
         assert len(page) <= 2
         seen += [job.id for job in page]
         if not token:
             break
     assert seen == [job.id for job in reversed(submitted)]
-    await service.cancel(other.id)
-    cancelled, _ = await service.list(state=JobState.CANCELLED)
+    await service.cancel(ADMIN, other.id)
+    cancelled, _ = await service.list(ADMIN, state=JobState.CANCELLED)
     assert [job.id for job in cancelled] == [other.id]
 
 
@@ -263,33 +263,33 @@ async def test_listing_pages_newest_first_and_filters(
 async def test_listing_refuses_foreign_tokens_and_bad_arguments(
     service: SchedulerService, arguments: dict[str, Any], field: str
 ) -> None:
-    await service.submit(spec())
+    await service.submit(ADMIN, spec())
     with pytest.raises(InvalidArgument) as caught:
-        await service.list(**arguments)
+        await service.list(ADMIN, **arguments)
     assert caught.value.field == field
 
 
 async def test_logs_come_from_the_executor(service: SchedulerService) -> None:
-    job = await service.submit(spec())
-    await service.cancel(job.id)
-    chunks = [chunk async for chunk in service.logs(job.id, follow=True)]
+    job = await service.submit(ADMIN, spec())
+    await service.cancel(ADMIN, job.id)
+    chunks = [chunk async for chunk in service.logs(ADMIN, job.id, follow=True)]
     assert b"".join(chunks) == f"log of {job.id}\n".encode()
     with pytest.raises(NotFound):
-        [chunk async for chunk in service.logs("j-nope", follow=False)]
+        [chunk async for chunk in service.logs(ADMIN, "j-nope", follow=False)]
 
 
 async def test_a_job_cancelled_while_it_is_being_started_is_stopped_once_it_runs(
     service: SchedulerService, executor: FakeExecutor
 ) -> None:
     executor.launch_gate = asyncio.Event()
-    job = await service.submit(spec())
+    job = await service.submit(ADMIN, spec())
     dispatch = asyncio.create_task(service.dispatch_once())
     await eventually(lambda: _is(service, job, JobState.ADMITTED))
-    await service.cancel(job.id)
+    await service.cancel(ADMIN, job.id)
     executor.launch_gate.set()
     assert await dispatch == 1
     await settled(service)
-    done = await service.get(job.id)
+    done = await service.get(ADMIN, job.id)
     assert done.state is JobState.CANCELLED and done.signal == SIGTERM
 
 
@@ -298,7 +298,7 @@ async def test_recording_an_outcome_is_retried_when_the_store_fails_briefly(
 ) -> None:
     flaky = FlakyStore(store)
     service = make_service(executor, store=flaky)
-    job = await service.submit(spec())
+    job = await service.submit(ADMIN, spec())
     await service.dispatch_once()
     flaky.failures = 1
     executor.handles[job.id].exit(ExitStatus(exit_code=0))
