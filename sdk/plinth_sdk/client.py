@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 from plinth_sdk.events import EventsAPI
 from plinth_sdk.features import FeaturesAPI
+from plinth_sdk.identity import AuditAPI, KeysAPI, TeamsAPI, whoami
 from plinth_sdk.jobs import JobsAPI
+from plinth_sdk.models import Identity
 from plinth_sdk.registry import ModelsAPI, RunsAPI
 from plinth_sdk.serving import DeploymentsAPI
 from plinth_sdk.transport import DEFAULT_GATEWAY, GATEWAY_ENV, Transport, resolve_target
@@ -33,9 +35,10 @@ class Plinth:
 
     Namespaces: ``jobs`` (training jobs), ``events`` (the event stream), ``models``
     (registered models, versions, aliases, policies), ``runs`` (MLflow runs),
-    ``deployments`` (serving) and ``features`` (feature store); :meth:`infer` runs a
-    prediction on a deployment. Each namespace calls through one shared
-    :class:`~plinth_sdk.transport.Transport`.
+    ``deployments`` (serving), ``features`` (feature store), ``teams`` (teams and members),
+    ``keys`` (API keys) and ``audit`` (the audit trail); :meth:`whoami` says who the gateway
+    takes the caller for, :meth:`infer` runs a prediction on a deployment. Each namespace calls
+    through one shared :class:`~plinth_sdk.transport.Transport`, which sends the API key.
 
     The channel connects lazily, so constructing a client never fails; the first call that
     cannot reach the gateway raises :class:`~plinth_sdk.errors.GatewayUnreachable`.
@@ -45,8 +48,11 @@ class Plinth:
             ``127.0.0.1:50051``.
         timeout: Deadline in seconds of each unary call. Streams that follow live output
             (``jobs.logs(follow=True)``, ``events.watch``) have no deadline.
-        transport: A transport to use instead of dialling ``target`` (then ``target`` and
-            ``timeout`` are ignored).
+        api_key: The API key every call carries. None looks for one: ``$PLINTH_API_KEY``,
+            then the key ``plinth login`` stored for this gateway, then (for a gateway on this
+            machine) the admin key ``make run`` wrote; see :mod:`plinth_sdk.credentials`.
+        transport: A transport to use instead of dialling ``target`` (then ``target``,
+            ``timeout`` and ``api_key`` are ignored).
     """
 
     def __init__(
@@ -54,15 +60,21 @@ class Plinth:
         target: str | None = None,
         *,
         timeout: float = 30.0,
+        api_key: str | None = None,
         transport: Transport | None = None,
     ) -> None:
-        self._transport = transport or Transport(resolve_target(target), timeout=timeout)
+        self._transport = transport or Transport(
+            resolve_target(target), timeout=timeout, api_key=api_key
+        )
         self.jobs = JobsAPI(self._transport)
         self.events = EventsAPI(self._transport)
         self.models = ModelsAPI(self._transport)
         self.runs = RunsAPI(self._transport)
         self.deployments = DeploymentsAPI(self._transport)
         self.features = FeaturesAPI(self._transport)
+        self.teams = TeamsAPI(self._transport)
+        self.keys = KeysAPI(self._transport)
+        self.audit = AuditAPI(self._transport)
         self._inference: InferenceAPI | None = None
 
     @property
@@ -74,6 +86,21 @@ class Plinth:
     def timeout(self) -> float:
         """Deadline in seconds of each unary call."""
         return self._transport.timeout
+
+    @property
+    def credential_source(self) -> str:
+        """Where the API key this client sends came from (``$PLINTH_API_KEY``, ``plinth login
+        (<file>)``, ...); "" when it sends none."""
+        return self._transport.credential_source
+
+    def whoami(self) -> Identity:
+        """Who the gateway takes this client for: name, admin, teams and roles.
+
+        Raises:
+            Unauthenticated: no API key was found, or the gateway refused it (the message says
+                which key was sent and how to log in).
+        """
+        return whoami(self._transport)
 
     def infer(
         self,

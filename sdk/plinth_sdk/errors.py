@@ -48,6 +48,7 @@ __all__ = [
     "from_domain_error",
     "from_rpc_error",
     "refused_locally",
+    "reworded",
 ]
 
 #: ``ErrorInfo.domain`` of errors the SDK raises itself, before sending anything.
@@ -301,6 +302,14 @@ def from_domain_error(err: domain_errors.InvalidArgument) -> InvalidArgument:
     )
 
 
+def reworded(err: PlinthClientError, message: str) -> PlinthClientError:
+    """``err`` with a new :attr:`~PlinthClientError.message` (and ``str(err)``); the class and
+    every other attribute stay."""
+    err.message = message
+    err.args = (f"{err.code}: {message}",)
+    return err
+
+
 @contextlib.contextmanager
 def refused_locally() -> Iterator[None]:
     """Turns a ``plinth_common.names`` check that fails inside the block into the SDK's
@@ -341,7 +350,11 @@ def _readable_message(
             return f"no answer from {gateway} in time (is `make run` running?)"
         if code is grpc.StatusCode.UNAVAILABLE:
             return f"{one_line} (reported by {gateway})"
-        return one_line or code.name.lower().replace("_", " ")
+        message = one_line or code.name.lower().replace("_", " ")
+        # A rate limit answers with RetryInfo alone; when to retry is the useful part of it.
+        if rich.retry_after_s is not None:
+            message += f" (retry in {rich.retry_after_s:g} s)"
+        return message
     message = _dependency_message(rich.metadata.get("dependency", ""), one_line) or one_line
     message = message or code.name.lower().replace("_", " ")
     if rich.retry_after_s is not None:

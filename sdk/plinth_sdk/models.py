@@ -27,23 +27,33 @@ from plinth.scheduler.v1 import scheduler_pb2
 from plinth.serving.v1 import serving_pb2
 
 __all__ = [
+    "ApiKey",
     "AppliedRepository",
+    "Approval",
+    "AuditRecord",
     "Deployment",
     "DeploymentState",
     "Event",
     "FeatureView",
     "FieldStatus",
+    "Identity",
     "Job",
     "JobState",
     "Materialization",
+    "Member",
     "ModelVersion",
+    "NewApiKey",
     "OnlineRow",
     "PolicyReport",
     "PolicyRule",
     "Promotion",
     "PromotionPolicy",
+    "PromotionRecord",
     "RegisteredModel",
+    "Role",
     "Run",
+    "Team",
+    "VersionApproval",
     "parse_memory",
     "parse_rule",
 ]
@@ -426,13 +436,17 @@ class PromotionPolicy:
 
     Attributes:
         rules: Every rule must hold on the version's run metrics.
-        require_approval: Promotions must say ``approved=True`` (``--approve``).
+        require_approval: A promotion needs an approval: ``approved=True`` (``--approve``) by
+            a maintainer promoting, or one recorded with ``models.approve``.
         aliases: The aliases it guards; empty guards every alias.
+        require_distinct_approver: Four-eyes: the approval must come from someone other than
+            the promoter (recorded beforehand with ``models.approve``).
     """
 
     rules: tuple[PolicyRule, ...] = ()
     require_approval: bool = False
     aliases: tuple[str, ...] = ()
+    require_distinct_approver: bool = False
 
     @property
     def is_empty(self) -> bool:
@@ -446,6 +460,7 @@ class PromotionPolicy:
             rules=tuple(PolicyRule.from_proto(rule) for rule in msg.rules),
             require_approval=msg.require_approval,
             aliases=tuple(msg.aliases),
+            require_distinct_approver=msg.require_distinct_approver,
         )
 
     def to_proto(self) -> registry_pb2.PromotionPolicy:
@@ -454,6 +469,7 @@ class PromotionPolicy:
             rules=[rule.to_proto() for rule in self.rules],
             require_approval=self.require_approval,
             aliases=list(self.aliases),
+            require_distinct_approver=self.require_distinct_approver,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -463,13 +479,16 @@ class PromotionPolicy:
             "rules_text": [str(rule) for rule in self.rules],
             "require_approval": self.require_approval,
             "aliases": list(self.aliases),
+            "require_distinct_approver": self.require_distinct_approver,
         }
 
     def __str__(self) -> str:
         if self.is_empty:
             return "none"
         parts = [str(rule) for rule in self.rules]
-        if self.require_approval:
+        if self.require_approval and self.require_distinct_approver:
+            parts.append("approval by another person required")
+        elif self.require_approval:
             parts.append("approval required")
         text = ", ".join(parts)
         if self.aliases:
@@ -634,6 +653,8 @@ class ModelVersion:
         metrics: The run's metrics.
         created_at: Registration time (UTC).
         model_id: The MLflow LoggedModel it was registered from, or "".
+        approvals: The approvals recorded for it, oldest first.
+        history: Every time an alias moved to it, who promoted and who approved, oldest first.
     """
 
     name: str
@@ -647,6 +668,8 @@ class ModelVersion:
     metrics: Mapping[str, float] = field(hash=False)
     created_at: datetime | None
     model_id: str
+    approvals: tuple[Approval, ...] = ()
+    history: tuple[PromotionRecord, ...] = ()
 
     @property
     def job_id(self) -> str:
@@ -668,7 +691,14 @@ class ModelVersion:
             metrics=dict(msg.metrics),
             created_at=datetime_field(msg, "created_at"),
             model_id=msg.model_id,
+            approvals=tuple(Approval.from_proto(a) for a in msg.approvals),
+            history=tuple(PromotionRecord.from_proto(p) for p in msg.history),
         )
+
+    def last_promotion(self, alias: str) -> PromotionRecord | None:
+        """The latest move of ``alias`` to this version, or None."""
+        moves = [record for record in self.history if record.alias == alias]
+        return moves[-1] if moves else None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-ready dict; timestamps are ISO 8601 strings or None."""
@@ -684,7 +714,110 @@ class ModelVersion:
             "metrics": dict(self.metrics),
             "created_at": iso_or_none(self.created_at),
             "model_id": self.model_id,
+            "approvals": [approval.to_dict() for approval in self.approvals],
+            "history": [record.to_dict() for record in self.history],
         }
+
+
+@dataclass(frozen=True)
+class Approval:
+    """Someone's approval of a version for an alias.
+
+    Attributes:
+        alias: The alias it approves the version for, e.g. ``"production"``.
+        approved_by: Who approved.
+        approved_at: When (UTC).
+        comment: Why, or "".
+    """
+
+    alias: str
+    approved_by: str
+    approved_at: datetime | None
+    comment: str = ""
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.Approval) -> Approval:
+        """Converts a ``plinth.registry.v1.Approval`` message."""
+        return cls(
+            alias=msg.alias,
+            approved_by=msg.approved_by,
+            approved_at=datetime_field(msg, "approved_at"),
+            comment=msg.comment,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; the time is an ISO 8601 string or None."""
+        return {
+            "alias": self.alias,
+            "approved_by": self.approved_by,
+            "approved_at": iso_or_none(self.approved_at),
+            "comment": self.comment,
+        }
+
+
+@dataclass(frozen=True)
+class PromotionRecord:
+    """One move of an alias to a version, from the version's history.
+
+    Attributes:
+        alias: The alias that moved.
+        promoted_by: Who moved it.
+        approved_by: Whose approval it carried, "" when none was required.
+        promoted_at: When (UTC).
+        previous_version: The version the alias pointed to before, or "".
+    """
+
+    alias: str
+    promoted_by: str
+    approved_by: str
+    promoted_at: datetime | None
+    previous_version: str = ""
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.Promotion) -> PromotionRecord:
+        """Converts a ``plinth.registry.v1.Promotion`` message."""
+        return cls(
+            alias=msg.alias,
+            promoted_by=msg.promoted_by,
+            approved_by=msg.approved_by,
+            promoted_at=datetime_field(msg, "promoted_at"),
+            previous_version=msg.previous_version,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; the time is an ISO 8601 string or None."""
+        return {
+            "alias": self.alias,
+            "promoted_by": self.promoted_by,
+            "approved_by": self.approved_by,
+            "promoted_at": iso_or_none(self.promoted_at),
+            "previous_version": self.previous_version,
+        }
+
+
+@dataclass(frozen=True)
+class VersionApproval:
+    """What ``models.approve`` recorded: the approval, and the version with all its approvals.
+
+    Attributes:
+        version: The approved version.
+        approval: The approval just recorded.
+    """
+
+    version: ModelVersion
+    approval: Approval
+
+    @classmethod
+    def from_proto(cls, msg: registry_pb2.ApproveModelVersionResponse) -> VersionApproval:
+        """Converts a ``plinth.registry.v1.ApproveModelVersionResponse`` message."""
+        return cls(
+            version=ModelVersion.from_proto(msg.version),
+            approval=Approval.from_proto(msg.approval),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {"version": self.version.to_dict(), "approval": self.approval.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -759,6 +892,7 @@ class Deployment:
         last_error: Why the last load failed, or "".
         created_at: Creation time (UTC).
         updated_at: Last change (UTC).
+        shared_with: Teams whose members may call it for inference (read-only).
     """
 
     name: str
@@ -775,6 +909,7 @@ class Deployment:
     last_error: str
     created_at: datetime | None
     updated_at: datetime | None
+    shared_with: tuple[str, ...] = ()
 
     @property
     def is_ready(self) -> bool:
@@ -799,6 +934,7 @@ class Deployment:
             last_error=msg.last_error,
             created_at=datetime_field(msg, "created_at"),
             updated_at=datetime_field(msg, "updated_at"),
+            shared_with=tuple(msg.shared_with),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -818,6 +954,7 @@ class Deployment:
             "last_error": self.last_error,
             "created_at": iso_or_none(self.created_at),
             "updated_at": iso_or_none(self.updated_at),
+            "shared_with": list(self.shared_with),
         }
 
 
@@ -1105,3 +1242,342 @@ def _number_text(value: float) -> str:
     if math.isfinite(value) and value == int(value) and abs(value) < _MAX_EXACT_INT:
         return str(int(value))
     return repr(value)
+
+
+# --------------------------------------------------------------------------- identity
+
+_ROLE_PREFIX = "ROLE_"
+
+
+class Role(enum.StrEnum):
+    """A member's role in a team; each may do what the roles before it may.
+
+    ``viewer`` reads; ``developer`` submits and cancels jobs, registers versions, creates
+    deployments and promotes to unprotected aliases; ``maintainer`` also promotes to protected
+    aliases such as ``production``, approves, sets policies and deletes.
+    """
+
+    VIEWER = "viewer"
+    DEVELOPER = "developer"
+    MAINTAINER = "maintainer"
+
+    @classmethod
+    def from_proto(cls, value: int) -> Role | None:
+        """Converts a ``plinth.gateway.v1.Role`` number; None for UNSPECIFIED or unknown."""
+        try:
+            name = gateway_pb2.Role.Name(value)
+        except ValueError:
+            return None
+        try:
+            return cls(name.removeprefix(_ROLE_PREFIX).lower())
+        except ValueError:
+            return None
+
+    def to_proto(self) -> int:
+        """Returns the ``plinth.gateway.v1.Role`` number."""
+        return int(gateway_pb2.Role.Value(_ROLE_PREFIX + self.value.upper()))
+
+    @classmethod
+    def parse(cls, text: str | Role) -> Role:
+        """Reads ``"developer"``, ``"DEVELOPER"`` or ``"ROLE_DEVELOPER"``.
+
+        Raises:
+            ValueError: the text names no role.
+        """
+        if isinstance(text, Role):
+            return text
+        try:
+            return cls(text.strip().lower().removeprefix("role_"))
+        except ValueError:
+            known = ", ".join(role.value for role in cls)
+            raise ValueError(f"unknown role {text!r}; expected one of {known}") from None
+
+
+def _role_text(role: Role | None) -> str | None:
+    return role.value if role is not None else None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the gateway takes the caller for (``whoami``).
+
+    Attributes:
+        name: The user or service-account name.
+        kind: ``"user"`` or ``"service_account"``.
+        admin: A platform admin (every team, teams, members, others' keys, audit).
+        teams: Team -> the caller's role in it.
+        via: How the credential was proven: ``"api_key"`` or ``"oidc"``.
+        key_id: The API key's public id, when the credential is one; "" otherwise.
+    """
+
+    name: str
+    kind: str
+    admin: bool
+    teams: Mapping[str, Role] = field(hash=False)
+    via: str
+    key_id: str = ""
+
+    @classmethod
+    def from_proto(cls, msg: gateway_pb2.WhoAmIResponse) -> Identity:
+        """Converts a ``plinth.gateway.v1.WhoAmIResponse`` message."""
+        teams = {entry.team: Role.from_proto(entry.role) for entry in msg.teams}
+        return cls(
+            name=msg.name,
+            kind=msg.kind,
+            admin=msg.admin,
+            teams={team: role for team, role in sorted(teams.items()) if role is not None},
+            via=msg.via,
+            key_id=msg.key_id,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; roles as their names."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "admin": self.admin,
+            "teams": {team: role.value for team, role in self.teams.items()},
+            "via": self.via,
+            "key_id": self.key_id,
+        }
+
+
+@dataclass(frozen=True)
+class Team:
+    """A team: the unit that owns jobs, models, deployments and feature views.
+
+    Attributes:
+        name: Team name (a DNS label, as a job's ``team``).
+        description: Free text, or "".
+        created_at: Creation time (UTC).
+        created_by: Who created it.
+        member_count: How many members it has.
+        my_role: The caller's role in it; None for an admin who is no member.
+    """
+
+    name: str
+    description: str
+    created_at: datetime | None
+    created_by: str
+    member_count: int
+    my_role: Role | None
+
+    @classmethod
+    def from_proto(cls, msg: gateway_pb2.Team) -> Team:
+        """Converts a ``plinth.gateway.v1.Team`` message."""
+        return cls(
+            name=msg.name,
+            description=msg.description,
+            created_at=datetime_field(msg, "created_at"),
+            created_by=msg.created_by,
+            member_count=msg.member_count,
+            my_role=Role.from_proto(msg.my_role),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; the time is an ISO 8601 string or None."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "created_at": iso_or_none(self.created_at),
+            "created_by": self.created_by,
+            "member_count": self.member_count,
+            "my_role": _role_text(self.my_role),
+        }
+
+
+@dataclass(frozen=True)
+class Member:
+    """A team member and their role.
+
+    Attributes:
+        team: The team.
+        user: The user or service-account name.
+        role: Their role in the team.
+        added_at: When they were added or their role last changed (UTC).
+        added_by: Who did it.
+    """
+
+    team: str
+    user: str
+    role: Role | None
+    added_at: datetime | None
+    added_by: str
+
+    @classmethod
+    def from_proto(cls, msg: gateway_pb2.Member) -> Member:
+        """Converts a ``plinth.gateway.v1.Member`` message."""
+        return cls(
+            team=msg.team,
+            user=msg.user,
+            role=Role.from_proto(msg.role),
+            added_at=datetime_field(msg, "added_at"),
+            added_by=msg.added_by,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; the time is an ISO 8601 string or None."""
+        return {
+            "team": self.team,
+            "user": self.user,
+            "role": _role_text(self.role),
+            "added_at": iso_or_none(self.added_at),
+            "added_by": self.added_by,
+        }
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key without its secret (what listing shows).
+
+    Attributes:
+        id: The key's public id; ``keys.revoke`` takes it.
+        name: What it is for, e.g. ``"laptop"`` or ``"ci"``.
+        owner: The user or service account it acts as.
+        kind: ``"user"`` or ``"service_account"``.
+        admin: The key acts as a platform admin.
+        created_at: Creation time (UTC).
+        created_by: Who created it.
+        expires_at: When it stops working (UTC); None: never.
+        last_used_at: When it was last used, to the minute (UTC); None: never.
+        revoked_at: When it was revoked (UTC); None while it is valid.
+    """
+
+    id: str
+    name: str
+    owner: str
+    kind: str
+    admin: bool
+    created_at: datetime | None
+    created_by: str
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def revoked(self) -> bool:
+        """True once the key was revoked."""
+        return self.revoked_at is not None
+
+    @classmethod
+    def from_proto(cls, msg: gateway_pb2.ApiKey) -> ApiKey:
+        """Converts a ``plinth.gateway.v1.ApiKey`` message."""
+        return cls(
+            id=msg.id,
+            name=msg.name,
+            owner=msg.owner,
+            kind=msg.kind,
+            admin=msg.admin,
+            created_at=datetime_field(msg, "created_at"),
+            created_by=msg.created_by,
+            expires_at=datetime_field(msg, "expires_at"),
+            last_used_at=datetime_field(msg, "last_used_at"),
+            revoked_at=datetime_field(msg, "revoked_at"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; times are ISO 8601 strings or None."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "kind": self.kind,
+            "admin": self.admin,
+            "created_at": iso_or_none(self.created_at),
+            "created_by": self.created_by,
+            "expires_at": iso_or_none(self.expires_at),
+            "last_used_at": iso_or_none(self.last_used_at),
+            "revoked_at": iso_or_none(self.revoked_at),
+        }
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    """A key just created: the only time its secret is available.
+
+    Attributes:
+        key: The key's details.
+        secret: The whole key (``plk_...``) to pass as a bearer token; never in a repr. The
+            platform keeps only a hash of it, so it cannot be shown again.
+    """
+
+    key: ApiKey
+    secret: str = field(repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: gateway_pb2.CreateApiKeyResponse) -> NewApiKey:
+        """Converts a ``plinth.gateway.v1.CreateApiKeyResponse`` message."""
+        return cls(key=ApiKey.from_proto(msg.key), secret=msg.secret)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict, with the secret."""
+        return {**self.key.to_dict(), "secret": self.secret}
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited call: a mutating call or a denial.
+
+    Attributes:
+        id: The record's number (newer records have larger ones).
+        time: When the call was made (UTC).
+        principal: Who made it ("" when the credential was rejected).
+        principal_kind: ``"user"``, ``"service_account"``, ``"service"`` or "".
+        method: The gRPC method path, or ``"HTTP <verb> <route>"``.
+        permission: The permission it needed, e.g. ``"models.promote"``.
+        team: The team it was about, where the request names one.
+        resource: What it was about (a job id, ``model@alias``, ...).
+        outcome: ``"OK"`` or the status code name, e.g. ``"PERMISSION_DENIED"``.
+        message: The denial's message, or "".
+        trace_id: The trace of the call, to find it in the logs.
+    """
+
+    id: int
+    time: datetime | None
+    principal: str
+    principal_kind: str
+    method: str
+    permission: str
+    team: str
+    resource: str
+    outcome: str
+    message: str
+    trace_id: str
+
+    @property
+    def denied(self) -> bool:
+        """True when the call did not succeed."""
+        return self.outcome != "OK"
+
+    @classmethod
+    def from_proto(cls, msg: gateway_pb2.AuditRecord) -> AuditRecord:
+        """Converts a ``plinth.gateway.v1.AuditRecord`` message."""
+        return cls(
+            id=msg.id,
+            time=datetime_field(msg, "time"),
+            principal=msg.principal,
+            principal_kind=msg.principal_kind,
+            method=msg.method,
+            permission=msg.permission,
+            team=msg.team,
+            resource=msg.resource,
+            outcome=msg.outcome,
+            message=msg.message,
+            trace_id=msg.trace_id,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict; the time is an ISO 8601 string or None."""
+        return {
+            "id": self.id,
+            "time": iso_or_none(self.time),
+            "principal": self.principal,
+            "principal_kind": self.principal_kind,
+            "method": self.method,
+            "permission": self.permission,
+            "team": self.team,
+            "resource": self.resource,
+            "outcome": self.outcome,
+            "message": self.message,
+            "trace_id": self.trace_id,
+        }

@@ -7,6 +7,9 @@ Example:
     ...     plinth.models.set_policy("diabetes", ["rmse < 60"], require_approval=True)
     ...     plinth.models.update_policy("diabetes", add_rules=["r2 >= 0.4"])  # keeps the rest
     ...     plinth.models.promote("diabetes", "3", approved=True)
+    ...     # four-eyes: a second maintainer approves, then the first one promotes
+    ...     plinth.models.update_policy("diabetes", require_distinct_approver=True)
+    ...     plinth.models.approve("diabetes", "4", alias="production", comment="reviewed")
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from plinth_sdk.models import (
     PromotionPolicy,
     RegisteredModel,
     Run,
+    VersionApproval,
 )
 from plinth_sdk.paging import check_page_size, paged
 from plinth_sdk.transport import Transport
@@ -209,6 +213,38 @@ class ModelsAPI:
         )
         return Promotion.from_proto(self._transport.unary(self._stub.SetAlias, request))
 
+    def approve(
+        self, name: str, version: str | int, *, alias: str = DEFAULT_ALIAS, comment: str = ""
+    ) -> VersionApproval:
+        """Records the caller's approval of a version for an alias (a maintainer of the model's
+        team). A policy that requires approval then lets the alias move to this version; with
+        four-eyes (``require_distinct_approver``) only someone else's promotion counts it.
+
+        Args:
+            name: Registered model name.
+            version: The version approved.
+            alias: The alias it is approved for; ``"production"`` by default.
+            comment: Why, kept with the approval.
+
+        Returns:
+            The approval, and the version with every approval it has.
+
+        Raises:
+            InvalidArgument: the name, version or alias is malformed (checked before sending).
+            NotFound: the model or the version does not exist (or is another team's).
+            PermissionDenied: the caller is not a maintainer of the model's team.
+        """
+        with refused_locally():
+            names.check_model_name(name)
+            names.check_version(str(version))
+            names.check_alias(alias)
+        request = registry_pb2.ApproveModelVersionRequest(
+            name=name, version=str(version), alias=alias, comment=comment
+        )
+        return VersionApproval.from_proto(
+            self._transport.unary(self._stub.ApproveModelVersion, request)
+        )
+
     def delete_alias(self, name: str, alias: str, *, team: str | None = None) -> str:
         """Removes an alias and returns the version it pointed to.
 
@@ -227,6 +263,7 @@ class ModelsAPI:
         require_approval: bool = False,
         aliases: Iterable[str] = (),
         team: str | None = None,
+        require_distinct_approver: bool = False,
     ) -> PolicyReport:
         """Replaces a model's whole promotion policy; no rules and no approval removes it.
 
@@ -240,6 +277,8 @@ class ModelsAPI:
             require_approval: Promotions must pass ``approved=True``.
             aliases: The aliases the policy guards; empty guards every alias.
             team: When given, the model must belong to this team.
+            require_distinct_approver: Four-eyes: the approval must be recorded by someone
+                other than the promoter (:meth:`approve`).
 
         Returns:
             The model with its new policy, and the registry's warnings (e.g. a rule on a
@@ -252,7 +291,10 @@ class ModelsAPI:
         """
         guarded = _checked_aliases(aliases, "policy.aliases")
         policy = PromotionPolicy(
-            rules=_parsed_rules(rules), require_approval=require_approval, aliases=guarded
+            rules=_parsed_rules(rules),
+            require_approval=require_approval,
+            aliases=guarded,
+            require_distinct_approver=require_distinct_approver,
         )
         request = registry_pb2.SetPolicyRequest(
             name=name, policy=policy.to_proto(), team=team or ""
@@ -268,6 +310,7 @@ class ModelsAPI:
         require_approval: bool | None = None,
         aliases: Iterable[str] | None = None,
         team: str | None = None,
+        require_distinct_approver: bool | None = None,
     ) -> PolicyReport:
         """Changes part of a model's promotion policy; what is not passed stays as it is.
 
@@ -283,6 +326,8 @@ class ModelsAPI:
             require_approval: The new approval requirement; None keeps it.
             aliases: The new guarded aliases (empty: every alias); None keeps them.
             team: When given, the model must belong to this team.
+            require_distinct_approver: Four-eyes on (the approval must come from someone
+                other than the promoter) or off; None keeps it.
 
         Returns:
             The model with its whole policy after the change, and the registry's warnings
@@ -299,6 +344,8 @@ class ModelsAPI:
         )
         if require_approval is not None:
             update.require_approval = require_approval
+        if require_distinct_approver is not None:
+            update.require_distinct_approver = require_distinct_approver
         if aliases is not None:
             guarded = _checked_aliases(aliases, "update.aliases")
             update.aliases.CopyFrom(registry_pb2.GuardedAliases(aliases=guarded))

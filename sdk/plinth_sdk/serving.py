@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common import names
@@ -48,6 +48,7 @@ class DeploymentsAPI:
         max_batch_size: int = 0,
         max_queue_delay_us: int = 0,
         instance_count: int = 0,
+        shared_with: Iterable[str] = (),
     ) -> Deployment:
         """Creates a deployment that serves ``model@alias`` under ``name``.
 
@@ -60,6 +61,7 @@ class DeploymentsAPI:
             max_queue_delay_us: Dynamic batching: how long (µs) Triton may hold a request to
                 batch it with others; 0 disables dynamic batching.
             instance_count: CPU model instances, 1 to 16; 0 for one.
+            shared_with: Other teams whose members may call it for inference (read-only).
 
         Returns:
             The deployment, usually PENDING or LOADING; see :meth:`wait_ready`.
@@ -74,6 +76,7 @@ class DeploymentsAPI:
             names.check_team(team)
             names.check_model_name(model, "model_name")
             names.check_alias(alias)
+        shared = _checked_teams(shared_with, "shared_with")
         request = serving_pb2.CreateDeploymentRequest(
             name=name,
             team=team,
@@ -84,8 +87,23 @@ class DeploymentsAPI:
                 max_queue_delay_microseconds=max_queue_delay_us,
                 instance_count=instance_count,
             ),
+            shared_with=shared,
         )
         return Deployment.from_proto(self._transport.unary(self._stub.CreateDeployment, request))
+
+    def share(self, name: str, teams: Iterable[str]) -> Deployment:
+        """Sets the teams a deployment is shared with, read-only, for inference (a maintainer
+        of its team). The list replaces the one before; an empty one shares it with no one.
+
+        Raises:
+            InvalidArgument: a team name is malformed (checked before sending).
+            NotFound: no deployment has this name (or it is another team's).
+            PermissionDenied: the caller is not a maintainer of the deployment's team.
+        """
+        request = serving_pb2.ShareDeploymentRequest(
+            name=name, teams=_checked_teams(teams, "teams")
+        )
+        return Deployment.from_proto(self._transport.unary(self._stub.ShareDeployment, request))
 
     def get(self, name: str) -> Deployment:
         """Returns one deployment.
@@ -174,6 +192,14 @@ class DeploymentsAPI:
             return deployments, response.next_page_token
 
         return fetch
+
+
+def _checked_teams(teams: Iterable[str], field: str) -> builtins.list[str]:
+    given = [teams] if isinstance(teams, str) else builtins.list(teams)
+    with refused_locally():
+        for team in given:
+            names.check_team(team, field)
+    return builtins.list(dict.fromkeys(given))  # each team once, in the order given
 
 
 def _is_ready(deployment: Deployment, version: str | None) -> bool:

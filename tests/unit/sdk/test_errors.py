@@ -179,7 +179,10 @@ def test_a_reason_that_disagrees_with_the_code_keeps_the_codes_class() -> None:
     ],
 )
 def test_replies_without_a_reason_are_classified_by_code(
-    code: grpc.StatusCode, details: str, expected_type: type, expected_message: str
+    code: grpc.StatusCode,
+    details: str,
+    expected_type: type[PlinthClientError],
+    expected_message: str,
 ) -> None:
     err = converted(FakeRpcError(code, details))
 
