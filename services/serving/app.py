@@ -46,6 +46,8 @@ class ServingSettings:
         common: settings every service reads.
         triton: how to launch or reach Triton.
         mlflow_tracking_uri: where versions' artifacts are downloaded from.
+        mlflow_credentials: the MLflow admin user and password downloads use (unless the
+            process's ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` name others).
         registry_addr: the registry's gRPC address (asked where an alias points).
         artifact_schemes: URI schemes a version's source may use.
         load_timeout_s: bound of one model load in Triton.
@@ -64,6 +66,7 @@ class ServingSettings:
     unload_grace_s: float
     infer_timeout_s: float
     max_in_flight: int = 128
+    mlflow_credentials: tuple[str, str] | None = None
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ServingSettings:
@@ -90,6 +93,7 @@ class ServingSettings:
             unload_grace_s=env.float("PLINTH_SERVING_UNLOAD_GRACE_S", 0.5),
             infer_timeout_s=env.float("PLINTH_SERVING_INFER_TIMEOUT_S", 30.0),
             max_in_flight=env.int("PLINTH_SERVING_MAX_IN_FLIGHT", 128),
+            mlflow_credentials=common.mlflow_admin_credentials(env),
         )
 
 
@@ -107,7 +111,8 @@ class ServingApp:
         )
         self.triton = TritonProcess(settings.triton)
         self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
-        self.registry = GrpcRegistry(settings.registry_addr)
+        # Serving asks the registry as itself (Principal.service("serving")).
+        self.registry = GrpcRegistry(settings.registry_addr, tokens=self.runtime.tokens)
         store = DeploymentStore()
         events = OutboxDeploymentEvents(self.runtime.require_outbox())
         self.reconciler = Reconciler(
@@ -116,7 +121,9 @@ class ServingApp:
             events=events,
             repository=ModelRepository(settings.triton.model_repository),
             artifacts=MlflowArtifacts(
-                settings.mlflow_tracking_uri, allowed_schemes=settings.artifact_schemes
+                settings.mlflow_tracking_uri,
+                allowed_schemes=settings.artifact_schemes,
+                credentials=settings.mlflow_credentials,
             ),
             models=self.models,
             registry=self.registry,
@@ -160,6 +167,8 @@ class ServingApp:
         SERVING once Triton answers and the deployments are restored)."""
         self.settings.triton.model_repository.mkdir(parents=True, exist_ok=True)
         await self.runtime.start()
+        # Before any route exists: inference is authorized against this table.
+        await self.service.load_access()
         await self.triton.start()
         await self.reconciler.start()
         await self.healer.start()

@@ -4,6 +4,12 @@ A promoted version's ``source`` may be a logged model (``models:/m-...``), a reg
 (``models:/name/3``), a run artifact (``runs:/<run>/model``) or a proxied artifact URI
 (``mlflow-artifacts:/...``); all four were checked against a real ``mlflow server``. Local forms
 (``file:``, bare paths) are refused: a source must not make serving read its own disk.
+
+The tracking server may run with MLflow's basic-auth app. Serving downloads with the platform's
+MLflow admin credentials: ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` when its
+process has them, else the credentials it is given (they become those variables, which is how
+MLflow's client reads them). A server without authentication ignores them, so downloads work
+whether or not authentication is on.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from urllib.parse import urlparse
 from plinth_common.mlflow_client import skip_feast_mlflow_header_provider
 
 DEFAULT_SCHEMES = ("models", "runs", "mlflow-artifacts", "s3", "gs")
+_USERNAME, _PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
 class ArtifactError(Exception):
@@ -52,12 +59,19 @@ class MlflowArtifacts:
     Args:
         tracking_uri: the MLflow tracking server (``PLINTH_MLFLOW_TRACKING_URI``).
         allowed_schemes: URI schemes a source may use.
+        credentials: MLflow user and password, used unless the process's environment names
+            its own.
     """
 
     def __init__(
-        self, tracking_uri: str, *, allowed_schemes: Iterable[str] = DEFAULT_SCHEMES
+        self,
+        tracking_uri: str,
+        *,
+        allowed_schemes: Iterable[str] = DEFAULT_SCHEMES,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self._tracking_uri = tracking_uri
+        self._credentials = credentials
         self._allowed = tuple(allowed_schemes)
         self._mlflow: Any = None
         self._import_lock = threading.Lock()
@@ -97,6 +111,11 @@ class MlflowArtifacts:
                 # A service has no terminal to draw MLflow's progress bars on.
                 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
                 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+                if self._credentials is not None and not (
+                    os.environ.get(_USERNAME) or os.environ.get(_PASSWORD)
+                ):
+                    # MLflow's client reads them on every request; they are not logged.
+                    os.environ[_USERNAME], os.environ[_PASSWORD] = self._credentials
                 import mlflow.artifacts
 
                 skip_feast_mlflow_header_provider()

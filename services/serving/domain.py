@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,8 @@ DEFAULT_MAX_BATCH_SIZE = 8
 MAX_BATCH_SIZE = 1024
 MAX_QUEUE_DELAY_US = 1_000_000
 MAX_INSTANCES = 16
+#: Most teams one deployment may be shared with.
+MAX_SHARED_TEAMS = 64
 #: Longest ``last_error`` (and failure reason) kept.
 MAX_REASON = 2000
 # Column sizes of what a promotion event carries (kept, cut, even when malformed: see retarget).
@@ -81,6 +84,22 @@ class DeploymentSpec:
     model_name: str
     alias: str = ""
     batching: BatchingSettings = UNSET_BATCHING
+    shared_with: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentAccess:
+    """Who may call a deployment for inference: the members of its team, and read-only the
+    members of the teams it is shared with (admins always). One row of the table a data-plane
+    proxy needs to authorize inference without asking serving per request.
+
+    Attributes:
+        team: the owning team.
+        shared_with: teams whose members may call it for inference.
+    """
+
+    team: str
+    shared_with: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +134,7 @@ class Deployment:
         model_name: the registered model it follows.
         alias: the alias of that model it follows.
         batching: its Triton settings.
+        shared_with: teams whose members may call it for inference (read-only), sorted.
         state: derived from the versions below (see :func:`state_of`).
         serving_version: the version that answers ('' when none).
         serving_io: that version's tensors.
@@ -137,6 +157,7 @@ class Deployment:
     model_name: str
     alias: str
     batching: BatchingSettings
+    shared_with: tuple[str, ...] = ()
     state: DeploymentState = DeploymentState.PENDING
     serving_version: str = ""
     serving_io: ModelIO | None = None
@@ -159,6 +180,11 @@ class Deployment:
             self.serving_version,
             self.failed_version,
         )
+
+    @property
+    def access(self) -> DeploymentAccess:
+        """Who may call it for inference."""
+        return DeploymentAccess(team=self.team, shared_with=frozenset(self.shared_with))
 
     def changed(self, now: datetime, **changes: Any) -> Deployment:
         """A copy with ``changes`` applied, its state derived again, and ``updated_at`` = now."""
@@ -204,6 +230,23 @@ def reason_of(exc: BaseException) -> str:
 # -- rules -------------------------------------------------------------------------------------
 
 
+def check_shared_with(teams: Iterable[str], owner: str) -> tuple[str, ...]:
+    """The teams a deployment is shared with, checked, without repeats, sorted.
+
+    Raises:
+        InvalidArgument: ``shared_with`` names a team that is no DNS label, the owning team
+            itself, or more than :data:`MAX_SHARED_TEAMS` teams.
+    """
+    checked = sorted({check_team(team, "shared_with") for team in teams})
+    if owner in checked:
+        raise InvalidArgument(
+            "shared_with", f"names the owning team {owner!r}; its members have access already"
+        )
+    if len(checked) > MAX_SHARED_TEAMS:
+        raise InvalidArgument("shared_with", f"{len(checked)} teams; at most {MAX_SHARED_TEAMS}")
+    return tuple(checked)
+
+
 def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
     """Checks a deployment request and fills in the defaults.
 
@@ -234,6 +277,7 @@ def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
     return dataclasses.replace(
         spec,
         alias=alias,
+        shared_with=check_shared_with(spec.shared_with, spec.team),
         batching=BatchingSettings(
             max_batch_size=max_batch,
             max_queue_delay_us=b.max_queue_delay_us,
@@ -250,6 +294,7 @@ def new_deployment(spec: DeploymentSpec, at: datetime) -> Deployment:
         model_name=spec.model_name,
         alias=spec.alias,
         batching=spec.batching,
+        shared_with=spec.shared_with,
         lookup_pending=True,
         created_at=at,
         updated_at=at,

@@ -4,6 +4,11 @@ Clients name the *deployment*; Triton knows the model as ``<deployment>__v<versi
 ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ModelMetadata`` and ``ModelInfer`` are served;
 Triton's repository, statistics, shared-memory and log methods are not (UNIMPLEMENTED).
 
+Who may call: ``ServerLive`` and ``ServerReady`` any verified caller; the other three the members
+of the deployment's team, members of the teams it is shared with, and admins. Everyone else gets
+the NOT_FOUND of an unknown deployment. The check runs against serving's in-memory table
+(:meth:`~services.serving.service.ServingService.access_table`), no query per request.
+
 ``ModelInfer`` does not decode tensors. The request arrives as bytes; it is parsed (upb, about
 2 us for a small request) only to find the deployment and check the tensors' names, datatypes
 and shapes against the deployment's signature, then forwarded as the *original bytes* with
@@ -22,6 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as kserve
 
+from plinth_common.auth import Principal, current_principal
 from plinth_common.errors import InvalidArgument, NotFound, PlinthError, Unavailable
 from plinth_common.grpc_server import UpstreamStatus
 from plinth_common.rich_status import details_of
@@ -47,11 +53,18 @@ _CHANNEL_OPTIONS = [
 class Routes(Protocol):
     """What the proxy needs of the serving service."""
 
-    def route(self, name: str) -> Route | None: ...
+    def route(self, name: str) -> Route | None:
+        """The route of ``name`` (no authorization: a retry of a call already authorized)."""
+        ...
 
-    async def unroutable(self, name: str) -> PlinthError: ...
+    def authorized_route(self, principal: Principal, name: str) -> Route | None:
+        """The route when ``principal`` may call ``name`` and it has one, from memory."""
+        ...
 
-    async def exists(self, name: str) -> bool: ...
+    async def find_route(self, principal: Principal, name: str) -> Route:
+        """The route from the store, or the error that says why there is none (NotFound when
+        ``principal`` may not call it)."""
+        ...
 
     def engine_problem(self) -> str | None: ...
 
@@ -297,9 +310,9 @@ class InferenceProxy:
             self._open()
         parsed = _parse(kserve.ModelInferRequest, request)
         name = parsed.model_name
-        route = self._routes.route(name)
-        if route is None:
-            raise await self._routes.unroutable(name)
+        # Authorized before the tensors are checked: a caller who may not call it learns
+        # nothing of its signature, and gets the NOT_FOUND of an unknown deployment.
+        route = await self._route(name)
         check_request(parsed, route)
         problem = self._routes.engine_problem()
         if problem is not None:
@@ -320,6 +333,12 @@ class InferenceProxy:
                     continue
                 raise await self._error(exc, route) from None
         raise RuntimeError("the forwarding loop ended without an answer")  # not reached
+
+    async def _route(self, name: str) -> Route:
+        """The route of ``name`` for the current caller: from memory on the hot path."""
+        principal = current_principal()
+        route = self._routes.authorized_route(principal, name)
+        return route if route is not None else await self._routes.find_route(principal, name)
 
     async def _error(self, exc: grpc.aio.AioRpcError, route: Route) -> PlinthError:
         code = exc.code()
@@ -372,10 +391,12 @@ class InferenceProxy:
         if self._channel is None:
             self._open()
         parsed = _parse(kserve.ModelReadyRequest, request)
-        route = self._routes.route(parsed.name)
-        if route is None:
-            if not await self._routes.exists(parsed.name):
-                raise NotFound("deployment", parsed.name[:_SHOWN])
+        try:
+            route = await self._route(parsed.name)
+        except NotFound:
+            raise
+        except PlinthError:
+            # It exists and the caller may call it, but no version answers yet.
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
         if parsed.version and parsed.version != route.version:
             return kserve.ModelReadyResponse(ready=False).SerializeToString()
@@ -392,9 +413,7 @@ class InferenceProxy:
         if self._channel is None:
             self._open()
         parsed = _parse(kserve.ModelMetadataRequest, request)
-        route = self._routes.route(parsed.name)
-        if route is None:
-            raise await self._routes.unroutable(parsed.name)
+        route = await self._route(parsed.name)
         if parsed.version and parsed.version != route.version:
             raise NotFound("deployment version", f"{route.deployment}:{parsed.version[:_SHOWN]}")
         forwarded = kserve.ModelMetadataRequest(name=route.triton_model).SerializeToString()

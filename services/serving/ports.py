@@ -10,11 +10,12 @@ use cases pass it through without looking inside.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.serving.domain import BatchingSettings, Deployment, VersionRef
+from services.serving.domain import BatchingSettings, Deployment, DeploymentAccess, VersionRef
 from services.serving.signature import ModelIO
 
 
@@ -34,12 +35,12 @@ class ModelRegistry(Protocol):
         """
         ...
 
-    async def model_exists(self, model_name: str) -> bool:
-        """True when the registry has a model called ``model_name``."""
+    async def model_exists(self, model_name: str, team: str) -> bool:
+        """True when the registry has a model called ``model_name`` owned by ``team``."""
         ...
 
-    async def model_names(self) -> Sequence[str]:
-        """Names of registered models (for suggestions; may be cut at a bound)."""
+    async def model_names(self, team: str) -> Sequence[str]:
+        """Names of ``team``'s registered models (for suggestions; may be cut at a bound)."""
         ...
 
 
@@ -160,11 +161,23 @@ class Deployments(Protocol):
         """Writes a deployment's mutable fields; None when it no longer exists."""
         ...
 
+    async def share(
+        self, session: Any, name: str, teams: Sequence[str], at: datetime
+    ) -> Deployment | None:
+        """Replaces the teams it is shared with (that column only); None when it is gone."""
+        ...
+
+    async def access(self, session: Any) -> dict[str, DeploymentAccess]:
+        """Every deployment's owning team and shares."""
+        ...
+
     async def delete(self, session: Any, name: str) -> Deployment | None: ...
 
     async def page(
-        self, session: Any, *, team: str, limit: int, before_seq: int | None
-    ) -> list[Deployment]: ...
+        self, session: Any, *, teams: Collection[str] | None, limit: int, before_seq: int | None
+    ) -> list[Deployment]:
+        """Deployments newest first, of the given teams (None means every team)."""
+        ...
 
     async def following(self, session: Any, model_name: str, alias: str) -> list[Deployment]: ...
 

@@ -6,6 +6,11 @@ answer now (its own MLflow is down, it is overloaded), becomes
 :class:`~plinth_common.errors.Unavailable` naming what is down; a refusal (INVALID_ARGUMENT,
 NOT_FOUND, PERMISSION_DENIED, ...) passes on with the registry's own status and details, so the
 caller can tell "retry later" from "this question has no answer".
+
+Serving calls as its own service identity, ``Principal.service("serving")``, which the
+authorization table lets read any team's models (``models.read``): it loads whatever version a
+deployment's alias points to. Model lookups at creation are scoped to the deployment's team, so
+that a team can neither deploy another team's model nor learn its name from a suggestion.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 import grpc
 
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
+from plinth_common.auth import InternalTokens, Principal, identity_interceptors
 from plinth_common.errors import NotFound, PlinthError, Unavailable
 from plinth_common.events.tracing import traceparent_of_current
 from plinth_common.grpc_server import UpstreamStatus, upstream_error
@@ -22,6 +28,8 @@ from plinth_common.telemetry import grpc_clients_traced
 from services.serving.domain import VersionRef
 
 DEPENDENCY = "registry service"
+#: Who serving is when it calls the registry.
+IDENTITY = Principal.service("serving")
 # Codes of an answer that may change if asked again later; every other code is a refusal.
 _TRANSIENT = frozenset(
     {
@@ -62,11 +70,13 @@ class GrpcRegistry:
 
     Args:
         target: the registry's gRPC address (``PLINTH_REGISTRY_ADDR``).
+        tokens: mints the forwarded identity every call carries (serving's own).
         timeout_s: deadline of one call.
     """
 
-    def __init__(self, target: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, target: str, *, tokens: InternalTokens, timeout_s: float = 10.0) -> None:
         self._target = target
+        self._tokens = tokens
         self._timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._stub: registry_pb2_grpc.RegistryServiceStub | None = None
@@ -74,7 +84,9 @@ class GrpcRegistry:
     def _registry(self) -> registry_pb2_grpc.RegistryServiceStub:
         # Opened on first use, inside the running event loop that the channel then belongs to.
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._target)
+            self._channel = grpc.aio.insecure_channel(
+                self._target, interceptors=identity_interceptors(self._tokens, IDENTITY)
+            )
             self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         return self._stub
 
@@ -111,12 +123,12 @@ class GrpcRegistry:
             raise error from None
         return VersionRef(version=version.version, source=version.source, run_id=version.run_id)
 
-    async def _search(self, name_prefix: str) -> list[str]:
+    async def _search(self, name_prefix: str, team: str) -> list[str]:
         names: list[str] = []
         token = ""
         for _ in range(_MAX_PAGES):
             request = registry_pb2.SearchModelsRequest(
-                name_prefix=name_prefix, page_size=_SEARCH_PAGE, page_token=token
+                name_prefix=name_prefix, team=team, page_size=_SEARCH_PAGE, page_token=token
             )
             try:
                 page = await self._registry().SearchModels(
@@ -124,24 +136,25 @@ class GrpcRegistry:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise registry_error(exc) from None
-            names.extend(model.name for model in page.models)
+            # Filtered here too: serving's identity sees every team's models.
+            names.extend(model.name for model in page.models if model.team == team)
             token = page.next_page_token
             if not token:
                 break
         return names
 
-    async def model_exists(self, model_name: str) -> bool:
-        """True when the registry has a model called ``model_name``.
+    async def model_exists(self, model_name: str, team: str) -> bool:
+        """True when the registry has a model called ``model_name`` owned by ``team``.
 
         Raises:
             Unavailable: the registry cannot answer now.
         """
-        return model_name in await self._search(model_name)
+        return model_name in await self._search(model_name, team)
 
-    async def model_names(self) -> Sequence[str]:
-        """Names of registered models, in name order (at most ``_MAX_PAGES`` pages of them).
+    async def model_names(self, team: str) -> Sequence[str]:
+        """Names of ``team``'s registered models, in name order (at most ``_MAX_PAGES`` pages).
 
         Raises:
             Unavailable: the registry cannot answer now.
         """
-        return await self._search("")
+        return await self._search("", team)

@@ -1,6 +1,9 @@
-"""Serving's use cases: create, get, list and delete deployments, retarget them on promotions,
-and tell inference where a deployment's requests go. Imports neither grpc nor nats nor
-sqlalchemy.
+"""Serving's use cases: create, get, list, share and delete deployments, retarget them on
+promotions, and tell inference where a deployment's requests go and who may send them.
+
+Every use case takes the caller (a :class:`~plinth_common.auth.Principal`) and checks it
+against the owning team with :func:`~plinth_common.auth.require`: another team's deployment is
+NOT_FOUND. Imports neither grpc nor nats nor sqlalchemy.
 
 Rollouts themselves run in the :class:`~services.serving.reconciler.Reconciler`; the use cases
 only record what is wanted and wake it (every commit does).
@@ -8,10 +11,20 @@ only record what is wanted and wake it (every commit does).
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
+from plinth_common.auth import Principal, may, require
+from plinth_common.auth.permissions import (
+    DEPLOYMENTS_CREATE,
+    DEPLOYMENTS_DELETE,
+    DEPLOYMENTS_READ,
+    DEPLOYMENTS_SHARE,
+    INFERENCE_CALL,
+)
 from plinth_common.db import Database
 from plinth_common.errors import (
     AlreadyExists,
@@ -25,7 +38,14 @@ from plinth_common.events.tracing import traceparent_of_current
 from plinth_common.names import check_alias, check_deployment_name, check_model_name, check_team
 from plinth_common.paging import PageRequest
 from services.serving import domain
-from services.serving.domain import Deployment, DeploymentSpec, DeploymentState, Promotion, Route
+from services.serving.domain import (
+    Deployment,
+    DeploymentAccess,
+    DeploymentSpec,
+    DeploymentState,
+    Promotion,
+    Route,
+)
 from services.serving.ports import DeploymentEvents, Deployments, EngineStatus, ModelRegistry
 from services.serving.reconciler import Reconciler
 
@@ -66,29 +86,41 @@ class ServingService:
         self._reconciler = reconciler
         self._engine = engine
         self._delete_wait_s = delete_wait_s
+        # Deployment -> who may call it for inference; changed only with the lock held, right
+        # after the commit that changed the store, so it follows the store's order.
+        self._access: dict[str, DeploymentAccess] = {}
+        self._access_lock = asyncio.Lock()
 
     # -- commands and queries -------------------------------------------------------------------
 
-    async def create(self, spec: DeploymentSpec) -> Deployment:
-        """Creates a deployment; if its alias already points to a version, that version loads.
+    async def create(self, principal: Principal, spec: DeploymentSpec) -> Deployment:
+        """Creates a deployment of ``spec.team``; if its alias already points to a version, that
+        version loads.
 
         Raises:
             InvalidArgument: a field is wrong (``alias``: ``latest`` and ``v<N>`` are MLflow's).
-            NotFound: the registry has no such model (the hint names the closest ones).
+            NotFound: the caller is no member of the team (kind ``team``), or the team has no
+                such model (the hint names the closest of the team's models).
+            PermissionDenied: the caller's role in the team is below developer.
             AlreadyExists: the name is taken.
             Unavailable: the registry cannot be asked whether the model exists.
         """
         spec = domain.validate_spec(spec)
-        await self._check_model_exists(spec.model_name)
-        async with self._db.transaction() as session:
-            if await self._store.get(session, spec.name) is not None:
-                raise AlreadyExists("deployment", spec.name)
-            await self._store.insert(session, domain.new_deployment(spec, domain.now()))
+        require(principal, DEPLOYMENTS_CREATE, spec.team, kind="team", name=spec.team)
+        await self._check_model_exists(spec.model_name, spec.team)
+        async with self._access_lock:
+            async with self._db.transaction() as session:
+                if await self._store.get(session, spec.name) is not None:
+                    raise AlreadyExists("deployment", spec.name)
+                created = await self._store.insert(
+                    session, domain.new_deployment(spec, domain.now())
+                )
+            self._access[created.name] = created.access
         # Asked after the insert, so a promotion that lands meanwhile is not lost: the lookup's
         # answer is only recorded if no promotion has set the target in between (promotions
         # are newer than what the registry said before them).
         await self._reconciler.resolve_alias(spec.name)
-        return await self.get(spec.name)
+        return await self.get(principal, spec.name)
 
     def engine_problem(self) -> str | None:
         """Why the model server cannot serve now; None when it can."""
@@ -99,11 +131,11 @@ class ServingService:
         problem = self.engine_problem()
         return d if problem is None else domain.engine_down(d, problem)
 
-    async def _check_model_exists(self, model_name: str) -> None:
+    async def _check_model_exists(self, model_name: str, team: str) -> None:
         try:
-            if await self._registry.model_exists(model_name):
+            if await self._registry.model_exists(model_name, team):
                 return
-            names = await self._registry.model_names()
+            names = await self._registry.model_names(team)
         except Unavailable:
             raise
         except PlinthError as exc:
@@ -113,51 +145,123 @@ class ServingService:
                 f"({exc.message}); retry shortly",
                 dependency="registry service",
             ) from exc
+        # Only the team's own models are suggested: another team's names must not leak.
         close = difflib.get_close_matches(model_name, names, n=_SUGGESTIONS)
         hint = (
             "did you mean " + " or ".join(repr(n) for n in close) + "?"
             if close
-            else "no registered model has a similar name; register a version first"
+            else f"no registered model has a similar name in team {team!r}; register a version "
+            "first"
         )
         raise NotFound("registered model", model_name, hint=hint)
 
-    async def get(self, name: str) -> Deployment:
-        """The deployment, or NotFound."""
+    async def get(self, principal: Principal, name: str) -> Deployment:
+        """The deployment, or NotFound (also for another team's: a share lends inference only).
+
+        Raises:
+            NotFound: no such deployment, or the caller is no member of its team.
+        """
         check_deployment_name(name)
         async with self._db.read() as session:
             found = await self._store.get(session, name)
         if found is None:
             raise NotFound("deployment", name)
+        require(principal, DEPLOYMENTS_READ, found.team, kind="deployment", name=name)
         return self._shown(found)
 
     async def list(
-        self, *, team: str = "", page_size: int = 0, page_token: str = ""
+        self, principal: Principal, *, team: str = "", page_size: int = 0, page_token: str = ""
     ) -> tuple[list[Deployment], str]:
-        """A page of deployments, newest first, and the next page's token ('' at the end)."""
+        """A page of deployments, newest first, and the next page's token ('' at the end).
+
+        Without ``team``: the deployments of every team the caller is a member of (admins:
+        all).
+
+        Raises:
+            NotFound: ``team`` is one the caller is no member of (kind ``team``).
+        """
+        teams: frozenset[str] | None
         if team:
             check_team(team)
+            require(principal, DEPLOYMENTS_READ, team, kind="team", name=team)
+            teams = frozenset({team})
+        else:
+            teams = principal.visible_teams()
         page = PageRequest.parse(page_size, page_token, kind=_PAGE_KIND)
+        if teams is not None and not teams:
+            return [], ""
         async with self._db.read() as session:
             found = await self._store.page(
-                session, team=team, limit=page.fetch_limit, before_seq=page.before
+                session, teams=teams, limit=page.fetch_limit, before_seq=page.before
             )
         shown, token = page.cut(found, seq=lambda d: d.seq)
         return [self._shown(d) for d in shown], token
 
-    async def delete(self, name: str) -> None:
+    async def share(self, principal: Principal, name: str, teams: Sequence[str]) -> Deployment:
+        """Replaces the teams the deployment is shared with, read-only, for inference.
+
+        Raises:
+            NotFound: no such deployment, or the caller is no member of its team.
+            PermissionDenied: the caller's role in its team is below maintainer.
+            InvalidArgument: ``teams`` names a malformed team, or the owning team.
+        """
+        check_deployment_name(name)
+        async with self._access_lock:
+            async with self._db.transaction() as session:
+                found = await self._store.get(session, name)
+                if found is None:
+                    raise NotFound("deployment", name)
+                require(principal, DEPLOYMENTS_SHARE, found.team, kind="deployment", name=name)
+                shared = domain.check_shared_with(teams, found.team)
+                saved = await self._store.share(session, name, shared, domain.now())
+                if saved is None:
+                    raise NotFound("deployment", name)
+            self._access[name] = saved.access
+        log.info("deployment %s: shared with %s", name, ", ".join(shared) or "no team")
+        return self._shown(saved)
+
+    async def delete(self, principal: Principal, name: str) -> None:
         """Deletes a deployment: inference stops at once, its Triton models are unloaded.
 
         Raises:
-            NotFound: no such deployment.
+            NotFound: no such deployment, or the caller is no member of its team.
+            PermissionDenied: the caller's role in its team is below maintainer.
         """
         check_deployment_name(name)
-        async with self._db.transaction() as session:
-            deleted = await self._store.delete(session, name)
-            if deleted is None:
-                raise NotFound("deployment", name)
-            if deleted.serving_version:
-                await self._events.traffic_changed(session, deleted, {})
+        async with self._access_lock:
+            async with self._db.transaction() as session:
+                found = await self._store.get(session, name)
+                if found is None:
+                    raise NotFound("deployment", name)
+                require(principal, DEPLOYMENTS_DELETE, found.team, kind="deployment", name=name)
+                deleted = await self._store.delete(session, name)
+                if deleted is None:
+                    raise NotFound("deployment", name)
+                if deleted.serving_version:
+                    await self._events.traffic_changed(session, deleted, {})
+            self._access.pop(name, None)
         await self._reconciler.retire(name, timeout_s=self._delete_wait_s)
+
+    # -- who may call what, for inference -------------------------------------------------------
+
+    async def load_access(self) -> None:
+        """Reads every deployment's team and shares into memory (at start, before any route
+        exists, so that inference is authorized without a query per request)."""
+        async with self._access_lock, self._db.read() as session:
+            self._access = await self._store.access(session)
+
+    def access_table(self) -> dict[str, DeploymentAccess]:
+        """Deployment name -> its team and the teams it is shared with: a snapshot of what
+        inference is authorized against, in the shape a data-plane proxy is pushed (with the
+        callers' identities, the proxy decides as :meth:`may_infer` does)."""
+        return dict(self._access)
+
+    def may_infer(self, principal: Principal, name: str) -> bool:
+        """Whether ``principal`` may call deployment ``name`` for inference (no I/O)."""
+        access = self._access.get(name)
+        return access is not None and may(
+            principal, INFERENCE_CALL, access.team, shared_with=access.shared_with
+        )
 
     # -- promotions -----------------------------------------------------------------------------
 
@@ -198,25 +302,40 @@ class ServingService:
         """Where inference for deployment ``name`` goes, or None (unknown or not serving)."""
         return self._reconciler.route(name)
 
-    async def unroutable(self, name: str) -> PlinthError:
-        """The error for inference on a deployment without a route."""
+    def authorized_route(self, principal: Principal, name: str) -> Route | None:
+        """The route of ``name`` when it has one and ``principal`` may call it (no I/O); None
+        otherwise (:meth:`find_route` then says why)."""
+        route = self._reconciler.route(name)
+        return route if route is not None and self.may_infer(principal, name) else None
+
+    async def find_route(self, principal: Principal, name: str) -> Route:
+        """The route of ``name``, asked of the store: the slow path after
+        :meth:`authorized_route` found none.
+
+        Raises:
+            NotFound: no such deployment, or ``principal`` may not call it (the same answer,
+                so that another team's private deployment does not leak).
+            FailedPrecondition: its target failed and it has no version to serve.
+            Unavailable: it has no version ready yet.
+        """
         found = await self._find(name)
-        if found is None:
-            return NotFound("deployment", name[:80])
+        if found is None or not may(
+            principal, INFERENCE_CALL, found.team, shared_with=found.shared_with
+        ):
+            raise NotFound("deployment", name[:80])
+        route = self._reconciler.route(name)
+        if route is not None:
+            return route
         if found.state is DeploymentState.FAILED:
             # Retrying cannot help until a promotion names a version that loads.
-            return FailedPrecondition(
+            raise FailedPrecondition(
                 f"deployment {name!r} has no version to serve: {found.last_error or 'FAILED'}; "
                 "promote a version that loads"
             )
-        return Unavailable(
+        raise Unavailable(
             f"deployment {name!r} has no version ready to serve yet (state {found.state.value}); "
             "retry once it is READY"
         )
-
-    async def exists(self, name: str) -> bool:
-        """True when a deployment called ``name`` exists."""
-        return await self._find(name) is not None
 
     async def _find(self, name: str) -> Deployment | None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from plinth_common.auth import current_principal
 from plinth_common.prototime import to_timestamp
 from services.serving.domain import BatchingSettings, Deployment, DeploymentSpec
 from services.serving.service import ServingService
@@ -28,6 +29,7 @@ def deployment_to_proto(deployment: Deployment) -> serving_pb2.Deployment:
         loading_version=deployment.loading_version,
         target_version=deployment.target_version,
         last_error=deployment.last_error,
+        shared_with=deployment.shared_with,
         created_at=to_timestamp(deployment.created_at),
         updated_at=to_timestamp(deployment.updated_at),
     )
@@ -40,6 +42,7 @@ def spec_from_proto(request: serving_pb2.CreateDeploymentRequest) -> DeploymentS
         team=request.team,
         model_name=request.model_name,
         alias=request.alias,
+        shared_with=tuple(request.shared_with),
         batching=BatchingSettings(
             max_batch_size=request.triton.max_batch_size,
             max_queue_delay_us=request.triton.max_queue_delay_microseconds,
@@ -57,25 +60,35 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
     async def CreateDeployment(
         self, request: serving_pb2.CreateDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> serving_pb2.Deployment:
-        return deployment_to_proto(await self._service.create(spec_from_proto(request)))
+        created = await self._service.create(current_principal(), spec_from_proto(request))
+        return deployment_to_proto(created)
 
     async def GetDeployment(
         self, request: serving_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> serving_pb2.Deployment:
-        return deployment_to_proto(await self._service.get(request.name))
+        return deployment_to_proto(await self._service.get(current_principal(), request.name))
 
     async def ListDeployments(
         self, request: serving_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
     ) -> serving_pb2.ListDeploymentsResponse:
         found, token = await self._service.list(
-            team=request.team, page_size=request.page_size, page_token=request.page_token
+            current_principal(),
+            team=request.team,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
         return serving_pb2.ListDeploymentsResponse(
             deployments=[deployment_to_proto(d) for d in found], next_page_token=token
         )
 
+    async def ShareDeployment(
+        self, request: serving_pb2.ShareDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> serving_pb2.Deployment:
+        shared = await self._service.share(current_principal(), request.name, list(request.teams))
+        return deployment_to_proto(shared)
+
     async def DeleteDeployment(
         self, request: serving_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> serving_pb2.DeleteDeploymentResponse:
-        await self._service.delete(request.name)
+        await self._service.delete(current_principal(), request.name)
         return serving_pb2.DeleteDeploymentResponse()

@@ -5,6 +5,8 @@ Rows never leave this module: every query returns :class:`~services.serving.doma
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,7 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth_common.errors import AlreadyExists
 from plinth_common.events import event_tables
-from services.serving.domain import BatchingSettings, Deployment, DeploymentState
+from services.serving.domain import (
+    BatchingSettings,
+    Deployment,
+    DeploymentAccess,
+    DeploymentState,
+)
 from services.serving.signature import ModelIO
 
 metadata = sa.MetaData()
@@ -30,6 +37,8 @@ deployments = sa.Table(
     sa.Column("max_batch_size", sa.Integer, nullable=False),
     sa.Column("max_queue_delay_us", sa.Integer, nullable=False),
     sa.Column("instance_count", sa.Integer, nullable=False),
+    # Teams it is shared with for inference, comma-separated (team names hold no commas).
+    sa.Column("shared_with", sa.Text, nullable=False, server_default=""),
     sa.Column("state", sa.String(16), nullable=False),
     # The version that answers, and its tensor mapping (signature.ModelIO as JSON).
     sa.Column("serving_version", sa.String(32), nullable=False, server_default=""),
@@ -64,6 +73,7 @@ def _deployment(row: sa.RowMapping) -> Deployment:
             max_queue_delay_us=row["max_queue_delay_us"],
             instance_count=row["instance_count"],
         ),
+        shared_with=_teams(row["shared_with"]),
         state=DeploymentState(row["state"]),
         serving_version=row["serving_version"],
         serving_io=ModelIO.from_json(row["serving_io"]) if row["serving_io"] else None,
@@ -79,6 +89,10 @@ def _deployment(row: sa.RowMapping) -> Deployment:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+def _teams(text: str) -> tuple[str, ...]:
+    return tuple(text.split(",")) if text else ()
 
 
 def _values(d: Deployment) -> dict[str, Any]:
@@ -116,6 +130,7 @@ class DeploymentStore:
             "max_batch_size": deployment.batching.max_batch_size,
             "max_queue_delay_us": deployment.batching.max_queue_delay_us,
             "instance_count": deployment.batching.instance_count,
+            "shared_with": ",".join(deployment.shared_with),
             "created_at": deployment.created_at,
             **_values(deployment),
         }
@@ -146,6 +161,32 @@ class DeploymentStore:
         mapping = (await session.execute(statement)).mappings().one_or_none()
         return _deployment(mapping) if mapping else None
 
+    async def share(
+        self, session: AsyncSession, name: str, teams: Sequence[str], at: datetime
+    ) -> Deployment | None:
+        """Replaces the teams a deployment is shared with; returns it, or None when it is gone.
+
+        Only this column (and ``updated_at``) is written, so a share never undoes a rollout's
+        write, nor a rollout a share (:meth:`save` leaves ``shared_with`` alone).
+        """
+        statement = (
+            sa.update(deployments)
+            .where(deployments.c.name == name)
+            .values(shared_with=",".join(teams), updated_at=at)
+            .returning(*deployments.c)
+        )
+        mapping = (await session.execute(statement)).mappings().one_or_none()
+        return _deployment(mapping) if mapping else None
+
+    async def access(self, session: AsyncSession) -> dict[str, DeploymentAccess]:
+        """Every deployment's owning team and shares: deployment name -> who may infer."""
+        c = deployments.c
+        rows = await session.execute(sa.select(c.name, c.team, c.shared_with))
+        return {
+            name: DeploymentAccess(team=team, shared_with=frozenset(_teams(shared)))
+            for name, team, shared in rows
+        }
+
     async def delete(self, session: AsyncSession, name: str) -> Deployment | None:
         """Deletes a deployment; returns it as it was, or None."""
         statement = (
@@ -155,12 +196,17 @@ class DeploymentStore:
         return _deployment(mapping) if mapping else None
 
     async def page(
-        self, session: AsyncSession, *, team: str, limit: int, before_seq: int | None
+        self,
+        session: AsyncSession,
+        *,
+        teams: Collection[str] | None,
+        limit: int,
+        before_seq: int | None,
     ) -> list[Deployment]:
-        """Deployments newest first, of one team ('' means any)."""
+        """Deployments newest first, of the given teams (None means every team)."""
         statement = sa.select(deployments).order_by(deployments.c.seq.desc()).limit(limit)
-        if team:
-            statement = statement.where(deployments.c.team == team)
+        if teams is not None:
+            statement = statement.where(deployments.c.team.in_(sorted(teams)))
         if before_seq is not None:
             statement = statement.where(deployments.c.seq < before_seq)
         return await self._all(session, statement)

@@ -30,11 +30,13 @@ _MLMODEL = "\n".join(
 
 
 class FakeRegistry:
-    """Models and aliases from dicts. ``down`` makes every call fail as an unreachable registry
-    would; ``lookup_errors`` are raised, one per call, by the next alias lookups."""
+    """Models (of team ``ml`` unless ``teams`` says otherwise) and aliases from dicts. ``down``
+    makes every call fail as an unreachable registry would; ``lookup_errors`` are raised, one
+    per call, by the next alias lookups."""
 
     def __init__(self, models: Sequence[str] = ("diabetes", "wine-quality")) -> None:
         self.models = set(models)
+        self.teams: dict[str, str] = {}
         self.aliases: dict[tuple[str, str], VersionRef] = {}
         self.down = False
         self.lookup_errors: list[PlinthError] = []
@@ -57,14 +59,17 @@ class FakeRegistry:
             raise NotFound("registered model", model_name)
         return self.aliases.get((model_name, alias))
 
-    async def model_exists(self, model_name: str) -> bool:
+    def _team_of(self, model_name: str) -> str:
+        return self.teams.get(model_name, "ml")
+
+    async def model_exists(self, model_name: str, team: str) -> bool:
         self.existence_checks += 1
         self._check_up()
-        return model_name in self.models
+        return model_name in self.models and self._team_of(model_name) == team
 
-    async def model_names(self) -> Sequence[str]:
+    async def model_names(self, team: str) -> Sequence[str]:
         self._check_up()
-        return sorted(self.models)
+        return sorted(m for m in self.models if self._team_of(m) == team)
 
 
 class FakeArtifacts:

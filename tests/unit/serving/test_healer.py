@@ -16,10 +16,12 @@ import pytest
 import pytest_asyncio
 from tritonclient.grpc import service_pb2 as kserve
 
+from plinth_common.auth import acting_as
 from plinth_common.errors import Unavailable
 from services.serving.domain import DeploymentState, Promotion, Route, VersionRef
 from services.serving.healer import EngineHealer, HealSettings
 from services.serving.inference import InferenceProxy
+from tests.helpers import ADMIN
 from tests.unit.serving.conftest import Serving
 from tests.unit.serving.test_inference import Context
 from tests.unit.serving.test_service import spec
@@ -105,9 +107,9 @@ async def _eventually(check: Callable[[], Awaitable[bool] | bool], what: str) ->
 
 async def _ready_deployment(serving: Serving, name: str = "diab") -> None:
     serving.registry.aliases[("diabetes", "production")] = _ref("1")
-    await serving.service.create(spec(name))
+    await serving.service.create(ADMIN, spec(name))
     await serving.reconcile()
-    assert (await serving.service.get(name)).state is DeploymentState.READY
+    assert (await serving.service.get(ADMIN, name)).state is DeploymentState.READY
 
 
 def _ref(version: str) -> VersionRef:
@@ -171,7 +173,7 @@ async def test_triton_killed_is_restarted_and_deployments_heal(serving: Serving)
     assert h.engine.restarts == 1
     assert "diab__v1" in serving.models.loaded
     assert serving.events.of("diab", "recovered") == ["1"]
-    shown = await serving.service.get("diab")
+    shown = await serving.service.get(ADMIN, "diab")
     assert shown.state is DeploymentState.READY and shown.serving_version == "1"
     assert h.health == [True, False, True]
 
@@ -180,24 +182,24 @@ async def test_while_down_deployments_show_unavailable_and_inference_names_the_e
     serving: Serving,
 ) -> None:
     await _ready_deployment(serving)
-    await serving.service.create(spec("waiting", alias="staging"))  # no version yet: PENDING
+    await serving.service.create(ADMIN, spec("waiting", alias="staging"))  # no version yet: PENDING
     # An external Triton: the healer waits for it and stays down until it answers again.
     h = await _started(serving, FakeEngine(restartable=False))
     h.engine.kill()
     await _eventually(lambda: h.healer.problem() is not None, "reported down")
 
-    shown = await serving.service.get("diab")
+    shown = await serving.service.get(ADMIN, "diab")
     assert shown.state is DeploymentState.UNAVAILABLE
     assert "serving engine is down" in shown.last_error
     assert "waiting for it" in shown.last_error
-    listed, _ = await serving.service.list()
+    listed, _ = await serving.service.list(ADMIN)
     states = {d.name: d.state for d in listed}
     assert states == {"diab": DeploymentState.UNAVAILABLE, "waiting": DeploymentState.PENDING}
     # Inference is refused at once with the engine named and a retry delay.
     proxy = InferenceProxy(serving.service, "127.0.0.1:1", default_timeout_s=1)
     route = serving.service.route("diab")
     assert route is not None
-    with pytest.raises(Unavailable) as raised:
+    with acting_as(ADMIN), pytest.raises(Unavailable) as raised:
         await proxy.model_infer(_request_for(route), Context())  # type: ignore[arg-type]
     assert raised.value.details.get("dependency") == "serving engine"
     assert raised.value.retry_after_s
@@ -210,7 +212,7 @@ async def test_while_down_deployments_show_unavailable_and_inference_names_the_e
     await asyncio.wait_for(h.healer.up.wait(), _BOUND_S)
     assert h.engine.restarts == 0
     assert serving.events.of("diab", "recovered") == ["1"]
-    assert (await serving.service.get("diab")).state is DeploymentState.READY
+    assert (await serving.service.get(ADMIN, "diab")).state is DeploymentState.READY
 
 
 def _request_for(route: Route) -> bytes:
@@ -260,7 +262,7 @@ async def test_a_rollout_that_found_triton_down_resumes_after_the_recovery(
     await asyncio.wait_for(h.healer.up.wait(), _BOUND_S)
     # ... and goes as soon as the engine is back, without waiting for its back-off.
     await serving.reconcile()
-    shown = await serving.service.get("diab")
+    shown = await serving.service.get(ADMIN, "diab")
     assert shown.state is DeploymentState.READY and shown.serving_version == "2"
 
 
@@ -272,8 +274,8 @@ async def test_a_launched_triton_that_stops_answering_is_waited_for_not_killed(
     h.engine.answering = False  # still running: busy, or stuck for a while
     await _eventually(lambda: h.healer.problem() is not None, "reported down")
     assert "does not answer" in (h.healer.problem() or "")
-    assert (await serving.service.get("diab")).state is DeploymentState.UNAVAILABLE
+    assert (await serving.service.get(ADMIN, "diab")).state is DeploymentState.UNAVAILABLE
     h.engine.answering = True
     await asyncio.wait_for(h.healer.up.wait(), _BOUND_S)
     assert h.engine.restarts == 0
-    assert (await serving.service.get("diab")).state is DeploymentState.READY
+    assert (await serving.service.get(ADMIN, "diab")).state is DeploymentState.READY

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as kserve
 
-from plinth_common.errors import NotFound, PlinthError, Unavailable
+from plinth_common.auth import Principal, acting_as
+from plinth_common.errors import NotFound, Unavailable
 from plinth_common.net import free_tcp_port
 from services.serving.domain import Route
 from services.serving.inference import ENGINE, InferenceProxy
 from services.serving.signature import ModelIO
+from tests.helpers import ADMIN
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -33,11 +35,11 @@ class Routes:
     def route(self, name: str) -> Route | None:
         return ROUTE if name == "diab" else None
 
-    async def unroutable(self, name: str) -> PlinthError:
-        return NotFound("deployment", name)
+    def authorized_route(self, principal: Principal, name: str) -> Route | None:
+        return self.route(name)
 
-    async def exists(self, name: str) -> bool:
-        return name == "diab"
+    async def find_route(self, principal: Principal, name: str) -> Route:
+        raise NotFound("deployment", name)
 
     def engine_problem(self) -> str | None:
         return self.problem
@@ -62,6 +64,11 @@ def _request() -> bytes:
 
 
 async def test_inference_and_status_calls_name_the_serving_engine_when_triton_is_down() -> None:
+    with acting_as(ADMIN):
+        await _calls_name_the_engine()
+
+
+async def _calls_name_the_engine() -> None:
     proxy = InferenceProxy(Routes(), f"127.0.0.1:{free_tcp_port()}", default_timeout_s=2)
     try:
         with pytest.raises(Unavailable) as caught:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from plinth_common.errors import InvalidArgument, NotFound, Unavailable
+from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.serving.domain import (
     BatchingSettings,
     Deployment,
@@ -20,6 +20,7 @@ from services.serving.domain import (
 )
 from services.serving.reconciler import Reconciler
 from services.serving.store import DeploymentStore
+from tests.helpers import ADMIN
 from tests.unit.serving.conftest import Serving
 from tests.unit.serving.fakes import FakeModelServer
 
@@ -61,12 +62,12 @@ async def promote(
 async def serve(serving: Serving, name: str, version: str, *, minute: int = 0) -> Deployment:
     """Creates ``name`` (if needed) and rolls ``version`` out to READY."""
     try:
-        await serving.service.get(name)
+        await serving.service.get(ADMIN, name)
     except NotFound:
-        await serving.service.create(spec(name))
+        await serving.service.create(ADMIN, spec(name))
     await promote(serving, version, minute=minute)
     await serving.reconcile()
-    deployment = await serving.service.get(name)
+    deployment = await serving.service.get(ADMIN, name)
     assert deployment.state is DeploymentState.READY, deployment
     return deployment
 
@@ -79,12 +80,12 @@ async def test_an_alias_mlflow_reserves_is_refused_naming_the_field(
     serving: Serving, alias: str
 ) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        await serving.service.create(spec(alias=alias))
+        await serving.service.create(ADMIN, spec(alias=alias))
     assert caught.value.field == "alias" and "reserved" in caught.value.problem
     assert repr(alias) in caught.value.problem
     assert serving.registry.existence_checks == 0  # refused before anyone was asked
     with pytest.raises(NotFound):
-        await serving.service.get("diab")
+        await serving.service.get(ADMIN, "diab")
 
 
 @pytest.mark.parametrize(
@@ -100,12 +101,12 @@ async def test_invalid_fields_are_refused_naming_them(
     serving: Serving, changes: dict[str, Any], field_name: str
 ) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        await serving.service.create(spec(**changes))
+        await serving.service.create(ADMIN, spec(**changes))
     assert caught.value.field == field_name
 
 
 async def test_defaults_fill_in_the_alias_and_the_triton_settings(serving: Serving) -> None:
-    created = await serving.service.create(spec())
+    created = await serving.service.create(ADMIN, spec())
     assert created.alias == "production"
     assert created.batching == BatchingSettings(
         max_batch_size=8, max_queue_delay_us=0, instance_count=1
@@ -117,14 +118,14 @@ async def test_defaults_fill_in_the_alias_and_the_triton_settings(serving: Servi
 
 async def test_an_unknown_model_is_not_found_with_the_closest_names(serving: Serving) -> None:
     with pytest.raises(NotFound) as caught:
-        await serving.service.create(spec(model="diabetis"))
+        await serving.service.create(ADMIN, spec(model="diabetis"))
     assert (caught.value.kind, caught.value.name) == ("registered model", "diabetis")
     assert "did you mean 'diabetes'?" in caught.value.message
     with pytest.raises(NotFound) as caught:
-        await serving.service.create(spec(model="zzz"))
+        await serving.service.create(ADMIN, spec(model="zzz"))
     assert "no registered model has a similar name" in caught.value.message
     with pytest.raises(NotFound):
-        await serving.service.get("diab")  # nothing was stored
+        await serving.service.get(ADMIN, "diab")  # nothing was stored
 
 
 async def test_a_registry_that_cannot_be_reached_at_creation_is_unavailable(
@@ -132,11 +133,11 @@ async def test_a_registry_that_cannot_be_reached_at_creation_is_unavailable(
 ) -> None:
     serving.registry.down = True
     with pytest.raises(Unavailable) as caught:
-        await serving.service.create(spec())
+        await serving.service.create(ADMIN, spec())
     assert caught.value.dependency == "registry service"
     assert caught.value.retry_after_s is not None
     with pytest.raises(NotFound):
-        await serving.service.get("diab")  # not accepted silently
+        await serving.service.get(ADMIN, "diab")  # not accepted silently
 
 
 # -- rollouts -------------------------------------------------------------------------------
@@ -146,10 +147,10 @@ async def test_create_loads_the_version_the_alias_already_points_to(serving: Ser
     serving.registry.aliases[(MODEL, "champion")] = VersionRef(
         version="4", source="models:/m-4", run_id="r4"
     )
-    created = await serving.service.create(spec("champ", alias="champion"))
+    created = await serving.service.create(ADMIN, spec("champ", alias="champion"))
     assert created.state is DeploymentState.LOADING and created.target_version == "4"
     await serving.reconcile()
-    ready = await serving.service.get("champ")
+    ready = await serving.service.get(ADMIN, "champ")
     assert ready.state is DeploymentState.READY and ready.serving_version == "4"
     route = serving.service.route("champ")
     assert route is not None and (route.version, route.triton_model) == ("4", "champ__v4")
@@ -163,9 +164,9 @@ async def test_create_loads_the_version_the_alias_already_points_to(serving: Ser
 async def test_a_promotion_rolls_out_and_the_old_version_is_unloaded(serving: Serving) -> None:
     await serve(serving, "diab", "1")
     assert await promote(serving, "2", minute=1) == 1
-    assert (await serving.service.get("diab")).state is DeploymentState.LOADING
+    assert (await serving.service.get(ADMIN, "diab")).state is DeploymentState.LOADING
     await serving.reconcile()
-    deployment = await serving.service.get("diab")
+    deployment = await serving.service.get(ADMIN, "diab")
     assert deployment.serving_version == "2" and deployment.state is DeploymentState.READY
     assert serving.models.loaded == {"diab__v2"}
     assert ("unload", "diab__v1") in serving.models.history
@@ -178,7 +179,7 @@ async def test_a_failed_load_keeps_the_old_version_serving(serving: Serving) -> 
     serving.models.failing["diab__v2"] = "the model failed to load in Triton: boom"
     await promote(serving, "2", minute=1)
     await serving.reconcile()
-    deployment = await serving.service.get("diab")
+    deployment = await serving.service.get(ADMIN, "diab")
     assert deployment.state is DeploymentState.FAILED
     assert (deployment.serving_version, deployment.target_version) == ("1", "2")
     assert deployment.last_error.startswith("v2: ") and "boom" in deployment.last_error
@@ -195,7 +196,7 @@ async def test_a_failed_load_keeps_the_old_version_serving(serving: Serving) -> 
     del serving.models.failing["diab__v2"]
     await promote(serving, "2", minute=2)
     await serving.reconcile()
-    assert (await serving.service.get("diab")).serving_version == "2"
+    assert (await serving.service.get(ADMIN, "diab")).serving_version == "2"
 
 
 async def test_a_model_server_that_is_down_postpones_the_rollout_instead_of_failing_it(
@@ -205,7 +206,7 @@ async def test_a_model_server_that_is_down_postpones_the_rollout_instead_of_fail
     serving.models.down = True
     await promote(serving, "2", minute=1)
     await serving.reconcile()
-    waiting = await serving.service.get("diab")
+    waiting = await serving.service.get(ADMIN, "diab")
     assert waiting.state is DeploymentState.LOADING and waiting.serving_version == "1"
     assert waiting.failed_version == "" and "serving engine" in waiting.last_error
     assert serving.events.of("diab", "failed") == []
@@ -217,13 +218,13 @@ async def test_a_model_server_that_is_down_postpones_the_rollout_instead_of_fail
     serving.models.down = False
     serving.clock.now += 10.0
     await serving.reconcile()
-    deployment = await serving.service.get("diab")
+    deployment = await serving.service.get(ADMIN, "diab")
     assert deployment.state is DeploymentState.READY and deployment.serving_version == "2"
     assert not deployment.last_error
 
 
 async def test_a_source_that_cannot_be_downloaded_fails_the_rollout(serving: Serving) -> None:
-    await serving.service.create(spec())
+    await serving.service.create(ADMIN, spec())
     promotion = Promotion(
         model_name=MODEL,
         alias="production",
@@ -235,28 +236,28 @@ async def test_a_source_that_cannot_be_downloaded_fails_the_rollout(serving: Ser
     async with serving.db.transaction() as session:
         await serving.service.on_promoted(session, promotion)
     await serving.reconcile()
-    deployment = await serving.service.get("diab")
+    deployment = await serving.service.get(ADMIN, "diab")
     assert deployment.state is DeploymentState.FAILED and "cannot download" in deployment.last_error
     assert serving.service.route("diab") is None
-    unroutable = await serving.service.unroutable("diab")
-    assert "no version to serve" in unroutable.message
+    with pytest.raises(FailedPrecondition, match="no version to serve"):
+        await serving.service.find_route(ADMIN, "diab")
 
 
 async def test_the_newest_promotion_wins_over_a_load_in_progress(serving: Serving) -> None:
-    await serving.service.create(spec("racer", alias="canary"))
+    await serving.service.create(ADMIN, spec("racer", alias="canary"))
     await promote(serving, "1", alias="canary")
     release = serving.models.held["racer__v1"] = asyncio.Event()
     started = serving.models.started["racer__v1"] = asyncio.Event()
     await serving.reconciler.reconcile_once()
     await asyncio.wait_for(started.wait(), timeout=5)
-    loading = await serving.service.get("racer")
+    loading = await serving.service.get(ADMIN, "racer")
     assert loading.state is DeploymentState.LOADING and loading.loading_version == "1"
 
     await promote(serving, "2", alias="canary", minute=1)
     release.set()
     await serving.reconciler.wait_idle()
 
-    deployment = await serving.service.get("racer")
+    deployment = await serving.service.get(ADMIN, "racer")
     assert deployment.state is DeploymentState.READY
     assert (deployment.serving_version, deployment.target_version) == ("2", "2")
     # v1 finished loading after v2 was promoted: it was dropped, never given traffic.
@@ -268,12 +269,12 @@ async def test_the_newest_promotion_wins_over_a_load_in_progress(serving: Servin
 async def test_an_older_promotion_arriving_late_is_skipped(serving: Serving) -> None:
     await serve(serving, "diab", "2", minute=5)
     assert await promote(serving, "1", minute=1) == 1  # the deployment follows the alias...
-    deployment = await serving.service.get("diab")
+    deployment = await serving.service.get(ADMIN, "diab")
     assert deployment.target_version == "2" and deployment.state is DeploymentState.READY
 
 
 async def test_a_malformed_promotion_is_ignored(serving: Serving) -> None:
-    await serving.service.create(spec())
+    await serving.service.create(ADMIN, spec())
     assert await promote(serving, "1", alias="../x") == 0
 
 
@@ -286,7 +287,7 @@ async def test_a_permanent_registry_refusal_fails_the_deployment_instead_of_retr
     serving.registry.lookup_errors.append(
         InvalidArgument("alias", "'latest' is reserved by MLflow")
     )
-    created = await serving.service.create(spec())
+    created = await serving.service.create(ADMIN, spec())
     assert created.state is DeploymentState.FAILED
     assert created.last_error == "registry: alias: 'latest' is reserved by MLflow"
     lookups = serving.registry.lookups
@@ -296,7 +297,7 @@ async def test_a_permanent_registry_refusal_fails_the_deployment_instead_of_retr
     # A promotion still brings it back.
     await promote(serving, "1")
     await serving.reconcile()
-    recovered = await serving.service.get("diab")
+    recovered = await serving.service.get(ADMIN, "diab")
     assert recovered.state is DeploymentState.READY and not recovered.last_error
 
 
@@ -305,7 +306,7 @@ async def test_an_unreachable_registry_is_asked_again_after_a_back_off(serving: 
     serving.registry.lookup_errors.append(
         Unavailable("the registry service cannot be reached", dependency="registry service")
     )
-    created = await serving.service.create(spec())
+    created = await serving.service.create(ADMIN, spec())
     assert created.state is DeploymentState.PENDING and created.lookup_pending
     assert "registry service cannot be reached" in created.last_error
     lookups = serving.registry.lookups
@@ -313,7 +314,7 @@ async def test_an_unreachable_registry_is_asked_again_after_a_back_off(serving: 
     assert serving.registry.lookups == lookups  # the back-off is not over
     serving.clock.now += 10.0
     await serving.reconcile()
-    deployment = await serving.service.get("diab")
+    deployment = await serving.service.get(ADMIN, "diab")
     assert serving.registry.lookups == lookups + 1
     assert deployment.state is DeploymentState.READY and deployment.serving_version == "1"
     assert not deployment.last_error
@@ -324,11 +325,11 @@ async def test_a_promotion_during_the_back_off_is_not_overwritten_by_the_lookup(
 ) -> None:
     serving.registry.aliases[(MODEL, "production")] = VersionRef(version="1", source="models:/m-1")
     serving.registry.lookup_errors.append(Unavailable("down", dependency="registry service"))
-    await serving.service.create(spec())
+    await serving.service.create(ADMIN, spec())
     await promote(serving, "2")
     serving.clock.now += 60
     await serving.reconcile()
-    deployment = await serving.service.get("diab")
+    deployment = await serving.service.get(ADMIN, "diab")
     assert deployment.serving_version == "2" and deployment.target_version == "2"
 
 
@@ -337,28 +338,30 @@ async def test_a_promotion_during_the_back_off_is_not_overwritten_by_the_lookup(
 
 async def test_list_pages_newest_first_with_tokens(serving: Serving) -> None:
     for name in ("a", "b", "c"):
-        await serving.service.create(spec(name))
-    first, token = await serving.service.list(page_size=2)
+        await serving.service.create(ADMIN, spec(name))
+    first, token = await serving.service.list(ADMIN, page_size=2)
     assert [d.name for d in first] == ["c", "b"] and token
-    second, end = await serving.service.list(page_size=2, page_token=token)
+    second, end = await serving.service.list(ADMIN, page_size=2, page_token=token)
     assert [d.name for d in second] == ["a"] and end == ""
     with pytest.raises(InvalidArgument) as caught:
-        await serving.service.list(page_token="bm9wZQ==")
+        await serving.service.list(ADMIN, page_token="bm9wZQ==")
     assert caught.value.field == "page_token"
     with pytest.raises(InvalidArgument) as caught:
-        await serving.service.list(page_size=501)
+        await serving.service.list(ADMIN, page_size=501)
     assert caught.value.field == "page_size"
 
 
 async def test_delete_stops_traffic_and_unloads(serving: Serving) -> None:
     await serve(serving, "diab", "1")
-    await serving.service.delete("diab")
+    await serving.service.delete(ADMIN, "diab")
     assert serving.service.route("diab") is None
     assert serving.models.loaded == set() and serving.repository.models_of("diab") == []
     assert serving.events.of("diab", "traffic_changed")[-1] == {}
-    assert isinstance(await serving.service.unroutable("diab"), NotFound)
     with pytest.raises(NotFound):
-        await serving.service.delete("diab")
+        await serving.service.find_route(ADMIN, "diab")
+    assert "diab" not in serving.service.access_table()
+    with pytest.raises(NotFound):
+        await serving.service.delete(ADMIN, "diab")
 
 
 async def test_a_restart_restores_what_served(serving: Serving) -> None:
