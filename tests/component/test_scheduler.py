@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,31 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.auth import (
+    PRINCIPAL_HEADER,
+    InternalTokens,
+    Principal,
+    Role,
+    ServiceAuthInterceptor,
+    current_principal,
+)
 from plinth_common.nats_server import NatsServer
 from services.scheduler.app import SchedulerApp, SchedulerSettings
-from tests.helpers import EventRecorder, eventually, service_env, stored_event_types
+from services.scheduler.credentials import TeamCredentialsSource
+from tests.helpers import (
+    ADMIN,
+    TEST_TOKENS,
+    EventRecorder,
+    channel_as,
+    eventually,
+    member,
+    service_env,
+    stored_event_types,
+)
+from tests.unit.scheduler.fakes import FakeCredentials
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 PY = sys.executable
@@ -30,7 +52,8 @@ class Scheduler:
 
     def __init__(self, app: SchedulerApp) -> None:
         self.app = app
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        # Behaviour tests call as an admin, as the gateway would forward one.
+        self.channel = channel_as(f"127.0.0.1:{app.port}", ADMIN)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
 
     async def submit(self, *command: str, name: str = "t", team: str = "ml", **spec: Any) -> pb.Job:
@@ -60,9 +83,12 @@ StartScheduler = Callable[..., Any]
 async def start_scheduler(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[StartScheduler]:
     running: list[Scheduler] = []
 
-    async def start(**env: str) -> Scheduler:
+    async def start(credentials: TeamCredentialsSource | None = None, **env: str) -> Scheduler:
+        # No registry runs here: jobs get no MLflow credentials unless a test passes a source.
+        env = {"PLINTH_SCHEDULER_MLFLOW_AUTH": "none", **env}
         app = SchedulerApp(
-            SchedulerSettings.from_env(service_env(tmp_path / "data", nats_server.url, **env))
+            SchedulerSettings.from_env(service_env(tmp_path / "data", nats_server.url, **env)),
+            credentials=credentials,
         )
         await app.start()
         scheduler = Scheduler(app)
@@ -289,7 +315,11 @@ def _pid_of(scheduler: Scheduler, job_id: str) -> int:
 async def test_jobs_run_while_nats_is_down_and_events_follow_once_it_is_back(
     tmp_path: Path, own_nats: NatsServer
 ) -> None:
-    app = SchedulerApp(SchedulerSettings.from_env(service_env(tmp_path / "chaos", own_nats.url)))
+    app = SchedulerApp(
+        SchedulerSettings.from_env(
+            service_env(tmp_path / "chaos", own_nats.url, PLINTH_SCHEDULER_MLFLOW_AUTH="none")
+        )
+    )
     await app.start()
     scheduler = Scheduler(app)
     try:
@@ -314,3 +344,181 @@ async def test_jobs_run_while_nats_is_down_and_events_follow_once_it_is_back(
         ]
     finally:
         await scheduler.close()
+
+
+# --- access: two teams, every role -------------------------------------------------------
+
+OK, DENIED, HIDDEN = (
+    grpc.StatusCode.OK,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+)
+
+
+async def _code(call: Any) -> grpc.StatusCode:
+    try:
+        result = await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    assert result is not None
+    return OK
+
+
+async def _stream_code(stream: Any) -> grpc.StatusCode:
+    try:
+        [chunk async for chunk in stream]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return OK
+
+
+@pytest.mark.parametrize(
+    ("caller", "reads", "writes"),
+    [
+        (member("vera", vision=Role.VIEWER), OK, DENIED),
+        (member("dev", vision=Role.DEVELOPER), OK, OK),
+        (member("mae", vision=Role.MAINTAINER), OK, OK),
+        (member("otto", nlp=Role.MAINTAINER), HIDDEN, HIDDEN),
+        (ADMIN, OK, OK),
+    ],
+    ids=["viewer", "developer", "maintainer", "non-member", "admin"],
+)
+async def test_each_role_may_do_what_its_team_role_allows(
+    start_scheduler: StartScheduler,
+    caller: Principal,
+    reads: grpc.StatusCode,
+    writes: grpc.StatusCode,
+) -> None:
+    scheduler = await start_scheduler()
+    theirs = await scheduler.submit(PY, "-c", "import time; time.sleep(30)", team="vision")
+    nlp = await scheduler.submit("true", team="nlp")
+    async with channel_as(f"127.0.0.1:{scheduler.app.port}", caller) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        spec = pb.JobSpec(name="mine", team="vision", entrypoint=["true"])
+        assert await _code(stub.SubmitJob(pb.SubmitJobRequest(spec=spec))) == writes
+        assert await _code(stub.GetJob(pb.GetJobRequest(job_id=theirs.id))) == reads
+        assert await _code(stub.ListJobs(pb.ListJobsRequest(team="vision"))) == reads
+        logs = stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=theirs.id))
+        assert await _stream_code(logs) == reads
+        assert await _code(stub.CancelJob(pb.CancelJobRequest(job_id=theirs.id))) == writes
+        if writes == DENIED:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CancelJob(pb.CancelJobRequest(job_id=theirs.id))
+            assert caught.value.details() == f"jobs.cancel on {theirs.id} needs developer"
+        listed = await stub.ListJobs(pb.ListJobsRequest())
+        visible = {j.id for j in listed.jobs}
+        assert (theirs.id in visible) == (reads == OK)
+        assert (nlp.id in visible) == caller.can_see("nlp")
+        if reads != OK:
+            # Another team's job answers exactly as a missing one.
+            with pytest.raises(grpc.aio.AioRpcError) as theirs_error:
+                await stub.GetJob(pb.GetJobRequest(job_id=theirs.id))
+            with pytest.raises(grpc.aio.AioRpcError) as missing_error:
+                await stub.GetJob(pb.GetJobRequest(job_id="j-000000000000"))
+            assert theirs_error.value.details() == (missing_error.value.details() or "").replace(
+                "j-000000000000", theirs.id
+            )
+    if writes != OK:
+        await scheduler.stub.CancelJob(pb.CancelJobRequest(job_id=theirs.id))
+
+
+async def test_a_call_without_the_gateways_identity_is_unauthenticated(
+    start_scheduler: StartScheduler,
+) -> None:
+    scheduler = await start_scheduler()
+    job = await scheduler.submit("true")
+    forged = InternalTokens(b"not-the-platform-key").mint(ADMIN)
+    for metadata in [(), ((PRINCIPAL_HEADER, forged),)]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.app.port}") as channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            calls = [
+                stub.SubmitJob(
+                    pb.SubmitJobRequest(spec=pb.JobSpec(name="x", team="ml", entrypoint=["true"])),
+                    metadata=metadata,
+                ),
+                stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=metadata),
+                stub.ListJobs(pb.ListJobsRequest(), metadata=metadata),
+                stub.CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=metadata),
+            ]
+            for call in calls:
+                assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
+            logs = stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id), metadata=metadata)
+            assert await _stream_code(logs) == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- MLflow credentials --------------------------------------------------------------------
+
+
+class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
+    """A registry port that hands out ``<team>-mlflow`` / ``pw-<team>`` to the scheduler only."""
+
+    def __init__(self) -> None:
+        self.callers: list[Principal] = []
+
+    async def GetTeamCredentials(
+        self, request: registry_pb2.GetTeamCredentialsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.TeamCredentials:
+        caller = current_principal()
+        self.callers.append(caller)
+        if caller != Principal.service("scheduler"):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "scheduler only")
+        return registry_pb2.TeamCredentials(
+            team=request.team, username=f"{request.team}-mlflow", password=f"pw-{request.team}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# The job checks it got vision's password without the password appearing in its spec.
+CHECK_CREDENTIALS = (
+    "import hashlib, os, sys; print('user', os.environ.get('MLFLOW_TRACKING_USERNAME'));"
+    "got = os.environ.get('MLFLOW_TRACKING_PASSWORD', '').encode();"
+    f"sys.exit(0 if hashlib.sha256(got).hexdigest() == {sha256(b'pw-vision').hexdigest()!r} else 3)"
+)
+
+
+async def test_a_job_waits_for_the_registry_then_runs_with_its_teams_mlflow_user(
+    start_scheduler: StartScheduler,
+) -> None:
+    port = _free_port()
+    scheduler = await start_scheduler(
+        PLINTH_SCHEDULER_MLFLOW_AUTH="registry", PLINTH_REGISTRY_ADDR=f"127.0.0.1:{port}"
+    )
+    job = await scheduler.submit(PY, "-c", CHECK_CREDENTIALS, team="vision")
+    await asyncio.sleep(2.5)  # a dispatch pass or two while no registry answers
+    waiting = await scheduler.stub.GetJob(pb.GetJobRequest(job_id=job.id))
+    assert waiting.state == pb.JOB_STATE_QUEUED, waiting.failure_reason
+
+    registry = FakeRegistry()
+    server = grpc.aio.server(interceptors=[ServiceAuthInterceptor(TEST_TOKENS)])
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(registry, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    try:
+        done = await scheduler.wait_state(job.id, *FINAL, timeout=30)
+    finally:
+        await server.stop(None)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+    assert registry.callers and all(c.name == "scheduler" for c in registry.callers)
+    # Nothing a user reads shows the password: the job record, its log.
+    assert "MLFLOW_TRACKING_PASSWORD" not in done.spec.env
+    assert "pw-vision" not in str(done)
+    logs = b"".join(
+        [c.data async for c in scheduler.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id))]
+    )
+    assert logs.strip() == b"user vision-mlflow"
+
+
+async def test_a_job_gets_its_teams_credentials_from_the_credentials_port(
+    start_scheduler: StartScheduler,
+) -> None:
+    scheduler = await start_scheduler(credentials=FakeCredentials())
+    job = await scheduler.submit(PY, "-c", CHECK_CREDENTIALS, team="vision")
+    other = await scheduler.submit(PY, "-c", CHECK_CREDENTIALS, team="nlp")
+    assert (await scheduler.wait_state(job.id, *FINAL)).state == pb.JOB_STATE_SUCCEEDED
+    # Team nlp's job gets nlp's password, not vision's.
+    assert (await scheduler.wait_state(other.id, *FINAL)).exit_code == 3
