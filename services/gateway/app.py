@@ -1,11 +1,18 @@
-"""Wiring of the gateway: upstream channels, the forwarding handler, the event stream."""
+"""Wiring of the gateway: its store, authentication at the edge, upstream channels, the
+forwarding handler, the event stream, identities and the audit log."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 from tritonclient.grpc import service_pb2 as inference_pb2
 
 from plinth.features.v1 import features_pb2
@@ -17,11 +24,23 @@ from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, CommonSettings, Env
 from plinth_common.devstack import read_supervisor_status
 from plinth_common.overload import OverloadInterceptor
 from plinth_common.runtime import ServiceRuntime
+from services.gateway.audit import AuditLog
+from services.gateway.auth import Authenticator, EdgeAuth, GatewayAuthInterceptor
+from services.gateway.bootstrap import ensure_admin_key
 from services.gateway.events import NatsDeadLetterStore, NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
+from services.gateway.identity import Identities
+from services.gateway.identity_servicer import IdentityServicer
+from services.gateway.oidc import OidcSettings, OidcVerifier
 from services.gateway.proxy import ForwardingHandler, Upstream, open_channel
+from services.gateway.ratelimit import DEFAULT_LIMITS, Limit, RateLimiter, limits_from_env
 from services.gateway.service import DeadLetters, EventStreams
 from services.gateway.servicer import EventServicer
+from services.gateway.store import SqlIdentityStore, outbox_table
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+GATEWAY_SERVICES = tuple(gateway_pb2.DESCRIPTOR.services_by_name.values())
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 FORWARDED = {
@@ -49,6 +68,12 @@ class GatewaySettings:
         http_port: the HTTP/JSON port.
         max_in_flight: unary calls served at once; past it a call is RESOURCE_EXHAUSTED at once.
         max_streams: server streams (WatchEvents, logs --follow) open at once.
+        oidc: the OIDC issuer whose tokens are accepted (None: API keys only).
+        rate_limits: calls per second and burst per tier (role, or admin).
+        auth_cache_ttl_s: how long a credential's verdict is reused (revocation reaches
+            other gateway replicas within it; this one forgets at once).
+        bootstrap_admin_key_file: where to keep the local platform's admin key (``make run``);
+            None: no bootstrap key.
     """
 
     common: CommonSettings
@@ -57,6 +82,10 @@ class GatewaySettings:
     http_port: int
     max_in_flight: int = 256
     max_streams: int = 1024
+    oidc: OidcSettings | None = None
+    rate_limits: dict[str, Limit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    auth_cache_ttl_s: float = 1.0
+    bootstrap_admin_key_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -70,7 +99,24 @@ class GatewaySettings:
             http_port=env.int("PLINTH_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
             max_in_flight=env.int("PLINTH_GATEWAY_MAX_IN_FLIGHT", 256),
             max_streams=env.int("PLINTH_GATEWAY_MAX_STREAMS", 1024),
+            oidc=OidcSettings.from_env(env),
+            rate_limits=limits_from_env(env),
+            auth_cache_ttl_s=env.float("PLINTH_GATEWAY_AUTH_CACHE_TTL_S", 1.0),
+            bootstrap_admin_key_file=(
+                env.path("PLINTH_GATEWAY_BOOTSTRAP_ADMIN_KEY_FILE", Path())
+                if env.optional("PLINTH_GATEWAY_BOOTSTRAP_ADMIN_KEY_FILE")
+                else None
+            ),
         )
+
+
+def request_types(services: Iterable[ServiceDescriptor]) -> dict[str, type[Message]]:
+    """Method path -> request message class, for the audit of forwarded calls."""
+    return {
+        f"/{service.full_name}/{method.name}": GetMessageClass(method.input_type)
+        for service in services
+        for method in service.methods
+    }
 
 
 class GatewayApp:
@@ -78,14 +124,39 @@ class GatewayApp:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        auth_interceptor = GatewayAuthInterceptor()
         self.runtime = ServiceRuntime(
             settings.common,
+            outbox_table=outbox_table,
+            migrations=MIGRATIONS,
             interceptors=[
                 OverloadInterceptor(
                     max_in_flight=settings.max_in_flight, max_streams=settings.max_streams
-                )
+                ),
+                auth_interceptor,
             ],
+            # The gateway authenticates callers itself (API keys, OIDC) and forwards the
+            # identity it verified; only services verify the forwarded one.
+            verify_callers=False,
         )
+        self.store = SqlIdentityStore(self.runtime.db, self.runtime.require_outbox())
+        self.authenticator = Authenticator(
+            self.store,
+            OidcVerifier(settings.oidc) if settings.oidc is not None else None,
+            ttl_s=settings.auth_cache_ttl_s,
+        )
+        self.audit = AuditLog(self.store)
+        self.limiter = RateLimiter(settings.rate_limits)
+        every_service = [s for services in FORWARDED.values() for s in services]
+        self.edge = EdgeAuth(
+            self.authenticator,
+            self.limiter,
+            self.audit,
+            request_types([*every_service, *GATEWAY_SERVICES]),
+        )
+        auth_interceptor.edge = self.edge
+        self.identities = Identities(self.store, on_change=self.authenticator.invalidate)
+        self.admin_key = ""
         self._channels = {name: open_channel(target) for name, target in settings.upstreams.items()}
         forwarding = ForwardingHandler(
             [
@@ -93,6 +164,7 @@ class GatewayApp:
                 for name, services in FORWARDED.items()
             ],
             default_timeout_s=settings.forward_timeout_s,
+            tokens=self.runtime.tokens,
         )
         server = self.runtime.server
         server.server.add_generic_rpc_handlers([forwarding])
@@ -106,10 +178,17 @@ class GatewayApp:
             ),
             gateway_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
         )
+        server.add(
+            gateway_pb2_grpc.add_IdentityServiceServicer_to_server,
+            IdentityServicer(self.identities),
+            gateway_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
+        )
         self.http = GatewayHttp(
             self._channels["serving"],
             self._channels,
             supervisor_status=functools.partial(read_supervisor_status, settings.common.data_dir),
+            edge=self.edge,
+            tokens=self.runtime.tokens,
         )
         self._http_runner: web.AppRunner | None = None
         self.http_port = 0
@@ -120,8 +199,15 @@ class GatewayApp:
         return self.runtime.server.port
 
     async def start(self) -> None:
-        """Starts gRPC and HTTP and reports SERVING."""
+        """Migrates the store, starts gRPC and HTTP, makes the bootstrap admin key (when
+        configured), and reports SERVING."""
         await self.runtime.start()
+        await self.audit.start()
+        await self.authenticator.start()
+        key_file = self.settings.bootstrap_admin_key_file
+        if key_file is not None:
+            self.admin_key, created = await ensure_admin_key(self.store, key_file)
+            log.info("%s the admin key in %s", "wrote" if created else "reusing", key_file)
         self._http_runner, self.http_port = await start_http(
             self.http.app, self.settings.common.host, self.settings.http_port
         )
@@ -131,6 +217,10 @@ class GatewayApp:
         """Stops taking calls, closes upstream channels."""
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        # Calls drain first, so their audit records are queued before the log is flushed.
+        await self.runtime.server.stop()
+        await self.audit.stop()
+        await self.authenticator.stop()
         await self.runtime.stop()
         for channel in self._channels.values():
             await channel.close()

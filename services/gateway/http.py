@@ -1,7 +1,10 @@
 """The gateway's HTTP/JSON side: KServe v2 REST inference and a health page.
 
 Inference requests are translated to gRPC and forwarded to the serving service, so HTTP and
-gRPC clients reach the same deployments with the same errors.
+gRPC clients reach the same deployments with the same errors. They authenticate as gRPC calls
+do (``Authorization: Bearer <token>``, the rules of ``HTTP_RULES``; 401, 403 or 429 with the
+JSON error body), and are forwarded with the identity the gateway verified. ``/healthz`` is
+public.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as inference_pb2
 from tritonclient.grpc import service_pb2_grpc as inference_grpc
 
-from plinth_common.errors import InvalidArgument, PlinthError
+from plinth_common.auth import InternalTokens, current_principal
+from plinth_common.errors import InvalidArgument, PlinthError, Unauthenticated
 from plinth_common.grpc_server import UpstreamStatus, internal_error, status_for, upstream_error
+from services.gateway.auth import EdgeAuth, http_auth_middleware
 from services.gateway.kserve_json import infer_request_from_json, infer_response_to_json
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,9 @@ class GatewayHttp:
         upstreams: name -> channel of every service, for the health page.
         supervisor_status: reads the local launcher's supervisor status (``make run``: each
             service's state, pid and restarts), None when no launcher supervises the services.
+        edge: authenticates and authorizes each request (None: none, for tests of the
+            translation alone).
+        tokens: mints the identity forwarded to serving.
     """
 
     def __init__(
@@ -99,11 +107,17 @@ class GatewayHttp:
         upstreams: Mapping[str, grpc.aio.Channel],
         *,
         supervisor_status: SupervisorStatus | None = None,
+        edge: EdgeAuth | None = None,
+        tokens: InternalTokens | None = None,
     ) -> None:
         self._inference = inference_grpc.GRPCInferenceServiceStub(serving)
         self._upstreams = upstreams
         self._supervisor_status = supervisor_status
-        self.app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+        self._tokens = tokens
+        middlewares: list[Any] = [errors_as_json]
+        if edge is not None:
+            middlewares.append(http_auth_middleware(edge))
+        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
         self.app.add_routes(
             [
                 web.get("/healthz", self.health_page),
@@ -114,6 +128,15 @@ class GatewayHttp:
                 web.post("/v2/models/{name}/infer", self.model_infer),
             ]
         )
+
+    def _identity(self) -> list[tuple[str, str]]:
+        """The forwarded identity of the request's caller (none without auth)."""
+        if self._tokens is None:
+            return []
+        try:
+            return [self._tokens.metadata(current_principal())]
+        except Unauthenticated:
+            return []
 
     async def health_page(self, request: web.Request) -> web.Response:
         """Each service's gRPC health, as JSON; 200 only when all serve.
@@ -148,25 +171,33 @@ class GatewayHttp:
 
     async def server_live(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/health/live``."""
-        reply = await self._inference.ServerLive(inference_pb2.ServerLiveRequest(), timeout=5)
+        reply = await self._inference.ServerLive(
+            inference_pb2.ServerLiveRequest(), timeout=5, metadata=self._identity()
+        )
         return web.json_response({"live": reply.live}, status=200 if reply.live else 503)
 
     async def server_ready(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/health/ready``."""
-        reply = await self._inference.ServerReady(inference_pb2.ServerReadyRequest(), timeout=5)
+        reply = await self._inference.ServerReady(
+            inference_pb2.ServerReadyRequest(), timeout=5, metadata=self._identity()
+        )
         return web.json_response({"ready": reply.ready}, status=200 if reply.ready else 503)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/models/{name}/ready``."""
         reply = await self._inference.ModelReady(
-            inference_pb2.ModelReadyRequest(name=request.match_info["name"]), timeout=5
+            inference_pb2.ModelReadyRequest(name=request.match_info["name"]),
+            timeout=5,
+            metadata=self._identity(),
         )
         return web.json_response({"ready": reply.ready}, status=200 if reply.ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         """KServe v2: ``GET /v2/models/{name}``."""
         reply = await self._inference.ModelMetadata(
-            inference_pb2.ModelMetadataRequest(name=request.match_info["name"]), timeout=5
+            inference_pb2.ModelMetadataRequest(name=request.match_info["name"]),
+            timeout=5,
+            metadata=self._identity(),
         )
         return web.json_response(
             {
@@ -185,7 +216,9 @@ class GatewayHttp:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InvalidArgument("body", "not valid JSON") from None
         infer_request = infer_request_from_json(request.match_info["name"], body)
-        reply = await self._inference.ModelInfer(infer_request, timeout=60)
+        reply = await self._inference.ModelInfer(
+            infer_request, timeout=60, metadata=self._identity()
+        )
         return web.json_response(infer_response_to_json(reply))
 
 

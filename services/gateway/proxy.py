@@ -4,6 +4,10 @@ The gateway re-exposes each service's API unchanged. Messages are not decoded: t
 passes the serialized request on and the serialized response back, so a hop costs little more
 than the call itself. Upstream errors keep their status code and rich details; an upstream that
 cannot be reached is UNAVAILABLE naming it.
+
+The caller's credential stays at the gateway: ``authorization`` and any ``x-plinth-principal``
+a client sent are dropped from the forwarded metadata, and the gateway adds the identity it
+verified, signed with the internal key (:class:`~plinth_common.auth.InternalTokens`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from plinth_common.auth import PRINCIPAL_HEADER, InternalTokens, current_principal
 from plinth_common.errors import PlinthError
 from plinth_common.events.tracing import traceparent_of_current
 from plinth_common.grpc_server import UpstreamStatus, upstream_error
@@ -23,6 +28,8 @@ from plinth_common.telemetry import grpc_clients_traced
 
 # Headers the transport or the tracing instrumentation set afresh on the outgoing call.
 _HOP_BY_HOP = ("grpc-", ":", "traceparent", "tracestate", "user-agent", "content-type", "te")
+# Headers that never leave the gateway: the caller's credential, and a forged identity.
+_DROPPED = frozenset({"authorization", PRINCIPAL_HEADER})
 
 
 @dataclass(frozen=True)
@@ -52,11 +59,15 @@ class Upstream:
 
 
 def _forwarded_metadata(
-    context: grpc.aio.ServicerContext, inject_trace: bool
+    context: grpc.aio.ServicerContext, inject_trace: bool, tokens: InternalTokens | None
 ) -> list[tuple[str, Any]]:
     metadata = [
-        (k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(_HOP_BY_HOP)
+        (k, v)
+        for k, v in (context.invocation_metadata() or ())
+        if not k.startswith(_HOP_BY_HOP) and k not in _DROPPED
     ]
+    if tokens is not None:
+        metadata.append(tokens.metadata(current_principal()))
     if inject_trace:
         metadata.extend(traceparent_of_current().items())
     return metadata
@@ -89,10 +100,20 @@ class ForwardingHandler(grpc.GenericRpcHandler):
     Args:
         upstreams: where each service lives.
         default_timeout_s: deadline of a forwarded unary call when the client set none.
+        tokens: mints the forwarded identity of the current caller
+            (:func:`~plinth_common.auth.current_principal`, set by the gateway's auth
+            interceptor); None forwards no identity (tests of the forwarding alone).
     """
 
-    def __init__(self, upstreams: Iterable[Upstream], *, default_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        upstreams: Iterable[Upstream],
+        *,
+        default_timeout_s: float = 30.0,
+        tokens: InternalTokens | None = None,
+    ) -> None:
         self._default_timeout_s = default_timeout_s
+        self._tokens = tokens
         # Without client instrumentation the forwarder carries the trace context itself.
         self._inject_trace = not grpc_clients_traced()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -137,7 +158,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
                 call = stream_call(
                     request,
                     timeout=remaining,
-                    metadata=_forwarded_metadata(context, self._inject_trace),
+                    metadata=_forwarded_metadata(context, self._inject_trace, self._tokens),
                 )
                 try:
                     async for response in call:
@@ -159,7 +180,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
                 return await unary_call(
                     request,
                     timeout=timeout,
-                    metadata=_forwarded_metadata(context, self._inject_trace),
+                    metadata=_forwarded_metadata(context, self._inject_trace, self._tokens),
                 )
             except grpc.aio.AioRpcError as exc:
                 raise forwarded_error(exc, upstream.name, caller_deadline=caller_deadline) from None

@@ -59,19 +59,29 @@ class EventSource(Protocol):
 
 @dataclass(frozen=True)
 class EventFilter:
-    """Event types (empty: all) and a team (empty: all)."""
+    """Event types (empty: all), a team (empty: all), and the teams the watcher may see.
+
+    Attributes:
+        visible: the watcher's teams; None: every team (an admin). A watcher who is no admin
+            never gets an event of another team, nor one that names no team.
+    """
 
     types: frozenset[str]
     team: str
+    visible: frozenset[str] | None = None
 
     def matches(self, event: CloudEvent) -> bool:
         """Whether a watcher with this filter wants ``event``."""
-        return (not self.types or event.type in self.types) and (
-            not self.team or event.team == self.team
+        return (
+            (not self.types or event.type in self.types)
+            and (not self.team or event.team == self.team)
+            and (self.visible is None or event.team in self.visible)
         )
 
 
-def make_filter(types: Iterable[str], team: str) -> EventFilter:
+def make_filter(
+    types: Iterable[str], team: str, visible: frozenset[str] | None = None
+) -> EventFilter:
     """Normalizes ``job.finished`` to ``plinth.job.finished`` and checks each type exists.
 
     Raises:
@@ -86,7 +96,7 @@ def make_filter(types: Iterable[str], team: str) -> EventFilter:
                 f"unknown event type {raw!r}; known: {', '.join(sorted(t.removeprefix(TYPE_PREFIX) for t in CATALOG))}",
             )
         normalized.add(name)
-    return EventFilter(types=frozenset(normalized), team=team)
+    return EventFilter(types=frozenset(normalized), team=team, visible=visible)
 
 
 def make_start(*, since: datetime | None, after_sequence: int | None) -> StartPoint:
@@ -114,16 +124,21 @@ class EventStreams:
 
     @asynccontextmanager
     async def watch(
-        self, types: Iterable[str], team: str, *, start: StartPoint | None = None
+        self,
+        types: Iterable[str],
+        team: str,
+        *,
+        start: StartPoint | None = None,
+        visible: frozenset[str] | None = None,
     ) -> AsyncIterator[AsyncIterator[StreamedEvent]]:
         """A watch: once entered, the matching events from ``start`` on (default: new events
-        only), then the ones that happen.
+        only), then the ones that happen; only events of the ``visible`` teams (None: all).
 
         Raises:
             InvalidArgument: an unknown event type, or a resume point past the newest event
                 (both before subscribing).
         """
-        event_filter = make_filter(types, team)
+        event_filter = make_filter(types, team, visible)
         start = start or StartPoint()
         if start.after_sequence is not None:
             await self._check_resume_point(start.after_sequence)

@@ -9,6 +9,8 @@ from contextlib import suppress
 import grpc
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from plinth_common.auth import current_principal, require
+from plinth_common.auth.permissions import EVENTS_WATCH
 from plinth_common.events import CloudEvent
 from plinth_common.events.envelope import PROTOBUF, MalformedEvent, message_json
 from plinth_common.prototime import from_timestamp, to_timestamp
@@ -93,6 +95,10 @@ def dead_letter_to_proto(letter: DeadLetter) -> gateway_pb2.DeadLetter:
 class EventServicer(gateway_pb2_grpc.EventServiceServicer):
     """Serves ``plinth.gateway.v1.EventService``.
 
+    A watcher gets only the events of its teams (admins: all; events that name no team: admins
+    only). The dead letters can hold any team's event: the authorization table makes them
+    admin-only, checked by the gateway's auth interceptor before these methods run.
+
     Args:
         streams: the event streams.
         dead_letters: the dead letters.
@@ -105,8 +111,14 @@ class EventServicer(gateway_pb2_grpc.EventServiceServicer):
     async def WatchEvents(
         self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.Event]:
+        caller = current_principal()
+        if request.team:
+            # Another team's events: NOT_FOUND team, as every list filtered by it answers.
+            require(caller, EVENTS_WATCH, request.team, kind="team", name=request.team)
         start = await self._streams.pin(start_of(request))
-        async with self._streams.watch(request.types, request.team, start=start) as events:
+        async with self._streams.watch(
+            request.types, request.team, start=start, visible=caller.visible_teams()
+        ) as events:
             metadata = [WATCH_LIVE]
             if start.after_sequence is not None:
                 metadata.append((WATCH_AFTER, str(start.after_sequence)))

@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from plinth.events.v1 import events_pb2
+from plinth.gateway.v1 import gateway_pb2
 
 SPEC_VERSION = "1.0"
 PROTOBUF = "application/protobuf"
@@ -33,6 +34,7 @@ CATALOG: dict[str, type[Message]] = {
     "plinth.deployment.failed": events_pb2.DeploymentFailed,
     "plinth.deployment.traffic_changed": events_pb2.DeploymentTrafficChanged,
     "plinth.features.materialized": events_pb2.FeaturesMaterialized,
+    "plinth.audit.recorded": gateway_pb2.AuditRecord,
 }
 _TYPE_BY_MESSAGE = {cls.DESCRIPTOR.full_name: name for name, cls in CATALOG.items()}
 
