@@ -44,6 +44,7 @@ from plinth_common.config import (
     DEFAULT_NATS_URL,
     DEFAULT_PORTS,
     Env,
+    admin_key_file,
     default_data_dir,
 )
 from plinth_common.nats_server import DEFAULT_SYNC_INTERVAL, NatsServer
@@ -313,6 +314,24 @@ class LocalPlatform:
         return f"http://127.0.0.1:{self.config.gateway_http_port}"
 
     @property
+    def admin_key_file(self) -> Path:
+        """Where the gateway keeps the local platform's admin API key (0600)."""
+        return admin_key_file(self.config.data_dir)
+
+    @property
+    def admin_key(self) -> str:
+        """The local platform's admin API key ('' before the gateway first started).
+
+        The gateway writes it on its first start (``PLINTH_GATEWAY_BOOTSTRAP_ADMIN_KEY_FILE``,
+        set here) and reuses it on later starts while it verifies; a revoked or deleted key
+        is replaced by a new one.
+        """
+        try:
+            return self.admin_key_file.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    @property
     def logs_dir(self) -> Path:
         """The one folder with every process's log."""
         return self.config.data_dir / "logs"
@@ -348,6 +367,8 @@ class LocalPlatform:
         for name, port in self.config.ports.items():
             env[f"PLINTH_{name.upper()}_PORT"] = str(port)
             env[f"PLINTH_{name.upper()}_ADDR"] = self.address(name)
+        if service == "gateway":
+            env["PLINTH_GATEWAY_BOOTSTRAP_ADMIN_KEY_FILE"] = str(self.admin_key_file)
         env.update(self.config.env)
         return env
 
@@ -674,6 +695,8 @@ class LocalPlatform:
             rows.insert(1, ("http", f"{self.http_url}  (KServe v2 REST, /healthz)"))
         rows.append(("mlflow", self.mlflow_url))
         rows.append(("logs", str(self.logs_dir)))
+        if "gateway" in self.config.services:
+            rows.append(("admin key", f"{self.admin_key_file}  (0600; the CLI and SDK use it)"))
         return rows
 
 
