@@ -190,10 +190,13 @@ class OidcVerifier:
             raise Unauthenticated(f"the token has neither a {s.username_claim!r} nor a 'sub' claim")
         groups = claims.get(s.teams_claim, [])
         group_list = [groups] if isinstance(groups, str) else groups
-        admin = isinstance(group_list, list | tuple) and s.admin_group in group_list
+        if not isinstance(group_list, list | tuple):
+            group_list = []
+        admin = s.admin_group in group_list
         return OidcIdentity(
             name=name,
-            teams=teams_of_claim(groups),
+            # The admin group is a platform role, not a team.
+            teams=teams_of_claim([g for g in group_list if g != s.admin_group]),
             admin=admin,
             expires_at=float(claims["exp"]),
         )
