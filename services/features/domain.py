@@ -19,6 +19,7 @@ __all__ = [
     "ENTITY_TIMESTAMP_COLUMN",
     "MAX_ENTITY_ROWS",
     "MAX_PUSH_ROWS",
+    "TEAM_TAG",
     "ApplyResult",
     "FeatureRef",
     "FeatureViewInfo",
@@ -27,11 +28,14 @@ __all__ = [
     "Materialization",
     "MaterializedViews",
     "OnlineColumn",
+    "Ownership",
     "StagedRepository",
     "TableFormat",
     "parse_feature_refs",
 ]
 
+#: The Feast tag that names a feature view's owning team; a view without it is admins' only.
+TEAM_TAG = "team"
 #: The entity table's timestamp column in point-in-time retrieval.
 ENTITY_TIMESTAMP_COLUMN = "event_timestamp"
 #: Rows one ``PushFeatures`` call may write.
@@ -106,6 +110,35 @@ class FeatureViewInfo:
     batch_source: str
     push_source: str
     tags: Mapping[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ownership:
+    """Which team owns each feature view, and what else a request's names resolve to.
+
+    Attributes:
+        view_teams: every feature view (batch, stream, push-fed, on-demand) -> the value of its
+            ``team`` tag ("" when it has none: admins only).
+        view_sources: on-demand view -> the feature views it reads (a read of it reads them).
+        push_views: push source -> the feature views it feeds.
+        materializable: the views a materialization of "all" covers (online batch and stream
+            views), by name.
+    """
+
+    view_teams: Mapping[str, str] = field(default_factory=dict)
+    view_sources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    push_views: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    materializable: tuple[str, ...] = ()
+
+    def team_of(self, view: str) -> str | None:
+        """The view's team ("" untagged); None when there is no such view."""
+        return self.view_teams.get(view.partition("@")[0])
+
+    def read_by(self, view: str) -> tuple[str, ...]:
+        """The views a read of ``view`` (``name`` or ``name@version``) reads: it, and for an
+        on-demand view the views it is computed from."""
+        name = view.partition("@")[0]
+        return (name, *self.view_sources.get(name, ()))
 
 
 @dataclass(frozen=True, kw_only=True)

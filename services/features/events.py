@@ -32,12 +32,15 @@ class OutboxFeatureEvents:
         self._outbox = outbox
         self._project = project
 
-    async def materialized(self, session: AsyncSession, run: Materialization) -> None:
-        """``plinth.features.materialized``: the views, the window and how long it took."""
+    async def materialized(
+        self, session: AsyncSession, run: Materialization, *, team: str = ""
+    ) -> None:
+        """``plinth.features.materialized``: the views of ``team``, the window and how long it
+        took (the event carries the team, so only its members' streams deliver it)."""
         message = events_pb2.FeaturesMaterialized(
             feature_views=list(run.feature_views),
             start_time=_timestamp(run.start_time),
             end_time=_timestamp(run.end_time),
             duration_seconds=run.duration_seconds,
         )
-        await self._outbox.add(session, message, subject=self._project)
+        await self._outbox.add(session, message, subject=self._project, team=team)

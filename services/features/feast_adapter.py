@@ -20,6 +20,7 @@ import io
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -30,12 +31,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.features.domain import (
     ENTITY_TIMESTAMP_COLUMN,
+    TEAM_TAG,
     ApplyResult,
     FeatureRef,
     FeatureViewInfo,
     HistoricalResult,
     MaterializedViews,
     OnlineColumn,
+    Ownership,
     StagedRepository,
     TableFormat,
 )
@@ -100,6 +103,8 @@ class FeastAdapter:
         self._plan_ttl_s = plan_ttl_s
         self._inline_read_max_keys = inline_read_max_keys
         self._online: tuple[Any, OnlinePlanner, OnlineReader] | None = None
+        # (store, monotonic expiry, ownership): refreshed like plans, dropped on apply.
+        self._ownership: tuple[Any, float, Ownership] | None = None
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -185,6 +190,7 @@ class FeastAdapter:
         await self._in(self._batch, lambda: self._folder.promote(handle.folder))
         if self._online is not None:
             self._online[1].invalidate()
+        self._ownership = None
         return ApplyResult(
             entities=staged.entities,
             feature_views=staged.feature_views,
@@ -212,6 +218,21 @@ class FeastAdapter:
             return [_view_info(v) for v in sorted(views, key=lambda v: v.name)]
 
         return await self._in(self._batch, listing)
+
+    async def ownership(self) -> Ownership:
+        """Each view's ``team`` tag, on-demand views' sources and push sources' views.
+
+        Cached for ``plan_ttl_s`` seconds (the serving path asks on every read) and dropped by
+        an apply through this service.
+        """
+        store = self._store()
+        cached = self._ownership
+        if cached is not None and cached[0] is store and cached[1] > time.monotonic():
+            return cached[2]
+        # The read pool: a long materialization in the batch pool must not hold up reads.
+        owners = await self._in(self._reads, lambda: _ownership_of(store))
+        self._ownership = (store, time.monotonic() + self._plan_ttl_s, owners)
+        return owners
 
     # --- materialization ----------------------------------------------------------------------
 
@@ -428,6 +449,28 @@ def _view_info(view: Any) -> FeatureViewInfo:
         batch_source=batch.name if batch is not None else "",
         push_source=stream.name if isinstance(stream, PushSource) else "",
         tags=dict(view.tags),
+    )
+
+
+def _ownership_of(store: feast.FeatureStore) -> Ownership:
+    from feast.data_source import PushSource
+
+    views = [
+        *store.list_feature_views(allow_cache=True),
+        *store.list_stream_feature_views(allow_cache=True),
+    ]
+    on_demand = store.list_on_demand_feature_views(allow_cache=True)
+    teams = {v.name: str(v.tags.get(TEAM_TAG, "")) for v in [*views, *on_demand]}
+    fed: dict[str, list[str]] = {}
+    for view in views:
+        stream = getattr(view, "stream_source", None)
+        if isinstance(stream, PushSource):
+            fed.setdefault(stream.name, []).append(view.name)
+    return Ownership(
+        view_teams=teams,
+        view_sources={v.name: tuple(sorted(v.source_feature_view_projections)) for v in on_demand},
+        push_views={source: tuple(names) for source, names in fed.items()},
+        materializable=tuple(sorted(v.name for v in views if v.online)),
     )
 
 

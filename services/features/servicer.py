@@ -1,4 +1,5 @@
-"""gRPC servicer of the features service: protobuf in, domain call, protobuf out. Nothing else."""
+"""gRPC servicer of the features service: protobuf in, domain call (with the verified caller),
+protobuf out. Nothing else."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
+from plinth_common.auth import current_principal
 from plinth_common.prototime import from_timestamp, to_timestamp
 from services.features.domain import FeatureViewInfo, Materialization, OnlineColumn, TableFormat
 from services.features.service import FeaturesService
@@ -147,7 +149,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     async def ApplyRepository(
         self, request: pb.ApplyRepositoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyRepositoryResponse:
-        result = await self._service.apply_repository(dict(request.files))
+        result = await self._service.apply_repository(current_principal(), dict(request.files))
         return pb.ApplyRepositoryResponse(
             entities=list(result.entities),
             feature_views=list(result.feature_views),
@@ -161,13 +163,14 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     async def ListFeatureViews(
         self, request: pb.ListFeatureViewsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListFeatureViewsResponse:
-        views = await self._service.list_feature_views()
+        views = await self._service.list_feature_views(current_principal())
         return pb.ListFeatureViewsResponse(feature_views=[view_to_proto(v) for v in views])
 
     async def Materialize(
         self, request: pb.MaterializeRequest, context: grpc.aio.ServicerContext
     ) -> pb.MaterializeResponse:
         run = await self._service.materialize(
+            current_principal(),
             list(request.feature_views),
             _datetime(request.start_time, request.HasField("start_time"), "start_time"),
             _datetime(request.end_time, request.HasField("end_time"), "end_time"),
@@ -178,6 +181,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         self, request: pb.MaterializeIncrementalRequest, context: grpc.aio.ServicerContext
     ) -> pb.MaterializeResponse:
         run = await self._service.materialize_incremental(
+            current_principal(),
             list(request.feature_views),
             _datetime(request.end_time, request.HasField("end_time"), "end_time"),
         )
@@ -187,7 +191,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         self, request: pb.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetOnlineFeaturesResponse:
         columns = await self._service.get_online_features(
-            list(request.features), rows_of(request.entity_rows)
+            current_principal(), list(request.features), rows_of(request.entity_rows)
         )
         return columns_to_proto(columns)
 
@@ -195,7 +199,10 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         self, request: pb.PushFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> pb.PushFeaturesResponse:
         count = await self._service.push(
-            request.push_source, rows_of(request.rows), to_offline=request.to_offline
+            current_principal(),
+            request.push_source,
+            rows_of(request.rows),
+            to_offline=request.to_offline,
         )
         return pb.PushFeaturesResponse(rows=count)
 
@@ -203,6 +210,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         self, request: pb.GetHistoricalFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetHistoricalFeaturesResponse:
         result = await self._service.get_historical_features(
+            current_principal(),
             list(request.features),
             request.entity_table,
             _TABLE_FORMATS.get(request.format),

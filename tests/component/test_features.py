@@ -30,7 +30,7 @@ from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
 from plinth_common.nats_server import NatsServer
 from services.features.app import FeaturesApp, FeaturesSettings
-from tests.helpers import EventRecorder, eventually, service_env
+from tests.helpers import ADMIN, EventRecorder, channel_as, eventually, service_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -98,7 +98,7 @@ async def features(
         )
     )
     await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    channel = channel_as(f"127.0.0.1:{app.port}", ADMIN)  # behaviour tests call as an admin
     try:
         stub = features_pb2_grpc.FeaturesServiceStub(channel)
         data = generate(app.settings.feast.repo_path / "data")

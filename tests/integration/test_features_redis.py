@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf import struct_pb2
@@ -22,7 +21,7 @@ from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
 from plinth_common.nats_server import NatsServer
 from services.features.app import FeaturesApp, FeaturesSettings
-from tests.helpers import service_env
+from tests.helpers import ADMIN, channel_as, service_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -64,7 +63,7 @@ async def redis_features(
     )
     app = FeaturesApp(FeaturesSettings.from_env(env))
     await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    channel = channel_as(f"127.0.0.1:{app.port}", ADMIN)
     try:
         yield app, features_pb2_grpc.FeaturesServiceStub(channel)
     finally:

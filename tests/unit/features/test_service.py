@@ -3,138 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from typing import Any, cast
 
 import pytest
 
-from plinth_common.db import Database
 from plinth_common.errors import InvalidArgument, NotFound, PlinthError
 from services.features.domain import (
-    ApplyResult,
-    FeatureRef,
-    FeatureViewInfo,
-    HistoricalResult,
-    Materialization,
-    MaterializedViews,
-    OnlineColumn,
-    StagedRepository,
     TableFormat,
 )
-from services.features.repository import DefinitionFiles
-from services.features.service import FeaturesService
+from tests.helpers import ADMIN
+from tests.unit.features.fakes import END, START, FakeEngine, service_on
 
-START, END = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC)
 FILES = {"repo.py": b"x = 1\n"}
-
-
-class FakeEngine:
-    """Records calls; stages the names it is told to; raises ``fail`` from the call named."""
-
-    def __init__(
-        self,
-        *,
-        views: Sequence[str] = ("driver_stats",),
-        warnings: Sequence[str] = (),
-        fail: Mapping[str, BaseException] | None = None,
-    ) -> None:
-        self.views = tuple(views)
-        self.warnings = tuple(warnings)
-        self.fail = dict(fail or {})
-        self.calls: list[tuple[str, Any]] = []
-
-    def _call(self, name: str, arg: Any = None) -> None:
-        self.calls.append((name, arg))
-        if name in self.fail:
-            raise self.fail[name]
-
-    async def stage(self, definitions: DefinitionFiles) -> StagedRepository:
-        self._call("stage", sorted(str(p) for p in definitions.files))
-        return StagedRepository(
-            entities=("driver",),
-            feature_views=self.views,
-            on_demand_feature_views=(),
-            feature_services=(),
-            data_sources=("source",),
-            warnings=self.warnings,
-            handle="staged-1",
-        )
-
-    async def apply(self, staged: StagedRepository) -> ApplyResult:
-        self._call("apply", staged.handle)
-        return ApplyResult(
-            entities=staged.entities,
-            feature_views=staged.feature_views,
-            on_demand_feature_views=(),
-            feature_services=(),
-            data_sources=staged.data_sources,
-            deleted=(),
-            warnings=staged.warnings,
-        )
-
-    async def discard(self, staged: StagedRepository) -> None:
-        self._call("discard", staged.handle)
-
-    async def list_feature_views(self) -> list[FeatureViewInfo]:
-        self._call("list")
-        return []
-
-    async def materialize(
-        self, views: Sequence[str], start: datetime, end: datetime
-    ) -> MaterializedViews:
-        self._call("materialize", list(views))
-        return MaterializedViews(feature_views=tuple(views) or self.views)
-
-    async def materialize_incremental(
-        self, views: Sequence[str], end: datetime
-    ) -> MaterializedViews:
-        self._call("materialize_incremental", list(views))
-        return MaterializedViews(feature_views=self.views, start_time=START)
-
-    async def online_features(
-        self, refs: Sequence[str], rows: Sequence[Mapping[str, Any]]
-    ) -> list[OnlineColumn]:
-        self._call("online", list(refs))
-        return []
-
-    async def push(
-        self, push_source: str, rows: Sequence[Mapping[str, Any]], *, to_offline: bool
-    ) -> int:
-        self._call("push", push_source)
-        return len(rows)
-
-    async def historical_features(
-        self,
-        refs: Sequence[FeatureRef],
-        entity_table: bytes,
-        table_format: TableFormat,
-        *,
-        full_feature_names: bool,
-    ) -> HistoricalResult:
-        self._call("historical", (list(refs), table_format))
-        return HistoricalResult(table=b"", format=table_format, rows=0)
-
-
-class FakeDatabase:
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[object]:
-        yield object()
-
-
-class RecordedEvents:
-    def __init__(self) -> None:
-        self.materialized_runs: list[Materialization] = []
-
-    async def materialized(self, session: Any, run: Materialization) -> None:
-        self.materialized_runs.append(run)
-
-
-def service_on(engine: FakeEngine) -> tuple[FeaturesService, RecordedEvents]:
-    events = RecordedEvents()
-    service = FeaturesService(engine=engine, db=cast(Database, FakeDatabase()), events=events)
-    return service, events
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -145,7 +24,7 @@ async def test_materialize_refuses_a_malformed_view_name_naming_field_and_value(
     engine = FakeEngine()
     service, _ = service_on(engine)
     with pytest.raises(InvalidArgument) as caught:
-        await service.materialize(["driver_stats", bad], START, END)
+        await service.materialize(ADMIN, ["driver_stats", bad], START, END)
     assert caught.value.field == "feature_views[1]"
     assert repr(bad[:40]) in caught.value.problem
     assert engine.calls == []
@@ -162,14 +41,14 @@ async def test_feature_references_are_checked_before_the_engine_is_asked() -> No
     ]:
         with pytest.raises(InvalidArgument) as caught:
             await service.get_historical_features(
-                refs, b"PAR1...", TableFormat.PARQUET, full_feature_names=False
+                ADMIN, refs, b"PAR1...", TableFormat.PARQUET, full_feature_names=False
             )
         assert caught.value.field == field, refs
     assert engine.calls == []
 
     # A versioned reference checks the name before '@'.
     await service.get_historical_features(
-        ["driver_stats@v2:conv_rate"], b"PAR1...", None, full_feature_names=False
+        ADMIN, ["driver_stats@v2:conv_rate"], b"PAR1...", None, full_feature_names=False
     )
     assert engine.calls == [
         ("historical", ([("driver_stats@v2", "conv_rate")], TableFormat.PARQUET))
@@ -180,7 +59,7 @@ async def test_apply_refuses_defined_names_the_api_could_not_address_and_discard
     engine = FakeEngine(views=("driver_stats", "driver stats"))
     service, _ = service_on(engine)
     with pytest.raises(InvalidArgument) as caught:
-        await service.apply_repository(FILES)
+        await service.apply_repository(ADMIN, FILES)
     assert caught.value.field == "files" and "'driver stats'" in caught.value.problem
     assert [name for name, _ in engine.calls] == ["stage", "discard"]
 
@@ -189,7 +68,7 @@ async def test_apply_refuses_bad_paths_without_asking_the_engine() -> None:
     engine = FakeEngine()
     service, _ = service_on(engine)
     with pytest.raises(InvalidArgument) as caught:
-        await service.apply_repository({"../escape.py": b""})
+        await service.apply_repository(ADMIN, {"../escape.py": b""})
     assert caught.value.field.startswith("files[")
     assert engine.calls == []
 
@@ -204,7 +83,7 @@ async def test_apply_returns_and_logs_warnings_for_unreadable_sources(
     engine = FakeEngine(warnings=[warning])
     service, _ = service_on(engine)
     with caplog.at_level(logging.WARNING, logger="services.features.service"):
-        result = await service.apply_repository(FILES)
+        result = await service.apply_repository(ADMIN, FILES)
     assert result.warnings == (warning,)
     assert [name for name, _ in engine.calls] == ["stage", "apply"]
     assert any(warning in r.getMessage() for r in caplog.records)
@@ -214,7 +93,7 @@ async def test_an_apply_that_fails_in_the_engine_discards_the_staged_files() -> 
     engine = FakeEngine(fail={"apply": InvalidArgument("files", "Feast refused it")})
     service, _ = service_on(engine)
     with pytest.raises(InvalidArgument):
-        await service.apply_repository(FILES)
+        await service.apply_repository(ADMIN, FILES)
     assert engine.calls[-1] == ("discard", "staged-1")
 
 
@@ -231,17 +110,19 @@ async def test_an_unknown_engine_failure_propagates_unchanged(call: str) -> None
     service, events = service_on(engine)
     with pytest.raises(RuntimeError) as caught:
         if call == "materialize":
-            await service.materialize([], START, END)
+            await service.materialize(ADMIN, [], START, END)
         elif call == "online":
-            await service.get_online_features(["v:f"], [{"id": 1}])
+            await service.get_online_features(ADMIN, ["v:f"], [{"id": 1}])
         elif call == "push":
-            await service.push("source", [{"id": 1}], to_offline=False)
+            await service.push(ADMIN, "source", [{"id": 1}], to_offline=False)
         elif call == "historical":
-            await service.get_historical_features(["v:f"], b"x", None, full_feature_names=False)
+            await service.get_historical_features(
+                ADMIN, ["v:f"], b"x", None, full_feature_names=False
+            )
         elif call == "list":
-            await service.list_feature_views()
+            await service.list_feature_views(ADMIN)
         else:
-            await service.apply_repository(FILES)
+            await service.apply_repository(ADMIN, FILES)
     # Not wrapped into a domain error: the interceptor answers INTERNAL with a trace id.
     assert caught.value is boom and not isinstance(caught.value, PlinthError)
     assert events.materialized_runs == []
@@ -251,7 +132,7 @@ async def test_a_domain_error_from_the_engine_reaches_the_caller_as_it_is() -> N
     missing = NotFound("feature view", "driver_stats")
     service, events = service_on(FakeEngine(fail={"materialize": missing}))
     with pytest.raises(NotFound) as caught:
-        await service.materialize(["driver_stats"], START, END)
+        await service.materialize(ADMIN, ["driver_stats"], START, END)
     assert caught.value is missing
     assert events.materialized_runs == []
 
@@ -268,9 +149,9 @@ async def test_materialize_checks_the_window_and_records_the_run() -> None:
         (END, START, "start_time"),
     ]:
         with pytest.raises(InvalidArgument) as caught:
-            await service.materialize([], start, end)
+            await service.materialize(ADMIN, [], start, end)
         assert caught.value.field == field
-    run = await service.materialize(["driver_stats"], START, END)
+    run = await service.materialize(ADMIN, ["driver_stats"], START, END)
     assert run.feature_views == ("driver_stats",) and run.start_time == START
     assert events.materialized_runs == [run]
 
@@ -278,8 +159,8 @@ async def test_materialize_checks_the_window_and_records_the_run() -> None:
 async def test_incremental_materialization_reports_the_engines_start() -> None:
     service, events = service_on(FakeEngine())
     with pytest.raises(InvalidArgument):
-        await service.materialize_incremental([], None)
-    run = await service.materialize_incremental([], END)
+        await service.materialize_incremental(ADMIN, [], None)
+    run = await service.materialize_incremental(ADMIN, [], END)
     assert run.start_time == START and run.end_time == END
     assert events.materialized_runs == [run]
 
@@ -288,13 +169,13 @@ async def test_push_checks_source_and_row_count() -> None:
     engine = FakeEngine()
     service, _ = service_on(engine)
     with pytest.raises(InvalidArgument) as caught:
-        await service.push("", [{"id": 1}], to_offline=False)
+        await service.push(ADMIN, "", [{"id": 1}], to_offline=False)
     assert caught.value.field == "push_source"
     with pytest.raises(InvalidArgument) as caught:
-        await service.push("source", [], to_offline=False)
+        await service.push(ADMIN, "source", [], to_offline=False)
     assert caught.value.field == "rows"
     with pytest.raises(InvalidArgument) as caught:
-        await service.push("source", [{"id": 1}] * 10_001, to_offline=False)
+        await service.push(ADMIN, "source", [{"id": 1}] * 10_001, to_offline=False)
     assert caught.value.field == "rows"
     assert engine.calls == []
-    assert await service.push("source", [{"id": 1}, {"id": 2}], to_offline=True) == 2
+    assert await service.push(ADMIN, "source", [{"id": 1}, {"id": 2}], to_offline=True) == 2
