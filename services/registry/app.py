@@ -1,5 +1,10 @@
 """Wiring of the registry: the MLflow tracking server it drives (unless one is given by URL),
-MLflow's store used in-process, the read cache, the job.finished consumer and the gRPC server.
+with MLflow's own authentication (basic-auth app, users managed here), MLflow's store used
+in-process, the read cache, the job.finished consumer and the gRPC server.
+
+The registry talks to MLflow's auth API as MLflow's admin with the credentials passed
+explicitly (``MlflowAuthClient``), not through ``MLFLOW_TRACKING_USERNAME``; its model and run
+calls use MLflow's database in-process and need none.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
+from plinth_common.auth.tokens import load_internal_key
 from plinth_common.config import DEFAULT_MLFLOW_PORT, CommonSettings, Env
 from plinth_common.errors import InvalidArgument
 from plinth_common.runtime import EngineHealth, ServiceRuntime
@@ -24,11 +30,12 @@ from services.registry.events import (
     OutboxModelEvents,
 )
 from services.registry.healing import Backoff, MlflowGate, MlflowWatcher
+from services.registry.mlflow_auth import MlflowAuth, MlflowAuthClient
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
 from services.registry.mlflow_store import MlflowStore
-from services.registry.service import RegistryService
+from services.registry.service import DEFAULT_PROTECTED_ALIASES, RegistryService
 from services.registry.servicer import RegistryServicer
-from services.registry.store import outbox_table, processed_table
+from services.registry.store import SqlRecords, outbox_table, processed_table
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -50,6 +57,8 @@ class RegistrySettings:
         restart_backoff: delays between restarts of the embedded MLflow server when it dies.
         registration_wait_s: how long into an MLflow outage a registration from
             ``job.finished`` waits before its delivery is retried later.
+        protected_aliases: aliases only a maintainer moves (``PLINTH_REGISTRY_PROTECTED_ALIASES``,
+            comma-separated; default ``production``).
     """
 
     common: CommonSettings
@@ -59,6 +68,7 @@ class RegistrySettings:
     mlflow_workers: int = 4
     restart_backoff: Backoff = field(default_factory=Backoff)
     registration_wait_s: float = 30.0
+    protected_aliases: frozenset[str] = DEFAULT_PROTECTED_ALIASES
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RegistrySettings:
@@ -78,6 +88,24 @@ class RegistrySettings:
                 "PLINTH_MLFLOW_BACKEND_STORE_URI",
                 "required with PLINTH_MLFLOW_URL: the registry uses MLflow's database in-process",
             )
+        auth: MlflowAuth | None = None
+        # PLINTH_MLFLOW_AUTH=false only for an external server run without authentication.
+        if env.str("PLINTH_MLFLOW_AUTH", "true").lower() not in ("0", "false", "no", "off"):
+            admin, password = common.mlflow_admin_credentials(env)
+            secret = load_internal_key(
+                env.optional("PLINTH_MLFLOW_FLASK_SECRET_KEY"),
+                common.data_dir / "run" / "mlflow-flask.key",
+            )
+            auth = MlflowAuth(
+                admin_username=admin,
+                admin_password=password,
+                config_path=mlflow_dir / "basic_auth.ini",
+                database_uri=f"sqlite:///{mlflow_dir / 'basic_auth.db'}",
+                secret_key=secret.decode(),
+            )
+        protected = env.str(
+            "PLINTH_REGISTRY_PROTECTED_ALIASES", ",".join(DEFAULT_PROTECTED_ALIASES)
+        )
         return cls(
             common=common,
             mlflow=MlflowSettings(
@@ -88,6 +116,7 @@ class RegistrySettings:
                 port=env.int("PLINTH_MLFLOW_PORT", DEFAULT_MLFLOW_PORT),
                 external_url=external_url,
                 startup_timeout_s=env.float("PLINTH_MLFLOW_STARTUP_TIMEOUT_S", 90.0),
+                auth=auth,
             ),
             cache_ttl_s=env.float("PLINTH_REGISTRY_CACHE_TTL_S", 2.0),
             facts_ttl_s=env.float("PLINTH_REGISTRY_FACTS_TTL_S", 60.0),
@@ -97,6 +126,7 @@ class RegistrySettings:
                 max_s=env.float("PLINTH_MLFLOW_RESTART_BACKOFF_MAX_S", 30.0),
             ),
             registration_wait_s=env.float("PLINTH_REGISTRY_REGISTRATION_WAIT_S", 30.0),
+            protected_aliases=frozenset(a.strip() for a in protected.split(",") if a.strip()),
         )
 
 
@@ -145,11 +175,15 @@ class RegistryApp:
         self.cache = ReadCache(ttl_s=settings.cache_ttl_s)
         self.facts = ReadCache(ttl_s=settings.facts_ttl_s)
         self.events = OutboxModelEvents(self.runtime.db, self.runtime.require_outbox())
+        auth = settings.mlflow.auth
         self.service = RegistryService(
             mlflow=self.store,
             events=self.events,
             cache=self.cache,
             facts=self.facts,
+            records=SqlRecords(self.runtime.db),
+            users=None if auth is None else MlflowAuthClient(self.mlflow.tracking_uri, auth),
+            protected_aliases=settings.protected_aliases,
         )
         self.runtime.server.add(
             registry_pb2_grpc.add_RegistryServiceServicer_to_server,

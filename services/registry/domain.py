@@ -97,13 +97,16 @@ class PromotionPolicy:
 
     Attributes:
         rules: conditions on the version's run metrics; all must hold.
-        require_approval: the caller must pass ``approved``.
+        require_approval: a maintainer's approval of the version for the alias must be recorded
+            (``ApproveModelVersion``, or the promoting maintainer's ``approved``).
         aliases: the aliases it guards; empty guards every alias.
+        require_distinct_approver: four-eyes: the approver must not be the promoter.
     """
 
     rules: tuple[PolicyRule, ...] = ()
     require_approval: bool = False
     aliases: tuple[str, ...] = ()
+    require_distinct_approver: bool = False
 
     @property
     def empty(self) -> bool:
@@ -123,6 +126,7 @@ class PromotionPolicy:
                 ],
                 "require_approval": self.require_approval,
                 "aliases": list(self.aliases),
+                "require_distinct_approver": self.require_distinct_approver,
             },
             separators=(",", ":"),
         )
@@ -142,6 +146,7 @@ class PromotionPolicy:
                 rules=rules,
                 require_approval=bool(raw.get("require_approval", False)),
                 aliases=tuple(raw.get("aliases", [])),
+                require_distinct_approver=bool(raw.get("require_distinct_approver", False)),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             raise FailedPrecondition(
@@ -158,12 +163,14 @@ class PolicyUpdate:
         remove_rule_metrics: every rule on these metrics is removed (before the additions).
         require_approval: the new flag, or None to keep it.
         aliases: the new guarded aliases (empty: every alias), or None to keep them.
+        require_distinct_approver: the new four-eyes flag, or None to keep it.
     """
 
     add_rules: tuple[PolicyRule, ...] = ()
     remove_rule_metrics: tuple[str, ...] = ()
     require_approval: bool | None = None
     aliases: tuple[str, ...] | None = None
+    require_distinct_approver: bool | None = None
 
     def applied_to(self, policy: PromotionPolicy) -> PromotionPolicy:
         """The policy after this change."""
@@ -185,6 +192,11 @@ class PolicyUpdate:
                 policy.require_approval if self.require_approval is None else self.require_approval
             ),
             aliases=policy.aliases if self.aliases is None else self.aliases,
+            require_distinct_approver=(
+                policy.require_distinct_approver
+                if self.require_distinct_approver is None
+                else self.require_distinct_approver
+            ),
         )
 
 
@@ -215,8 +227,30 @@ class PolicyOutcome:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Approval:
+    """A maintainer's approval of a version for an alias, kept in the registry's own store."""
+
+    alias: str
+    approved_by: str
+    approved_at: datetime
+    comment: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromotionRecord:
+    """One move of an alias to a version: who moved it and whose approval allowed it."""
+
+    alias: str
+    promoted_by: str
+    approved_by: str
+    promoted_at: datetime
+    previous_version: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelVersion:
-    """One version of a registered model, with its owner and its run's metrics."""
+    """One version of a registered model, with its owner and its run's metrics (and, where the
+    read asked for them, its approvals and promotion history)."""
 
     name: str
     version: str
@@ -229,6 +263,21 @@ class ModelVersion:
     metrics: Mapping[str, float]
     created_at: datetime | None
     model_id: str = ""
+    approvals: tuple[Approval, ...] = ()
+    history: tuple[PromotionRecord, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeamCredentials:
+    """The MLflow user of a team: its jobs log with it, to the team's experiment only."""
+
+    team: str
+    username: str
+    password: str
+    experiment_id: str
+
+    def __repr__(self) -> str:  # the password never reaches a log line through a repr
+        return f"TeamCredentials(team={self.team!r}, username={self.username!r}, password=***)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +300,9 @@ class Promotion:
     version: ModelVersion
     alias: str
     previous_version: str
+    promoted_by: str = ""
+    approved_by: str = ""
+    promoted_at: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -426,6 +478,7 @@ def enforce_policy(
     version: str,
     metrics: Mapping[str, float],
     approved: bool,
+    who_may_approve: str = "",
 ) -> None:
     """Raises when moving ``alias`` to ``version`` breaks the model's policy.
 
@@ -435,7 +488,8 @@ def enforce_policy(
     Raises:
         FailedPrecondition: reason ``POLICY_VIOLATION`` naming the first rule that does not
             hold and the actual value (or that the run has no such metric); reason
-            ``APPROVAL_REQUIRED`` when every rule holds but approval is required and not given.
+            ``APPROVAL_REQUIRED`` when every rule holds but approval is required and not given
+            (the message ends with ``who_may_approve``).
     """
     if not policy.guards(alias):
         return
@@ -457,8 +511,9 @@ def enforce_policy(
                 value=f"{value:g}",
             )
     if policy.require_approval and not approved:
+        hint = f": {who_may_approve}" if who_may_approve else ""
         raise FailedPrecondition(
-            f"policy of {model!r} requires approval to move alias {alias!r}",
+            f"policy of {model!r} requires approval to move alias {alias!r}{hint}",
             reason="APPROVAL_REQUIRED",
             alias=alias,
         )

@@ -16,6 +16,7 @@ from plinth_common.events.consumer import ConsumerOptions
 from services.registry.domain import FinishedJob, ModelVersion, Promotion
 from services.registry.healing import MlflowGate
 from services.registry.service import RegistryService
+from services.registry.store import add_promotion
 
 JOB_FINISHED = "plinth.job.finished"
 CONSUMER = "registry-job-finished"
@@ -67,9 +68,14 @@ class OutboxModelEvents:
         await self._outbox.add(session, message, subject=version.name, team=version.team)
 
     async def add_promoted(self, session: AsyncSession, promotion: Promotion) -> None:
-        """``plinth.model.promoted`` in the caller's transaction: the new and previous version
-        and where its files are."""
+        """``plinth.model.promoted`` in the caller's transaction: the new and previous version,
+        where its files are, who promoted and who approved; the move joins the version's
+        history in the same transaction."""
         version = promotion.version
+        if version.history:
+            await add_promotion(
+                session, model=version.name, version=version.version, record=version.history[-1]
+            )
         message = events_pb2.ModelPromoted(
             model_name=version.name,
             alias=promotion.alias,
@@ -78,6 +84,8 @@ class OutboxModelEvents:
             team=version.team,
             source=version.source,
             run_id=version.run_id,
+            promoted_by=promotion.promoted_by,
+            approved_by=promotion.approved_by,
         )
         await self._outbox.add(session, message, subject=version.name, team=version.team)
 

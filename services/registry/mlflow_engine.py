@@ -1,7 +1,8 @@
 """The registry's engine: a real MLflow tracking server, run as a child process.
 
 On one machine the registry launches ``mlflow server`` itself (SQLite backend store, local
-artifact folder served through the server's artifact proxy). In production it is pointed at an
+artifact folder served through the server's artifact proxy), with MLflow's basic-auth app
+when :attr:`MlflowSettings.auth` is set (see :mod:`services.registry.mlflow_auth`). In production it is pointed at an
 MLflow server reached by URL and launches nothing.
 
 Nothing happens at import time: the process starts in :meth:`MlflowServer.start`.
@@ -18,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from plinth_common.process import ChildProcess
+from services.registry.mlflow_auth import MlflowAuth
 
 __all__ = ["MlflowServer", "MlflowSettings"]
 
@@ -49,6 +51,8 @@ class MlflowSettings:
             (``--allowed-hosts``). Empty keeps MLflow's default: localhost and private IPs on
             any port, which covers ``127.0.0.1``.
         startup_timeout_s: default deadline of :meth:`MlflowServer.wait_ready`.
+        auth: run MLflow's basic-auth app with these settings (the readiness probe then calls
+            as the admin); None runs the server open.
     """
 
     backend_store_uri: str
@@ -58,6 +62,7 @@ class MlflowSettings:
     external_url: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     startup_timeout_s: float = 90.0
+    auth: MlflowAuth | None = None
 
 
 class MlflowServer:
@@ -132,6 +137,8 @@ class MlflowServer:
         ]
         if s.allowed_hosts:
             cmd += ["--allowed-hosts", ",".join(s.allowed_hosts)]
+        if s.auth is not None:
+            cmd += ["--app-name", "basic-auth"]
         return cmd
 
     def _child_env(self) -> dict[str, str]:
@@ -142,6 +149,8 @@ class MlflowServer:
         # No internet on platform hosts: do not try to send usage telemetry.
         env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         env["PYTHONUNBUFFERED"] = "1"
+        if self._settings.auth is not None:
+            env.update(self._settings.auth.server_env())
         return env
 
     async def start(self) -> None:
@@ -205,6 +214,8 @@ class MlflowServer:
         if _is_local_path(dest):
             Path(dest).expanduser().mkdir(parents=True, exist_ok=True)
         _ensure_sqlite_parent(self._settings.backend_store_uri)
+        if self._settings.auth is not None:
+            self._settings.auth.write_config()
 
     async def is_ready(self) -> bool:
         """Tells whether the model registry API answers (not merely ``/health``).
@@ -218,9 +229,10 @@ class MlflowServer:
 
         url = f"{self.tracking_uri}{_READINESS_PATH}"
         timeout = aiohttp.ClientTimeout(total=_READINESS_TIMEOUT_S)
+        headers = self._settings.auth.headers() if self._settings.auth is not None else None
         try:
             async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
+                aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
                 session.get(url, params={"max_results": "1"}) as response,
             ):
                 await response.read()

@@ -25,8 +25,9 @@ from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 from plinth_common.rich_status import details_of
 from services.registry.app import RegistryApp, RegistrySettings
+from services.registry.mlflow_auth import MlflowAuth
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
-from tests.helpers import EventRecorder, eventually, service_env
+from tests.helpers import ADMIN, EventRecorder, channel_as, eventually, service_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -77,7 +78,7 @@ class Registry:
         self.mlflow = mlflow
         self.trainer = trainer
         self.js = js
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        self.channel = channel_as(f"127.0.0.1:{app.port}", ADMIN)
         self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
 
     async def train(self, metrics: Mapping[str, float], **options: Any) -> str:
@@ -135,23 +136,39 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+#: MLflow's admin in this module: the server's basic-auth app and the registry agree on it.
+MLFLOW_ADMIN, MLFLOW_ADMIN_PASSWORD = "plinth-admin", "registry-test-admin-password-0123"
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MlflowServer]:
+    """MLflow with its own authentication, as the registry runs it; this process's MLflow
+    clients (the trainer) call it as the admin."""
     root = tmp_path_factory.mktemp("mlflow")
     server = MlflowServer(
         MlflowSettings(
             backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
             artifacts_destination=str(root / "artifacts"),
             port=free_tcp_port(),
+            auth=MlflowAuth(
+                admin_username=MLFLOW_ADMIN,
+                admin_password=MLFLOW_ADMIN_PASSWORD,
+                config_path=root / "basic_auth.ini",
+                database_uri=f"sqlite:///{root / 'basic_auth.db'}",
+                secret_key="registry-test-flask-secret",
+            ),
         ),
         log_path=root / "server.log",
     )
-    await server.start()
-    try:
-        await server.wait_ready(timeout=120)
-        yield server
-    finally:
-        await server.stop()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_ADMIN)
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_ADMIN_PASSWORD)
+        await server.start()
+        try:
+            await server.wait_ready(timeout=120)
+            yield server
+        finally:
+            await server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -170,6 +187,8 @@ async def registry(
         nats_server.url,
         PLINTH_MLFLOW_URL=mlflow_server.tracking_uri,
         PLINTH_MLFLOW_BACKEND_STORE_URI=mlflow_server.settings.backend_store_uri,
+        PLINTH_MLFLOW_ADMIN_USERNAME=MLFLOW_ADMIN,
+        PLINTH_MLFLOW_ADMIN_PASSWORD=MLFLOW_ADMIN_PASSWORD,
     )
     app = RegistryApp(RegistrySettings.from_env(env))
     trainer = await asyncio.to_thread(Trainer, mlflow_server.tracking_uri, model_dir)
@@ -503,7 +522,10 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
     )
     error = await rpc_error(set_alias(good.version, approved=False))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error.details() == f"policy of {name!r} requires approval to move alias 'production'"
+    assert error.details() == (
+        f"policy of {name!r} requires approval to move alias 'production': a maintainer of "
+        "team 'ml' must approve version 1 for 'production' first (ApproveModelVersion)"
+    )
     assert details_of(error.trailing_metadata()).reason == "APPROVAL_REQUIRED"
     error = await rpc_error(
         registry.stub.SetAlias(
@@ -558,6 +580,20 @@ async def test_policy_guards_promotion_and_promoted_event_carries_versions(
     assert [(p.alias, p.version, p.previous_version, p.team) for p in payloads] == [
         ("production", "1", "", "ml"),
         ("production", "2", "1", "ml"),
+    ]
+    # The admin's own approval (approved=True) was recorded: the event and history name it.
+    assert [(p.promoted_by, p.approved_by) for p in payloads] == [
+        (ADMIN.name, ADMIN.name),
+        (ADMIN.name, ""),
+    ]
+    first_version = await registry.stub.GetModelVersion(
+        pb.GetModelVersionRequest(name=name, version="1")
+    )
+    assert [(a.alias, a.approved_by) for a in first_version.approvals] == [
+        ("production", ADMIN.name)
+    ]
+    assert [(h.alias, h.promoted_by, h.approved_by) for h in first_version.history] == [
+        ("production", ADMIN.name, ADMIN.name)
     ]
     assert payloads[1].run_id == bad.run_id and payloads[1].source == bad.source
 

@@ -1,4 +1,5 @@
-"""Fakes at the registry service's seams: MLflow's store in memory, and an event recorder."""
+"""Fakes at the registry service's seams: MLflow's store in memory, an event recorder, the
+registry's own records and MLflow's users in memory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from plinth_common.errors import Unavailable
-from services.registry.domain import LoggedModel, ModelVersion, Promotion, Run
+from services.registry.domain import (
+    Approval,
+    LoggedModel,
+    ModelVersion,
+    Promotion,
+    PromotionRecord,
+    Run,
+    TeamCredentials,
+)
 from services.registry.mlflow_store import MlflowModel, MlflowVersion, Page
 
 _TAG_CLAUSE = re.compile(r"tags\.`([^`]+)` = '([^']*)'")
@@ -30,6 +39,7 @@ class FakeMlflow:
     versions: dict[tuple[str, str], MlflowVersion] = field(default_factory=dict)
     down: bool = False
     calls: list[str] = field(default_factory=list)
+    experiments: dict[str, str] = field(default_factory=dict)  # name -> id, made by the registry
 
     async def _enter(self, operation: str) -> None:
         self.calls.append(operation)
@@ -84,6 +94,11 @@ class FakeMlflow:
     async def experiment_ids(self) -> list[str]:
         await self._enter("experiment_ids")
         return sorted({r.experiment_id for r in self.runs.values()})
+
+    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+        await self._enter("ensure_experiment")
+        self.experiments.setdefault(name, str(100 + len(self.experiments)))
+        return self.experiments[name]
 
     async def get_logged_model(self, model_id: str) -> LoggedModel | None:
         await self._enter("get_logged_model")
@@ -210,9 +225,56 @@ class RecordedEvents:
 
     created: list[tuple[ModelVersion, str]] = field(default_factory=list)
     promotions: list[Promotion] = field(default_factory=list)
+    records: MemoryRecords | None = None  # where the promotion history goes, with the event
 
     async def version_created(self, version: ModelVersion, *, job_id: str) -> None:
         self.created.append((version, job_id))
 
     async def promoted(self, promotion: Promotion) -> None:
         self.promotions.append(promotion)
+        version = promotion.version
+        if self.records is not None and version.history:
+            key = (version.name, version.version)
+            self.records.history_of.setdefault(key, []).append(version.history[-1])
+
+
+@dataclass
+class MemoryRecords:
+    """The registry's own records (``SqlRecords``) in memory; promotions are added by
+    :class:`RecordedEvents`, as the outbox writer adds them with the event."""
+
+    approvals_of: dict[tuple[str, str], list[Approval]] = field(default_factory=dict)
+    history_of: dict[tuple[str, str], list[PromotionRecord]] = field(default_factory=dict)
+    users: dict[str, TeamCredentials] = field(default_factory=dict)
+
+    async def add_approval(self, *, model: str, version: str, approval: Approval) -> None:
+        self.approvals_of.setdefault((model, version), []).append(approval)
+
+    async def approvals(self, model: str, version: str) -> list[Approval]:
+        return list(self.approvals_of.get((model, version), []))
+
+    async def history(self, model: str, version: str) -> list[PromotionRecord]:
+        return list(self.history_of.get((model, version), []))
+
+    async def team_user(self, team: str) -> TeamCredentials | None:
+        return self.users.get(team)
+
+    async def save_team_user(self, credentials: TeamCredentials) -> None:
+        self.users[credentials.team] = credentials
+
+    async def team_experiments(self) -> dict[str, str]:
+        return {c.experiment_id: c.team for c in self.users.values()}
+
+
+@dataclass
+class FakeUsers:
+    """MLflow's basic-auth users and grants, in memory."""
+
+    passwords: dict[str, str] = field(default_factory=dict)
+    grants: set[tuple[str, str, str]] = field(default_factory=set)
+
+    async def ensure_user(self, username: str, password: str) -> None:
+        self.passwords[username] = password
+
+    async def grant_manage(self, username: str, resource_type: str, resource_id: str) -> None:
+        self.grants.add((username, resource_type, resource_id))

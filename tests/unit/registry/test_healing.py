@@ -34,7 +34,7 @@ from services.registry.domain import ModelVersion
 from services.registry.events import CONSUMER, CONSUMER_OPTIONS, JOB_FINISHED, JobFinishedHandler
 from services.registry.healing import Backoff, MlflowGate, MlflowWatcher
 from services.registry.service import RegistryService
-from tests.unit.registry.fakes import FakeMlflow, RecordedEvents
+from tests.unit.registry.fakes import FakeMlflow, MemoryRecords, RecordedEvents
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -172,6 +172,7 @@ async def registration(tmp_path: Path) -> AsyncIterator[Registration]:
         events=RecordedEvents(),
         cache=ReadCache(ttl_s=60.0),
         facts=ReadCache(ttl_s=60.0),
+        records=MemoryRecords(),
     )
     clock = FakeClock()
     gate = MlflowGate(clock=clock)

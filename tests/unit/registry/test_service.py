@@ -17,7 +17,8 @@ from plinth_common.errors import (
 from services.registry.cache import ReadCache
 from services.registry.domain import FinishedJob, PolicyRule, PolicyUpdate, PromotionPolicy
 from services.registry.service import RegistryService
-from tests.unit.registry.fakes import FakeMlflow, RecordedEvents
+from tests.helpers import ADMIN
+from tests.unit.registry.fakes import FakeMlflow, FakeUsers, MemoryRecords, RecordedEvents
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -39,9 +40,27 @@ def events() -> RecordedEvents:
 
 
 @pytest.fixture
-def service(mlflow: FakeMlflow, events: RecordedEvents) -> RegistryService:
+def records() -> MemoryRecords:
+    return MemoryRecords()
+
+
+@pytest.fixture
+def users() -> FakeUsers:
+    return FakeUsers()
+
+
+@pytest.fixture
+def service(
+    mlflow: FakeMlflow, events: RecordedEvents, records: MemoryRecords, users: FakeUsers
+) -> RegistryService:
+    events.records = records
     return RegistryService(
-        mlflow=mlflow, events=events, cache=ReadCache(ttl_s=60.0), facts=ReadCache(ttl_s=60.0)
+        mlflow=mlflow,
+        events=events,
+        cache=ReadCache(ttl_s=60.0),
+        facts=ReadCache(ttl_s=60.0),
+        records=records,
+        users=users,
     )
 
 
@@ -59,7 +78,7 @@ def job(job_id: str, run_id: str, *, name: str = "diabetes", team: str = "ml") -
 
 async def register_three(service: RegistryService) -> None:
     for run_id in (RUN_A, RUN_B, RUN_C):
-        await service.create_version(name="diabetes", team="ml", run_id=run_id)
+        await service.create_version(ADMIN, name="diabetes", team="ml", run_id=run_id)
 
 
 # -- registration ---------------------------------------------------------------------------
@@ -96,9 +115,9 @@ async def test_jobs_that_failed_or_asked_nothing_register_nothing(
 async def test_another_teams_model_is_refused_naming_its_owner(
     service: RegistryService, events: RecordedEvents
 ) -> None:
-    await service.create_version(name="diabetes", team="ml", run_id=RUN_A)
+    await service.create_version(ADMIN, name="diabetes", team="ml", run_id=RUN_A)
     with pytest.raises(PermissionDenied, match="belongs to team 'ml'") as caught:
-        await service.create_version(name="diabetes", team="nlp", run_id=RUN_B)
+        await service.create_version(ADMIN, name="diabetes", team="nlp", run_id=RUN_B)
     assert caught.value.details["owner"] == "ml"
     with pytest.raises(PermissionDenied):
         await service.register_finished_job(job("j-2", RUN_B, team="nlp"))
@@ -108,7 +127,7 @@ async def test_another_teams_model_is_refused_naming_its_owner(
 async def test_a_run_without_the_named_model_is_not_found(service: RegistryService) -> None:
     with pytest.raises(NotFound, match=f"runs:/{RUN_A}/other"):
         await service.create_version(
-            name="diabetes", team="ml", run_id=RUN_A, artifact_path="other"
+            ADMIN, name="diabetes", team="ml", run_id=RUN_A, artifact_path="other"
         )
 
 
@@ -119,7 +138,10 @@ async def test_promotions_report_the_version_they_replace_in_order(
     service: RegistryService, events: RecordedEvents
 ) -> None:
     await register_three(service)
-    moves = [await service.set_alias(name="diabetes", alias="production", version=v) for v in "123"]
+    moves = [
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version=v)
+        for v in "123"
+    ]
     assert [(p.version.version, p.previous_version) for p in moves] == [
         ("1", ""),
         ("2", "1"),
@@ -127,7 +149,7 @@ async def test_promotions_report_the_version_they_replace_in_order(
     ]
     assert events.promotions == moves, "one event per move, in the order of the moves"
     assert moves[-1].version.aliases == ("production",)
-    assert (await service.version_by_alias("diabetes", "production")).version == "3"
+    assert (await service.version_by_alias(ADMIN, "diabetes", "production")).version == "3"
 
 
 async def test_concurrent_promotions_of_one_model_form_one_chain(
@@ -135,7 +157,7 @@ async def test_concurrent_promotions_of_one_model_form_one_chain(
 ) -> None:
     await register_three(service)
     moves = await asyncio.gather(
-        *(service.set_alias(name="diabetes", alias="production", version=v) for v in "123")
+        *(service.set_alias(ADMIN, name="diabetes", alias="production", version=v) for v in "123")
     )
     # Serialized per model: each move's previous version is the one moved before it, so no two
     # moves claim to replace the same version and the events tell one consistent history.
@@ -151,8 +173,8 @@ async def test_moving_an_alias_to_where_it_points_emits_again(
     service: RegistryService, events: RecordedEvents
 ) -> None:
     await register_three(service)
-    await service.set_alias(name="diabetes", alias="production", version="1")
-    repeat = await service.set_alias(name="diabetes", alias="production", version="1")
+    await service.set_alias(ADMIN, name="diabetes", alias="production", version="1")
+    repeat = await service.set_alias(ADMIN, name="diabetes", alias="production", version="1")
     assert repeat.previous_version == "1" and len(events.promotions) == 2
 
 
@@ -165,17 +187,19 @@ async def test_policy_refusals_carry_their_reason_and_move_nothing(
         require_approval=True,
         aliases=("production",),
     )
-    await service.set_policy(name="diabetes", policy=policy, team="ml")
+    await service.set_policy(ADMIN, name="diabetes", policy=policy, team="ml")
     with pytest.raises(FailedPrecondition) as violation:
-        await service.set_alias(name="diabetes", alias="production", version="2", approved=True)
+        await service.set_alias(
+            ADMIN, name="diabetes", alias="production", version="2", approved=True
+        )
     assert violation.value.reason == "POLICY_VIOLATION"
     assert violation.value.message == "policy rule rmse < 60 does not hold: rmse = 63.2"
     with pytest.raises(FailedPrecondition) as approval:
-        await service.set_alias(name="diabetes", alias="production", version="1")
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version="1")
     assert approval.value.reason == "APPROVAL_REQUIRED"
     assert "set_alias" not in mlflow.calls and events.promotions == []
     # The policy guards production only.
-    staging = await service.set_alias(name="diabetes", alias="staging", version="2")
+    staging = await service.set_alias(ADMIN, name="diabetes", alias="staging", version="2")
     assert staging.alias == "staging" and len(events.promotions) == 1
 
 
@@ -184,11 +208,13 @@ async def test_the_policy_reads_metrics_fresh_not_from_the_cache(
 ) -> None:
     await register_three(service)
     policy = PromotionPolicy(rules=(PolicyRule(metric="rmse", op="<", threshold=60),))
-    await service.set_policy(name="diabetes", policy=policy)
-    assert (await service.get_version("diabetes", "1")).metrics == {"rmse": 55.0}  # now cached
+    await service.set_policy(ADMIN, name="diabetes", policy=policy)
+    assert (await service.get_version(ADMIN, "diabetes", "1")).metrics == {
+        "rmse": 55.0
+    }  # now cached
     mlflow.add_run(RUN_A, {"rmse": 70.0})  # the run was updated behind the registry's back
     with pytest.raises(FailedPrecondition, match="rmse = 70"):
-        await service.set_alias(name="diabetes", alias="production", version="1")
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version="1")
 
 
 # -- policy changes ----------------------------------------------------------------------------
@@ -199,6 +225,7 @@ RMSE_60 = PolicyRule(metric="rmse", op="<", threshold=60)
 async def guarded(service: RegistryService) -> None:
     await register_three(service)
     await service.set_policy(
+        ADMIN,
         name="diabetes",
         policy=PromotionPolicy(rules=(RMSE_60,), require_approval=True, aliases=("production",)),
     )
@@ -210,14 +237,14 @@ async def test_adding_a_rule_keeps_the_approval_requirement(
     await guarded(service)
     rmse_70 = PolicyRule(metric="rmse", op="<", threshold=70)
     outcome = await service.update_policy(
-        name="diabetes", update=PolicyUpdate(add_rules=(rmse_70,)), team="ml"
+        ADMIN, name="diabetes", update=PolicyUpdate(add_rules=(rmse_70,)), team="ml"
     )
     # The rule on rmse with the same op is replaced; approval and aliases are kept.
     expected = PromotionPolicy(rules=(rmse_70,), require_approval=True, aliases=("production",))
     assert outcome.model.policy == expected and outcome.warnings == ()
-    assert (await service.get_policy("diabetes")).model.policy == expected, "as stored"
+    assert (await service.get_policy(ADMIN, "diabetes")).model.policy == expected, "as stored"
     with pytest.raises(FailedPrecondition) as caught:
-        await service.set_alias(name="diabetes", alias="production", version="2")
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version="2")
     assert caught.value.reason == "APPROVAL_REQUIRED", "63.2 < 70 holds; approval still asked"
     assert "set_alias" not in mlflow.calls
 
@@ -225,9 +252,11 @@ async def test_adding_a_rule_keeps_the_approval_requirement(
 async def test_replacing_the_policy_drops_what_it_does_not_say(service: RegistryService) -> None:
     await guarded(service)
     rmse_70 = PolicyRule(metric="rmse", op="<", threshold=70)
-    outcome = await service.set_policy(name="diabetes", policy=PromotionPolicy(rules=(rmse_70,)))
+    outcome = await service.set_policy(
+        ADMIN, name="diabetes", policy=PromotionPolicy(rules=(rmse_70,))
+    )
     assert outcome.model.policy == PromotionPolicy(rules=(rmse_70,))
-    promoted = await service.set_alias(name="diabetes", alias="production", version="2")
+    promoted = await service.set_alias(ADMIN, name="diabetes", alias="production", version="2")
     assert promoted.version.version == "2"
 
 
@@ -236,7 +265,9 @@ async def test_a_change_that_leaves_nothing_removes_the_policy(
 ) -> None:
     await guarded(service)
     outcome = await service.update_policy(
-        name="diabetes", update=PolicyUpdate(remove_rule_metrics=("rmse",), require_approval=False)
+        ADMIN,
+        name="diabetes",
+        update=PolicyUpdate(remove_rule_metrics=("rmse",), require_approval=False),
     )
     assert outcome.model.policy == PromotionPolicy()
     assert "plinth.policy" not in mlflow.models["diabetes"].tags
@@ -248,12 +279,16 @@ async def test_a_misspelled_metric_is_stored_with_a_warning_naming_the_real_one(
 ) -> None:
     await guarded(service)
     typo = PolicyRule(metric="rsme", op="<", threshold=70)
-    outcome = await service.update_policy(name="diabetes", update=PolicyUpdate(add_rules=(typo,)))
+    outcome = await service.update_policy(
+        ADMIN, name="diabetes", update=PolicyUpdate(add_rules=(typo,))
+    )
     assert outcome.model.policy.rules == (RMSE_60, typo), "a later version may log it"
     assert len(outcome.warnings) == 1
     assert "'rsme'" in outcome.warnings[0] and "did you mean 'rmse'?" in outcome.warnings[0]
-    assert (await service.get_policy("diabetes")).warnings == outcome.warnings
-    replaced = await service.set_policy(name="diabetes", policy=PromotionPolicy(rules=(typo,)))
+    assert (await service.get_policy(ADMIN, "diabetes")).warnings == outcome.warnings
+    replaced = await service.set_policy(
+        ADMIN, name="diabetes", policy=PromotionPolicy(rules=(typo,))
+    )
     assert replaced.warnings == outcome.warnings
 
 
@@ -263,7 +298,9 @@ async def test_metrics_a_run_logged_after_registration_count_as_known(
     await guarded(service)
     mlflow.add_run(RUN_C, {"rmse": 41.0, "mae": 30.0})  # logged later: not in the version's tags
     mae = PolicyRule(metric="mae", op="<", threshold=35)
-    outcome = await service.update_policy(name="diabetes", update=PolicyUpdate(add_rules=(mae,)))
+    outcome = await service.update_policy(
+        ADMIN, name="diabetes", update=PolicyUpdate(add_rules=(mae,))
+    )
     assert outcome.warnings == ()
 
 
@@ -274,11 +311,13 @@ async def test_a_change_to_an_unreadable_stored_policy_is_refused_and_writes_not
     await mlflow.set_model_tag("diabetes", "plinth.policy", "{not json")
     mlflow.calls.clear()
     with pytest.raises(FailedPrecondition, match="unreadable"):
-        await service.update_policy(name="diabetes", update=PolicyUpdate(require_approval=True))
+        await service.update_policy(
+            ADMIN, name="diabetes", update=PolicyUpdate(require_approval=True)
+        )
     assert "set_model_tag" not in mlflow.calls and "delete_model_tag" not in mlflow.calls
     # Replacing it whole is how to repair it.
     outcome = await service.set_policy(
-        name="diabetes", policy=PromotionPolicy(require_approval=True)
+        ADMIN, name="diabetes", policy=PromotionPolicy(require_approval=True)
     )
     assert outcome.model.policy.require_approval
 
@@ -289,19 +328,19 @@ async def test_only_the_owning_team_changes_the_policy(
     await guarded(service)
     with pytest.raises(PermissionDenied):
         await service.update_policy(
-            name="diabetes", update=PolicyUpdate(require_approval=False), team="nlp"
+            ADMIN, name="diabetes", update=PolicyUpdate(require_approval=False), team="nlp"
         )
     with pytest.raises(NotFound, match="nope"):
-        await service.get_policy("nope")
-    assert (await service.get_policy("diabetes")).model.policy.require_approval
+        await service.get_policy(ADMIN, "nope")
+    assert (await service.get_policy(ADMIN, "diabetes")).model.policy.require_approval
 
 
 async def test_only_the_owning_team_moves_aliases(service: RegistryService) -> None:
     await register_three(service)
     with pytest.raises(PermissionDenied, match="belongs to team 'ml', not 'nlp'"):
-        await service.set_alias(name="diabetes", alias="production", version="1", team="nlp")
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version="1", team="nlp")
     with pytest.raises(NotFound, match="diabetes/9"):
-        await service.set_alias(name="diabetes", alias="production", version="9")
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version="9")
 
 
 async def test_no_event_when_mlflow_refuses_the_move(
@@ -315,10 +354,12 @@ async def test_no_event_when_mlflow_refuses_the_move(
 
     mlflow.set_alias = refuse  # type: ignore[method-assign]
     with pytest.raises(Unavailable) as caught:
-        await service.set_alias(name="diabetes", alias="production", version="1")
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version="1")
     assert caught.value.dependency == "MLflow" and events.promotions == []
     mlflow.set_alias = real  # type: ignore[method-assign]
-    assert (await service.set_alias(name="diabetes", alias="production", version="1")).version
+    assert (
+        await service.set_alias(ADMIN, name="diabetes", alias="production", version="1")
+    ).version
 
 
 async def test_reads_answer_unavailable_naming_mlflow_when_it_is_down(
@@ -326,7 +367,7 @@ async def test_reads_answer_unavailable_naming_mlflow_when_it_is_down(
 ) -> None:
     mlflow.down = True
     with pytest.raises(Unavailable) as caught:
-        await service.get_version("diabetes", "1")
+        await service.get_version(ADMIN, "diabetes", "1")
     assert caught.value.dependency == "MLflow" and caught.value.reason == "DEPENDENCY_UNAVAILABLE"
 
 
@@ -336,16 +377,19 @@ async def test_reads_answer_unavailable_naming_mlflow_when_it_is_down(
 @pytest.mark.parametrize(
     ("call", "field"),
     [
-        (lambda s: s.version_by_alias("diabetes", "latest"), "alias"),
-        (lambda s: s.version_by_alias("diabetes", "v2"), "alias"),
-        (lambda s: s.get_version("../etc", "1"), "name"),
-        (lambda s: s.get_version("diabetes", "01"), "version"),
-        (lambda s: s.list_versions("diabetes", page_size=201, page_token=""), "page_size"),
-        (lambda s: s.list_versions("diabetes", page_size=0, page_token="garbage"), "page_token"),
-        (lambda s: s.create_version(name="m", team="ML", run_id=RUN_A), "team"),
-        (lambda s: s.create_version(name="m", team="ml", run_id="../r"), "run_id"),
+        (lambda s: s.version_by_alias(ADMIN, "diabetes", "latest"), "alias"),
+        (lambda s: s.version_by_alias(ADMIN, "diabetes", "v2"), "alias"),
+        (lambda s: s.get_version(ADMIN, "../etc", "1"), "name"),
+        (lambda s: s.get_version(ADMIN, "diabetes", "01"), "version"),
+        (lambda s: s.list_versions(ADMIN, "diabetes", page_size=201, page_token=""), "page_size"),
         (
-            lambda s: s.set_alias(name="diabetes", alias="latest", version="1"),
+            lambda s: s.list_versions(ADMIN, "diabetes", page_size=0, page_token="garbage"),
+            "page_token",
+        ),
+        (lambda s: s.create_version(ADMIN, name="m", team="ML", run_id=RUN_A), "team"),
+        (lambda s: s.create_version(ADMIN, name="m", team="ml", run_id="../r"), "run_id"),
+        (
+            lambda s: s.set_alias(ADMIN, name="diabetes", alias="latest", version="1"),
             "alias",
         ),
     ],
