@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import nats
@@ -39,6 +39,18 @@ def channel_as(target: str, principal: Principal = ADMIN, **options: object) -> 
         options=list(options.items()),
         interceptors=identity_interceptors(TEST_TOKENS, principal),
     )
+
+
+class TritonIdentity:
+    """A ``tritonclient`` plugin whose calls carry ``principal`` as the gateway forwards it, for
+    a stock client dialing serving's port: ``client.register_plugin(TritonIdentity(ADMIN))``."""
+
+    def __init__(self, principal: Principal = ADMIN) -> None:
+        self._principal = principal
+
+    def __call__(self, request: Any) -> None:
+        header, token = TEST_TOKENS.metadata(self._principal)
+        request.headers[header] = token
 
 
 async def eventually(

@@ -17,23 +17,36 @@ import pytest
 import pytest_asyncio
 import tritonclient.grpc as triton_sync
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import service_pb2 as kserve
+from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 from tritonclient.utils import InferenceServerException
 
 from plinth.events.v1 import events_pb2
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.serving.v1 import serving_pb2 as pb
 from plinth.serving.v1 import serving_pb2_grpc
+from plinth_common.auth import Principal, Role, ServiceAuthInterceptor, current_principal
 from plinth_common.events import CloudEvent, new_event
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
 from services.serving.app import ServingApp, ServingSettings
 from services.serving.triton import TritonProcess, TritonSettings
-from tests.helpers import EventRecorder, eventually, service_env
+from tests.helpers import (
+    ADMIN,
+    TEST_TOKENS,
+    EventRecorder,
+    TritonIdentity,
+    channel_as,
+    eventually,
+    member,
+    service_env,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 MODEL = "diabetes"
+_MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 READY, FAILED, TRAFFIC = (
     "plinth.deployment.ready",
     "plinth.deployment.failed",
@@ -155,19 +168,23 @@ async def versions(mlflow_server: MlflowServer) -> Versions:
 
 
 class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
-    """Implements just GetModelVersionByAlias and SearchModels, from a dict and a set."""
+    """Implements just GetModelVersionByAlias and SearchModels, from a dict and a set (models of
+    team ``ml``), behind the real auth interceptor; records who called."""
 
     def __init__(self) -> None:
         self.aliases: dict[tuple[str, str], registry_pb2.ModelVersion] = {}
-        self.models = {MODEL, "wine-quality"}
+        self.models = {MODEL, "wine-quality", "iris"}
+        self.teams = {"iris": "other"}  # every other model is team ml's
         self.calls = 0
+        self.callers: set[Principal] = set()
 
     async def SearchModels(
         self, request: registry_pb2.SearchModelsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.SearchModelsResponse:
+        self.callers.add(current_principal())
         return registry_pb2.SearchModelsResponse(
             models=[
-                registry_pb2.RegisteredModel(name=name)
+                registry_pb2.RegisteredModel(name=name, team=self.teams.get(name, "ml"))
                 for name in sorted(self.models)
                 if name.startswith(request.name_prefix)
             ]
@@ -176,6 +193,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
     async def GetModelVersionByAlias(
         self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ModelVersion:
+        self.callers.add(current_principal())
         self.calls += 1
         version = self.aliases.get((request.name, request.alias))
         if version is None:
@@ -188,7 +206,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def registry() -> AsyncIterator[tuple[FakeRegistry, str]]:
     fake = FakeRegistry()
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[ServiceAuthInterceptor(TEST_TOKENS)])
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -207,7 +225,7 @@ class Serving:
     stub: serving_pb2_grpc.ServingServiceStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.app.port}")
+        self.channel = channel_as(self.address)
         self.stub = serving_pb2_grpc.ServingServiceStub(self.channel)
 
     @property
@@ -275,6 +293,9 @@ async def serving(
     versions: Versions,
     registry: tuple[FakeRegistry, str],
 ) -> AsyncIterator[Serving]:
+    # In-process serving puts its MLflow credentials into this process's environment, as it
+    # does in its own process; they must not outlive the module.
+    saved = {name: os.environ.get(name) for name in _MLFLOW_CREDENTIALS}
     holder = await _start_serving(
         tmp_path_factory.mktemp("serving"),
         nats_server.url,
@@ -282,8 +303,15 @@ async def serving(
         mlflow_server.tracking_uri,
         registry[1],
     )
-    yield holder
-    await holder.close()
+    try:
+        yield holder
+    finally:
+        await holder.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -300,9 +328,12 @@ def _events_of(recorder: EventRecorder, deployment: str, event_type: str) -> lis
     ]
 
 
-def _client(serving: Serving) -> triton_sync.InferenceServerClient:
-    """A stock, synchronous KServe v2 client pointed at the serving service's port."""
-    return triton_sync.InferenceServerClient(serving.address)
+def _client(serving: Serving, principal: Principal = ADMIN) -> triton_sync.InferenceServerClient:
+    """A stock, synchronous KServe v2 client pointed at the serving service's port, whose calls
+    carry ``principal`` as the gateway forwards it."""
+    client = triton_sync.InferenceServerClient(serving.address)
+    client.register_plugin(TritonIdentity(principal))
+    return client
 
 
 def _infer(
@@ -406,7 +437,7 @@ async def test_crud_pending_until_promotion(
     )
     assert fake.calls > calls  # the registry was asked
     defaults = await serving.stub.CreateDeployment(
-        pb.CreateDeploymentRequest(name="crud-b", team="other", model_name=MODEL)
+        pb.CreateDeploymentRequest(name="crud-b", team="other", model_name="iris")
     )
     assert (
         defaults.alias == "production"
@@ -754,6 +785,221 @@ async def test_delete_unloads_from_triton(
             [e for e in _events_of(events, "diabetes", TRAFFIC) if not e.traffic_percent]
         )
     )
+
+
+# -- access: two teams, each role, a shared deployment ------------------------------------------
+
+ML_VIEWER, ML_DEV, ML_MAINTAINER = (
+    member("vic", ml=Role.VIEWER),
+    member("dev", ml=Role.DEVELOPER),
+    member("mia", ml=Role.MAINTAINER),
+)
+VISION_VIEWER = member("val", vision=Role.VIEWER)  # "acl" is shared with vision
+OUTSIDER = member("oz", nlp=Role.MAINTAINER)
+OK = grpc.StatusCode.OK
+NOT_FOUND, DENIED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED
+
+
+async def _code(call: Any) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return OK
+
+
+def _acl_infer_request() -> kserve.ModelInferRequest:
+    request = kserve.ModelInferRequest(model_name="acl")
+    tensor = request.inputs.add(name="input", datatype="FP64", shape=[1, 10])
+    tensor.contents.fp64_contents.extend([0.0] * 10)
+    return request
+
+
+async def _inference_codes(
+    address: str, principal: Principal | None, name: str = "acl"
+) -> dict[str, grpc.StatusCode]:
+    """The status of each KServe v2 method on ``name``, called as ``principal`` (None: no
+    forwarded identity at all)."""
+    channel = (
+        grpc.aio.insecure_channel(address) if principal is None else channel_as(address, principal)
+    )
+    async with channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        infer = _acl_infer_request()
+        infer.model_name = name
+        return {
+            "ModelInfer": await _code(stub.ModelInfer(infer, timeout=30)),
+            "ModelReady": await _code(stub.ModelReady(kserve.ModelReadyRequest(name=name))),
+            "ModelMetadata": await _code(
+                stub.ModelMetadata(kserve.ModelMetadataRequest(name=name))
+            ),
+            "ServerLive": await _code(stub.ServerLive(kserve.ServerLiveRequest())),
+            "ServerReady": await _code(stub.ServerReady(kserve.ServerReadyRequest())),
+        }
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def acl(
+    serving: Serving, registry: tuple[FakeRegistry, str], versions: Versions
+) -> AsyncIterator[str]:
+    """Deployment "acl" of team ml, READY, shared with team vision."""
+    fake, _ = registry
+    fake.aliases[(MODEL, "acl")] = registry_pb2.ModelVersion(
+        name=MODEL, version="1", source=versions.sources["1"], run_id="r1"
+    )
+    async with channel_as(serving.address, ML_DEV) as channel:
+        created = await serving_pb2_grpc.ServingServiceStub(channel).CreateDeployment(
+            pb.CreateDeploymentRequest(
+                name="acl", team="ml", model_name=MODEL, alias="acl", shared_with=["vision"]
+            )
+        )
+    assert list(created.shared_with) == ["vision"]
+    await serving.wait("acl", lambda d: d.state == pb.DEPLOYMENT_STATE_READY)
+    yield "acl"
+
+
+async def test_inference_access_matrix(serving: Serving, acl: str) -> None:
+    """Members of the owning team and of the shared team infer; anyone else gets the NOT_FOUND
+    of a deployment that does not exist, word for word; no identity is UNAUTHENTICATED."""
+    everything_ok = dict.fromkeys(
+        ("ModelInfer", "ModelReady", "ModelMetadata", "ServerLive", "ServerReady"), OK
+    )
+    for caller in (ML_VIEWER, ML_DEV, ML_MAINTAINER, VISION_VIEWER, ADMIN):
+        assert await _inference_codes(serving.address, caller) == everything_ok, caller.name
+    outsider = await _inference_codes(serving.address, OUTSIDER)
+    assert outsider == everything_ok | {
+        "ModelInfer": NOT_FOUND, "ModelReady": NOT_FOUND, "ModelMetadata": NOT_FOUND
+    }  # fmt: skip
+    unknown = await _inference_codes(serving.address, ADMIN, name="no-such")
+    assert {k: v for k, v in unknown.items() if v != OK} == {
+        k: v for k, v in outsider.items() if v != OK
+    }
+    async with channel_as(serving.address, OUTSIDER) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await stub.ModelInfer(_acl_infer_request())
+    async with channel_as(serving.address, ADMIN) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        absent = _acl_infer_request()
+        absent.model_name = "acl2"
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.ModelInfer(absent)
+    assert hidden.value.details() == missing.value.details().replace("acl2", "acl")
+    # A direct call without the gateway's identity is refused, for every method.
+    bare = await _inference_codes(serving.address, None)
+    assert set(bare.values()) == {grpc.StatusCode.UNAUTHENTICATED}
+    # A stock tritonclient carrying the shared team's identity gets predictions.
+    client = _client(serving, VISION_VIEWER)
+    try:
+        assert (await asyncio.to_thread(_infer, client, acl, np.zeros((2, 10)))).shape == (2, 1)
+    finally:
+        client.close()
+
+
+async def test_deployment_rpc_access_matrix(serving: Serving, acl: str) -> None:
+    """Each ServingService RPC, each role of the owning team, the shared team, an outsider."""
+
+    admin = serving.stub
+
+    async def codes(principal: Principal | None) -> dict[str, grpc.StatusCode]:
+        who = principal.name if principal else "anon"
+        # What this caller tries to delete: a deployment of team ml shared with vision.
+        victim = pb.CreateDeploymentRequest(
+            name=f"victim-{who}",
+            team="ml",
+            model_name="wine-quality",
+            alias="none-yet",
+            shared_with=["vision"],
+        )
+        await admin.CreateDeployment(victim)
+        channel = (
+            grpc.aio.insecure_channel(serving.address)
+            if principal is None
+            else channel_as(serving.address, principal)
+        )
+        async with channel:
+            stub = serving_pb2_grpc.ServingServiceStub(channel)
+            create = pb.CreateDeploymentRequest(
+                name=f"new-{who}", team="ml", model_name="wine-quality", alias="none-yet"
+            )
+            result = {
+                "Create": await _code(stub.CreateDeployment(create)),
+                "Get": await _code(stub.GetDeployment(pb.GetDeploymentRequest(name=acl))),
+                "ListTeam": await _code(stub.ListDeployments(pb.ListDeploymentsRequest(team="ml"))),
+                # Sharing with the same team again changes nothing, whoever may do it.
+                "Share": await _code(
+                    stub.ShareDeployment(pb.ShareDeploymentRequest(name=acl, teams=["vision"]))
+                ),
+                "Delete": await _code(
+                    stub.DeleteDeployment(pb.DeleteDeploymentRequest(name=victim.name))
+                ),
+            }
+        for leftover in (create.name, victim.name):
+            await _code(admin.DeleteDeployment(pb.DeleteDeploymentRequest(name=leftover)))
+        return result
+
+    expected = {
+        # Viewers read, developers create, maintainers share and delete.
+        ML_VIEWER: {"Create": DENIED, "Get": OK, "ListTeam": OK, "Share": DENIED, "Delete": DENIED},
+        ML_DEV: {"Create": OK, "Get": OK, "ListTeam": OK, "Share": DENIED, "Delete": DENIED},
+        ML_MAINTAINER: {"Create": OK, "Get": OK, "ListTeam": OK, "Share": OK, "Delete": OK},
+        # A share lends inference only: the shared team sees nothing else.
+        VISION_VIEWER: dict.fromkeys(("Create", "Get", "ListTeam", "Share", "Delete"), NOT_FOUND),
+        OUTSIDER: dict.fromkeys(("Create", "Get", "ListTeam", "Share", "Delete"), NOT_FOUND),
+        None: dict.fromkeys(
+            ("Create", "Get", "ListTeam", "Share", "Delete"), grpc.StatusCode.UNAUTHENTICATED
+        ),
+    }  # fmt: skip
+    for principal, want in expected.items():
+        assert await codes(principal) == want, principal
+    assert list((await admin.GetDeployment(pb.GetDeploymentRequest(name=acl))).shared_with) == [
+        "vision"
+    ]
+
+
+async def test_lists_hold_only_the_callers_teams(serving: Serving, acl: str) -> None:
+    async def listed(principal: Principal, team: str = "") -> list[str]:
+        async with channel_as(serving.address, principal) as channel:
+            page = await serving_pb2_grpc.ServingServiceStub(channel).ListDeployments(
+                pb.ListDeploymentsRequest(team=team, page_size=500)
+            )
+        return [d.name for d in page.deployments]
+
+    mine = await listed(ML_VIEWER)
+    assert acl in mine and all(
+        d.team == "ml"
+        for d in (await serving.stub.ListDeployments(pb.ListDeploymentsRequest())).deployments
+        if d.name in mine
+    )
+    assert await listed(VISION_VIEWER) == [] and await listed(OUTSIDER) == []
+    assert acl in await listed(ADMIN)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await listed(VISION_VIEWER, team="ml")
+    assert caught.value.code() == NOT_FOUND and "team 'ml'" in caught.value.details()
+
+
+async def test_unsharing_takes_inference_away_at_once(serving: Serving, acl: str) -> None:
+    async with channel_as(serving.address, ML_MAINTAINER) as channel:
+        stub = serving_pb2_grpc.ServingServiceStub(channel)
+        unshared = await stub.ShareDeployment(pb.ShareDeploymentRequest(name=acl, teams=[]))
+        assert list(unshared.shared_with) == []
+        assert (await _inference_codes(serving.address, VISION_VIEWER))["ModelInfer"] == NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ShareDeployment(pb.ShareDeploymentRequest(name=acl, teams=["ml"]))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        shared = await stub.ShareDeployment(
+            pb.ShareDeploymentRequest(name=acl, teams=["vision", "nlp"])
+        )
+        assert list(shared.shared_with) == ["nlp", "vision"]
+        assert (await _inference_codes(serving.address, OUTSIDER))["ModelInfer"] == OK
+        await stub.ShareDeployment(pb.ShareDeploymentRequest(name=acl, teams=["vision"]))
+
+
+async def test_serving_asks_the_registry_as_its_own_service_identity(
+    serving: Serving, registry: tuple[FakeRegistry, str], acl: str
+) -> None:
+    fake, _ = registry
+    assert fake.callers == {Principal.service("serving")}
 
 
 async def test_inference_with_triton_down_names_the_serving_engine(
