@@ -5,6 +5,7 @@ from plinth_common.auth.access import may, require, require_admin, require_role_
 from plinth_common.auth.grpc_auth import (
     ServiceAuthInterceptor,
     acting_as,
+    bearer_interceptors,
     current_principal,
     identity_interceptors,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Scope",
     "ServiceAuthInterceptor",
     "acting_as",
+    "bearer_interceptors",
     "current_principal",
     "identity_interceptors",
     "load_internal_key",

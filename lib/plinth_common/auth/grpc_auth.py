@@ -20,6 +20,7 @@ from plinth_common.errors import PermissionDenied, Unauthenticated
 __all__ = [
     "ServiceAuthInterceptor",
     "acting_as",
+    "bearer_interceptors",
     "current_principal",
     "identity_interceptors",
     "metadata_value",
@@ -122,25 +123,23 @@ class ServiceAuthInterceptor(grpc.aio.ServerInterceptor):
         return principal
 
 
-class _CallIdentity:
-    """Adds the forwarded identity of a fixed principal to every call of a channel."""
+class _CallMetadata:
+    """Sets one metadata header, computed per call, on every call of a channel."""
 
-    def __init__(self, tokens: InternalTokens, principal: Principal) -> None:
-        self._tokens = tokens
-        self._principal = principal
+    def __init__(self, header: Callable[[], tuple[str, str]]) -> None:
+        self._header = header
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(
-            *[(k, v) for k, v in (details.metadata or ()) if k != PRINCIPAL_HEADER]
-        )
-        metadata.add(*self._tokens.metadata(self._principal))
+        key, value = self._header()
+        metadata = grpc.aio.Metadata(*[(k, v) for k, v in (details.metadata or ()) if k != key])
+        metadata.add(key, value)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
 
-class IdentityUnaryInterceptor(_CallIdentity, grpc.aio.UnaryUnaryClientInterceptor):
-    """Client interceptor: unary calls made as ``principal`` (a service calling another)."""
+class MetadataUnaryInterceptor(_CallMetadata, grpc.aio.UnaryUnaryClientInterceptor):
+    """Client interceptor: unary calls carry the header."""
 
     async def intercept_unary_unary(
         self,
@@ -151,8 +150,8 @@ class IdentityUnaryInterceptor(_CallIdentity, grpc.aio.UnaryUnaryClientIntercept
         return await continuation(self._details(client_call_details), request)
 
 
-class IdentityStreamInterceptor(_CallIdentity, grpc.aio.UnaryStreamClientInterceptor):
-    """Client interceptor: server-streaming calls made as ``principal``."""
+class MetadataStreamInterceptor(_CallMetadata, grpc.aio.UnaryStreamClientInterceptor):
+    """Client interceptor: server-streaming calls carry the header."""
 
     async def intercept_unary_stream(
         self,
@@ -163,11 +162,20 @@ class IdentityStreamInterceptor(_CallIdentity, grpc.aio.UnaryStreamClientInterce
         return await continuation(self._details(client_call_details), request)
 
 
+def _interceptors(header: Callable[[], tuple[str, str]]) -> list[grpc.aio.ClientInterceptor]:
+    return [MetadataUnaryInterceptor(header), MetadataStreamInterceptor(header)]
+
+
 def identity_interceptors(
     tokens: InternalTokens, principal: Principal
 ) -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors for a channel whose every call is made as ``principal``."""
-    return [
-        IdentityUnaryInterceptor(tokens, principal),
-        IdentityStreamInterceptor(tokens, principal),
-    ]
+    """Interceptors for a channel whose every call is made as ``principal`` (a Plinth service
+    calling another one); the token is re-minted as it nears expiry."""
+    return _interceptors(lambda: tokens.metadata(principal))
+
+
+def bearer_interceptors(credential: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for a channel to the gateway whose every call carries
+    ``authorization: Bearer <credential>`` (an API key or an OIDC token)."""
+    value = f"Bearer {credential}"
+    return _interceptors(lambda: ("authorization", value))
