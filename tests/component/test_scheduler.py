@@ -452,16 +452,17 @@ async def test_a_call_without_the_gateways_identity_is_unauthenticated(
 class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
     """A registry port that hands out ``<team>-mlflow`` / ``pw-<team>`` to the scheduler only."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, refuse: bool = False) -> None:
         self.callers: list[Principal] = []
+        self.refuse = refuse
 
     async def GetTeamCredentials(
         self, request: registry_pb2.GetTeamCredentialsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.TeamCredentials:
         caller = current_principal()
         self.callers.append(caller)
-        if caller != Principal.service("scheduler"):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "scheduler only")
+        if caller != Principal.service("scheduler") or self.refuse:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no MLflow user for you")
         return registry_pb2.TeamCredentials(
             team=request.team, username=f"{request.team}-mlflow", password=f"pw-{request.team}"
         )
@@ -522,3 +523,24 @@ async def test_a_job_gets_its_teams_credentials_from_the_credentials_port(
     assert (await scheduler.wait_state(job.id, *FINAL)).state == pb.JOB_STATE_SUCCEEDED
     # Team nlp's job gets nlp's password, not vision's.
     assert (await scheduler.wait_state(other.id, *FINAL)).exit_code == 3
+
+
+async def test_a_job_whose_credentials_the_registry_refuses_fails_saying_so(
+    start_scheduler: StartScheduler,
+) -> None:
+    registry = FakeRegistry(refuse=True)
+    server = grpc.aio.server(interceptors=[ServiceAuthInterceptor(TEST_TOKENS)])
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(registry, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        scheduler = await start_scheduler(
+            PLINTH_SCHEDULER_MLFLOW_AUTH="registry", PLINTH_REGISTRY_ADDR=f"127.0.0.1:{port}"
+        )
+        job = await scheduler.submit(PY, "-c", "print('never runs')", team="vision")
+        done = await scheduler.wait_state(job.id, *FINAL)
+    finally:
+        await server.stop(None)
+    assert done.state == pb.JOB_STATE_FAILED
+    assert "MLflow credentials of team vision" in done.failure_reason
+    assert "no MLflow user for you" in done.failure_reason
