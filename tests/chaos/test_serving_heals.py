@@ -42,11 +42,19 @@ from plinth.events.v1 import events_pb2
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.serving.v1 import serving_pb2 as pb
 from plinth.serving.v1 import serving_pb2_grpc
+from plinth_common.auth import ServiceAuthInterceptor
 from plinth_common.events import CloudEvent, new_event
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 from plinth_common.process import ChildProcess
-from tests.helpers import EventRecorder, eventually
+from tests.helpers import (
+    TEST_INTERNAL_KEY,
+    TEST_TOKENS,
+    EventRecorder,
+    TritonIdentity,
+    channel_as,
+    eventually,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="session")]
 
@@ -101,7 +109,9 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
     async def SearchModels(
         self, request: registry_pb2.SearchModelsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.SearchModelsResponse:
-        return registry_pb2.SearchModelsResponse(models=[registry_pb2.RegisteredModel(name=MODEL)])
+        return registry_pb2.SearchModelsResponse(
+            models=[registry_pb2.RegisteredModel(name=MODEL, team="ml")]
+        )
 
     async def GetModelVersionByAlias(
         self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
@@ -128,7 +138,7 @@ async def world(
     root = tmp_path_factory.mktemp("serving-chaos")
     sources = await asyncio.to_thread(_save_versions, root / "versions")
     fake = FakeRegistry()
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[ServiceAuthInterceptor(TEST_TOKENS)])
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -188,6 +198,7 @@ def _serving_process(world: World, name: str) -> ServingProcess:
         "PLINTH_DATA_DIR": str(data_dir),
         "PLINTH_NATS_URL": world.nats_url,
         "PLINTH_SERVING_PORT": str(port),
+        "PLINTH_INTERNAL_KEY": TEST_INTERNAL_KEY,
         "PLINTH_REGISTRY_ADDR": world.registry_addr,
         "PLINTH_MLFLOW_TRACKING_URI": (world.root / "mlruns").as_uri(),
         "PLINTH_SERVING_ARTIFACT_SCHEMES": "file",
@@ -230,13 +241,13 @@ async def _health(address: str) -> int:
 
 
 async def _get(address: str, name: str) -> pb.Deployment:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channel_as(address) as channel:
         stub = serving_pb2_grpc.ServingServiceStub(channel)
         return await stub.GetDeployment(pb.GetDeploymentRequest(name=name), timeout=5)
 
 
 async def _create(address: str, name: str) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channel_as(address) as channel:
         stub = serving_pb2_grpc.ServingServiceStub(channel)
         await stub.CreateDeployment(
             pb.CreateDeploymentRequest(name=name, team="ml", model_name=MODEL), timeout=30
@@ -309,6 +320,7 @@ async def _infer_loop(
     address: str, deployment: str, tally: Tally, stop: asyncio.Event, allowed: set[str]
 ) -> None:
     client = triton_aio.InferenceServerClient(address)
+    client.register_plugin(TritonIdentity())
     try:
         while not stop.is_set():
             tensor = triton_aio.InferInput("input", list(_ROWS.shape), "FP64")
