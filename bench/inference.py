@@ -22,6 +22,10 @@ the machine's load hits both alike, and the CPU time that serving, Triton (with 
 stubs) and the client spend per request is read from /proc: on a shared machine that figure is
 steadier than requests/s.
 
+Serving accepts only calls that carry a forwarded identity (what the gateway adds): the
+benchmark mints one for a developer of the deployments' team with a key it shares with serving,
+and sends it as call metadata, as the gateway does.
+
 Targets (issue, not asserted): at concurrency 32 Plinth keeps >= 70% of direct Triton
 throughput; dynamic batching gives >= 3x no batching.
 """
@@ -32,6 +36,7 @@ import argparse
 import asyncio
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -50,11 +55,21 @@ from bench.common import Latency, machine_line, ms, print_table, rate, ratio
 from plinth.events.v1 import events_pb2
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from plinth_common.auth import (
+    PRINCIPAL_HEADER,
+    InternalTokens,
+    Principal,
+    Role,
+    identity_interceptors,
+)
 from plinth_common.events import new_event
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
 
 MODEL = "bench-diabetes"
+TEAM = "bench"
+#: Who the benchmark calls serving as (the gateway would forward this identity).
+CALLER = Principal("bench", teams={TEAM: Role.DEVELOPER}, via="bench")
 
 
 class _StandInRegistry(registry_pb2_grpc.RegistryServiceServicer):
@@ -65,7 +80,9 @@ class _StandInRegistry(registry_pb2_grpc.RegistryServiceServicer):
     async def SearchModels(
         self, request: registry_pb2.SearchModelsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.SearchModelsResponse:
-        return registry_pb2.SearchModelsResponse(models=[registry_pb2.RegisteredModel(name=MODEL)])
+        return registry_pb2.SearchModelsResponse(
+            models=[registry_pb2.RegisteredModel(name=MODEL, team=TEAM)]
+        )
 
     async def GetModelVersionByAlias(
         self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
@@ -191,21 +208,30 @@ async def _measure(
     seconds: float,
     warmup: float,
     groups: dict[str, list[int]],
+    tokens: InternalTokens | None = None,
 ) -> None:
-    """Runs ``concurrency`` closed-loop callers; records the calls that end inside the window."""
+    """Runs ``concurrency`` closed-loop callers; records the calls that end inside the window.
+
+    With ``tokens``, every call carries :data:`CALLER`'s forwarded identity (minted once per
+    half lifetime, so the cost per call is a dictionary lookup).
+    """
     payload = _request(model)
     recording = stopping = False
+
+    def metadata() -> tuple[tuple[str, str], ...] | None:
+        return None if tokens is None else ((PRINCIPAL_HEADER, tokens.mint(CALLER)),)
+
     async with grpc.aio.insecure_channel(target) as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         kserve.ModelInferResponse.FromString(
-            await infer(payload, timeout=30)
+            await infer(payload, timeout=30, metadata=metadata())
         )  # fails loudly if broken
 
         async def caller() -> None:
             while not stopping:
                 started = time.perf_counter()
                 try:
-                    await infer(payload, timeout=30)
+                    await infer(payload, timeout=30, metadata=metadata())
                 except grpc.aio.AioRpcError:
                     result.errors += recording
                     continue
@@ -253,9 +279,13 @@ async def _wait_serving(
     raise RuntimeError(f"serving not SERVING after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
-async def _deploy(address: str, nats_url: str, source: str, timeout: float = 180) -> None:
+async def _deploy(
+    address: str, nats_url: str, source: str, tokens: InternalTokens, timeout: float = 180
+) -> None:
     """Creates the deployments, promotes the version, waits until both serve it."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(
+        address, interceptors=identity_interceptors(tokens, CALLER)
+    ) as channel:
         stub = serving_pb2_grpc.ServingServiceStub(channel)
         for name, delay, _ in DEPLOYMENTS.values():
             settings = serving_pb2.TritonSettings(
@@ -263,15 +293,15 @@ async def _deploy(address: str, nats_url: str, source: str, timeout: float = 180
             )
             await stub.CreateDeployment(
                 serving_pb2.CreateDeploymentRequest(
-                    name=name, team="bench", model_name=MODEL, triton=settings
+                    name=name, team=TEAM, model_name=MODEL, triton=settings
                 )
             )
         import nats
 
         promoted = events_pb2.ModelPromoted(
-            model_name=MODEL, alias="production", version="1", team="bench", source=source
+            model_name=MODEL, alias="production", version="1", team=TEAM, source=source
         )
-        event = new_event(promoted, source="/plinth/registry", subject=MODEL, team="bench")
+        event = new_event(promoted, source="/plinth/registry", subject=MODEL, team=TEAM)
         nc = await nats.connect(nats_url)
         try:
             await nc.jetstream().publish(event.type, event.data, headers=event.headers())
@@ -302,6 +332,8 @@ async def run(quick: bool) -> None:
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     process: subprocess.Popen[bytes] | None = None
     registry, registry_address = await _start_registry()
+    internal_key = secrets.token_hex(32)
+    tokens = InternalTokens(internal_key.encode())
     try:
         t0 = time.perf_counter()
         await nats_server.start()
@@ -313,6 +345,7 @@ async def run(quick: bool) -> None:
             PLINTH_TRITON_GRPC_PORT=str(triton_port),
             PLINTH_MLFLOW_TRACKING_URI=tracking_uri,
             PLINTH_REGISTRY_ADDR=registry_address,
+            PLINTH_INTERNAL_KEY=internal_key,
             PLINTH_LOG_LEVEL="WARNING",
             PYTHONUNBUFFERED="1",
         )
@@ -332,7 +365,7 @@ async def run(quick: bool) -> None:
         source = await asyncio.to_thread(_log_model, tracking_uri, work / "artifacts")
         address = f"127.0.0.1:{serving_port}"
         await _wait_serving(address, process, log_path)
-        await _deploy(address, nats_server.url, source)
+        await _deploy(address, nats_server.url, source, tokens)
         groups = {"serving": [process.pid], "triton": descendants(process.pid)}
         print(machine_line())
         print(
@@ -353,9 +386,9 @@ async def run(quick: bool) -> None:
         for label, (name, _, concurrencies) in DEPLOYMENTS.items():
             for concurrency in concurrencies:
                 for _ in range(rounds):
-                    for target_label, target, model in (
-                        ("triton", f"127.0.0.1:{triton_port}", f"{name}__v1"),
-                        ("plinth", address, name),
+                    for target_label, target, model, identity in (
+                        ("triton", f"127.0.0.1:{triton_port}", f"{name}__v1", None),
+                        ("plinth", address, name, tokens),
                     ):
                         result = results.setdefault((label, concurrency, target_label), Result())
                         await _measure(
@@ -366,6 +399,7 @@ async def run(quick: bool) -> None:
                             seconds=seconds,
                             warmup=warmup,
                             groups=groups,
+                            tokens=identity,
                         )
         rows = []
         for (label, concurrency, target_label), result in results.items():
