@@ -48,6 +48,7 @@ from bench.common import Latency, machine_line, ms, print_table, rate, ratio
 from examples.feature_repo.generate_data import FIRST_DRIVER_ID, definition_files, generate
 from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
+from plinth_common.auth import InternalTokens, Principal, identity_interceptors, load_internal_key
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port, wait_for_port
 
@@ -240,7 +241,13 @@ class PlinthPeer:
             cwd=ROOT,
         )
         await wait_for_port("127.0.0.1", self.port, timeout=60)
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        # Called as the gateway forwards calls: with an identity signed by the platform's key
+        # (the service created it under its data dir), so the figures include its check.
+        tokens = InternalTokens(load_internal_key("", self.data_dir / "run" / "internal.key"))
+        self.channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{self.port}",
+            interceptors=identity_interceptors(tokens, Principal("bench", admin=True)),
+        )
         self.stub = features_pb2_grpc.FeaturesServiceStub(self.channel)
         health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + 120

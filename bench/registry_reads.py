@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -179,10 +180,13 @@ async def measure(
 ) -> None:
     from mlflow import MlflowClient
 
+    # The tracking server runs MLflow's basic-auth app: log the seed run as its admin.
+    user, password = cached.mlflow_admin_credentials
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     run_id = await asyncio.to_thread(log_model_run, cached.mlflow_url, root)
     channels = {
-        "plinth cached": grpc.aio.insecure_channel(cached.address("registry")),
-        "plinth read-through": grpc.aio.insecure_channel(through.address("registry")),
+        "plinth cached": cached.service_channel("registry"),
+        "plinth read-through": through.service_channel("registry"),
     }
     try:
         stubs = {name: registry_pb2_grpc.RegistryServiceStub(ch) for name, ch in channels.items()}

@@ -38,11 +38,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.status import Status
 
+from plinth_common.auth import InternalTokens, Principal, identity_interceptors, load_internal_key
 from plinth_common.config import (
     DEFAULT_GATEWAY_HTTP_PORT,
     DEFAULT_MLFLOW_PORT,
     DEFAULT_NATS_URL,
     DEFAULT_PORTS,
+    CommonSettings,
     Env,
     admin_key_file,
     default_data_dir,
@@ -65,6 +67,8 @@ Report = Callable[[str], None]
 """Told one console line about a supervised service (exit, restart, giving up)."""
 
 log = logging.getLogger(__name__)
+#: Who benchmarks and tests act as when they call a service port directly.
+LOCAL_ADMIN = Principal("local-admin", admin=True, via="internal")
 
 
 def supervisor_status_path(data_dir: Path) -> Path:
@@ -330,6 +334,25 @@ class LocalPlatform:
             return self.admin_key_file.read_text().strip()
         except FileNotFoundError:
             return ""
+
+    @property
+    def tokens(self) -> InternalTokens:
+        """Mints the identity the gateway forwards, with this platform's internal key."""
+        settings = CommonSettings.from_env("gateway", Env(self.service_env("gateway")))
+        return InternalTokens(load_internal_key(settings.internal_key, settings.internal_key_file))
+
+    def service_channel(self, service: str, principal: Principal = LOCAL_ADMIN) -> grpc.aio.Channel:
+        """A channel straight to a service's port whose calls carry ``principal`` as the gateway
+        would forward it (benchmarks and tests that measure a service without the gateway)."""
+        return grpc.aio.insecure_channel(
+            self.address(service), interceptors=identity_interceptors(self.tokens, principal)
+        )
+
+    @property
+    def mlflow_admin_credentials(self) -> tuple[str, str]:
+        """The MLflow tracking server's admin user and password, as the registry reads them."""
+        env = Env(self.service_env("registry"))
+        return CommonSettings.from_env("registry", env).mlflow_admin_credentials(env)
 
     @property
     def logs_dir(self) -> Path:

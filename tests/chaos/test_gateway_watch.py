@@ -39,13 +39,14 @@ class Watcher:
     synchronous) until the END event; keeps the subject and sequence of every event."""
 
     gateway: str
+    api_key: str
     seen: list[tuple[int, str]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     error: BaseException | None = None
     live: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.client = Plinth(self.gateway, timeout=10)
+        self.client = Plinth(self.gateway, timeout=10, api_key=self.api_key)
         self.thread = threading.Thread(target=self._run, name="chaos-watcher", daemon=True)
 
     def _run(self) -> None:
@@ -79,7 +80,7 @@ async def test_gateway_killed_while_a_watcher_is_connected_misses_and_repeats_no
 ) -> None:
     platform = await chaos_platform(services=("gateway",))
     nc = await nats.connect(platform.nats_url)
-    watcher = Watcher(platform.address("gateway"))
+    watcher = Watcher(platform.address("gateway"), platform.admin_key)
     try:
         js = nc.jetstream()
         watcher.thread.start()

@@ -17,6 +17,7 @@ import pytest
 
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.auth import bearer_interceptors
 from plinth_common.net import port_accepts
 from tests.chaos.conftest import StartPlatform, event_counts
 from tests.helpers import eventually
@@ -41,7 +42,9 @@ async def test_nats_killed_is_restarted_and_no_event_is_lost(
     old_pid = nats.pid
     killed = time.monotonic()
     os.kill(old_pid, signal.SIGKILL)
-    async with grpc.aio.insecure_channel(platform.address("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        platform.address("gateway"), interceptors=bearer_interceptors(platform.admin_key)
+    ) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         during = await _submit(stub, "chaos-during-outage")  # the outbox keeps its events
 

@@ -31,6 +31,7 @@ import pytest
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.auth import bearer_interceptors
 from plinth_common.devstack import LocalPlatform, RestartPolicy
 from tests.chaos.conftest import (
     StartPlatform,
@@ -75,7 +76,9 @@ async def test_scheduler_killed_while_jobs_run_and_queue_heals_without_losing_a_
         env={"PLINTH_SCHEDULER_CPU": "2"},
         policy=RestartPolicy(burst=3),
     )
-    async with grpc.aio.insecure_channel(platform.address("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        platform.address("gateway"), interceptors=bearer_interceptors(platform.admin_key)
+    ) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         ids = []
         for index in range(4):
@@ -182,7 +185,9 @@ async def test_registry_killed_before_registration_registers_the_version_exactly
         f'"{sys.executable}" examples/train_diabetes.py --n-estimators 5 '
         f'&& kill -9 "$CHAOS_REGISTRY_PID"'
     )
-    async with grpc.aio.insecure_channel(platform.address("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        platform.address("gateway"), interceptors=bearer_interceptors(platform.admin_key)
+    ) as channel:
         jobs = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         registry = registry_pb2_grpc.RegistryServiceStub(channel)
         spec = pb.JobSpec(

@@ -3,7 +3,9 @@ starts them, on ephemeral ports, exporting spans to an OTLP receiver the tests r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -35,6 +37,24 @@ async def platform(
     local = LocalPlatform(config)
     try:
         await local.start(timeout=180)
-        yield local
+        # The tests read MLflow directly, as its admin (the tracking server runs MLflow's
+        # basic-auth app; jobs get their own team's user).
+        user, password = local.mlflow_admin_credentials
+        with _environ(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password):
+            yield local
     finally:
         await local.stop()
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old

@@ -30,10 +30,15 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "diabetes-golden"
 
 
+def bearer(platform: LocalPlatform) -> dict[str, str]:
+    """The header a stock client sends to authenticate as the local platform's admin."""
+    return {"authorization": f"Bearer {platform.admin_key}"}
+
+
 async def test_train_register_promote_deploy_infer(
     platform: LocalPlatform, receiver: OtlpReceiver
 ) -> None:
-    plinth = Plinth(platform.address("gateway"), timeout=60)
+    plinth = Plinth(platform.address("gateway"), timeout=60, api_key=platform.admin_key)
     nc = await nats.connect(platform.nats_url)
     promoted: list[Msg] = []
 
@@ -86,10 +91,11 @@ async def test_train_register_promote_deploy_infer(
         ).reshape(-1)
 
         client = triton_grpc.InferenceServerClient(url=platform.address("gateway"))
-        assert client.is_server_live() and client.is_model_ready(MODEL)
+        auth = bearer(platform)
+        assert client.is_server_live(headers=auth) and client.is_model_ready(MODEL, headers=auth)
         tensor = triton_grpc.InferInput("input", list(rows.shape), "FP64")
         tensor.set_data_from_numpy(rows.to_numpy(dtype=np.float64))
-        result = await asyncio.to_thread(client.infer, MODEL, [tensor])
+        result = await asyncio.to_thread(client.infer, MODEL, [tensor], headers=auth)
         assert np.allclose(result.as_numpy("predictions").reshape(-1), expected)
 
         body = json.dumps(
@@ -107,7 +113,7 @@ async def test_train_register_promote_deploy_infer(
         request = urllib.request.Request(
             f"{platform.http_url}/v2/models/{MODEL}/infer",
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **bearer(platform)},
         )
         reply = json.loads(
             await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=30).read())
@@ -158,14 +164,16 @@ async def test_unknown_deployment_and_bad_tensor_are_clear_errors(platform: Loca
     tensor = triton_grpc.InferInput("input", [1, 10], "FP64")
     tensor.set_data_from_numpy(np.zeros((1, 10)))
     with pytest.raises(Exception) as caught:
-        await asyncio.to_thread(client.infer, "no-such-deployment", [tensor])
+        await asyncio.to_thread(
+            client.infer, "no-such-deployment", [tensor], headers=bearer(platform)
+        )
     assert "no-such-deployment" in str(caught.value) and "NOT_FOUND" in str(
         caught.value
     ).upper().replace(" ", "_")
 
 
 async def test_features_online_through_the_gateway(platform: LocalPlatform) -> None:
-    plinth = Plinth(platform.address("gateway"), timeout=120)
+    plinth = Plinth(platform.address("gateway"), timeout=120, api_key=platform.admin_key)
     try:
         data_dir = platform.config.data_dir / "feast" / "data"
         proc = await asyncio.create_subprocess_exec(

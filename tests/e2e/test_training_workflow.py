@@ -21,6 +21,7 @@ from plinth.events.v1 import events_pb2
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.auth import bearer_interceptors
 from plinth_common.devstack import LocalPlatform
 from tests.helpers import eventually
 from tests.otlp import PRODUCER, SERVER, OtlpReceiver, ReceivedSpan, spans_in_trace_of
@@ -41,7 +42,9 @@ async def test_every_service_reports_serving_through_health(platform: LocalPlatf
 async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(
     platform: LocalPlatform, receiver: OtlpReceiver
 ) -> None:
-    async with grpc.aio.insecure_channel(platform.address("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        platform.address("gateway"), interceptors=bearer_interceptors(platform.admin_key)
+    ) as channel:
         jobs = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         events = gateway_pb2_grpc.EventServiceStub(channel)
         watch = events.WatchEvents(
@@ -111,7 +114,11 @@ async def test_training_job_through_gateway_logs_to_mlflow_in_one_trace(
 
 
 def _plinth(platform: LocalPlatform, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PLINTH_GATEWAY": platform.address("gateway")}
+    env = {
+        **os.environ,
+        "PLINTH_GATEWAY": platform.address("gateway"),
+        "PLINTH_API_KEY": platform.admin_key,
+    }
     return subprocess.run(
         [str(Path(sys.executable).with_name("plinth")), *args],
         env=env,
