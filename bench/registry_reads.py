@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench.common import Latency, machine_line, print_table, ratio
 from plinth.registry.v1 import registry_pb2 as pb
 from plinth.registry.v1 import registry_pb2_grpc
