@@ -287,6 +287,8 @@ def describe_request(request: Message | None) -> tuple[str, str]:
         inner_fields = {f.name: v for f, v in inner.ListFields()}
         team = team or inner_fields.get("team", "")
         fields = {**inner_fields, **fields}
+    if not team and request.DESCRIPTOR.full_name == "plinth.gateway.v1.CreateTeamRequest":
+        team = fields.get("name", "")  # the team the call creates
     resource = next((str(fields[name]) for name in _RESOURCE_FIELDS if name in fields), "")
     if resource and "alias" in fields:
         resource = f"{resource}@{fields['alias']}"

@@ -1,5 +1,8 @@
 """The gateway in front of a real scheduler (and a stand-in for serving): forwarding, rich
-errors over gRPC and HTTP, a down upstream named, deadlines, the event stream, fuzzed bytes."""
+errors over gRPC and HTTP, a down upstream named, deadlines, the event stream, fuzzed bytes.
+
+Authentication is on: the tests call as the gateway's bootstrap admin key (what `make run`
+writes); access rules themselves are tested in test_gateway_auth.py."""
 
 from __future__ import annotations
 
@@ -72,6 +75,39 @@ class ServingStandIn(inference_grpc.GRPCInferenceServiceServicer):
         raise NotFound("deployment", request.model_name, hint="deployments: fraud")
 
 
+class _Bearer:
+    """Adds ``authorization: Bearer <key>`` to a call."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("authorization", f"Bearer {self._key}")
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+def bearer_channel(target: str, key: str) -> grpc.aio.Channel:
+    """A channel whose every call carries ``key`` as its credential."""
+    return grpc.aio.insecure_channel(target, interceptors=[_BearerUnary(key), _BearerStream(key)])
+
+
 @dataclass
 class Platform:
     scheduler: SchedulerApp
@@ -91,7 +127,8 @@ class Platform:
         self, types: list[str], team: str, **start: Any
     ) -> tuple[list[gateway_pb2.Event], asyncio.Task[None]]:
         """A watch (``since=`` / ``after_sequence=``: from there on): returns once the gateway
-        says its subscription is in place."""
+        says its subscription is in place. A watch of every type leaves out the audit events
+        (these tests submit as an admin, and each submission is audited for its team)."""
         stream = self.events.WatchEvents(
             gateway_pb2.WatchEventsRequest(types=types, team=team, **start)
         )
@@ -100,14 +137,20 @@ class Platform:
 
         async def collect() -> None:
             async for event in stream:
-                received.append(event)
+                if types or event.type != "plinth.audit.recorded":
+                    received.append(event)
 
         return received, asyncio.create_task(collect())
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def platform(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Platform]:
-    scheduler = SchedulerApp(SchedulerSettings.from_env(service_env(tmp_path, nats_server.url)))
+    # No registry here: jobs get no team MLflow credentials (they would wait for the registry).
+    scheduler = SchedulerApp(
+        SchedulerSettings.from_env(
+            service_env(tmp_path, nats_server.url, PLINTH_SCHEDULER_MLFLOW_AUTH="none")
+        )
+    )
     await scheduler.start()
     serving = GrpcServer(host="127.0.0.1", port=0)
     serving.add(
@@ -124,12 +167,16 @@ async def platform(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Pla
                 PLINTH_REGISTRY_ADDR=f"127.0.0.1:{unused}",
                 PLINTH_FEATURES_ADDR=f"127.0.0.1:{unused}",
                 PLINTH_SERVING_ADDR=f"127.0.0.1:{serving.port}",
+                PLINTH_GATEWAY_BOOTSTRAP_ADMIN_KEY_FILE=str(tmp_path / "admin.key"),
             )
         )
     )
     await gateway.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
-    http = aiohttp.ClientSession(f"http://127.0.0.1:{gateway.http_port}")
+    channel = bearer_channel(f"127.0.0.1:{gateway.port}", gateway.admin_key)
+    http = aiohttp.ClientSession(
+        f"http://127.0.0.1:{gateway.http_port}",
+        headers={"Authorization": f"Bearer {gateway.admin_key}"},
+    )
     yield Platform(scheduler, gateway, channel, http)
     await http.close()
     await channel.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,9 @@ class Issuer:
         return jwt.encode(claims, private, algorithm=algorithm, headers={"kid": kid})
 
 
-@pytest_asyncio.fixture
-async def issuer() -> AsyncIterator[Issuer]:
+@asynccontextmanager
+async def serve_issuer() -> AsyncIterator[Issuer]:
+    """An :class:`Issuer` serving on loopback, with an RSA key ``k1``."""
     state = Issuer()
 
     async def discovery(request: web.Request) -> web.Response:
@@ -94,8 +96,16 @@ async def issuer() -> AsyncIterator[Issuer]:
     await site.start()
     state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     state.add_rsa("k1")
-    yield state
-    await runner.cleanup()
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def issuer() -> AsyncIterator[Issuer]:
+    async with serve_issuer() as state:
+        yield state
 
 
 def _verifier(issuer: Issuer, **settings: Any) -> OidcVerifier:
