@@ -113,7 +113,8 @@ class VersionRef:
 
 @dataclass(frozen=True, kw_only=True)
 class Promotion:
-    """An alias moved (the payload of ``plinth.model.promoted`` plus the event's time)."""
+    """An alias moved (the payload of ``plinth.model.promoted`` plus the event's time); ``team``
+    owns the model ('' when the event does not say)."""
 
     model_name: str
     alias: str
@@ -121,6 +122,7 @@ class Promotion:
     source: str
     run_id: str
     time: datetime
+    team: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -85,5 +85,6 @@ class PromotionHandler:
                 source=payload.source,
                 run_id=payload.run_id,
                 time=event.time,
+                team=payload.team,
             ),
         )

@@ -280,6 +280,10 @@ class ServingService:
         at = domain.now()
         traceparent = traceparent_of_current().get("traceparent", "")
         following = await self._store.following(session, promotion.model_name, promotion.alias)
+        if promotion.team:
+            # Deployments follow models of their own team only (checked at creation); another
+            # team's model of the same name (deleted and registered again) moves none of them.
+            following = [d for d in following if d.team == promotion.team]
         for d in following:
             changed = domain.retarget(d, promotion, traceparent=traceparent, at=at)
             if changed is d:

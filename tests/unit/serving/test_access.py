@@ -5,13 +5,14 @@ exist), and the in-memory table inference is authorized against."""
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime
 
 import pytest
 from tritonclient.grpc import service_pb2 as kserve
 
 from plinth_common.auth import Principal, Role, acting_as
 from plinth_common.errors import InvalidArgument, NotFound, PermissionDenied
-from services.serving.domain import DeploymentAccess
+from services.serving.domain import DeploymentAccess, Promotion
 from services.serving.inference import InferenceProxy
 from services.serving.service import ServingService
 from services.serving.store import DeploymentStore
@@ -199,3 +200,23 @@ async def test_the_access_table_follows_creates_shares_and_deletes(serving: Serv
     assert "diab" in serving.service.access_table()
     await serving.service.delete(ML_MAINTAINER, "diab")
     assert serving.service.access_table() == {}
+
+
+async def test_a_promotion_of_another_teams_model_moves_no_deployment(serving: Serving) -> None:
+    await serving.service.create(ML_DEV, spec("diab"))
+    foreign = Promotion(
+        model_name="diabetes",
+        alias="production",
+        version="5",
+        source="models:/m-5",
+        run_id="r",
+        time=datetime(2026, 1, 1, tzinfo=UTC),
+        team="vision",
+    )
+    async with serving.db.transaction() as session:
+        assert await serving.service.on_promoted(session, foreign) == 0
+    assert (await serving.service.get(ADMIN, "diab")).target_version == ""
+    own = dataclasses.replace(foreign, team="ml")
+    async with serving.db.transaction() as session:
+        assert await serving.service.on_promoted(session, own) == 1
+    assert (await serving.service.get(ADMIN, "diab")).target_version == "5"
