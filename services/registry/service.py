@@ -28,7 +28,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from plinth_common.auth.access import may, require
+from plinth_common.auth.access import denied, may, require
 from plinth_common.auth.permissions import (
     MLFLOW_CREDENTIALS,
     MODELS_APPROVE,
@@ -541,11 +541,21 @@ class RegistryService:
         )
 
     async def _require_model(
-        self, principal: Principal, permission: Permission, name: str, *, role: Role | None = None
+        self,
+        principal: Principal,
+        permission: Permission,
+        name: str,
+        *,
+        role: Role | None = None,
+        target: str = "",
     ) -> str:
-        """Checks the caller against the model's team (NOT_FOUND as for a missing model)."""
+        """Checks the caller against the model's team: NOT_FOUND exactly as for a missing
+        model; a role too low names ``target`` (``diabetes@production``), default the model."""
         team = await self._team(name)
-        require(principal, permission, team, kind=_MODEL, name=name, role=role)
+        try:
+            require(principal, permission, team, kind=_MODEL, name=name, role=role)
+        except PermissionDenied:
+            raise denied(permission, target or name, role or permission.role) from None
         return team
 
     async def version_by_alias(self, principal: Principal, name: str, alias: str) -> ModelVersion:
@@ -703,7 +713,13 @@ class RegistryService:
         check_model_name(name)
         check_alias(alias)
         check_version(version)
-        await self._require_model(principal, MODELS_PROMOTE, name, role=self._promote_role(alias))
+        await self._require_model(
+            principal,
+            MODELS_PROMOTE,
+            name,
+            role=self._promote_role(alias),
+            target=f"{name}@{alias}",
+        )
         async with self._write_lock(name):
             model = await self._model(name)
             _check_owner(model, team)
@@ -837,7 +853,13 @@ class RegistryService:
         """
         check_model_name(name)
         check_alias(alias)
-        await self._require_model(principal, MODELS_PROMOTE, name, role=self._promote_role(alias))
+        await self._require_model(
+            principal,
+            MODELS_PROMOTE,
+            name,
+            role=self._promote_role(alias),
+            target=f"{name}@{alias}",
+        )
         async with self._write_lock(name):
             model = await self._model(name)
             _check_owner(model, team)

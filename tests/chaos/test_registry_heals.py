@@ -34,7 +34,7 @@ from plinth_common.process import group_alive
 from plinth_common.rich_status import details_of
 from services.registry.app import RegistryApp, RegistrySettings
 from tests.component.test_registry import Trainer
-from tests.helpers import EventRecorder, eventually, service_env
+from tests.helpers import EventRecorder, channel_as, eventually, service_env
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="session")]
 
@@ -48,16 +48,25 @@ TEAM = "ml"
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def registry(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[RegistryApp]:
+async def registry(
+    tmp_path: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RegistryApp]:
     skip_feast_mlflow_header_provider()  # else the trainer's first call imports Feast
+    admin_password = "chaos-registry-mlflow-admin-0123"
     env = service_env(
         tmp_path / "data",
         nats_server.url,
         PLINTH_MLFLOW_PORT=str(free_tcp_port()),
         # A second before the first restart: the outage is long enough to observe.
         PLINTH_MLFLOW_RESTART_BACKOFF_S="1.0",
+        PLINTH_MLFLOW_ADMIN_PASSWORD=admin_password,
     )
     app = RegistryApp(RegistrySettings.from_env(env))
+    # The trainer logs to the registry's MLflow (basic-auth) as its admin.
+    auth = app.settings.mlflow.auth
+    assert auth is not None
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", auth.admin_username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_password)
     try:
         await app.start()
         await app.wait_ready(timeout=120)
@@ -83,7 +92,7 @@ async def test_mlflow_killed_while_a_job_finishes_heals_and_registers_once(
     trainer = await asyncio.to_thread(Trainer, app.mlflow.tracking_uri, model_dir)
     run_id = await asyncio.to_thread(trainer.train, {"rmse": 52.0})  # the job logged its model
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    channel = channel_as(f"127.0.0.1:{app.port}")
     bus = EventBus(nats_server.url, name="chaos-registry")
     await bus.start()
     try:

@@ -27,7 +27,7 @@ from services.registry.app import RegistryApp, RegistrySettings
 from services.registry.mlflow_engine import MlflowServer, MlflowSettings
 from services.registry.store import outbox_table
 from tests.component.test_registry import Trainer, finished
-from tests.helpers import EventRecorder, eventually, service_env
+from tests.helpers import EventRecorder, channel_as, eventually, service_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -94,6 +94,8 @@ async def test_registry_registers_and_promotes_on_postgres(
         PLINTH_REGISTRY_DATABASE_URL=postgres_database,
         PLINTH_MLFLOW_URL=server.tracking_uri,
         PLINTH_MLFLOW_BACKEND_STORE_URI=mlflow_database,
+        # This test's MLflow runs open (the PostgreSQL store is what it is about).
+        PLINTH_MLFLOW_AUTH="false",
     )
     app = RegistryApp(RegistrySettings.from_env(env))
     bus = EventBus(nats_server.url, name="registry-pg-test")
@@ -108,7 +110,7 @@ async def test_registry_registers_and_promotes_on_postgres(
         bad = await asyncio.to_thread(trainer.train, {"rmse": 70.0})
         name = f"pg-{uuid.uuid4().hex[:8]}"
         async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+            channel_as(f"127.0.0.1:{app.port}") as channel,
             EventRecorder(nats_server.url) as recorder,
         ):
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
