@@ -1,6 +1,7 @@
 """The ``plinth`` command line: jobs, events, models, runs, deployments, inference and
-features through the Plinth gateway, one module per command group (on Click, printing with
-Rich).
+features through the Plinth gateway, and login, whoami, teams, keys and audit; one module per
+command group (on Click, printing with Rich). Every call carries the API key
+:mod:`plinth_sdk.credentials` finds.
 
 Exit codes: 0 success, 1 the server refused or failed (or ``jobs wait`` saw no success,
 or a deployment failed to become ready), 2 a usage error, 130 interrupted.
@@ -18,15 +19,19 @@ from typing import Any
 import click
 
 from plinth_sdk.cli import infer
+from plinth_sdk.cli.audit import audit
+from plinth_sdk.cli.auth import login, logout, whoami
 from plinth_sdk.cli.base import GATEWAY_HELP, error_line
 from plinth_sdk.cli.deployments import deployments
 from plinth_sdk.cli.events import events
 from plinth_sdk.cli.features import features
 from plinth_sdk.cli.jobs import jobs
+from plinth_sdk.cli.keys import keys
 from plinth_sdk.cli.models import models
 from plinth_sdk.cli.output import stderr_line
 from plinth_sdk.cli.runs import runs
 from plinth_sdk.cli.status import status
+from plinth_sdk.cli.teams import teams
 from plinth_sdk.errors import PlinthClientError
 
 __all__ = ["PlinthGroup", "main", "plinth"]
@@ -76,7 +81,21 @@ def plinth(gateway: str | None) -> None:
     del gateway  # read by the leaf commands through the root context
 
 
-for _group in (jobs, events, models, runs, deployments, features, status):
+for _group in (
+    jobs,
+    events,
+    models,
+    runs,
+    deployments,
+    features,
+    status,
+    login,
+    logout,
+    whoami,
+    teams,
+    keys,
+    audit,
+):
     plinth.add_command(_group)
 infer.register(plinth)
 

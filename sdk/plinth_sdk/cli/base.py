@@ -15,7 +15,7 @@ import click
 from plinth_sdk.client import Plinth
 from plinth_sdk.errors import ApprovalRequired, PlinthClientError
 from plinth_sdk.models import JobState
-from plinth_sdk.transport import GATEWAY_ENV
+from plinth_sdk.transport import GATEWAY_ENV, resolve_target
 
 __all__ = [
     "ISO_TIME",
@@ -26,6 +26,7 @@ __all__ = [
     "PlinthCommand",
     "error_line",
     "leaf",
+    "leaf_target",
 ]
 
 #: Separates the values of one occurrence of a grouped option (``--entity a=1 b=2``): no
@@ -98,10 +99,18 @@ def _is_option(arg: str) -> bool:
     return arg.startswith("-") and len(arg) > 1
 
 
+def leaf_target(gateway: str | None) -> str:
+    """The gateway a command talks to: its own ``--gateway``, the root's, ``$PLINTH_GATEWAY``,
+    else ``127.0.0.1:50051``."""
+    root = click.get_current_context().find_root().params.get("gateway")
+    return resolve_target(gateway or root)
+
+
 def leaf(
-    group: click.Group, name: str, *, help: str, output: bool = True, **settings: Any
+    group: click.Group | None, name: str, *, help: str, output: bool = True, **settings: Any
 ) -> Callable[[Callable[..., int]], click.Command]:
-    """Declares a command of ``group`` whose function takes the client first.
+    """Declares a command of ``group`` (None: a command the root adds itself) whose function
+    takes the client first.
 
     The command accepts ``--gateway`` (also after the command words) and, with ``output``,
     ``-o table|json``; its function returns the exit code.
@@ -110,8 +119,7 @@ def leaf(
     def decorate(function: Callable[..., int]) -> click.Command:
         @functools.wraps(function)
         def callback(gateway: str | None, **params: Any) -> int:
-            target = gateway or click.get_current_context().find_root().params.get("gateway")
-            with Plinth(target) as client:
+            with Plinth(leaf_target(gateway)) as client:
                 return function(client, **params)
 
         callback = click.option("--gateway", metavar="ADDR", default=None, hidden=True)(callback)
@@ -119,6 +127,8 @@ def leaf(
             callback = click.option(
                 "-o", "--output", type=OUTPUT, default="table", help="output format"
             )(callback)
+        if group is None:
+            return click.command(name, cls=PlinthCommand, help=help, **settings)(callback)
         return group.command(name, cls=PlinthCommand, help=help, **settings)(callback)
 
     return decorate
@@ -176,5 +186,15 @@ def error_line(err: PlinthClientError) -> str:
     """The one line the CLI prints for a failed call (without the ``plinth:`` prefix)."""
     message = err.message
     if isinstance(err, ApprovalRequired):
-        message = _API_APPROVAL_HINT.sub("", message) + "; pass --approve to approve it"
+        message = _approval_line(message)
     return " ".join(f"{err.code}: {message}".split())
+
+
+def _approval_line(message: str) -> str:
+    """The registry's approval message in CLI words: its hint of the API field becomes
+    ``--approve``; a hint of who else must approve (four-eyes) names ``plinth models
+    approve`` instead of the RPC."""
+    without_field = _API_APPROVAL_HINT.sub("", message)
+    if without_field != message or ":" not in message:
+        return without_field + "; pass --approve to approve it"
+    return message.replace("ApproveModelVersion", "`plinth models approve`")

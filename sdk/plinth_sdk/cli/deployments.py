@@ -1,4 +1,4 @@
-"""``plinth deployments``: create, get, list, delete, wait."""
+"""``plinth deployments``: create, get, list, delete, wait, share."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from itertools import islice
 import click
 
 from plinth_common.names import DEFAULT_ALIAS
-from plinth_sdk.cli.base import NON_NEGATIVE, leaf
+from plinth_sdk.cli.base import NON_NEGATIVE, MultiValueOption, leaf
 from plinth_sdk.cli.output import print_fields, print_json, print_table, time_text
 from plinth_sdk.cli.progress import spinner
 from plinth_sdk.client import Plinth
@@ -51,6 +51,13 @@ def deployments() -> None:
     metavar="K",
     help="CPU model instances, 1-16 (default: 1)",
 )
+@click.option(
+    "--share",
+    "shared_with",
+    cls=MultiValueOption,
+    metavar="TEAM",
+    help="teams that may call it for inference, read-only (several values, repeatable)",
+)
 @click.option("--wait", "wait_", is_flag=True, help="wait until it is ready")
 @click.option("--timeout", type=float, metavar="S", help="with --wait: give up after S seconds")
 def create(
@@ -63,6 +70,7 @@ def create(
     max_batch_size: int,
     batch_delay_us: int,
     instances: int,
+    shared_with: tuple[str, ...],
     wait_: bool,
     timeout: float | None,
     output: str,
@@ -76,6 +84,7 @@ def create(
         max_batch_size=max_batch_size,
         max_queue_delay_us=batch_delay_us,
         instance_count=instances,
+        shared_with=shared_with,
     )
     if wait_:
         deployment = _wait(client, name, timeout=timeout, version=None)
@@ -116,6 +125,23 @@ def delete(client: Plinth, *, name: str, output: str) -> int:
         print_json({"name": name, "deleted": True})
     else:
         print(f"deleted deployment {name}")
+    return 0
+
+
+@leaf(
+    deployments,
+    "share",
+    help="Set the teams that may call a deployment for inference, read-only (a maintainer of "
+    "its team). The teams given replace the ones before; --none shares it with no one.",
+)
+@click.argument("name", metavar="NAME")
+@click.argument("teams", metavar="TEAM...", nargs=-1)
+@click.option("--none", "unshare", is_flag=True, help="share it with no team")
+def share(client: Plinth, *, name: str, teams: tuple[str, ...], unshare: bool, output: str) -> int:
+    """Shares a deployment with teams."""
+    if unshare == bool(teams):
+        raise click.UsageError("name the teams to share it with, or pass --none (not both)")
+    print_deployment(client.deployments.share(name, teams), output)
     return 0
 
 
@@ -181,6 +207,7 @@ def print_deployment(deployment: Deployment, output: str) -> None:
             ("LOADING", deployment.loading_version),
             ("TARGET", deployment.target_version),
             ("BATCHING", batching),
+            ("SHARED WITH", ", ".join(deployment.shared_with)),
             ("ERROR", deployment.last_error),
             ("CREATED", time_text(deployment.created_at)),
             ("UPDATED", time_text(deployment.updated_at)),

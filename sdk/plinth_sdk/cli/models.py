@@ -1,4 +1,4 @@
-"""``plinth models``: list, versions, promote, policy."""
+"""``plinth models``: list, versions, promote, approve, policy."""
 
 from __future__ import annotations
 
@@ -20,10 +20,17 @@ from plinth_sdk.cli.output import (
 from plinth_sdk.cli.progress import spinner
 from plinth_sdk.client import Plinth
 from plinth_sdk.errors import NotFound
-from plinth_sdk.models import Job, ModelVersion, PolicyReport, PolicyRule, RegisteredModel
+from plinth_sdk.models import (
+    Job,
+    ModelVersion,
+    PolicyReport,
+    PolicyRule,
+    PromotionPolicy,
+    RegisteredModel,
+)
 from plinth_sdk.waiting import poll_until
 
-__all__ = ["metrics_text", "models"]
+__all__ = ["approval_text", "metrics_text", "models"]
 
 _MODEL_COLUMNS = ("NAME", "TEAM", "LATEST", "ALIASES", "POLICY")
 _VERSION_COLUMNS = ("VERSION", "STATUS", "ALIASES", "CREATED", "RUN", "JOB", "METRICS")
@@ -198,16 +205,55 @@ def promote(
         print_json({"alias": alias, **promotion.to_dict()})
         return 0
     promoted = promotion.version
-    print_table(
-        None,
+    rows = [
+        ["MODEL", promoted.name],
+        ["ALIAS", alias],
+        ["VERSION", promoted.version],
+        ["PREVIOUS", promotion.previous_version or "-"],
+        ["RUN", promoted.run_id or "-"],
+        ["METRICS", metrics_text(promoted.metrics) or "-"],
+    ]
+    moved = promoted.last_promotion(alias)
+    if moved is not None:  # servers before approvals send no history
+        rows += [
+            ["PROMOTED BY", moved.promoted_by or "-"],
+            ["APPROVED BY", moved.approved_by or "-"],
+        ]
+    print_table(None, rows)
+    return 0
+
+
+@leaf(
+    models,
+    "approve",
+    help="Record your approval of a version for an alias (a maintainer of the model's team). "
+    "Where the policy requires approval, the alias may then move to it; with four-eyes, only "
+    "someone else's promotion counts your approval.",
+)
+@click.argument("name", metavar="NAME")
+@click.argument("version", metavar="VERSION")
+@click.option(
+    "--alias", default=DEFAULT_ALIAS, help=f"alias it is approved for (default: {DEFAULT_ALIAS})"
+)
+@click.option("--comment", default="", help="why, kept with the approval")
+def approve(
+    client: Plinth, *, name: str, version: str, alias: str, comment: str, output: str
+) -> int:
+    """Approves a version for an alias."""
+    approved = client.models.approve(name, version, alias=alias, comment=comment)
+    if output == "json":
+        print_json(approved.to_dict())
+        return 0
+    approval = approved.approval
+    print_fields(
         [
-            ["MODEL", promoted.name],
-            ["ALIAS", alias],
-            ["VERSION", promoted.version],
-            ["PREVIOUS", promotion.previous_version or "-"],
-            ["RUN", promoted.run_id or "-"],
-            ["METRICS", metrics_text(promoted.metrics) or "-"],
-        ],
+            ("MODEL", approved.version.name or name),
+            ("VERSION", approved.version.version or version),
+            ("ALIAS", approval.alias or alias),
+            ("APPROVED BY", approval.approved_by),
+            ("APPROVED AT", time_text(approval.approved_at)),
+            ("COMMENT", approval.comment),
+        ]
     )
     return 0
 
@@ -218,7 +264,8 @@ def promote(
     help="Show or change a model's promotion policy. With no option it shows the policy. "
     "A change keeps what it does not name: --rule adds a rule (replacing the rule on that "
     "metric with the same operator), --remove-rule removes a metric's rules, "
-    "--[no-]require-approval and --alias/--all-aliases set those parts. --replace makes the "
+    "--[no-]require-approval, --[no-]four-eyes and --alias/--all-aliases set those parts. "
+    "--replace makes the "
     "options given the whole policy; --clear removes it. Every change prints the whole "
     "resulting policy, and warns of a rule on a metric no version of the model has.",
 )
@@ -252,6 +299,13 @@ def promote(
 )
 @click.option("--all-aliases", is_flag=True, help="guard every alias")
 @click.option(
+    "--four-eyes/--no-four-eyes",
+    "four_eyes",
+    default=None,
+    help="the approval must (or need not) come from someone other than the promoter, "
+    "recorded with `plinth models approve` (default: unchanged)",
+)
+@click.option(
     "--replace",
     is_flag=True,
     help="make the options given the whole policy (what they do not set is dropped)",
@@ -267,6 +321,7 @@ def policy(
     require_approval: bool | None,
     aliases: tuple[str, ...],
     all_aliases: bool,
+    four_eyes: bool | None,
     replace: bool,
     clear: bool,
     team: str | None,
@@ -279,6 +334,7 @@ def policy(
         require_approval=require_approval,
         aliases=aliases,
         all_aliases=all_aliases,
+        four_eyes=four_eyes,
         replace=replace,
         clear=clear,
     )
@@ -290,9 +346,21 @@ def policy(
         report = client.models.set_policy(name, team=team)
     elif replace:
         report = client.models.set_policy(
-            name, parsed, require_approval=bool(require_approval), aliases=aliases, team=team
+            name,
+            parsed,
+            require_approval=bool(require_approval),
+            aliases=aliases,
+            team=team,
+            require_distinct_approver=bool(four_eyes),
         )
-    elif parsed or removed or require_approval is not None or aliases or all_aliases:
+    elif (
+        parsed
+        or removed
+        or require_approval is not None
+        or aliases
+        or all_aliases
+        or four_eyes is not None
+    ):
         report = client.models.update_policy(
             name,
             add_rules=parsed,
@@ -300,6 +368,7 @@ def policy(
             require_approval=require_approval,
             aliases=aliases or (() if all_aliases else None),
             team=team,
+            require_distinct_approver=four_eyes,
         )
     else:
         report = client.models.describe_policy(name)
@@ -316,13 +385,25 @@ def _check_policy_options(
     require_approval: bool | None,
     aliases: tuple[str, ...],
     all_aliases: bool,
+    four_eyes: bool | None,
     replace: bool,
     clear: bool,
 ) -> None:
     """Refuses combinations whose meaning would be a guess."""
     if aliases and all_aliases:
         raise click.UsageError("--alias and --all-aliases contradict each other; pass one")
-    changes = bool(rules or removed or aliases or all_aliases or require_approval is not None)
+    if replace and four_eyes and not require_approval:
+        raise click.UsageError(
+            "--four-eyes is about who approves: with --replace, pass --require-approval too"
+        )
+    changes = bool(
+        rules
+        or removed
+        or aliases
+        or all_aliases
+        or require_approval is not None
+        or four_eyes is not None
+    )
     if clear and (changes or replace):
         raise click.UsageError("--clear removes the whole policy; pass it alone")
     if replace and removed:
@@ -372,7 +453,17 @@ def _print_policy(report: PolicyReport, output: str) -> None:
         [
             ("MODEL", report.name),
             ("RULES", ", ".join(str(rule) for rule in policy.rules) or "none"),
-            ("APPROVAL", "required" if policy.require_approval else "not required"),
+            ("APPROVAL", approval_text(policy)),
             ("ALIASES", ", ".join(policy.aliases) or "all"),
         ]
     )
+
+
+def approval_text(policy: PromotionPolicy) -> str:
+    """``required``, ``not required``, or four-eyes: ``required, from someone other than the
+    promoter``."""
+    if not policy.require_approval:
+        return "not required"
+    if policy.require_distinct_approver:
+        return "required, from someone other than the promoter (four-eyes)"
+    return "required"
