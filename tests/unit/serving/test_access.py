@@ -220,3 +220,21 @@ async def test_a_promotion_of_another_teams_model_moves_no_deployment(serving: S
     async with serving.db.transaction() as session:
         assert await serving.service.on_promoted(session, own) == 1
     assert (await serving.service.get(ADMIN, "diab")).target_version == "5"
+
+
+async def test_a_deployment_missing_from_the_table_is_authorized_from_the_store(
+    serving: Serving,
+) -> None:
+    """The table is a cache of the store: a miss costs a query, never a wrong answer."""
+    await _ready(serving, shared=("vision",))
+    fresh = ServingService(
+        db=serving.db,
+        store=DeploymentStore(),
+        events=serving.events,
+        registry=serving.registry,
+        reconciler=serving.reconciler,
+    )  # its table was never loaded
+    assert fresh.authorized_route(ML_VIEWER, "diab") is None
+    assert (await fresh.find_route(member("vince", vision=V), "diab")).deployment == "diab"
+    with pytest.raises(NotFound):
+        await fresh.find_route(OUTSIDER, "diab")
