@@ -13,6 +13,8 @@ process environment, so nothing else in the process acts as the admin by acciden
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ _CREATE_USER = "/api/2.0/mlflow/users/create"
 _GET_USER = "/api/2.0/mlflow/users/get"
 _UPDATE_PASSWORD = "/api/2.0/mlflow/users/update-password"
 _GRANT = "/api/3.0/mlflow/users/permissions/grant"
+_EXPERIMENT_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"
+_CREATE_EXPERIMENT = "/api/2.0/mlflow/experiments/create"
+_SET_EXPERIMENT_TAG = "/api/2.0/mlflow/experiments/set-experiment-tag"
 _TIMEOUT_S = 30.0
 
 
@@ -91,7 +96,7 @@ class MlflowAuth:
 
 
 class MlflowAuthClient:
-    """Users and permissions of MLflow's basic-auth app, as its admin.
+    """Users and permissions of MLflow's basic-auth app, and experiments, as MLflow's admin.
 
     Args:
         tracking_uri: the MLflow server (``http://127.0.0.1:5000``).
@@ -101,6 +106,38 @@ class MlflowAuthClient:
     def __init__(self, tracking_uri: str, auth: MlflowAuth) -> None:
         self._base = tracking_uri.rstrip("/")
         self._auth = auth
+
+    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+        """The id of experiment ``name``, made through the server when missing (its artifact
+        location is then the server's proxy, ``mlflow-artifacts:/<id>``); ``tags`` are set."""
+        experiment_id = await self._experiment_id(name)
+        if experiment_id is None:
+            body = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+            status, text = await self._request("POST", _CREATE_EXPERIMENT, json=body)
+            if status == 200:
+                return str(json.loads(text)["experiment_id"])
+            experiment_id = await self._experiment_id(name)  # made concurrently
+            if experiment_id is None:
+                raise Unavailable(
+                    f"MLflow did not make experiment {name!r}: {status} {text[:200]}",
+                    dependency=MLFLOW,
+                    retry_after_s=2.0,
+                )
+        for key, value in tags.items():
+            await self._expect(
+                "POST",
+                _SET_EXPERIMENT_TAG,
+                {"experiment_id": experiment_id, "key": key, "value": value},
+            )
+        return experiment_id
+
+    async def _experiment_id(self, name: str) -> str | None:
+        status, text = await self._request(
+            "GET", _EXPERIMENT_BY_NAME, params={"experiment_name": name}
+        )
+        if status == 200:
+            return str(json.loads(text)["experiment"]["experiment_id"])
+        return None
 
     async def ensure_user(self, username: str, password: str) -> None:
         """Makes the user, or gives an existing one this password."""

@@ -182,27 +182,6 @@ class MlflowStore:
 
         return await self._call("search_experiments", list_all)
 
-    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str:
-        """The id of the active experiment ``name``, made (with ``tags``) when missing; an
-        existing one gets the tags too."""
-
-        def ensure(client: Any) -> str:
-            found = client.get_experiment_by_name(name)
-            if found is None:
-                try:
-                    return str(client.create_experiment(name, tags=dict(tags)))
-                except self._mlflow_exception as exc:
-                    if getattr(exc, "error_code", "") not in _ALREADY_EXISTS:
-                        raise
-                    found = client.get_experiment_by_name(name)  # made concurrently
-            if found.lifecycle_stage != "active":
-                client.restore_experiment(found.experiment_id)
-            for key, value in tags.items():
-                client.set_experiment_tag(found.experiment_id, key, value)
-            return str(found.experiment_id)
-
-        return await self._call("create_experiment", ensure)
-
     async def get_logged_model(self, model_id: str) -> LoggedModel | None:
         """A LoggedModel by id, or None."""
         return await self._call(

@@ -115,8 +115,6 @@ class ModelStore(Protocol):
 
     async def experiment_ids(self) -> list[str]: ...
 
-    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str: ...
-
     async def get_logged_model(self, model_id: str) -> LoggedModel | None: ...
 
     async def logged_models_of_run(self, run: Run, name: str) -> list[LoggedModel]: ...
@@ -172,7 +170,11 @@ class Records(Protocol):
 
 
 class MlflowUsers(Protocol):
-    """Users and permissions of MLflow's basic-auth app, managed as its admin (``MlflowAuthClient``)."""
+    """MLflow's server as its admin (``MlflowAuthClient``): users and permissions of its
+    basic-auth app, and experiments made through the server (so their artifact location is
+    the server's artifact proxy, as for experiments jobs make)."""
+
+    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str: ...
 
     async def ensure_user(self, username: str, password: str) -> None: ...
 
@@ -1001,7 +1003,7 @@ class RegistryService:
             found = await self._records.team_user(team)
             if found is not None:
                 return found
-            experiment_id = await self._mlflow.ensure_experiment(team, {TEAM_TAG: team})
+            experiment_id = await self._users.ensure_experiment(team, {TEAM_TAG: team})
             credentials = TeamCredentials(
                 team=team,
                 username=TEAM_USER_PREFIX + team,

@@ -314,8 +314,10 @@ run = client.create_run(experiment.experiment_id)
 client.log_batch(run.info.run_id, metrics=[Metric("rmse", 51.0, int(time.time() * 1000), 0)])
 logged = client.create_logged_model(experiment.experiment_id, name="model", source_run_id=run.info.run_id)
 client.finalize_logged_model(logged.model_id, "READY")
+client.log_text(run.info.run_id, "trained", "notes/train.txt")  # through the artifact proxy
 client.set_terminated(run.info.run_id)
 out["run_id"] = run.info.run_id
+out["artifact_uri"] = client.get_run(run.info.run_id).info.artifact_uri
 out["experiment_id"] = experiment.experiment_id
 
 def attempt(name, call):
@@ -392,6 +394,8 @@ async def test_each_team_gets_an_mlflow_user_that_reaches_only_its_own_work(
         # A job of vision logs fine to its own and is refused (403) on nlp's work.
         job_v = await run_job(registry, creds_v, nlp, job_n["run_id"], nlp_model)
         assert job_v["run_id"] and job_v["experiment_id"] != job_n["experiment_id"]
+        # The team's experiment keeps artifacts behind the server's proxy, as serving expects.
+        assert job_v["artifact_uri"].startswith("mlflow-artifacts:/")
         assert (job_v["other_experiment"], job_v["other_run"], job_v["other_model"]) == (
             "PERMISSION_DENIED",
             "PERMISSION_DENIED",

@@ -39,7 +39,6 @@ class FakeMlflow:
     versions: dict[tuple[str, str], MlflowVersion] = field(default_factory=dict)
     down: bool = False
     calls: list[str] = field(default_factory=list)
-    experiments: dict[str, str] = field(default_factory=dict)  # name -> id, made by the registry
 
     async def _enter(self, operation: str) -> None:
         self.calls.append(operation)
@@ -94,11 +93,6 @@ class FakeMlflow:
     async def experiment_ids(self) -> list[str]:
         await self._enter("experiment_ids")
         return sorted({r.experiment_id for r in self.runs.values()})
-
-    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str:
-        await self._enter("ensure_experiment")
-        self.experiments.setdefault(name, str(100 + len(self.experiments)))
-        return self.experiments[name]
 
     async def get_logged_model(self, model_id: str) -> LoggedModel | None:
         await self._enter("get_logged_model")
@@ -272,6 +266,11 @@ class FakeUsers:
 
     passwords: dict[str, str] = field(default_factory=dict)
     grants: set[tuple[str, str, str]] = field(default_factory=set)
+    experiments: dict[str, str] = field(default_factory=dict)  # name -> id
+
+    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+        self.experiments.setdefault(name, str(100 + len(self.experiments)))
+        return self.experiments[name]
 
     async def ensure_user(self, username: str, password: str) -> None:
         self.passwords[username] = password
