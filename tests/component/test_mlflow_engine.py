@@ -256,3 +256,45 @@ async def test_server_and_workers_die_with_a_killed_registry(tmp_path: Path):
         if owner.returncode is None:
             owner.kill()
             await owner.wait()
+
+
+async def test_with_basic_auth_the_server_refuses_anonymous_calls_and_answers_its_admin(
+    tmp_path: Path,
+) -> None:
+    import aiohttp
+
+    from services.registry.mlflow_auth import MlflowAuth
+
+    auth = MlflowAuth(
+        admin_username="plinth-admin",
+        admin_password="engine-test-admin-password-0123",
+        config_path=tmp_path / "auth" / "basic_auth.ini",
+        database_uri=f"sqlite:///{tmp_path / 'auth' / 'basic_auth.db'}",
+        secret_key="engine-test-flask-secret",
+    )
+    settings = MlflowSettings(
+        backend_store_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifacts_destination=str(tmp_path / "artifacts"),
+        port=free_tcp_port(),
+        auth=auth,
+    )
+    server = MlflowServer(settings, log_path=tmp_path / "mlflow-server.log")
+    started = time.monotonic()
+    await server.start()
+    try:
+        # The basic-auth app adds a user database to migrate: still within the tests' bound.
+        await server.wait_ready(timeout=60)
+        print(f"MLflow with basic-auth ready in {time.monotonic() - started:.1f}s")
+        url = f"{server.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as anonymous:
+                assert anonymous.status == 401
+            async with session.get(url, headers=auth.headers()) as admin:
+                assert admin.status == 200
+        config = auth.config_path.read_text()
+        assert "default_permission = NO_PERMISSIONS" in config
+        assert auth.admin_password not in config  # it reaches the server by its environment
+        assert auth.config_path.stat().st_mode & 0o077 == 0
+        assert (tmp_path / "auth" / "basic_auth.db").is_file()
+    finally:
+        await server.stop()
