@@ -99,7 +99,10 @@ def whoami(client: Plinth, *, output: str) -> int:
             ("NAME", me.name),
             ("KIND", me.kind),
             ("ADMIN", "yes" if me.admin else "no"),
-            ("TEAMS", teams_text(me) or "none"),
+            (
+                "TEAMS",
+                teams_text(me) or ("none (an admin sees every team)" if me.admin else "none"),
+            ),
             ("VIA", me.via),
             ("KEY", me.key_id),
             ("GATEWAY", client.target),
