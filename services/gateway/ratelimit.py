@@ -16,6 +16,7 @@ serving).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -124,7 +125,8 @@ class RateLimiter:
         if tokens < 1:
             self._buckets[key] = (tokens, now)
             self.refused += 1
-            wait = (1 - tokens) / limit.rate
+            # Whole milliseconds, rounded up (RetryInfo's resolution): never "retry in 0".
+            wait = math.ceil((1 - tokens) / limit.rate * 1000) / 1000
             raise ResourceExhausted(
                 f"rate limit of {limit.rate:g} calls/s ({tier}) reached for {principal.name}; "
                 f"retry in {wait:.2f}s",
