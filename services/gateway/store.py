@@ -6,7 +6,10 @@ The only gateway module that speaks SQL. SQLite by default
 
 The tables are shaped so that a data-plane proxy can be pushed everything it needs to check an
 inference credential without asking Python per request: ``api_keys`` (id, salt, hash, owner,
-expiry, revocation) -> ``memberships`` (owner -> team, role).
+admin, expiry, revocation) -> ``memberships`` (owner -> team, role); serving's deployments
+(team, shared_with) complete the picture. Admin is a property of a key (an admin can hold a
+plain key for daily work), or of an OIDC user in the admin group; ``identities`` records each
+key owner's kind (user or service account).
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ identities = sa.Table(
     metadata,
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("kind", sa.String(32), nullable=False),
-    sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
@@ -301,7 +303,7 @@ class SqlIdentityStore:
         ).first()
         if exists is None:
             await session.execute(
-                sa.insert(identities).values(name=name, kind=kind.value, admin=False, created_at=at)
+                sa.insert(identities).values(name=name, kind=kind.value, created_at=at)
             )
 
     # -- keys
@@ -432,20 +434,3 @@ class SqlIdentityStore:
         async with self._db.read() as session:
             rows = (await session.execute(statement)).mappings().all()
         return [_audit(row) for row in rows]
-
-    async def count_usable_admin_keys(self) -> int:
-        """How many admin keys are neither revoked nor expired (bootstrap)."""
-        now = datetime.now(UTC)
-        async with self._db.read() as session:
-            value = (
-                await session.execute(
-                    sa.select(sa.func.count())
-                    .select_from(api_keys)
-                    .where(
-                        api_keys.c.admin.is_(True)
-                        & api_keys.c.revoked_at.is_(None)
-                        & (api_keys.c.expires_at.is_(None) | (api_keys.c.expires_at > now))
-                    )
-                )
-            ).scalar_one()
-        return int(value)

@@ -22,6 +22,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from tritonclient.grpc import service_pb2 as inference_pb2
 from tritonclient.grpc import service_pb2_grpc as inference_grpc
 
@@ -559,8 +560,8 @@ async def test_mutations_and_denials_are_audited_and_published(edge: Edge) -> No
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_key_material_never_shows_in_logs_audit_rows_or_events(
-    edge: Edge, caplog: pytest.LogCaptureFixture
+async def test_key_material_never_shows_in_logs_traces_audit_rows_or_events(
+    edge: Edge, caplog: pytest.LogCaptureFixture, spans: InMemorySpanExporter
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with EventRecorder(edge.nats_url) as recorder:
@@ -596,10 +597,13 @@ async def test_key_material_never_shows_in_logs_audit_rows_or_events(
             gateway_pb2.ListAuditRecordsRequest(page_size=500), metadata=bearer(edge.admin)
         )
         published = b"".join(m.data + str(m.headers).encode() for m in recorder.messages)
+    traced = str([(s.name, dict(s.attributes or {}), s.events) for s in spans.get_finished_spans()])
+    assert "SubmitJob" in traced  # the calls were traced
     secrets = [created.secret, keys["sue"], edge.admin, "Q" * 43, "garbage-token-value"]
     secret_parts = [s.rsplit("_", 1)[-1] for s in secrets]
     for secret in secrets + secret_parts:
         assert secret not in caplog.text
+        assert secret not in traced
         assert secret not in str(audit)
         assert secret.encode() not in published
 

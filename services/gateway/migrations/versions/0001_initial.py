@@ -25,7 +25,6 @@ def upgrade() -> None:
         "identities",
         sa.Column("name", sa.String(128), primary_key=True),
         sa.Column("kind", sa.String(32), nullable=False),
-        sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_table(
