@@ -129,18 +129,19 @@ class Transport:
         return f"Transport(target={self._target!r}, credential={source!r})"
 
     def _error(self, err: grpc.RpcError) -> PlinthClientError:
-        """The SDK error of a failed call: an UNAUTHENTICATED one says which key was sent (or
-        that none was) and how to log in; the key itself never appears in it."""
+        """The SDK error of a failed call: an UNAUTHENTICATED one says where the key sent came
+        from (or that none was sent) and how to log in; the key itself never appears in it (the
+        server's own words stay in ``details``)."""
         error = from_rpc_error(err, target=self._target)
         if self._credential is not None:
             error = _redacted(error, self._credential.key)
         if isinstance(error, Unauthenticated):
-            sent = (
-                f"the API key from {self._credential.source} was refused"
-                if self._credential is not None
-                else f"no API key was sent to the gateway at {self._target}"
-            )
-            error = reworded(error, f"{error.message} ({sent}); {LOGIN_HINT}")
+            if self._credential is None:
+                # The server's words (what header to send) matter less than where to get a key.
+                message = f"no API key was sent to the gateway at {self._target}"
+            else:
+                message = f"{error.message}; the key sent came from {self._credential.source}"
+            error = reworded(error, f"{message}; {LOGIN_HINT}")
         return error
 
 

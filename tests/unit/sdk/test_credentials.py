@@ -132,8 +132,8 @@ def test_no_key_anywhere_the_error_says_how_to_log_in(gateway: Served) -> None:
 
     assert gateway.identity.authorizations == [""], "nothing was sent"
     assert str(raised.value) == (
-        f"UNAUTHENTICATED: missing credentials (no API key was sent to the gateway at "
-        f"{gateway.address}); log in with `plinth login` or set PLINTH_API_KEY"
+        f"UNAUTHENTICATED: no API key was sent to the gateway at {gateway.address}; "
+        "log in with `plinth login` or set PLINTH_API_KEY"
     )
 
 
@@ -148,8 +148,8 @@ def test_a_refused_key_is_named_by_where_it_came_from_never_by_its_value(
 
     error = raised.value
     assert str(error) == (
-        "UNAUTHENTICATED: invalid or revoked API key (the API key from $PLINTH_API_KEY was "
-        "refused); log in with `plinth login` or set PLINTH_API_KEY"
+        "UNAUTHENTICATED: invalid or revoked API key; the key sent came from $PLINTH_API_KEY; "
+        "log in with `plinth login` or set PLINTH_API_KEY"
     )
     assert revoked not in repr(error) + error.details + repr(plinth) + repr(plinth._transport)
 

@@ -103,8 +103,8 @@ def test_logout_forgets_the_key_and_whoami_then_says_how_to_log_in(gateway: Serv
 
     assert result.exit_code == 1 and result.stdout == ""
     assert one_line(result) == (
-        f"plinth: UNAUTHENTICATED: missing credentials (no API key was sent to the gateway at "
-        f"{gateway.address}); log in with `plinth login` or set PLINTH_API_KEY\n"
+        f"plinth: UNAUTHENTICATED: no API key was sent to the gateway at {gateway.address}; "
+        "log in with `plinth login` or set PLINTH_API_KEY\n"
     )
 
 
