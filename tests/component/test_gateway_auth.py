@@ -36,6 +36,7 @@ from plinth_common.auth import (
     ServiceAuthInterceptor,
     current_principal,
 )
+from plinth_common.devstack import LocalPlatform, PlatformConfig
 from plinth_common.errors import NotFound
 from plinth_common.events import EventBus
 from plinth_common.events.envelope import new_event
@@ -705,3 +706,28 @@ async def test_the_bootstrap_admin_key_is_private_reused_and_replaced_when_revok
         assert (tmp_path / "run" / "admin.key").read_text().strip() == replaced.admin_key
     finally:
         await replaced.stop()
+
+
+async def test_make_run_writes_the_admin_key_and_reuses_it(tmp_path: Path) -> None:
+    # The launcher with only the gateway (its upstreams absent): what `make run` does for keys.
+    local = LocalPlatform(PlatformConfig.ephemeral(tmp_path, services=("gateway",)))
+    assert local.admin_key == ""
+    await local.start(timeout=60)
+    try:
+        key = local.admin_key
+        assert key.startswith("plk_") and local.admin_key_file.stat().st_mode & 0o777 == 0o600
+        assert ("admin key", f"{local.admin_key_file}  (0600; the CLI and SDK use it)") in (
+            local.endpoints()
+        )
+        async with grpc.aio.insecure_channel(local.address("gateway")) as channel:
+            me = await gateway_pb2_grpc.IdentityServiceStub(channel).WhoAmI(
+                gateway_pb2.WhoAmIRequest(), metadata=bearer(key)
+            )
+        assert me.admin
+        await local.stop_service("gateway")
+        local.start_service("gateway")
+        await local.wait_serving("gateway", timeout=60)
+        assert local.admin_key == key
+    finally:
+        await local.stop()
+    assert key not in (local.logs_dir / "gateway.log").read_text()
