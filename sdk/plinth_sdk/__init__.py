@@ -7,6 +7,10 @@ Example:
     ...         print(job.id, job.state)
     ...     plinth.models.promote("diabetes", "3", approved=True)
     ...     plinth.deployments.wait_ready("diabetes", timeout=300, version="3")
+
+Every call carries an API key: ``Plinth(api_key=...)``, else ``$PLINTH_API_KEY``, else the key
+``plinth login`` stored for the gateway, else (for a gateway on this machine) the admin key
+``make run`` wrote; see :mod:`plinth_sdk.credentials`.
 """
 
 from plinth_sdk import errors
