@@ -426,6 +426,35 @@ async def test_http_inference_authenticates_and_forwards_the_identity(edge: Edge
     assert "authorization" not in edge.seen.metadata[-1]
 
 
+async def test_http_refusals_are_403_and_429_with_the_json_error_body(edge: Edge) -> None:
+    body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}'
+    loner = await edge.identity.CreateApiKey(
+        gateway_pb2.CreateApiKeyRequest(name="k", owner=f"loner-{uuid.uuid4().hex[:6]}"),
+        metadata=bearer(edge.admin),
+    )
+    async with edge.http.post(
+        "/v2/models/fraud/infer", data=body, headers={"Authorization": f"Bearer {loner.secret}"}
+    ) as reply:
+        payload = await reply.json()
+    assert reply.status == 403  # in no team: no inference anywhere
+    assert payload == {
+        "error": "inference.call needs viewer",
+        "reason": "PERMISSION_DENIED",
+        "details": {"permission": "inference.call"},
+    }
+    _, keys = await edge.team_with(flo=gateway_pb2.ROLE_VIEWER)  # viewers: 20/s, burst 20
+    statuses = []
+    for _ in range(30):
+        async with edge.http.get(
+            "/v2/models/fraud/ready", headers={"Authorization": f"Bearer {keys['flo']}"}
+        ) as reply:
+            statuses.append(reply.status)
+            if reply.status == 429:
+                limited = (reply.headers.get("Retry-After"), (await reply.json())["reason"])
+    assert 429 in statuses
+    assert limited == ("1", "RESOURCE_EXHAUSTED")
+
+
 # --------------------------------------------------------------------------- events
 
 
