@@ -191,3 +191,29 @@ def test_a_transport_on_a_given_channel_adds_the_key_too(gateway: Served) -> Non
         assert plinth.whoami().name == "admin"
 
     assert gateway.identity.authorizations == [f"Bearer {ADMIN_KEY}"]
+
+
+class _OneEvent(gateway_pb2_grpc.EventServiceServicer):
+    def __init__(self) -> None:
+        self.authorizations: list[str] = []
+
+    def WatchEvents(
+        self, request: gpb.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[gpb.Event]:
+        self.authorizations.append(dict(context.invocation_metadata()).get("authorization", ""))
+        yield gpb.Event(id="e-1", type="plinth.job.finished", sequence=1)
+
+
+def test_streams_carry_the_key_too() -> None:
+    events = _OneEvent()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    gateway_pb2_grpc.add_EventServiceServicer_to_server(events, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Plinth(f"127.0.0.1:{port}", api_key=ANN_KEY) as plinth:
+            seen = [event.id for event in plinth.events.watch(reconnect=False)]
+    finally:
+        server.stop(grace=None)
+
+    assert seen == ["e-1"] and events.authorizations == [f"Bearer {ANN_KEY}"]
