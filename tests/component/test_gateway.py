@@ -36,6 +36,7 @@ from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
+from plinth_common.auth import bearer_interceptors
 from plinth_common.db import Database
 from plinth_common.errors import NotFound, Unavailable
 from plinth_common.events import CloudEvent, ConsumerSettings, EventBus, EventConsumer, event_tables
@@ -75,37 +76,9 @@ class ServingStandIn(inference_grpc.GRPCInferenceServiceServicer):
         raise NotFound("deployment", request.model_name, hint="deployments: fraud")
 
 
-class _Bearer:
-    """Adds ``authorization: Bearer <key>`` to a call."""
-
-    def __init__(self, key: str) -> None:
-        self._key = key
-
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata.add("authorization", f"Bearer {self._key}")
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-
-class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._details(client_call_details), request)
-
-
-class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._details(client_call_details), request)
-
-
 def bearer_channel(target: str, key: str) -> grpc.aio.Channel:
     """A channel whose every call carries ``key`` as its credential."""
-    return grpc.aio.insecure_channel(target, interceptors=[_BearerUnary(key), _BearerStream(key)])
+    return grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(key))
 
 
 @dataclass
