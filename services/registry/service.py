@@ -22,7 +22,7 @@ import binascii
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -161,6 +161,10 @@ class Records(Protocol):
     async def approvals(self, model: str, version: str) -> list[Approval]: ...
 
     async def history(self, model: str, version: str) -> list[PromotionRecord]: ...
+
+    async def trails(
+        self, model: str, versions: Collection[str]
+    ) -> dict[str, tuple[list[Approval], list[PromotionRecord]]]: ...
 
     async def team_user(self, team: str) -> TeamCredentials | None: ...
 
@@ -597,14 +601,21 @@ class RegistryService:
             f"name = '{name}'", max_results=limit, page_token=page_token
         )
         run_ids = sorted({v.run_id for v in page.items if v.run_id})
-        found = await asyncio.gather(*(self._metrics(r) for r in run_ids))
+        found, trails = await asyncio.gather(
+            asyncio.gather(*(self._metrics(r) for r in run_ids)),
+            self._records.trails(name, [v.version for v in page.items]),
+        )
         metrics = dict(zip(run_ids, found, strict=True))
         versions = [
-            _compose(
-                v,
-                team=model.team,
-                metrics=metrics.get(v.run_id, {}),
-                aliases=_aliases_of(model.aliases, v.version),
+            replace(
+                _compose(
+                    v,
+                    team=model.team,
+                    metrics=metrics.get(v.run_id, {}),
+                    aliases=_aliases_of(model.aliases, v.version),
+                ),
+                approvals=tuple(trails[v.version][0]),
+                history=tuple(trails[v.version][1]),
             )
             for v in page.items
         ]

@@ -8,6 +8,7 @@ has no place for: who approved and who promoted (four-eyes), and each team's MLf
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -147,6 +148,32 @@ class SqlRecords:
         async with self._db.read() as session:
             rows = (await session.execute(query)).mappings().all()
         return [_promotion(row) for row in rows]
+
+    async def trails(
+        self, model: str, versions: Collection[str]
+    ) -> dict[str, tuple[list[Approval], list[PromotionRecord]]]:
+        """Approvals and history of several versions of a model (two queries), oldest first."""
+        found: dict[str, tuple[list[Approval], list[PromotionRecord]]] = {
+            v: ([], []) for v in versions
+        }
+        if not found:
+            return found
+        approvals = (
+            sa.select(approvals_table)
+            .where(approvals_table.c.model == model, approvals_table.c.version.in_(list(found)))
+            .order_by(approvals_table.c.seq)
+        )
+        promotions = (
+            sa.select(promotions_table)
+            .where(promotions_table.c.model == model, promotions_table.c.version.in_(list(found)))
+            .order_by(promotions_table.c.seq)
+        )
+        async with self._db.read() as session:
+            for row in (await session.execute(approvals)).mappings():
+                found[row["version"]][0].append(_approval(row))
+            for row in (await session.execute(promotions)).mappings():
+                found[row["version"]][1].append(_promotion(row))
+        return found
 
     async def team_user(self, team: str) -> TeamCredentials | None:
         """The team's MLflow user, or None before its first request."""

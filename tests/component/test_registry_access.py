@@ -283,6 +283,11 @@ async def test_four_eyes_the_promoter_cannot_be_the_approver(
             ("production", "bob", "ann")
         ]
         assert [(a.alias, a.approved_by) for a in read.approvals] == [("production", "ann")]
+        listed = await as_(VIEWER).ListModelVersions(pb.ListModelVersionsRequest(name=name))
+        assert [(v.version, [h.approved_by for h in v.history]) for v in listed.versions] == [
+            ("2", ["ann"]),
+            ("1", []),
+        ]
     finally:
         await as_.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -249,6 +249,11 @@ class MemoryRecords:
 
     async def history(self, model: str, version: str) -> list[PromotionRecord]:
         return list(self.history_of.get((model, version), []))
+
+    async def trails(
+        self, model: str, versions: Collection[str]
+    ) -> dict[str, tuple[list[Approval], list[PromotionRecord]]]:
+        return {v: (await self.approvals(model, v), await self.history(model, v)) for v in versions}
 
     async def team_user(self, team: str) -> TeamCredentials | None:
         return self.users.get(team)

@@ -64,6 +64,8 @@ async def test_a_maintainers_own_approved_flag_counts_and_is_recorded_a_develope
     version = await service.get_version(DEV, "m", "1")
     assert [(a.alias, a.approved_by) for a in version.approvals] == [("staging", "ann")]
     assert [(h.promoted_by, h.approved_by) for h in version.history] == [("ann", "ann")]
+    listed, _ = await service.list_versions(DEV, "m", page_size=10, page_token="")
+    assert [(v.approvals, v.history) for v in listed] == [(version.approvals, version.history)]
     # The recorded approval now lets a developer move that alias to that version again.
     again = await service.set_alias(DEV, name="m", alias="staging", version="1")
     assert (again.promoted_by, again.approved_by) == ("dev", "ann")

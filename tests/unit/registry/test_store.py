@@ -50,5 +50,7 @@ async def test_records_survive_a_restart_and_keep_their_order(tmp_path: Path) ->
         ]
         assert await records.history("m", "2") == [record]
         assert await records.approvals("m", "1") == []
+        trails = await records.trails("m", ["1", "2"])
+        assert trails["1"] == ([], []) and trails["2"] == (approvals, [record])
     finally:
         await again.close()
