@@ -30,6 +30,7 @@ _CREATE_USER = "/api/2.0/mlflow/users/create"
 _GET_USER = "/api/2.0/mlflow/users/get"
 _UPDATE_PASSWORD = "/api/2.0/mlflow/users/update-password"
 _GRANT = "/api/3.0/mlflow/users/permissions/grant"
+_REVOKE = "/api/3.0/mlflow/users/permissions/revoke"
 _EXPERIMENT_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"
 _CREATE_EXPERIMENT = "/api/2.0/mlflow/experiments/create"
 _SET_EXPERIMENT_TAG = "/api/2.0/mlflow/experiments/set-experiment-tag"
@@ -107,15 +108,16 @@ class MlflowAuthClient:
         self._base = tracking_uri.rstrip("/")
         self._auth = auth
 
-    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> tuple[str, bool]:
         """The id of experiment ``name``, made through the server when missing (its artifact
-        location is then the server's proxy, ``mlflow-artifacts:/<id>``); ``tags`` are set."""
+        location is then the server's proxy, ``mlflow-artifacts:/<id>``); ``tags`` are set.
+        The flag tells whether it was made now."""
         experiment_id = await self._experiment_id(name)
         if experiment_id is None:
             body = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
             status, text = await self._request("POST", _CREATE_EXPERIMENT, json=body)
             if status == 200:
-                return str(json.loads(text)["experiment_id"])
+                return str(json.loads(text)["experiment_id"]), True
             experiment_id = await self._experiment_id(name)  # made concurrently
             if experiment_id is None:
                 raise Unavailable(
@@ -129,7 +131,7 @@ class MlflowAuthClient:
                 _SET_EXPERIMENT_TAG,
                 {"experiment_id": experiment_id, "key": key, "value": value},
             )
-        return experiment_id
+        return experiment_id, False
 
     async def _experiment_id(self, name: str) -> str | None:
         status, text = await self._request(
@@ -161,6 +163,20 @@ class MlflowAuthClient:
                 "permission": "MANAGE",
             },
         )
+
+    async def revoke(self, username: str, resource_type: str, resource_id: str) -> None:
+        """Takes ``username``'s own permission on the resource away (none there: nothing)."""
+        status, text = await self._request(
+            "POST",
+            _REVOKE,
+            json={"username": username, "resource_type": resource_type, "resource_id": resource_id},
+        )
+        if status not in (200, 404):
+            raise Unavailable(
+                f"MLflow's auth API answered {status} to POST {_REVOKE}: {text[:200]}",
+                dependency=MLFLOW,
+                retry_after_s=2.0,
+            )
 
     async def _expect(self, method: str, path: str, body: dict[str, Any]) -> None:
         status, text = await self._request(method, path, json=body)

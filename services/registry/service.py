@@ -178,7 +178,9 @@ class MlflowUsers(Protocol):
     basic-auth app, and experiments made through the server (so their artifact location is
     the server's artifact proxy, as for experiments jobs make)."""
 
-    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str: ...
+    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> tuple[str, bool]: ...
+
+    async def revoke(self, username: str, resource_type: str, resource_id: str) -> None: ...
 
     async def ensure_user(self, username: str, password: str) -> None: ...
 
@@ -995,7 +997,7 @@ class RegistryService:
         """The MLflow user of ``team``, made on first request (the scheduler's, for jobs).
 
         The first request makes the team's experiment (named after the team; an existing one
-        of that name is adopted), an MLflow user ``team-<team>`` with a random password, and
+        of that name is adopted, and other teams' users lose any grant on it), an MLflow user ``team-<team>`` with a random password, and
         gives it MANAGE on the experiment and on the team's registered models (models made
         later get it when they are made). The credentials are stored, so they survive restarts.
 
@@ -1014,7 +1016,15 @@ class RegistryService:
             found = await self._records.team_user(team)
             if found is not None:
                 return found
-            experiment_id = await self._users.ensure_experiment(team, {TEAM_TAG: team})
+            experiment_id, made = await self._users.ensure_experiment(team, {TEAM_TAG: team})
+            if not made:
+                # An experiment of that name existed: a job of another team may have made it
+                # (its maker gets MANAGE). Only this team keeps a grant on it.
+                for other in (await self._team_experiments()).values():
+                    if other != team:
+                        await self._users.revoke(
+                            TEAM_USER_PREFIX + other, "experiment", experiment_id
+                        )
             credentials = TeamCredentials(
                 team=team,
                 username=TEAM_USER_PREFIX + team,

@@ -313,7 +313,9 @@ from mlflow.exceptions import MlflowException
 
 client = MlflowClient()
 out = {}
-other_experiment, other_run, other_model = (sys.argv[1:] + ["", "", ""])[:3]
+other_experiment, other_run, other_model, squat = (sys.argv[1:] + ["", "", "", ""])[:4]
+if squat:  # an experiment named after a team that has no MLflow user yet
+    out["squatted"] = client.create_experiment(squat)
 experiment = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
 run = client.create_run(experiment.experiment_id)
 client.log_batch(run.info.run_id, metrics=[Metric("rmse", 51.0, int(time.time() * 1000), 0)])
@@ -372,8 +374,10 @@ async def test_each_team_gets_an_mlflow_user_that_reaches_only_its_own_work(
     as_ = As(registry)
     try:
         scheduler = as_(SCHEDULER)
-        creds_v = await scheduler.GetTeamCredentials(pb.GetTeamCredentialsRequest(team=vision))
         creds_n = await scheduler.GetTeamCredentials(pb.GetTeamCredentialsRequest(team=nlp))
+        # A job of nlp logs to its experiment, and makes one named after vision first.
+        job_n = await run_job(registry, creds_n, "", "", "", vision)
+        creds_v = await scheduler.GetTeamCredentials(pb.GetTeamCredentialsRequest(team=vision))
         assert creds_v.username == f"team-{vision}" and len(creds_v.password) >= 32
         again = await scheduler.GetTeamCredentials(pb.GetTeamCredentialsRequest(team=vision))
         assert (again.username, again.password) == (creds_v.username, creds_v.password)
@@ -388,8 +392,7 @@ async def test_each_team_gets_an_mlflow_user_that_reaches_only_its_own_work(
                 grpc.StatusCode.NOT_FOUND
             )
 
-        # A job of nlp logs to its experiment; its model is registered and granted to nlp.
-        job_n = await run_job(registry, creds_n)
+        # nlp's run is registered as an nlp model, which nlp's MLflow user is granted.
         nlp_model = unique("nlpm")
         nlp_dev = member("nia", **{nlp: Role.DEVELOPER})
         await as_(nlp_dev).CreateModelVersion(
@@ -399,6 +402,8 @@ async def test_each_team_gets_an_mlflow_user_that_reaches_only_its_own_work(
         # A job of vision logs fine to its own and is refused (403) on nlp's work.
         job_v = await run_job(registry, creds_v, nlp, job_n["run_id"], nlp_model)
         assert job_v["run_id"] and job_v["experiment_id"] != job_n["experiment_id"]
+        # Vision's experiment is the one nlp's job made: adopted, and nlp lost its grant.
+        assert job_v["experiment_id"] == job_n["squatted"]
         # The team's experiment keeps artifacts behind the server's proxy, as serving expects.
         assert job_v["artifact_uri"].startswith("mlflow-artifacts:/")
         assert (job_v["other_experiment"], job_v["other_run"], job_v["other_model"]) == (
@@ -407,8 +412,9 @@ async def test_each_team_gets_an_mlflow_user_that_reaches_only_its_own_work(
             "PERMISSION_DENIED",
         )
         # ... while nlp's own job reads its registered model.
-        job_n2 = await run_job(registry, creds_n, "", "", nlp_model)
+        job_n2 = await run_job(registry, creds_n, vision, "", nlp_model)
         assert job_n2["other_model"] == "allowed"
+        assert job_n2["other_experiment"] == "PERMISSION_DENIED"
 
         # The registry knows each run's team from its experiment.
         vision_viewer = as_(viewer)

@@ -273,9 +273,13 @@ class FakeUsers:
     grants: set[tuple[str, str, str]] = field(default_factory=set)
     experiments: dict[str, str] = field(default_factory=dict)  # name -> id
 
-    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+    async def ensure_experiment(self, name: str, tags: Mapping[str, str]) -> tuple[str, bool]:
+        made = name not in self.experiments
         self.experiments.setdefault(name, str(100 + len(self.experiments)))
-        return self.experiments[name]
+        return self.experiments[name], made
+
+    async def revoke(self, username: str, resource_type: str, resource_id: str) -> None:
+        self.grants = {g for g in self.grants if g != (username, resource_type, resource_id)}
 
     async def ensure_user(self, username: str, password: str) -> None:
         self.passwords[username] = password

@@ -139,3 +139,16 @@ async def test_team_credentials_are_made_once_with_grants_on_the_teams_experimen
         await service.team_credentials(DEV, "ml")
     with pytest.raises(NotFound):
         await service.team_credentials(Principal.service("serving"), "ml")
+
+
+async def test_an_adopted_experiment_keeps_no_grant_of_another_team(
+    service: RegistryService, parts: tuple[FakeMlflow, RecordedEvents, MemoryRecords, FakeUsers]
+) -> None:
+    _, _, _, users = parts
+    nlp = await service.team_credentials(SCHEDULER, "nlp")
+    users.experiments["ml"] = "7"  # a job of nlp made an experiment named "ml"
+    users.grants.add((nlp.username, "experiment", "7"))
+    ml = await service.team_credentials(SCHEDULER, "ml")
+    assert ml.experiment_id == "7"
+    assert (nlp.username, "experiment", "7") not in users.grants
+    assert (ml.username, "experiment", "7") in users.grants
