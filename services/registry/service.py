@@ -234,6 +234,8 @@ class RegistryService:
         self._records = records
         self._users = users
         self._protected = protected_aliases
+        # Models whose MLflow grants this process made exclusive to their team (see _grant_model).
+        self._exclusive: set[str] = set()
         # Writes to one model are serialized in this process, so a promotion's "previous
         # version" and the duplicate-job check cannot interleave with another write.
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
@@ -490,14 +492,22 @@ class RegistryService:
         for key, value in model_tags.items():
             if found.tags.get(key) != value:
                 await self._mlflow.set_model_tag(name, key, value)
+        if name not in self._exclusive:
+            await self._grant_model(team, name)
 
     async def _grant_model(self, team: str, name: str) -> None:
-        """Gives the team's MLflow user (if it has one yet) MANAGE on its new model."""
+        """Gives the team's MLflow user (if it has one yet) MANAGE on its model, and takes any
+        grant of another team's user away: a job may have made a model of that name through
+        MLflow's API (MLflow gives its maker MANAGE) and tagged it as this team's. Done once
+        per model and process."""
         if self._users is None:
             return
         credentials = await self._records.team_user(team)
         if credentials is not None:
             await self._users.grant_manage(credentials.username, "registered_model", name)
+        for other in set((await self._team_experiments()).values()) - {team}:
+            await self._users.revoke(TEAM_USER_PREFIX + other, "registered_model", name)
+        self._exclusive.add(name)
 
     async def _version_of_job(self, name: str, job_id: str) -> ModelVersion | None:
         page = await self._mlflow.search_versions(

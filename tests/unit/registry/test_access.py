@@ -152,3 +152,18 @@ async def test_an_adopted_experiment_keeps_no_grant_of_another_team(
     assert ml.experiment_id == "7"
     assert (nlp.username, "experiment", "7") not in users.grants
     assert (ml.username, "experiment", "7") in users.grants
+
+
+async def test_a_model_made_behind_the_registrys_back_keeps_no_grant_of_another_team(
+    service: RegistryService, parts: tuple[FakeMlflow, RecordedEvents, MemoryRecords, FakeUsers]
+) -> None:
+    mlflow, _, _, users = parts
+    users.experiments["ml"] = "1"
+    ml = await service.team_credentials(SCHEDULER, "ml")
+    nlp = await service.team_credentials(SCHEDULER, "nlp")
+    # A job of nlp made "m" through MLflow's API and tagged it as ml's.
+    await mlflow.create_model("m", {"plinth.team": "ml"})
+    users.grants.add((nlp.username, "registered_model", "m"))
+    await service.create_version(ADMIN, name="m", team="ml", run_id=RUN_A)
+    assert (nlp.username, "registered_model", "m") not in users.grants
+    assert (ml.username, "registered_model", "m") in users.grants
