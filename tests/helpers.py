@@ -133,3 +133,25 @@ def service_env(data_dir: Path, nats_url: str, **extra: str) -> Env:
     }
     values.update(extra)
     return Env(values)
+
+
+class _BearerSync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <key>`` to every call of a blocking channel."""
+
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def with_bearer(channel: grpc.Channel, key: str) -> grpc.Channel:
+    """A blocking channel whose calls carry ``key`` as their bearer credential."""
+    return grpc.intercept_channel(channel, _BearerSync(key))

@@ -124,7 +124,7 @@ class GatewayApp:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        auth_interceptor = GatewayAuthInterceptor()
+        self.auth_interceptor = auth_interceptor = GatewayAuthInterceptor()
         self.runtime = ServiceRuntime(
             settings.common,
             outbox_table=outbox_table,

@@ -58,11 +58,14 @@ class Limit:
         return cls(rate, burst)
 
 
+# Inference goes through the gateway too (until the native data plane), and a team's serving
+# client is often a viewer: the defaults leave room for a busy endpoint, and bound a runaway
+# script at a rate the gateway still serves everyone else beside it.
 DEFAULT_LIMITS: Mapping[str, Limit] = {
-    Role.VIEWER.label: Limit(50, 100),
-    Role.DEVELOPER.label: Limit(100, 200),
-    Role.MAINTAINER.label: Limit(200, 400),
-    ADMIN_TIER: Limit(500, 1000),
+    Role.VIEWER.label: Limit(1000, 2000),
+    Role.DEVELOPER.label: Limit(1000, 2000),
+    Role.MAINTAINER.label: Limit(1000, 2000),
+    ADMIN_TIER: Limit(5000, 10000),
 }
 
 

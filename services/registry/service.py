@@ -1013,7 +1013,7 @@ class RegistryService:
 
         Raises:
             NotFound: the caller is neither the scheduler nor an admin nor in the team.
-            PermissionDenied: a member of the team below maintainer.
+            PermissionDenied: a member of the team (people never get the team's password).
             FailedPrecondition: MLflow runs without authentication here.
         """
         check_team(team)

@@ -26,9 +26,27 @@ class TensorModel:
     expected: np.ndarray[Any, np.dtype[np.float64]]
 
 
-def _log_model(tracking_uri: str) -> tuple[str, Any, Any]:
-    """Trains and logs a Ridge regressor; returns (run id, estimator, rows)."""
+def _log_model(platform: LocalPlatform) -> tuple[str, Any, Any]:
+    """Trains and logs a Ridge regressor to the team's experiment, as MLflow's admin (the
+    tracking server runs MLflow's basic-auth app); returns (run id, estimator, rows)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    user, password = platform.mlflow_admin_credentials
+    saved = {name: os.environ.get(name) for name in _MLFLOW_AUTH}
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    try:
+        return _train_and_log(platform.mlflow_url)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_MLFLOW_AUTH = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _train_and_log(tracking_uri: str) -> tuple[str, Any, Any]:
     import mlflow
     import mlflow.sklearn
     import sklearn
@@ -40,7 +58,7 @@ def _log_model(tracking_uri: str) -> tuple[str, Any, Any]:
 
     skip_feast_mlflow_header_provider()
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("fuzz-tensors")
+    mlflow.set_experiment(TEAM)  # the team's experiment, as a job of the team logs to
     features, target = load_diabetes(return_X_y=True, as_frame=True)
     estimator = Ridge(alpha=0.5).fit(features, target)
     with mlflow.start_run() as run:
@@ -55,8 +73,8 @@ def _log_model(tracking_uri: str) -> tuple[str, Any, Any]:
 
 def deploy(platform: LocalPlatform) -> TensorModel:
     """Logs, registers, deploys and promotes the model; returns once the deployment is READY."""
-    run_id, estimator, rows = _log_model(platform.mlflow_url)
-    plinth = Plinth(platform.address("gateway"), timeout=60)
+    run_id, estimator, rows = _log_model(platform)
+    plinth = Plinth(platform.address("gateway"), timeout=60, api_key=platform.admin_key)
     try:
         version = plinth.models.create_version(DEPLOYMENT, team=TEAM, run_id=run_id)
         plinth.deployments.create(DEPLOYMENT, team=TEAM, model=DEPLOYMENT, max_batch_size=MAX_BATCH)

@@ -58,6 +58,7 @@ from services.gateway.app import FORWARDED, FORWARDED_ONLY
 from tests.fuzz import strategies
 from tests.fuzz.deployment import TensorModel
 from tests.fuzz.harness import NEVER, Outcome, call, examples, path_of, unhealthy
+from tests.helpers import with_bearer
 
 pytestmark = [
     pytest.mark.fuzz,
@@ -142,7 +143,7 @@ def channel(
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     with grpc.insecure_channel(fuzz_platform.address("gateway"), options=options) as open_channel:
         grpc.channel_ready_future(open_channel).result(timeout=30)
-        yield open_channel
+        yield with_bearer(open_channel, fuzz_platform.admin_key)
 
 
 def _check(method: MethodDescriptor, request: object, outcome: Outcome, seen: Counter[str]) -> None:

@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2 as kserve
 from plinth_common.devstack import LocalPlatform
 from tests.fuzz.deployment import DEPLOY_TIMEOUT_S, DEPLOYMENT, MAX_BATCH, TensorModel
 from tests.fuzz.harness import unhealthy
+from tests.helpers import with_bearer
 
 pytestmark = [pytest.mark.fuzz]
 
@@ -52,7 +53,7 @@ def deployed(
     """The deployment, READY (made in the background since the session began)."""
     model = tensor_deployment.result(timeout=DEPLOY_TIMEOUT_S)
     with grpc.insecure_channel(fuzz_platform.address("gateway")) as channel:
-        yield Deployed(channel, model.rows, model.expected)
+        yield Deployed(with_bearer(channel, fuzz_platform.admin_key), model.rows, model.expected)
 
 
 def _tensor(
@@ -287,9 +288,11 @@ HTTP_CASES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def _post(url: str, body: dict[str, Any]) -> tuple[int, str]:
+def _post(url: str, body: dict[str, Any], key: str) -> tuple[int, str]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as reply:
@@ -303,7 +306,9 @@ def test_malformed_rest_tensor_is_400_naming_it_and_the_deployment_keeps_serving
     case: str, deployed: Deployed, fuzz_platform: LocalPlatform
 ) -> None:
     body, tensor = HTTP_CASES[case]
-    status, text = _post(f"{fuzz_platform.http_url}/v2/models/{DEPLOYMENT}/infer", body)
+    status, text = _post(
+        f"{fuzz_platform.http_url}/v2/models/{DEPLOYMENT}/infer", body, fuzz_platform.admin_key
+    )
     assert status == 400 and tensor in text, (status, text)
     _assert_still_serving(deployed)
 

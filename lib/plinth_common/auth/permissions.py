@@ -86,7 +86,10 @@ MODELS_REGISTER = _team("models.register", D, mutating=True)
 MODELS_PROMOTE = _team("models.promote", D, mutating=True)
 MODELS_APPROVE = _team("models.approve", M, mutating=True)
 MODELS_SET_POLICY = _team("models.set_policy", M, mutating=True)
-MLFLOW_CREDENTIALS = _team("mlflow.credentials", M, services="scheduler")
+# A team's MLflow password: for the scheduler, which hands it to the team's jobs (and admins).
+MLFLOW_CREDENTIALS = Permission(
+    "mlflow.credentials", Scope.ADMIN, Role.MAINTAINER, services=frozenset({"scheduler"})
+)
 FEATURES_READ = _team("features.read", V, services="serving")
 FEATURES_MATERIALIZE = _team("features.materialize", D, mutating=True)
 FEATURES_PUSH = _team("features.push", D, mutating=True)
