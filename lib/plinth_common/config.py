@@ -26,6 +26,8 @@ def admin_key_file(data_dir: Path) -> Path:
     """Where ``make run`` writes the local platform's admin API key (0600), and where the SDK and
     CLI look for it when they talk to a platform on this machine."""
     return data_dir / "run" / "admin.key"
+
+
 DEFAULT_PORTS = {
     "gateway": 50051,
     "scheduler": 50061,
