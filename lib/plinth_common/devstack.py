@@ -67,6 +67,20 @@ Report = Callable[[str], None]
 """Told one console line about a supervised service (exit, restart, giving up)."""
 
 log = logging.getLogger(__name__)
+#: What a service must not take from the launcher's environment: MLflow credentials and run
+#: context of whoever started it (a test, a notebook) would misdirect the platform's own
+#: MLflow calls, and the scheduler would pass them on to jobs.
+_NOT_INHERITED = frozenset(
+    {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_RUN_ID",
+    }
+)
 #: Who benchmarks and tests act as when they call a service port directly.
 LOCAL_ADMIN = Principal("local-admin", admin=True, via="internal")
 
@@ -373,7 +387,14 @@ class LocalPlatform:
 
     def service_env(self, service: str) -> dict[str, str]:
         """The environment a service process starts with."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PLINTH_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("PLINTH_") and k not in _NOT_INHERITED
+        }
+        if "registry" not in self.config.services:
+            # No registry, so no MLflow users to hand out: jobs get no MLflow credentials.
+            env["PLINTH_SCHEDULER_MLFLOW_AUTH"] = "none"
         env.update(
             {
                 "PLINTH_DATA_DIR": str(self.config.data_dir),

@@ -15,6 +15,7 @@ Every call carries an API key: ``Plinth(api_key=...)``, else ``$PLINTH_API_KEY``
 
 from plinth_sdk import errors
 from plinth_sdk.client import Plinth
+from plinth_sdk.credentials import auth_headers
 from plinth_sdk.errors import (
     AlreadyExists,
     ApprovalRequired,
@@ -121,6 +122,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VersionApproval",
+    "auth_headers",
     "errors",
     "parse_memory",
     "parse_rule",

@@ -38,6 +38,7 @@ __all__ = [
     "LOGIN_HINT",
     "Credential",
     "CredentialStore",
+    "auth_headers",
     "credentials_path",
     "is_loopback",
     "local_admin_key_path",
@@ -218,6 +219,25 @@ def resolve_credential(
         if local is not None:
             return local
     return None
+
+
+def auth_headers(target: str | None = None) -> dict[str, str]:
+    """The header a stock client (``tritonclient``, ``requests``) sends to authenticate to the
+    gateway at ``target`` (default: ``$PLINTH_GATEWAY``), found as the SDK finds its own key.
+
+    Example:
+        >>> client.infer("diabetes", [x], headers=auth_headers())  # doctest: +SKIP
+
+    Raises:
+        LookupError: no key was found (the message says how to log in).
+    """
+    from plinth_sdk.transport import resolve_target  # the transport imports this module
+
+    resolved = resolve_target(target)
+    credential = resolve_credential(resolved)
+    if credential is None:
+        raise LookupError(f"no API key for the gateway at {resolved}; {LOGIN_HINT}")
+    return {"authorization": f"Bearer {credential.key}"}
 
 
 def _read_key_file(path: Path) -> Credential | None:

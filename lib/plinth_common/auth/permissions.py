@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from plinth_common.auth.principal import Role
 
-__all__ = ["HTTP_RULES", "METHOD_RULES", "Permission", "Scope", "rule_for"]
+__all__ = ["HTTP_RULES", "METHOD_RULES", "Permission", "Scope", "markdown_table", "rule_for"]
 
 
 class Scope(enum.Enum):
@@ -44,6 +44,7 @@ class Permission:
         mutating: whether calls with it change state (they are audited).
         services: Plinth services that may use it on any team's resources (serving reads any
             team's model aliases to load them).
+        note: what else decides, for the README's table.
     """
 
     name: str
@@ -51,6 +52,7 @@ class Permission:
     role: Role = Role.VIEWER
     mutating: bool = False
     services: frozenset[str] = frozenset()
+    note: str = ""
 
     def describe(self) -> str:
         """Who holds it, for error messages: ``needs maintainer``, ``needs admin``."""
@@ -61,55 +63,65 @@ class Permission:
         return "needs a credential"
 
 
-def _team(name: str, role: Role, *, mutating: bool = False, services: str = "") -> Permission:
-    return Permission(name, Scope.TEAM, role, mutating, frozenset(services.split()))
+def _team(
+    name: str, role: Role, *, mutating: bool = False, services: str = "", note: str = ""
+) -> Permission:
+    return Permission(name, Scope.TEAM, role, mutating, frozenset(services.split()), note)
 
 
-def _admin(name: str, *, mutating: bool = True) -> Permission:
-    return Permission(name, Scope.ADMIN, Role.MAINTAINER, mutating)
+def _admin(name: str, *, mutating: bool = True, note: str = "") -> Permission:
+    return Permission(name, Scope.ADMIN, Role.MAINTAINER, mutating, note=note)
 
 
-def _any(name: str, *, mutating: bool = False) -> Permission:
-    return Permission(name, Scope.AUTHENTICATED, Role.VIEWER, mutating)
+def _any(name: str, *, mutating: bool = False, note: str = "") -> Permission:
+    return Permission(name, Scope.AUTHENTICATED, Role.VIEWER, mutating, note=note)
 
 
 V, D, M = Role.VIEWER, Role.DEVELOPER, Role.MAINTAINER
 
 # Permissions, by resource. Services check these by name against the owning team.
-JOBS_READ = _team("jobs.read", V)
+JOBS_READ = _team("jobs.read", V, note="lists show the caller's teams")
 JOBS_SUBMIT = _team("jobs.submit", D, mutating=True)
 JOBS_CANCEL = _team("jobs.cancel", D, mutating=True)
-RUNS_READ = _team("runs.read", V)
+RUNS_READ = _team("runs.read", V, note="a run's team is its experiment's")
 MODELS_READ = _team("models.read", V, services="serving")
 MODELS_REGISTER = _team("models.register", D, mutating=True)
 # Promotion to a protected alias (production) needs maintainer; the registry raises the role.
-MODELS_PROMOTE = _team("models.promote", D, mutating=True)
+MODELS_PROMOTE = _team(
+    "models.promote", D, mutating=True, note="maintainer for a protected alias (production)"
+)
 MODELS_APPROVE = _team("models.approve", M, mutating=True)
 MODELS_SET_POLICY = _team("models.set_policy", M, mutating=True)
 # A team's MLflow password: for the scheduler, which hands it to the team's jobs (and admins).
 MLFLOW_CREDENTIALS = Permission(
-    "mlflow.credentials", Scope.ADMIN, Role.MAINTAINER, services=frozenset({"scheduler"})
+    "mlflow.credentials",
+    Scope.ADMIN,
+    Role.MAINTAINER,
+    services=frozenset({"scheduler"}),
+    note="the team's MLflow user, handed to its jobs",
 )
-FEATURES_READ = _team("features.read", V, services="serving")
+FEATURES_READ = _team(
+    "features.read", V, services="serving", note="a view's team is its Feast tag `team`"
+)
 FEATURES_MATERIALIZE = _team("features.materialize", D, mutating=True)
 FEATURES_PUSH = _team("features.push", D, mutating=True)
 # ApplyRepository imports and runs the repository's Python on the features host.
-FEATURES_APPLY = _admin("features.apply")
+FEATURES_APPLY = _admin("features.apply", note="runs the repository's Python")
 DEPLOYMENTS_READ = _team("deployments.read", V)
 DEPLOYMENTS_CREATE = _team("deployments.create", D, mutating=True)
 DEPLOYMENTS_SHARE = _team("deployments.share", M, mutating=True)
 DEPLOYMENTS_DELETE = _team("deployments.delete", M, mutating=True)
 # Inference: members of the owning team, and of the teams the deployment is shared with.
-INFERENCE_CALL = _team("inference.call", V)
+INFERENCE_CALL = _team("inference.call", V, note="also members of the teams it is shared with")
 INFERENCE_SERVER = _any("inference.server")
-EVENTS_WATCH = _any("events.watch")  # filtered to the caller's teams
+EVENTS_WATCH = _any("events.watch", note="only the caller's teams' events")
 DEAD_LETTERS_READ = _admin("deadletters.read", mutating=False)
 DEAD_LETTERS_REPLAY = _admin("deadletters.replay")
 WHOAMI = _any("identity.whoami")
-TEAMS_READ = _any("teams.read")  # members see their teams, admins all
+TEAMS_READ = _any("teams.read", note="one's own teams (admins: all)")
 TEAMS_MANAGE = _admin("teams.manage")
-KEYS_OWN = _any("keys.own", mutating=True)  # one's own keys; others' need admin
-KEYS_READ = _any("keys.read")
+KEYS_OWN = _any("keys.own", mutating=True, note="others' keys and service accounts: admin")
+KEYS_READ = _any("keys.read", note="one's own (admins: anyone's)")
 AUDIT_READ = _admin("audit.read", mutating=False)
 HEALTH = Permission("health", Scope.PUBLIC)
 REFLECTION = _any("reflection")
@@ -188,6 +200,37 @@ HTTP_RULES: Mapping[tuple[str, str], Permission] = {
     ("GET", "/v2/models/{name}/ready"): INFERENCE_CALL,
     ("POST", "/v2/models/{name}/infer"): INFERENCE_CALL,
 }
+
+
+def _who(permission: Permission) -> str:
+    who = {
+        Scope.TEAM: permission.role.label,
+        Scope.ADMIN: "admin",
+        Scope.AUTHENTICATED: "any caller",
+        Scope.PUBLIC: "no credential",
+    }[permission.scope]
+    if permission.services:
+        who += " or service " + ", ".join(sorted(permission.services))
+    return who
+
+
+def _short(method: str) -> str:
+    service, name = method.strip("/").rsplit("/", 1)
+    return name if service.startswith(("plinth.", "inference.")) else f"{service}/{name}"
+
+
+def markdown_table() -> str:
+    """The authorization table as the README shows it: one row per permission."""
+    methods: dict[Permission, list[str]] = {}
+    for method, permission in METHOD_RULES.items():
+        methods.setdefault(permission, []).append(f"`{_short(method)}`")
+    for (verb, route), permission in HTTP_RULES.items():
+        methods.setdefault(permission, []).append(f"`{verb} {route}`")
+    rows = ["| permission | who | methods | |", "|---|---|---|---|"]
+    for permission, names in methods.items():
+        listed = ", ".join(dict.fromkeys(names))
+        rows.append(f"| `{permission.name}` | {_who(permission)} | {listed} | {permission.note} |")
+    return "\n".join(rows) + "\n"
 
 
 def rule_for(method: str) -> Permission | None:
