@@ -59,6 +59,7 @@ lock: venv
 bench: venv
 	$(BIN)/python -m bench.event_path
 	$(BIN)/python -m bench.gateway_overhead
+	$(BIN)/python -m bench.auth_path
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.online_features
 	$(BIN)/python -m bench.registry_reads
