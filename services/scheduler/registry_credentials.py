@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
-from plinth_common.auth import InternalTokens, Principal, identity_interceptors
+from plinth_common.auth import InternalTokens, PeerStub, Principal
 from plinth_common.errors import FailedPrecondition, PlinthError, Unavailable
 from plinth_common.grpc_server import UpstreamStatus, upstream_error
 from services.scheduler.credentials import TeamCredentials
@@ -53,20 +53,13 @@ class RegistryCredentials:
     """
 
     def __init__(self, target: str, tokens: InternalTokens, *, timeout_s: float = 5.0) -> None:
-        self._target = target
-        self._tokens = tokens
+        self._peer = PeerStub(
+            target, registry_pb2_grpc.RegistryServiceStub, tokens=tokens, principal=SCHEDULER
+        )
         self._timeout_s = timeout_s
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: registry_pb2_grpc.RegistryServiceStub | None = None
 
     def _registry(self) -> registry_pb2_grpc.RegistryServiceStub:
-        # Opened on first use, inside the running event loop that the channel then belongs to.
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                self._target, interceptors=identity_interceptors(self._tokens, SCHEDULER)
-            )
-            self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
-        return self._stub
+        return self._peer.get()
 
     async def for_team(self, team: str) -> TeamCredentials:
         """The team's MLflow user and password.
@@ -88,6 +81,4 @@ class RegistryCredentials:
 
     async def close(self) -> None:
         """Closes the channel."""
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        await self._peer.close()

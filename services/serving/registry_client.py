@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import grpc
 
 from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
-from plinth_common.auth import InternalTokens, Principal, identity_interceptors
+from plinth_common.auth import InternalTokens, PeerStub, Principal
 from plinth_common.errors import NotFound, PlinthError, Unavailable
 from plinth_common.events.tracing import traceparent_of_current
 from plinth_common.grpc_server import UpstreamStatus, upstream_error
@@ -75,20 +75,13 @@ class GrpcRegistry:
     """
 
     def __init__(self, target: str, *, tokens: InternalTokens, timeout_s: float = 10.0) -> None:
-        self._target = target
-        self._tokens = tokens
+        self._peer = PeerStub(
+            target, registry_pb2_grpc.RegistryServiceStub, tokens=tokens, principal=IDENTITY
+        )
         self._timeout_s = timeout_s
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: registry_pb2_grpc.RegistryServiceStub | None = None
 
     def _registry(self) -> registry_pb2_grpc.RegistryServiceStub:
-        # Opened on first use, inside the running event loop that the channel then belongs to.
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                self._target, interceptors=identity_interceptors(self._tokens, IDENTITY)
-            )
-            self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
-        return self._stub
+        return self._peer.get()
 
     @staticmethod
     def _metadata() -> list[tuple[str, str]] | None:
@@ -97,9 +90,7 @@ class GrpcRegistry:
 
     async def close(self) -> None:
         """Closes the channel."""
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        await self._peer.close()
 
     async def version_for_alias(self, model_name: str, alias: str) -> VersionRef | None:
         """The version ``alias`` of ``model_name`` points to; None when it points nowhere.

@@ -3,6 +3,7 @@ authorization table, resource checks, and the identity the gateway forwards to s
 
 from plinth_common.auth.access import may, require, require_admin, require_role_somewhere
 from plinth_common.auth.grpc_auth import (
+    PeerStub,
     ServiceAuthInterceptor,
     acting_as,
     bearer_interceptors,
@@ -17,6 +18,7 @@ __all__ = [
     "METHOD_RULES",
     "PRINCIPAL_HEADER",
     "InternalTokens",
+    "PeerStub",
     "Permission",
     "Principal",
     "PrincipalKind",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -18,6 +18,7 @@ from plinth_common.auth.tokens import PRINCIPAL_HEADER, InternalTokens
 from plinth_common.errors import PermissionDenied, Unauthenticated
 
 __all__ = [
+    "PeerStub",
     "ServiceAuthInterceptor",
     "acting_as",
     "bearer_interceptors",
@@ -179,3 +180,50 @@ def bearer_interceptors(credential: str) -> list[grpc.aio.ClientInterceptor]:
     ``authorization: Bearer <credential>`` (an API key or an OIDC token)."""
     value = f"Bearer {credential}"
     return _interceptors(lambda: ("authorization", value))
+
+
+_Stub = TypeVar("_Stub")
+
+
+class PeerStub(Generic[_Stub]):
+    """A stub of another Plinth service whose every call carries this service's own identity
+    (serving asking the registry for an alias, the scheduler asking for a team's MLflow user).
+
+    The channel opens on first use, inside the running event loop it then belongs to.
+
+    Args:
+        target: the peer's gRPC address.
+        stub: the generated stub class (``registry_pb2_grpc.RegistryServiceStub``).
+        tokens: mints the identity.
+        principal: who this service is (``Principal.service("serving")``).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        stub: Callable[[grpc.aio.Channel], _Stub],
+        *,
+        tokens: InternalTokens,
+        principal: Principal,
+    ) -> None:
+        self._target = target
+        self._make_stub = stub
+        self._tokens = tokens
+        self._principal = principal
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: _Stub | None = None
+
+    def get(self) -> _Stub:
+        """The stub, its channel opened if need be."""
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(
+                self._target, interceptors=identity_interceptors(self._tokens, self._principal)
+            )
+            self._stub = self._make_stub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        """Closes the channel (a later call opens a new one)."""
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
