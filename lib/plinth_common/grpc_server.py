@@ -137,6 +137,34 @@ def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return decode
 
 
+UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    *,
+    unary: Callable[[UnaryBehaviour], UnaryBehaviour],
+    stream: Callable[[StreamBehaviour], StreamBehaviour],
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its unary or server-streaming behaviour wrapped, its (de)serializers
+    kept: what an interceptor that runs code around each call returns. Client-streaming
+    handlers (Plinth serves none) pass unchanged."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps :class:`~plinth_common.errors.PlinthError` to status codes with rich details
     (``ErrorInfo``, ``BadRequest``, ``ResourceInfo``, ``RetryInfo``); anything else to INTERNAL

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from plinth_common.errors import ResourceExhausted
+from plinth_common.grpc_server import rewrap
 
 __all__ = ["InFlight", "OverloadInterceptor"]
 
@@ -107,20 +108,12 @@ class OverloadInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in self._exempt:
             return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _bounded_unary(handler.unary_unary, self.calls),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _bounded_stream(handler.unary_stream, self.streams),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        # Client streams: Plinth serves none; left unbounded rather than guessed at.
-        return handler
+        # Client streams: Plinth serves none; rewrap leaves them unbounded rather than guessed at.
+        return rewrap(
+            handler,
+            unary=lambda behaviour: _bounded_unary(behaviour, self.calls),
+            stream=lambda behaviour: _bounded_stream(behaviour, self.streams),
+        )
 
 
 def _bounded_unary(

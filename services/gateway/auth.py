@@ -47,9 +47,10 @@ from plinth_common.auth import (
     require_role_somewhere,
     rule_for,
 )
+from plinth_common.auth.grpc_auth import metadata_value
 from plinth_common.auth.permissions import HTTP_RULES
 from plinth_common.errors import PermissionDenied, PlinthError, Unauthenticated
-from plinth_common.grpc_server import status_for
+from plinth_common.grpc_server import StreamBehaviour, UnaryBehaviour, rewrap, status_for
 from services.gateway.audit import AuditLog
 from services.gateway.identity import ApiKeyRecord, AuditEntry
 from services.gateway.keys import KEY_PREFIX, hash_secret, parse_key, secret_matches
@@ -421,15 +422,15 @@ class GatewayAuthInterceptor(grpc.aio.ServerInterceptor):
         edge = self.edge
         if edge is None:
             raise RuntimeError("GatewayAuthInterceptor.edge was not set before serving")
-        if handler.unary_unary:
-            unary = handler.unary_unary
 
-            async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                admitted = await edge.admit(method, rule, _authorization(context), request)
+        def unary(behaviour: UnaryBehaviour) -> UnaryBehaviour:
+            async def admitted_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                authorization = metadata_value(context, AUTHORIZATION)
+                admitted = await edge.admit(method, rule, authorization, request)
                 key = _KEY_ID.set(admitted.key_id)
                 try:
                     with acting_as(admitted.principal):
-                        response = await unary(request, context)
+                        response = await behaviour(request, context)
                 except BaseException as exc:
                     if not isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError):
                         edge.outcome(method, rule, admitted.principal, request, exc)
@@ -439,21 +440,17 @@ class GatewayAuthInterceptor(grpc.aio.ServerInterceptor):
                 edge.outcome(method, rule, admitted.principal, request, None)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_behaviour,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            stream = handler.unary_stream
+            return admitted_call
 
-            async def stream_behaviour(
+        def stream(behaviour: StreamBehaviour) -> StreamBehaviour:
+            async def admitted_call(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                admitted = await edge.admit(method, rule, _authorization(context), request)
+                authorization = metadata_value(context, AUTHORIZATION)
+                admitted = await edge.admit(method, rule, authorization, request)
                 try:
                     with acting_as(admitted.principal):
-                        async for item in stream(request, context):
+                        async for item in behaviour(request, context):
                             yield item
                 except PlinthError as exc:
                     edge.outcome(method, rule, admitted.principal, request, exc)
@@ -461,19 +458,9 @@ class GatewayAuthInterceptor(grpc.aio.ServerInterceptor):
                 if rule is not None and rule.mutating:
                     edge.outcome(method, rule, admitted.principal, request, None)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream_behaviour,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # Plinth serves no client-streaming methods
+            return admitted_call
 
-
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    for name, value in context.invocation_metadata() or ():
-        if name == AUTHORIZATION:
-            return value if isinstance(value, str) else value.decode(errors="replace")
-    return None
+        return rewrap(handler, unary=unary, stream=stream)
 
 
 def http_auth_middleware(edge: EdgeAuth) -> Any:

@@ -16,6 +16,7 @@ from plinth_common.auth.permissions import Scope, rule_for
 from plinth_common.auth.principal import Principal
 from plinth_common.auth.tokens import PRINCIPAL_HEADER, InternalTokens
 from plinth_common.errors import PermissionDenied, Unauthenticated
+from plinth_common.grpc_server import StreamBehaviour, UnaryBehaviour, rewrap
 
 __all__ = [
     "PeerStub",
@@ -58,7 +59,7 @@ def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
     """One invocation metadata value of the call (the first one with that key)."""
     for name, value in context.invocation_metadata() or ():
         if name == key:
-            return value if isinstance(value, str) else value.decode()
+            return value if isinstance(value, str) else value.decode(errors="replace")
     return None
 
 
@@ -83,45 +84,36 @@ class ServiceAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        rule = rule_for(handler_call_details.method)
+        method = handler_call_details.method
+        rule = rule_for(method)
         if rule is not None and rule.scope is Scope.PUBLIC:
             return handler
-        method = handler_call_details.method
-        verify = self._principal_of
-        if handler.unary_unary:
-            unary = handler.unary_unary
+        tokens = self._tokens
 
-            async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with acting_as(verify(context, method)):
-                    return await unary(request, context)
+        def verified(context: grpc.aio.ServicerContext) -> Principal:
+            principal = tokens.verify(metadata_value(context, PRINCIPAL_HEADER))
+            if rule is None:
+                raise PermissionDenied(f"{method} has no authorization rule, so it is denied")
+            return principal
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_behaviour,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            stream = handler.unary_stream
+        def unary(behaviour: UnaryBehaviour) -> UnaryBehaviour:
+            async def as_caller(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with acting_as(verified(context)):
+                    return await behaviour(request, context)
 
-            async def stream_behaviour(
+            return as_caller
+
+        def stream(behaviour: StreamBehaviour) -> StreamBehaviour:
+            async def as_caller(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                with acting_as(verify(context, method)):
-                    async for item in stream(request, context):
+                with acting_as(verified(context)):
+                    async for item in behaviour(request, context):
                         yield item
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream_behaviour,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # Plinth serves no client-streaming methods
+            return as_caller
 
-    def _principal_of(self, context: grpc.aio.ServicerContext, method: str) -> Principal:
-        principal = self._tokens.verify(metadata_value(context, PRINCIPAL_HEADER))
-        if rule_for(method) is None:
-            raise PermissionDenied(f"{method} has no authorization rule, so it is denied")
-        return principal
+        return rewrap(handler, unary=unary, stream=stream)
 
 
 class _CallMetadata:
