@@ -1,0 +1,1 @@
+"""Admission of jobs to cluster queues: the model, its configuration, the engine."""
