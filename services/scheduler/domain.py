@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_CPU",
     "DEFAULT_MEMORY",
     "LOST",
+    "EndReason",
     "ExitStatus",
     "Job",
     "JobEvent",
@@ -118,18 +119,65 @@ class JobSpec:
     register_as: str = ""
 
 
+class EndReason(enum.StrEnum):
+    """Why an attempt ended, in words a user and a retry policy both understand.
+
+    The executor reports what it can see (``EXITED``, ``OOM_KILLED`` where it can tell,
+    ``EXECUTOR_LOST`` when the job's supervisor died, ``LAUNCH_FAILED``); the service replaces it
+    with ``PREEMPTED``, ``CANCELLED`` or ``RUN_TIME_EXCEEDED`` when it asked for the stop itself.
+    Everything but ``EXITED``, ``OOM_KILLED``, ``CANCELLED`` and ``RUN_TIME_EXCEEDED`` is the
+    platform's fault, not the job's (retries count them apart).
+    """
+
+    EXITED = "exited"
+    OOM_KILLED = "oom_killed"
+    PREEMPTED = "preempted"
+    EVICTED = "evicted"
+    UNSCHEDULABLE = "unschedulable"
+    RUN_TIME_EXCEEDED = "run_time_exceeded"
+    EXECUTOR_LOST = "executor_lost"
+    CANCELLED = "cancelled"
+    LAUNCH_FAILED = "launch_failed"
+
+
+_END_REASON_WORDS: dict[EndReason, str] = {
+    EndReason.OOM_KILLED: "killed for running out of memory",
+    EndReason.PREEMPTED: "preempted",
+    EndReason.EVICTED: "evicted",
+    EndReason.UNSCHEDULABLE: "unschedulable",
+    EndReason.RUN_TIME_EXCEEDED: "stopped after its maximum run time",
+    EndReason.EXECUTOR_LOST: "lost with its executor",
+    EndReason.CANCELLED: "cancelled",
+    EndReason.LAUNCH_FAILED: "could not be started",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExitStatus:
-    """How a job's process ended: an exit code, or the signal that killed it."""
+    """How one attempt of a job ended, and what it used while it ran.
+
+    ``exit_code`` or ``signal`` say how the process ended; ``end_reason`` says why (see
+    :class:`EndReason`). ``peak_memory_bytes`` is the largest resident set of any of the job's
+    processes (the maximum over a gang's replicas) and ``cpu_seconds`` their user plus system time
+    (summed over replicas); both are 0 when the executor could not measure them.
+    """
 
     exit_code: int
     signal: int = 0
     reason: str = ""
+    peak_memory_bytes: int = 0
+    cpu_seconds: float = 0.0
+    end_reason: EndReason = EndReason.EXITED
 
     @property
     def succeeded(self) -> bool:
-        """Exit code 0 and no signal."""
-        return self.exit_code == 0 and self.signal == 0 and not self.reason
+        """Exit code 0, no signal, and it ended by itself (exiting 0 when preempted is not it)."""
+        return (
+            self.exit_code == 0
+            and self.signal == 0
+            and not self.reason
+            and self.end_reason is EndReason.EXITED
+        )
 
     def describe(self) -> str:
         """A human sentence, e.g. "killed by signal 9 (SIGKILL)"."""
@@ -140,8 +188,11 @@ class ExitStatus:
                 name = signal_module.Signals(self.signal).name
             except ValueError:
                 name = "unknown"
-            return f"killed by signal {self.signal} ({name})"
-        return f"exit code {self.exit_code}"
+            how = f"killed by signal {self.signal} ({name})"
+        else:
+            how = f"exit code {self.exit_code}"
+        why = _END_REASON_WORDS.get(self.end_reason)
+        return f"{why} ({how})" if why else how
 
 
 CANCELLED_BEFORE_START = "cancelled before it started"
