@@ -26,6 +26,8 @@ CATALOG: dict[str, type[Message]] = {
     "plinth.job.admitted": events_pb2.JobAdmitted,
     "plinth.job.started": events_pb2.JobStarted,
     "plinth.job.preempted": events_pb2.JobPreempted,
+    "plinth.job.requeued": events_pb2.JobRequeued,
+    "plinth.job.retrying": events_pb2.JobRetrying,
     "plinth.job.cancelled": events_pb2.JobCancelled,
     "plinth.job.finished": events_pb2.JobFinished,
     "plinth.model.version_created": events_pb2.ModelVersionCreated,

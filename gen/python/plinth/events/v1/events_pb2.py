@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dplinth/events/v1/events.proto\x12\x10plinth.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x0cJobSubmitted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04team\x18\x03 \x01(\t\x12\x12\n\nentrypoint\x18\x04 \x03(\t\x12\x13\n\x0bregister_as\x18\x05 \x01(\t\"G\n\x0bJobAdmitted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x1a\n\x12queue_wait_seconds\x18\x03 \x01(\x01\"7\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\xe9\x02\n\x0bJobFinished\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04team\x18\x03 \x01(\t\x12,\n\x06status\x18\x04 \x01(\x0e\x32\x1c.plinth.events.v1.JobOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\x18\n\x10\x64uration_seconds\x18\x07 \x01(\x01\x12\x15\n\rmlflow_run_id\x18\x08 \x01(\t\x12;\n\x07outputs\x18\t \x03(\x0b\x32*.plinth.events.v1.JobFinished.OutputsEntry\x12\x13\n\x0bregister_as\x18\n \x01(\t\x12\x12\n\nentrypoint\x18\x0b \x03(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0c \x01(\t\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0cJobCancelled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"<\n\x0cJobPreempted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x7f\n\x13ModelVersionCreated\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04team\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x15\n\rsource_job_id\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\"\xb5\x01\n\rModelPromoted\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12\x0c\n\x04team\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12\x13\n\x0bpromoted_by\x18\x08 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\t \x01(\t\"k\n\x0f\x44\x65ploymentReady\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\trecovered\x18\x05 \x01(\x08\"\x82\x01\n\x10\x44\x65ploymentFailed\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fserving_version\x18\x06 \x01(\t\"\xcc\x01\n\x18\x44\x65ploymentTrafficChanged\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12W\n\x0ftraffic_percent\x18\x03 \x03(\x0b\x32>.plinth.events.v1.DeploymentTrafficChanged.TrafficPercentEntry\x1a\x35\n\x13TrafficPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xa5\x01\n\x14\x46\x65\x61turesMaterialized\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64uration_seconds\x18\x04 \x01(\x01*\\\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15JOB_OUTCOME_SUCCEEDED\x10\x01\x12\x16\n\x12JOB_OUTCOME_FAILED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dplinth/events/v1/events.proto\x12\x10plinth.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x0cJobSubmitted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04team\x18\x03 \x01(\t\x12\x12\n\nentrypoint\x18\x04 \x03(\t\x12\x13\n\x0bregister_as\x18\x05 \x01(\t\"\x89\x01\n\x0bJobAdmitted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x1a\n\x12queue_wait_seconds\x18\x03 \x01(\x01\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x0e\n\x06\x66lavor\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x10\n\x08priority\x18\x07 \x01(\t\"7\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\xe9\x02\n\x0bJobFinished\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04team\x18\x03 \x01(\t\x12,\n\x06status\x18\x04 \x01(\x0e\x32\x1c.plinth.events.v1.JobOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\x18\n\x10\x64uration_seconds\x18\x07 \x01(\x01\x12\x15\n\rmlflow_run_id\x18\x08 \x01(\t\x12;\n\x07outputs\x18\t \x03(\x0b\x32*.plinth.events.v1.JobFinished.OutputsEntry\x12\x13\n\x0bregister_as\x18\n \x01(\t\x12\x12\n\nentrypoint\x18\x0b \x03(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0c \x01(\t\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0cJobCancelled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"u\n\x0cJobPreempted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0cpreempted_by\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08requeued\x18\x06 \x01(\x08\"L\n\x0bJobRequeued\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xab\x01\n\x0bJobRetrying\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x14\n\x0c\x66\x61ilure_kind\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61\x63koff_seconds\x18\x06 \x01(\x01\x12.\n\nnot_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x13ModelVersionCreated\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04team\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x15\n\rsource_job_id\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\"\xb5\x01\n\rModelPromoted\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12\x0c\n\x04team\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12\x13\n\x0bpromoted_by\x18\x08 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\t \x01(\t\"k\n\x0f\x44\x65ploymentReady\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\trecovered\x18\x05 \x01(\x08\"\x82\x01\n\x10\x44\x65ploymentFailed\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fserving_version\x18\x06 \x01(\t\"\xcc\x01\n\x18\x44\x65ploymentTrafficChanged\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12W\n\x0ftraffic_percent\x18\x03 \x03(\x0b\x32>.plinth.events.v1.DeploymentTrafficChanged.TrafficPercentEntry\x1a\x35\n\x13TrafficPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xa5\x01\n\x14\x46\x65\x61turesMaterialized\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64uration_seconds\x18\x04 \x01(\x01*\\\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15JOB_OUTCOME_SUCCEEDED\x10\x01\x12\x16\n\x12JOB_OUTCOME_FAILED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBFINISHED_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_DEPLOYMENTTRAFFICCHANGED_TRAFFICPERCENTENTRY']._loaded_options = None
   _globals['_DEPLOYMENTTRAFFICCHANGED_TRAFFICPERCENTENTRY']._serialized_options = b'8\001'
-  _globals['_JOBOUTCOME']._serialized_start=1733
-  _globals['_JOBOUTCOME']._serialized_end=1825
+  _globals['_JOBOUTCOME']._serialized_start=2109
+  _globals['_JOBOUTCOME']._serialized_end=2201
   _globals['_JOBSUBMITTED']._serialized_start=84
   _globals['_JOBSUBMITTED']._serialized_end=183
-  _globals['_JOBADMITTED']._serialized_start=185
-  _globals['_JOBADMITTED']._serialized_end=256
-  _globals['_JOBSTARTED']._serialized_start=258
-  _globals['_JOBSTARTED']._serialized_end=313
-  _globals['_JOBFINISHED']._serialized_start=316
-  _globals['_JOBFINISHED']._serialized_end=677
-  _globals['_JOBFINISHED_OUTPUTSENTRY']._serialized_start=631
-  _globals['_JOBFINISHED_OUTPUTSENTRY']._serialized_end=677
-  _globals['_JOBCANCELLED']._serialized_start=679
-  _globals['_JOBCANCELLED']._serialized_end=739
-  _globals['_JOBPREEMPTED']._serialized_start=741
-  _globals['_JOBPREEMPTED']._serialized_end=801
-  _globals['_MODELVERSIONCREATED']._serialized_start=803
-  _globals['_MODELVERSIONCREATED']._serialized_end=930
-  _globals['_MODELPROMOTED']._serialized_start=933
-  _globals['_MODELPROMOTED']._serialized_end=1114
-  _globals['_DEPLOYMENTREADY']._serialized_start=1116
-  _globals['_DEPLOYMENTREADY']._serialized_end=1223
-  _globals['_DEPLOYMENTFAILED']._serialized_start=1226
-  _globals['_DEPLOYMENTFAILED']._serialized_end=1356
-  _globals['_DEPLOYMENTTRAFFICCHANGED']._serialized_start=1359
-  _globals['_DEPLOYMENTTRAFFICCHANGED']._serialized_end=1563
-  _globals['_DEPLOYMENTTRAFFICCHANGED_TRAFFICPERCENTENTRY']._serialized_start=1510
-  _globals['_DEPLOYMENTTRAFFICCHANGED_TRAFFICPERCENTENTRY']._serialized_end=1563
-  _globals['_FEATURESMATERIALIZED']._serialized_start=1566
-  _globals['_FEATURESMATERIALIZED']._serialized_end=1731
+  _globals['_JOBADMITTED']._serialized_start=186
+  _globals['_JOBADMITTED']._serialized_end=323
+  _globals['_JOBSTARTED']._serialized_start=325
+  _globals['_JOBSTARTED']._serialized_end=380
+  _globals['_JOBFINISHED']._serialized_start=383
+  _globals['_JOBFINISHED']._serialized_end=744
+  _globals['_JOBFINISHED_OUTPUTSENTRY']._serialized_start=698
+  _globals['_JOBFINISHED_OUTPUTSENTRY']._serialized_end=744
+  _globals['_JOBCANCELLED']._serialized_start=746
+  _globals['_JOBCANCELLED']._serialized_end=806
+  _globals['_JOBPREEMPTED']._serialized_start=808
+  _globals['_JOBPREEMPTED']._serialized_end=925
+  _globals['_JOBREQUEUED']._serialized_start=927
+  _globals['_JOBREQUEUED']._serialized_end=1003
+  _globals['_JOBRETRYING']._serialized_start=1006
+  _globals['_JOBRETRYING']._serialized_end=1177
+  _globals['_MODELVERSIONCREATED']._serialized_start=1179
+  _globals['_MODELVERSIONCREATED']._serialized_end=1306
+  _globals['_MODELPROMOTED']._serialized_start=1309
+  _globals['_MODELPROMOTED']._serialized_end=1490
+  _globals['_DEPLOYMENTREADY']._serialized_start=1492
+  _globals['_DEPLOYMENTREADY']._serialized_end=1599
+  _globals['_DEPLOYMENTFAILED']._serialized_start=1602
+  _globals['_DEPLOYMENTFAILED']._serialized_end=1732
+  _globals['_DEPLOYMENTTRAFFICCHANGED']._serialized_start=1735
+  _globals['_DEPLOYMENTTRAFFICCHANGED']._serialized_end=1939
+  _globals['_DEPLOYMENTTRAFFICCHANGED_TRAFFICPERCENTENTRY']._serialized_start=1886
+  _globals['_DEPLOYMENTTRAFFICCHANGED_TRAFFICPERCENTENTRY']._serialized_end=1939
+  _globals['_FEATURESMATERIALIZED']._serialized_start=1942
+  _globals['_FEATURESMATERIALIZED']._serialized_end=2107
 # @@protoc_insertion_point(module_scope)

@@ -34,14 +34,22 @@ class JobSubmitted(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., team: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., register_as: _Optional[str] = ...) -> None: ...
 
 class JobAdmitted(_message.Message):
-    __slots__ = ("job_id", "team", "queue_wait_seconds")
+    __slots__ = ("job_id", "team", "queue_wait_seconds", "queue", "flavor", "attempt", "priority")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    FLAVOR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     team: str
     queue_wait_seconds: float
-    def __init__(self, job_id: _Optional[str] = ..., team: _Optional[str] = ..., queue_wait_seconds: _Optional[float] = ...) -> None: ...
+    queue: str
+    flavor: str
+    attempt: int
+    priority: str
+    def __init__(self, job_id: _Optional[str] = ..., team: _Optional[str] = ..., queue_wait_seconds: _Optional[float] = ..., queue: _Optional[str] = ..., flavor: _Optional[str] = ..., attempt: _Optional[int] = ..., priority: _Optional[str] = ...) -> None: ...
 
 class JobStarted(_message.Message):
     __slots__ = ("job_id", "team", "pid")
@@ -99,14 +107,50 @@ class JobCancelled(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., team: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class JobPreempted(_message.Message):
-    __slots__ = ("job_id", "team", "reason")
+    __slots__ = ("job_id", "team", "reason", "preempted_by", "attempt", "requeued")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_BY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REQUEUED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     team: str
     reason: str
-    def __init__(self, job_id: _Optional[str] = ..., team: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    preempted_by: str
+    attempt: int
+    requeued: bool
+    def __init__(self, job_id: _Optional[str] = ..., team: _Optional[str] = ..., reason: _Optional[str] = ..., preempted_by: _Optional[str] = ..., attempt: _Optional[int] = ..., requeued: _Optional[bool] = ...) -> None: ...
+
+class JobRequeued(_message.Message):
+    __slots__ = ("job_id", "team", "attempt", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    team: str
+    attempt: int
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., team: _Optional[str] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class JobRetrying(_message.Message):
+    __slots__ = ("job_id", "team", "attempt", "failure_kind", "reason", "backoff_seconds", "not_before")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    team: str
+    attempt: int
+    failure_kind: str
+    reason: str
+    backoff_seconds: float
+    not_before: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., team: _Optional[str] = ..., attempt: _Optional[int] = ..., failure_kind: _Optional[str] = ..., reason: _Optional[str] = ..., backoff_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelVersionCreated(_message.Message):
     __slots__ = ("model_name", "version", "team", "run_id", "source_job_id", "source")

@@ -61,6 +61,21 @@ class SchedulerServiceStub:
                 request_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.StreamJobLogsRequest.SerializeToString,
                 response_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.GetQueue = channel.unary_unary(
+                '/plinth.scheduler.v1.SchedulerService/GetQueue',
+                request_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.GetQueueRequest.SerializeToString,
+                response_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueStatus.FromString,
+                _registered_method=True)
+        self.ApplyQueueConfig = channel.unary_unary(
+                '/plinth.scheduler.v1.SchedulerService/ApplyQueueConfig',
+                request_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.ApplyQueueConfigRequest.SerializeToString,
+                response_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueConfigInfo.FromString,
+                _registered_method=True)
+        self.GetQueueConfig = channel.unary_unary(
+                '/plinth.scheduler.v1.SchedulerService/GetQueueConfig',
+                request_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.GetQueueConfigRequest.SerializeToString,
+                response_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueConfigInfo.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -98,6 +113,28 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueue(self, request, context):
+        """The queues the caller may see: usage against quota, and every pending job's position,
+        reason and estimated start (another team's jobs in a shared queue are counted, not named).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyQueueConfig(self, request, context):
+        """Replaces the queue configuration (admins): validated as a whole, applied live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueueConfig(self, request, context):
+        """The configuration in force (admins).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +162,21 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.StreamJobLogs,
                     request_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.StreamJobLogsRequest.FromString,
                     response_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.LogChunk.SerializeToString,
+            ),
+            'GetQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueue,
+                    request_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.GetQueueRequest.FromString,
+                    response_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueStatus.SerializeToString,
+            ),
+            'ApplyQueueConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyQueueConfig,
+                    request_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.ApplyQueueConfigRequest.FromString,
+                    response_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueConfigInfo.SerializeToString,
+            ),
+            'GetQueueConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueConfig,
+                    request_deserializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.GetQueueConfigRequest.FromString,
+                    response_serializer=plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueConfigInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +316,87 @@ class SchedulerService:
             '/plinth.scheduler.v1.SchedulerService/StreamJobLogs',
             plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.StreamJobLogsRequest.SerializeToString,
             plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.scheduler.v1.SchedulerService/GetQueue',
+            plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.GetQueueRequest.SerializeToString,
+            plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyQueueConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.scheduler.v1.SchedulerService/ApplyQueueConfig',
+            plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.ApplyQueueConfigRequest.SerializeToString,
+            plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueConfigInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.scheduler.v1.SchedulerService/GetQueueConfig',
+            plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.GetQueueConfigRequest.SerializeToString,
+            plinth_dot_scheduler_dot_v1_dot_scheduler__pb2.QueueConfigInfo.FromString,
             options,
             channel_credentials,
             insecure,
