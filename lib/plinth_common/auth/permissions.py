@@ -111,6 +111,7 @@ DEPLOYMENTS_READ = _team("deployments.read", V)
 DEPLOYMENTS_CREATE = _team("deployments.create", D, mutating=True)
 DEPLOYMENTS_SHARE = _team("deployments.share", M, mutating=True)
 DEPLOYMENTS_DELETE = _team("deployments.delete", M, mutating=True)
+DEPLOYMENTS_TRAFFIC = _team("deployments.traffic", M, mutating=True)
 # Inference: members of the owning team, and of the teams the deployment is shared with.
 INFERENCE_CALL = _team("inference.call", V, note="also members of the teams it is shared with")
 INFERENCE_SERVER = _any("inference.server")
@@ -166,6 +167,7 @@ METHOD_RULES: Mapping[str, Permission] = {
     _SERVING + "ListDeployments": DEPLOYMENTS_READ,
     _SERVING + "ShareDeployment": DEPLOYMENTS_SHARE,
     _SERVING + "DeleteDeployment": DEPLOYMENTS_DELETE,
+    _SERVING + "SetTraffic": DEPLOYMENTS_TRAFFIC,
     _INFERENCE + "ServerLive": INFERENCE_SERVER,
     _INFERENCE + "ServerReady": INFERENCE_SERVER,
     _INFERENCE + "ModelReady": INFERENCE_CALL,

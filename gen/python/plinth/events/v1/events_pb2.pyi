@@ -221,8 +221,15 @@ class DeploymentFailed(_message.Message):
     def __init__(self, deployment: _Optional[str] = ..., team: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., reason: _Optional[str] = ..., serving_version: _Optional[str] = ...) -> None: ...
 
 class DeploymentTrafficChanged(_message.Message):
-    __slots__ = ("deployment", "team", "traffic_percent")
+    __slots__ = ("deployment", "team", "traffic_percent", "previous_traffic_percent", "reason", "actor")
     class TrafficPercentEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class PreviousTrafficPercentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -232,10 +239,16 @@ class DeploymentTrafficChanged(_message.Message):
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     team: str
     traffic_percent: _containers.ScalarMap[str, int]
-    def __init__(self, deployment: _Optional[str] = ..., team: _Optional[str] = ..., traffic_percent: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    previous_traffic_percent: _containers.ScalarMap[str, int]
+    reason: str
+    actor: str
+    def __init__(self, deployment: _Optional[str] = ..., team: _Optional[str] = ..., traffic_percent: _Optional[_Mapping[str, int]] = ..., previous_traffic_percent: _Optional[_Mapping[str, int]] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class FeaturesMaterialized(_message.Message):
     __slots__ = ("feature_views", "start_time", "end_time", "duration_seconds")

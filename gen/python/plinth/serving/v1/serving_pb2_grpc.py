@@ -68,6 +68,11 @@ class ServingServiceStub:
                 request_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.ShareDeploymentRequest.SerializeToString,
                 response_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/plinth.serving.v1.ServingService/SetTraffic',
+                request_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.FromString,
+                _registered_method=True)
 
 
 class ServingServiceServicer:
@@ -113,6 +118,19 @@ class ServingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTraffic(self, request, context):
+        """Splits the deployment's traffic between versions of its model by weight (percent, summing
+        to 100). Every version is loaded before any traffic moves to it; the versions no longer in
+        the split are unloaded after a drain delay. Several versions: the serving version (the
+        alias's, the "stable" one) must be one of them and the others are canaries, rolled back
+        automatically when they breach the deployment's SLO. One version at 100%: that version
+        serves alone until the alias is promoted again. Returns once the split applies (or, for a
+        slow load, while pending_traffic still shows it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +157,11 @@ def add_ServingServiceServicer_to_server(servicer, server):
             'ShareDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.ShareDeployment,
                     request_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.ShareDeploymentRequest.FromString,
+                    response_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=plinth_dot_serving_dot_v1_dot_serving__pb2.SetTrafficRequest.FromString,
                     response_serializer=plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.SerializeToString,
             ),
     }
@@ -285,6 +308,33 @@ class ServingService:
             target,
             '/plinth.serving.v1.ServingService/ShareDeployment',
             plinth_dot_serving_dot_v1_dot_serving__pb2.ShareDeploymentRequest.SerializeToString,
+            plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.serving.v1.ServingService/SetTraffic',
+            plinth_dot_serving_dot_v1_dot_serving__pb2.SetTrafficRequest.SerializeToString,
             plinth_dot_serving_dot_v1_dot_serving__pb2.Deployment.FromString,
             options,
             channel_credentials,
