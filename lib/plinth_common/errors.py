@@ -11,7 +11,7 @@ README lists them. Add a reason rather than changing one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
@@ -72,14 +72,34 @@ class PlinthError(Exception):
 
 
 class InvalidArgument(PlinthError):
-    """The request is malformed; ``field`` names what is wrong (a BadRequest field violation)."""
+    """The request is malformed; ``field`` names what is wrong (a BadRequest field violation).
+
+    Args:
+        field: the offending field (a path such as ``spec.resources.gpu``).
+        problem: what is wrong with it, as a sentence.
+        reason: the stable reason (``INVALID_FIELD`` when omitted).
+        violations: for a whole document refused at once, every ``(field, problem)`` found;
+            the message lists them all and the rich status carries one ``BadRequest``
+            field violation each (``field``/``problem`` then summarise, e.g. ``config``,
+            ``3 problems``). Empty: the one violation is ``(field, problem)``.
+    """
 
     default_reason = "INVALID_FIELD"
 
-    def __init__(self, field: str, problem: str, *, reason: str | None = None) -> None:
-        super().__init__(f"{field}: {problem}", reason=reason, field=field)
+    def __init__(
+        self,
+        field: str,
+        problem: str,
+        *,
+        reason: str | None = None,
+        violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        listed = "".join(f"; {f}: {p}" for f, p in violations)
+        super().__init__(f"{field}: {problem}{listed}", reason=reason, field=field)
         self.field = field
         self.problem = problem
+        #: Every ``(field, problem)``, at least the one of ``field`` and ``problem``.
+        self.violations: tuple[tuple[str, str], ...] = tuple(violations) or ((field, problem),)
 
 
 class NotFound(PlinthError):

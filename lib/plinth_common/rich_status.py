@@ -47,9 +47,8 @@ def status_of(
         extras.append(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=error.field, description=error.problem
-                    )
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=problem)
+                    for field, problem in error.violations
                 ]
             )
         )
