@@ -153,6 +153,7 @@ class GatewayApp:
             self.limiter,
             self.audit,
             request_types([*every_service, *GATEWAY_SERVICES]),
+            tokens=self.runtime.tokens,
         )
         auth_interceptor.edge = self.edge
         self.identities = Identities(self.store, on_change=self.authenticator.invalidate)

@@ -10,6 +10,9 @@ For each call, in this order:
    the token and does not tell an unknown key id from a wrong secret;
 3. the caller holds the rule's role in at least one team (or is an admin):
    :func:`~plinth_common.auth.require_role_somewhere`;
+   a Plinth service (serving polling the key table) may instead carry its own signed identity
+   (``x-plinth-principal``), accepted only on the gateway's own methods whose rule names that
+   service;
 4. the caller's rate limit (:mod:`services.gateway.ratelimit`);
 5. the call runs as that principal (:func:`~plinth_common.auth.acting_as`): the gateway's own
    servicers read it, the forwarder mints the identity services verify.
@@ -38,6 +41,8 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 
 from plinth_common.auth import (
+    PRINCIPAL_HEADER,
+    InternalTokens,
     Permission,
     Principal,
     PrincipalKind,
@@ -86,6 +91,9 @@ _INVALID_KEY = "the API key is not valid"
 # Compared against when a key id is unknown, so that an unknown id costs what a wrong secret does.
 _DUMMY_SALT = "0" * 32
 _DUMMY_HASH = hash_secret(_DUMMY_SALT, "")
+
+# The gateway's own API: a service identity is accepted here only, never on forwarded methods.
+_OWN_API = "/plinth.gateway.v1."
 
 _KEY_ID: contextvars.ContextVar[str] = contextvars.ContextVar("plinth_key_id", default="")
 
@@ -309,6 +317,8 @@ class EdgeAuth:
         audit: the audit log.
         request_types: gRPC method path -> its request message class, to read the team and
             resource of an audited call whose request arrives as bytes (forwarded calls).
+        tokens: verifies a Plinth service's own identity on the gateway's methods whose rule
+            names that service (None: no service identity is accepted).
     """
 
     def __init__(
@@ -317,16 +327,32 @@ class EdgeAuth:
         limiter: RateLimiter,
         audit: AuditLog,
         request_types: Mapping[str, type[Message]] | None = None,
+        tokens: InternalTokens | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.limiter = limiter
         self.audit = audit
         self._request_types = dict(request_types or {})
+        self._tokens = tokens
 
     async def admit(
-        self, method: str, rule: Permission | None, authorization: str | None, request: Any
+        self,
+        method: str,
+        rule: Permission | None,
+        authorization: str | None,
+        request: Any,
+        forwarded: str | None = None,
     ) -> Authenticated:
         """Authenticates, authorizes and rate-limits one call; audits a refusal.
+
+        Args:
+            method: the gRPC method path (or ``HTTP <verb> <route>``).
+            rule: its permission (None: denied).
+            authorization: the ``authorization`` value.
+            request: the request (message, bytes or route parameters), for the audit.
+            forwarded: the ``x-plinth-principal`` value: a Plinth service's own identity,
+                taken instead of a bearer credential on the gateway's own methods whose rule
+                names that service.
 
         Raises:
             Unauthenticated, PermissionDenied, ResourceExhausted, Unavailable: the refusal.
@@ -335,6 +361,10 @@ class EdgeAuth:
         try:
             if rule is None:
                 raise PermissionDenied(f"{method} has no authorization rule, so it is denied")
+            if not authorization and forwarded and self._service_may_call(method, rule):
+                caller = self._service(forwarded, rule)
+                # Platform services are not rate-limited: their calls are few and bounded.
+                return Authenticated(caller)
             authenticated = await self.authenticator.authenticate(authorization)
             caller = authenticated.principal
             require_role_somewhere(caller, rule)
@@ -343,6 +373,19 @@ class EdgeAuth:
         except PlinthError as exc:
             self.outcome(method, rule, caller, request, exc)
             raise
+
+    def _service_may_call(self, method: str, rule: Permission) -> bool:
+        return self._tokens is not None and bool(rule.services) and method.startswith(_OWN_API)
+
+    def _service(self, forwarded: str, rule: Permission) -> Principal:
+        assert self._tokens is not None
+        principal = self._tokens.verify(forwarded)
+        if not principal.is_service:
+            # Only services present their own identity; a user's comes as a bearer credential.
+            raise Unauthenticated("a forwarded identity is accepted from Plinth services only")
+        if principal.name not in rule.services:
+            raise PermissionDenied(f"{rule.name} is not for service {principal.name}")
+        return principal
 
     def outcome(
         self,
@@ -426,7 +469,8 @@ class GatewayAuthInterceptor(grpc.aio.ServerInterceptor):
         def unary(behaviour: UnaryBehaviour) -> UnaryBehaviour:
             async def admitted_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 authorization = metadata_value(context, AUTHORIZATION)
-                admitted = await edge.admit(method, rule, authorization, request)
+                forwarded = metadata_value(context, PRINCIPAL_HEADER)
+                admitted = await edge.admit(method, rule, authorization, request, forwarded)
                 key = _KEY_ID.set(admitted.key_id)
                 try:
                     with acting_as(admitted.principal):

@@ -7,7 +7,9 @@ Transport-neutral: no grpc, nats or sqlalchemy. The servicer passes the verified
 * whoami, one's own teams and keys: any verified caller;
 * a team's members: its members (any role) and admins; another team answers NOT_FOUND;
 * teams, members, keys of others, service-account and admin keys: admins;
-* the audit log: admins.
+* the audit log: admins;
+* the key digests (salts and hashes of every usable key, for the inference data plane):
+  serving, as its service identity, and admins.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from plinth_common.auth import Principal, PrincipalKind, Role, require, require_admin
+from plinth_common.auth import Principal, PrincipalKind, Role, may, require, require_admin
+from plinth_common.auth.access import denied
 from plinth_common.auth.permissions import (
     AUDIT_READ,
+    KEY_DIGESTS,
     KEYS_OWN,
     KEYS_READ,
     TEAMS_MANAGE,
@@ -38,6 +42,8 @@ __all__ = [
     "CreatedKey",
     "Identities",
     "IdentityStore",
+    "KeyDigest",
+    "KeyDigests",
     "Member",
     "Team",
     "check_user",
@@ -106,6 +112,29 @@ class ApiKeyRecord:
     def usable_at(self, now: datetime) -> bool:
         """Neither revoked nor expired at ``now``."""
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyDigest:
+    """A usable key as a data-plane proxy checks it: its record and its owner's team roles."""
+
+    key: ApiKeyRecord
+    teams: Mapping[str, Role]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyDigests:
+    """The answer to a poll of the key table.
+
+    Attributes:
+        revision: the table's current revision.
+        changed: False when the poller's revision is current (``keys`` is then empty).
+        keys: every usable key, by id (when ``changed``).
+    """
+
+    revision: int
+    changed: bool
+    keys: Sequence[KeyDigest] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,6 +210,14 @@ class IdentityStore(Protocol):
         self, query: AuditQuery, *, limit: int, before: int | None
     ) -> list[AuditEntry]:
         """Newest first, ids below ``before``."""
+        ...
+
+    async def grant_revision(self) -> int:
+        """A number that changes with every change of a key or a membership."""
+        ...
+
+    async def key_digests(self, now: datetime) -> list[KeyDigest]:
+        """Every key neither revoked nor expired at ``now``, with its owner's teams, by id."""
         ...
 
 
@@ -368,6 +405,27 @@ class Identities:
             raise NotFound("api key", key_id)
         self._on_change()
         return revoked
+
+    # -- the data plane's key table ---------------------------------------------------------
+
+    async def key_digests(self, caller: Principal, since_revision: int) -> KeyDigests:
+        """Every usable key's digest and owner's teams, unless ``since_revision`` is current
+        (serving, as its service identity, and admins).
+
+        The revision is read before the keys, so the keys are at least as new as the revision
+        returned: a change racing this call is either in this answer or bumps the revision the
+        next poll sees.
+
+        Raises:
+            PermissionDenied: any other caller.
+        """
+        if not may(caller, KEY_DIGESTS, ""):
+            raise denied(KEY_DIGESTS, "")
+        revision = await self._store.grant_revision()
+        if since_revision == revision:
+            return KeyDigests(revision=revision, changed=False)
+        keys = await self._store.key_digests(self._clock())
+        return KeyDigests(revision=revision, changed=True, keys=keys)
 
     # -- audit ----------------------------------------------------------------------------
 

@@ -9,7 +9,14 @@ from plinth_common.auth import Principal, Role, current_principal
 from plinth_common.errors import InvalidArgument
 from plinth_common.prototime import from_timestamp, to_timestamp
 from services.gateway.auth import current_key_id
-from services.gateway.identity import ApiKeyRecord, AuditQuery, Identities, Member, Team
+from services.gateway.identity import (
+    ApiKeyRecord,
+    AuditQuery,
+    Identities,
+    KeyDigest,
+    Member,
+    Team,
+)
 from services.gateway.store import audit_to_proto
 
 
@@ -65,6 +72,24 @@ def key_to_proto(key: ApiKeyRecord) -> gateway_pb2.ApiKey:
         revoked_at=to_timestamp(key.revoked_at),
         created_by=key.created_by,
         admin=key.admin,
+    )
+
+
+def digest_to_proto(digest: KeyDigest) -> gateway_pb2.KeyDigest:
+    """A usable key's digest -> ``KeyDigest`` (salt and hash, never a secret)."""
+    key = digest.key
+    return gateway_pb2.KeyDigest(
+        id=key.id,
+        salt=key.salt,
+        hash=key.hash,
+        owner=key.owner,
+        kind=key.kind.value,
+        admin=key.admin,
+        teams=[
+            gateway_pb2.TeamRole(team=team, role=int(role))
+            for team, role in sorted(digest.teams.items())
+        ],
+        expires_at=to_timestamp(key.expires_at),
     )
 
 
@@ -181,4 +206,14 @@ class IdentityServicer(gateway_pb2_grpc.IdentityServiceServicer):
         )
         return gateway_pb2.ListAuditRecordsResponse(
             records=[audit_to_proto(r) for r in records], next_page_token=token
+        )
+
+    async def ListKeyDigests(
+        self, request: gateway_pb2.ListKeyDigestsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListKeyDigestsResponse:
+        digests = await self._identities.key_digests(current_principal(), request.since_revision)
+        return gateway_pb2.ListKeyDigestsResponse(
+            revision=digests.revision,
+            changed=digests.changed,
+            keys=[digest_to_proto(d) for d in digests.keys],
         )

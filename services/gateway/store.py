@@ -10,6 +10,10 @@ admin, expiry, revocation) -> ``memberships`` (owner -> team, role); serving's d
 (team, shared_with) complete the picture. Admin is a property of a key (an admin can hold a
 plain key for daily work), or of an OIDC user in the admin group; ``identities`` records each
 key owner's kind (user or service account).
+
+``grant_revision`` is one row whose number grows in the same transaction as every change of a
+key or a membership, so a poller (serving, for its proxy) learns "nothing changed" from one
+primary-key read, on every gateway replica alike.
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from plinth_common.db import Database
 from plinth_common.errors import AlreadyExists
 from plinth_common.events import Outbox, event_tables
 from plinth_common.prototime import to_timestamp
-from services.gateway.identity import ApiKeyRecord, AuditEntry, AuditQuery, Member, Team
+from services.gateway.identity import (
+    ApiKeyRecord,
+    AuditEntry,
+    AuditQuery,
+    KeyDigest,
+    Member,
+    Team,
+)
 
 metadata = sa.MetaData()
 outbox_table, processed_table = event_tables(metadata)
@@ -79,6 +90,14 @@ api_keys = sa.Table(
     sa.Column("last_used_at", sa.DateTime(timezone=True)),
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
 )
+
+grant_revision = sa.Table(
+    "grant_revision",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+_REVISION_ROW = 1
 
 audit_records = sa.Table(
     "audit_records",
@@ -234,6 +253,7 @@ class SqlIdentityStore:
 
     async def put_member(self, member: Member) -> Member:
         async with self._db.transaction() as session:
+            await self._bump_revision(session)
             await self._ensure_identity(session, member.user, PrincipalKind.USER, member.added_at)
             where = (memberships.c.team == member.team) & (memberships.c.user == member.user)
             existing = (
@@ -267,6 +287,7 @@ class SqlIdentityStore:
             if row is None:
                 return None
             await session.execute(sa.delete(memberships).where(where))
+            await self._bump_revision(session)
             return _member(row)
 
     async def list_members(self, team: str) -> list[Member]:
@@ -310,6 +331,7 @@ class SqlIdentityStore:
 
     async def add_key(self, key: ApiKeyRecord) -> None:
         async with self._db.transaction() as session:
+            await self._bump_revision(session)
             await self._ensure_identity(session, key.owner, key.kind, key.created_at)
             await session.execute(
                 sa.insert(api_keys).values(
@@ -347,17 +369,65 @@ class SqlIdentityStore:
 
     async def revoke_key(self, key_id: str, at: datetime) -> ApiKeyRecord | None:
         async with self._db.transaction() as session:
-            await session.execute(
+            revoked = await session.scalar(
                 sa.update(api_keys)
                 .where((api_keys.c.id == key_id) & api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=at)
+                .returning(api_keys.c.id)
             )
+            if revoked is not None:
+                await self._bump_revision(session)
             row = (
                 (await session.execute(sa.select(api_keys).where(api_keys.c.id == key_id)))
                 .mappings()
                 .first()
             )
         return _key(row) if row is not None else None
+
+    # -- the data plane's key table
+
+    async def _bump_revision(self, session: Any) -> None:
+        # In the change's own transaction: a reader never sees the new number without the
+        # change (the commit is atomic); concurrent writers queue on the row's lock.
+        await session.execute(
+            sa.update(grant_revision)
+            .where(grant_revision.c.id == _REVISION_ROW)
+            .values(revision=grant_revision.c.revision + 1)
+        )
+
+    async def grant_revision(self) -> int:
+        """The number that grows with every change of a key or a membership."""
+        async with self._db.read() as session:
+            value = await session.scalar(
+                sa.select(grant_revision.c.revision).where(grant_revision.c.id == _REVISION_ROW)
+            )
+        return int(value or 0)
+
+    async def key_digests(self, now: datetime) -> list[KeyDigest]:
+        """Every key neither revoked nor expired at ``now``, with its owner's teams, by id."""
+        usable = api_keys.c.revoked_at.is_(None) & (
+            api_keys.c.expires_at.is_(None) | (api_keys.c.expires_at > now)
+        )
+        async with self._db.read() as session:
+            keys = (
+                (await session.execute(sa.select(api_keys).where(usable).order_by(api_keys.c.id)))
+                .mappings()
+                .all()
+            )
+            owners = sorted({row["owner"] for row in keys})
+            roles: dict[str, dict[str, Role]] = {}
+            # Chunked: a bound parameter list has limits (SQLite: 32766).
+            for start in range(0, len(owners), 500):
+                rows = (
+                    await session.execute(
+                        sa.select(memberships.c.user, memberships.c.team, memberships.c.role).where(
+                            memberships.c.user.in_(owners[start : start + 500])
+                        )
+                    )
+                ).all()
+                for user, team, role in rows:
+                    roles.setdefault(user, {})[team] = Role(role)
+        return [KeyDigest(key=_key(row), teams=roles.get(row["owner"], {})) for row in keys]
 
     async def touch_keys(self, used: Mapping[str, datetime]) -> None:
         """Sets ``last_used_at`` of each key (the gateway calls this off the request path)."""

@@ -124,6 +124,14 @@ TEAMS_MANAGE = _admin("teams.manage")
 KEYS_OWN = _any("keys.own", mutating=True, note="others' keys and service accounts: admin")
 KEYS_READ = _any("keys.read", note="one's own (admins: anyone's)")
 AUDIT_READ = _admin("audit.read", mutating=False)
+# The data plane's key table (salts and hashes, never secrets): serving polls it for its proxy.
+KEY_DIGESTS = Permission(
+    "keys.digests",
+    Scope.ADMIN,
+    Role.MAINTAINER,
+    services=frozenset({"serving"}),
+    note="salts and hashes of usable keys, for the inference data plane",
+)
 HEALTH = Permission("health", Scope.PUBLIC)
 REFLECTION = _any("reflection")
 
@@ -187,6 +195,7 @@ METHOD_RULES: Mapping[str, Permission] = {
     _IDENTITY + "ListApiKeys": KEYS_READ,
     _IDENTITY + "RevokeApiKey": KEYS_OWN,
     _IDENTITY + "ListAuditRecords": AUDIT_READ,
+    _IDENTITY + "ListKeyDigests": KEY_DIGESTS,
     "/grpc.health.v1.Health/Check": HEALTH,
     "/grpc.health.v1.Health/Watch": HEALTH,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": REFLECTION,

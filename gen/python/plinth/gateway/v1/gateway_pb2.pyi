@@ -360,3 +360,39 @@ class ListAuditRecordsResponse(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
     next_page_token: str
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListKeyDigestsRequest(_message.Message):
+    __slots__ = ("since_revision",)
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    since_revision: int
+    def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
+
+class KeyDigest(_message.Message):
+    __slots__ = ("id", "salt", "hash", "owner", "kind", "admin", "teams", "expires_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    TEAMS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    salt: str
+    hash: str
+    owner: str
+    kind: str
+    admin: bool
+    teams: _containers.RepeatedCompositeFieldContainer[TeamRole]
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., salt: _Optional[str] = ..., hash: _Optional[str] = ..., owner: _Optional[str] = ..., kind: _Optional[str] = ..., admin: _Optional[bool] = ..., teams: _Optional[_Iterable[_Union[TeamRole, _Mapping]]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListKeyDigestsResponse(_message.Message):
+    __slots__ = ("revision", "changed", "keys")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    changed: bool
+    keys: _containers.RepeatedCompositeFieldContainer[KeyDigest]
+    def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[KeyDigest, _Mapping]]] = ...) -> None: ...

@@ -317,6 +317,11 @@ class IdentityServiceStub:
                 request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsRequest.SerializeToString,
                 response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsResponse.FromString,
                 _registered_method=True)
+        self.ListKeyDigests = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/ListKeyDigests',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -396,6 +401,16 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeyDigests(self, request, context):
+        """What a data-plane proxy needs to check API keys without asking the gateway per request:
+        every usable key's id, salt and hash with its owner's teams. Only serving may call it (as
+        its service identity). Cheap to poll: an unchanged `revision` answers `changed: false` and
+        no keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -448,6 +463,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.ListAuditRecords,
                     request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsRequest.FromString,
                     response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
+            'ListKeyDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeyDigests,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -723,6 +743,33 @@ class IdentityService:
             '/plinth.gateway.v1.IdentityService/ListAuditRecords',
             plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsRequest.SerializeToString,
             plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListAuditRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeyDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/ListKeyDigests',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsResponse.FromString,
             options,
             channel_credentials,
             insecure,
