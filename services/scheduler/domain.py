@@ -183,16 +183,18 @@ class ExitStatus:
         """A human sentence, e.g. "killed by signal 9 (SIGKILL)"."""
         if self.reason:
             return self.reason
+        name = ""
         if self.signal:
             try:
                 name = signal_module.Signals(self.signal).name
             except ValueError:
                 name = "unknown"
-            how = f"killed by signal {self.signal} ({name})"
-        else:
-            how = f"exit code {self.exit_code}"
         why = _END_REASON_WORDS.get(self.end_reason)
-        return f"{why} ({how})" if why else how
+        if why:  # e.g. "preempted (SIGTERM)", "preempted (exit code 0)"
+            return f"{why} ({name or f'exit code {self.exit_code}'})"
+        if self.signal:
+            return f"killed by signal {self.signal} ({name})"
+        return f"exit code {self.exit_code}"
 
 
 CANCELLED_BEFORE_START = "cancelled before it started"

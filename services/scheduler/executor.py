@@ -7,7 +7,8 @@ The contract, whatever the engine:
 
 - A job runs as attempts: the service launches the same job id again for ``job.attempt`` N. A
   launch never reports an earlier attempt's ending, and :meth:`Executor.reattach` finds the
-  current attempt. The job's log goes on across attempts, each opened by ``--- attempt N ---``.
+  current attempt. The job's log goes on across attempts; the second and later ones start with
+  a line ``--- attempt N ---``.
 - Every attempt sees ``PLINTH_CHECKPOINT_DIR`` (the same folder for all attempts of a job, see
   :meth:`Executor.checkpoint_dir`) and ``PLINTH_ATTEMPT``.
 - A job of ``job.spec.replicas`` N runs as a gang of N workers that start and end together; each
