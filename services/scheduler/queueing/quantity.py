@@ -64,8 +64,8 @@ def parse_quantity(resource: str, value: object) -> float:
         match = _CPU_RE.fullmatch(text)
         if match is None:
             raise ValueError(f"expected {_EXPECTED[resource]}, got {value!r}")
-        number = _decimal(match.group(1), value)
-        return float(number / 1000 if match.group(2) else number)
+        cores = _decimal(match.group(1), value)
+        return float(cores / 1000 if match.group(2) else cores)
     if resource == "gpu" and text.isdigit():
         return float(int(text))
     raise ValueError(f"expected {_EXPECTED.get(resource, 'a number')}, got {value!r}")
