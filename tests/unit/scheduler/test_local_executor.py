@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from services.scheduler import shim
 from services.scheduler.domain import EndReason, ExitStatus, Job, JobSpec, JobState, Resources
 from services.scheduler.executor import RunHandle
 from services.scheduler.local_executor import LocalExecutor, ReattachedHandle
@@ -308,3 +309,20 @@ async def test_a_supervisor_killed_outright_is_reported_as_executor_lost(runner:
 def test_exit_status_words(status: ExitStatus, text: str) -> None:
     assert status.describe() == text
     assert not status.succeeded
+
+
+@pytest.mark.parametrize(
+    ("signum", "killed_by_shim", "oom_kills", "expected"),
+    [
+        (signal.SIGKILL, False, (7, 8), EndReason.OOM_KILLED),
+        (signal.SIGKILL, True, (7, 8), EndReason.EXITED),  # the grace ran out: our kill
+        (signal.SIGKILL, False, (7, 7), EndReason.EXITED),  # someone's kill -9
+        (signal.SIGKILL, False, (-1, -1), EndReason.EXITED),  # no counter to read
+        (signal.SIGSEGV, False, (7, 8), EndReason.EXITED),
+    ],
+)
+def test_an_unexplained_sigkill_during_an_oom_kill_is_reported_as_out_of_memory(
+    signum: int, killed_by_shim: bool, oom_kills: tuple[int, int], expected: EndReason
+) -> None:
+    got = shim.end_reason(signum, killed_by_shim=killed_by_shim, oom_kills=oom_kills)
+    assert EndReason(got) is expected
