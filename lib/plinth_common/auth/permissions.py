@@ -83,6 +83,11 @@ V, D, M = Role.VIEWER, Role.DEVELOPER, Role.MAINTAINER
 JOBS_READ = _team("jobs.read", V, note="lists show the caller's teams")
 JOBS_SUBMIT = _team("jobs.submit", D, mutating=True)
 JOBS_CANCEL = _team("jobs.cancel", D, mutating=True)
+QUEUES_READ = _team(
+    "queues.read", V, note="the caller's teams' queues; others' jobs in them counted, not named"
+)
+QUEUES_APPLY = _admin("queues.apply")
+QUEUES_CONFIG_READ = _admin("queues.config.read", mutating=False)
 RUNS_READ = _team("runs.read", V, note="a run's team is its experiment's")
 MODELS_READ = _team("models.read", V, services="serving")
 MODELS_REGISTER = _team("models.register", D, mutating=True)
@@ -150,6 +155,9 @@ METHOD_RULES: Mapping[str, Permission] = {
     _SCHEDULER + "ListJobs": JOBS_READ,
     _SCHEDULER + "CancelJob": JOBS_CANCEL,
     _SCHEDULER + "StreamJobLogs": JOBS_READ,
+    _SCHEDULER + "GetQueue": QUEUES_READ,
+    _SCHEDULER + "ApplyQueueConfig": QUEUES_APPLY,
+    _SCHEDULER + "GetQueueConfig": QUEUES_CONFIG_READ,
     _REGISTRY + "GetRun": RUNS_READ,
     _REGISTRY + "ListRuns": RUNS_READ,
     _REGISTRY + "CreateModelVersion": MODELS_REGISTER,
