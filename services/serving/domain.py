@@ -12,6 +12,13 @@ a ``plinth.model.promoted`` event, or from the registry when the deployment is c
 - UNAVAILABLE: the serving engine is down. Never stored: it is how :func:`engine_down` shows a
   deployment while serving heals its engine, after which the stored state shows again.
 
+Traffic: the serving version (the alias's, the *stable* one) answers every request unless
+``SetTraffic`` split it with *canaries*, other versions of the model each taking a share. A
+canary whose error rate or p99 latency breaks the deployment's :class:`Slo` is rolled back (all
+traffic to the stable version again); a promotion that rolls out replaces the whole split with
+100% on the new version. ``SetTraffic`` with one version at 100% pins that version: it rolls out
+like a promotion would, and the next promotion of the alias moves the deployment on again.
+
 Pure values and functions: no I/O, no grpc, no nats, no SQL.
 """
 
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from plinth_common.errors import InvalidArgument, PlinthError
+from plinth_common.errors import FailedPrecondition, InvalidArgument, PlinthError
 from plinth_common.names import (
     DEFAULT_ALIAS,
     check_alias,
@@ -42,6 +49,13 @@ MAX_INSTANCES = 16
 MAX_SHARED_TEAMS = 64
 #: Longest ``last_error`` (and failure reason) kept.
 MAX_REASON = 2000
+#: Most versions one split may name (the stable one and its canaries).
+MAX_SPLIT_VERSIONS = 4
+MAX_LIMIT = 1_000_000
+MAX_SLO_WINDOW_S = 3600
+MAX_SLO_P99_MS = 600_000.0
+#: Who moves traffic when no caller does (rollouts, rollbacks).
+SERVING_ACTOR = "serving"
 # Column sizes of what a promotion event carries (kept, cut, even when malformed: see retarget).
 _MAX_VERSION, _MAX_SOURCE, _MAX_RUN_ID = 32, 4096, 64
 
@@ -76,6 +90,90 @@ UNSET_BATCHING = BatchingSettings(max_batch_size=0, max_queue_delay_us=0, instan
 
 
 @dataclass(frozen=True, kw_only=True)
+class VersionRef:
+    """A registered model version: its number, artifact URI and run."""
+
+    version: str
+    source: str
+    run_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Slo:
+    """When a canary is rolled back: its error rate or p99 latency above these over the window.
+
+    Attributes:
+        max_error_rate_pct: errors per 100 requests.
+        max_p99_ms: the 99th percentile of request latency, in milliseconds.
+        window_s: how far back the canary's requests are judged.
+    """
+
+    max_error_rate_pct: float = 1.0
+    max_p99_ms: float = 500.0
+    window_s: int = 60
+
+
+#: The SLO of a deployment created without one.
+DEFAULT_SLO = Slo()
+#: What a request's zeros mean: the defaults.
+UNSET_SLO = Slo(max_error_rate_pct=0.0, max_p99_ms=0.0, window_s=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What the inference data plane admits at once per deployment (0: unlimited).
+
+    Attributes:
+        max_concurrency: requests in flight to the model server.
+        max_queue: requests waiting for one of those slots; beyond, refused at once.
+    """
+
+    max_concurrency: int = 0
+    max_queue: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Canary:
+    """A version that takes a share of a deployment's traffic beside its serving version.
+
+    Attributes:
+        version: the registered model version.
+        percent: its share of requests.
+        source: its artifact URI (to load it again after a restart).
+        run_id: its run.
+        io: its tensors (None until loaded).
+    """
+
+    version: str
+    percent: int
+    source: str
+    run_id: str = ""
+    io: ModelIO | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrafficRequest:
+    """A split asked for by ``SetTraffic`` whose versions still load.
+
+    Attributes:
+        split: version -> percent, as asked (the shares sum to 100).
+        refs: each version other than the serving one, as the registry described it.
+        reason: the caller's reason, for the event.
+        actor: the caller.
+    """
+
+    split: tuple[tuple[str, int], ...]
+    refs: tuple[VersionRef, ...] = ()
+    reason: str = ""
+    actor: str = ""
+
+    @property
+    def percents(self) -> dict[str, int]:
+        """The split as a dict."""
+        return dict(self.split)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeploymentSpec:
     """What a user asks for; an empty alias and zeros in ``batching`` mean the defaults."""
 
@@ -85,6 +183,8 @@ class DeploymentSpec:
     alias: str = ""
     batching: BatchingSettings = UNSET_BATCHING
     shared_with: tuple[str, ...] = ()
+    slo: Slo = UNSET_SLO
+    limits: Limits = Limits()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,15 +200,6 @@ class DeploymentAccess:
 
     team: str
     shared_with: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, kw_only=True)
-class VersionRef:
-    """A registered model version: its number, artifact URI and run."""
-
-    version: str
-    source: str
-    run_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +240,10 @@ class Deployment:
         failed_version: a target that failed; not retried until a promotion names it again.
         last_error: why the last rollout or registry lookup failed.
         lookup_pending: the registry has not yet said where the alias points.
+        slo: when a canary is rolled back.
+        limits: the data plane's admission limits.
+        canaries: versions sharing the traffic with the serving version (loaded), by version.
+        pending_traffic: a split asked for whose versions still load.
         created_at: creation time.
         updated_at: last change.
     """
@@ -172,6 +267,10 @@ class Deployment:
     failed_version: str = ""
     last_error: str = ""
     lookup_pending: bool = False
+    slo: Slo = DEFAULT_SLO
+    limits: Limits = Limits()
+    canaries: tuple[Canary, ...] = ()
+    pending_traffic: TrafficRequest | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -184,6 +283,19 @@ class Deployment:
         )
 
     @property
+    def traffic(self) -> dict[str, int]:
+        """Version -> percent of requests it answers now (empty when nothing serves)."""
+        if not self.serving_version:
+            return {}
+        split = {self.serving_version: 100 - sum(c.percent for c in self.canaries)}
+        split.update((c.version, c.percent) for c in self.canaries)
+        return split
+
+    def canary(self, version: str) -> Canary | None:
+        """The canary of ``version``, if it is one."""
+        return next((c for c in self.canaries if c.version == version), None)
+
+    @property
     def access(self) -> DeploymentAccess:
         """Who may call it for inference."""
         return DeploymentAccess(team=self.team, shared_with=frozenset(self.shared_with))
@@ -192,6 +304,36 @@ class Deployment:
         """A copy with ``changes`` applied, its state derived again, and ``updated_at`` = now."""
         updated = dataclasses.replace(self, updated_at=now, **changes)
         return dataclasses.replace(updated, state=state_of(updated))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backend:
+    """One version of a deployment's split, as the inference data plane routes to it.
+
+    Attributes:
+        version: the registered model version.
+        triton_model: the Triton model that serves it.
+        percent: its share of requests.
+    """
+
+    version: str
+    triton_model: str
+    percent: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Split:
+    """Where the inference data plane sends a deployment's requests.
+
+    Attributes:
+        deployment: the name clients use.
+        backends: the versions, the serving (stable) one first.
+        limits: the deployment's admission limits.
+    """
+
+    deployment: str
+    backends: tuple[Backend, ...]
+    limits: Limits = Limits()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,6 +391,137 @@ def check_shared_with(teams: Iterable[str], owner: str) -> tuple[str, ...]:
     return tuple(checked)
 
 
+def check_slo(slo: Slo) -> Slo:
+    """An SLO with zeros replaced by the defaults, checked.
+
+    Raises:
+        InvalidArgument: naming the field out of range.
+    """
+    rate = slo.max_error_rate_pct or DEFAULT_SLO.max_error_rate_pct
+    p99 = slo.max_p99_ms or DEFAULT_SLO.max_p99_ms
+    window = slo.window_s or DEFAULT_SLO.window_s
+    if not 0 < rate <= 100:
+        raise InvalidArgument(
+            "slo.max_error_rate_percent", f"above 0 and at most 100, got {slo.max_error_rate_pct}"
+        )
+    if not 0 < p99 <= MAX_SLO_P99_MS:
+        raise InvalidArgument(
+            "slo.max_p99_ms", f"above 0 and at most {MAX_SLO_P99_MS:g}, got {slo.max_p99_ms}"
+        )
+    if not 1 <= window <= MAX_SLO_WINDOW_S:
+        raise InvalidArgument(
+            "slo.window_seconds", f"between 1 and {MAX_SLO_WINDOW_S}, got {slo.window_s}"
+        )
+    return Slo(max_error_rate_pct=rate, max_p99_ms=p99, window_s=window)
+
+
+def check_limits(limits: Limits) -> Limits:
+    """Admission limits, checked (0 means unlimited).
+
+    Raises:
+        InvalidArgument: a limit is negative or above :data:`MAX_LIMIT`; a queue without a
+            concurrency limit (nothing would ever wait).
+    """
+    for field, value in (
+        ("limits.max_concurrency", limits.max_concurrency),
+        ("limits.max_queue", limits.max_queue),
+    ):
+        if not 0 <= value <= MAX_LIMIT:
+            raise InvalidArgument(field, f"between 0 (unlimited) and {MAX_LIMIT}, got {value}")
+    if limits.max_queue and not limits.max_concurrency:
+        raise InvalidArgument(
+            "limits.max_queue", "needs limits.max_concurrency: requests queue for its slots"
+        )
+    return limits
+
+
+def check_split(shares: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """A traffic split, checked: version -> percent, without the versions at 0%.
+
+    Raises:
+        InvalidArgument: a version that is no version number, named twice, a percent outside
+            0..100, percents that do not sum to 100, or more than :data:`MAX_SPLIT_VERSIONS`
+            versions.
+    """
+    split: dict[str, int] = {}
+    for version, percent in shares:
+        if not version.isdigit() or len(version) > _MAX_VERSION:
+            raise InvalidArgument("traffic", f"{version[:40]!r} is no version number")
+        if version in split:
+            raise InvalidArgument("traffic", f"version {version} is named twice")
+        if not 0 <= percent <= 100:
+            raise InvalidArgument("traffic", f"v{version}: {percent}% is not between 0 and 100")
+        split[version] = percent
+    total = sum(split.values())
+    if total != 100:
+        shown = " ".join(f"v{v}={p}" for v, p in split.items()) or "nothing"
+        raise InvalidArgument("traffic", f"the percents must sum to 100; {shown} sums to {total}")
+    kept = {v: p for v, p in split.items() if p > 0}
+    if len(kept) > MAX_SPLIT_VERSIONS:
+        raise InvalidArgument(
+            "traffic", f"{len(kept)} versions; a split names at most {MAX_SPLIT_VERSIONS}"
+        )
+    return kept
+
+
+def pinned_version(d: Deployment, split: dict[str, int]) -> str | None:
+    """The version a checked split pins (one version at 100%), or None for a canary split.
+
+    Raises:
+        FailedPrecondition: a split of several versions while nothing serves, or that leaves
+            out the serving version (its stable version: canaries roll back to it).
+    """
+    if len(split) == 1:
+        return next(iter(split))
+    if not d.serving_version:
+        raise FailedPrecondition(
+            f"deployment {d.name!r} serves no version yet; a split needs its serving version "
+            "to roll canaries back to (or put 100% on one version)"
+        )
+    if d.serving_version not in split:
+        raise FailedPrecondition(
+            f"the split must keep the serving version v{d.serving_version} of deployment "
+            f"{d.name!r} (canaries roll back to it), or put 100% on one version"
+        )
+    return None
+
+
+def traffic_requested(d: Deployment, request: TrafficRequest, *, at: datetime) -> Deployment:
+    """The deployment once a canary split was asked for: its canaries load, then it applies."""
+    return d.changed(at, pending_traffic=request)
+
+
+def pinned(d: Deployment, ref: VersionRef, request: TrafficRequest, *, at: datetime) -> Deployment:
+    """The deployment once ``SetTraffic`` put 100% on ``ref``: it rolls out as a promotion
+    would (the request is kept for the event's reason and actor)."""
+    return d.changed(
+        at,
+        target_version=ref.version[:_MAX_VERSION],
+        target_source=ref.source[:_MAX_SOURCE],
+        target_run_id=ref.run_id[:_MAX_RUN_ID],
+        target_time=at,
+        failed_version="",
+        lookup_pending=False,
+        pending_traffic=request,
+        last_error="" if ref.version == d.serving_version else d.last_error,
+    )
+
+
+def canaries_applied(d: Deployment, canaries: tuple[Canary, ...], *, at: datetime) -> Deployment:
+    """The deployment once its requested canaries are loaded and take their shares."""
+    return d.changed(at, canaries=canaries, pending_traffic=None, last_error="")
+
+
+def traffic_failed(d: Deployment, version: str, reason: str, *, at: datetime) -> Deployment:
+    """The deployment after a requested canary could not be loaded: the split stays as it was."""
+    return d.changed(at, pending_traffic=None, last_error=f"v{version}: {reason}"[:MAX_REASON])
+
+
+def rolled_back(d: Deployment, *, at: datetime) -> Deployment:
+    """The deployment after its canaries were rolled back: the serving version takes it all."""
+    return d.changed(at, canaries=(), pending_traffic=None)
+
+
 def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
     """Checks a deployment request and fills in the defaults.
 
@@ -279,6 +552,8 @@ def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
     return dataclasses.replace(
         spec,
         alias=alias,
+        slo=check_slo(spec.slo),
+        limits=check_limits(spec.limits),
         shared_with=check_shared_with(spec.shared_with, spec.team),
         batching=BatchingSettings(
             max_batch_size=max_batch,
@@ -297,6 +572,8 @@ def new_deployment(spec: DeploymentSpec, at: datetime) -> Deployment:
         alias=spec.alias,
         batching=spec.batching,
         shared_with=spec.shared_with,
+        slo=spec.slo,
+        limits=spec.limits,
         lookup_pending=True,
         created_at=at,
         updated_at=at,
@@ -374,11 +651,13 @@ def loading(d: Deployment, *, at: datetime) -> Deployment:
 
 
 def switched(d: Deployment, version: str, io: ModelIO, *, at: datetime) -> Deployment:
-    """The deployment once ``version`` answers."""
+    """The deployment once ``version`` answers all its traffic (a rollout replaces the split)."""
     return d.changed(
         at,
         serving_version=version,
         serving_io=io,
+        canaries=(),
+        pending_traffic=None,
         loading_version="",
         failed_version="",
         last_error="",
@@ -393,6 +672,9 @@ def rollout_failed(d: Deployment, version: str, reason: str, *, at: datetime) ->
     }
     if d.target_version == version:
         changes["failed_version"] = version
+    pending = d.pending_traffic
+    if pending is not None and pending.percents == {version: 100}:
+        changes["pending_traffic"] = None  # the pin failed: nothing is pending any more
     return d.changed(at, **changes)
 
 
@@ -409,7 +691,7 @@ def settled(d: Deployment, *, at: datetime) -> Deployment:
 
 def unserved(d: Deployment, *, at: datetime) -> Deployment:
     """The deployment whose serving version could not be restored: it rolls out again."""
-    return d.changed(at, serving_version="", serving_io=None)
+    return d.changed(at, serving_version="", serving_io=None, canaries=())
 
 
 def engine_down(d: Deployment, reason: str) -> Deployment:

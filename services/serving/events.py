@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
 from plinth_common.events import CloudEvent, Outbox
-from services.serving.domain import Deployment, Promotion
+from services.serving.domain import SERVING_ACTOR, Deployment, Promotion
 from services.serving.service import ServingService
 
 PROMOTED_SUBJECT = "plinth.model.promoted"
@@ -57,11 +57,24 @@ class OutboxDeploymentEvents:
         await self._outbox.add(session, message, subject=deployment.name, team=deployment.team)
 
     async def traffic_changed(
-        self, session: AsyncSession, deployment: Deployment, traffic: Mapping[str, int]
+        self,
+        session: AsyncSession,
+        deployment: Deployment,
+        traffic: Mapping[str, int],
+        *,
+        previous: Mapping[str, int] | None = None,
+        reason: str = "",
+        actor: str = SERVING_ACTOR,
     ) -> None:
-        """``plinth.deployment.traffic_changed``: percent of requests per version (empty: none, deleted)."""
+        """``plinth.deployment.traffic_changed``: percent of requests per version (empty: none,
+        deleted), the split before, why, and who moved it."""
         message = events_pb2.DeploymentTrafficChanged(
-            deployment=deployment.name, team=deployment.team, traffic_percent=dict(traffic)
+            deployment=deployment.name,
+            team=deployment.team,
+            traffic_percent=dict(traffic),
+            previous_traffic_percent=dict(previous or {}),
+            reason=reason,
+            actor=actor,
         )
         await self._outbox.add(session, message, subject=deployment.name, team=deployment.team)
 

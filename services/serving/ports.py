@@ -15,7 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.serving.domain import BatchingSettings, Deployment, DeploymentAccess, VersionRef
+from services.serving.domain import (
+    BatchingSettings,
+    Deployment,
+    DeploymentAccess,
+    Split,
+    VersionRef,
+)
 from services.serving.signature import ModelIO
 
 
@@ -39,6 +45,14 @@ class ModelRegistry(Protocol):
         """True when the registry has a model called ``model_name`` owned by ``team``."""
         ...
 
+    async def version(self, model_name: str, version: str) -> VersionRef:
+        """Version ``version`` of ``model_name``.
+
+        Raises:
+            NotFound: the registry has no such model or version.
+        """
+        ...
+
     async def model_names(self, team: str) -> Sequence[str]:
         """Names of ``team``'s registered models (for suggestions; may be cut at a bound)."""
         ...
@@ -58,6 +72,14 @@ class ModelServer(Protocol):
     async def load(self, model: str) -> None: ...
 
     async def unload(self, model: str) -> None: ...
+
+
+class RoutePublisher(Protocol):
+    """The inference data plane's routing table (the HAProxy data plane)."""
+
+    async def __call__(self, splits: Sequence[Split]) -> None:
+        """Replaces every deployment's routes; keeps the last good ones and raises on failure."""
+        ...
 
 
 class EngineStatus(Protocol):
@@ -140,8 +162,17 @@ class DeploymentEvents(Protocol):
     ) -> None: ...
 
     async def traffic_changed(
-        self, session: Any, deployment: Deployment, traffic: Mapping[str, int]
-    ) -> None: ...
+        self,
+        session: Any,
+        deployment: Deployment,
+        traffic: Mapping[str, int],
+        *,
+        previous: Mapping[str, int] | None = None,
+        reason: str = "",
+        actor: str = ...,
+    ) -> None:
+        """``deployment.traffic_changed``: the split now (empty: deleted), before, why, who."""
+        ...
 
 
 class Deployments(Protocol):

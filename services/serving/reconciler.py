@@ -12,6 +12,12 @@ answer is asked again later (exponential back-off with jitter, per deployment, w
 the worker); a registry that refuses the question leaves the deployment FAILED. Likewise a load
 that finds the model server down is tried again after a back-off instead of failing the version.
 
+Traffic splits: besides its serving (stable) version a deployment may serve *canaries*, each with
+a share of the requests. A requested split (``SetTraffic``) is applied by the deployment's worker
+too: it loads every canary first, then moves the shares (routes, then the inference data plane),
+then unloads what left the split after the drain delay. :meth:`Reconciler.roll_back` takes every
+canary's share back to the stable version at once (the SLO guard calls it).
+
 The decisions themselves are the pure functions of :mod:`services.serving.domain`; this module
 runs them against the store, the registry, the artifact store and the model server. No network
 call happens while a write transaction is open. Imports neither grpc nor nats nor sqlalchemy.
@@ -21,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
 
@@ -33,7 +41,18 @@ from plinth_common.db import Database
 from plinth_common.errors import PlinthError, Unavailable
 from plinth_common.events.tracing import extract, traceparent_of_current
 from services.serving import domain
-from services.serving.domain import Deployment, Route
+from services.serving.domain import (
+    SERVING_ACTOR,
+    Backend,
+    BatchingSettings,
+    Canary,
+    Deployment,
+    Limits,
+    Route,
+    Slo,
+    Split,
+    VersionRef,
+)
 from services.serving.ports import (
     ArtifactStore,
     DeploymentEvents,
@@ -41,6 +60,7 @@ from services.serving.ports import (
     ModelRegistry,
     ModelRepository,
     ModelServer,
+    RoutePublisher,
 )
 from services.serving.signature import ModelIO, read_model_io
 
@@ -108,6 +128,8 @@ class Reconciler:
         backoff: when to ask an unreachable registry again, or to load again on a model server
             that was down (one schedule each, with these settings).
         clock: monotonic seconds (the back-off's time).
+        publisher: the inference data plane's routing table, pushed every route change (None:
+            inference only on the Python path).
     """
 
     def __init__(
@@ -125,6 +147,7 @@ class Reconciler:
         max_parallel_rollouts: int = 2,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        publisher: RoutePublisher | None = None,
     ) -> None:
         self._db = db
         self._store = store
@@ -141,6 +164,16 @@ class Reconciler:
         self._engine_backoff = Backoff(initial_s=schedule.initial_s, max_s=schedule.max_s)
         self._clock = clock
         self._routes: dict[str, Route] = {}
+        # Deployment -> its canaries' routes with their percent; its limits and SLO.
+        self._canaries: dict[str, tuple[tuple[Route, int], ...]] = {}
+        self._limits: dict[str, Limits] = {}
+        self._slos: dict[str, Slo] = {}
+        self._publisher = publisher
+        self._publish_lock = asyncio.Lock()
+        self._publish_failed = False
+        # Held from a traffic change's commit to its in-memory routes, so that two changes of
+        # one deployment (a split applying, a rollback) land in the store's order.
+        self._switching = asyncio.Lock()
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._resolving: dict[str, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
@@ -152,13 +185,75 @@ class Reconciler:
     # -- what the use cases ask -----------------------------------------------------------------
 
     def route(self, name: str) -> Route | None:
-        """Where inference for deployment ``name`` goes, or None (unknown or not serving)."""
-        return self._routes.get(name)
+        """Where one inference request for deployment ``name`` goes (a version picked by the
+        split's weights), or None (unknown or not serving)."""
+        stable = self._routes.get(name)
+        canaries = self._canaries.get(name)
+        if stable is None or not canaries:
+            return stable
+        pick = random.randrange(100)
+        for route, percent in canaries:
+            if pick < percent:
+                return route
+            pick -= percent
+        return stable
+
+    def splits(self) -> list[Split]:
+        """Every routed deployment's versions with their shares, the stable one first."""
+        return [self._split(name, stable) for name, stable in sorted(self._routes.items())]
+
+    def _split(self, name: str, stable: Route) -> Split:
+        canaries = self._canaries.get(name, ())
+        backends = [
+            Backend(
+                version=stable.version,
+                triton_model=stable.triton_model,
+                percent=100 - sum(percent for _, percent in canaries),
+            )
+        ]
+        backends += [
+            Backend(version=r.version, triton_model=r.triton_model, percent=percent)
+            for r, percent in canaries
+        ]
+        return Split(
+            deployment=name, backends=tuple(backends), limits=self._limits.get(name, Limits())
+        )
+
+    def canaried(self) -> dict[str, tuple[Slo, tuple[str, ...]]]:
+        """Deployments that serve canaries now: their SLO and the canary versions."""
+        return {
+            name: (self._slos.get(name, Slo()), tuple(r.version for r, _ in canaries))
+            for name, canaries in self._canaries.items()
+            if canaries
+        }
+
+    async def publish(self) -> bool:
+        """Pushes every route to the inference data plane; False (logged) when it refused, in
+        which case the next reconciliation pushes again."""
+        if self._publisher is None:
+            return True
+        async with self._publish_lock:
+            try:
+                await self._publisher(self.splits())
+            except Exception as exc:  # noqa: BLE001 - the data plane keeps its last good routes
+                if not self._publish_failed:
+                    log.warning(
+                        "the inference data plane refused the routes (%s); it keeps its last "
+                        "good routes, pushing again shortly",
+                        domain.reason_of(exc),
+                    )
+                self._publish_failed = True
+                return False
+            if self._publish_failed:
+                log.info("the inference data plane took the routes again")
+            self._publish_failed = False
+            return True
 
     async def retire(self, name: str, *, timeout_s: float) -> None:
         """After a deployment was deleted: stops its traffic at once, then waits (at most
         ``timeout_s``) until its worker has unloaded its models."""
-        self._routes.pop(name, None)
+        self._drop_routes(name)
+        await self.publish()
         self._lookup_backoff.forget(name)
         self._engine_backoff.forget(name)
         # The deployment's worker owns its Triton models; once it sees the row gone it unloads
@@ -168,6 +263,23 @@ class Reconciler:
             await asyncio.wait_for(asyncio.shield(worker), timeout=timeout_s)
         except TimeoutError:
             log.warning("deployment %s: unload still running after %.0fs", name, timeout_s)
+
+    async def settle(self, name: str, *, timeout_s: float) -> None:
+        """Runs the deployment's worker now and waits (at most ``timeout_s``) until it has
+        nothing left to do (SetTraffic waits so for its split)."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            worker = self._ensure_worker(name)
+            try:
+                await asyncio.wait_for(asyncio.shield(worker), timeout=left)
+            except TimeoutError:
+                return
+            d = await self._get(name)
+            if d is None or (d.pending_traffic is None and not d.needs_rollout):
+                return
+            if self._engine_backoff.waiting(name, self._clock()):
+                return  # the model server is down: the split applies once it is back
+            await asyncio.sleep(0.05)
 
     async def resolve_alias(self, name: str) -> None:
         """Asks the registry where a new deployment's alias points, if still unknown (one
@@ -220,7 +332,10 @@ class Reconciler:
             self._wake.clear()
 
     async def reconcile_once(self) -> None:
-        """Starts a worker for each deployment that has work and no worker."""
+        """Starts a worker for each deployment that has work and no worker (and pushes the
+        routes again to a data plane that refused them)."""
+        if self._publish_failed:
+            await self.publish()
         async with self._db.read() as session:
             pending = await self._store.needing_work(session)
         now = self._clock()
@@ -251,7 +366,7 @@ class Reconciler:
             Unavailable: the model server went down again (the caller waits and calls again).
         """
         reloaded: set[str] = set()
-        while todo := [r for r in self._routes.values() if r.triton_model not in reloaded]:
+        while todo := [r for r in self._all_routes() if r.triton_model not in reloaded]:
             for route in todo:
                 reloaded.add(route.triton_model)
                 if await self._reload(route):
@@ -273,13 +388,45 @@ class Reconciler:
                 route.version,
                 domain.reason_of(exc),
             )
-            if self._routes.get(route.deployment) is route:
-                del self._routes[route.deployment]
+            canaries = self._canaries.get(route.deployment, ())
+            if any(r is route for r, _ in canaries):
+                await self.roll_back(
+                    route.deployment, f"v{route.version} cannot be reloaded", unloaded=True
+                )
+            elif self._routes.get(route.deployment) is route:
+                self._drop_routes(route.deployment)
+                await self.publish()
                 await self._update(
                     route.deployment, lambda cur: domain.unserved(cur, at=domain.now())
                 )
             return False
         return True
+
+    def _all_routes(self) -> list[Route]:
+        routes = list(self._routes.values())
+        for canaries in self._canaries.values():
+            routes += [r for r, _ in canaries]
+        return routes
+
+    def _in_use(self, name: str) -> set[str]:
+        """The Triton models that answer for deployment ``name`` now."""
+        stable = self._routes.get(name)
+        models = {r.triton_model for r, _ in self._canaries.get(name, ())}
+        return models | ({stable.triton_model} if stable is not None else set())
+
+    def _set_routes(self, d: Deployment, stable: Route) -> None:
+        self._routes[d.name] = stable
+        self._canaries[d.name] = tuple(
+            (self._route(d, c.version, c.io), c.percent) for c in d.canaries if c.io is not None
+        )
+        self._limits[d.name] = d.limits
+        self._slos[d.name] = d.slo
+
+    def _drop_routes(self, name: str) -> None:
+        self._routes.pop(name, None)
+        self._canaries.pop(name, None)
+        self._limits.pop(name, None)
+        self._slos.pop(name, None)
 
     async def _recovered(self, route: Route) -> None:
         async with self._db.transaction() as session:
@@ -330,11 +477,43 @@ class Reconciler:
                 await self._update(d.name, lambda cur: domain.unserved(cur, at=domain.now()))
                 continue
             keep.add(model)
-            self._routes[d.name] = self._route(d, d.serving_version, d.serving_io)
+            restored = await self._restore_canaries(d)
+            keep |= {self._repository.model_name(d.name, c.version) for c in restored.canaries}
+            self._set_routes(restored, self._route(d, d.serving_version, d.serving_io))
         for model in await asyncio.to_thread(self._repository.models):
             if model not in keep:
                 await self._discard(model)
-        log.info("restored %d deployments", len(keep))
+        await self.publish()
+        log.info("restored %d deployments", len(served))
+
+    async def _restore_canaries(self, d: Deployment) -> Deployment:
+        """Loads a deployment's canaries again after a restart; one that does not load rolls
+        every canary back (the stable version takes all the traffic)."""
+        try:
+            for c in d.canaries:
+                model = self._repository.model_name(d.name, c.version)
+                if c.io is None or not await asyncio.to_thread(self._repository.exists, model):
+                    raise FileNotFoundError(f"{model} is missing from the repository")
+                await self._models.load(model)
+        except Exception as exc:  # noqa: BLE001 - the stable version serves alone instead
+            reason = f"canary cannot be restored ({domain.reason_of(exc)})"
+            log.warning("deployment %s: %s; rolling back", d.name, reason)
+            async with self._db.transaction() as session:
+                cur = await self._store.get(session, d.name)
+                if cur is None or not cur.canaries:
+                    return d
+                saved = await self._store.save(session, domain.rolled_back(cur, at=domain.now()))
+                if saved is None:
+                    return d
+                await self._events.traffic_changed(
+                    session,
+                    saved,
+                    saved.traffic,
+                    previous=cur.traffic,
+                    reason=f"rollback: {reason}",
+                )
+                return saved
+        return d
 
     # -- the registry ---------------------------------------------------------------------------
 
@@ -420,6 +599,11 @@ class Reconciler:
                 if not d.needs_rollout:
                     if d.loading_version:
                         await self._update(name, lambda cur: domain.settled(cur, at=domain.now()))
+                    if d.pending_traffic is not None:
+                        if self._engine_backoff.waiting(name, self._clock()):
+                            return
+                        async with self._parallel:
+                            await self._apply_traffic(d)
                     return
                 if self._engine_backoff.waiting(name, self._clock()):
                     return  # the model server was down; the reconciler starts it again later
@@ -452,8 +636,12 @@ class Reconciler:
         model = ""
         try:
             model = self._repository.model_name(name, version)
-            io = await self._build(model, d)
-            await self._models.load(model)
+            canary = d.canary(version)
+            if canary is not None and canary.io is not None and model in self._in_use(name):
+                io = canary.io  # loaded and answering already: it takes all the traffic now
+            else:
+                io = await self._build(model, d.target_source, d.batching)
+                await self._models.load(model)
         except asyncio.CancelledError:
             raise
         except Unavailable as exc:
@@ -464,19 +652,27 @@ class Reconciler:
             return
         self._engine_backoff.forget(name)
         log.info("deployment %s: v%s loaded in %.1fs", name, version, time.monotonic() - began)
-        switched = await self._switch(name, version, io)
+        async with self._switching:
+            switched = await self._switch(name, version, io)
+            old = self._in_use(name)
+            if switched is not None:
+                self._set_routes(switched, self._route(switched, version, io))
         if switched is None:
             log.info("deployment %s: v%s is stale (target moved on); dropping it", name, version)
-            route = self._routes.get(name)
-            if route is None or route.triton_model != model:
+            if model not in self._in_use(name):
                 await self._discard(model)
             return
-        old = self._routes.get(name)
-        self._routes[name] = self._route(switched, version, io)
+        # Load new, switch the routes (here and in the data plane), drain, then unload old.
+        await self.publish()
         log.info("deployment %s: traffic moved to v%s", name, version)
-        if old is not None and old.triton_model != model:
-            await asyncio.sleep(self._unload_grace_s)
-            await self._discard(old.triton_model)
+        await self._unload_after_grace(old - {model})
+
+    async def _unload_after_grace(self, models: set[str]) -> None:
+        if not models:
+            return
+        await asyncio.sleep(self._unload_grace_s)
+        for model in sorted(models):
+            await self._discard(model)
 
     async def _switch(self, name: str, version: str, io: ModelIO) -> Deployment | None:
         """Moves traffic to ``version`` if it is still the target; None when it is stale."""
@@ -489,18 +685,168 @@ class Reconciler:
             )
             if saved is None:
                 return None
+            pin = cur.pending_traffic
+            if pin is not None and pin.percents == {version: 100}:
+                reason, actor = _set_traffic_reason(pin.reason), pin.actor
+            else:
+                reason, actor = f"rollout of v{version} ({cur.alias})", SERVING_ACTOR
             await self._events.ready(session, saved, version)
-            await self._events.traffic_changed(session, saved, {version: 100})
+            await self._events.traffic_changed(
+                session, saved, saved.traffic, previous=cur.traffic, reason=reason, actor=actor
+            )
             return saved
 
-    async def _build(self, model: str, d: Deployment) -> ModelIO:
+    # -- traffic splits -------------------------------------------------------------------------
+
+    async def _apply_traffic(self, d: Deployment) -> None:
+        """Loads a requested split's canaries, then moves the shares, then unloads what left."""
+        request = d.pending_traffic
+        if request is None:
+            return
+        name, split, stable = d.name, request.percents, d.serving_version
+        if not stable or stable not in split:
+            reason = f"the split no longer keeps the serving version v{stable or '-'}"
+            await self._update(
+                name, lambda cur: domain.traffic_failed(cur, stable, reason, at=domain.now())
+            )
+            return
+        refs = {ref.version: ref for ref in request.refs}
+        canaries: list[Canary] = []
+        loaded: list[str] = []
+        in_use = self._in_use(name)
+        for version, percent in sorted(split.items()):
+            if version == stable:
+                continue
+            model = ""
+            try:
+                model = self._repository.model_name(name, version)
+                known = d.canary(version)
+                if known is not None and known.io is not None and model in in_use:
+                    canaries.append(dataclasses.replace(known, percent=percent))
+                    continue
+                ref = refs.get(version) or VersionRef(version=version, source="")
+                log.info("deployment %s: loading canary v%s from %s", name, version, ref.source)
+                io = await self._build(model, ref.source, d.batching)
+                await self._models.load(model)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the split stays as it was
+                reason = domain.reason_of(exc)
+                for m in [*loaded, model]:
+                    if m and m not in in_use:
+                        await self._discard(m)
+                if isinstance(exc, Unavailable):
+                    # The model server is down: the split applies once it is back.
+                    self._engine_backoff.failed(name, self._clock())
+                    log.warning("deployment %s: canary v%s waits: %s", name, version, reason)
+                    return
+                log.warning("deployment %s: canary v%s failed: %s", name, version, reason)
+                await self._traffic_failed(name, request, version, reason)
+                return
+            loaded.append(model)
+            canaries.append(
+                Canary(
+                    version=version, percent=percent, source=ref.source, run_id=ref.run_id, io=io
+                )
+            )
+        self._engine_backoff.forget(name)
+        async with self._switching:
+            applied = await self._commit_split(name, request, stable, tuple(canaries))
+            old = self._in_use(name)
+            stable_route = self._routes.get(name)
+            if applied is not None and stable_route is not None:
+                self._set_routes(applied, stable_route)
+        if applied is None:
+            log.info("deployment %s: the requested split was superseded", name)
+            for model in loaded:
+                if model not in self._in_use(name):
+                    await self._discard(model)
+            return
+        await self.publish()
+        log.info("deployment %s: traffic is now %s", name, _split_text(applied.traffic))
+        await self._unload_after_grace(old - self._in_use(name))
+
+    async def _commit_split(
+        self, name: str, request: Any, stable: str, canaries: tuple[Canary, ...]
+    ) -> Deployment | None:
+        async with self._db.transaction() as session:
+            cur = await self._store.get(session, name)
+            if (
+                cur is None
+                or cur.pending_traffic != request
+                or cur.serving_version != stable
+                or name not in self._routes
+            ):
+                return None
+            saved = await self._store.save(
+                session, domain.canaries_applied(cur, canaries, at=domain.now())
+            )
+            if saved is None:
+                return None
+            await self._events.traffic_changed(
+                session,
+                saved,
+                saved.traffic,
+                previous=cur.traffic,
+                reason=_set_traffic_reason(request.reason),
+                actor=request.actor,
+            )
+            return saved
+
+    async def _traffic_failed(self, name: str, request: Any, version: str, reason: str) -> None:
+        async with self._db.transaction() as session:
+            cur = await self._store.get(session, name)
+            if cur is None or cur.pending_traffic != request:
+                return
+            saved = await self._store.save(
+                session, domain.traffic_failed(cur, version, reason, at=domain.now())
+            )
+            if saved is not None:
+                await self._events.failed(session, saved, version, reason)
+
+    async def roll_back(self, name: str, reason: str, *, unloaded: bool = False) -> bool:
+        """Gives every canary's share of ``name`` back to its serving version at once (records
+        ``deployment.traffic_changed`` with ``reason``), then unloads the canaries; False when
+        it serves no canary (any more).
+
+        Args:
+            name: the deployment.
+            reason: why, as the event says it ("rollback: ..." is prefixed).
+            unloaded: the canaries are gone from the model server already (a reload failed).
+        """
+        async with self._switching:
+            old = self._in_use(name)
+            async with self._db.transaction() as session:
+                cur = await self._store.get(session, name)
+                if cur is None or not cur.canaries:
+                    return False
+                saved = await self._store.save(session, domain.rolled_back(cur, at=domain.now()))
+                if saved is None:
+                    return False
+                await self._events.traffic_changed(
+                    session,
+                    saved,
+                    saved.traffic,
+                    previous=cur.traffic,
+                    reason=f"rollback: {reason}",
+                )
+            stable = self._routes.get(name)
+            if stable is not None:
+                self._set_routes(saved, stable)
+        log.warning("deployment %s: canaries rolled back: %s", name, reason)
+        await self.publish()
+        if not unloaded:
+            await self._unload_after_grace(old - self._in_use(name))
+        return True
+
+    async def _build(self, model: str, source: str, batching: BatchingSettings) -> ModelIO:
         """Downloads the version and writes its Triton model into the repository."""
         staging = await asyncio.to_thread(self._repository.new_staging, model)
         try:
-            downloaded = await self._artifacts.download(d.target_source, staging / "download")
+            downloaded = await self._artifacts.download(source, staging / "download")
             io = await asyncio.to_thread(read_model_io, downloaded)
             await asyncio.to_thread(
-                self._repository.install, model, staging, downloaded, io, d.batching
+                self._repository.install, model, staging, downloaded, io, batching
             )
             return io
         finally:
@@ -508,8 +854,7 @@ class Reconciler:
 
     async def _fail(self, name: str, version: str, model: str, reason: str) -> None:
         log.warning("deployment %s: v%s failed: %s", name, version, reason)
-        route = self._routes.get(name)
-        if model and (route is None or route.triton_model != model):
+        if model and model not in self._in_use(name):
             await self._discard(model)
         async with self._db.transaction() as session:
             cur = await self._store.get(session, name)
@@ -530,8 +875,7 @@ class Reconciler:
             reason,
             delay,
         )
-        route = self._routes.get(name)
-        if route is None or route.triton_model != model:
+        if model and model not in self._in_use(name):
             await self._discard(model)
         await self._update(
             name, lambda cur: domain.postponed(cur, version, reason, at=domain.now())
@@ -539,7 +883,7 @@ class Reconciler:
 
     async def _purge(self, name: str) -> None:
         """Unloads and removes every model of a deleted deployment."""
-        self._routes.pop(name, None)
+        self._drop_routes(name)
         for model in await asyncio.to_thread(self._repository.models_of, name):
             await self._discard(model)
         log.info("deployment %s: deleted and unloaded", name)
@@ -574,3 +918,11 @@ class Reconciler:
             io=io,
             max_batch_size=d.batching.max_batch_size,
         )
+
+
+def _set_traffic_reason(reason: str) -> str:
+    return f"SetTraffic: {reason}" if reason else "SetTraffic"
+
+
+def _split_text(traffic: dict[str, int]) -> str:
+    return " ".join(f"v{version}={percent}%" for version, percent in traffic.items())

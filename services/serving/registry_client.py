@@ -1,5 +1,5 @@
 """The registry service as serving's :class:`~services.serving.ports.ModelRegistry`, over gRPC
-(``RegistryService/GetModelVersionByAlias`` and ``RegistryService/SearchModels``).
+(``RegistryService/GetModelVersionByAlias``, ``GetModelVersion`` and ``SearchModels``).
 
 Errors keep their meaning on the way through: a registry that cannot be reached, or that cannot
 answer now (its own MLflow is down, it is overloaded), becomes
@@ -113,6 +113,26 @@ class GrpcRegistry:
                 return None  # the model exists; the alias is not set (yet)
             raise error from None
         return VersionRef(version=version.version, source=version.source, run_id=version.run_id)
+
+    async def version(self, model_name: str, version: str) -> VersionRef:
+        """Version ``version`` of ``model_name`` (a split names versions by number).
+
+        Raises:
+            NotFound: the registry has no such model or version.
+            Unavailable: the registry cannot answer now.
+            PlinthError: the registry refused the question (its status, passed on).
+        """
+        request = registry_pb2.GetModelVersionRequest(name=model_name, version=version)
+        try:
+            found = await self._registry().GetModelVersion(
+                request, timeout=self._timeout_s, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            error = registry_error(exc)
+            if isinstance(error, UpstreamStatus) and error.code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound("model version", f"{model_name} v{version}") from None
+            raise error from None
+        return VersionRef(version=found.version, source=found.source, run_id=found.run_id)
 
     async def _search(self, name_prefix: str, team: str) -> list[str]:
         names: list[str] = []

@@ -23,6 +23,7 @@ from plinth_common.auth.permissions import (
     DEPLOYMENTS_DELETE,
     DEPLOYMENTS_READ,
     DEPLOYMENTS_SHARE,
+    DEPLOYMENTS_TRAFFIC,
     INFERENCE_CALL,
 )
 from plinth_common.db import Database
@@ -45,6 +46,8 @@ from services.serving.domain import (
     DeploymentState,
     Promotion,
     Route,
+    TrafficRequest,
+    VersionRef,
 )
 from services.serving.ports import DeploymentEvents, Deployments, EngineStatus, ModelRegistry
 from services.serving.reconciler import Reconciler
@@ -66,6 +69,7 @@ class ServingService:
         reconciler: runs the rollouts and keeps the routes.
         engine: whether the model server is up (None: always taken as up).
         delete_wait_s: how long DeleteDeployment waits for the unload.
+        traffic_wait_s: how long SetTraffic waits for its versions to load.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class ServingService:
         reconciler: Reconciler,
         engine: EngineStatus | None = None,
         delete_wait_s: float = 60.0,
+        traffic_wait_s: float = 120.0,
     ) -> None:
         self._db = db
         self._store = store
@@ -86,6 +91,7 @@ class ServingService:
         self._reconciler = reconciler
         self._engine = engine
         self._delete_wait_s = delete_wait_s
+        self._traffic_wait_s = traffic_wait_s
         # Deployment -> who may call it for inference; changed only with the lock held, right
         # after the commit that changed the store, so it follows the store's order.
         self._access: dict[str, DeploymentAccess] = {}
@@ -238,9 +244,82 @@ class ServingService:
                 if deleted is None:
                     raise NotFound("deployment", name)
                 if deleted.serving_version:
-                    await self._events.traffic_changed(session, deleted, {})
+                    await self._events.traffic_changed(
+                        session,
+                        deleted,
+                        {},
+                        previous=deleted.traffic,
+                        reason="deleted",
+                        actor=principal.name,
+                    )
             self._access.pop(name, None)
         await self._reconciler.retire(name, timeout_s=self._delete_wait_s)
+
+    async def set_traffic(
+        self,
+        principal: Principal,
+        name: str,
+        shares: Sequence[tuple[str, int]],
+        *,
+        reason: str = "",
+    ) -> Deployment:
+        """Splits the deployment's traffic between versions of its model (see
+        :mod:`services.serving.domain`); returns once the split applies, or after
+        ``traffic_wait_s`` with the split still pending.
+
+        Raises:
+            InvalidArgument: the split is malformed (percents not summing to 100, a version
+                named twice, too many versions).
+            NotFound: no such deployment, or the caller is no member of its team; a version
+                the registry does not have for the deployment's model.
+            PermissionDenied: the caller's role in its team is below maintainer.
+            FailedPrecondition: a split of several versions that leaves out the serving
+                version (or while none serves).
+            Unavailable: the registry cannot say whether the versions exist.
+        """
+        check_deployment_name(name)
+        split = domain.check_split(shares)
+        found = await self._find(name)
+        if found is None:
+            raise NotFound("deployment", name)
+        require(principal, DEPLOYMENTS_TRAFFIC, found.team, kind="deployment", name=name)
+        domain.pinned_version(found, split)
+        refs: list[VersionRef] = []
+        for version in sorted(split):
+            if version == found.serving_version:
+                continue
+            known = found.canary(version)
+            if known is not None:
+                refs.append(VersionRef(version=version, source=known.source, run_id=known.run_id))
+            else:
+                # Versions of the deployment's own model only (the name is checked at creation).
+                refs.append(await self._registry.version(found.model_name, version))
+        request = TrafficRequest(
+            split=tuple(sorted(split.items(), key=lambda share: int(share[0]))),
+            refs=tuple(refs),
+            reason=reason[:200],
+            actor=principal.name,
+        )
+        at = domain.now()
+        async with self._db.transaction() as session:
+            cur = await self._store.get(session, name)
+            if cur is None:
+                raise NotFound("deployment", name)
+            pin = domain.pinned_version(cur, split)
+            if pin is not None and pin != cur.serving_version:
+                ref = next(r for r in refs if r.version == pin)
+                changed = domain.pinned(cur, ref, request, at=at)
+            else:
+                changed = domain.traffic_requested(cur, request, at=at)
+            await self._store.save(session, changed)
+        log.info(
+            "deployment %s: %s asked for traffic %s",
+            name,
+            principal.name,
+            " ".join(f"v{v}={p}%" for v, p in request.split),
+        )
+        await self._reconciler.settle(name, timeout_s=self._traffic_wait_s)
+        return await self.get(principal, name)
 
     # -- who may call what, for inference -------------------------------------------------------
 

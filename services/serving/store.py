@@ -5,6 +5,7 @@ Rows never leave this module: every query returns :class:`~services.serving.doma
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
@@ -17,9 +18,14 @@ from plinth_common.errors import AlreadyExists
 from plinth_common.events import event_tables
 from services.serving.domain import (
     BatchingSettings,
+    Canary,
     Deployment,
     DeploymentAccess,
     DeploymentState,
+    Limits,
+    Slo,
+    TrafficRequest,
+    VersionRef,
 )
 from services.serving.signature import ModelIO
 
@@ -55,6 +61,16 @@ deployments = sa.Table(
     sa.Column("last_error", sa.Text, nullable=False, server_default=""),
     # The registry has not yet been asked (or could not answer) where the alias points.
     sa.Column("lookup_pending", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The SLO canaries are judged by, and the data plane's admission limits (0: unlimited).
+    sa.Column("slo_error_rate_pct", sa.Float, nullable=False, server_default="1"),
+    sa.Column("slo_p99_ms", sa.Float, nullable=False, server_default="500"),
+    sa.Column("slo_window_s", sa.Integer, nullable=False, server_default="60"),
+    sa.Column("max_concurrency", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_queue", sa.Integer, nullable=False, server_default="0"),
+    # Versions sharing the traffic with the serving one (JSON list), and a requested split
+    # whose versions still load (JSON object; '' when none).
+    sa.Column("canaries", sa.Text, nullable=False, server_default=""),
+    sa.Column("pending_traffic", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_deployments_model_alias", "model_name", "alias"),
@@ -86,8 +102,73 @@ def _deployment(row: sa.RowMapping) -> Deployment:
         failed_version=row["failed_version"],
         last_error=row["last_error"],
         lookup_pending=row["lookup_pending"],
+        slo=Slo(
+            max_error_rate_pct=row["slo_error_rate_pct"],
+            max_p99_ms=row["slo_p99_ms"],
+            window_s=row["slo_window_s"],
+        ),
+        limits=Limits(max_concurrency=row["max_concurrency"], max_queue=row["max_queue"]),
+        canaries=_canaries(row["canaries"]),
+        pending_traffic=_request(row["pending_traffic"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+    )
+
+
+def _canaries(text: str) -> tuple[Canary, ...]:
+    return tuple(
+        Canary(
+            version=c["version"],
+            percent=c["percent"],
+            source=c["source"],
+            run_id=c.get("run_id", ""),
+            io=ModelIO.from_json(c["io"]) if c.get("io") else None,
+        )
+        for c in (json.loads(text) if text else [])
+    )
+
+
+def _canaries_json(canaries: tuple[Canary, ...]) -> str:
+    if not canaries:
+        return ""
+    return json.dumps(
+        [
+            {
+                "version": c.version,
+                "percent": c.percent,
+                "source": c.source,
+                "run_id": c.run_id,
+                "io": c.io.to_json() if c.io is not None else "",
+            }
+            for c in canaries
+        ]
+    )
+
+
+def _request(text: str) -> TrafficRequest | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    return TrafficRequest(
+        split=tuple((v, p) for v, p in data["split"]),
+        refs=tuple(VersionRef(**ref) for ref in data["refs"]),
+        reason=data["reason"],
+        actor=data["actor"],
+    )
+
+
+def _request_json(request: TrafficRequest | None) -> str:
+    if request is None:
+        return ""
+    return json.dumps(
+        {
+            "split": [list(share) for share in request.split],
+            "refs": [
+                {"version": r.version, "source": r.source, "run_id": r.run_id} for r in request.refs
+            ],
+            "reason": request.reason,
+            "actor": request.actor,
+        }
     )
 
 
@@ -109,6 +190,8 @@ def _values(d: Deployment) -> dict[str, Any]:
         "failed_version": d.failed_version,
         "last_error": d.last_error,
         "lookup_pending": d.lookup_pending,
+        "canaries": _canaries_json(d.canaries),
+        "pending_traffic": _request_json(d.pending_traffic),
         "updated_at": d.updated_at,
     }
 
@@ -131,6 +214,11 @@ class DeploymentStore:
             "max_queue_delay_us": deployment.batching.max_queue_delay_us,
             "instance_count": deployment.batching.instance_count,
             "shared_with": ",".join(deployment.shared_with),
+            "slo_error_rate_pct": deployment.slo.max_error_rate_pct,
+            "slo_p99_ms": deployment.slo.max_p99_ms,
+            "slo_window_s": deployment.slo.window_s,
+            "max_concurrency": deployment.limits.max_concurrency,
+            "max_queue": deployment.limits.max_queue,
             "created_at": deployment.created_at,
             **_values(deployment),
         }
@@ -223,8 +311,8 @@ class DeploymentStore:
         return await self._all(session, statement)
 
     async def needing_work(self, session: AsyncSession) -> list[Deployment]:
-        """Deployments whose target is neither served nor failed, whose alias is unresolved, or
-        that a load in progress left marked."""
+        """Deployments whose target is neither served nor failed, whose alias is unresolved,
+        that a load in progress left marked, or with a requested split still to apply."""
         c = deployments.c
         statement = sa.select(deployments).where(
             sa.or_(
@@ -235,6 +323,7 @@ class DeploymentStore:
                 ),
                 c.lookup_pending.is_(True),
                 c.loading_version != "",
+                c.pending_traffic != "",
             )
         )
         return await self._all(session, statement)

@@ -42,6 +42,8 @@ class FakeRegistry:
         self.lookup_errors: list[PlinthError] = []
         self.lookups = 0
         self.existence_checks = 0
+        #: Versions :meth:`version` does not know (every other number exists).
+        self.missing_versions: set[str] = set()
 
     def _check_up(self) -> None:
         if self.down:
@@ -58,6 +60,12 @@ class FakeRegistry:
         if model_name not in self.models:
             raise NotFound("registered model", model_name)
         return self.aliases.get((model_name, alias))
+
+    async def version(self, model_name: str, version: str) -> VersionRef:
+        self._check_up()
+        if model_name not in self.models or version in self.missing_versions:
+            raise NotFound("model version", f"{model_name} v{version}")
+        return VersionRef(version=version, source=f"models:/m-{version}", run_id=f"run-{version}")
 
     def _team_of(self, model_name: str) -> str:
         return self.teams.get(model_name, "ml")
@@ -130,11 +138,23 @@ class Recorded:
     detail: Any
 
 
+@dataclass(frozen=True)
+class TrafficChange:
+    """One ``deployment.traffic_changed`` with everything it said."""
+
+    deployment: str
+    traffic: dict[str, int]
+    previous: dict[str, int]
+    reason: str
+    actor: str
+
+
 class FakeEvents:
     """Keeps the deployment events in the order they were recorded."""
 
     def __init__(self) -> None:
         self.recorded: list[Recorded] = []
+        self.changes: list[TrafficChange] = []
 
     async def ready(
         self, session: Any, deployment: Deployment, version: str, *, recovered: bool = False
@@ -147,9 +167,19 @@ class FakeEvents:
         self.recorded.append(Recorded("failed", deployment.name, (version, reason)))
 
     async def traffic_changed(
-        self, session: Any, deployment: Deployment, traffic: Mapping[str, int]
+        self,
+        session: Any,
+        deployment: Deployment,
+        traffic: Mapping[str, int],
+        *,
+        previous: Mapping[str, int] | None = None,
+        reason: str = "",
+        actor: str = "serving",
     ) -> None:
         self.recorded.append(Recorded("traffic_changed", deployment.name, dict(traffic)))
+        self.changes.append(
+            TrafficChange(deployment.name, dict(traffic), dict(previous or {}), reason, actor)
+        )
 
     def of(self, deployment: str, event_type: str) -> list[Any]:
         return [
