@@ -19,7 +19,12 @@ from services.scheduler.domain import Resources
 from services.scheduler.events import OutboxJobEvents
 from services.scheduler.local_executor import LocalExecutor, machine_capacity
 from services.scheduler.registry_credentials import RegistryCredentials
-from services.scheduler.service import JobEnvironment, SchedulerService, job_base_environment
+from services.scheduler.service import (
+    PREEMPTION_GRACE_S,
+    JobEnvironment,
+    SchedulerService,
+    job_base_environment,
+)
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.store import SqlJobStore, outbox_table, processed_table
 
@@ -37,6 +42,10 @@ class SchedulerSettings:
         registry_addr: the registry's gRPC address, asked for a team's MLflow user.
         credentials_ttl_s: how long a team's MLflow user is reused before the registry is asked
             again (``PLINTH_SCHEDULER_MLFLOW_CREDENTIALS_TTL_S``).
+        capacity: what the local executor hands out, and the nominal quota of the default
+            queue while no queue configuration was applied.
+        preemption_grace_s: SIGTERM to SIGKILL for a preempted job
+            (``PLINTH_SCHEDULER_PREEMPTION_GRACE_S``, default 30).
     """
 
     common: CommonSettings
@@ -47,6 +56,7 @@ class SchedulerSettings:
     capacity: Resources
     stop_jobs_on_shutdown: bool
     kill_grace_s: float
+    preemption_grace_s: float = PREEMPTION_GRACE_S
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> SchedulerSettings:
@@ -68,6 +78,7 @@ class SchedulerSettings:
             stop_jobs_on_shutdown=env.str("PLINTH_SCHEDULER_STOP_JOBS_ON_SHUTDOWN", "false").lower()
             in ("1", "true", "yes"),
             kill_grace_s=env.float("PLINTH_SCHEDULER_KILL_GRACE_S", 10.0),
+            preemption_grace_s=env.float("PLINTH_SCHEDULER_PREEMPTION_GRACE_S", PREEMPTION_GRACE_S),
         )
 
 
@@ -111,6 +122,7 @@ class SchedulerApp:
                 base=job_base_environment(str(Path(sys.executable).parent)),
             ),
             stop_jobs_on_shutdown=settings.stop_jobs_on_shutdown,
+            preemption_grace_s=settings.preemption_grace_s,
         )
         self.runtime.server.add(
             scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,

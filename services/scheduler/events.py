@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from plinth.events.v1 import events_pb2
 from plinth_common.events import Outbox
+from plinth_common.prototime import to_timestamp
 from services.scheduler.domain import Job, JobEvent, JobEventKind, JobState
 
 
@@ -39,14 +40,46 @@ def message_of(event: JobEvent) -> Message:
                 register_as=job.spec.register_as,
             )
         case JobEventKind.ADMITTED:
-            wait = (job.admitted_at - job.created_at).total_seconds() if job.admitted_at else 0.0
-            return events_pb2.JobAdmitted(job_id=job.id, team=job.team, queue_wait_seconds=wait)
+            queued = job.queued_at or job.created_at
+            wait = (job.admitted_at - queued).total_seconds() if job.admitted_at else 0.0
+            return events_pb2.JobAdmitted(
+                job_id=job.id,
+                team=job.team,
+                queue_wait_seconds=wait,
+                queue=job.queue,
+                flavor=job.flavor,
+                attempt=job.attempt,
+                priority=job.priority,
+            )
         case JobEventKind.STARTED:
             return events_pb2.JobStarted(job_id=job.id, team=job.team, pid=job.pid or 0)
         case JobEventKind.FINISHED:
             return _finished(job)
         case JobEventKind.CANCELLED:
             return events_pb2.JobCancelled(job_id=job.id, team=job.team, reason=event.reason)
+        case JobEventKind.PREEMPTED:
+            return events_pb2.JobPreempted(
+                job_id=job.id,
+                team=job.team,
+                reason=event.reason,
+                preempted_by=event.preempted_by,
+                attempt=job.attempt,
+                requeued=True,
+            )
+        case JobEventKind.REQUEUED:
+            return events_pb2.JobRequeued(
+                job_id=job.id, team=job.team, attempt=job.attempt, reason=event.reason
+            )
+        case JobEventKind.RETRYING:
+            return events_pb2.JobRetrying(
+                job_id=job.id,
+                team=job.team,
+                attempt=job.attempt,
+                failure_kind=event.failure_kind,
+                reason=event.reason,
+                backoff_seconds=event.backoff_s,
+                not_before=to_timestamp(job.not_before),
+            )
 
 
 def _finished(job: Job) -> events_pb2.JobFinished:

@@ -1,30 +1,51 @@
-"""Scheduler use cases: submission, queries, cancellation, the dispatcher that admits queued
-jobs in FIFO order within capacity, and recovery after a restart.
+"""Scheduler use cases: submission, queries, cancellation, the queues (their configuration and
+what anyone may read of them), the dispatcher that admits, preempts, retries and stops jobs, and
+recovery after a restart.
 
 Imports neither grpc, nor nats, nor SQLAlchemy: jobs are :mod:`services.scheduler.domain` types,
 the store is reached through the :class:`JobStore` unit of work, processes through the
-:class:`~services.scheduler.executor.Executor`.
+:class:`~services.scheduler.executor.Executor`, admission decisions come from the pure
+:class:`~services.scheduler.queueing.engine.QueueEngine`.
+
+One dispatch pass: load the queued and active jobs and the configuration in force, stop the jobs
+past their maximum run time, hand the engine every admission (active jobs) and workload (queued
+jobs), run its cycle, then preempt the victims it chose (SIGTERM, a grace period, SIGKILL) and
+admit and launch what it admitted. A preempted job goes back to its queue at its place (its
+``queue_order``, the submission time, is kept); a failed one is retried after a backoff within
+the budget of its failure kind, queued by its retry time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import logging
 import os
+import statistics
+import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
+import yaml
 from opentelemetry import trace
 from opentelemetry.trace import Span
 from tenacity import AsyncRetrying, before_sleep_log, stop_after_attempt, wait_random_exponential
 
-from plinth_common.auth import Principal, require
-from plinth_common.auth.permissions import JOBS_CANCEL, JOBS_READ, JOBS_SUBMIT, Permission
+from plinth_common.auth import Principal, require, require_admin
+from plinth_common.auth.permissions import (
+    JOBS_CANCEL,
+    JOBS_READ,
+    JOBS_SUBMIT,
+    QUEUES_APPLY,
+    QUEUES_CONFIG_READ,
+    QUEUES_READ,
+    Permission,
+)
 from plinth_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -44,17 +65,27 @@ from services.scheduler.credentials import (
 from services.scheduler.domain import (
     ACTIVE,
     LOST,
+    Attempt,
+    EndReason,
     ExitStatus,
+    FailureKind,
     Job,
     JobEvent,
     JobEventKind,
     JobSpec,
     JobState,
-    admissible,
-    free_capacity,
+    Outcome,
+    PendingInfo,
+    StoredQueueConfig,
+    format_bytes,
+    judge,
     validate_spec,
 )
 from services.scheduler.executor import Executor, RunHandle
+from services.scheduler.queueing.config import config_to_document, default_config, parse_config
+from services.scheduler.queueing.engine import Decisions, Preemption, QueueEngine
+from services.scheduler.queueing.model import Admission, ClusterQueue, QueueConfig, Workload
+from services.scheduler.queueing.report import QueueReport
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.scheduler")
@@ -63,6 +94,15 @@ PAGE_KIND = "jobs"
 LOG_POLL_S = 0.2
 DISPATCH_INTERVAL_S = 2.0
 STOP_GRACE_S = 15.0
+#: SIGTERM to SIGKILL for a preempted job (``PLINTH_SCHEDULER_PREEMPTION_GRACE_S``).
+PREEMPTION_GRACE_S = 30.0
+#: How stale the queue report that GetQueue and GetJob read may be.
+REPORT_TTL_S = 0.5
+#: Expected run time without a declared maximum: the median of this many recent successes.
+HISTORY_RUNS = 20
+HISTORY_TTL_S = 30.0
+#: A launch that fails with one of these is the job's own doing (no such program, no access).
+_USER_LAUNCH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
 class JobTransaction(Protocol):
@@ -84,16 +124,20 @@ class JobTransaction(Protocol):
         """Records a life-cycle event, published after the commit."""
         ...
 
+    async def add_attempt(self, job_id: str, attempt: Attempt) -> None:
+        """Records a finished attempt of the job."""
+        ...
+
 
 class JobStore(Protocol):
-    """Where jobs are kept: reads, and write transactions as units of work."""
+    """Where jobs and queue configurations are kept: reads, and write transactions."""
 
     def transaction(self) -> AbstractAsyncContextManager[JobTransaction]:
         """A unit of work, committed when the ``async with`` block ends without error."""
         ...
 
     async def get(self, job_id: str) -> Job | None:
-        """The job, or None."""
+        """The job (with its finished attempts), or None."""
         ...
 
     async def page(
@@ -109,7 +153,21 @@ class JobStore(Protocol):
         ...
 
     async def in_states(self, states: Sequence[JobState]) -> list[Job]:
-        """Jobs in any of ``states``, oldest first."""
+        """Jobs in any of ``states``, oldest first (without their finished attempts)."""
+        ...
+
+    async def run_seconds(self, team: str, name: str, *, limit: int) -> list[float]:
+        """Run times of the team's last ``limit`` succeeded jobs of that name, newest first."""
+        ...
+
+    async def latest_queue_config(self) -> StoredQueueConfig | None:
+        """The configuration in force, None if none was ever applied."""
+        ...
+
+    async def add_queue_config(
+        self, document: Mapping[str, Any], *, applied_by: str, applied_at: datetime
+    ) -> StoredQueueConfig:
+        """Stores a new configuration; returns it with its version."""
         ...
 
 
@@ -126,12 +184,48 @@ class JobEnvironment:
     base: Mapping[str, str]
 
 
+@dataclass(frozen=True, kw_only=True)
+class QueueConfigView:
+    """A queue configuration as GetQueueConfig and ApplyQueueConfig answer it.
+
+    Attributes:
+        version: 0 for the built-in default (nothing applied yet).
+        document: canonical YAML (what ``plinth admin queues apply`` takes back).
+        warnings: what the admin should know (admitted jobs above a lowered quota keep running).
+    """
+
+    version: int
+    document: str
+    applied_at: datetime | None
+    applied_by: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueView:
+    """What one caller may see of the queues.
+
+    Attributes:
+        report: the engine's report, cut to the caller's queues and their teams' pending
+            workloads (another team's jobs in a shared queue count in the queue's ``pending``
+            and in positions, but are not listed).
+        jobs: the listed pending jobs by id (names and priority classes for display).
+    """
+
+    report: QueueReport
+    jobs: Mapping[str, Job]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
 class SchedulerService:
-    """Jobs: submission, queries, cancellation, and the dispatcher that runs them.
+    """Jobs: submission, queries, cancellation, the queues, and the dispatcher that runs them.
 
     Every query and command takes the verified caller (``principal``) and checks it against the
     job's team: another team's job answers NOT_FOUND, exactly as a missing id does.
@@ -145,6 +239,8 @@ class SchedulerService:
             restarted scheduler re-attaches them).
         finish_attempts: how often recording a job's outcome is tried before giving up (a
             restart then recovers it from the executor).
+        preemption_grace_s: SIGTERM to SIGKILL for a preempted job.
+        clock: the current time (tests move it).
     """
 
     def __init__(
@@ -156,6 +252,8 @@ class SchedulerService:
         credentials: TeamCredentialsSource | None = None,
         stop_jobs_on_shutdown: bool = False,
         finish_attempts: int = 8,
+        preemption_grace_s: float = PREEMPTION_GRACE_S,
+        clock: Callable[[], datetime] = _now,
     ) -> None:
         self._store = store
         self._executor = executor
@@ -163,51 +261,93 @@ class SchedulerService:
         self._credentials = credentials or NoCredentials()
         self._stop_jobs_on_shutdown = stop_jobs_on_shutdown
         self._finish_attempts = finish_attempts
+        self._preemption_grace_s = preemption_grace_s
+        self._clock = clock
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._run_spans: dict[str, Span] = {}
+        # The configuration in force and the engine holding the last pass's state (plus the
+        # submissions and cancellations since), which reports are read from.
+        self._config: QueueConfig | None = None
+        self._config_record: StoredQueueConfig | None = None
+        self._engine: QueueEngine | None = None
+        self._queued: dict[str, Job] = {}
+        self._synced = False
+        self._report: tuple[float, QueueReport] | None = None
+        self._report_lock = asyncio.Lock()
+        self._history: dict[tuple[str, str], tuple[float, list[float]]] = {}
+        self._next_due: datetime | None = None
 
     # -- queries and commands -------------------------------------------------------------
 
     async def submit(self, principal: Principal, spec: JobSpec) -> Job:
-        """Validates and queues a job of ``spec.team``; emits ``job.submitted``.
+        """Validates and queues a job of ``spec.team`` in its team's queue; emits
+        ``job.submitted``.
 
         Raises:
-            InvalidArgument: naming the first field of ``spec`` that is wrong.
+            InvalidArgument: naming the first field of ``spec`` that is wrong: also a team in no
+                queue (``spec.team``), an unknown priority class (``spec.priority``), and a
+                request no flavor of the queue could ever hold (``spec.resources.*``,
+                ``spec.replicas``).
             NotFound: the caller is no member of the team (kind ``team``).
             PermissionDenied: the caller's role in the team is below developer.
         """
         check_team(spec.team, "spec.team")
         require(principal, JOBS_SUBMIT, spec.team, kind="team", name=spec.team)
-        spec = validate_spec(spec, self._executor.capacity)
+        spec = validate_spec(spec)
+        engine, config = await self._queues()
+        queue = engine.queue_of(spec.team)
+        priority = spec.priority or queue.default_priority
+        priority_class = config.priority_classes.get(priority)
+        if priority_class is None:
+            known = ", ".join(sorted(config.priority_classes)) or "none"
+            raise InvalidArgument(
+                "spec.priority", f"unknown priority class {shown(priority)} (known: {known})"
+            )
         if spec.working_dir and not self._executor.has_directory(spec.working_dir):
             raise InvalidArgument(
                 "spec.working_dir", f"no such directory: {shown(spec.working_dir)}"
             )
         job_id = f"j-{uuid.uuid4().hex[:12]}"
-        if not spec.working_dir:
-            spec = dataclasses.replace(spec, working_dir=self._executor.prepare(job_id))
+        now = self._clock()
         job = Job(
             id=job_id,
-            spec=spec,
+            spec=dataclasses.replace(spec, priority=priority),
             state=JobState.QUEUED,
-            created_at=_now(),
+            created_at=now,
             traceparent=traceparent_of_current().get("traceparent", ""),
+            queue=queue.name,
+            priority=priority,
+            priority_value=priority_class.value,
+            queue_order=now.timestamp(),
+            queued_at=now,
         )
+        workload = self._workload(job, queue.name, priority_class.value, None, "")
+        engine.check_satisfiable(workload)
+        if not spec.working_dir:
+            job = dataclasses.replace(
+                job, spec=dataclasses.replace(job.spec, working_dir=self._executor.prepare(job_id))
+            )
         async with self._store.transaction() as tx:
             job = await tx.add(job)
             await tx.emit(JobEvent(kind=JobEventKind.SUBMITTED, job=job))
+        # Visible in the queue at once, before the dispatcher's next pass.
+        if self._synced:
+            engine.add_pending(await self._workload_of(job, config))
+            self._queued[job.id] = job
+        self._report = None
         self._wake.set()
         return job
 
     async def get(self, principal: Principal, job_id: str) -> Job:
-        """The job.
+        """The job; a queued one with its position, pending reason and estimated start.
 
         Raises:
             NotFound: no such job, or one of a team the caller is no member of.
         """
-        return self._checked(principal, JOBS_READ, await self._store.get(job_id), job_id)
+        job = self._checked(principal, JOBS_READ, await self._store.get(job_id), job_id)
+        return (await self._with_pending([job]))[0]
 
     @staticmethod
     def _checked(principal: Principal, permission: Permission, job: Job | None, job_id: str) -> Job:
@@ -251,7 +391,8 @@ class SchedulerService:
         rows = await self._store.page(
             teams=teams, state=state, limit=page.fetch_limit, before_seq=page.before
         )
-        return page.cut(rows, seq=lambda job: job.seq)
+        jobs, token = page.cut(rows, seq=lambda job: job.seq)
+        return await self._with_pending(jobs), token
 
     async def cancel(self, principal: Principal, job_id: str) -> Job:
         """Cancels a queued job at once, or stops an active one (it ends CANCELLED).
@@ -270,7 +411,7 @@ class SchedulerService:
                     state=job.state.value,
                 )
             if job.state is JobState.QUEUED:
-                cancelled = await tx.replace(job.cancel_queued(now=_now()), expect=job.state)
+                cancelled = await tx.replace(job.cancel_queued(now=self._clock()), expect=job.state)
                 if cancelled is not None:
                     await tx.emit(
                         JobEvent(
@@ -279,6 +420,7 @@ class SchedulerService:
                             reason=cancelled.failure_reason,
                         )
                     )
+                    self._forget(job_id)
                     return cancelled
                 # Admitted meanwhile: it is stopped like any active job below.
                 job = await tx.get(job_id) or job
@@ -309,10 +451,306 @@ class SchedulerService:
             await asyncio.sleep(LOG_POLL_S)
             job = await self._load(job_id)
 
+    # -- the queues -------------------------------------------------------------------------
+
+    async def queue_status(self, principal: Principal, *, team: str = "") -> QueueView:
+        """The queues the caller may see, with usage against quota, and their pending jobs.
+
+        A member (any role) sees the cluster queues of their teams and their teams' pending
+        jobs; another team's jobs in a shared queue are counted (``pending``, and the positions
+        they take) but not named. Admins see everything. The report is at most
+        :data:`REPORT_TTL_S` old.
+
+        Raises:
+            NotFound: ``team`` is one the caller is no member of (kind ``team``).
+        """
+        teams: Collection[str] | None
+        if team:
+            check_team(team)
+            require(principal, QUEUES_READ, team, kind="team", name=team)
+            teams = {team}
+        else:
+            teams = principal.visible_teams()
+        report = await self._current_report()
+        engine, _ = await self._queues()
+        if teams is not None:
+            names = set()
+            for t in teams:
+                with suppress(InvalidArgument):
+                    names.add(engine.queue_of(t).name)
+            report = dataclasses.replace(
+                report,
+                queues=tuple(q for q in report.queues if q.name in names),
+                pending=tuple(p for p in report.pending if p.team in teams),
+            )
+        jobs = {
+            p.job_id: self._queued[p.job_id] for p in report.pending if p.job_id in self._queued
+        }
+        return QueueView(report=report, jobs=jobs)
+
+    async def queue_config(self, principal: Principal) -> QueueConfigView:
+        """The configuration in force (the built-in default, version 0, if none was applied).
+
+        Raises:
+            PermissionDenied: the caller is no admin.
+        """
+        require_admin(principal, QUEUES_CONFIG_READ)
+        _, config = await self._queues()
+        record = self._config_record
+        return QueueConfigView(
+            version=config.version,
+            document=_to_yaml(config_to_document(config)),
+            applied_at=record.applied_at if record else None,
+            applied_by=record.applied_by if record else "",
+        )
+
+    async def apply_queue_config(
+        self, principal: Principal, document: str, *, dry_run: bool = False
+    ) -> QueueConfigView:
+        """Validates ``document`` (YAML or JSON) as a whole and, unless ``dry_run``, puts it in
+        force at once.
+
+        Applied live: the next dispatch pass admits against the new quotas. Jobs already
+        admitted keep running even where a new quota is lower than what they hold (the warnings
+        say where); queued jobs of a team the new configuration puts in no queue stay queued
+        until one takes it (a warning names them).
+
+        Raises:
+            PermissionDenied: the caller is no admin.
+            InvalidArgument: the document is not YAML, or refused: one violation per problem
+                (the previous configuration stays in force).
+        """
+        require_admin(principal, QUEUES_APPLY)
+        loaded = _load_document(document)
+        _, current = await self._queues()
+        config = parse_config(loaded, version=current.version + 1)
+        canonical = config_to_document(config)
+        warnings = tuple(await self._config_warnings(config))
+        if dry_run:
+            return QueueConfigView(
+                version=current.version,
+                document=_to_yaml(canonical),
+                applied_at=None,
+                applied_by="",
+                warnings=warnings,
+            )
+        record = await self._store.add_queue_config(
+            canonical, applied_by=principal.name, applied_at=self._clock()
+        )
+        self._use_config(parse_config(record.document, version=record.version), record)
+        log.info("queue configuration %d applied by %s", record.version, principal.name)
+        self._wake.set()
+        return QueueConfigView(
+            version=record.version,
+            document=_to_yaml(canonical),
+            applied_at=record.applied_at,
+            applied_by=record.applied_by,
+            warnings=warnings,
+        )
+
+    async def _config_warnings(self, config: QueueConfig) -> builtins.list[str]:
+        jobs = await self._store.in_states([JobState.QUEUED, *ACTIVE])
+        engine = QueueEngine(config)
+        warnings: builtins.list[str] = []
+        held: dict[tuple[str, str, str], float] = {}
+        homeless: dict[str, int] = {}
+        for job in jobs:
+            try:
+                queue = engine.queue_of(job.team)
+            except InvalidArgument:
+                if job.state is JobState.QUEUED:
+                    homeless[job.team] = homeless.get(job.team, 0) + 1
+                continue
+            if job.state.active:
+                for resource, amount in _request(job).items():
+                    key = (queue.name, job.flavor, resource)
+                    held[key] = held.get(key, 0.0) + amount * job.spec.replicas
+        for (queue_name, flavor, resource), amount in sorted(held.items()):
+            queue = config.cluster_queues[queue_name]
+            quota = next(
+                (f.resources.get(resource) for f in queue.flavors if f.flavor == flavor), None
+            )
+            nominal = quota.nominal if quota is not None else 0.0
+            if amount > nominal + 1e-9:
+                warnings.append(
+                    f"queue {queue_name}: admitted jobs hold {_amount(resource, amount)} of "
+                    f"flavor {flavor or '?'}, above its new nominal {_amount(resource, nominal)}; "
+                    "they keep running, and the queue admits nothing more there until they end"
+                )
+        for team, count in sorted(homeless.items()):
+            warnings.append(
+                f"team {team} is in no queue and there is no default queue: its {count} queued "
+                "job(s) stay queued until a queue takes the team"
+            )
+        return warnings
+
+    async def _queues(self) -> tuple[QueueEngine, QueueConfig]:
+        """The engine and the configuration in force (loaded from the store the first time)."""
+        if self._engine is None or self._config is None:
+            record = await self._store.latest_queue_config()
+            if record is None:
+                config = default_config(_capacity_of(self._executor))
+            else:
+                config = parse_config(record.document, version=record.version)
+            if self._engine is None or self._config is None:  # no other caller got there first
+                self._use_config(config, record)
+        assert self._engine is not None and self._config is not None
+        return self._engine, self._config
+
+    def _use_config(self, config: QueueConfig, record: StoredQueueConfig | None) -> None:
+        self._config = config
+        self._config_record = record
+        self._engine = QueueEngine(config)
+        self._synced = False
+        self._report = None
+
+    def _forget(self, job_id: str) -> None:
+        self._queued.pop(job_id, None)
+        if self._engine is not None:
+            self._engine.remove(job_id)
+        self._report = None
+
+    async def _current_report(self) -> QueueReport:
+        """The engine's report, recomputed at most every :data:`REPORT_TTL_S` (a GetQueue per
+        second over 10,000 pending jobs must not rebuild it per call)."""
+        cached = self._report
+        if cached is not None and time.monotonic() - cached[0] < REPORT_TTL_S:
+            return cached[1]
+        async with self._report_lock:
+            cached = self._report
+            if cached is not None and time.monotonic() - cached[0] < REPORT_TTL_S:
+                return cached[1]
+            engine, _ = await self._queues()
+            if not self._synced:
+                # Nothing dispatched yet with this configuration: read the queues from the store.
+                await self._sync_engine(
+                    engine, await self._store.in_states([JobState.QUEUED, *ACTIVE])
+                )
+            report = engine.report(self._clock())
+            self._report = (time.monotonic(), report)
+            return report
+
+    async def _with_pending(self, jobs: Sequence[Job]) -> builtins.list[Job]:
+        if not any(job.state is JobState.QUEUED for job in jobs):
+            return list(jobs)
+        report = await self._current_report()
+        by_id = {p.job_id: p for p in report.pending}
+        out: builtins.list[Job] = []
+        for job in jobs:
+            entry = by_id.get(job.id) if job.state is JobState.QUEUED else None
+            if entry is None:
+                out.append(job)
+                continue
+            out.append(
+                dataclasses.replace(
+                    job,
+                    pending=PendingInfo(
+                        position_in_queue=entry.position_in_queue,
+                        position_in_cohort=entry.position_in_cohort,
+                        reason=entry.reason,
+                        estimated_start=entry.estimated_start,
+                        estimate_basis=entry.estimate_basis,
+                    ),
+                )
+            )
+        return out
+
+    # -- workloads --------------------------------------------------------------------------
+
+    def _workload(
+        self,
+        job: Job,
+        queue: str,
+        priority: int,
+        expected_runtime_s: float | None,
+        basis: str,
+    ) -> Workload:
+        return Workload(
+            id=job.id,
+            team=job.team,
+            queue=queue,
+            priority=priority,
+            request=_request(job),
+            replicas=job.spec.replicas,
+            # Rows from before queues had no order: their submission time is it.
+            order=job.queue_order or job.created_at.timestamp(),
+            expected_runtime_s=expected_runtime_s,
+            runtime_basis=basis,
+            not_before=job.not_before,
+        )
+
+    async def _workload_of(self, job: Job, config: QueueConfig) -> Workload:
+        """The job as admission sees it under ``config`` (its team's queue now, its priority
+        class's value now, its expected run time)."""
+        assert self._engine is not None
+        try:
+            queue = self._engine.queue_of(job.team).name
+        except InvalidArgument:
+            queue = job.queue  # the team lost its queue: the engine reports it as such
+        priority_class = config.priority_classes.get(job.priority)
+        priority = priority_class.value if priority_class is not None else job.priority_value
+        expected, basis = await self._expected_runtime(job)
+        return self._workload(job, queue, priority, expected, basis)
+
+    async def _expected_runtime(self, job: Job) -> tuple[float | None, str]:
+        """The declared maximum run time, else the median of the team's recent successes of
+        jobs with the same name; None when neither exists."""
+        if job.spec.max_run_time_s:
+            return job.spec.max_run_time_s, "declared maximum run time"
+        key = (job.team, job.name)
+        cached = self._history.get(key)
+        if cached is None or time.monotonic() - cached[0] > HISTORY_TTL_S:
+            cached = (
+                time.monotonic(),
+                await self._store.run_seconds(job.team, job.name, limit=HISTORY_RUNS),
+            )
+            self._history[key] = cached
+        runs = cached[1]
+        if not runs:
+            return None, ""
+        return statistics.median(runs), f"median of the last {len(runs)} runs of {job.name}"
+
+    async def _sync_engine(self, engine: QueueEngine, jobs: Sequence[Job]) -> None:
+        """Brings the engine's state in line with ``jobs`` (all queued and active ones).
+
+        The engine is incremental and remembers which victims are being preempted for whom, so
+        it is only reloaded as a whole after a restart or a new configuration (or when it holds
+        less than the store says is active); otherwise ended jobs are removed, and jobs queued
+        since (submitted, requeued, retried, not launched after all) are added.
+        """
+        assert self._config is not None
+        active = {job.id: job for job in jobs if job.state.active}
+        queued = {job.id: job for job in jobs if job.state is JobState.QUEUED}
+        self._queued = queued
+        held = {a.workload.id for a in engine.admitted()}
+        if not self._synced or not set(active) <= held:
+            admitted: builtins.list[Admission] = []
+            for job in active.values():
+                workload = await self._workload_of(job, self._config)
+                admitted.append(
+                    Admission(
+                        workload=workload,
+                        flavor=job.flavor or _first_flavor(self._config, workload.queue),
+                        admitted_at=job.admitted_at or job.created_at,
+                    )
+                )
+            pending = [await self._workload_of(job, self._config) for job in queued.values()]
+            engine.load(admitted=admitted, pending=pending)
+            self._synced = True
+            return
+        for job_id in held - set(active):
+            engine.remove(job_id)  # ended, requeued, or admitted by the engine but not launched
+        waiting = set(engine.pending_ids())
+        for job_id in waiting - set(queued):
+            engine.remove(job_id)  # cancelled
+        for job_id in set(queued) - waiting:
+            engine.add_pending(await self._workload_of(queued[job_id], self._config))
+
     # -- the dispatcher ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Re-attaches jobs left by a previous run, then starts dispatching."""
+        await self._queues()
         await self.recover()
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="dispatcher")
 
@@ -342,7 +780,8 @@ class SchedulerService:
             await asyncio.gather(*list(self._watchers.values()), return_exceptions=True)
 
     async def _dispatch_forever(self) -> None:
-        # Not a retry: the dispatcher runs on every wake-up and every few seconds regardless.
+        # Not a retry: the dispatcher runs on every wake-up and every few seconds regardless,
+        # and sooner when a maximum run time or a retry's backoff ends before then.
         while True:
             try:
                 await self.dispatch_once()
@@ -350,32 +789,110 @@ class SchedulerService:
                 raise
             except Exception:
                 log.exception("dispatch failed")
+            timeout = DISPATCH_INTERVAL_S
+            if self._next_due is not None:
+                until = (self._next_due - self._clock()).total_seconds()
+                timeout = min(timeout, max(0.05, until))
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=DISPATCH_INTERVAL_S)
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
             self._wake.clear()
 
     async def dispatch_once(self) -> int:
-        """Admits queued jobs in FIFO order while they fit; returns how many started.
+        """One pass: stops jobs past their maximum run time, runs the admission engine's cycle,
+        preempts its victims, and admits and launches what it admitted; returns how many
+        started.
 
         A job whose team's MLflow credentials cannot be obtained now stays queued (the next
-        dispatch tries again); one whose credentials are refused fails with the reason.
+        pass tries again); one whose credentials are refused fails with the reason.
         """
+        now = self._clock()
+        engine, _ = await self._queues()
         jobs = await self._store.in_states([JobState.QUEUED, *ACTIVE])
-        queued = [job for job in jobs if job.state is JobState.QUEUED]
-        free = free_capacity(self._executor.capacity, [job for job in jobs if job.state.active])
+        await self._enforce_run_times([job for job in jobs if job.state.active], now)
+        await self._sync_engine(engine, jobs)
+        decisions: Decisions = engine.cycle(now)
+        self._report = None
+        self._next_due = self._due(jobs, now)
+        by_id = {job.id: job for job in jobs}
+        for preemption in decisions.preempt:
+            await self._preempt(preemption, by_id.get(preemption.victim.workload.id))
         started = 0
         # Teams whose credentials failed in this pass: their other jobs do not ask again.
         unavailable: set[str] = set()
-        for job in admissible(queued, free):
-            if job.team in unavailable:
+        for admission in decisions.admit:
+            job = by_id.get(admission.workload.id)
+            if job is None or job.team in unavailable:
                 continue
             credentials = await self._credentials_for(job)
             if isinstance(credentials, Unavailable):
                 unavailable.add(job.team)
                 continue
-            if await self._admit_and_launch(job, credentials):
+            self._queued.pop(job.id, None)
+            if await self._admit_and_launch(job, credentials, flavor=admission.flavor):
                 started += 1
         return started
+
+    def _due(self, jobs: Sequence[Job], now: datetime) -> datetime | None:
+        """The next time a pass has something to do by the clock: a maximum run time that
+        ends, or a retry whose backoff ends."""
+        due: builtins.list[datetime] = []
+        for job in jobs:
+            if job.state is JobState.QUEUED and job.not_before is not None:
+                due.append(job.not_before)
+            elif (
+                job.state is JobState.RUNNING
+                and job.spec.max_run_time_s
+                and job.started_at
+                and not job.stopping
+            ):
+                due.append(job.started_at + timedelta(seconds=job.spec.max_run_time_s))
+        later = [d for d in due if d > now]
+        return min(later) if later else None
+
+    async def _enforce_run_times(self, active: Sequence[Job], now: datetime) -> None:
+        """Stops the running jobs past ``started_at + max_run_time`` (end reason
+        RUN_TIME_EXCEEDED, a user failure for retries)."""
+        for job in active:
+            limit = job.spec.max_run_time_s
+            if job.state is not JobState.RUNNING or not limit or job.stopping:
+                continue
+            if job.started_at is None or now < job.started_at + timedelta(seconds=limit):
+                continue
+            message = f"exceeded its maximum run time of {_seconds(limit)}"
+            async with self._store.transaction() as tx:
+                stopped = await tx.replace(
+                    job.request_stop(EndReason.RUN_TIME_EXCEEDED, message), expect=job.state
+                )
+            if stopped is not None:
+                log.info("job %s %s: stopping it", job.id, message)
+                await self._executor.terminate(stopped)
+
+    async def _preempt(self, preemption: Preemption, victim: Job | None) -> None:
+        """Asks the victim to stop (SIGTERM, the preemption grace, SIGKILL); it is requeued
+        at its place once its process has ended."""
+        if victim is None or not victim.state.active or victim.stopping:
+            return  # already being stopped: not chosen twice
+        async with self._store.transaction() as tx:
+            current = await tx.get(victim.id)
+            if current is None or not current.state.active or current.stopping:
+                return
+            stopped = await tx.replace(
+                current.request_stop(EndReason.PREEMPTED, preemption.reason), expect=current.state
+            )
+            if stopped is None:
+                return
+            await tx.emit(
+                JobEvent(
+                    kind=JobEventKind.PREEMPTED,
+                    job=stopped,
+                    reason=preemption.reason,
+                    preempted_by=preemption.preemptor_id,
+                )
+            )
+        log.info("job %s %s", victim.id, preemption.reason)
+        if stopped.state is JobState.RUNNING:
+            await self._executor.terminate(stopped, grace_s=self._preemption_grace_s)
+        # An ADMITTED one is being started: it is stopped once it runs (_admit_and_launch).
 
     async def _credentials_for(self, job: Job) -> TeamCredentials | Unavailable | _Refused | None:
         """The team's credentials (None: jobs get none); the error when they cannot be obtained
@@ -392,36 +909,60 @@ class SchedulerService:
             return _Refused(f"could not obtain the MLflow credentials of team {job.team}: {exc}")
 
     async def _admit_and_launch(
-        self, queued: Job, credentials: TeamCredentials | _Refused | None
+        self, queued: Job, credentials: TeamCredentials | _Refused | None, *, flavor: str
     ) -> bool:
         span = tracer.start_span(
             f"job {queued.name}",
             context=extract({"traceparent": queued.traceparent}),
-            attributes={"plinth.job.id": queued.id, "plinth.team": queued.team},
+            attributes={
+                "plinth.job.id": queued.id,
+                "plinth.team": queued.team,
+                "plinth.job.attempt": queued.attempt,
+            },
         )
         with trace.use_span(span, end_on_exit=False):
             async with self._store.transaction() as tx:
-                job = await tx.replace(queued.admit(now=_now()), expect=JobState.QUEUED)
+                job = await tx.replace(
+                    queued.admit(now=self._clock(), flavor=flavor), expect=JobState.QUEUED
+                )
                 if job is None:  # cancelled meanwhile
                     span.end()
                     return False
                 await tx.emit(JobEvent(kind=JobEventKind.ADMITTED, job=job))
             self._run_spans[job.id] = span
             if isinstance(credentials, _Refused):
-                await self._finish(job.id, ExitStatus(exit_code=-1, reason=credentials.reason))
+                await self._finish(
+                    job.id,
+                    ExitStatus(
+                        exit_code=-1, reason=credentials.reason, end_reason=EndReason.LAUNCH_FAILED
+                    ),
+                    retryable=False,
+                )
                 return False
             try:
                 handle = await self._executor.launch(job, self._environment_for(job, credentials))
             except Exception as exc:  # noqa: BLE001 - a job that cannot start has failed
+                # A missing program is the job's mistake; anything else the platform's.
+                kind = (
+                    FailureKind.USER
+                    if isinstance(exc, _USER_LAUNCH_ERRORS)
+                    else FailureKind.INFRASTRUCTURE
+                )
                 await self._finish(
-                    job.id, ExitStatus(exit_code=-1, reason=f"could not start: {exc}")
+                    job.id,
+                    ExitStatus(
+                        exit_code=-1,
+                        reason=f"could not start: {exc}",
+                        end_reason=EndReason.LAUNCH_FAILED,
+                    ),
+                    failure_kind=kind,
                 )
                 return False
             async with self._store.transaction() as tx:
                 current = await tx.get(job.id) or job
                 job = (
                     await tx.replace(
-                        current.start(pid=handle.pid, now=_now()), expect=current.state
+                        current.start(pid=handle.pid, now=self._clock()), expect=current.state
                     )
                     or current
                 )
@@ -429,6 +970,8 @@ class SchedulerService:
         self._watch(job.id, handle)
         if job.cancel_requested:  # cancelled while it was being started
             await self._executor.terminate(job)
+        elif job.stop_reason is EndReason.PREEMPTED:  # preempted while it was being started
+            await self._executor.terminate(job, grace_s=self._preemption_grace_s)
         return True
 
     def _environment_for(self, job: Job, credentials: TeamCredentials | None) -> dict[str, str]:
@@ -443,6 +986,7 @@ class SchedulerService:
                 "PLINTH_JOB_ID": job.id,
                 "PLINTH_JOB_NAME": job.name,
                 "PLINTH_TEAM": job.team,
+                "PLINTH_ATTEMPT": str(job.attempt),
                 "MLFLOW_TRACKING_URI": self._job_env.mlflow_tracking_uri,
                 "TRACEPARENT": carrier.get("traceparent", ""),
                 "PYTHONUNBUFFERED": "1",
@@ -462,7 +1006,14 @@ class SchedulerService:
 
         self._watchers[job_id] = asyncio.create_task(watch(), name=f"watch-{job_id}")
 
-    async def _finish(self, job_id: str, status: ExitStatus) -> None:
+    async def _finish(
+        self,
+        job_id: str,
+        status: ExitStatus,
+        *,
+        failure_kind: FailureKind | None = None,
+        retryable: bool = True,
+    ) -> None:
         span = self._run_spans.pop(job_id, None)
         if span is None:  # a job re-attached after a restart: continue its submission's trace
             submitted = await self._load(job_id)
@@ -481,21 +1032,60 @@ class SchedulerService:
                 reraise=True,
             ):
                 with attempt:
-                    await self._record_outcome(job_id, status)
+                    await self._record_outcome(
+                        job_id, status, failure_kind=failure_kind, retryable=retryable
+                    )
         self._wake.set()
 
-    async def _record_outcome(self, job_id: str, status: ExitStatus) -> None:
+    async def _record_outcome(
+        self,
+        job_id: str,
+        status: ExitStatus,
+        *,
+        failure_kind: FailureKind | None,
+        retryable: bool,
+    ) -> None:
         before = await self._store.get(job_id)
-        if before is None or before.state.terminal:
+        if before is None or not before.state.active:
             return
         # Read before the transaction opens: with a remote executor this is a network call.
         outputs = await self._executor.outputs(before)
+        now = self._clock()
         async with self._store.transaction() as tx:
             job = await tx.get(job_id)
-            if job is None or job.state.terminal:
+            if job is None or not job.state.active:
+                return
+            verdict = judge(job, status, failure_kind=failure_kind, retryable=retryable)
+            await tx.add_attempt(job.id, job.ended_attempt(status, verdict, now=now))
+            if verdict.outcome is Outcome.REQUEUED:
+                requeued = await tx.replace(job.requeue_after(verdict, now=now), expect=job.state)
+                if requeued is not None:
+                    await tx.emit(
+                        JobEvent(
+                            kind=JobEventKind.REQUEUED,
+                            job=requeued,
+                            reason=f"{verdict.message}; requeued at its place",
+                        )
+                    )
+                return
+            if verdict.outcome is Outcome.RETRYING:
+                not_before = now + timedelta(seconds=verdict.backoff_s)
+                retried = await tx.replace(
+                    job.requeue_after(verdict, now=now, not_before=not_before), expect=job.state
+                )
+                if retried is not None:
+                    await tx.emit(
+                        JobEvent(
+                            kind=JobEventKind.RETRYING,
+                            job=retried,
+                            reason=verdict.message,
+                            failure_kind=(verdict.failure_kind or FailureKind.USER).value,
+                            backoff_s=verdict.backoff_s,
+                        )
+                    )
                 return
             done = await tx.replace(
-                job.finish(status, outputs=outputs, now=_now()), expect=job.state
+                job.finish(status, outputs=outputs, now=now, verdict=verdict), expect=job.state
             )
             if done is None:
                 return
@@ -504,20 +1094,36 @@ class SchedulerService:
                 await tx.emit(JobEvent(kind=JobEventKind.CANCELLED, job=done, reason=reason))
             else:
                 await tx.emit(JobEvent(kind=JobEventKind.FINISHED, job=done))
+        self._history.pop((done.team, done.name), None)
 
     async def recover(self) -> None:
         """Re-attaches active jobs of a previous scheduler process, or decides their fate:
-        admitted but never started -> queued again; vanished without a status -> failed."""
+        admitted but never started -> queued again (same attempt, same place); vanished
+        without a status -> an infrastructure failure (retried within its budget).
+
+        A job that was being stopped (preempted, past its run time, cancelled) when the
+        scheduler died is asked to stop again: the request may never have reached it. Its
+        ending is then judged by the stop request recorded with it (a preempted one is
+        requeued).
+        """
         for job in await self._store.in_states(ACTIVE):
             handle = await self._executor.reattach(job)
             if handle is not None:
                 log.info("re-attached job %s (pid %d)", job.id, handle.pid)
                 self._watch(job.id, handle)
+                if job.stopping:
+                    grace = (
+                        self._preemption_grace_s if job.stop_reason is EndReason.PREEMPTED else None
+                    )
+                    await self._executor.terminate(job, grace_s=grace)
             elif job.state is JobState.ADMITTED and job.pid is None:
                 async with self._store.transaction() as tx:
                     await tx.replace(job.requeue(), expect=JobState.ADMITTED)
             else:
-                await self._finish(job.id, ExitStatus(exit_code=-1, reason=LOST))
+                await self._finish(
+                    job.id,
+                    ExitStatus(exit_code=-1, reason=LOST, end_reason=EndReason.EXECUTOR_LOST),
+                )
 
 
 @dataclass(frozen=True)
@@ -525,6 +1131,55 @@ class _Refused:
     """Credentials the registry refused: the job fails with ``reason``."""
 
     reason: str
+
+
+def _request(job: Job) -> dict[str, float]:
+    """A job's request per replica in the engine's resource names."""
+    resources = job.resources
+    return {
+        "cpu": resources.cpu,
+        "memory": float(resources.memory_bytes),
+        "gpu": float(resources.gpu),
+    }
+
+
+def _capacity_of(executor: Executor) -> dict[str, float]:
+    capacity = executor.capacity
+    return {"cpu": capacity.cpu, "memory": float(capacity.memory_bytes), "gpu": float(capacity.gpu)}
+
+
+def _first_flavor(config: QueueConfig, queue: str) -> str:
+    found: ClusterQueue | None = config.cluster_queues.get(queue)
+    return found.flavors[0].flavor if found is not None and found.flavors else ""
+
+
+def _amount(resource: str, value: float) -> str:
+    if resource == "memory":
+        return format_bytes(value)
+    return f"{value:g} {resource}"
+
+
+def _load_document(text: str) -> dict[str, Any]:
+    """The admin's YAML (or JSON, which is YAML) document as dicts.
+
+    Raises:
+        InvalidArgument: ``document`` is empty, not YAML, or not a mapping at the top.
+    """
+    if not text.strip():
+        raise InvalidArgument("document", "is empty: give the queue configuration (YAML or JSON)")
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument("document", f"is not YAML or JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise InvalidArgument(
+            "document", f"must be a mapping at the top, got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def _to_yaml(document: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(document), sort_keys=False, default_flow_style=False)
 
 
 def job_base_environment(

@@ -53,9 +53,18 @@ class FakeExecutor:
     environments: dict[str, dict[str, str]] = field(default_factory=dict)
     handles: dict[str, FakeHandle] = field(default_factory=dict)
     terminated: list[str] = field(default_factory=list)
+    graces: list[float | None] = field(default_factory=list)
+    attempts: list[tuple[str, int]] = field(default_factory=list)
+    # Exit status a terminated "process" reports (None: it ignores SIGTERM and runs on).
+    on_terminate: ExitStatus | None = field(
+        default_factory=lambda: ExitStatus(exit_code=0, signal=SIGTERM)
+    )
 
     def prepare(self, job_id: str) -> str:
         return f"/jobs/{job_id}/work"
+
+    def checkpoint_dir(self, job_id: str) -> str:
+        return f"/jobs/{job_id}/checkpoint"
 
     def has_directory(self, path: str) -> bool:
         return path in self.directories
@@ -66,7 +75,8 @@ class FakeExecutor:
         if job.name in self.refuse_launch:
             raise FileNotFoundError(f"no such program: {job.spec.entrypoint[0]}")
         self.launched.append(job.id)
-        self.environments[job.id] = dict(env)
+        self.attempts.append((job.id, job.attempt))
+        self.environments[job.id] = {**env, "PLINTH_CHECKPOINT_DIR": self.checkpoint_dir(job.id)}
         handle = FakeHandle(pid=1000 + len(self.launched))
         self.handles[job.id] = handle
         return handle
@@ -77,11 +87,12 @@ class FakeExecutor:
             self.handles[job.id] = handle
         return handle
 
-    async def terminate(self, job: Job) -> None:
+    async def terminate(self, job: Job, *, grace_s: float | None = None) -> None:
         self.terminated.append(job.id)
+        self.graces.append(grace_s)
         handle = self.handles.get(job.id)
-        if handle is not None:  # the process honours SIGTERM
-            handle.exit(ExitStatus(exit_code=0, signal=SIGTERM))
+        if handle is not None and self.on_terminate is not None:  # it honours SIGTERM
+            handle.exit(self.on_terminate)
 
     async def outputs(self, job: Job) -> dict[str, str]:
         return dict(self.reported.get(job.id, {}))

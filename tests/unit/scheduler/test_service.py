@@ -12,7 +12,15 @@ import pytest
 from plinth_common.db import Database
 from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from plinth_common.paging import encode_token
-from services.scheduler.domain import LOST, ExitStatus, Job, JobSpec, JobState, Resources
+from services.scheduler.domain import (
+    LOST,
+    ExitStatus,
+    Job,
+    JobSpec,
+    JobState,
+    Resources,
+    RetryPolicy,
+)
 from services.scheduler.service import JobTransaction, SchedulerService
 from services.scheduler.store import SqlJobStore
 from tests.helpers import ADMIN, eventually
@@ -175,7 +183,10 @@ async def test_restart_reattaches_survivors_fails_vanished_jobs_and_requeues_uns
 ) -> None:
     first = make_service(executor)
     survivor = await first.submit(ADMIN, spec("survivor"))
-    vanished = await first.submit(ADMIN, spec("vanished"))
+    # Without infrastructure retries: a vanished job fails at once (with them it is retried).
+    vanished = await first.submit(
+        ADMIN, spec("vanished", retry=RetryPolicy(infrastructure_failure_limit=0))
+    )
     await first.dispatch_once()
     # Admitted by a scheduler that died before it started the process (no pid recorded).
     async with store.transaction() as tx:
@@ -216,9 +227,19 @@ async def test_restart_reattaches_survivors_fails_vanished_jobs_and_requeues_uns
         ({"working_dir": "/no/such/dir"}, "spec.working_dir", "'/no/such/dir'"),
         ({"env": {"PLINTH_JOB_ID": "x"}}, "spec.env", "PLINTH_JOB_ID"),
         ({"env": {"1BAD": "x"}}, "spec.env", "'1BAD'"),
-        ({"resources": Resources(cpu=3)}, "spec.resources.cpu", "3 cores"),
+        ({"resources": Resources(cpu=3)}, "spec.resources.cpu", "3 cpu exceeds"),
         ({"resources": Resources(memory_bytes=-5)}, "spec.resources.memory_bytes", "-5"),
-        ({"resources": Resources(gpu=1)}, "spec.resources.gpu", "1 GPUs"),
+        ({"resources": Resources(gpu=1)}, "spec.resources.gpu", "1 gpu"),
+        ({"priority": "urgent"}, "spec.priority", "'urgent'"),
+        ({"replicas": 2000}, "spec.replicas", "2000"),
+        ({"replicas": 3, "resources": Resources(cpu=1)}, "spec.replicas", "3 replicas"),
+        ({"max_run_time_s": -1.0}, "spec.max_run_time_seconds", "-1"),
+        ({"max_run_time_s": 40 * 86400.0}, "spec.max_run_time_seconds", "3456000"),
+        (
+            {"retry": RetryPolicy(user_failure_limit=101)},
+            "spec.retry.user_failure_limit",
+            "101",
+        ),
     ],
 )
 async def test_invalid_submission_names_the_field_and_repeats_the_value(
@@ -320,6 +341,9 @@ class FlakyStore:
         self.get = store.get
         self.page = store.page
         self.in_states = store.in_states
+        self.run_seconds = store.run_seconds
+        self.latest_queue_config = store.latest_queue_config
+        self.add_queue_config = store.add_queue_config
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[JobTransaction]:
