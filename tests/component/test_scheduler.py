@@ -287,7 +287,13 @@ async def test_job_whose_process_vanished_during_restart_is_failed_with_reason(
     start_scheduler: StartScheduler, tmp_path: Path
 ) -> None:
     first = await start_scheduler()
-    job = await first.submit(PY, "-c", "import time; time.sleep(30)")
+    # No infrastructure retries: a lost job fails at once (by default it would be retried).
+    job = await first.submit(
+        PY,
+        "-c",
+        "import time; time.sleep(30)",
+        retry=pb.RetryPolicy(infrastructure_failure_limit=0),
+    )
     job = await first.wait_state(job.id, pb.JOB_STATE_RUNNING)
     await first.close()
     job_pid = _pid_of(first, job.id)
@@ -296,6 +302,7 @@ async def test_job_whose_process_vanished_during_restart_is_failed_with_reason(
     second = await start_scheduler()
     lost = await second.wait_state(job.id, *FINAL)
     assert lost.state == pb.JOB_STATE_FAILED and "lost" in lost.failure_reason, (job_pid, lost)
+    assert [a.end_reason for a in lost.attempts] == [pb.END_REASON_EXECUTOR_LOST]
 
 
 def _gone(pid: int) -> bool:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -27,7 +28,21 @@ class MakeService(Protocol):
         *,
         store: JobStore | None = None,
         credentials: TeamCredentialsSource | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> SchedulerService: ...
+
+
+class Clock:
+    """A clock the test moves: ``clock.advance(61)``."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -59,6 +74,7 @@ async def make_service(store: SqlJobStore) -> AsyncIterator[MakeService]:
         *,
         store: JobStore | None = None,
         credentials: TeamCredentialsSource | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> SchedulerService:
         service = SchedulerService(
             store=store or default_store,
@@ -70,6 +86,8 @@ async def make_service(store: SqlJobStore) -> AsyncIterator[MakeService]:
             ),
             credentials=credentials,
             finish_attempts=2,
+            preemption_grace_s=7.0,
+            **({"clock": clock} if clock is not None else {}),
         )
         made.append(service)
         return service

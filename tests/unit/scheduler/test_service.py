@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from plinth_common.auth import Role
 from plinth_common.db import Database
-from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from plinth_common.paging import encode_token
 from services.scheduler.domain import (
     LOST,
+    EndReason,
     ExitStatus,
     Job,
     JobSpec,
@@ -23,8 +26,8 @@ from services.scheduler.domain import (
 )
 from services.scheduler.service import JobTransaction, SchedulerService
 from services.scheduler.store import SqlJobStore
-from tests.helpers import ADMIN, eventually
-from tests.unit.scheduler.conftest import MakeService, event_types
+from tests.helpers import ADMIN, eventually, member
+from tests.unit.scheduler.conftest import Clock, MakeService, event_types
 from tests.unit.scheduler.fakes import SIGTERM, FakeExecutor
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -352,3 +355,209 @@ class FlakyStore:
             raise ConnectionResetError("connection to the database was lost")
         async with self._store.transaction() as tx:
             yield tx
+
+
+# -- queues, preemption, retries, maximum run time -------------------------------------------
+
+QUEUES = """
+priority_classes:
+  - {name: low, value: 100}
+  - {name: normal, value: 500}
+  - {name: high, value: 1000}
+flavors:
+  - {name: cpu}
+cluster_queues:
+  - name: ml-queue
+    teams: [ml]
+    preemption: {within_queue: lower_priority}
+    flavors:
+      - flavor: cpu
+        resources:
+          cpu: {nominal: 2}
+          memory: {nominal: 8Gi}
+"""
+
+
+async def test_a_team_at_its_quota_queues_its_next_job_and_the_queue_says_why(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    await service.apply_queue_config(ADMIN, QUEUES)
+    first = await service.submit(ADMIN, spec("first", cpu=2))
+    assert first.queue == "ml-queue" and first.priority == "normal"
+    assert await service.dispatch_once() == 1
+    waiting = await service.submit(ADMIN, spec("waiting", cpu=1))
+    assert await service.dispatch_once() == 0
+
+    view = await service.queue_status(member("ann", ml=Role.VIEWER))
+    (queue,) = view.report.queues
+    cpu = next(u for u in queue.resources if u.resource == "cpu")
+    assert (cpu.nominal, cpu.usage, queue.pending, queue.admitted) == (2, 2, 1, 1)
+    (pending,) = view.report.pending
+    assert pending.job_id == waiting.id and pending.position_in_queue == 1
+    assert "cpu" in pending.reason and "2 of" in pending.reason, pending.reason
+    job = await service.get(ADMIN, waiting.id)
+    assert job.pending is not None and job.pending.reason == pending.reason
+    # A member of a team in no queue sees none of it, and may not ask for team ml's.
+    outsider = member("bob", nlp=Role.MAINTAINER)
+    assert (await service.queue_status(outsider)).report.queues == ()
+    with pytest.raises(NotFound):
+        await service.queue_status(outsider, team="ml")
+
+
+async def test_a_higher_priority_job_preempts_a_lower_one_which_is_requeued_at_its_place(
+    service: SchedulerService, executor: FakeExecutor, db: Database
+) -> None:
+    await service.apply_queue_config(ADMIN, QUEUES)
+    low = await service.submit(ADMIN, spec("low", cpu=2, priority="low"))
+    await service.dispatch_once()
+    later_low = await service.submit(ADMIN, spec("later-low", cpu=2, priority="low"))
+    high = await service.submit(ADMIN, spec("high", cpu=2, priority="high"))
+
+    assert await service.dispatch_once() == 0  # the preemptor waits for its victim
+    assert executor.terminated == [low.id] and executor.graces == [7.0]
+    await settled(service)
+    requeued = await service.get(ADMIN, low.id)
+    assert requeued.state is JobState.QUEUED and requeued.attempt == 2
+    assert [a.end_reason for a in requeued.attempts] == [EndReason.PREEMPTED]
+    assert f"preempted by job {high.id}" in requeued.attempts[0].message
+    types = await event_types(db, low.id)
+    assert types[-2:] == ["plinth.job.preempted", "plinth.job.requeued"]
+
+    assert await service.dispatch_once() == 1
+    assert await state_of(service, high) is JobState.RUNNING
+    executor.handles[high.id].exit(ExitStatus(exit_code=0))
+    await settled(service)
+    assert await service.dispatch_once() == 1
+    # Its place was kept: ahead of the low-priority job submitted after it.
+    assert executor.launched == [low.id, high.id, low.id]
+    assert await state_of(service, later_low) is JobState.QUEUED
+    env = executor.environments[low.id]
+    assert env["PLINTH_ATTEMPT"] == "2" and env["PLINTH_CHECKPOINT_DIR"].endswith("checkpoint")
+    executor.handles[low.id].exit(ExitStatus(exit_code=0))
+    await settled(service)
+    done = await service.get(ADMIN, low.id)
+    assert done.state is JobState.SUCCEEDED
+    assert [a.end_reason for a in done.attempts] == [EndReason.PREEMPTED, EndReason.EXITED]
+
+
+async def test_a_failed_job_is_retried_after_its_backoff_within_its_budget(
+    make_service: MakeService, executor: FakeExecutor, db: Database
+) -> None:
+    clock = Clock()
+    service = make_service(executor, clock=clock)
+    retry = RetryPolicy(user_failure_limit=1, backoff_initial_s=10)
+    job = await service.submit(ADMIN, spec(retry=retry))
+    await service.dispatch_once()
+    executor.handles[job.id].exit(ExitStatus(exit_code=1))
+    await settled(service)
+    waiting = await service.get(ADMIN, job.id)
+    assert waiting.state is JobState.QUEUED and waiting.attempt == 2
+    assert waiting.not_before == clock.now + timedelta(seconds=10)
+    assert (await event_types(db, job.id))[-1] == "plinth.job.retrying"
+
+    clock.advance(5)
+    assert await service.dispatch_once() == 0  # still backing off
+    clock.advance(6)
+    assert await service.dispatch_once() == 1
+    assert executor.environments[job.id]["PLINTH_ATTEMPT"] == "2"
+    executor.handles[job.id].exit(ExitStatus(exit_code=1))
+    await settled(service)
+    failed = await service.get(ADMIN, job.id)
+    assert failed.state is JobState.FAILED
+    assert failed.failure_reason == "exit code 1; user failure retries used up (1 of 1)"
+    assert [a.number for a in failed.attempts] == [1, 2]
+
+
+async def test_an_infrastructure_failure_is_retried_even_without_user_retries(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    job = await service.submit(ADMIN, spec())
+    await service.dispatch_once()
+    lost = ExitStatus(exit_code=-1, reason="supervisor died", end_reason=EndReason.EXECUTOR_LOST)
+    executor.handles[job.id].exit(lost)
+    await settled(service)
+    retried = await service.get(ADMIN, job.id)
+    assert retried.state is JobState.QUEUED and retried.infrastructure_failures == 1
+    assert retried.user_failures == 0 and retried.attempt == 2
+
+
+async def test_a_job_past_its_maximum_run_time_is_stopped_with_that_reason(
+    make_service: MakeService, executor: FakeExecutor
+) -> None:
+    clock = Clock()
+    service = make_service(executor, clock=clock)
+    job = await service.submit(ADMIN, spec(max_run_time_s=60))
+    await service.dispatch_once()
+    clock.advance(59)
+    await service.dispatch_once()
+    assert executor.terminated == []
+    clock.advance(2)
+    await service.dispatch_once()
+    assert executor.terminated == [job.id]
+    await settled(service)
+    done = await service.get(ADMIN, job.id)
+    assert done.state is JobState.FAILED
+    assert done.failure_reason == "exceeded its maximum run time of 60 s"
+    assert [a.end_reason for a in done.attempts] == [EndReason.RUN_TIME_EXCEEDED]
+
+
+async def test_queue_config_is_admins_validated_as_a_whole_and_applied_live(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    default = await service.queue_config(ADMIN)
+    assert default.version == 0 and "default_queue: default" in default.document
+    with pytest.raises(PermissionDenied):
+        await service.apply_queue_config(member("ann", ml=Role.MAINTAINER), QUEUES)
+    broken = QUEUES.replace("nominal: 2", "nominal: -2").replace("teams: [ml]", "teamz: [ml]")
+    with pytest.raises(InvalidArgument) as caught:
+        await service.apply_queue_config(ADMIN, broken)
+    fields = [f for f, _ in caught.value.violations]
+    assert len(fields) >= 2 and any("nominal" in f for f in fields), fields
+    assert (await service.queue_config(ADMIN)).version == 0  # the previous one stays
+    with pytest.raises(InvalidArgument) as not_yaml:
+        await service.apply_queue_config(ADMIN, "flavors: [")
+    assert not_yaml.value.field == "document"
+
+    running = await service.submit(ADMIN, spec(cpu=2))
+    await service.dispatch_once()
+    smaller = QUEUES.replace("nominal: 2", "nominal: 1")
+    dry = await service.apply_queue_config(ADMIN, smaller, dry_run=True)
+    assert dry.version == 0 and (await service.queue_config(ADMIN)).version == 0
+    assert any("keep running" in w for w in dry.warnings), dry.warnings
+    applied = await service.apply_queue_config(ADMIN, smaller)
+    assert applied.version == 1 and applied.applied_by == ADMIN.name
+    assert await state_of(service, running) is JobState.RUNNING  # not stopped by a lower quota
+    # Live: the new quota holds at once, and a team in no queue cannot submit.
+    with pytest.raises(InvalidArgument) as too_big:
+        await service.submit(ADMIN, spec(cpu=2))
+    assert too_big.value.field == "spec.resources.cpu"
+    with pytest.raises(InvalidArgument) as homeless:
+        await service.submit(ADMIN, spec(team="nlp"))
+    assert homeless.value.field == "spec.team"
+
+
+async def test_a_restart_while_a_job_was_being_preempted_stops_and_requeues_it(
+    make_service: MakeService, executor: FakeExecutor, store: SqlJobStore
+) -> None:
+    executor.on_terminate = None  # the job ignores SIGTERM
+    first = make_service(executor)
+    await first.apply_queue_config(ADMIN, QUEUES)
+    low = await first.submit(ADMIN, spec("low", cpu=2, priority="low"))
+    await first.dispatch_once()
+    high = await first.submit(ADMIN, spec("high", cpu=2, priority="high"))
+    await first.dispatch_once()
+    assert executor.terminated == [low.id]
+    await first.stop()  # the scheduler dies before the victim has stopped
+
+    restarted = FakeExecutor(survivors={low.id: executor.handles[low.id]}, on_terminate=None)
+    second = make_service(restarted)
+    await second.recover()
+    # The stop request may never have reached it: it is asked again, with the same grace.
+    assert restarted.terminated == [low.id] and restarted.graces == [7.0]
+    restarted.handles[low.id].exit(ExitStatus(exit_code=-1, signal=9))
+    await settled(second)
+    requeued = await second.get(ADMIN, low.id)
+    assert requeued.state is JobState.QUEUED and requeued.attempt == 2
+    assert await second.dispatch_once() == 1 and restarted.launched == [high.id]
+    view = await second.queue_status(ADMIN)
+    assert [p.job_id for p in view.report.pending] == [low.id]
