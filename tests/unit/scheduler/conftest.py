@@ -87,7 +87,7 @@ async def make_service(store: SqlJobStore) -> AsyncIterator[MakeService]:
             credentials=credentials,
             finish_attempts=2,
             preemption_grace_s=7.0,
-            **({"clock": clock} if clock is not None else {}),
+            clock=clock or (lambda: datetime.now(UTC)),
         )
         made.append(service)
         return service
