@@ -161,7 +161,9 @@ class _Queue:
     __slots__ = (
         "admitted",
         "cq",
+        "dirty",
         "entries",
+        "floor",
         "group",
         "keys",
         "name",
@@ -209,7 +211,11 @@ class _Queue:
         self.keys: list[_Key] = []  # pending, sorted
         self.entries: dict[str, _Pending] = {}
         self.shapes: dict[Totals, int] = {}  # pending request shapes and their counts
+        self.floor: Totals | None = None  # cached least shape (see _floor)
         self.admitted: dict[str, _Held] = {}
+        # Something that may let one of its jobs in: a new job, a head gone. Capacity freed
+        # dirties the whole group instead (cohort members share it).
+        self.dirty = True
 
 
 class _State:
@@ -348,9 +354,12 @@ class _Scan:
     """A queue's walk within one cycle."""
 
     cursor: int = 0
-    head: _Reservation | None = None
+    blocked: _Pending | None = None  # the head that did not fit
+    waits: bool = False  # the head waits for preempted jobs to stop
+    head: _Reservation | None = None  # its reservation, made when a backfill needs it
     scanned: int = 0
-    failed: set[Totals] = field(default_factory=set)
+    failed: set[Totals] = field(default_factory=set)  # shapes that do not fit now
+    beside_failed: set[Totals] = field(default_factory=set)  # nor beside the reservation
     done: bool = False
 
 
@@ -435,7 +444,6 @@ class QueueEngine:
         self._held[w.id] = held
         if held.end is not None:
             insort(group.ends, (held.end, w.id))
-        group.dirty = True
         return held
 
     def add_pending(self, w: Workload) -> None:
@@ -454,9 +462,11 @@ class QueueEngine:
         )
         insort(q.keys, entry.key)
         q.entries[w.id] = entry
+        if entry.totals not in q.shapes:
+            q.floor = None
         q.shapes[entry.totals] = q.shapes.get(entry.totals, 0) + 1
         self._where[w.id] = q
-        q.group.dirty = True
+        q.dirty = True
         if entry.not_before > -_INF:
             q.group.backoffs[w.id] = entry.not_before
 
@@ -492,8 +502,9 @@ class QueueEngine:
             q.shapes[entry.totals] = count
         else:
             del q.shapes[entry.totals]
+            q.floor = None
         q.group.backoffs.pop(job_id, None)
-        q.group.dirty = True
+        q.dirty = True
 
     # ------------------------------------------------------------------ lookups
 
@@ -609,32 +620,45 @@ class QueueEngine:
         t = now.timestamp()
         decisions = Decisions()
         for group in self._group_order:
-            if not group.dirty and not any(nb <= t for nb in group.backoffs.values()):
-                continue
-            group.dirty = False
-            self._cycle_group(group, now, t, decisions)
+            for job_id, nb in group.backoffs.items():
+                if nb <= t:  # a backoff over: its queue gets another look
+                    self._where[job_id].dirty = True
+            if group.dirty or any(q.dirty for q in group.queues):
+                self._cycle_group(group, now, t, decisions)
         return decisions
 
     def _choose(self, group: _Group, state: _State, q: _Queue, x: Totals) -> _Quota | None:
+        if not group.cohort:  # nothing to borrow: one pass
+            for quota in q.quotas:
+                if _fits(group, state, q, quota, x, False):
+                    return quota
+            return None
+        borrowing: _Quota | None = None
         for quota in q.quotas:
+            # Fitting within nominal implies fitting with borrowing: test the weaker first.
+            if not _fits(group, state, q, quota, x, True):
+                continue
             if _fits(group, state, q, quota, x, False):
                 return quota
-        if group.cohort:
-            for quota in q.quotas:
-                if _fits(group, state, q, quota, x, True):
-                    return quota
-        return None
+            if borrowing is None:
+                borrowing = quota
+        return borrowing
 
     def _cycle_group(self, group: _Group, now: datetime, t: float, out: Decisions) -> None:
         state = group.state
         admitted_now: set[str] = set()
         reservations: list[_Reservation] = []
+        borrowed = False
 
         def admit(q: _Queue, entry: _Pending, quota: _Quota) -> None:
+            nonlocal borrowed
             adm = Admission(workload=entry.w, flavor=quota.flavor, admitted_at=now)
             held = self._hold(adm)
             admitted_now.add(entry.w.id)
             out.admit.append(adm)
+            if not borrowed:
+                u = state.usage[(q.name, quota.flavor)]
+                borrowed = any(u[r] > quota.nominal[r] + _EPS for r in _R)
             for res in reservations:  # it holds capacity at their start unless it ends first
                 if (
                     res.state is not None
@@ -656,37 +680,76 @@ class QueueEngine:
             if quota is not None and entry.not_before <= t:
                 admit(q, entry, quota)
 
-        scans = {q.name: _Scan() for q in group.queues}
-        heap: list[tuple[float, int, float, str]] = []
+        # Without freed capacity only the queues that changed can admit: the others were left
+        # where nothing of theirs fits, and admissions only take capacity away.
+        active = [q for q in group.queues if group.dirty or q.dirty]
+        self._walk(group, active, t, admitted_now, admit, reservations, out)
+        if borrowed and len(active) < len(group.queues):
+            # Someone borrows now: the other queues may reclaim their lent quota (rule 8).
+            rest = [q for q in group.queues if q not in active]
+            self._walk(group, rest, t, admitted_now, admit, reservations, out)
+        for job_id in sorted(admitted_now):
+            self._drop_pending(job_id)
+        group.dirty = False
         for q in group.queues:
+            q.dirty = False
+        # Expired backoffs have had their chance; later ones wake the group up.
+        for job_id in [i for i, nb in group.backoffs.items() if nb <= t]:
+            del group.backoffs[job_id]
+
+    def _walk(
+        self,
+        group: _Group,
+        queues: list[_Queue],
+        t: float,
+        admitted_now: set[str],
+        admit: Callable[[_Queue, _Pending, _Quota], None],
+        reservations: list[_Reservation],
+        out: Decisions,
+    ) -> None:
+        """Candidates of ``queues`` in fair-share order (rule 5), until none can be admitted."""
+        state = group.state
+        scans = {q.name: _Scan() for q in queues}
+        heap: list[tuple[float, int, float, str]] = []
+        for q in queues:
             if q.keys:
                 k = q.keys[0]
                 heap.append((_share(group, state, q), k[0], k[1], q.name))
         heapq.heapify(heap)
-        by_name = {q.name: q for q in group.queues}
+        by_name = {q.name: q for q in queues}
+        depth = self.backfill_depth
         while heap:
-            _, _, _, name = heapq.heappop(heap)
+            share, _, _, name = heapq.heappop(heap)
             q = by_name[name]
             scan = scans[name]
             keys = q.keys
-            while scan.cursor < len(keys) and keys[scan.cursor][2] in admitted_now:
+            entries = q.entries
+            n = len(keys)
+            # The queue keeps the turn while its next candidate still sorts first: its share
+            # only changes when it admits (rule 5), so most steps need no heap operation.
+            while True:
+                while scan.cursor < n and keys[scan.cursor][2] in admitted_now:
+                    scan.cursor += 1
+                if scan.cursor >= n or scan.done:
+                    break
+                entry = entries[keys[scan.cursor][2]]
                 scan.cursor += 1
-            if scan.cursor >= len(keys) or scan.done:
-                continue
-            entry = q.entries[keys[scan.cursor][2]]
-            scan.cursor += 1
-            self._consider(group, q, entry, scan, t, admit, reservations, out)
-            while scan.cursor < len(keys) and keys[scan.cursor][2] in admitted_now:
-                scan.cursor += 1
-            if scan.cursor < len(keys) and not scan.done:
+                if scan.blocked is not None and entry.totals in scan.failed:
+                    scan.scanned += 1  # fast path: this shape did not fit this cycle
+                    if scan.scanned > depth:
+                        scan.done = True
+                    continue
+                if self._consider(group, q, entry, scan, t, admit, reservations, out):
+                    share = _share(group, state, q)
+                while scan.cursor < n and keys[scan.cursor][2] in admitted_now:
+                    scan.cursor += 1
+                if scan.cursor >= n or scan.done:
+                    break
                 k = keys[scan.cursor]
-                heapq.heappush(heap, (_share(group, state, q), k[0], k[1], name))
-        for job_id in sorted(admitted_now):
-            self._drop_pending(job_id)
-        group.dirty = False
-        # Expired backoffs have had their chance; later ones wake the group up.
-        for job_id in [i for i, nb in group.backoffs.items() if nb <= t]:
-            del group.backoffs[job_id]
+                step = (share, k[0], k[1], name)
+                if heap and heap[0] < step:
+                    heapq.heappush(heap, step)
+                    break
 
     def _consider(
         self,
@@ -698,21 +761,22 @@ class QueueEngine:
         admit: Callable[[_Queue, _Pending, _Quota], None],
         reservations: list[_Reservation],
         out: Decisions,
-    ) -> None:
+    ) -> bool:
+        """Looks at one candidate; True if it was admitted."""
         state = group.state
         if entry.not_before > t:
-            return  # rule 7: blocks nobody
+            return False  # rule 7: blocks nobody
         job_id = entry.w.id
         wait = self._waiting.get(job_id)
-        if scan.head is None:
-            if wait is not None:  # victims still stopping: it is the head, reserved now
-                scan.head = self._reserve_waiting(group, q, entry, wait, t)
-                reservations.append(scan.head)
-                return
+        if scan.blocked is None:
+            if wait is not None:  # victims still stopping: it is the head
+                scan.blocked = entry
+                scan.waits = True
+                return False
             quota = self._choose(group, state, q, entry.totals)
             if quota is not None:
                 admit(q, entry, quota)
-                return
+                return True
             found = self._preempt(group, q, entry)
             if found is not None:
                 quota, victims, reasons = found
@@ -720,34 +784,48 @@ class QueueEngine:
                 for v, reason in zip(victims, reasons, strict=True):
                     self._preempting[v.adm.workload.id] = job_id
                     out.preempt.append(Preemption(v.adm, job_id, reason))
-                scan.head = self._reserve_waiting(group, q, entry, self._waiting[job_id], t)
-            else:
-                scan.head = self._reserve(group, q, entry, t)
-            reservations.append(scan.head)
-            return
+                scan.waits = True
+            scan.blocked = entry
+            if self._choose(group, state, q, _floor(q)) is None:
+                scan.done = True  # nothing this queue has pending fits now
+            return False
         # Backfill past a blocked head (rule 6).
         if wait is not None:
-            return
+            return False
         scan.scanned += 1
         if scan.scanned > self.backfill_depth:
             scan.done = True
-            return
-        if entry.totals in scan.failed:
-            return
+            return False
         quota = self._choose(group, state, q, entry.totals)
         if quota is None:
             scan.failed.add(entry.totals)
-            if len(scan.failed) >= len(q.shapes):
-                scan.done = True  # no shape of this queue fits any more in this cycle
-            return
+            if (
+                len(scan.failed) >= len(q.shapes)
+                or self._choose(group, state, q, _floor(q)) is None
+            ):
+                scan.done = True  # nothing this queue has pending fits any more this cycle
+            return False
         head = scan.head
+        if head is None:  # made now, on the usage as it is after this cycle's admissions so far
+            if scan.waits:  # its victims are stopping: it starts once they have (now)
+                head = _Reservation(scan.blocked.w.id, t, self._projected(group))
+            else:
+                head = self._reserve(group, q, scan.blocked, t)
+            scan.head = head
+            reservations.append(head)
         if head.start is None or head.state is None:
-            return
+            scan.done = True  # a head without estimate lets nothing past (rule 6)
+            return False
         if entry.runtime is not None and t + entry.runtime <= head.start + _EPS:
             admit(q, entry, quota)
-            return
+            return True
+        if entry.totals in scan.beside_failed:
+            return False
         if _fits(group, head.state, q, quota, entry.totals, True):
             admit(q, entry, quota)
+            return True
+        scan.beside_failed.add(entry.totals)  # the reservation only grows in this cycle
+        return False
 
     def _wait_key(self, job_id: str) -> _Key:
         _, entry = self._pending_entry(job_id)
@@ -778,30 +856,43 @@ class QueueEngine:
                 placed.add(pid)
         return state
 
-    def _reserve_waiting(
-        self, group: _Group, q: _Queue, entry: _Pending, wait: _Wait, t: float
-    ) -> _Reservation:
-        # Its victims are stopping: it starts as soon as they have (now, for backfill's sake).
-        return _Reservation(entry.w.id, t, self._projected(group))
-
     def _reserve(self, group: _Group, q: _Queue, entry: _Pending, t: float) -> _Reservation:
         """The head's estimated start: the first expected end after which it fits."""
         state = self._projected(group)
-        quota = self._choose(group, state, q, entry.totals)
+        x = entry.totals
+        quota = self._choose(group, state, q, x)
         start: float | None = t if quota is not None else None
         if quota is None:
-            for end, job_id in group.ends:
-                held = self._held[job_id]
-                if job_id in self._preempting:
-                    continue  # already released by the projection
-                _add(group, state, held.queue, held.flavor, held.totals, -1.0)
-                quota = self._choose(group, state, q, entry.totals)
-                if quota is not None:
-                    start = max(end, t)
-                    break
+            # Release in order of expected end; fitting is monotone in releases, so probe at
+            # doubling steps and then walk back to the first end that lets it fit.
+            ends = [
+                (end, self._held[job_id])
+                for end, job_id in group.ends
+                if job_id not in self._preempting  # released by the projection already
+            ]
+            done = 0
+            step = 1
+            while done < len(ends):
+                upto = min(len(ends), done + step)
+                for _, held in ends[done:upto]:
+                    _add(group, state, held.queue, held.flavor, held.totals, -1.0)
+                if self._choose(group, state, q, x) is None:
+                    done = upto
+                    step *= 2
+                    continue
+                while upto - 1 > done:  # put back the last releases while it still fits
+                    held = ends[upto - 1][1]
+                    _add(group, state, held.queue, held.flavor, held.totals, 1.0)
+                    if self._choose(group, state, q, x) is None:
+                        _add(group, state, held.queue, held.flavor, held.totals, -1.0)
+                        break
+                    upto -= 1
+                quota = self._choose(group, state, q, x)
+                start = max(ends[upto - 1][0], t)
+                break
         if quota is None:
             return _Reservation(entry.w.id, None, None)
-        _add(group, state, q.name, quota.flavor, entry.totals, 1.0)
+        _add(group, state, q.name, quota.flavor, x, 1.0)
         return _Reservation(entry.w.id, start, state)
 
     # ------------------------------------------------------------------ preemption
@@ -840,6 +931,12 @@ class QueueEngine:
                         h.adm.workload.id,
                     )
                 )
+            # Only its own victims lower its usage: without enough of them it cannot come
+            # within its nominal quota, whatever the other queues give back.
+            u = group.state.usage[(q.name, quota.flavor)]
+            freeable = [sum(h.totals[r] for h in own) for r in _R]
+            if any(u[r] + x[r] - freeable[r] > quota.nominal[r] + _EPS for r in _R):
+                continue
             others: list[_Held] = []
             if reclaim is not PreemptionPolicy.NEVER:
                 for qq in group.queues:
@@ -1023,6 +1120,11 @@ class QueueEngine:
         """Predicted start, its basis, and position in the cohort of every pending job."""
         placed: set[str] = set()
         state = self._projected(group, placed)
+        stopping = any(
+            self._queues[h.queue].group is group
+            for h in (self._held.get(v) for v in self._preempting)
+            if h is not None
+        )
         events: list[tuple[float, int, str, str, Totals, str, bool]] = []
         unknown_holders: list[tuple[str, str, str]] = []  # (job id, team, queue)
         seq = 0
@@ -1081,11 +1183,16 @@ class QueueEngine:
                     continue
                 start = max(clock, entry.not_before)
                 position += 1
-                basis = (
-                    "as soon as the jobs it preempted have stopped (their grace period)"
-                    if preemptor
-                    else self._basis(start, t, entry, ended_running, ended_queued, bases)
-                )
+                if preemptor:
+                    basis = "as soon as the jobs it preempted have stopped (their grace period)"
+                elif (
+                    stopping
+                    and not ended_running + ended_queued
+                    and self._choose(group, group.state, q, entry.totals) is None
+                ):
+                    basis = "as soon as the jobs being preempted have stopped"
+                else:
+                    basis = self._basis(start, t, entry, ended_running, ended_queued, bases)
                 out[entry.w.id] = (start, basis, position)
                 if not preemptor:
                     _add(group, state, name, quota.flavor, entry.totals, 1.0)
@@ -1185,7 +1292,14 @@ class QueueEngine:
         rows: list[PendingWorkload] = []
         state = group.state
         fit_cache: dict[Totals, _Quota | None] = {}
+        short_cache: dict[tuple[Totals, int], str] = {}
         blocked_head: str | None = None
+
+        def fits(x: Totals) -> _Quota | None:
+            if x not in fit_cache:
+                fit_cache[x] = self._choose(group, state, q, x)
+            return fit_cache[x]
+
         higher_ahead = 0
         prio_seen: int | None = None
         same_ahead = 0
@@ -1199,11 +1313,7 @@ class QueueEngine:
             else:
                 same_ahead += 1
             if teams is not None and w.team not in teams:
-                if (
-                    blocked_head is None
-                    and entry.not_before <= t
-                    and self._choose(group, state, q, entry.totals) is None
-                ):
+                if blocked_head is None and entry.not_before <= t and fits(entry.totals) is None:
                     blocked_head = w.id
                 continue
             wait = self._waiting.get(w.id)
@@ -1213,10 +1323,7 @@ class QueueEngine:
                 reason = f"waiting for {plural(len(wait.victims), 'preempted job')} to stop"
                 blocked_head = blocked_head or w.id
             else:
-                if entry.totals not in fit_cache:
-                    fit_cache[entry.totals] = self._choose(group, state, q, entry.totals)
-                quota = fit_cache[entry.totals]
-                if quota is not None:
+                if fits(entry.totals) is not None:
                     reason = (
                         "fits now: admitted at the next admission cycle"
                         if blocked_head is None
@@ -1224,7 +1331,10 @@ class QueueEngine:
                         "its start (backfill takes only jobs that end before it or fit beside it)"
                     )
                 else:
-                    reason = self._short(group, q, entry) + _ahead(higher_ahead, same_ahead)
+                    shape = (entry.totals, w.replicas)
+                    if shape not in short_cache:
+                        short_cache[shape] = self._short(group, q, entry)
+                    reason = short_cache[shape] + _ahead(higher_ahead, same_ahead)
                     blocked_head = blocked_head or w.id
             start, basis, cohort_position = estimates.get(w.id, (None, "unknown", 0))
             rows.append(
@@ -1301,6 +1411,19 @@ def _ahead(higher: int, same: int) -> str:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _floor(q: _Queue) -> Totals:
+    """The least of every resource over the queue's pending shapes (fits is monotone: if this
+    does not fit, no pending job of the queue does)."""
+    if q.floor is None:
+        shapes = q.shapes
+        q.floor = (
+            tuple(min(shape[r] for shape in shapes) for r in _R)
+            if shapes
+            else (0.0,) * len(RESOURCE_NAMES)
+        )
+    return q.floor
 
 
 def _totals(w: Workload) -> Totals:
