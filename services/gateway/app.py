@@ -74,6 +74,9 @@ class GatewaySettings:
             other gateway replicas within it; this one forgets at once).
         bootstrap_admin_key_file: where to keep the local platform's admin key (``make run``);
             None: no bootstrap key.
+        key_table_recheck_s: how often a waiting poll of the key table (serving's, for the
+            inference data plane) reads the store again, to see changes made through another
+            gateway replica; changes made through this one answer it at once.
     """
 
     common: CommonSettings
@@ -86,6 +89,7 @@ class GatewaySettings:
     rate_limits: dict[str, Limit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     auth_cache_ttl_s: float = 1.0
     bootstrap_admin_key_file: Path | None = None
+    key_table_recheck_s: float = 0.5
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -107,6 +111,7 @@ class GatewaySettings:
                 if env.optional("PLINTH_GATEWAY_BOOTSTRAP_ADMIN_KEY_FILE")
                 else None
             ),
+            key_table_recheck_s=env.float("PLINTH_GATEWAY_KEY_TABLE_RECHECK_S", 0.5),
         )
 
 
@@ -156,7 +161,11 @@ class GatewayApp:
             tokens=self.runtime.tokens,
         )
         auth_interceptor.edge = self.edge
-        self.identities = Identities(self.store, on_change=self.authenticator.invalidate)
+        self.identities = Identities(
+            self.store,
+            on_change=self.authenticator.invalidate,
+            recheck_s=settings.key_table_recheck_s,
+        )
         self.admin_key = ""
         self._channels = {name: open_channel(target) for name, target in settings.upstreams.items()}
         forwarding = ForwardingHandler(
@@ -218,6 +227,7 @@ class GatewayApp:
         """Stops taking calls, closes upstream channels."""
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        self.identities.close()  # a waiting poll of the key table answers now, not at its end
         # Calls drain first, so their audit records are queued before the log is flushed.
         await self.runtime.server.stop()
         await self.audit.stop()

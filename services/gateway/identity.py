@@ -14,7 +14,10 @@ Transport-neutral: no grpc, nats or sqlalchemy. The servicer passes the verified
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -222,6 +225,8 @@ class IdentityStore(Protocol):
 
 
 AUDIT_PAGES = "audit"
+#: The longest a poll of the key table may wait for a change.
+MAX_DIGEST_WAIT_S = 30.0
 
 
 class Identities:
@@ -232,6 +237,8 @@ class Identities:
         on_change: called after a change that alters somebody's credentials or roles (a
             revoked key, a membership), so the gateway forgets its cached decisions at once.
         clock: the current time (tests move it).
+        recheck_s: how often a waiting poll of the key table reads the revision again (changes
+            made through another gateway replica); changes made here wake it at once.
     """
 
     def __init__(
@@ -240,10 +247,26 @@ class Identities:
         *,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        recheck_s: float = 0.5,
     ) -> None:
         self._store = store
         self._on_change = on_change
         self._clock = clock
+        self._recheck_s = recheck_s
+        # Replaced on every change; waiting polls hold the one current when they looked.
+        self._key_table_changed = asyncio.Event()
+        self._closed = False
+
+    def _changed(self, *, credentials: bool = True) -> None:
+        if credentials:
+            self._on_change()
+        changed, self._key_table_changed = self._key_table_changed, asyncio.Event()
+        changed.set()
+
+    def close(self) -> None:
+        """Answers every waiting poll of the key table now (the gateway is stopping)."""
+        self._closed = True
+        self._key_table_changed.set()
 
     # -- teams and members ----------------------------------------------------------------
 
@@ -307,7 +330,7 @@ class Identities:
         member = await self._store.put_member(
             Member(team=team, user=user, role=role, added_at=self._clock(), added_by=caller.name)
         )
-        self._on_change()
+        self._changed()
         return member
 
     async def remove_member(self, caller: Principal, team: str, user: str) -> Member:
@@ -322,7 +345,7 @@ class Identities:
         removed = await self._store.remove_member(team, user)
         if removed is None:
             raise NotFound("member", f"{user} in {team}")
-        self._on_change()
+        self._changed()
         return removed
 
     # -- API keys -------------------------------------------------------------------------
@@ -377,6 +400,8 @@ class Identities:
             expires_at=expires_at,
         )
         await self._store.add_key(record)
+        # A new key invalidates no cached decision, but the key table has changed.
+        self._changed(credentials=False)
         return CreatedKey(record=record, token=generated.token)
 
     async def list_keys(
@@ -403,12 +428,14 @@ class Identities:
         revoked = await self._store.revoke_key(key_id, self._clock())
         if revoked is None:
             raise NotFound("api key", key_id)
-        self._on_change()
+        self._changed()
         return revoked
 
     # -- the data plane's key table ---------------------------------------------------------
 
-    async def key_digests(self, caller: Principal, since_revision: int) -> KeyDigests:
+    async def key_digests(
+        self, caller: Principal, since_revision: int, *, wait_s: float = 0.0
+    ) -> KeyDigests:
         """Every usable key's digest and owner's teams, unless ``since_revision`` is current
         (serving, as its service identity, and admins).
 
@@ -416,12 +443,27 @@ class Identities:
         returned: a change racing this call is either in this answer or bumps the revision the
         next poll sees.
 
+        Args:
+            caller: who asks.
+            since_revision: the revision of the caller's table (0: none).
+            wait_s: while ``since_revision`` is current, wait up to this long (at most
+                :data:`MAX_DIGEST_WAIT_S`) for a change before answering "unchanged".
+
         Raises:
             PermissionDenied: any other caller.
         """
         if not may(caller, KEY_DIGESTS, ""):
             raise denied(KEY_DIGESTS, "")
-        revision = await self._store.grant_revision()
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_DIGEST_WAIT_S)
+        while True:
+            # Taken before the read: a change between the read and the wait still wakes it.
+            changed = self._key_table_changed
+            revision = await self._store.grant_revision()
+            left = deadline - time.monotonic()
+            if since_revision != revision or left <= 0 or self._closed:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(left, self._recheck_s))
         if since_revision == revision:
             return KeyDigests(revision=revision, changed=False)
         keys = await self._store.key_digests(self._clock())

@@ -211,7 +211,9 @@ class IdentityServicer(gateway_pb2_grpc.IdentityServiceServicer):
     async def ListKeyDigests(
         self, request: gateway_pb2.ListKeyDigestsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListKeyDigestsResponse:
-        digests = await self._identities.key_digests(current_principal(), request.since_revision)
+        digests = await self._identities.key_digests(
+            current_principal(), request.since_revision, wait_s=request.wait_ms / 1000
+        )
         return gateway_pb2.ListKeyDigestsResponse(
             revision=digests.revision,
             changed=digests.changed,

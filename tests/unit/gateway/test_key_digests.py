@@ -4,6 +4,7 @@ with every key or membership change and with nothing else, so an unchanged poll 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -150,3 +151,54 @@ async def test_only_serving_and_admins_read_the_table(
     with pytest.raises(PermissionDenied, match=r"keys\.digests needs admin"):
         await identities.key_digests(caller, 0)
     assert (await identities.key_digests(ROOT, 0)).changed
+
+
+# --------------------------------------------------------------------------- long polls
+
+
+async def test_a_waiting_poll_answers_as_soon_as_a_key_is_made_here(
+    store: SqlIdentityStore, clock: Clock
+) -> None:
+    # A re-check far away: an answer within the wait comes from the change waking it.
+    identities = Identities(store, clock=clock, recheck_s=30)
+    current = (await identities.key_digests(SERVING, 0)).revision
+    waiting = asyncio.create_task(identities.key_digests(SERVING, current, wait_s=20))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    created = await identities.create_key(ROOT, name="laptop", owner="ann")
+    answer = await asyncio.wait_for(waiting, 5)
+    assert answer.changed and created.record.id in {d.key.id for d in answer.keys}
+    waiting = asyncio.create_task(identities.key_digests(SERVING, answer.revision, wait_s=20))
+    await asyncio.sleep(0.1)
+    await identities.revoke_key(ROOT, created.record.id)
+    answer = await asyncio.wait_for(waiting, 5)
+    assert answer.changed and created.record.id not in {d.key.id for d in answer.keys}
+
+
+async def test_a_waiting_poll_sees_another_replicas_change_at_its_recheck(
+    store: SqlIdentityStore, clock: Clock
+) -> None:
+    here = Identities(store, clock=clock, recheck_s=0.05)
+    elsewhere = Identities(store, clock=clock)  # another gateway replica on the same store
+    await elsewhere.create_team(ROOT, "vision", "")
+    current = (await here.key_digests(SERVING, 0)).revision
+    waiting = asyncio.create_task(here.key_digests(SERVING, current, wait_s=5))
+    await asyncio.sleep(0.1)
+    await elsewhere.add_member(ROOT, "vision", "ann", Role.VIEWER)
+    answer = await asyncio.wait_for(waiting, 3)
+    assert answer.changed and answer.revision != current
+
+
+async def test_an_unchanged_wait_ends_unchanged_and_close_ends_it_early(
+    identities: Identities,
+) -> None:
+    current = (await identities.key_digests(SERVING, 0)).revision
+    started = time.monotonic()
+    answer = await identities.key_digests(SERVING, current, wait_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 3 and not answer.changed
+
+    waiting = asyncio.create_task(identities.key_digests(SERVING, current, wait_s=30))
+    await asyncio.sleep(0.05)
+    identities.close()  # the gateway stops: it must not wait for the poll's end
+    answer = await asyncio.wait_for(waiting, 3)
+    assert not answer.changed and answer.revision == current

@@ -362,10 +362,12 @@ class ListAuditRecordsResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListKeyDigestsRequest(_message.Message):
-    __slots__ = ("since_revision",)
+    __slots__ = ("since_revision", "wait_ms")
     SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     since_revision: int
-    def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, since_revision: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class KeyDigest(_message.Message):
     __slots__ = ("id", "salt", "hash", "owner", "kind", "admin", "teams", "expires_at")

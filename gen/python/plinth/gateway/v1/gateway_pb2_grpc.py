@@ -405,7 +405,7 @@ class IdentityServiceServicer:
         """What a data-plane proxy needs to check API keys without asking the gateway per request:
         every usable key's id, salt and hash with its owner's teams. Only serving may call it (as
         its service identity). Cheap to poll: an unchanged `revision` answers `changed: false` and
-        no keys.
+        no keys; with `wait_ms` the answer waits for a change (a long poll).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
