@@ -1,18 +1,26 @@
 """Wiring of the serving service: its store, Triton (started here unless ``PLINTH_TRITON_URL``
-names one), the MLflow artifact source, the registry client, the promotion consumer, and the
-gRPC server that carries both ``ServingService`` and KServe v2 inference."""
+names one), the MLflow artifact source, the registry client, the promotion consumer, the gRPC
+server that carries both ``ServingService`` and KServe v2 inference (the Python path), and the
+native inference data plane (HAProxy) when it is installed: routes pushed on every change, API
+key grants fed from the gateway, its statistics read by the canary guard, healed like Triton."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common.config import CommonSettings, Env
+from plinth_common.errors import Unavailable
 from plinth_common.net import free_tcp_port
 from plinth_common.overload import OverloadInterceptor
 from plinth_common.runtime import ServiceRuntime
 from services.serving.artifacts import DEFAULT_SCHEMES, MlflowArtifacts
+from services.serving.domain import Split
 from services.serving.events import (
     PROMOTED_DURABLE,
     PROMOTED_SUBJECT,
@@ -27,6 +35,7 @@ from services.serving.registry_client import GrpcRegistry
 from services.serving.service import ServingService
 from services.serving.servicer import ServingServicer
 from services.serving.store import DeploymentStore, outbox_table, processed_table
+from services.serving.traffic import CanaryGuard
 from services.serving.triton import (
     ModelRepository,
     TritonEngine,
@@ -36,6 +45,9 @@ from services.serving.triton import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
+#: The one line serving logs when the data plane cannot run.
+NO_HAPROXY = "haproxy not found: inference stays on the Python path; apt-get install haproxy"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +67,12 @@ class ServingSettings:
         infer_timeout_s: deadline of a forwarded inference call without a client deadline.
         max_in_flight: unary calls (inference included) served at once; past it a call is
             RESOURCE_EXHAUSTED at once instead of queueing.
+        dataplane: ``auto`` (HAProxy when installed) or ``off`` (the Python path only).
+        inference_grpc_port: the data plane's KServe v2 gRPC port.
+        inference_http_port: the data plane's KServe v2 REST port.
+        triton_http: Triton's HTTP ``host:port`` (the data plane's REST upstream; '' unknown).
+        gateway_addr: the gateway's gRPC address (API keys for the data plane).
+        trace_sampling: share of requests the data plane samples server-side spans for.
     """
 
     common: CommonSettings
@@ -67,6 +85,12 @@ class ServingSettings:
     infer_timeout_s: float
     max_in_flight: int = 128
     mlflow_credentials: tuple[str, str] | None = None
+    dataplane: str = "auto"
+    inference_grpc_port: int = 0
+    inference_http_port: int = 0
+    triton_http: str = ""
+    gateway_addr: str = ""
+    trace_sampling: float = 0.01
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ServingSettings:
@@ -75,14 +99,19 @@ class ServingSettings:
         common = CommonSettings.from_env("serving", env)
         triton_dir = common.service_dir / "triton"
         schemes = env.str("PLINTH_SERVING_ARTIFACT_SCHEMES", ",".join(DEFAULT_SCHEMES))
+        triton_url = env.optional("PLINTH_TRITON_URL")
+        triton_http_port = env.int("PLINTH_TRITON_HTTP_PORT", 0) or free_tcp_port()
+        triton_http = (
+            env.str("PLINTH_TRITON_HTTP_URL", "") if triton_url else f"127.0.0.1:{triton_http_port}"
+        )
         return cls(
             common=common,
             triton=TritonSettings(
                 model_repository=env.path("PLINTH_TRITON_MODEL_REPOSITORY", triton_dir / "models"),
                 work_dir=triton_dir,
                 grpc_port=env.int("PLINTH_TRITON_GRPC_PORT", 0) or free_tcp_port(),
-                http_port=env.int("PLINTH_TRITON_HTTP_PORT", 0) or free_tcp_port(),
-                url=env.optional("PLINTH_TRITON_URL"),
+                http_port=triton_http_port,
+                url=triton_url,
                 startup_timeout_s=env.float("PLINTH_TRITON_STARTUP_TIMEOUT_S", 60.0),
                 log_path=common.log_dir / "triton.log",
             ),
@@ -94,6 +123,12 @@ class ServingSettings:
             infer_timeout_s=env.float("PLINTH_SERVING_INFER_TIMEOUT_S", 30.0),
             max_in_flight=env.int("PLINTH_SERVING_MAX_IN_FLIGHT", 128),
             mlflow_credentials=common.mlflow_admin_credentials(env),
+            dataplane=env.str("PLINTH_SERVING_DATAPLANE", "auto").strip().lower(),
+            inference_grpc_port=env.int("PLINTH_SERVING_INFERENCE_GRPC_PORT", 0) or free_tcp_port(),
+            inference_http_port=env.int("PLINTH_SERVING_INFERENCE_HTTP_PORT", 0) or free_tcp_port(),
+            triton_http=triton_http,
+            gateway_addr=common.address("gateway", env),
+            trace_sampling=env.float("PLINTH_SERVING_TRACE_SAMPLING", 0.01),
         )
 
 
@@ -110,6 +145,8 @@ class ServingApp:
             interceptors=[OverloadInterceptor(max_in_flight=settings.max_in_flight)],
         )
         self.triton = TritonProcess(settings.triton)
+        self.dataplane: Any = _data_plane(settings, self.triton.grpc_target)
+        self._dataplane_up = False
         self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
         # Serving asks the registry as itself (Principal.service("serving")).
         self.registry = GrpcRegistry(settings.registry_addr, tokens=self.runtime.tokens)
@@ -128,6 +165,7 @@ class ServingApp:
             models=self.models,
             registry=self.registry,
             unload_grace_s=settings.unload_grace_s,
+            publisher=self._publish_routes if self.dataplane is not None else None,
         )
         # Watches Triton: restarts a launched one that died (waits for an external one),
         # reloads the deployments, and keeps the gRPC health equal to "Triton serves them".
@@ -136,6 +174,12 @@ class ServingApp:
             reloader=self.reconciler,
             set_serving=self.runtime.server.set_serving,
         )
+        # Rolls back canaries that break their SLO, from the data plane's statistics.
+        self.guard = (
+            CanaryGuard(stats=self.dataplane, canaries=self.reconciler)
+            if self.dataplane is not None
+            else None
+        )
         self.service = ServingService(
             db=self.runtime.db,
             store=store,
@@ -143,7 +187,18 @@ class ServingApp:
             registry=self.registry,
             reconciler=self.reconciler,
             engine=self.healer,
+            meter=self.guard,
         )
+        self.grants: Any = None
+        self.dataplane_healer: EngineHealer | None = None
+        if self.dataplane is not None:
+            self.grants = _grant_feed(settings, self.runtime, self.dataplane, self.service)
+            self.dataplane_healer = EngineHealer(
+                engine=_DataPlaneEngine(self.dataplane),
+                reloader=_DataPlaneReloader(self),
+                set_serving=_keep_health,
+                engine_name="HAProxy",
+            )
         self.runtime.consume(PROMOTED_DURABLE, [PROMOTED_SUBJECT], PromotionHandler(self.service))
         server = self.runtime.server
         server.add(
@@ -162,6 +217,34 @@ class ServingApp:
         """The bound gRPC port (ServingService and KServe v2 inference)."""
         return self.runtime.server.port
 
+    @property
+    def inference_addresses(self) -> tuple[str, str] | None:
+        """The data plane's KServe v2 gRPC and HTTP ``host:port``; None on the Python path."""
+        if self.dataplane is None or not self._dataplane_up:
+            return None
+        return self.dataplane.grpc_address, self.dataplane.http_address
+
+    async def _publish_routes(self, splits: Sequence[Split]) -> None:
+        if self.dataplane is None or not self._dataplane_up:
+            return
+        await self.dataplane.apply_routes(_route_specs(splits))
+
+    async def _start_dataplane(self) -> None:
+        if self.dataplane is None:
+            return
+        try:
+            await self.dataplane.start()
+        except Exception as exc:  # noqa: BLE001 - the Python path still serves inference
+            log.error("the inference data plane did not start (%s); %s", exc, NO_HAPROXY)
+            self.dataplane = None
+            return
+        self._dataplane_up = True
+        log.info(
+            "inference data plane (HAProxy): KServe v2 gRPC at %s, HTTP at %s",
+            self.dataplane.grpc_address,
+            self.dataplane.http_address,
+        )
+
     async def start(self) -> None:
         """Starts the store, consumers and server, Triton, rollouts, then the healer (health is
         SERVING once Triton answers and the deployments are restored)."""
@@ -170,16 +253,151 @@ class ServingApp:
         # Before any route exists: inference is authorized against this table.
         await self.service.load_access()
         await self.triton.start()
+        # Before the reconciler restores routes: they are pushed to it as they come back.
+        await self._start_dataplane()
         await self.reconciler.start()
         await self.healer.start()
+        if self.dataplane is not None:
+            if self.grants is not None:
+                await self.grants.start()
+            if self.guard is not None:
+                await self.guard.start()
+            if self.dataplane_healer is not None:
+                await self.dataplane_healer.start()
 
     async def stop(self) -> None:
         """Stops taking calls and rollouts, then Triton."""
         await self.healer.stop()
+        for part in (self.dataplane_healer, self.guard, self.grants):
+            if part is not None:
+                await part.stop()
         await self.runtime.server.set_serving(False)
         await self.reconciler.stop()
         await self.runtime.stop()
         await self.models.close()
         await self.proxy.close()
         await self.registry.close()
+        if self.dataplane is not None and self._dataplane_up:
+            await self.dataplane.stop()
         await self.triton.stop()
+
+
+def _data_plane(settings: ServingSettings, triton_grpc: str) -> Any:
+    """The HAProxy data plane when it can run here, else None (logged once, why)."""
+    if settings.dataplane == "off":
+        log.info("inference data plane off (PLINTH_SERVING_DATAPLANE=off): the Python path only")
+        return None
+    try:
+        from services.serving.dataplane import DataPlane
+    except ImportError as exc:  # a build without the data plane package
+        log.warning("%s (%s)", NO_HAPROXY, exc)
+        return None
+    available, why = DataPlane.available()
+    if not available:
+        log.warning("%s (%s)", NO_HAPROXY, why)
+        return None
+    if not settings.triton_http:
+        log.warning(
+            "the inference data plane needs Triton's HTTP address (PLINTH_TRITON_HTTP_URL beside "
+            "PLINTH_TRITON_URL); inference stays on the Python path"
+        )
+        return None
+    return DataPlane(
+        workdir=settings.common.service_dir / "dataplane",
+        triton_grpc=triton_grpc,
+        triton_http=settings.triton_http,
+        grpc_port=settings.inference_grpc_port,
+        http_port=settings.inference_http_port,
+        sampling=settings.trace_sampling,
+    )
+
+
+def _route_specs(splits: Sequence[Split]) -> list[Any]:
+    """Serving's splits as the data plane's routes (Triton model, Triton version "1", weight,
+    and the registry version clients see and statistics are keyed by)."""
+    from services.serving.dataplane import Backend, RouteSpec
+
+    return [
+        RouteSpec(
+            deployment=split.deployment,
+            backends=tuple(
+                Backend(model=b.triton_model, version="1", weight=b.percent, label=b.version)
+                for b in split.backends
+                if b.percent > 0
+            ),
+            max_concurrency=split.limits.max_concurrency,
+            max_queue=split.limits.max_queue,
+        )
+        for split in splits
+    ]
+
+
+def _grant_feed(
+    settings: ServingSettings, runtime: ServiceRuntime, sink: Any, service: ServingService
+) -> Any:
+    """The feed of API keys from the gateway into the data plane (None without the module)."""
+    try:
+        from services.serving.gateway_client import GatewayKeys
+        from services.serving.grants import GrantFeed
+    except ImportError as exc:
+        log.warning("no API key feed for the data plane (%s): it refuses every key", exc)
+        return None
+    return GrantFeed(
+        source=GatewayKeys(settings.gateway_addr, tokens=runtime.tokens),
+        sink=sink,
+        access=service.access_table,
+    )
+
+
+async def _keep_health(_serving: bool) -> None:
+    """The data plane going down leaves serving's own health alone (the Python path serves)."""
+
+
+class _DataPlaneEngine:
+    """The data plane's HAProxy as the healer's :class:`~services.serving.ports.Engine`."""
+
+    def __init__(self, dataplane: Any) -> None:
+        self._dataplane = dataplane
+
+    @property
+    def restartable(self) -> bool:
+        return True
+
+    def exit_reason(self) -> str | None:
+        reason: str | None = self._dataplane.exited()
+        return reason
+
+    async def wait_exit(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._dataplane.exited() is None:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.1))
+
+    async def is_up(self) -> bool:
+        return self._dataplane.exited() is None
+
+    async def restart(self) -> None:
+        await self._dataplane.stop()
+        await self._dataplane.start()
+
+
+class _DataPlaneReloader:
+    """Pushes the routes and grants again into a data plane that restarted empty."""
+
+    def __init__(self, app: ServingApp) -> None:
+        self._app = app
+
+    @property
+    def started(self) -> bool:
+        return self._app.reconciler.started
+
+    async def reload_served(self) -> int:
+        app = self._app
+        if not await app.reconciler.publish():
+            raise Unavailable("the data plane refused the routes", dependency="data plane")
+        applied = app.grants.applied if app.grants is not None else None
+        if applied is not None and app.dataplane is not None:
+            await app.dataplane.apply_grants(applied)
+        return len(app.reconciler.splits())

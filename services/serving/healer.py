@@ -14,6 +14,9 @@ model repository on disk still holds every version). The healer therefore:
 4. reloads every deployment's serving version (``deployment.ready`` with ``recovered``), and
    only then reports the engine back: deployments READY, health SERVING.
 
+The same healer watches the inference data plane (HAProxy): restarted when it exits, and its
+routes and grants pushed again before it is reported back (``engine_name`` names it in logs).
+
 Imports neither grpc nor nats nor sqlalchemy: the engine, the reconciler and the health switch
 come in through the constructor.
 """
@@ -79,6 +82,7 @@ class EngineHealer:
         settings: probe and back-off settings.
         clock: monotonic seconds.
         sleep: how to wait (tests pass one that does not).
+        engine_name: what the logs and problems call the engine.
     """
 
     def __init__(
@@ -90,7 +94,9 @@ class EngineHealer:
         settings: HealSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        engine_name: str = "Triton",
     ) -> None:
+        self._name = engine_name
         self._engine = engine
         self._reloader = reloader
         self._set_serving = set_serving
@@ -142,13 +148,13 @@ class EngineHealer:
         while True:
             exited = self._engine.exit_reason()
             if exited is not None:
-                return f"Triton {exited}"
+                return f"{self._name} {exited}"
             if await self._engine.is_up():
                 failed = 0
             else:
                 failed += 1
                 if failed >= self._settings.failed_probes:
-                    return "Triton does not answer"
+                    return f"{self._name} does not answer"
             await self._engine.wait_exit(self._settings.probe_interval_s)
 
     async def _heal(self, reason: str) -> None:
@@ -203,7 +209,7 @@ class EngineHealer:
     async def _restart(self) -> None:
         delay = self._restart_delay()
         if delay:
-            log.warning("restarting Triton in %.1fs (restart %d)", delay, self.restarts + 1)
+            log.warning("restarting %s in %.1fs (restart %d)", self._name, delay, self.restarts + 1)
             await self._sleep(delay)
         self.restarts += 1
         try:
@@ -212,11 +218,11 @@ class EngineHealer:
             raise
         except Exception as exc:  # noqa: BLE001 - any failed start is retried after a back-off
             self._restart_failures += 1
-            log.warning("Triton restart %d failed: %s", self.restarts, reason_of(exc))
+            log.warning("%s restart %d failed: %s", self._name, self.restarts, reason_of(exc))
             return
         # An engine that comes up and dies again soon still counts as failing (see _heal).
         self._restart_failures += 1
-        log.info("Triton restarted (restart %d)", self.restarts)
+        log.info("%s restarted (restart %d)", self._name, self.restarts)
 
     def _restart_delay(self) -> float:
         if self._restart_failures == 0:

@@ -15,7 +15,7 @@ import asyncio
 import difflib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from plinth_common.auth import Principal, may, require
 from plinth_common.auth.permissions import (
@@ -51,8 +51,16 @@ from services.serving.domain import (
 )
 from services.serving.ports import DeploymentEvents, Deployments, EngineStatus, ModelRegistry
 from services.serving.reconciler import Reconciler
+from services.serving.traffic import WindowStats
 
 log = logging.getLogger(__name__)
+
+
+class TrafficMeter(Protocol):
+    """Per-version traffic as the data plane measured it (the canary guard)."""
+
+    def view(self, name: str, version: str, window_s: float) -> WindowStats | None: ...
+
 
 _PAGE_KIND = "deployments"
 _SUGGESTIONS = 3
@@ -70,6 +78,7 @@ class ServingService:
         engine: whether the model server is up (None: always taken as up).
         delete_wait_s: how long DeleteDeployment waits for the unload.
         traffic_wait_s: how long SetTraffic waits for its versions to load.
+        meter: what the inference data plane measured per version (None: no data plane).
     """
 
     def __init__(
@@ -83,6 +92,7 @@ class ServingService:
         engine: EngineStatus | None = None,
         delete_wait_s: float = 60.0,
         traffic_wait_s: float = 120.0,
+        meter: TrafficMeter | None = None,
     ) -> None:
         self._db = db
         self._store = store
@@ -92,6 +102,7 @@ class ServingService:
         self._engine = engine
         self._delete_wait_s = delete_wait_s
         self._traffic_wait_s = traffic_wait_s
+        self.meter = meter
         # Deployment -> who may call it for inference; changed only with the lock held, right
         # after the commit that changed the store, so it follows the store's order.
         self._access: dict[str, DeploymentAccess] = {}
@@ -127,6 +138,15 @@ class ServingService:
         # are newer than what the registry said before them).
         await self._reconciler.resolve_alias(spec.name)
         return await self.get(principal, spec.name)
+
+    def measured(self, d: Deployment) -> dict[str, WindowStats | None]:
+        """Each version of ``d``'s split -> its traffic over the SLO window, as the data plane
+        measured it (None: not measured, e.g. inference on the Python path)."""
+        meter = self.meter
+        return {
+            version: None if meter is None else meter.view(d.name, version, d.slo.window_s)
+            for version in d.traffic
+        }
 
     def engine_problem(self) -> str | None:
         """Why the model server cannot serve now; None when it can."""

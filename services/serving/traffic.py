@@ -1,0 +1,243 @@
+"""What the inference data plane measured, per deployment version, and the guard that rolls a
+canary back when it breaks its deployment's SLO.
+
+The data plane reports cumulative counters per ``"<deployment>/<version>"`` (requests, errors)
+and a recent p99 latency. :class:`TrafficWindows` keeps timestamped samples of them, so that
+rates over any window up to the longest SLO window are differences of two samples (a counter
+that went down, after the proxy restarted, starts the window afresh). :func:`breach` is the
+pure verdict; :class:`CanaryGuard` polls the data plane, keeps the windows, and asks the
+reconciler to roll back each canary that breaches.
+
+Imports neither grpc nor nats nor sqlalchemy: the data plane and the reconciler come in
+through the constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.serving.domain import MAX_SLO_WINDOW_S, Slo
+
+log = logging.getLogger(__name__)
+
+#: Fewest requests in the window before a canary is judged (fewer say nothing yet).
+MIN_REQUESTS = 20
+
+
+class VersionCounters(Protocol):
+    """One version's numbers as the data plane reports them (``dataplane.VersionStats``)."""
+
+    @property
+    def requests(self) -> int: ...
+
+    @property
+    def errors(self) -> int: ...
+
+    @property
+    def p99_ms(self) -> float: ...
+
+
+class StatsSource(Protocol):
+    """The data plane's statistics, keyed ``"<deployment>/<version>"``."""
+
+    async def stats(self) -> Mapping[str, VersionCounters]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowStats:
+    """A version's traffic over a window.
+
+    Attributes:
+        seconds: how long the window really is (shorter while samples are young).
+        requests: requests answered in it.
+        errors: of those, errors (the data plane's count: server errors, not refusals).
+        p99_ms: the latest p99 latency the data plane reported.
+    """
+
+    seconds: float
+    requests: int
+    errors: int
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_rate_pct(self) -> float:
+        """Errors per 100 requests."""
+        return 100.0 * self.errors / self.requests if self.requests else 0.0
+
+
+def breach(stats: WindowStats, slo: Slo, *, min_requests: int = MIN_REQUESTS) -> str | None:
+    """Why ``stats`` breaks ``slo`` ('error rate 12.5% over 60s > SLO 1%'), or None when it
+    does not (or the window holds too few requests to say)."""
+    if stats.requests < min_requests:
+        return None
+    span = f"over {stats.seconds:.0f}s ({stats.requests} requests)"
+    if stats.error_rate_pct > slo.max_error_rate_pct:
+        return f"error rate {stats.error_rate_pct:.1f}% {span} > SLO {slo.max_error_rate_pct:g}%"
+    if stats.p99_ms > slo.max_p99_ms:
+        return f"p99 {stats.p99_ms:.0f} ms {span} > SLO {slo.max_p99_ms:g} ms"
+    return None
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at: float
+    requests: int
+    errors: int
+    p99_ms: float
+
+
+class TrafficWindows:
+    """Timestamped samples of every version's counters, kept for ``keep_s`` seconds."""
+
+    def __init__(self, keep_s: float = MAX_SLO_WINDOW_S) -> None:
+        self._keep_s = keep_s
+        self._samples: dict[str, deque[_Sample]] = {}
+
+    def observe(self, now: float, stats: Mapping[str, VersionCounters]) -> None:
+        """Records one reading of the data plane (keys it no longer reports are dropped)."""
+        for key in set(self._samples) - set(stats):
+            del self._samples[key]
+        for key, s in stats.items():
+            samples = self._samples.setdefault(key, deque())
+            if samples and (s.requests < samples[-1].requests or s.errors < samples[-1].errors):
+                samples.clear()  # the counters restarted (the proxy did)
+            samples.append(_Sample(now, int(s.requests), int(s.errors), float(s.p99_ms)))
+            while len(samples) > 2 and now - samples[1].at >= self._keep_s:
+                samples.popleft()
+
+    def window(self, key: str, seconds: float, now: float, *, since: float = 0.0) -> WindowStats:
+        """``key``'s traffic over the last ``seconds`` (and not before ``since``)."""
+        samples = self._samples.get(key)
+        if not samples:
+            return WindowStats(seconds=0.0, requests=0, errors=0, p99_ms=0.0)
+        start = max(now - seconds, since)
+        first = samples[0]
+        for sample in samples:
+            if sample.at > start:
+                break
+            first = sample
+        last = samples[-1]
+        return WindowStats(
+            seconds=last.at - first.at,
+            requests=last.requests - first.requests,
+            errors=last.errors - first.errors,
+            p99_ms=last.p99_ms if last.requests > first.requests else 0.0,
+        )
+
+    def measured(self, key: str) -> bool:
+        """True once ``key`` has been read from the data plane."""
+        return key in self._samples
+
+
+class Canaries(Protocol):
+    """What the guard needs of the reconciler."""
+
+    def canaried(self) -> dict[str, tuple[Slo, tuple[str, ...]]]:
+        """Deployments serving canaries: their SLO and canary versions."""
+        ...
+
+    async def roll_back(self, name: str, reason: str) -> bool:
+        """Gives the canaries' share back to the serving version."""
+        ...
+
+
+class CanaryGuard:
+    """Polls the data plane's statistics and rolls back every canary that breaks its SLO.
+
+    Args:
+        stats: the data plane.
+        canaries: the reconciler.
+        interval_s: pause between readings.
+        min_requests: fewest requests in a window before a canary is judged.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        stats: StatsSource,
+        canaries: Canaries,
+        interval_s: float = 1.0,
+        min_requests: int = MIN_REQUESTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stats = stats
+        self._canaries = canaries
+        self._interval_s = interval_s
+        self._min_requests = min_requests
+        self._clock = clock
+        self.windows = TrafficWindows()
+        # "<deployment>/<version>" -> when the guard first saw it as a canary: what it
+        # answered before (as a canary of an earlier split, or the stable one) is not judged.
+        self._since: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        #: Rollbacks done (deployment, reason), oldest first.
+        self.rollbacks: list[tuple[str, str]] = []
+
+    async def start(self) -> None:
+        """Starts polling in the background."""
+        self._task = asyncio.create_task(self._run(), name="serving-canary-guard")
+
+    async def stop(self) -> None:
+        """Stops polling."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.check_once()
+            await asyncio.sleep(self._interval_s)
+
+    async def check_once(self) -> list[str]:
+        """One reading and verdict; returns the deployments rolled back."""
+        try:
+            stats = await self._stats.stats()
+        except Exception as exc:  # noqa: BLE001 - the data plane may be restarting
+            if not self._failing:
+                log.warning("cannot read the data plane's statistics: %s", exc)
+            self._failing = True
+            return []
+        self._failing = False
+        now = self._clock()
+        self.windows.observe(now, stats)
+        rolled: list[str] = []
+        canaried = self._canaries.canaried()
+        current = {f"{name}/{v}" for name, (_, versions) in canaried.items() for v in versions}
+        for key in set(self._since) - current:
+            del self._since[key]
+        for name, (slo, versions) in canaried.items():
+            for version in versions:
+                key = f"{name}/{version}"
+                since = self._since.setdefault(key, now)
+                window = self.windows.window(key, slo.window_s, now, since=since)
+                reason = breach(window, slo, min_requests=self._min_requests)
+                if reason is None:
+                    continue
+                if await self._canaries.roll_back(name, f"canary v{version} {reason}"):
+                    self.rollbacks.append((name, reason))
+                    rolled.append(name)
+                break  # every canary of the deployment went back together
+        return rolled
+
+    def view(self, name: str, version: str, window_s: float) -> WindowStats | None:
+        """``version`` of ``name`` over the last ``window_s``; None when never measured."""
+        key = f"{name}/{version}"
+        if not self.windows.measured(key):
+            return None
+        return self.windows.window(key, window_s, self._clock())
