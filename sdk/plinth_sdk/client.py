@@ -18,6 +18,7 @@ from plinth_sdk.features import FeaturesAPI
 from plinth_sdk.identity import AuditAPI, KeysAPI, TeamsAPI, whoami
 from plinth_sdk.jobs import JobsAPI
 from plinth_sdk.models import Identity
+from plinth_sdk.queues import QueuesAPI
 from plinth_sdk.registry import ModelsAPI, RunsAPI
 from plinth_sdk.serving import DeploymentsAPI
 from plinth_sdk.transport import DEFAULT_GATEWAY, GATEWAY_ENV, Transport, resolve_target
@@ -33,7 +34,7 @@ __all__ = ["DEFAULT_GATEWAY", "GATEWAY_ENV", "Plinth", "resolve_target"]
 class Plinth:
     """A connection to the Plinth gateway.
 
-    Namespaces: ``jobs`` (training jobs), ``events`` (the event stream), ``models``
+    Namespaces: ``jobs`` (training jobs), ``queues`` (the scheduler's queues), ``events`` (the event stream), ``models``
     (registered models, versions, aliases, policies), ``runs`` (MLflow runs),
     ``deployments`` (serving), ``features`` (feature store), ``teams`` (teams and members),
     ``keys`` (API keys) and ``audit`` (the audit trail); :meth:`whoami` says who the gateway
@@ -67,6 +68,7 @@ class Plinth:
             resolve_target(target), timeout=timeout, api_key=api_key
         )
         self.jobs = JobsAPI(self._transport)
+        self.queues = QueuesAPI(self._transport)
         self.events = EventsAPI(self._transport)
         self.models = ModelsAPI(self._transport)
         self.runs = RunsAPI(self._transport)

@@ -11,8 +11,11 @@ Example:
 from __future__ import annotations
 
 import builtins
+import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import timedelta
 
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from plinth_common import names
@@ -22,7 +25,34 @@ from plinth_sdk.paging import check_page_size, paged
 from plinth_sdk.transport import Transport
 from plinth_sdk.waiting import poll_until
 
-__all__ = ["JobsAPI"]
+__all__ = ["JobsAPI", "parse_duration"]
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([smh]?)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+_DURATION_HINT = "expected seconds or a duration like 90s, 90m, 2h"
+
+
+def parse_duration(value: float | str | timedelta) -> float:
+    """Converts a run time to seconds: a number of seconds, a ``timedelta``, or text such as
+    ``"90s"``, ``"90m"``, ``"1.5h"``.
+
+    Raises:
+        ValueError: negative, not finite, or not a duration.
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"invalid duration {value!r}: {_DURATION_HINT}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"invalid duration {value!r}: {_DURATION_HINT}")
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: must be finite and >= 0")
+    return seconds
 
 
 class JobsAPI:
@@ -48,6 +78,11 @@ class JobsAPI:
         memory: int | str = 0,
         gpu: int = 0,
         register_as: str | None = None,
+        priority: str | None = None,
+        replicas: int = 1,
+        max_run_time: float | str | timedelta | None = None,
+        retries: int | None = None,
+        infra_retries: int | None = None,
     ) -> Job:
         """Submits a training job.
 
@@ -62,12 +97,22 @@ class JobsAPI:
             memory: Bytes, or a quantity such as ``"512Mi"`` or ``"2Gi"``; 0 for the default.
             gpu: GPUs to reserve.
             register_as: Register the model the job logs under this name.
+            priority: A priority class of the platform (``low``, ``normal``, ``high`` unless
+                the admin declared others); None for the queue's default.
+            replicas: Workers admitted together, all or nothing (gang admission), 1 to 1024.
+            max_run_time: Stop the job past this run time: seconds, a ``timedelta`` or text
+                such as ``"90m"``; None for no limit.
+            retries: Tries again after a non-zero exit (or the maximum run time exceeded), with
+                exponential backoff; None for the server default (none).
+            infra_retries: Tries again after the infrastructure failed the job (executor lost,
+                launch failure); None for the server default (5). A preemption never counts.
 
         Returns:
             The job as queued.
 
         Raises:
-            ValueError: ``command`` is empty or ``memory`` is not a quantity.
+            ValueError: ``command`` is empty, ``memory`` is not a quantity, or ``max_run_time``
+                is not a duration.
             InvalidArgument: ``name``, ``team`` or ``register_as`` is malformed (checked before
                 sending, with the server's rules), or the server rejected the spec.
         """
@@ -79,6 +124,11 @@ class JobsAPI:
             names.check_team(team, "spec.team")
             if register_as:
                 names.check_model_name(register_as, "spec.register_as")
+        retry = scheduler_pb2.RetryPolicy()
+        if retries is not None:
+            retry.user_failure_limit = int(retries)
+        if infra_retries is not None:
+            retry.infrastructure_failure_limit = int(infra_retries)
         spec = scheduler_pb2.JobSpec(
             name=name,
             team=team,
@@ -89,7 +139,12 @@ class JobsAPI:
                 cpu=float(cpu), memory_bytes=parse_memory(memory), gpu=int(gpu)
             ),
             register_as=register_as or "",
+            priority=priority or "",
+            replicas=int(replicas),
+            max_run_time_seconds=parse_duration(max_run_time) if max_run_time is not None else 0,
         )
+        if retries is not None or infra_retries is not None:
+            spec.retry.CopyFrom(retry)
         response = self._transport.unary(
             self._stub.SubmitJob, scheduler_pb2.SubmitJobRequest(spec=spec)
         )

@@ -30,9 +30,12 @@ __all__ = [
     "ApiKey",
     "AppliedRepository",
     "Approval",
+    "Attempt",
     "AuditRecord",
+    "ClusterQueueStatus",
     "Deployment",
     "DeploymentState",
+    "EndReason",
     "Event",
     "FeatureView",
     "FieldStatus",
@@ -44,11 +47,16 @@ __all__ = [
     "ModelVersion",
     "NewApiKey",
     "OnlineRow",
+    "PendingInfo",
+    "PendingJob",
     "PolicyReport",
     "PolicyRule",
     "Promotion",
     "PromotionPolicy",
     "PromotionRecord",
+    "QueueConfigInfo",
+    "QueueStatus",
+    "QuotaUsage",
     "RegisteredModel",
     "Role",
     "Run",
@@ -138,6 +146,21 @@ class Job:
         failure_reason: Why the job failed, or "".
         mlflow_run_id: The MLflow run the job logged to, or "".
         outputs: Key/value outputs the job recorded (see ``plinth_sdk.job_context``).
+        priority: The priority class (resolved by the server; "" from an older one).
+        priority_value: That class's value (higher goes first).
+        replicas: Workers admitted together (gang admission).
+        max_run_time_seconds: Stopped past this run time; 0 for no limit.
+        user_failure_limit: Retries after a non-zero exit; None for the server default (0).
+        infrastructure_failure_limit: Retries after an infrastructure failure; None for the
+            server default (5).
+        queue: The cluster queue of the job's team.
+        flavor: The resource flavor of the current (or last) admission, or "".
+        attempt: The current or last attempt, 1-based (0 before the first admission).
+        attempts: Every attempt so far, the current one last.
+        pending: Where the job stands in its queue, while it is QUEUED; else None.
+        right_sizing_hint: How to ask for less when it used far less than it asked for.
+        admitted_at: When the current (or last) attempt was admitted (UTC), or None.
+        queue_wait_seconds: How long the current (or last) attempt waited for admission.
     """
 
     id: str
@@ -159,6 +182,20 @@ class Job:
     failure_reason: str
     mlflow_run_id: str
     outputs: Mapping[str, str] = field(hash=False)
+    priority: str = ""
+    priority_value: int = 0
+    replicas: int = 1
+    max_run_time_seconds: float = 0.0
+    user_failure_limit: int | None = None
+    infrastructure_failure_limit: int | None = None
+    queue: str = ""
+    flavor: str = ""
+    attempt: int = 0
+    attempts: tuple[Attempt, ...] = ()
+    pending: PendingInfo | None = None
+    right_sizing_hint: str = ""
+    admitted_at: datetime | None = None
+    queue_wait_seconds: float = 0.0
 
     @property
     def succeeded(self) -> bool:
@@ -189,6 +226,20 @@ class Job:
             failure_reason=msg.failure_reason,
             mlflow_run_id=msg.mlflow_run_id,
             outputs=dict(msg.outputs),
+            priority=msg.priority or spec.priority,
+            priority_value=msg.priority_value,
+            replicas=spec.replicas or 1,
+            max_run_time_seconds=spec.max_run_time_seconds,
+            user_failure_limit=_optional_int(spec.retry, "user_failure_limit"),
+            infrastructure_failure_limit=_optional_int(spec.retry, "infrastructure_failure_limit"),
+            queue=msg.queue,
+            flavor=msg.flavor,
+            attempt=msg.attempt,
+            attempts=tuple(Attempt.from_proto(a) for a in msg.attempts),
+            pending=PendingInfo.from_proto(msg.pending) if msg.HasField("pending") else None,
+            right_sizing_hint=msg.right_sizing_hint,
+            admitted_at=datetime_field(msg, "admitted_at"),
+            queue_wait_seconds=msg.queue_wait_seconds,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +264,353 @@ class Job:
             "failure_reason": self.failure_reason,
             "mlflow_run_id": self.mlflow_run_id,
             "outputs": dict(self.outputs),
+            "priority": self.priority,
+            "priority_value": self.priority_value,
+            "replicas": self.replicas,
+            "max_run_time_seconds": self.max_run_time_seconds,
+            "user_failure_limit": self.user_failure_limit,
+            "infrastructure_failure_limit": self.infrastructure_failure_limit,
+            "queue": self.queue,
+            "flavor": self.flavor,
+            "attempt": self.attempt,
+            "attempts": [a.to_dict() for a in self.attempts],
+            "pending": self.pending.to_dict() if self.pending is not None else None,
+            "right_sizing_hint": self.right_sizing_hint,
+            "admitted_at": iso_or_none(self.admitted_at),
+            "queue_wait_seconds": self.queue_wait_seconds,
+        }
+
+
+def _optional_int(msg: Any, field_name: str) -> int | None:
+    return int(getattr(msg, field_name)) if msg.HasField(field_name) else None
+
+
+_PROTO_END_REASON_PREFIX = "END_REASON_"
+
+
+class EndReason(enum.StrEnum):
+    """Why an attempt of a job ended (``UNSPECIFIED`` while it runs)."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    EXITED = "EXITED"
+    OOM_KILLED = "OOM_KILLED"
+    PREEMPTED = "PREEMPTED"
+    EVICTED = "EVICTED"
+    UNSCHEDULABLE = "UNSCHEDULABLE"
+    RUN_TIME_EXCEEDED = "RUN_TIME_EXCEEDED"
+    EXECUTOR_LOST = "EXECUTOR_LOST"
+    CANCELLED = "CANCELLED"
+    LAUNCH_FAILED = "LAUNCH_FAILED"
+
+    @classmethod
+    def from_proto(cls, value: int) -> EndReason:
+        """Converts a ``plinth.scheduler.v1.EndReason`` number (unknown numbers: UNSPECIFIED)."""
+        try:
+            name = scheduler_pb2.EndReason.Name(value)  # type: ignore[arg-type]
+        except ValueError:
+            return cls.UNSPECIFIED
+        try:
+            return cls(name.removeprefix(_PROTO_END_REASON_PREFIX))
+        except ValueError:
+            return cls.UNSPECIFIED
+
+    @property
+    def text(self) -> str:
+        """Lower-case words: ``run time exceeded``; "" while running."""
+        return "" if self is EndReason.UNSPECIFIED else self.value.lower().replace("_", " ")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a job (a job runs again after a preemption, or a failure within its budget).
+
+    Attributes:
+        number: 1-based.
+        flavor: The resource flavor it was admitted to.
+        admitted_at: When it was admitted (UTC), or None.
+        started_at: When its process started, or None.
+        finished_at: When it ended, or None while it runs.
+        end_reason: Why it ended.
+        exit_code: The process's exit code (meaningful when ``signal`` is 0).
+        signal: The signal that killed it, 0 if none.
+        message: How it ended, in words.
+        queue_wait_seconds: From queued (or requeued) to admitted.
+        run_seconds: How long it ran.
+        requested_cpu: Cores asked for, per replica.
+        requested_memory_bytes: Memory asked for, per replica.
+        requested_gpu: GPUs asked for, per replica.
+        peak_memory_bytes: The most memory it used (measured by the executor); 0 if unknown.
+        cpu_seconds: User plus system CPU time of its processes.
+    """
+
+    number: int
+    flavor: str
+    admitted_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    end_reason: EndReason
+    exit_code: int
+    signal: int
+    message: str
+    queue_wait_seconds: float
+    run_seconds: float
+    requested_cpu: float
+    requested_memory_bytes: int
+    requested_gpu: int
+    peak_memory_bytes: int
+    cpu_seconds: float
+
+    @classmethod
+    def from_proto(cls, msg: scheduler_pb2.Attempt) -> Attempt:
+        """Converts a ``plinth.scheduler.v1.Attempt`` message."""
+        return cls(
+            number=msg.number,
+            flavor=msg.flavor,
+            admitted_at=datetime_field(msg, "admitted_at"),
+            started_at=datetime_field(msg, "started_at"),
+            finished_at=datetime_field(msg, "finished_at"),
+            end_reason=EndReason.from_proto(msg.end_reason),
+            exit_code=msg.exit_code,
+            signal=msg.signal,
+            message=msg.message,
+            queue_wait_seconds=msg.queue_wait_seconds,
+            run_seconds=msg.run_seconds,
+            requested_cpu=msg.requested.cpu,
+            requested_memory_bytes=msg.requested.memory_bytes,
+            requested_gpu=msg.requested.gpu,
+            peak_memory_bytes=msg.peak_memory_bytes,
+            cpu_seconds=msg.cpu_seconds,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "number": self.number,
+            "flavor": self.flavor,
+            "admitted_at": iso_or_none(self.admitted_at),
+            "started_at": iso_or_none(self.started_at),
+            "finished_at": iso_or_none(self.finished_at),
+            "end_reason": self.end_reason.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "message": self.message,
+            "queue_wait_seconds": self.queue_wait_seconds,
+            "run_seconds": self.run_seconds,
+            "requested_cpu": self.requested_cpu,
+            "requested_memory_bytes": self.requested_memory_bytes,
+            "requested_gpu": self.requested_gpu,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "cpu_seconds": self.cpu_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class PendingInfo:
+    """Where a queued job stands.
+
+    Attributes:
+        position_in_queue: 1-based, in admission order within its cluster queue.
+        position_in_cohort: 1-based over the pending jobs of the queue's cohort.
+        reason: Why it waits, a sentence with numbers.
+        estimated_start: When it should start (UTC); None when unknown.
+        estimate_basis: How the estimate was made (or why there is none), in words.
+    """
+
+    position_in_queue: int
+    position_in_cohort: int
+    reason: str
+    estimated_start: datetime | None
+    estimate_basis: str
+
+    @classmethod
+    def from_proto(cls, msg: scheduler_pb2.PendingInfo) -> PendingInfo:
+        """Converts a ``plinth.scheduler.v1.PendingInfo`` message."""
+        return cls(
+            position_in_queue=msg.position_in_queue,
+            position_in_cohort=msg.position_in_cohort,
+            reason=msg.reason,
+            estimated_start=datetime_field(msg, "estimated_start"),
+            estimate_basis=msg.estimate_basis,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "position_in_queue": self.position_in_queue,
+            "position_in_cohort": self.position_in_cohort,
+            "reason": self.reason,
+            "estimated_start": iso_or_none(self.estimated_start),
+            "estimate_basis": self.estimate_basis,
+        }
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    """One resource of one flavor of a cluster queue: its quota and what is used of it.
+
+    Attributes:
+        flavor: The resource flavor.
+        resource: ``cpu`` (cores), ``memory`` (bytes) or ``gpu``.
+        nominal: The queue's nominal quota.
+        used: What its admitted jobs hold.
+        borrowed: Used above nominal (from the cohort).
+        lent: Of its nominal quota, what other queues of the cohort use.
+    """
+
+    flavor: str
+    resource: str
+    nominal: float
+    used: float
+    borrowed: float
+    lent: float
+
+    @classmethod
+    def from_proto(cls, msg: scheduler_pb2.QuotaUsage) -> QuotaUsage:
+        """Converts a ``plinth.scheduler.v1.QuotaUsage`` message."""
+        return cls(msg.flavor, msg.resource, msg.nominal, msg.used, msg.borrowed, msg.lent)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "flavor": self.flavor,
+            "resource": self.resource,
+            "nominal": self.nominal,
+            "used": self.used,
+            "borrowed": self.borrowed,
+            "lent": self.lent,
+        }
+
+
+@dataclass(frozen=True)
+class ClusterQueueStatus:
+    """A cluster queue: its teams, cohort, usage against quota, and job counts."""
+
+    name: str
+    cohort: str
+    teams: tuple[str, ...]
+    usage: tuple[QuotaUsage, ...]
+    pending: int
+    admitted: int
+
+    @classmethod
+    def from_proto(cls, msg: scheduler_pb2.ClusterQueueStatus) -> ClusterQueueStatus:
+        """Converts a ``plinth.scheduler.v1.ClusterQueueStatus`` message."""
+        return cls(
+            name=msg.name,
+            cohort=msg.cohort,
+            teams=tuple(msg.teams),
+            usage=tuple(QuotaUsage.from_proto(u) for u in msg.usage),
+            pending=msg.pending,
+            admitted=msg.admitted,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "name": self.name,
+            "cohort": self.cohort,
+            "teams": list(self.teams),
+            "usage": [u.to_dict() for u in self.usage],
+            "pending": self.pending,
+            "admitted": self.admitted,
+        }
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A queued job as the queue shows it."""
+
+    job_id: str
+    name: str
+    team: str
+    queue: str
+    priority: str
+    info: PendingInfo
+
+    @classmethod
+    def from_proto(cls, msg: scheduler_pb2.PendingJob) -> PendingJob:
+        """Converts a ``plinth.scheduler.v1.PendingJob`` message."""
+        return cls(
+            job_id=msg.job_id,
+            name=msg.name,
+            team=msg.team,
+            queue=msg.queue,
+            priority=msg.priority,
+            info=PendingInfo.from_proto(msg.info),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "job_id": self.job_id,
+            "name": self.name,
+            "team": self.team,
+            "queue": self.queue,
+            "priority": self.priority,
+            **self.info.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """The queues a caller may see, and their pending jobs in admission order."""
+
+    queues: tuple[ClusterQueueStatus, ...]
+    pending: tuple[PendingJob, ...]
+
+    @classmethod
+    def from_proto(cls, msg: scheduler_pb2.QueueStatus) -> QueueStatus:
+        """Converts a ``plinth.scheduler.v1.QueueStatus`` message."""
+        return cls(
+            queues=tuple(ClusterQueueStatus.from_proto(q) for q in msg.queues),
+            pending=tuple(PendingJob.from_proto(p) for p in msg.pending),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "queues": [q.to_dict() for q in self.queues],
+            "pending": [p.to_dict() for p in self.pending],
+        }
+
+
+@dataclass(frozen=True)
+class QueueConfigInfo:
+    """The queue configuration in force (or that would be, after a dry run).
+
+    Attributes:
+        version: Its version; 0 for the built-in default (nothing applied yet).
+        document: The canonical YAML document.
+        applied_at: When it was applied (UTC), None for the default.
+        applied_by: Who applied it.
+        warnings: What the admin should know (e.g. running jobs above a lowered quota).
+    """
+
+    version: int
+    document: str
+    applied_at: datetime | None
+    applied_by: str
+    warnings: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, msg: scheduler_pb2.QueueConfigInfo) -> QueueConfigInfo:
+        """Converts a ``plinth.scheduler.v1.QueueConfigInfo`` message."""
+        return cls(
+            version=msg.version,
+            document=msg.document,
+            applied_at=datetime_field(msg, "applied_at"),
+            applied_by=msg.applied_by,
+            warnings=tuple(msg.warnings),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict (the document as YAML text)."""
+        return {
+            "version": self.version,
+            "document": self.document,
+            "applied_at": iso_or_none(self.applied_at),
+            "applied_by": self.applied_by,
+            "warnings": list(self.warnings),
         }
 
 

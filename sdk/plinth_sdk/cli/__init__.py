@@ -1,4 +1,4 @@
-"""The ``plinth`` command line: jobs, events, models, runs, deployments, inference and
+"""The ``plinth`` command line: jobs, queues, events, models, runs, deployments, inference and
 features through the Plinth gateway, and login, whoami, teams, keys and audit; one module per
 command group (on Click, printing with Rich). Every call carries the API key
 :mod:`plinth_sdk.credentials` finds.
@@ -29,6 +29,7 @@ from plinth_sdk.cli.jobs import jobs
 from plinth_sdk.cli.keys import keys
 from plinth_sdk.cli.models import models
 from plinth_sdk.cli.output import stderr_line
+from plinth_sdk.cli.queues import admin, queue
 from plinth_sdk.cli.runs import runs
 from plinth_sdk.cli.status import status
 from plinth_sdk.cli.teams import teams
@@ -83,6 +84,7 @@ def plinth(gateway: str | None) -> None:
 
 for _group in (
     jobs,
+    queue,
     events,
     models,
     runs,
@@ -95,6 +97,7 @@ for _group in (
     teams,
     keys,
     audit,
+    admin,
 ):
     plinth.add_command(_group)
 infer.register(plinth)

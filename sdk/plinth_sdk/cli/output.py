@@ -16,15 +16,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from plinth_sdk.models import Job
+from plinth_sdk.models import Job, PendingInfo
 
 __all__ = [
     "duration_text",
+    "estimate_text",
     "exit_text",
     "memory_text",
     "print_fields",
     "print_json",
     "print_table",
+    "quantity_text",
+    "seconds_text",
     "time_text",
 ]
 
@@ -120,6 +123,41 @@ def memory_text(num_bytes: int) -> str:
         if num_bytes % size == 0:
             return f"{num_bytes // size}{suffix}"
     return str(num_bytes)
+
+
+def quantity_text(resource: str, value: float) -> str:
+    """A resource amount for people: cores ``2.5``, memory ``1.5Gi`` / ``900Mi``, gpu ``2``."""
+    if resource != "memory":
+        return f"{value:g}"
+    amount = float(value)
+    for suffix, size in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if abs(amount) >= size:
+            scaled = amount / size
+            return f"{scaled:.0f}{suffix}" if scaled >= 100 else f"{scaled:.3g}{suffix}"
+    return f"{amount:g}"
+
+
+def estimate_text(info: PendingInfo, *, now: datetime | None = None) -> str:
+    """``in ~4 min (when 2 running jobs end by their declared maximum run time)``, or
+    ``unknown: job j-x ahead has no run time limit and no history``."""
+    basis = info.estimate_basis
+    if info.estimated_start is None:
+        if not basis:
+            return "unknown"
+        return basis if basis.startswith("unknown") else f"unknown: {basis}"
+    seconds = (info.estimated_start - (now or datetime.now(UTC))).total_seconds()
+    if seconds <= 0:
+        when = "any moment now"
+    elif seconds < 60:
+        when = "in <1 min"
+    elif seconds < 3600:
+        when = f"in ~{round(seconds / 60)} min"
+    elif seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        when = f"in ~{hours} h {minutes:02d} min"
+    else:
+        when = f"at {time_text(info.estimated_start)}"
+    return f"{when} ({basis})" if basis else when
 
 
 def pairs_text(values: Mapping[str, str]) -> str:
