@@ -220,3 +220,51 @@ async def test_credentials_are_cached_per_team_for_a_while() -> None:
     registry.down = False
     assert (await cached.for_team("vision")).username == "vision-mlflow"  # type: ignore[union-attr]
     assert "pw-" not in repr(TeamCredentials("u", "pw-secret"))
+
+
+# Both teams share one queue with room for one job at a time.
+SHARED_QUEUE = """
+flavors: [{name: cpu}]
+cluster_queues:
+  - name: shared
+    teams: [vision, nlp]
+    flavors:
+      - flavor: cpu
+        resources: {cpu: {nominal: 1}, memory: {nominal: 4Gi}}
+"""
+
+
+async def test_a_member_sees_their_queue_and_counts_but_not_names_other_teams_jobs(
+    service: SchedulerService,
+) -> None:
+    await service.apply_queue_config(ADMIN, SHARED_QUEUE)
+    await service.submit(ADMIN, spec(team="nlp", name="holder"))
+    await service.dispatch_once()
+    theirs = await service.submit(ADMIN, spec(team="nlp", name="theirs"))
+    mine = await service.submit(ADMIN, spec(name="mine"))
+    await service.dispatch_once()
+
+    view = await service.queue_status(VIEWER)
+    (queue,) = view.report.queues
+    assert queue.name == "shared" and queue.pending == 2 and queue.admitted == 1
+    # Only vision's job is listed, at the position the nlp job ahead of it leaves.
+    assert [(p.job_id, p.position_in_queue) for p in view.report.pending] == [(mine.id, 2)]
+    assert theirs.id not in view.jobs and view.jobs[mine.id].name == "mine"
+    everything = await service.queue_status(ADMIN)
+    assert [p.job_id for p in everything.report.pending] == [theirs.id, mine.id]
+    assert [p.job_id for p in (await service.queue_status(ADMIN, team="nlp")).report.pending] == [
+        theirs.id
+    ]
+    with pytest.raises(NotFound):
+        await service.queue_status(VIEWER, team="nlp")
+
+
+@pytest.mark.parametrize("caller", [VIEWER, DEVELOPER, MAINTAINER, OUTSIDER, SCHEDULER_ITSELF])
+async def test_only_admins_read_and_apply_the_queue_configuration(
+    service: SchedulerService, caller: Principal
+) -> None:
+    with pytest.raises(PermissionDenied):
+        await service.apply_queue_config(caller, SHARED_QUEUE)
+    with pytest.raises(PermissionDenied):
+        await service.queue_config(caller)
+    assert (await service.queue_config(ADMIN)).version == 0
