@@ -21,6 +21,7 @@ import asyncio
 import builtins
 import dataclasses
 import logging
+import math
 import os
 import statistics
 import time
@@ -156,8 +157,10 @@ class JobStore(Protocol):
         """Jobs in any of ``states``, oldest first (without their finished attempts)."""
         ...
 
-    async def run_seconds(self, team: str, name: str, *, limit: int) -> list[float]:
-        """Run times of the team's last ``limit`` succeeded jobs of that name, newest first."""
+    async def run_seconds(
+        self, keys: Collection[tuple[str, str]], *, limit: int
+    ) -> dict[tuple[str, str], list[float]]:
+        """Run times of each ``(team, name)``'s last ``limit`` succeeded jobs, newest first."""
         ...
 
     async def latest_queue_config(self) -> StoredQueueConfig | None:
@@ -697,18 +700,25 @@ class SchedulerService:
         jobs with the same name; None when neither exists."""
         if job.spec.max_run_time_s:
             return job.spec.max_run_time_s, "declared maximum run time"
-        key = (job.team, job.name)
-        cached = self._history.get(key)
-        if cached is None or time.monotonic() - cached[0] > HISTORY_TTL_S:
-            cached = (
-                time.monotonic(),
-                await self._store.run_seconds(job.team, job.name, limit=HISTORY_RUNS),
-            )
-            self._history[key] = cached
-        runs = cached[1]
+        await self._fetch_history([job])
+        runs = self._history[(job.team, job.name)][1]
         if not runs:
             return None, ""
         return statistics.median(runs), f"median of the last {len(runs)} runs of {job.name}"
+
+    async def _fetch_history(self, jobs: Collection[Job]) -> None:
+        """Fills the history cache for the jobs without a declared run time, in one query."""
+        now = time.monotonic()
+        stale = {
+            (job.team, job.name)
+            for job in jobs
+            if not job.spec.max_run_time_s
+            and now - self._history.get((job.team, job.name), (-math.inf, []))[0] > HISTORY_TTL_S
+        }
+        if stale:
+            found = await self._store.run_seconds(stale, limit=HISTORY_RUNS)
+            for key in stale:
+                self._history[key] = (now, found.get(key, []))
 
     async def _sync_engine(self, engine: QueueEngine, jobs: Sequence[Job]) -> None:
         """Brings the engine's state in line with ``jobs`` (all queued and active ones).
@@ -722,6 +732,7 @@ class SchedulerService:
         active = {job.id: job for job in jobs if job.state.active}
         queued = {job.id: job for job in jobs if job.state is JobState.QUEUED}
         self._queued = queued
+        await self._fetch_history(jobs)
         held = {a.workload.id for a in engine.admitted()}
         if not self._synced or not set(active) <= held:
             admitted: builtins.list[Admission] = []

@@ -427,23 +427,47 @@ class SqlJobStore:
             rows = (await session.execute(statement)).mappings().all()
         return [job_from_row(row) for row in rows]
 
-    async def run_seconds(self, team: str, name: str, *, limit: int) -> list[float]:
-        """Run times of the team's last ``limit`` succeeded jobs named ``name``, newest first."""
-        statement = (
-            sa.select(jobs.c.started_at, jobs.c.finished_at)
+    async def run_seconds(
+        self, keys: Collection[tuple[str, str]], *, limit: int
+    ) -> dict[tuple[str, str], list[float]]:
+        """Run times of each ``(team, name)``'s last ``limit`` succeeded jobs, newest first (one
+        query for all: a window over the succeeded jobs of those teams and names)."""
+        if not keys:
+            return {}
+        teams = sorted({team for team, _ in keys})
+        names = sorted({name for _, name in keys})
+        ranked = (
+            sa.select(
+                jobs.c.team,
+                jobs.c.name,
+                jobs.c.started_at,
+                jobs.c.finished_at,
+                sa.func.row_number()
+                .over(partition_by=(jobs.c.team, jobs.c.name), order_by=jobs.c.seq.desc())
+                .label("rank"),
+            )
             .where(
-                jobs.c.team == team,
-                jobs.c.name == name,
                 jobs.c.state == JobState.SUCCEEDED.value,
+                jobs.c.team.in_(teams),
+                jobs.c.name.in_(names),
                 jobs.c.started_at.is_not(None),
                 jobs.c.finished_at.is_not(None),
             )
-            .order_by(jobs.c.seq.desc())
-            .limit(limit)
+            .subquery()
+        )
+        statement = (
+            sa.select(ranked.c.team, ranked.c.name, ranked.c.started_at, ranked.c.finished_at)
+            .where(ranked.c.rank <= limit)
+            .order_by(ranked.c.team, ranked.c.name, ranked.c.rank)
         )
         async with self._db.read() as session:
             rows = (await session.execute(statement)).all()
-        return [max(0.0, (finished - started).total_seconds()) for started, finished in rows]
+        wanted = set(keys)
+        found: dict[tuple[str, str], list[float]] = {key: [] for key in wanted}
+        for team, name, started, finished in rows:
+            if (team, name) in wanted:
+                found[(team, name)].append(max(0.0, (finished - started).total_seconds()))
+        return found
 
     async def latest_queue_config(self) -> StoredQueueConfig | None:
         """The newest applied queue configuration, or None when none was ever applied."""

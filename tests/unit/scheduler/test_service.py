@@ -561,3 +561,25 @@ async def test_a_restart_while_a_job_was_being_preempted_stops_and_requeues_it(
     assert await second.dispatch_once() == 1 and restarted.launched == [high.id]
     view = await second.queue_status(ADMIN)
     assert [p.job_id for p in view.report.pending] == [low.id]
+
+
+async def test_estimated_start_uses_the_teams_median_run_time_of_jobs_of_that_name(
+    make_service: MakeService, executor: FakeExecutor
+) -> None:
+    clock = Clock()
+    service = make_service(executor, clock=clock)
+    for seconds in (100, 300, 250):
+        job = await service.submit(ADMIN, spec(cpu=2))
+        await service.dispatch_once()
+        clock.advance(seconds)
+        executor.handles[job.id].exit(ExitStatus(exit_code=0))
+        await settled(service)
+    running = await service.submit(ADMIN, spec(cpu=2))
+    await service.dispatch_once()
+    started = clock.now
+    waiting = await service.submit(ADMIN, spec(cpu=2))
+    await service.dispatch_once()
+    pending = (await service.get(ADMIN, waiting.id)).pending
+    assert pending is not None and pending.estimated_start == started + timedelta(seconds=250)
+    assert "median of the last 3 runs of train" in pending.estimate_basis, pending
+    assert await state_of(service, running) is JobState.RUNNING
