@@ -15,7 +15,13 @@ from services.serving.reconciler import Backoff, Reconciler
 from services.serving.service import ServingService
 from services.serving.store import DeploymentStore
 from services.serving.triton.repository import ModelRepository
-from tests.unit.serving.fakes import FakeArtifacts, FakeEvents, FakeModelServer, FakeRegistry
+from tests.unit.serving.fakes import (
+    FakeArtifacts,
+    FakeEvents,
+    FakeModelServer,
+    FakePublisher,
+    FakeRegistry,
+)
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Serving:
     events: FakeEvents
     repository: ModelRepository
     clock: Clock
+    publisher: FakePublisher
 
     async def reconcile(self) -> None:
         """One reconciliation pass, and every rollout it started, to the end."""
@@ -67,6 +74,7 @@ async def serving(db: Database, tmp_path: Path) -> AsyncIterator[Serving]:
     )
     repository = ModelRepository(tmp_path / "models")
     clock = Clock()
+    publisher = FakePublisher(models)
     reconciler = Reconciler(
         db=db,
         store=store,
@@ -79,6 +87,7 @@ async def serving(db: Database, tmp_path: Path) -> AsyncIterator[Serving]:
         # Jitter scales the delay by 0.5 to 1: the first retry is due within 10 s, never before 5.
         backoff=Backoff(initial_s=10.0, max_s=60.0),
         clock=clock,
+        publisher=publisher,
     )
     service = ServingService(
         db=db,
@@ -87,6 +96,7 @@ async def serving(db: Database, tmp_path: Path) -> AsyncIterator[Serving]:
         registry=registry,
         reconciler=reconciler,
         delete_wait_s=5.0,
+        traffic_wait_s=5.0,
     )
     yield Serving(
         service=service,
@@ -98,5 +108,6 @@ async def serving(db: Database, tmp_path: Path) -> AsyncIterator[Serving]:
         events=events,
         repository=repository,
         clock=clock,
+        publisher=publisher,
     )
     await reconciler.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from plinth_common.errors import NotFound, PlinthError, Unavailable
-from services.serving.domain import Deployment, VersionRef
+from services.serving.domain import Deployment, Split, VersionRef
 
 # A column-based signature of two doubles, as MLflow writes it into MLmodel.
 _MLMODEL = "\n".join(
@@ -185,3 +185,34 @@ class FakeEvents:
         return [
             r.detail for r in self.recorded if r.deployment == deployment and r.type == event_type
         ]
+
+
+class FakePublisher:
+    """The data plane's routing table: records every push, and the model server's loaded set
+    at that moment (a route must never name a model that is not loaded). ``failing`` makes
+    pushes raise."""
+
+    def __init__(self, models: FakeModelServer) -> None:
+        self.pushes: list[list[Split]] = []
+        self.failing = False
+        self._models = models
+        #: Triton models a push routed to while they were not loaded (should stay empty).
+        self.not_loaded: list[str] = []
+
+    async def __call__(self, splits: Sequence[Split]) -> None:
+        if self.failing:
+            raise RuntimeError("haproxy runtime API: connection refused")
+        for split in splits:
+            for backend in split.backends:
+                if backend.triton_model not in self._models.loaded:
+                    self.not_loaded.append(backend.triton_model)
+        self.pushes.append(list(splits))
+
+    def last(self, deployment: str) -> dict[str, int]:
+        """The split last pushed for ``deployment`` (version -> percent; empty: no route)."""
+        if not self.pushes:
+            return {}
+        for split in self.pushes[-1]:
+            if split.deployment == deployment:
+                return {b.version: b.percent for b in split.backends}
+        return {}
