@@ -10,8 +10,14 @@ end is removed, a new one arrives (10,000 stay pending), and ``cycle()`` is time
 jobs stop at once and are queued again. A decision is one admission or one preemption.
 ``report()`` (what GetQueue serves) is timed over the same 10,000 pending jobs.
 
-    python -m bench.scheduler            # ~30 s
-    python -m bench.scheduler --quick    # ~10 s
+SLURM beside Plinth (:mod:`bench.slurm_vs_plinth`): the same 1,000 short jobs submitted to a
+one-node SLURM cluster started here and to a real scheduler process; submission throughput and
+submit-to-start latency p50/p99 of both, in the same run (skipped, saying how to enable it,
+without slurm-wlm or root).
+
+    python -m bench.scheduler              # admission ~30 s, then SLURM vs Plinth ~2-3 min
+    python -m bench.scheduler --quick      # ~10 s, and 100 jobs each
+    python -m bench.scheduler --no-slurm   # the admission engine only
 
 Prints figures beside peers; never asserts. Targets: >= 1,000 admissions/s, p99 decision
 latency < 10 ms, report < 200 ms. Peers: a published MultiKueue run admitted about 1.3
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bench import slurm_vs_plinth
 from bench.common import Latency, machine_line, ms, print_table, rate
 from services.scheduler.queueing.config import parse_config
 from services.scheduler.queueing.engine import QueueEngine
@@ -286,10 +293,24 @@ def main() -> None:
     """Runs every part of the scheduler benchmark (the SLURM comparison adds its own)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer cycles")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=slurm_vs_plinth.DEFAULT_JOBS,
+        help="jobs per system in the SLURM comparison (default 1,000; --quick: 100)",
+    )
+    parser.add_argument("--no-slurm", action="store_true", help="skip the SLURM comparison")
     args = parser.parse_args()
     print(machine_line())
     options = Options(steady_events=800, report_runs=3) if args.quick else Options(3000, 5)
     print_admission(admission_benchmark(options))
+    if not args.no_slurm:
+        compared = slurm_vs_plinth.Options(
+            jobs=100 if args.quick else args.jobs,
+            concurrency=slurm_vs_plinth.DEFAULT_CONCURRENCY,
+            slots=slurm_vs_plinth.DEFAULT_SLOTS,
+        )
+        slurm_vs_plinth.report(slurm_vs_plinth.slurm_comparison(compared), compared)
 
 
 if __name__ == "__main__":
