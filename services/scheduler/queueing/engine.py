@@ -414,6 +414,8 @@ class QueueEngine:
         self._waiting: dict[str, _Wait] = {}  # preemptor id -> victims not yet stopped
         self._preempting: dict[str, str] = {}  # victim id -> preemptor id
         self._where: dict[str, _Queue] = {}  # pending job id -> its queue
+        # Per group, during its cycle: usage once the preemptions under way complete.
+        self._claims: dict[str, _State | None] = {}
 
     def load(self, *, admitted: Iterable[Admission], pending: Iterable[Workload]) -> None:
         """Replaces the whole state: what holds quota now, and what waits."""
@@ -575,6 +577,7 @@ class QueueEngine:
                 continue
             best = max(
                 ((m[r], quota.flavor) for m, quota in zip(most, q.quotas, strict=True)),
+                key=lambda pair: pair[0],  # the first flavor of the most
                 default=(0.0, ""),
             )
             if totals[r] > best[0] + _EPS:
@@ -627,18 +630,27 @@ class QueueEngine:
                 self._cycle_group(group, now, t, decisions)
         return decisions
 
-    def _choose(self, group: _Group, state: _State, q: _Queue, x: Totals) -> _Quota | None:
+    def _choose(
+        self, group: _Group, state: _State, q: _Queue, x: Totals, also: _State | None = None
+    ) -> _Quota | None:
+        """The flavor ``x`` goes to (rule 4), or None; with ``also``, it must fit that too."""
         if not group.cohort:  # nothing to borrow: one pass
             for quota in q.quotas:
-                if _fits(group, state, q, quota, x, False):
+                if _fits(group, state, q, quota, x, False) and (
+                    also is None or _fits(group, also, q, quota, x, False)
+                ):
                     return quota
             return None
         borrowing: _Quota | None = None
         for quota in q.quotas:
             # Fitting within nominal implies fitting with borrowing: test the weaker first.
-            if not _fits(group, state, q, quota, x, True):
+            if not _fits(group, state, q, quota, x, True) or (
+                also is not None and not _fits(group, also, q, quota, x, True)
+            ):
                 continue
-            if _fits(group, state, q, quota, x, False):
+            if _fits(group, state, q, quota, x, False) and (
+                also is None or _fits(group, also, q, quota, x, False)
+            ):
                 return quota
             if borrowing is None:
                 borrowing = quota
@@ -649,6 +661,7 @@ class QueueEngine:
         admitted_now: set[str] = set()
         reservations: list[_Reservation] = []
         borrowed = False
+        self._claims[group.key] = None
 
         def admit(q: _Queue, entry: _Pending, quota: _Quota) -> None:
             nonlocal borrowed
@@ -656,6 +669,9 @@ class QueueEngine:
             held = self._hold(adm)
             admitted_now.add(entry.w.id)
             out.admit.append(adm)
+            claims = self._claims[group.key]
+            if claims is not None:
+                _add(group, claims, q.name, quota.flavor, entry.totals, 1.0)
             if not borrowed:
                 u = state.usage[(q.name, quota.flavor)]
                 borrowed = any(u[r] > quota.nominal[r] + _EPS for r in _R)
@@ -679,6 +695,12 @@ class QueueEngine:
             quota = self._choose(group, state, q, entry.totals)
             if quota is not None and entry.not_before <= t:
                 admit(q, entry, quota)
+        # Preemptions under way hold what they free for their preemptors: whatever is admitted
+        # meanwhile must fit beside those claims too, or the preemptor would not fit after all.
+        if any(
+            w.victims and self._where.get(pid) in group.queues for pid, w in self._waiting.items()
+        ):
+            self._claims[group.key] = self._projected(group)
 
         # Without freed capacity only the queues that changed can admit: the others were left
         # where nothing of theirs fits, and admissions only take capacity away.
@@ -690,6 +712,7 @@ class QueueEngine:
             self._walk(group, rest, t, admitted_now, admit, reservations, out)
         for job_id in sorted(admitted_now):
             self._drop_pending(job_id)
+        self._claims[group.key] = None
         group.dirty = False
         for q in group.queues:
             q.dirty = False
@@ -773,17 +796,24 @@ class QueueEngine:
                 scan.blocked = entry
                 scan.waits = True
                 return False
-            quota = self._choose(group, state, q, entry.totals)
+            claims = self._claims[group.key]
+            quota = self._choose(group, state, q, entry.totals, claims)
             if quota is not None:
                 admit(q, entry, quota)
                 return True
-            found = self._preempt(group, q, entry)
+            found = self._preempt(group, q, entry, claims or state)
             if found is not None:
                 quota, victims, reasons = found
                 self._waiting[job_id] = _Wait({v.adm.workload.id for v in victims}, quota.flavor)
                 for v, reason in zip(victims, reasons, strict=True):
                     self._preempting[v.adm.workload.id] = job_id
                     out.preempt.append(Preemption(v.adm, job_id, reason))
+                if claims is None:
+                    self._claims[group.key] = self._projected(group)
+                else:
+                    for v in victims:
+                        _add(group, claims, v.queue, v.flavor, v.totals, -1.0)
+                    _add(group, claims, q.name, quota.flavor, entry.totals, 1.0)
                 scan.waits = True
             scan.blocked = entry
             if self._choose(group, state, q, _floor(q)) is None:
@@ -796,7 +826,7 @@ class QueueEngine:
         if scan.scanned > self.backfill_depth:
             scan.done = True
             return False
-        quota = self._choose(group, state, q, entry.totals)
+        quota = self._choose(group, state, q, entry.totals, self._claims[group.key])
         if quota is None:
             scan.failed.add(entry.totals)
             if (
@@ -898,9 +928,13 @@ class QueueEngine:
     # ------------------------------------------------------------------ preemption
 
     def _preempt(
-        self, group: _Group, q: _Queue, entry: _Pending
+        self, group: _Group, q: _Queue, entry: _Pending, base: _State
     ) -> tuple[_Quota, list[_Held], list[str]] | None:
-        """The smallest victim set found greedily that lets ``entry`` fit its nominal quota."""
+        """The smallest victim set found greedily that lets ``entry`` fit its nominal quota.
+
+        ``base`` is the usage to start from: the live one, or the one once the preemptions
+        under way complete.
+        """
         rules = q.cq.preemption
         within = rules.within_queue
         reclaim = rules.reclaim_within_cohort if group.cohort else PreemptionPolicy.NEVER
@@ -924,16 +958,10 @@ class QueueEngine:
                         within is PreemptionPolicy.ANY and vp == prio and held.key > entry.key
                     ):
                         own.append(held)
-                own.sort(
-                    key=lambda h: (
-                        h.adm.workload.priority,
-                        -h.adm.admitted_at.timestamp(),
-                        h.adm.workload.id,
-                    )
-                )
+                _victim_order(own, lambda h: h.adm.workload.priority)
             # Only its own victims lower its usage: without enough of them it cannot come
             # within its nominal quota, whatever the other queues give back.
-            u = group.state.usage[(q.name, quota.flavor)]
+            u = base.usage[(q.name, quota.flavor)]
             freeable = [sum(h.totals[r] for h in own) for r in _R]
             if any(u[r] + x[r] - freeable[r] > quota.nominal[r] + _EPS for r in _R):
                 continue
@@ -950,17 +978,10 @@ class QueueEngine:
                         ):
                             continue
                         others.append(held)
-                others.sort(
-                    key=lambda h: (
-                        -shares[h.queue],
-                        h.adm.workload.priority,
-                        -h.adm.admitted_at.timestamp(),
-                        h.adm.workload.id,
-                    )
-                )
+                _victim_order(others, lambda h: (-shares[h.queue], h.adm.workload.priority))
             if not own and not others:
                 continue
-            state = group.state.copy()
+            state = base.copy()
             chosen: list[_Held] = []
             fitted = False
             for held in [*others, *own]:
@@ -1039,11 +1060,12 @@ class QueueEngine:
             if not any(q.name in names for q in group.queues):
                 continue
             estimates = self._simulate(group, t)
+            running = group.state.copy()
             for q in group.queues:
                 if q.name not in names:
                     continue
                 statuses.append(self._status(group, q))
-                pending.extend(self._pending_rows(group, q, t, estimates, teams))
+                pending.extend(self._pending_rows(group, q, t, estimates, teams, running))
         for w in sorted(self._stranded.values(), key=lambda w: (w.queue, w.id)):
             if teams is None or w.team in teams:
                 pending.append(
@@ -1288,18 +1310,18 @@ class QueueEngine:
         t: float,
         estimates: dict[str, tuple[float | None, str, int]],
         teams: Collection[str] | None,
+        running: _State,
     ) -> list[PendingWorkload]:
+        """One row per pending job of ``q`` (of ``teams``).
+
+        Reasons are judged against ``running``: the usage once the jobs that fit now, taken in
+        queue order, are admitted (what the next cycle will do), so that a job behind one that
+        takes the last core does not read "fits now".
+        """
         rows: list[PendingWorkload] = []
-        state = group.state
         fit_cache: dict[Totals, _Quota | None] = {}
         short_cache: dict[tuple[Totals, int], str] = {}
         blocked_head: str | None = None
-
-        def fits(x: Totals) -> _Quota | None:
-            if x not in fit_cache:
-                fit_cache[x] = self._choose(group, state, q, x)
-            return fit_cache[x]
-
         higher_ahead = 0
         prio_seen: int | None = None
         same_ahead = 0
@@ -1312,10 +1334,6 @@ class QueueEngine:
                 same_ahead = 0
             else:
                 same_ahead += 1
-            if teams is not None and w.team not in teams:
-                if blocked_head is None and entry.not_before <= t and fits(entry.totals) is None:
-                    blocked_head = w.id
-                continue
             wait = self._waiting.get(w.id)
             if entry.not_before > t:
                 reason = "retrying after backoff, not before " + _iso(entry.not_before)
@@ -1323,19 +1341,27 @@ class QueueEngine:
                 reason = f"waiting for {plural(len(wait.victims), 'preempted job')} to stop"
                 blocked_head = blocked_head or w.id
             else:
-                if fits(entry.totals) is not None:
+                if entry.totals not in fit_cache:
+                    fit_cache[entry.totals] = self._choose(group, running, q, entry.totals)
+                quota = fit_cache[entry.totals]
+                if quota is not None and blocked_head is None:
+                    reason = "fits now: admitted at the next admission cycle"
+                    _add(group, running, q.name, quota.flavor, entry.totals, 1.0)
+                    fit_cache.clear()
+                    short_cache.clear()
+                elif quota is not None:
                     reason = (
-                        "fits now: admitted at the next admission cycle"
-                        if blocked_head is None
-                        else f"fits now, but waits behind job {blocked_head} so as not to delay "
+                        f"fits now, but waits behind job {blocked_head} so as not to delay "
                         "its start (backfill takes only jobs that end before it or fit beside it)"
                     )
                 else:
                     shape = (entry.totals, w.replicas)
                     if shape not in short_cache:
-                        short_cache[shape] = self._short(group, q, entry)
+                        short_cache[shape] = self._short(group, running, q, entry)
                     reason = short_cache[shape] + _ahead(higher_ahead, same_ahead)
                     blocked_head = blocked_head or w.id
+            if teams is not None and w.team not in teams:
+                continue
             start, basis, cohort_position = estimates.get(w.id, (None, "unknown", 0))
             rows.append(
                 PendingWorkload(
@@ -1354,13 +1380,12 @@ class QueueEngine:
             )
         return rows
 
-    def _short(self, group: _Group, q: _Queue, entry: _Pending) -> str:
+    def _short(self, group: _Group, state: _State, q: _Queue, entry: _Pending) -> str:
         """What is missing, in the first flavor that has quota for everything it asks."""
         x = entry.totals
         quota = next(
             (qt for qt in q.quotas if all(x[r] <= 0 or qt.has[r] for r in _R)), q.quotas[0]
         )
-        state = group.state
         u = state.usage[(q.name, quota.flavor)]
         for r in _R:
             if x[r] <= 0:
@@ -1396,6 +1421,13 @@ class QueueEngine:
                 text += ", and no other flavor of the queue has room"
             return text
         return f"waiting for room in flavor {quota.flavor} of queue {q.name}"
+
+
+def _victim_order(helds: list[_Held], first: Callable[[_Held], tuple[float, ...] | int]) -> None:
+    """Sorts by ``first``, then most recently admitted, then last in queue order (stable sorts)."""
+    helds.sort(key=lambda h: h.key, reverse=True)
+    helds.sort(key=lambda h: -h.adm.admitted_at.timestamp())
+    helds.sort(key=first)
 
 
 def _ahead(higher: int, same: int) -> str:
