@@ -59,7 +59,7 @@ from plinth_common.grpc_server import StreamBehaviour, UnaryBehaviour, rewrap, s
 from services.gateway.audit import AuditLog
 from services.gateway.identity import ApiKeyRecord, AuditEntry
 from services.gateway.keys import KEY_PREFIX, hash_secret, parse_key, secret_matches
-from services.gateway.oidc import OidcVerifier
+from services.gateway.oidc import OidcIdentity, OidcVerifier
 from services.gateway.ratelimit import RateLimiter
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "EdgeAuth",
     "GatewayAuthInterceptor",
     "current_key_id",
+    "current_oidc_identity",
     "http_auth_middleware",
 ]
 
@@ -98,9 +99,19 @@ _OWN_API = "/plinth.gateway.v1."
 _KEY_ID: contextvars.ContextVar[str] = contextvars.ContextVar("plinth_key_id", default="")
 
 
+_OIDC: contextvars.ContextVar[OidcIdentity | None] = contextvars.ContextVar(
+    "plinth_oidc_identity", default=None
+)
+
+
 def current_key_id() -> str:
     """The id of the API key the current call was made with ('' for an OIDC token)."""
     return _KEY_ID.get()
+
+
+def current_oidc_identity() -> OidcIdentity | None:
+    """What the OIDC token of the current call said (None: the credential was no OIDC token)."""
+    return _OIDC.get()
 
 
 class CredentialStore(Protocol):
@@ -115,10 +126,11 @@ class CredentialStore(Protocol):
 
 @dataclass(frozen=True)
 class Authenticated:
-    """A verified caller and the API key it used ('' for OIDC)."""
+    """A verified caller and the API key it used ('' for OIDC), or what its OIDC token said."""
 
     principal: Principal
     key_id: str = ""
+    oidc: OidcIdentity | None = None
 
 
 class Authenticator:
@@ -205,7 +217,7 @@ class Authenticator:
             identity.name, PrincipalKind.USER, dict(identity.teams), identity.admin, "oidc"
         ).with_teams(stored.items())
         left = identity.expires_at - self._now().timestamp()
-        return Authenticated(principal), max(0.0, min(self._ttl_s, left))
+        return Authenticated(principal, oidc=identity), max(0.0, min(self._ttl_s, left))
 
     async def _api_key(self, token: str) -> Authenticated:
         key_id, secret = parse_key(token)
@@ -220,7 +232,8 @@ class Authenticator:
             raise Unauthenticated(f"the API key {key_id} has been revoked")
         if record.expires_at is not None and record.expires_at <= self._now():
             raise Unauthenticated(f"the API key {key_id} has expired")
-        teams = await self._store.memberships(record.owner)
+        # A key exchanged for an OIDC token also keeps the roles of the token's claim.
+        teams = record.teams(await self._store.memberships(record.owner))
         principal = Principal(record.owner, record.kind, teams, record.admin, "api_key")
         return Authenticated(principal, key_id)
 
@@ -472,6 +485,7 @@ class GatewayAuthInterceptor(grpc.aio.ServerInterceptor):
                 forwarded = metadata_value(context, PRINCIPAL_HEADER)
                 admitted = await edge.admit(method, rule, authorization, request, forwarded)
                 key = _KEY_ID.set(admitted.key_id)
+                oidc = _OIDC.set(admitted.oidc)
                 try:
                     with acting_as(admitted.principal):
                         response = await behaviour(request, context)
@@ -481,6 +495,7 @@ class GatewayAuthInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     _KEY_ID.reset(key)
+                    _OIDC.reset(oidc)
                 edge.outcome(method, rule, admitted.principal, request, None)
                 return response
 

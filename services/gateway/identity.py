@@ -19,7 +19,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -33,7 +33,7 @@ from plinth_common.auth.permissions import (
     TEAMS_MANAGE,
     TEAMS_READ,
 )
-from plinth_common.errors import InvalidArgument, NotFound
+from plinth_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from plinth_common.names import check_team, shown
 from plinth_common.paging import PageRequest
 from services.gateway.keys import NewKey, new_key
@@ -49,6 +49,7 @@ __all__ = [
     "KeyDigests",
     "Member",
     "Team",
+    "TokenClaims",
     "check_user",
 ]
 
@@ -111,10 +112,20 @@ class ApiKeyRecord:
     expires_at: datetime | None = None
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
+    #: A key exchanged for an OIDC token keeps the team roles the token's claim named.
+    claim_teams: Mapping[str, Role] = field(default_factory=dict)
 
     def usable_at(self, now: datetime) -> bool:
         """Neither revoked nor expired at ``now``."""
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def teams(self, stored: Mapping[str, Role]) -> dict[str, Role]:
+        """The key's team roles: the owner's stored memberships (read live) and the roles it
+        keeps from an OIDC claim, the higher one where both name a team."""
+        teams = dict(stored)
+        for team, role in self.claim_teams.items():
+            teams[team] = max(role, teams.get(team, role))
+        return teams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +149,21 @@ class KeyDigests:
     revision: int
     changed: bool
     keys: Sequence[KeyDigest] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenClaims:
+    """What the OIDC token of a call said, for exchanging it for a key.
+
+    Attributes:
+        teams: the team roles its teams claim named.
+        admin: the user is in the admin group.
+        expires_at: the token's expiry.
+    """
+
+    teams: Mapping[str, Role]
+    admin: bool
+    expires_at: datetime
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -386,6 +412,70 @@ class Identities:
             if service_account or own_service_account
             else PrincipalKind.USER
         )
+        return await self._add_key(
+            caller, name=name, owner=owner, kind=kind, admin=admin, at=now, expires_at=expires_at
+        )
+
+    async def exchange_token(
+        self,
+        caller: Principal,
+        token: TokenClaims | None,
+        *,
+        name: str = "",
+        expires_at: datetime | None = None,
+    ) -> CreatedKey:
+        """An API key for the OIDC token of this call: the same user, the teams of its claim
+        (kept on the key; stored memberships are read live as for any key), its admin flag, and
+        a lifetime that ends no later than the token's.
+
+        The key is worth no more than the token: a caller who holds the token can already act
+        as that user until it expires, and the key stops working then too. The data plane
+        checks keys natively, so this is how an OIDC user reaches it.
+
+        Raises:
+            FailedPrecondition: the call's credential is no OIDC token.
+            InvalidArgument: a bad name, a user name that names no key owner, an expiry in
+                the past.
+        """
+        if token is None:
+            raise FailedPrecondition(
+                "only an OIDC token can be exchanged for an API key; this call's credential is "
+                "an API key already",
+                reason="NOT_OIDC",
+            )
+        name = name or "oidc"
+        if not _KEY_NAME.fullmatch(name):
+            raise InvalidArgument(
+                "name", f"letters, digits, '.', '_' and '-', 1 to 63, got {shown(name)}"
+            )
+        check_user(caller.name, "owner")
+        now = self._clock()
+        ends = min(expires_at, token.expires_at) if expires_at is not None else token.expires_at
+        if ends <= now:
+            raise InvalidArgument("expires_at", "must be in the future")
+        return await self._add_key(
+            caller,
+            name=name,
+            owner=caller.name,
+            kind=PrincipalKind.USER,
+            admin=token.admin,
+            at=now,
+            expires_at=ends,
+            claim_teams=token.teams,
+        )
+
+    async def _add_key(
+        self,
+        caller: Principal,
+        *,
+        name: str,
+        owner: str,
+        kind: PrincipalKind,
+        admin: bool,
+        at: datetime,
+        expires_at: datetime | None,
+        claim_teams: Mapping[str, Role] | None = None,
+    ) -> CreatedKey:
         generated: NewKey = new_key()
         record = ApiKeyRecord(
             id=generated.id,
@@ -393,11 +483,12 @@ class Identities:
             owner=owner,
             kind=kind,
             admin=admin,
-            created_at=now,
+            created_at=at,
             created_by=caller.name,
             salt=generated.salt,
             hash=generated.hash,
             expires_at=expires_at,
+            claim_teams=dict(claim_teams or {}),
         )
         await self._store.add_key(record)
         # A new key invalidates no cached decision, but the key table has changed.

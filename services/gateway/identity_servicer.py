@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import grpc
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth_common.auth import Principal, Role, current_principal
 from plinth_common.errors import InvalidArgument
 from plinth_common.prototime import from_timestamp, to_timestamp
-from services.gateway.auth import current_key_id
+from services.gateway.auth import current_key_id, current_oidc_identity
 from services.gateway.identity import (
     ApiKeyRecord,
     AuditQuery,
@@ -16,6 +18,7 @@ from services.gateway.identity import (
     KeyDigest,
     Member,
     Team,
+    TokenClaims,
 )
 from services.gateway.store import audit_to_proto
 
@@ -170,6 +173,31 @@ class IdentityServicer(gateway_pb2_grpc.IdentityServiceServicer):
             service_account=request.service_account,
             expires_at=expires,
             admin=request.admin,
+        )
+        return gateway_pb2.CreateApiKeyResponse(
+            key=key_to_proto(created.record), secret=created.token
+        )
+
+    async def ExchangeToken(
+        self, request: gateway_pb2.ExchangeTokenRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CreateApiKeyResponse:
+        oidc = current_oidc_identity()
+        claims = (
+            TokenClaims(
+                teams=oidc.teams,
+                admin=oidc.admin,
+                expires_at=datetime.fromtimestamp(oidc.expires_at, UTC),
+            )
+            if oidc is not None
+            else None
+        )
+        expires = (
+            from_timestamp(request.expires_at, "expires_at")
+            if request.HasField("expires_at")
+            else None
+        )
+        created = await self._identities.exchange_token(
+            current_principal(), claims, name=request.name, expires_at=expires
         )
         return gateway_pb2.CreateApiKeyResponse(
             key=key_to_proto(created.record), secret=created.token

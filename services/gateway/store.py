@@ -18,6 +18,7 @@ primary-key read, on every gateway replica alike.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -89,6 +90,8 @@ api_keys = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True)),
     sa.Column("last_used_at", sa.DateTime(timezone=True)),
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    # A key exchanged for an OIDC token: the team roles its claim named (JSON team -> role).
+    sa.Column("claim_teams", sa.Text, nullable=False, server_default="{}"),
 )
 
 grant_revision = sa.Table(
@@ -143,7 +146,17 @@ def _key(row: RowMapping) -> ApiKeyRecord:
         expires_at=_aware(row["expires_at"]),
         last_used_at=_aware(row["last_used_at"]),
         revoked_at=_aware(row["revoked_at"]),
+        claim_teams=_teams_of(row["claim_teams"]),
     )
+
+
+def _teams_of(text: str | None) -> dict[str, Role]:
+    roles = json.loads(text or "{}")
+    return {team: Role(role) for team, role in roles.items()}
+
+
+def _teams_text(teams: Mapping[str, Role]) -> str:
+    return json.dumps({team: int(role) for team, role in sorted(teams.items())})
 
 
 def _member(row: RowMapping) -> Member:
@@ -345,6 +358,7 @@ class SqlIdentityStore:
                     created_at=key.created_at,
                     created_by=key.created_by,
                     expires_at=key.expires_at,
+                    claim_teams=_teams_text(key.claim_teams),
                 )
             )
 
@@ -404,7 +418,8 @@ class SqlIdentityStore:
         return int(value or 0)
 
     async def key_digests(self, now: datetime) -> list[KeyDigest]:
-        """Every key neither revoked nor expired at ``now``, with its owner's teams, by id."""
+        """Every key neither revoked nor expired at ``now``, with its owner's teams (and those
+        it keeps from an OIDC claim), by id."""
         usable = api_keys.c.revoked_at.is_(None) & (
             api_keys.c.expires_at.is_(None) | (api_keys.c.expires_at > now)
         )
@@ -427,7 +442,11 @@ class SqlIdentityStore:
                 ).all()
                 for user, team, role in rows:
                     roles.setdefault(user, {})[team] = Role(role)
-        return [KeyDigest(key=_key(row), teams=roles.get(row["owner"], {})) for row in keys]
+        digests = []
+        for row in keys:
+            key = _key(row)
+            digests.append(KeyDigest(key=key, teams=key.teams(roles.get(key.owner, {}))))
+        return digests
 
     async def touch_keys(self, used: Mapping[str, datetime]) -> None:
         """Sets ``last_used_at`` of each key (the gateway calls this off the request path)."""

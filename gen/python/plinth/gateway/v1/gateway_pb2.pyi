@@ -398,3 +398,11 @@ class ListKeyDigestsResponse(_message.Message):
     changed: bool
     keys: _containers.RepeatedCompositeFieldContainer[KeyDigest]
     def __init__(self, revision: _Optional[int] = ..., changed: _Optional[bool] = ..., keys: _Optional[_Iterable[_Union[KeyDigest, _Mapping]]] = ...) -> None: ...
+
+class ExchangeTokenRequest(_message.Message):
+    __slots__ = ("name", "expires_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -322,6 +322,11 @@ class IdentityServiceStub:
                 request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsRequest.SerializeToString,
                 response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsResponse.FromString,
                 _registered_method=True)
+        self.ExchangeToken = channel.unary_unary(
+                '/plinth.gateway.v1.IdentityService/ExchangeToken',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ExchangeTokenRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -411,6 +416,17 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExchangeToken(self, request, context):
+        """The OIDC token of this call exchanged for an API key of the same user, teams (its claim's,
+        kept on the key; the gateway's own memberships are read live as for any key), admin flag
+        and lifetime (never past the token's expiry): what the inference data plane, which checks
+        API keys natively, takes from an OIDC user. The key is returned whole only here.
+        FAILED_PRECONDITION when the call's credential is no OIDC token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -468,6 +484,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.ListKeyDigests,
                     request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsRequest.FromString,
                     response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsResponse.SerializeToString,
+            ),
+            'ExchangeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeToken,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.ExchangeTokenRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -770,6 +791,33 @@ class IdentityService:
             '/plinth.gateway.v1.IdentityService/ListKeyDigests',
             plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsRequest.SerializeToString,
             plinth_dot_gateway_dot_v1_dot_gateway__pb2.ListKeyDigestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.IdentityService/ExchangeToken',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.ExchangeTokenRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.CreateApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
