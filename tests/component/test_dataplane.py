@@ -1,0 +1,591 @@
+"""The HAProxy inference data plane against a real haproxy and a real Triton, with stock clients.
+
+One Triton (from the pytriton wheel) serves small Python-backend models named as serving names
+them (``<deployment>__v<version>``): ``dep__v1`` doubles its input, ``dep__v2`` triples it (so
+every answer says which version served it), ``other__v1`` multiplies by five, ``slow__v1``
+sleeps 0.4 s first. One DataPlane (haproxy) serves the module; each test pushes the routes and
+grants it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import secrets
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import requests
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_grpc_aio
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from plinth_common.errors import InvalidArgument
+from plinth_common.net import free_tcp_port
+from services.serving.dataplane import Backend, DataPlane, KeyGrant, RouteSpec, VersionStats
+from services.serving.triton import TritonModels, TritonProcess, TritonSettings
+from tests.component.test_triton_engine import MODEL_PY
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.skipif(not DataPlane.available()[0], reason=DataPlane.available()[1]),
+]
+
+_CONFIG = textwrap.dedent(
+    """
+    name: "{name}"
+    backend: "python"
+    max_batch_size: 16
+    input [ {{ name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] }} ]
+    output [ {{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] }} ]
+    instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
+    """
+)
+# model -> (factor, seconds slept per request)
+_MODELS = {"dep__v1": (2, 0.0), "dep__v2": (3, 0.0), "other__v1": (5, 0.0), "slow__v1": (1, 0.4)}
+X = np.arange(1, 5, dtype=np.float32).reshape(1, 4)
+
+
+def _model_py(factor: int, sleep_s: float) -> str:
+    code = MODEL_PY.replace("(x * 2)", f"(x * {factor})")
+    if sleep_s:
+        assert "        for request in requests:" in code
+        code = code.replace("import ctypes", "import ctypes\nimport time").replace(
+            "        for request in requests:",
+            f"        time.sleep({sleep_s})\n        for request in requests:",
+        )
+    return code
+
+
+@dataclass
+class Key:
+    """An API key as the gateway makes them, and its grant."""
+
+    key_id: str
+    secret: str
+    salt: str
+
+    @classmethod
+    def new(cls) -> Key:
+        return cls(secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16))
+
+    @property
+    def token(self) -> str:
+        return f"plk_{self.key_id}_{self.secret}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def grant(self, *deployments: str, expires_at: float | None = None) -> KeyGrant:
+        digest = hashlib.sha256(f"{self.salt}:{self.secret}".encode()).hexdigest()
+        return KeyGrant(
+            self.key_id,
+            self.salt,
+            digest,
+            f"user:{self.key_id}",
+            frozenset(deployments),
+            expires_at,
+        )
+
+
+ALICE, BOB = Key.new(), Key.new()
+
+
+@dataclass
+class Plane:
+    """The module's Triton and data plane."""
+
+    triton: TritonProcess
+    triton_http: str
+    dp: DataPlane
+
+
+def route(deployment: str, *weights: tuple[str, int], **limits: int) -> RouteSpec:
+    """``route("dep", ("1", 90), ("2", 10))``: versions of ``deployment`` with weights."""
+    return RouteSpec(
+        deployment,
+        tuple(Backend(f"{deployment}__v{v}", "1", w, label=v) for v, w in weights),
+        **limits,
+    )
+
+
+BASE_ROUTES = [route("dep", ("1", 100)), route("other", ("1", 100)), route("slow", ("1", 100))]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Plane]:
+    root = tmp_path_factory.mktemp("dataplane")
+    for name, (factor, sleep_s) in _MODELS.items():
+        version_dir = root / "models" / name / "1"
+        version_dir.mkdir(parents=True)
+        (root / "models" / name / "config.pbtxt").write_text(_CONFIG.format(name=name))
+        (version_dir / "model.py").write_text(_model_py(factor, sleep_s))
+    grpc_port = free_tcp_port()
+    while (http_port := free_tcp_port()) == grpc_port:
+        pass
+    triton = TritonProcess(
+        TritonSettings(
+            model_repository=root / "models",
+            work_dir=root / "work",
+            grpc_port=grpc_port,
+            http_port=http_port,
+        )
+    )
+    await triton.start()
+    dp = DataPlane(
+        workdir=root / "dp", triton_grpc=triton.grpc_target, triton_http=f"127.0.0.1:{http_port}"
+    )
+    try:
+        await triton.wait_ready()
+        models = TritonModels(triton.grpc_target, load_timeout_s=120)
+        await asyncio.gather(*(models.load(name) for name in _MODELS))
+        await models.close()
+        await dp.start()
+        yield Plane(triton, f"127.0.0.1:{http_port}", dp)
+    finally:
+        await dp.stop()
+        await triton.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def dp(plane: Plane) -> DataPlane:
+    """The data plane with the base routes and Alice's key on every deployment."""
+    await plane.dp.apply_routes(BASE_ROUTES)
+    await plane.dp.apply_grants([ALICE.grant("dep", "other", "slow")])
+    return plane.dp
+
+
+@pytest.fixture
+def grpc_client(dp: DataPlane) -> Iterator[triton_grpc.InferenceServerClient]:
+    client = triton_grpc.InferenceServerClient(dp.grpc_address)
+    yield client
+    client.close()
+
+
+def _grpc_input(x: np.ndarray = X) -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput("INPUT0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def _infer_grpc(
+    client: triton_grpc.InferenceServerClient, model: str, key: Key = ALICE, **kwargs: object
+) -> triton_grpc.InferResult:
+    return client.infer(model, [_grpc_input()], headers=key.headers, client_timeout=30, **kwargs)
+
+
+async def _http(call: Any, *args: Any, **kwargs: Any) -> requests.Response:
+    """A blocking ``requests`` call, off the event loop."""
+    kwargs.setdefault("timeout", 10)
+    return cast(requests.Response, await asyncio.to_thread(call, *args, **kwargs))
+
+
+def _code(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
+# -- predictions through stock clients ---------------------------------------------------------
+
+
+async def test_grpc_client_gets_direct_tritons_predictions_under_the_deployments_name(
+    plane: Plane, dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    direct = triton_grpc.InferenceServerClient(plane.triton.grpc_target)
+    expected = direct.infer("dep__v1", [_grpc_input()]).as_numpy("OUTPUT0")
+    direct.close()
+
+    result = _infer_grpc(grpc_client, "dep")
+
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), expected)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), X * 2)
+    response = result.get_response()
+    assert (response.model_name, response.model_version) == ("dep", "1")
+    assert grpc_client.is_server_live(headers=ALICE.headers)
+    assert grpc_client.is_server_ready(headers=ALICE.headers)
+    assert grpc_client.is_model_ready("dep", headers=ALICE.headers)
+    metadata = grpc_client.get_model_metadata("dep", headers=ALICE.headers)
+    assert metadata.name == "dep"
+    assert [t.name for t in metadata.inputs] == ["INPUT0"]
+
+
+async def test_http_client_with_binary_tensors_gets_direct_tritons_predictions(
+    plane: Plane, dp: DataPlane
+) -> None:
+    x = np.random.default_rng(7).random((3, 50), dtype=np.float32)
+
+    def infer(address: str, model: str, headers: dict[str, str] | None) -> triton_http.InferResult:
+        client = triton_http.InferenceServerClient(address)
+        tensor = triton_http.InferInput("INPUT0", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        try:
+            return client.infer(
+                model,
+                [tensor],
+                outputs=[triton_http.InferRequestedOutput("OUTPUT0", binary_data=True)],
+                headers=headers,
+            )
+        finally:
+            client.close()
+
+    direct = infer(plane.triton_http, "dep__v1", None)
+    through = infer(dp.http_address, "dep", ALICE.headers)
+
+    np.testing.assert_array_equal(through.as_numpy("OUTPUT0"), direct.as_numpy("OUTPUT0"))
+    np.testing.assert_allclose(through.as_numpy("OUTPUT0"), x * 2, rtol=1e-6)
+    assert through.get_response()["model_name"] == "dep"
+    assert through.get_response()["model_version"] == "1"
+    client = triton_http.InferenceServerClient(dp.http_address)
+    try:
+        assert client.is_server_live(headers=ALICE.headers)
+        assert client.is_model_ready("dep", headers=ALICE.headers)
+        assert client.get_model_metadata("dep", headers=ALICE.headers)["name"] == "dep"
+    finally:
+        client.close()
+
+
+async def test_wrong_tensor_gets_tritons_invalid_argument_naming_the_deployment(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    wrong = np.ones((1, 4, 2), dtype=np.float32)
+    with pytest.raises(InferenceServerException) as raised:
+        grpc_client.infer("dep", [_grpc_input(wrong)], headers=ALICE.headers)
+    assert _code(raised.value) == "StatusCode.INVALID_ARGUMENT"
+    assert "unexpected shape for input 'INPUT0'" in raised.value.message()
+    assert "'dep'" in raised.value.message() and "__v" not in raised.value.message()
+
+    response = await _http(
+        requests.post,
+        f"http://{dp.http_address}/v2/models/dep/infer",
+        json={
+            "inputs": [
+                {"name": "INPUT0", "shape": [1, 4, 2], "datatype": "FP32", "data": [1.0] * 8}
+            ]
+        },
+        headers=ALICE.headers,
+        timeout=10,
+    )
+    assert response.status_code == 400
+    assert "'dep'" in response.json()["error"] and "__v" not in response.text
+
+
+# -- routing ----------------------------------------------------------------------------------
+
+
+async def test_a_90_10_split_over_2000_requests_lands_within_a_few_percent(
+    dp: DataPlane,
+) -> None:
+    await dp.apply_routes([route("dep", ("1", 90), ("2", 10)), *BASE_ROUTES[1:]])
+    before = await dp.stats()
+    served: collections.Counter[str] = collections.Counter()
+    if True:
+        client = triton_grpc_aio.InferenceServerClient(dp.grpc_address)
+        try:
+            queue = list(range(2000))
+
+            async def caller() -> None:
+                while queue:
+                    queue.pop()
+                    result = await client.infer("dep", [_grpc_input()], headers=ALICE.headers)
+                    out = result.as_numpy("OUTPUT0")
+                    assert out is not None
+                    served[{2.0: "1", 3.0: "2"}[float(out[0][0])]] += 1
+                    assert (
+                        result.get_response().model_version
+                        == {2.0: "1", 3.0: "2"}[float(out[0][0])]
+                    )
+
+            await asyncio.gather(*(caller() for _ in range(16)))
+
+            # the same sticky header always lands on the same version
+            sticky = {
+                (
+                    await client.infer(
+                        "dep",
+                        [_grpc_input()],
+                        headers={**ALICE.headers, "x-plinth-sticky": "customer-42"},
+                    )
+                )
+                .get_response()
+                .model_version
+                for _ in range(40)
+            }
+        finally:
+            await client.close()
+    assert sum(served.values()) == 2000
+    assert abs(served["2"] / 2000 - 0.10) < 0.03, served
+    assert len(sticky) == 1
+    after = await dp.stats()
+    counted = {
+        v: after[f"dep/{v}"].since(before.get(f"dep/{v}", VersionStats())).requests
+        for v in ("1", "2")
+    }
+    assert counted["1"] + counted["2"] == 2040
+    assert abs(counted["2"] - served["2"]) <= 40
+    assert after["dep/2"].errors == before.get("dep/2", after["dep/2"]).errors
+    assert 0 < after["dep/1"].p99_ms < 1000
+
+
+async def test_routes_updated_under_load_lose_no_request(dp: DataPlane) -> None:
+    splits = [
+        [route("dep", ("2", 100)), *BASE_ROUTES[1:]],
+        [route("dep", ("1", 50), ("2", 50)), *BASE_ROUTES[1:]],
+        BASE_ROUTES,
+    ]
+    errors: list[BaseException] = []
+    answers: collections.Counter[float] = collections.Counter()
+    stop = asyncio.Event()
+    client = triton_grpc_aio.InferenceServerClient(dp.grpc_address)
+    try:
+
+        async def caller() -> None:
+            while not stop.is_set():
+                try:
+                    result = await client.infer("dep", [_grpc_input()], headers=ALICE.headers)
+                    out = result.as_numpy("OUTPUT0")
+                    assert out is not None
+                    answers[float(out[0][0])] += 1
+                except Exception as exc:  # noqa: BLE001 (every failure is a lost request)
+                    errors.append(exc)
+
+        callers = [asyncio.create_task(caller()) for _ in range(16)]
+        updates = 0
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            await dp.apply_routes(splits[updates % len(splits)])
+            updates += 1
+            await asyncio.sleep(0.05)
+        await dp.apply_routes(splits[0])
+        stop.set()
+        await asyncio.gather(*callers)
+        after_switch = await client.infer("dep", [_grpc_input()], headers=ALICE.headers)
+    finally:
+        await client.close()
+    assert not errors, errors[:3]
+    assert updates >= 10
+    assert set(answers) == {2.0, 3.0} and sum(answers.values()) > 100
+    out = after_switch.as_numpy("OUTPUT0")
+    assert out is not None and float(out[0][0]) == 3.0  # the last route holds
+
+
+async def test_a_failed_update_keeps_the_last_good_routes(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    with pytest.raises(InvalidArgument):
+        await dp.apply_routes([route("dep", ("1", 0))])  # weights add up to 0
+    with pytest.raises(InvalidArgument):
+        await dp.apply_routes([RouteSpec("Not A Name", (Backend("m", "1", 1),))])
+    result = _infer_grpc(grpc_client, "dep")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), X * 2)
+
+
+# -- authorization ----------------------------------------------------------------------------
+
+
+async def test_missing_or_wrong_key_is_unauthenticated(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    forged = Key(ALICE.key_id, "x" * 43, ALICE.salt)
+    for headers in ({}, {"authorization": "Basic abc"}, forged.headers):
+        with pytest.raises(InferenceServerException) as raised:
+            grpc_client.infer("dep", [_grpc_input()], headers=headers)
+        assert _code(raised.value) == "StatusCode.UNAUTHENTICATED", headers
+        response = await _http(
+            requests.get, f"http://{dp.http_address}/v2/models/dep", headers=headers
+        )
+        assert response.status_code == 401
+
+
+async def test_a_revoked_key_is_refused_within_a_second(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    _infer_grpc(grpc_client, "dep")  # works, and is now in the verified-keys cache
+    revoked_at = time.monotonic()
+    await dp.apply_grants([BOB.grant("other")])
+    with pytest.raises(InferenceServerException) as raised:
+        _infer_grpc(grpc_client, "dep")
+    assert time.monotonic() - revoked_at < 1.0
+    assert _code(raised.value) == "StatusCode.UNAUTHENTICATED"
+    assert "revoked" in raised.value.message()
+    response = await _http(
+        requests.get, f"http://{dp.http_address}/v2/models/dep/ready", headers=ALICE.headers
+    )
+    assert response.status_code == 401
+
+    await dp.apply_grants([ALICE.grant("dep", expires_at=time.time() - 1)])
+    with pytest.raises(InferenceServerException) as raised:
+        _infer_grpc(grpc_client, "dep")
+    assert "expired" in raised.value.message()
+
+
+async def test_a_key_without_the_grant_gets_not_found_naming_the_deployment(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    await dp.apply_grants([ALICE.grant("dep", "slow"), BOB.grant("other")])
+    with pytest.raises(InferenceServerException) as raised:
+        _infer_grpc(grpc_client, "dep", key=BOB)
+    assert _code(raised.value) == "StatusCode.NOT_FOUND"
+    assert raised.value.message() == "deployment 'dep' not found"
+    np.testing.assert_array_equal(
+        _infer_grpc(grpc_client, "other", key=BOB).as_numpy("OUTPUT0"), X * 5
+    )
+    with pytest.raises(InferenceServerException) as raised:
+        _infer_grpc(grpc_client, "nowhere")
+    assert raised.value.message() == "deployment 'nowhere' not found"
+    with pytest.raises(InferenceServerException) as raised:
+        _infer_grpc(grpc_client, "dep", model_version="7")
+    assert _code(raised.value) == "StatusCode.NOT_FOUND"
+    response = await _http(
+        requests.post, f"http://{dp.http_address}/v2/models/dep/infer", headers=BOB.headers, json={}
+    )
+    assert response.status_code == 404 and "'dep' not found" in response.json()["error"]
+    # Triton's own name is not a way around the routes
+    with pytest.raises(InferenceServerException) as raised:
+        _infer_grpc(grpc_client, "dep__v1")
+    assert _code(raised.value) == "StatusCode.NOT_FOUND"
+
+
+async def test_the_repository_and_other_triton_apis_are_unreachable(
+    plane: Plane, dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    calls = [
+        lambda: grpc_client.get_model_repository_index(headers=ALICE.headers),
+        lambda: grpc_client.unload_model("dep__v1", headers=ALICE.headers),
+        lambda: grpc_client.load_model("dep__v1", headers=ALICE.headers),
+        lambda: grpc_client.get_inference_statistics("dep", headers=ALICE.headers),
+        lambda: grpc_client.get_system_shared_memory_status(headers=ALICE.headers),
+        lambda: grpc_client.get_log_settings(headers=ALICE.headers),
+        lambda: grpc_client.get_trace_settings(headers=ALICE.headers),
+    ]
+    for call in calls:
+        with pytest.raises(InferenceServerException) as raised:
+            call()
+        assert _code(raised.value) == "StatusCode.UNIMPLEMENTED"
+    base = f"http://{dp.http_address}"
+    for method, path in [
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/dep__v1/unload"),
+        ("GET", "/v2/models/dep/stats"),
+        ("GET", "/v2/systemsharedmemory/status"),
+        ("GET", "/v2/logging"),
+        ("GET", "/v2/trace/setting"),
+        ("POST", "/v2/models/dep/ready"),
+    ]:
+        response = await _http(
+            requests.request, method, base + path, headers=ALICE.headers, timeout=10
+        )
+        assert response.status_code == 404, (method, path)
+    direct = triton_grpc.InferenceServerClient(plane.triton.grpc_target)
+    try:
+        assert direct.is_model_ready("dep__v1")  # the unload never reached Triton
+    finally:
+        direct.close()
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+async def test_beyond_its_limits_a_deployment_answers_resource_exhausted_at_once(
+    dp: DataPlane,
+) -> None:
+    await dp.apply_routes([*BASE_ROUTES[:2], route("slow", ("1", 100), max_concurrency=1)])
+    client = triton_grpc_aio.InferenceServerClient(dp.grpc_address)
+    try:
+        first = asyncio.create_task(client.infer("slow", [_grpc_input()], headers=ALICE.headers))
+        await asyncio.sleep(0.15)  # the first one is in Triton now
+        started = time.perf_counter()
+        with pytest.raises(InferenceServerException) as raised:
+            await client.infer("slow", [_grpc_input()], headers=ALICE.headers)
+        refused_after = time.perf_counter() - started
+        assert _code(raised.value) == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "'slow'" in raised.value.message()
+        response = await _http(
+            requests.post,
+            f"http://{dp.http_address}/v2/models/slow/infer",
+            headers=ALICE.headers,
+            json={
+                "inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]
+            },
+            timeout=10,
+        )
+        assert response.status_code == 429
+        # other deployments are not held up
+        other = await client.infer("other", [_grpc_input()], headers=ALICE.headers)
+        assert other.as_numpy("OUTPUT0") is not None
+        assert (await first).as_numpy("OUTPUT0") is not None
+        assert refused_after < 0.1
+
+        # one may wait in the queue: the second waits for the first, the third is refused
+        await dp.apply_routes(
+            [*BASE_ROUTES[:2], route("slow", ("1", 100), max_concurrency=1, max_queue=1)]
+        )
+        first = asyncio.create_task(client.infer("slow", [_grpc_input()], headers=ALICE.headers))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(client.infer("slow", [_grpc_input()], headers=ALICE.headers))
+        await asyncio.sleep(0.1)
+        with pytest.raises(InferenceServerException) as raised:
+            await client.infer("slow", [_grpc_input()], headers=ALICE.headers)
+        assert _code(raised.value) == "StatusCode.RESOURCE_EXHAUSTED"
+        await first
+        await second
+        assert (await dp.refusals())["slow"] >= 3
+    finally:
+        await client.close()
+
+
+# -- metrics and the process ------------------------------------------------------------------
+
+
+async def test_metrics_are_exported_for_prometheus(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    _infer_grpc(grpc_client, "other")
+    per_version = (await _http(requests.get, dp.metrics_url + "/deployments")).text
+    assert 'plinth_inference_requests_total{deployment="other",version="1"}' in per_version
+    assert "plinth_inference_duration_seconds_bucket{" in per_version
+    haproxy = (await _http(requests.get, dp.metrics_url)).text
+    assert "haproxy_backend_http_requests_total" in haproxy
+
+
+async def test_a_crash_is_reported_and_a_restart_serves_the_last_tables(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    assert dp.exited() is None
+    dp.kill_for_test()
+    deadline = time.monotonic() + 5
+    while dp.exited() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    reason = dp.exited()
+    assert reason is not None and "SIGKILL" in reason
+    await dp.start()
+    assert dp.exited() is None
+    client = triton_grpc.InferenceServerClient(dp.grpc_address)
+    try:
+        np.testing.assert_array_equal(_infer_grpc(client, "dep").as_numpy("OUTPUT0"), X * 2)
+    finally:
+        client.close()
+
+
+async def test_stop_ends_haproxy(tmp_path: Path, plane: Plane) -> None:
+    other = DataPlane(
+        workdir=tmp_path / "dp", triton_grpc=plane.triton.grpc_target, triton_http=plane.triton_http
+    )
+    await other.start()
+    pid = other.pid
+    assert pid is not None
+    await other.stop()
+    assert not Path(f"/proc/{pid}").exists()
+    assert other.exited() is None
