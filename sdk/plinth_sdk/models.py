@@ -1272,6 +1272,55 @@ class DeploymentState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class VersionTraffic:
+    """One version of a deployment's split, with what the inference data plane measured over
+    the deployment's SLO window.
+
+    Attributes:
+        version: The registered model version.
+        percent: Its share of requests.
+        canary: Not the serving (stable) version: rolled back when it breaks the SLO.
+        measured: False when no data plane statistics exist (the Python path, or not yet).
+        requests_per_second: Requests it answered per second.
+        error_rate_percent: Errors per 100 requests.
+        p99_ms: 99th percentile latency in milliseconds.
+    """
+
+    version: str
+    percent: int
+    canary: bool = False
+    measured: bool = False
+    requests_per_second: float = 0.0
+    error_rate_percent: float = 0.0
+    p99_ms: float = 0.0
+
+    @classmethod
+    def from_proto(cls, msg: serving_pb2.VersionTraffic) -> VersionTraffic:
+        """Converts a ``plinth.serving.v1.VersionTraffic`` message."""
+        return cls(
+            version=msg.version,
+            percent=msg.percent,
+            canary=msg.canary,
+            measured=msg.measured,
+            requests_per_second=msg.requests_per_second,
+            error_rate_percent=msg.error_rate_percent,
+            p99_ms=msg.p99_ms,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict."""
+        return {
+            "version": self.version,
+            "percent": self.percent,
+            "canary": self.canary,
+            "measured": self.measured,
+            "requests_per_second": self.requests_per_second,
+            "error_rate_percent": self.error_rate_percent,
+            "p99_ms": self.p99_ms,
+        }
+
+
+@dataclass(frozen=True)
 class Deployment:
     """A deployment: a registered model's alias served on Triton under a name.
 
@@ -1291,6 +1340,12 @@ class Deployment:
         created_at: Creation time (UTC).
         updated_at: Last change (UTC).
         shared_with: Teams whose members may call it for inference (read-only).
+        traffic: The split answering now, the serving version first.
+        pending_traffic: A requested split (version -> percent) whose versions still load.
+        slo: ``max_error_rate_percent``, ``max_p99_ms``, ``window_seconds``: when a canary is
+            rolled back.
+        max_concurrency: Requests the data plane lets in at once (0: unlimited).
+        max_queue: Requests that may wait for those (0: none wait).
     """
 
     name: str
@@ -1308,6 +1363,16 @@ class Deployment:
     created_at: datetime | None
     updated_at: datetime | None
     shared_with: tuple[str, ...] = ()
+    traffic: tuple[VersionTraffic, ...] = ()
+    pending_traffic: Mapping[str, int] = field(default_factory=dict)
+    slo: Mapping[str, float] = field(default_factory=dict)
+    max_concurrency: int = 0
+    max_queue: int = 0
+
+    @property
+    def split(self) -> dict[str, int]:
+        """Version -> percent of requests it answers now."""
+        return {t.version: t.percent for t in self.traffic}
 
     @property
     def is_ready(self) -> bool:
@@ -1333,6 +1398,15 @@ class Deployment:
             created_at=datetime_field(msg, "created_at"),
             updated_at=datetime_field(msg, "updated_at"),
             shared_with=tuple(msg.shared_with),
+            traffic=tuple(VersionTraffic.from_proto(t) for t in msg.traffic),
+            pending_traffic={s.version: s.percent for s in msg.pending_traffic},
+            slo={
+                "max_error_rate_percent": msg.slo.max_error_rate_percent,
+                "max_p99_ms": msg.slo.max_p99_ms,
+                "window_seconds": msg.slo.window_seconds,
+            },
+            max_concurrency=msg.limits.max_concurrency,
+            max_queue=msg.limits.max_queue,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1353,6 +1427,11 @@ class Deployment:
             "created_at": iso_or_none(self.created_at),
             "updated_at": iso_or_none(self.updated_at),
             "shared_with": list(self.shared_with),
+            "traffic": [t.to_dict() for t in self.traffic],
+            "pending_traffic": dict(self.pending_traffic),
+            "slo": dict(self.slo),
+            "max_concurrency": self.max_concurrency,
+            "max_queue": self.max_queue,
         }
 
 

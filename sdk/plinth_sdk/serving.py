@@ -10,10 +10,11 @@ Example:
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common import names
+from plinth_common.errors import InvalidArgument
 from plinth_common.names import DEFAULT_ALIAS
 from plinth_sdk.errors import DeploymentFailed, DeploymentWaitTimeout, refused_locally
 from plinth_sdk.models import Deployment, DeploymentState
@@ -49,6 +50,11 @@ class DeploymentsAPI:
         max_queue_delay_us: int = 0,
         instance_count: int = 0,
         shared_with: Iterable[str] = (),
+        max_error_rate_percent: float = 0.0,
+        max_p99_ms: float = 0.0,
+        slo_window_seconds: int = 0,
+        max_concurrency: int = 0,
+        max_queue: int = 0,
     ) -> Deployment:
         """Creates a deployment that serves ``model@alias`` under ``name``.
 
@@ -62,6 +68,13 @@ class DeploymentsAPI:
                 batch it with others; 0 disables dynamic batching.
             instance_count: CPU model instances, 1 to 16; 0 for one.
             shared_with: Other teams whose members may call it for inference (read-only).
+            max_error_rate_percent: SLO: a canary above this error rate is rolled back (0:
+                the default, 1%).
+            max_p99_ms: SLO: a canary above this p99 latency is rolled back (0: 500 ms).
+            slo_window_seconds: SLO: over how many seconds canaries are judged (0: 60).
+            max_concurrency: Inference requests the data plane lets in at once (0: unlimited).
+            max_queue: Requests that may wait beyond those (0: none); the rest are refused at
+                once with RESOURCE_EXHAUSTED / HTTP 429.
 
         Returns:
             The deployment, usually PENDING or LOADING; see :meth:`wait_ready`.
@@ -88,8 +101,49 @@ class DeploymentsAPI:
                 instance_count=instance_count,
             ),
             shared_with=shared,
+            slo=serving_pb2.Slo(
+                max_error_rate_percent=max_error_rate_percent,
+                max_p99_ms=max_p99_ms,
+                window_seconds=slo_window_seconds,
+            ),
+            limits=serving_pb2.Limits(max_concurrency=max_concurrency, max_queue=max_queue),
         )
         return Deployment.from_proto(self._transport.unary(self._stub.CreateDeployment, request))
+
+    def set_traffic(
+        self,
+        name: str,
+        split: Mapping[str, int] | Mapping[int, int] | Mapping[str | int, int],
+        *,
+        reason: str = "",
+    ) -> Deployment:
+        """Splits a deployment's traffic between versions of its model (a maintainer of its
+        team); returns once every version is loaded and the split answers.
+
+        Several versions: the serving version must be one of them; the others are canaries,
+        rolled back automatically when they break the deployment's SLO. One version at 100%
+        serves alone until the alias is promoted again.
+
+        Args:
+            name: The deployment.
+            split: Version -> percent, e.g. ``{3: 10, 2: 90}``; the percents sum to 100.
+            reason: Recorded in ``deployment.traffic_changed``.
+
+        Raises:
+            InvalidArgument: the split is malformed (checked before sending).
+            NotFound: no such deployment, or its model has no such version.
+            FailedPrecondition: a split of several versions without the serving version.
+            PermissionDenied: the caller is not a maintainer of the deployment's team.
+        """
+        shares = [(_version_text(version), int(percent)) for version, percent in split.items()]
+        with refused_locally():
+            check_split(shares)
+        request = serving_pb2.SetTrafficRequest(
+            name=name,
+            traffic=[serving_pb2.TrafficShare(version=v, percent=p) for v, p in shares],
+            reason=reason,
+        )
+        return Deployment.from_proto(self._transport.unary(self._stub.SetTraffic, request))
 
     def share(self, name: str, teams: Iterable[str]) -> Deployment:
         """Sets the teams a deployment is shared with, read-only, for inference (a maintainer
@@ -192,6 +246,33 @@ class DeploymentsAPI:
             return deployments, response.next_page_token
 
         return fetch
+
+
+def _version_text(version: str | int) -> str:
+    """``3``, ``"3"``, ``"v3"``, ``"03"`` -> ``"3"`` (anything else is left for the check)."""
+    text = str(version).strip().removeprefix("v")
+    return str(int(text)) if text.isdigit() else text
+
+
+def check_split(shares: Sequence[tuple[str, int]]) -> None:
+    """Checks a split the way serving does (the same messages, before a round trip).
+
+    Raises:
+        InvalidArgument: naming field ``traffic``.
+    """
+    seen: set[str] = set()
+    for version, percent in shares:
+        if not version.isdigit():
+            raise InvalidArgument("traffic", f"{version[:40]!r} is no version number")
+        if version in seen:
+            raise InvalidArgument("traffic", f"version {version} is named twice")
+        if not 0 <= percent <= 100:
+            raise InvalidArgument("traffic", f"v{version}: {percent}% is not between 0 and 100")
+        seen.add(version)
+    total = sum(percent for _, percent in shares)
+    if total != 100:
+        shown = " ".join(f"v{v}={p}" for v, p in shares) or "nothing"
+        raise InvalidArgument("traffic", f"the percents must sum to 100; {shown} sums to {total}")
 
 
 def _checked_teams(teams: Iterable[str], field: str) -> builtins.list[str]:

@@ -1,4 +1,4 @@
-"""``plinth deployments``: create, get, list, delete, wait, share."""
+"""``plinth deployments``: create, get, list, delete, wait, share, traffic."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from plinth_sdk.cli.base import NON_NEGATIVE, MultiValueOption, leaf
 from plinth_sdk.cli.output import print_fields, print_json, print_table, time_text
 from plinth_sdk.cli.progress import spinner
 from plinth_sdk.client import Plinth
-from plinth_sdk.models import Deployment
+from plinth_sdk.models import Deployment, VersionTraffic
 from plinth_sdk.serving import progress_text
 
-__all__ = ["deployments", "waiting_text"]
+__all__ = ["deployments", "parse_split", "traffic_text", "waiting_text"]
 
 _COLUMNS = ("NAME", "TEAM", "MODEL", "ALIAS", "STATE", "SERVING", "TARGET")
 
@@ -58,6 +58,41 @@ def deployments() -> None:
     metavar="TEAM",
     help="teams that may call it for inference, read-only (several values, repeatable)",
 )
+@click.option(
+    "--max-error-rate",
+    type=float,
+    default=0.0,
+    metavar="PCT",
+    help="SLO: roll a canary back above this error rate in percent (default: 1)",
+)
+@click.option(
+    "--max-p99-ms",
+    type=float,
+    default=0.0,
+    metavar="MS",
+    help="SLO: roll a canary back above this p99 latency (default: 500)",
+)
+@click.option(
+    "--slo-window",
+    type=NON_NEGATIVE,
+    default=0,
+    metavar="S",
+    help="SLO: judge canaries over the last S seconds (default: 60)",
+)
+@click.option(
+    "--max-concurrency",
+    type=NON_NEGATIVE,
+    default=0,
+    metavar="N",
+    help="inference requests let in at once (default: 0, unlimited)",
+)
+@click.option(
+    "--max-queue",
+    type=NON_NEGATIVE,
+    default=0,
+    metavar="N",
+    help="requests that may wait beyond --max-concurrency; the rest get 429 (default: 0)",
+)
 @click.option("--wait", "wait_", is_flag=True, help="wait until it is ready")
 @click.option("--timeout", type=float, metavar="S", help="with --wait: give up after S seconds")
 def create(
@@ -71,6 +106,11 @@ def create(
     batch_delay_us: int,
     instances: int,
     shared_with: tuple[str, ...],
+    max_error_rate: float,
+    max_p99_ms: float,
+    slo_window: int,
+    max_concurrency: int,
+    max_queue: int,
     wait_: bool,
     timeout: float | None,
     output: str,
@@ -85,6 +125,11 @@ def create(
         max_queue_delay_us=batch_delay_us,
         instance_count=instances,
         shared_with=shared_with,
+        max_error_rate_percent=max_error_rate,
+        max_p99_ms=max_p99_ms,
+        slo_window_seconds=slo_window,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
     )
     if wait_:
         deployment = _wait(client, name, timeout=timeout, version=None)
@@ -143,6 +188,46 @@ def share(client: Plinth, *, name: str, teams: tuple[str, ...], unshare: bool, o
         raise click.UsageError("name the teams to share it with, or pass --none (not both)")
     print_deployment(client.deployments.share(name, teams), output)
     return 0
+
+
+@leaf(
+    deployments,
+    "traffic",
+    help="Split a deployment's traffic between versions: `traffic NAME v3=10 v2=90` (percents "
+    "summing to 100; a maintainer of its team). The serving version must be in a split of "
+    "several; the others are canaries, rolled back by themselves when they break the SLO. One "
+    "version at 100 serves alone until the alias is promoted again.",
+)
+@click.argument("name", metavar="NAME")
+@click.argument("shares", metavar="vN=PCT...", nargs=-1, required=True)
+@click.option("--reason", default="", help="why, recorded in deployment.traffic_changed")
+def traffic(client: Plinth, *, name: str, shares: tuple[str, ...], reason: str, output: str) -> int:
+    """Sets a deployment's traffic split."""
+    split = parse_split(shares)
+    with spinner(f"moving traffic of deployment {name}: {' '.join(shares)}"):
+        deployment = client.deployments.set_traffic(name, split, reason=reason)
+    print_deployment(deployment, output)
+    return 0
+
+
+def parse_split(shares: tuple[str, ...]) -> dict[str, int]:
+    """``("v3=10", "2=90")`` -> ``{"3": 10, "2": 90}``.
+
+    Raises:
+        click.BadParameter: a share that is not ``[v]VERSION=PERCENT``.
+    """
+    split: dict[str, int] = {}
+    for share in shares:
+        version, sep, percent = share.partition("=")
+        version = version.strip().removeprefix("v").removeprefix("V")
+        if not sep or not version.isdigit() or not percent.strip().isdigit():
+            raise click.BadParameter(
+                f"{share!r}: expected vVERSION=PERCENT, e.g. v3=10", param_hint="vN=PCT"
+            )
+        if version in split:
+            raise click.BadParameter(f"version {version} is named twice", param_hint="vN=PCT")
+        split[version] = int(percent)
+    return split
 
 
 @leaf(deployments, "wait", help="Wait until a deployment is ready (showing its state).")
@@ -206,6 +291,13 @@ def print_deployment(deployment: Deployment, output: str) -> None:
             ("SERVING", deployment.serving_version),
             ("LOADING", deployment.loading_version),
             ("TARGET", deployment.target_version),
+            ("TRAFFIC", "; ".join(traffic_text(t) for t in deployment.traffic)),
+            (
+                "PENDING",
+                " ".join(f"v{v}={p}%" for v, p in deployment.pending_traffic.items()),
+            ),
+            ("SLO", _slo_text(deployment)),
+            ("LIMITS", _limits_text(deployment)),
             ("BATCHING", batching),
             ("SHARED WITH", ", ".join(deployment.shared_with)),
             ("ERROR", deployment.last_error),
@@ -213,3 +305,31 @@ def print_deployment(deployment: Deployment, output: str) -> None:
             ("UPDATED", time_text(deployment.updated_at)),
         ]
     )
+
+
+def traffic_text(t: VersionTraffic) -> str:
+    """One version of the split: ``v3 10% canary  12.5 req/s, 0.0% errors, p99 4.1 ms``."""
+    role = "canary" if t.canary else "serving"
+    text = f"v{t.version} {t.percent}% {role}"
+    if not t.measured:
+        return text + "  (no data plane statistics)"
+    return (
+        f"{text}  {t.requests_per_second:.1f} req/s, {t.error_rate_percent:.1f}% errors, "
+        f"p99 {t.p99_ms:.1f} ms"
+    )
+
+
+def _slo_text(deployment: Deployment) -> str:
+    slo = deployment.slo
+    if not slo:
+        return ""
+    return (
+        f"errors <= {slo.get('max_error_rate_percent', 0):g}%, "
+        f"p99 <= {slo.get('max_p99_ms', 0):g} ms, over {slo.get('window_seconds', 0):g}s"
+    )
+
+
+def _limits_text(deployment: Deployment) -> str:
+    if not deployment.max_concurrency:
+        return "unlimited"
+    return f"{deployment.max_concurrency} at once, {deployment.max_queue} queued"
