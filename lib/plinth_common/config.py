@@ -36,6 +36,16 @@ DEFAULT_PORTS = {
     "serving": 50064,
 }
 
+#: Each service's Prometheus metrics port when its gRPC port is a fixed one (an ephemeral gRPC
+#: port, as in tests, gets an ephemeral metrics port too, so parallel runs never collide).
+DEFAULT_METRICS_PORTS = {
+    "gateway": 19051,
+    "scheduler": 19061,
+    "registry": 19062,
+    "features": 19063,
+    "serving": 19064,
+}
+
 
 def default_data_dir() -> Path:
     """The git-ignored ``.data`` folder of the checkout this code runs from."""
@@ -99,6 +109,8 @@ class CommonSettings:
             (``PLINTH_INTERNAL_KEY``; set it from a secret in production).
         internal_key_file: where the key lives when ``internal_key`` is unset (created 0600 on
             first start; every process of one machine reads the same file).
+        metrics_port: the Prometheus metrics endpoint's port (``PLINTH_<SERVICE>_METRICS_PORT``;
+            0 picks a free one).
     """
 
     service: str
@@ -111,6 +123,7 @@ class CommonSettings:
     log_dir: Path
     internal_key: str = ""
     internal_key_file: Path = Path()
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, service: str, env: Env | None = None) -> CommonSettings:
@@ -119,18 +132,22 @@ class CommonSettings:
         prefix = f"PLINTH_{service.upper()}_"
         data_dir = env.path("PLINTH_DATA_DIR", default_data_dir())
         default_db = f"sqlite+aiosqlite:///{data_dir / service / f'{service}.db'}"
+        port = env.int(prefix + "PORT", DEFAULT_PORTS[service])
         return cls(
             service=service,
             data_dir=data_dir,
             nats_url=env.str("PLINTH_NATS_URL", DEFAULT_NATS_URL),
             host=env.str("PLINTH_HOST", "127.0.0.1"),
-            port=env.int(prefix + "PORT", DEFAULT_PORTS[service]),
+            port=port,
             database_url=env.str(prefix + "DATABASE_URL", default_db),
             log_level=env.str("PLINTH_LOG_LEVEL", "INFO"),
             log_dir=env.path("PLINTH_LOG_DIR", data_dir / "logs"),
             internal_key=env.str("PLINTH_INTERNAL_KEY", ""),
             internal_key_file=env.path(
                 "PLINTH_INTERNAL_KEY_FILE", data_dir / "run" / "internal.key"
+            ),
+            metrics_port=env.int(
+                prefix + "METRICS_PORT", DEFAULT_METRICS_PORTS[service] if port else 0
             ),
         )
 

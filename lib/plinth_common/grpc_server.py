@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from plinth_common import errors
+from plinth_common.metrics import GRPC_SERVER_DURATION, GRPC_SERVER_REQUESTS, Metrics, observe
 from plinth_common.rich_status import DETAILS_KEY, RichDetails, details_of, status_of
 
 log = logging.getLogger(__name__)
@@ -253,6 +255,89 @@ def _wrap_stream(
     return wrapped
 
 
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by service, method and final status code, and times unary calls
+    (``plinth_grpc_server_requests_total``, ``plinth_grpc_server_request_duration_seconds``).
+
+    Install it outermost (:class:`GrpcServer` does), so that it sees the code the error mapping
+    and the other interceptors produced; the duration's exemplar is the call's trace id (the
+    OpenTelemetry server interceptor, outside this one, opened its span). Only methods the
+    server has a handler for are labelled, so a caller cannot invent label values.
+
+    Args:
+        metrics: the process's metrics.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._requests = metrics.counter(GRPC_SERVER_REQUESTS)
+        self._duration = metrics.histogram(GRPC_SERVER_DURATION)
+        self._names: dict[str, tuple[str, str]] = {}
+
+    def _labels(self, path: str) -> tuple[str, str]:
+        names = self._names.get(path)
+        if names is None:
+            service, _, method = path.lstrip("/").rpartition("/")
+            names = self._names[path] = (service, method)
+        return names
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, method = self._labels(handler_call_details.method)
+        requests = self._requests
+        duration = self._duration.labels(service, method)
+
+        def count(code: grpc.StatusCode | None) -> None:
+            requests.labels(service, method, (code or grpc.StatusCode.OK).name).inc()
+
+        def unary(behaviour: UnaryBehaviour) -> UnaryBehaviour:
+            async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
+                try:
+                    response = await behaviour(request, context)
+                    code = context.code()
+                    return response
+                except grpc.aio.AbortError:
+                    code = context.code()
+                    raise
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    observe(duration, time.perf_counter() - start)
+                    count(code)
+
+            return timed
+
+        def stream(behaviour: StreamBehaviour) -> StreamBehaviour:
+            async def counted(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
+                try:
+                    async for item in behaviour(request, context):
+                        yield item
+                    code = context.code()
+                except grpc.aio.AbortError:
+                    code = context.code()
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    count(code)
+
+            return counted
+
+        return rewrap(handler, unary=unary, stream=stream)
+
+
 class Registration(Protocol):
     """A generated ``add_XServicer_to_server`` function."""
 
@@ -268,6 +353,8 @@ class GrpcServer:
         interceptors: extra interceptors, run after the error mapping.
         domain: ``ErrorInfo.domain`` of this process's own errors (see
             :class:`ErrorMappingInterceptor`).
+        metrics: where to count calls (:class:`MetricsInterceptor`, outside every other
+            interceptor); None records nothing.
     """
 
     def __init__(
@@ -277,9 +364,11 @@ class GrpcServer:
         port: int,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         domain: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        measured = [MetricsInterceptor(metrics)] if metrics is not None else []
         self._server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(domain=domain), *interceptors],
+            interceptors=[*measured, ErrorMappingInterceptor(domain=domain), *interceptors],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -19,12 +19,18 @@ from plinth_common.db import Database
 from plinth_common.events import ConsumerSettings, EventBus, EventConsumer, Outbox, OutboxRelay
 from plinth_common.events.consumer import ConsumerOptions, EffectHandler, Handler
 from plinth_common.grpc_server import GrpcServer
+from plinth_common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class ServiceRuntime:
     """Infrastructure of one service process.
+
+    :attr:`metrics` is the process's metrics (its own registry): the gRPC server, the outbox
+    relay and the consumers record into it, a service declares its own families on it, and
+    its endpoint serves on ``settings.metrics_port`` from :meth:`start` to :meth:`stop`
+    (:attr:`metrics_port` is the bound port).
 
     Args:
         settings: the service's common settings.
@@ -52,6 +58,7 @@ class ServiceRuntime:
         )
         if verify_callers:
             interceptors = [*interceptors, ServiceAuthInterceptor(self.tokens)]
+        self.metrics = Metrics(settings.service)
         self.db = Database(settings.database_url)
         self.bus = EventBus(settings.nats_url, name=f"plinth-{settings.service}")
         self.server = GrpcServer(
@@ -59,6 +66,7 @@ class ServiceRuntime:
             port=settings.port,
             domain=f"{settings.service}.plinth",
             interceptors=interceptors,
+            metrics=self.metrics,
         )
         self.outbox = (
             Outbox(outbox_table, source=f"/plinth/{settings.service}")
@@ -66,7 +74,9 @@ class ServiceRuntime:
             else None
         )
         self.relay = (
-            OutboxRelay(self.db, outbox_table, self.bus) if outbox_table is not None else None
+            OutboxRelay(self.db, outbox_table, self.bus, metrics=self.metrics)
+            if outbox_table is not None
+            else None
         )
         self._processed_table = processed_table
         self._migrations = migrations
@@ -105,21 +115,34 @@ class ServiceRuntime:
             self._processed_table,
             ConsumerSettings(durable=durable, subjects=subjects, **options),
             handler,
+            metrics=self.metrics,
         )
         self.consumers.append(consumer)
         return consumer
 
+    @property
+    def metrics_port(self) -> int:
+        """The metrics endpoint's bound port (0 before :meth:`start`)."""
+        return self.metrics.port
+
     async def start(self) -> None:
-        """Migrates the store, starts NATS, relay and consumers, binds the gRPC server (NOT_SERVING)."""
+        """Serves metrics, migrates the store, starts NATS, relay and consumers, binds the gRPC
+        server (NOT_SERVING)."""
         self.settings.service_dir.mkdir(parents=True, exist_ok=True)
-        if self._migrations is not None:
-            await self.db.migrate(self._migrations)
-        await self.bus.start()
-        if self.relay is not None:
-            await self.relay.start()
-        for consumer in self.consumers:
-            await consumer.start()
-        port = await self.server.start()
+        # First, so that a slow migration or an unreachable NATS can be watched.
+        await self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        try:
+            if self._migrations is not None:
+                await self.db.migrate(self._migrations)
+            await self.bus.start()
+            if self.relay is not None:
+                await self.relay.start()
+            for consumer in self.consumers:
+                await consumer.start()
+            port = await self.server.start()
+        except BaseException:
+            await self.metrics.close()  # a failed start leaves no port bound
+            raise
         log.info("%s listening on %s:%d", self.settings.service, self.settings.host, port)
 
     async def stop(self) -> None:
@@ -131,6 +154,7 @@ class ServiceRuntime:
             await self.relay.stop()
         await self.bus.stop()
         await self.db.close()
+        await self.metrics.close()
 
 
 class Engine(Protocol):

@@ -59,6 +59,13 @@ from plinth_common.errors import PlinthError, Unavailable
 from plinth_common.events.bus import DEAD_LETTER_PREFIX, EVENTS_STREAM, EventBus
 from plinth_common.events.envelope import CloudEvent, MalformedEvent
 from plinth_common.events.tracing import extract
+from plinth_common.metrics import (
+    EVENTS_DEAD_LETTERS,
+    EVENTS_HANDLE_LAG,
+    EVENTS_REDELIVERIES,
+    Metrics,
+    observe,
+)
 
 __all__ = [
     "ConsumerOptions",
@@ -155,6 +162,7 @@ class EventConsumer:
         settings: the consumer's settings.
         handler: a database-only :data:`Handler` ``async (session, event, payload) -> None``,
             or an :class:`EffectHandler`.
+        metrics: where to record redeliveries, dead letters and the publish-to-handle lag.
     """
 
     def __init__(
@@ -164,6 +172,8 @@ class EventConsumer:
         processed: Table,
         settings: ConsumerSettings,
         handler: Handler | EffectHandler,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._bus = bus
         self._db = db
@@ -175,6 +185,13 @@ class EventConsumer:
         self.handled = 0
         self.duplicates = 0
         self.dead_lettered = 0
+        self._lag = metrics.histogram(EVENTS_HANDLE_LAG) if metrics else None
+        self._redeliveries = (
+            metrics.counter(EVENTS_REDELIVERIES).labels(settings.durable) if metrics else None
+        )
+        self._dead_letters = (
+            metrics.counter(EVENTS_DEAD_LETTERS).labels(settings.durable) if metrics else None
+        )
 
     async def start(self) -> None:
         """Starts pulling in the background (once NATS is connected)."""
@@ -252,6 +269,8 @@ class EventConsumer:
         try:
             deliveries: list[_Delivery] = []
             for msg in messages:
+                if self._redeliveries is not None and (msg.metadata.num_delivered or 1) > 1:
+                    self._redeliveries.inc()
                 spans.append(span := self._start_span(msg))
                 try:
                     event = CloudEvent.from_headers(msg.headers or {}, msg.data)
@@ -320,6 +339,11 @@ class EventConsumer:
                 d.span.set_attribute("plinth.duplicate", True)
         self.handled += len(handled)
         self.duplicates += len(deliveries) - len(handled)
+        if self._lag is not None:
+            now = datetime.now(UTC)
+            for d in handled:
+                with _current(d.span):  # the exemplar is the event's trace
+                    observe(self._lag.labels(d.msg.subject), (now - d.event.time).total_seconds())
         for d in deliveries:
             await d.msg.ack()
 
@@ -415,6 +439,8 @@ class EventConsumer:
         await self._bus.js.publish(DEAD_LETTER_PREFIX + msg.subject, msg.data, headers=headers)
         await msg.ack()
         self.dead_lettered += 1
+        if self._dead_letters is not None:
+            self._dead_letters.inc()
         log.error("%s dead-lettered after %d deliveries: %s", msg.subject, delivery, reason)
 
     def _within_outage_budget(self, msg: Msg) -> bool:

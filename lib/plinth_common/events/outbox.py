@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -26,6 +28,7 @@ from plinth_common.db import Database
 from plinth_common.events.bus import EventBus
 from plinth_common.events.envelope import PROTOBUF, CloudEvent, new_event
 from plinth_common.events.tracing import extract, inject, traceparent_of_current
+from plinth_common.metrics import EVENTS_OUTBOX_BACKLOG, EVENTS_PUBLISHED, Metrics
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("plinth.events")
@@ -84,6 +87,9 @@ class OutboxRelay:
         bus: the NATS connection.
         batch_size: rows published concurrently per round.
         poll_interval_s: how often to look without a wake-up (rows of other processes, restarts).
+        publish_timeout_s: how long one publish waits for JetStream's acknowledgement.
+        metrics: where to count publications and show the backlog
+            (``plinth_events_published_total``, ``plinth_events_outbox_backlog``).
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class OutboxRelay:
         batch_size: int = 256,
         poll_interval_s: float = 1.0,
         publish_timeout_s: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._table = table
@@ -105,6 +112,10 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.published = 0
+        self._published_total = metrics.counter(EVENTS_PUBLISHED) if metrics else None
+        self._backlog = metrics.gauge(EVENTS_OUTBOX_BACKLOG).labels() if metrics else None
+        self._backlog_task: asyncio.Task[None] | None = None
+        self._backlog_known_at = 0.0
         db.on_commit(self._after_commit)
 
     def wake(self) -> None:
@@ -118,6 +129,8 @@ class OutboxRelay:
     async def start(self) -> None:
         """Starts the relay loop."""
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
+        if self._backlog is not None:
+            self._backlog_task = asyncio.create_task(self._watch_backlog(), name="outbox-backlog")
 
     async def stop(self) -> None:
         """Publishes what it can within a second, then stops."""
@@ -126,8 +139,34 @@ class OutboxRelay:
         if self._bus.is_connected:
             with suppress(Exception):  # rows stay in the outbox for the next start
                 await asyncio.wait_for(self.drain(), timeout=1.0)
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._backlog_task):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._task, self._backlog_task) if t is not None), return_exceptions=True
+        )
+
+    async def _watch_backlog(self) -> None:
+        """Counts the unpublished rows while the relay cannot: before NATS first connects and
+        while publishing fails. A healthy relay looks at least every poll interval and sets the
+        backlog itself, so this costs no query then."""
+        while True:
+            await asyncio.sleep(self._poll_interval_s)
+            if time.monotonic() - self._backlog_known_at < 2 * self._poll_interval_s:
+                continue
+            with suppress(Exception):  # the store is busy or gone: try again next period
+                async with self._db.read() as session:
+                    count = await session.scalar(
+                        sa.select(sa.func.count())
+                        .select_from(self._table)
+                        .where(self._table.c.published_at.is_(None))
+                    )
+                self._set_backlog(int(count or 0))
+
+    def _set_backlog(self, rows: int) -> None:
+        if self._backlog is not None:
+            self._backlog.set(rows)
+            self._backlog_known_at = time.monotonic()
 
     async def _run(self) -> None:
         await self._bus.connected()
@@ -167,6 +206,7 @@ class OutboxRelay:
                 )
             ).all()
         if not rows:
+            self._set_backlog(0)
             return 0
         # The first publish goes alone: nats-py sets up its reply subscription on a connection's
         # first request, and concurrent first requests could otherwise overtake each other.
@@ -196,6 +236,12 @@ class OutboxRelay:
                     .values(published_at=datetime.now(UTC))
                 )
             self.published += len(done)
+            if self._published_total is not None:
+                for subject, n in Counter(r.subject for r in rows[: len(done)]).items():
+                    self._published_total.labels(subject).inc(n)
+        if failure is None and len(rows) < self._batch_size:
+            # Everything unpublished was in this batch (later commits wake the relay again).
+            self._set_backlog(0)
         if failure is not None:
             raise failure
         return len(done)
