@@ -1,8 +1,8 @@
 """What the inference data plane measured, per deployment version, and the guard that rolls a
 canary back when it breaks its deployment's SLO.
 
-The data plane reports cumulative counters per ``"<deployment>/<version>"`` (requests, errors)
-and a recent p99 latency. :class:`TrafficWindows` keeps timestamped samples of them, so that
+The data plane reports cumulative counters per ``"<deployment>/<version>"`` (requests, errors,
+latency buckets). :class:`TrafficWindows` keeps timestamped samples of them, so that
 rates over any window up to the longest SLO window are differences of two samples (a counter
 that went down, after the proxy restarted, starts the window afresh). :func:`breach` is the
 pure verdict; :class:`CanaryGuard` polls the data plane, keeps the windows, and asks the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -58,7 +59,7 @@ class WindowStats:
         seconds: how long the window really is (shorter while samples are young).
         requests: requests answered in it.
         errors: of those, errors (the data plane's count: server errors, not refusals).
-        p99_ms: the latest p99 latency the data plane reported.
+        p99_ms: the 99th percentile latency of those requests (ms).
     """
 
     seconds: float
@@ -96,6 +97,17 @@ class _Sample:
     requests: int
     errors: int
     p99_ms: float
+    raw: VersionCounters
+
+
+def _p99_between(first: _Sample, last: _Sample) -> float:
+    """The p99 of the requests between two samples: from the difference of their latency
+    buckets when the data plane reports them (``VersionStats.since``), else the latest p99."""
+    if last.requests <= first.requests:
+        return 0.0
+    since = getattr(last.raw, "since", None)
+    p99 = since(first.raw).p99_ms if since is not None else last.p99_ms
+    return 0.0 if math.isnan(p99) else float(p99)
 
 
 class TrafficWindows:
@@ -113,7 +125,7 @@ class TrafficWindows:
             samples = self._samples.setdefault(key, deque())
             if samples and (s.requests < samples[-1].requests or s.errors < samples[-1].errors):
                 samples.clear()  # the counters restarted (the proxy did)
-            samples.append(_Sample(now, int(s.requests), int(s.errors), float(s.p99_ms)))
+            samples.append(_Sample(now, int(s.requests), int(s.errors), float(s.p99_ms), s))
             while len(samples) > 2 and now - samples[1].at >= self._keep_s:
                 samples.popleft()
 
@@ -133,7 +145,7 @@ class TrafficWindows:
             seconds=last.at - first.at,
             requests=last.requests - first.requests,
             errors=last.errors - first.errors,
-            p99_ms=last.p99_ms if last.requests > first.requests else 0.0,
+            p99_ms=_p99_between(first, last),
         )
 
     def measured(self, key: str) -> bool:

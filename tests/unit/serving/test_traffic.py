@@ -300,3 +300,21 @@ async def test_the_guard_rolls_back_a_failing_canary_and_leaves_a_healthy_one(
     reason = serving.events.changes[-1].reason
     assert reason.startswith("rollback: canary v2 error rate 15.0% over 10s (200 requests)")
     assert serving.service.measured(shown).keys() == {"1"}
+
+
+async def test_a_window_p99_comes_from_the_difference_of_the_data_planes_buckets() -> None:
+    from services.serving.dataplane import VersionStats
+    from services.serving.dataplane.tables import LATENCY_BOUNDS_MS
+
+    def stats(requests: int, slow: int) -> VersionStats:
+        buckets = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        buckets[0], buckets[-2] = requests - slow, slow
+        return VersionStats(requests=requests, errors=0, total_ms=0.0, buckets=tuple(buckets))
+
+    windows = TrafficWindows()
+    windows.observe(0.0, {"d/2": stats(10_000, 0)})  # a fast past, all-time p99 stays low
+    windows.observe(10.0, {"d/2": stats(10_100, 50)})  # half of the last 100 were slow
+    recent = windows.window("d/2", 60, 10.0)
+    assert recent.requests == 100
+    assert recent.p99_ms > LATENCY_BOUNDS_MS[-3]
+    assert stats(10_100, 50).p99_ms < LATENCY_BOUNDS_MS[1]
