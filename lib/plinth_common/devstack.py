@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -54,6 +55,9 @@ from plinth_common.net import free_tcp_port
 from plinth_common.process import ChildProcess
 
 SERVICES = ("registry", "scheduler", "features", "serving", "gateway")
+#: Where ``make run``'s inference data plane listens (KServe v2 gRPC and REST, HAProxy).
+DEFAULT_INFERENCE_GRPC_PORT = 18001
+DEFAULT_INFERENCE_HTTP_PORT = 18000
 NATS = "nats-server"
 # A service gets this long between SIGTERM and SIGKILL: it drains requests and stops its engine.
 SERVICE_STOP_GRACE_S = 30.0
@@ -226,6 +230,8 @@ class PlatformConfig:
         ports: gRPC port of each service.
         mlflow_port: the registry's MLflow server.
         gateway_http_port: the gateway's HTTP/JSON (KServe v2 REST) port.
+        inference_grpc_port: serving's native data plane (HAProxy), KServe v2 gRPC.
+        inference_http_port: the same, KServe v2 REST.
         services: which services to start.
         env: extra environment for every service (OTEL_*, PLINTH_*).
     """
@@ -236,6 +242,8 @@ class PlatformConfig:
     ports: dict[str, int]
     mlflow_port: int
     gateway_http_port: int
+    inference_grpc_port: int = DEFAULT_INFERENCE_GRPC_PORT
+    inference_http_port: int = DEFAULT_INFERENCE_HTTP_PORT
     nats_sync_interval: str = DEFAULT_SYNC_INTERVAL
     services: tuple[str, ...] = SERVICES
     env: dict[str, str] = field(default_factory=dict)
@@ -255,6 +263,12 @@ class PlatformConfig:
             },
             mlflow_port=env.int("PLINTH_MLFLOW_PORT", DEFAULT_MLFLOW_PORT),
             gateway_http_port=env.int("PLINTH_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
+            inference_grpc_port=env.int(
+                "PLINTH_SERVING_INFERENCE_GRPC_PORT", DEFAULT_INFERENCE_GRPC_PORT
+            ),
+            inference_http_port=env.int(
+                "PLINTH_SERVING_INFERENCE_HTTP_PORT", DEFAULT_INFERENCE_HTTP_PORT
+            ),
             nats_sync_interval=env.str("PLINTH_NATS_SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL),
         )
 
@@ -274,6 +288,8 @@ class PlatformConfig:
             ports={name: free_tcp_port() for name in SERVICES},
             mlflow_port=free_tcp_port(),
             gateway_http_port=free_tcp_port(),
+            inference_grpc_port=free_tcp_port(),
+            inference_http_port=free_tcp_port(),
             services=tuple(services),
             env=dict(env or {}),
         )
@@ -402,6 +418,8 @@ class LocalPlatform:
                 "PLINTH_NATS_URL": self.nats_url,
                 "PLINTH_MLFLOW_PORT": str(self.config.mlflow_port),
                 "PLINTH_GATEWAY_HTTP_PORT": str(self.config.gateway_http_port),
+                "PLINTH_SERVING_INFERENCE_GRPC_PORT": str(self.config.inference_grpc_port),
+                "PLINTH_SERVING_INFERENCE_HTTP_PORT": str(self.config.inference_http_port),
                 "PLINTH_MLFLOW_TRACKING_URI": self.mlflow_url,
                 "PLINTH_SCHEDULER_STOP_JOBS_ON_SHUTDOWN": "true",
                 "OTEL_SERVICE_NAME": f"plinth-{service}",
@@ -727,6 +745,16 @@ class LocalPlatform:
                 with contextlib.suppress(FileNotFoundError):
                     supervisor_status_path(self.config.data_dir).unlink()
 
+    @property
+    def inference_grpc_address(self) -> str:
+        """Serving's native data plane, KServe v2 gRPC (answers when haproxy is installed)."""
+        return f"127.0.0.1:{self.config.inference_grpc_port}"
+
+    @property
+    def inference_http_url(self) -> str:
+        """Serving's native data plane, KServe v2 REST."""
+        return f"http://127.0.0.1:{self.config.inference_http_port}"
+
     def endpoints(self) -> list[tuple[str, str]]:
         """(what, where) rows for the banner."""
         rows = [
@@ -734,6 +762,22 @@ class LocalPlatform:
             for s in ("gateway", *[x for x in SERVICES if x != "gateway"])
             if s in self.config.services
         ]
+        if "serving" in self.config.services:
+            if shutil.which("haproxy"):
+                rows.append(
+                    (
+                        "inference",
+                        f"{self.inference_grpc_address} (KServe v2 gRPC), "
+                        f"{self.inference_http_url} (REST)  (native data plane; API key)",
+                    )
+                )
+            else:
+                rows.append(
+                    (
+                        "inference",
+                        "via the gateway only (haproxy not found: apt-get install haproxy)",
+                    )
+                )
         rows.append(("nats", self.nats_url + ("  (embedded, JetStream)" if self.nats else "")))
         if "gateway" in self.config.services:
             rows.insert(1, ("http", f"{self.http_url}  (KServe v2 REST, /healthz)"))
