@@ -290,12 +290,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         service, method = self._labels(handler_call_details.method)
         requests = self._requests
-        duration = self._duration.labels(service, method)
 
         def count(code: grpc.StatusCode | None) -> None:
             requests.labels(service, method, (code or grpc.StatusCode.OK).name).inc()
 
         def unary(behaviour: UnaryBehaviour) -> UnaryBehaviour:
+            duration = self._duration.labels(service, method)
+
             async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 start = time.perf_counter()
                 code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
