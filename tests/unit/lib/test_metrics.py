@@ -28,8 +28,8 @@ from plinth_common.metrics import (
     GRPC_SERVER_REQUESTS,
     OVERFLOW,
     SERVING_INFERENCE_DURATION,
-    MetricSpec,
     Metrics,
+    MetricSpec,
 )
 
 SERVICE = "test.v1.Jobs"
@@ -70,7 +70,7 @@ class Served:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.metrics.port}/metrics", headers={"Accept": accept}
         )
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - local
+        with urllib.request.urlopen(request, timeout=5) as response:
             return str(response.read().decode())
 
 
@@ -100,6 +100,11 @@ async def served() -> AsyncIterator[Served]:
         await channel.close()
         await server.stop(0)
         await metrics.close()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
 
 
 def _samples(text: str, name: str) -> list[Sample]:
@@ -278,16 +283,14 @@ async def test_two_processes_in_one_test_keep_their_own_figures() -> None:
         assert first.port != second.port
         for metrics, backlog in ((first, 7), (second, 2)):
             url = f"http://127.0.0.1:{metrics.port}/metrics"
-            text = await asyncio.to_thread(
-                lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode()  # noqa: S310
-            )
+            text = await asyncio.to_thread(_get, url)
             assert f"plinth_events_outbox_backlog {backlog}.0" in text
     finally:
         for metrics in (first, second):
             await metrics.close()
     # Closed: the port answers no more.
     with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{first.port}/metrics", timeout=1)  # noqa: S310
+        await asyncio.to_thread(_get, f"http://127.0.0.1:{first.port}/metrics")
 
 
 def test_the_metrics_port_follows_the_grpc_port(tmp_path: Path) -> None:
