@@ -20,7 +20,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@rm -f $(VENV)/.installed-* && touch $@
 
+# Serving's native inference data plane is Debian's haproxy (2.6+): installed when missing if
+# apt-get may run; without it inference stays on the Python path (serving says so in one line).
 run: venv
+	@command -v haproxy > /dev/null || { echo "haproxy not found: apt-get install haproxy (serving's inference data plane)"; \
+	  { apt-get install -y -q haproxy || sudo -n apt-get install -y -q haproxy; } > /dev/null 2>&1 \
+	  || echo "could not install haproxy: inference stays on the Python path"; }
 	$(BIN)/python -m plinth_common.devstack
 
 # Walks the golden path on a running platform (`make run` in another terminal). The example
