@@ -318,3 +318,24 @@ async def test_a_window_p99_comes_from_the_difference_of_the_data_planes_buckets
     assert recent.requests == 100
     assert recent.p99_ms > LATENCY_BOUNDS_MS[-3]
     assert stats(10_100, 50).p99_ms < LATENCY_BOUNDS_MS[1]
+
+
+async def test_splits_become_data_plane_routes_it_accepts() -> None:
+    from services.serving.app import _route_specs
+    from services.serving.dataplane.tables import check_routes
+
+    split = domain.Split(
+        deployment="diab",
+        backends=(
+            domain.Backend(version="2", triton_model="diab__v2", percent=90),
+            domain.Backend(version="3", triton_model="diab__v3", percent=10),
+        ),
+        limits=domain.Limits(max_concurrency=8, max_queue=16),
+    )
+    [route] = _route_specs([split])
+    check_routes([route])
+    assert [(b.model, b.version, b.weight, b.shown_version) for b in route.backends] == [
+        ("diab__v2", "1", 90, "2"),
+        ("diab__v3", "1", 10, "3"),
+    ]
+    assert (route.max_concurrency, route.max_queue) == (8, 16)
