@@ -50,6 +50,8 @@ from bench.common import Latency, machine_line, ms, print_table, rate, ratio
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
 from plinth_common.devstack import LocalPlatform, PlatformConfig
+from plinth_common.net import free_tcp_port
+from plinth_common.process import ChildExited
 from plinth_common.slurm_cluster import SlurmCluster
 
 DEFAULT_JOBS = 1000
@@ -90,12 +92,20 @@ class Result:
             if not math.isnan(started)
         )
 
+    @property
+    def starts_per_s(self) -> float:
+        """Jobs started per second, from the first start to the last."""
+        starts = [started for started in self.started_at if not math.isnan(started)]
+        span = max(starts) - min(starts) if len(starts) > 1 else 0.0
+        return (len(starts) - 1) / span if span > 0 else math.nan
+
     def as_dict(self) -> dict[str, float | int | str]:
         latency = self.start_latency
         return {
             "system": self.system,
             "jobs": self.jobs,
             "submissions_per_s": self.submissions_per_s,
+            "starts_per_s": self.starts_per_s,
             "start_p50_ms": latency.p50,
             "start_p99_ms": latency.p99,
             "started": latency.n,
@@ -189,7 +199,12 @@ async def run_plinth(opts: Options, work: Path) -> Result:
     config = PlatformConfig.ephemeral(
         work / "platform",
         services=("scheduler",),
-        env={"OTEL_TRACES_EXPORTER": "none", "PLINTH_SCHEDULER_CPU": str(opts.slots)},
+        env={
+            "OTEL_TRACES_EXPORTER": "none",
+            "PLINTH_SCHEDULER_CPU": str(opts.slots),
+            # Its own metrics port: another platform on this machine may hold the default.
+            "PLINTH_SCHEDULER_METRICS_PORT": str(free_tcp_port()),
+        },
     )
     platform = LocalPlatform(config)
     try:
@@ -261,13 +276,14 @@ def report(results: Sequence[Result], opts: Options) -> None:
     rows = []
     for r in results:
         if r.skipped:
-            rows.append([r.system, "-", "-", "-", "-", f"skipped: {r.skipped}"])
+            rows.append([r.system, "-", "-", "-", "-", "-", f"skipped: {r.skipped}"])
             continue
         latency = r.start_latency
         rows.append(
             [
                 r.system,
                 rate(r.submissions_per_s),
+                f"{r.starts_per_s:.1f}",
                 ms(latency.p50),
                 ms(latency.p99),
                 f"{latency.n}/{r.jobs}",
@@ -278,7 +294,7 @@ def report(results: Sequence[Result], opts: Options) -> None:
         f"{opts.jobs} jobs `sh -c 'date > FILE'`, 1 CPU each of {opts.slots}, "
         f"{opts.concurrency} submitters "
         "(latency: submit to the job's first instruction, ms)",
-        ["system", "submit jobs/s", "start p50", "start p99", "started", ""],
+        ["system", "submit jobs/s", "start jobs/s", "start p50", "start p99", "started", ""],
         rows,
     )
     by = {r.system: r for r in results if not r.skipped}
@@ -312,7 +328,12 @@ def slurm_comparison(opts: Options) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="plinth-bench-slurm-") as tmp:
         work = Path(tmp)
         results = [run_slurm(opts, work)]
-        results.append(asyncio.run(run_plinth(opts, work)))
+        try:
+            results.append(asyncio.run(run_plinth(opts, work)))
+        except (ChildExited, TimeoutError, OSError, grpc.RpcError) as err:
+            # SLURM's figures are still worth printing.
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            results.append(Result("Plinth", opts.jobs, skipped=f"failed: {first_line}"))
     return results
 
 
