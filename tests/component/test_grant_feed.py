@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import jwt
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -25,7 +27,7 @@ from plinth_common.auth import Principal, Role
 from plinth_common.nats_server import NatsServer
 from services.gateway.app import GatewayApp, GatewaySettings
 from services.gateway.keys import hash_secret, parse_key
-from services.serving.dataplane import KeyGrant
+from services.serving.dataplane import Backend, DataPlane, KeyGrant, RouteSpec
 from services.serving.domain import DeploymentAccess
 from services.serving.gateway_client import GatewayKeys
 from services.serving.grants import GrantFeed
@@ -35,6 +37,7 @@ from tests.unit.gateway.test_oidc import AUDIENCE, Issuer, serve_issuer
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 SERVING = Principal.service("serving")
+NOWHERE = "127.0.0.1:9"  # nothing listens there
 
 
 class Sink:
@@ -79,7 +82,7 @@ async def platform(
     tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer
 ) -> AsyncIterator[Platform]:
     tmp: Path = tmp_path_factory.mktemp("grant-feed")
-    nowhere = "127.0.0.1:9"  # no upstream is called here
+    nowhere = NOWHERE  # no upstream is called here
     async with serve_issuer() as issuer:
         settings = GatewaySettings.from_env(
             service_env(
@@ -321,3 +324,66 @@ async def test_an_oidc_token_exchanged_for_a_key_reaches_the_data_plane(
         )
     )
     assert refused.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.skipif(not DataPlane.available()[0], reason=DataPlane.available()[1])
+async def test_a_key_revoked_at_the_gateway_is_refused_by_haproxy_within_a_second(
+    platform: Platform, tmp_path: Path
+) -> None:
+    team = await _team(platform)
+    key = await platform.member_with_key(team, f"ann-{team}", gateway_pb2.ROLE_VIEWER)
+
+    # A stand-in for Triton's REST port: whatever the proxy lets through is answered 200.
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response({"outputs": []})
+
+    triton = web.Application()
+    triton.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(triton)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    triton_http = f"127.0.0.1:{runner.addresses[0][1]}"
+    plane = DataPlane(workdir=tmp_path / "dataplane", triton_grpc=NOWHERE, triton_http=triton_http)
+    await plane.start()
+    source = GatewayKeys(platform.target, tokens=TEST_TOKENS)
+    access = {"churn": DeploymentAccess(team=team), "secret": DeploymentAccess(team="research")}
+    feed = GrantFeed(source=source, sink=plane, access=lambda: access)
+    try:
+        await plane.apply_routes(
+            [
+                RouteSpec(deployment=name, backends=(Backend(f"{name}__v1", "1", 100),))
+                for name in access
+            ]
+        )
+        await feed.start()
+        async with aiohttp.ClientSession(f"http://{plane.http_address}") as http:
+
+            async def status(deployment: str) -> int:
+                async with http.post(
+                    f"/v2/models/{deployment}/infer",
+                    json={"inputs": []},
+                    headers={"authorization": f"Bearer {key}"},
+                ) as answer:
+                    return answer.status
+
+            assert await status("churn") == 200  # let through
+            assert await status("secret") == 404  # another team's deployment
+            await platform.identity.RevokeApiKey(
+                gateway_pb2.RevokeApiKeyRequest(id=parse_key(key)[0]), metadata=platform.admin
+            )
+            revoked_at = time.monotonic()
+
+            async def refused() -> bool:
+                return await status("secret") == 401
+
+            await eventually(refused, timeout=2.0, interval=0.005)
+            took = time.monotonic() - revoked_at
+            print(f"revoked at the gateway -> refused by HAProxy after {took * 1000:.0f} ms")
+            assert took < 1.0
+            assert await status("churn") == 401
+    finally:
+        await feed.stop()
+        await source.close()
+        await plane.stop()
+        await runner.cleanup()
