@@ -1,4 +1,5 @@
-"""Inference throughput and latency through Plinth's serving service versus straight to Triton.
+"""Inference throughput and latency: straight to Triton, through the data plane (HAProxy), and
+through Plinth's serving service (the old Python path).
 
 ``python -m bench.inference [--quick]`` prints figures and asserts nothing.
 
@@ -26,14 +27,25 @@ Serving accepts only calls that carry a forwarded identity (what the gateway add
 benchmark mints one for a developer of the deployments' team with a key it shares with serving,
 and sends it as call metadata, as the gateway does.
 
-Targets (issue, not asserted): at concurrency 32 Plinth keeps >= 70% of direct Triton
-throughput; dynamic batching gives >= 3x no batching.
+The data plane (services/serving/dataplane: HAProxy 2.6 with plinth.lua) runs as its own
+process, started by the benchmark in front of the same Triton, with a route per deployment and
+one API key granted on all of them; every call carries that key (``authorization: Bearer
+plk_...``), so each request pays the key check, the route choice, and the body rewrites
+(Triton's model name into the request, the deployment's back into the response). Serving runs
+with its own data plane off (``PLINTH_SERVING_DATAPLANE=off``) so that only one HAProxy shares
+the cores.
+
+Targets (issue 13, not asserted): at concurrency 32 the data plane keeps >= 90% of direct
+Triton's throughput with batching and without, and adds <= 0.3 ms at p50 at concurrency 1;
+dynamic batching gives >= 3x no batching through the data plane as it does direct. (The old
+Python path's target was >= 70%.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import math
 import os
 import secrets
@@ -65,6 +77,7 @@ from plinth_common.auth import (
 from plinth_common.events import new_event
 from plinth_common.nats_server import NatsServer
 from plinth_common.net import free_tcp_port
+from services.serving.dataplane import Backend, DataPlane, KeyGrant, RouteSpec
 
 MODEL = "bench-diabetes"
 TEAM = "bench"
@@ -209,17 +222,22 @@ async def _measure(
     warmup: float,
     groups: dict[str, list[int]],
     tokens: InternalTokens | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Runs ``concurrency`` closed-loop callers; records the calls that end inside the window.
 
     With ``tokens``, every call carries :data:`CALLER`'s forwarded identity (minted once per
-    half lifetime, so the cost per call is a dictionary lookup).
+    half lifetime, so the cost per call is a dictionary lookup); with ``api_key``, that key as
+    a bearer token (what a stock client sends to the data plane).
     """
     payload = _request(model)
     recording = stopping = False
+    bearer = None if api_key is None else (("authorization", f"Bearer {api_key}"),)
 
     def metadata() -> tuple[tuple[str, str], ...] | None:
-        return None if tokens is None else ((PRINCIPAL_HEADER, tokens.mint(CALLER)),)
+        if tokens is not None:
+            return ((PRINCIPAL_HEADER, tokens.mint(CALLER)),)
+        return bearer
 
     async with grpc.aio.insecure_channel(target) as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -323,14 +341,38 @@ async def _deploy(
                 await asyncio.sleep(0.2)
 
 
+def _bench_key() -> tuple[str, KeyGrant]:
+    """An API key as the gateway makes them (``plk_<id>_<secret>``) and its grant."""
+    key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
+    digest = hashlib.sha256(f"{salt}:{secret}".encode()).hexdigest()
+    deployments = frozenset(name for name, _, _ in DEPLOYMENTS.values())
+    return f"plk_{key_id}_{secret}", KeyGrant(key_id, salt, digest, "user:bench", deployments)
+
+
+async def _start_dataplane(work: Path, triton_grpc: str, triton_http: str) -> tuple[DataPlane, str]:
+    """HAProxy in front of Triton, routing every deployment to its version 1."""
+    plane = DataPlane(workdir=work, triton_grpc=triton_grpc, triton_http=triton_http)
+    await plane.start()
+    key, grant = _bench_key()
+    await plane.apply_routes(
+        [
+            RouteSpec(name, (Backend(f"{name}__v1", "1", 100, label="1"),))
+            for name, _, _ in DEPLOYMENTS.values()
+        ]
+    )
+    await plane.apply_grants([grant])
+    return plane, key
+
+
 async def run(quick: bool) -> None:
     """Sets everything up, measures, prints, tears down."""
     seconds, warmup, rounds = (1.5, 0.5, 1) if quick else (3.0, 0.5, 2)
     work = Path(tempfile.mkdtemp(prefix="plinth-bench-inference-"))
     nats_server = NatsServer(work / "nats", sync_interval="2m")
-    serving_port, triton_port = free_tcp_port(), free_tcp_port()
+    serving_port, triton_port, triton_http_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     process: subprocess.Popen[bytes] | None = None
+    plane: DataPlane | None = None
     registry, registry_address = await _start_registry()
     internal_key = secrets.token_hex(32)
     tokens = InternalTokens(internal_key.encode())
@@ -343,6 +385,8 @@ async def run(quick: bool) -> None:
             PLINTH_NATS_URL=nats_server.url,
             PLINTH_SERVING_PORT=str(serving_port),
             PLINTH_TRITON_GRPC_PORT=str(triton_port),
+            PLINTH_TRITON_HTTP_PORT=str(triton_http_port),
+            PLINTH_SERVING_DATAPLANE="off",
             PLINTH_MLFLOW_TRACKING_URI=tracking_uri,
             PLINTH_REGISTRY_ADDR=registry_address,
             PLINTH_INTERNAL_KEY=internal_key,
@@ -366,10 +410,18 @@ async def run(quick: bool) -> None:
         address = f"127.0.0.1:{serving_port}"
         await _wait_serving(address, process, log_path)
         await _deploy(address, nats_server.url, source, tokens)
-        groups = {"serving": [process.pid], "triton": descendants(process.pid)}
+        triton_target = f"127.0.0.1:{triton_port}"
+        plane, api_key = await _start_dataplane(
+            work / "dataplane", triton_target, f"127.0.0.1:{triton_http_port}"
+        )
+        groups = {
+            "serving": [process.pid],
+            "triton": descendants(process.pid),
+            "haproxy": [plane.pid or 0],
+        }
         print(machine_line())
         print(
-            f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded)"
+            f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded, data plane)"
         )
         excluded = os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "")
         traced = (
@@ -380,15 +432,16 @@ async def run(quick: bool) -> None:
         print(f"serving's per-inference tracing: {traced}")
         print(
             f"single-row ModelInfer (1 x 10 FP64) on a Ridge pyfunc in Triton's Python backend; {rounds} round(s) of "
-            f"{seconds:.1f}s per point after {warmup:.1f}s warm-up, direct and Plinth alternating"
+            f"{seconds:.1f}s per point after {warmup:.1f}s warm-up, direct, data plane and Python path alternating"
         )
         results: dict[tuple[str, int, str], Result] = {}
         for label, (name, _, concurrencies) in DEPLOYMENTS.items():
             for concurrency in concurrencies:
                 for _ in range(rounds):
-                    for target_label, target, model, identity in (
-                        ("triton", f"127.0.0.1:{triton_port}", f"{name}__v1", None),
-                        ("plinth", address, name, tokens),
+                    for target_label, target, model, identity, key in (
+                        ("triton", triton_target, f"{name}__v1", None, None),
+                        ("dataplane", plane.grpc_address, name, None, api_key),
+                        ("python path", address, name, tokens, None),
                     ):
                         result = results.setdefault((label, concurrency, target_label), Result())
                         await _measure(
@@ -400,6 +453,7 @@ async def run(quick: bool) -> None:
                             warmup=warmup,
                             groups=groups,
                             tokens=identity,
+                            api_key=key,
                         )
         rows = []
         for (label, concurrency, target_label), result in results.items():
@@ -411,7 +465,8 @@ async def run(quick: bool) -> None:
                     rate(result.per_s),
                     ms(latency.p50),
                     ms(latency.p99),
-                    ms(result.cpu_ms("serving")) if target_label == "plinth" else "-",
+                    ms(result.cpu_ms("haproxy")) if target_label == "dataplane" else "-",
+                    ms(result.cpu_ms("serving")) if target_label == "python path" else "-",
                     ms(result.cpu_ms("triton")),
                     ms(result.cpu_ms("client")),
                     str(result.errors),
@@ -425,6 +480,7 @@ async def run(quick: bool) -> None:
                 "req/s",
                 "p50 ms",
                 "p99 ms",
+                "haproxy CPU ms",
                 "serving CPU ms",
                 "triton CPU ms",
                 "client CPU ms",
@@ -434,17 +490,24 @@ async def run(quick: bool) -> None:
         )
         for label, (_, _, concurrencies) in DEPLOYMENTS.items():
             for concurrency in concurrencies:
-                share = ratio(
-                    results[(label, concurrency, "plinth")].per_s,
-                    results[(label, concurrency, "triton")].per_s,
-                )
-                print(
-                    f"plinth / direct Triton throughput, {label}, c={concurrency}: {share:.0%}"
-                    + ("   (target >= 70%)" if concurrency == 32 else "")
-                )
+                direct = results[(label, concurrency, "triton")]
+                for path_label, goal in (("dataplane", 0.9), ("python path", 0.7)):
+                    share = ratio(results[(label, concurrency, path_label)].per_s, direct.per_s)
+                    print(
+                        f"{path_label} / direct Triton throughput, {label}, c={concurrency}: {share:.0%}"
+                        + (f"   (target >= {goal:.0%})" if concurrency == 32 else "")
+                    )
+                if concurrency == 1:
+                    added = (
+                        Latency.of_seconds(results[(label, 1, "dataplane")].samples).p50
+                        - Latency.of_seconds(direct.samples).p50
+                    )
+                    print(
+                        f"data plane p50 added, {label}, c=1: {added:.2f} ms   (target <= 0.3 ms)"
+                    )
         plain, *batched = list(DEPLOYMENTS)
         for label in batched:
-            for target_label in ("triton", "plinth"):
+            for target_label in ("triton", "dataplane", "python path"):
                 gain = ratio(
                     results[(label, 32, target_label)].per_s,
                     results[(plain, 32, target_label)].per_s,
@@ -453,6 +516,8 @@ async def run(quick: bool) -> None:
                     f"{label} / no batching at c=32, {target_label}: {gain:.1f}x   (target >= 3x)"
                 )
     finally:
+        if plane is not None:
+            await plane.stop()
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:

@@ -257,6 +257,29 @@ async def test_http_client_with_binary_tensors_gets_direct_tritons_predictions(
         client.close()
 
 
+async def test_tensors_larger_than_haproxys_buffers_pass_whole(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    x = np.random.default_rng(3).random((2, 131072), dtype=np.float32)  # 1 MiB each way
+    result = grpc_client.infer("dep", [_grpc_input(x)], headers=ALICE.headers, client_timeout=30)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x * 2)
+    assert result.get_response().model_name == "dep"
+
+    client = triton_http.InferenceServerClient(dp.http_address)
+    try:
+        tensor = triton_http.InferInput("INPUT0", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        through = client.infer(
+            "dep",
+            [tensor],
+            outputs=[triton_http.InferRequestedOutput("OUTPUT0", binary_data=True)],
+            headers=ALICE.headers,
+        )
+    finally:
+        client.close()
+    np.testing.assert_array_equal(through.as_numpy("OUTPUT0"), x * 2)
+
+
 async def test_wrong_tensor_gets_tritons_invalid_argument_naming_the_deployment(
     dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
 ) -> None:
