@@ -15,7 +15,6 @@ through the constructor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -212,8 +211,12 @@ class CanaryGuard:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # e.g. the database during a rollback: logged, tried again
+                log.exception("the canary guard's check failed")
             await asyncio.sleep(self._interval_s)
 
     async def check_once(self) -> list[str]:
