@@ -156,6 +156,27 @@ class KeysAPI:
             request.expires_at.CopyFrom(_expiry(expires))
         return NewApiKey.from_proto(self._transport.unary(self._stub.CreateApiKey, request))
 
+    def exchange(
+        self, name: str = "oidc", *, expires: datetime | timedelta | None = None
+    ) -> NewApiKey:
+        """Exchanges the OIDC token this client sends for an API key of the same user, the
+        teams of its claim, its admin flag and at most its lifetime: the credential the native
+        inference data plane takes (it checks API keys, not tokens).
+
+        Args:
+            name: What the key is for.
+            expires: Sooner than the token's own expiry (a time, naive: UTC, or a lifetime);
+                None, or later: when the token expires.
+
+        Raises:
+            ValueError: ``expires`` is not in the future.
+            FailedPrecondition: this client sends an API key, not an OIDC token.
+        """
+        request = gateway_pb2.ExchangeTokenRequest(name=name)
+        if expires is not None:
+            request.expires_at.CopyFrom(_expiry(expires))
+        return NewApiKey.from_proto(self._transport.unary(self._stub.ExchangeToken, request))
+
     def list(
         self, *, owner: str | None = None, include_revoked: bool = False
     ) -> builtins.list[ApiKey]:

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
@@ -25,6 +26,9 @@ from plinth.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from plinth_common.auth import Principal, Role
 from plinth_common.nats_server import NatsServer
+from plinth_sdk import Plinth
+from plinth_sdk.errors import FailedPrecondition
+from plinth_sdk.models import NewApiKey
 from services.gateway.app import GatewayApp, GatewaySettings
 from services.gateway.keys import hash_secret, parse_key
 from services.serving.dataplane import Backend, DataPlane, KeyGrant, RouteSpec
@@ -316,7 +320,16 @@ async def test_an_oidc_token_exchanged_for_a_key_reaches_the_data_plane(
     finally:
         await source.close()
 
-    # An API key is no token to exchange.
+    # The SDK does the same for a client holding the token; an API key is no token to exchange.
+    def exchange(credential: str) -> NewApiKey:
+        with Plinth(platform.target, api_key=credential) as client:
+            return client.keys.exchange("sdk", expires=timedelta(minutes=1))
+
+    by_sdk = await asyncio.to_thread(exchange, token)
+    assert by_sdk.key.owner == user and by_sdk.key.name == "sdk"
+    assert by_sdk.key.expires_at is not None and by_sdk.key.expires_at.timestamp() < claims_expiry
+    with pytest.raises(FailedPrecondition, match="only an OIDC token can be exchanged"):
+        await asyncio.to_thread(exchange, exchanged.secret)
     refused = await _code(
         platform.identity.ExchangeToken(
             gateway_pb2.ExchangeTokenRequest(),
