@@ -54,6 +54,7 @@ backoff expired); within a cycle a request shape that did not fit a queue is not
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from bisect import bisect_left, insort
@@ -1273,14 +1274,10 @@ class QueueEngine:
                     f"unknown: a job of another team (queue {blocker[2]}) ahead has no run time "
                     "limit and no history"
                 )
-            for j in range(cursor[name], len(q.keys)):
-                entry = q.entries[q.keys[j][2]]
-                why = (
-                    basis
-                    if j == cursor[name]
-                    else f"unknown: behind job {head.w.id}, " + (basis.removeprefix("unknown: "))
-                )
-                rest.append((entry.key, entry.w.id, why))
+            behind = f"unknown: behind job {head.w.id}, " + basis.removeprefix("unknown: ")
+            first = cursor[name]
+            rest.append((head.key, head.w.id, basis))
+            rest.extend((key, key[2], behind) for key in q.keys[first + 1 :])
         for _key, job_id, why in sorted(rest):
             position += 1
             out[job_id] = (None, why, position)
@@ -1321,6 +1318,7 @@ class QueueEngine:
         rows: list[PendingWorkload] = []
         fit_cache: dict[Totals, _Quota | None] = {}
         short_cache: dict[tuple[Totals, int], str] = {}
+        ahead_cache: dict[tuple[int, int], str] = {}
         blocked_head: str | None = None
         higher_ahead = 0
         prio_seen: int | None = None
@@ -1358,7 +1356,10 @@ class QueueEngine:
                     shape = (entry.totals, w.replicas)
                     if shape not in short_cache:
                         short_cache[shape] = self._short(group, running, q, entry)
-                    reason = short_cache[shape] + _ahead(higher_ahead, same_ahead)
+                    ahead = (higher_ahead, same_ahead)
+                    if ahead not in ahead_cache:
+                        ahead_cache[ahead] = _ahead(higher_ahead, same_ahead)
+                    reason = short_cache[shape] + ahead_cache[ahead]
                     blocked_head = blocked_head or w.id
             if teams is not None and w.team not in teams:
                 continue
@@ -1372,9 +1373,7 @@ class QueueEngine:
                     position_in_queue=position,
                     position_in_cohort=cohort_position,
                     reason=reason,
-                    estimated_start=None
-                    if start is None
-                    else datetime.fromtimestamp(start, tz=UTC),
+                    estimated_start=None if start is None else _datetime(start),
                     estimate_basis=basis,
                 )
             )
@@ -1439,6 +1438,11 @@ def _ahead(higher: int, same: int) -> str:
     if same:
         parts.append(f"{plural(same, 'job')} of its priority queued earlier")
     return "; " + " and ".join(parts) + " ahead"
+
+
+@functools.lru_cache(maxsize=4096)
+def _datetime(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 def _iso(ts: float) -> str:
