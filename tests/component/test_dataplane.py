@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import http.server
 import secrets
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
+import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -27,6 +30,7 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_grpc_aio
 import tritonclient.http as triton_http
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from plinth_common.errors import InvalidArgument
@@ -612,3 +616,74 @@ async def test_stop_ends_haproxy(tmp_path: Path, plane: Plane) -> None:
     await other.stop()
     assert not Path(f"/proc/{pid}").exists()
     assert other.exited() is None
+
+
+# -- headers reach Triton untouched -------------------------------------------------------------
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """An upstream that answers the REST health path and remembers each request's headers."""
+
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+async def test_a_clients_traceparent_reaches_the_upstream_and_its_key_does_not(
+    tmp_path: Path,
+) -> None:
+    grpc_seen: list[dict[str, str]] = []
+
+    async def server_live(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        grpc_seen.append({k: str(v) for k, v in context.invocation_metadata() or ()})
+        return service_pb2.ServerLiveResponse(live=True).SerializeToString()
+
+    upstream = grpc.aio.server()
+    upstream.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {"ServerLive": grpc.unary_unary_rpc_method_handler(server_live)},
+            )
+        ]
+    )
+    grpc_port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    rest = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=rest.serve_forever, daemon=True)
+    thread.start()
+    plane = DataPlane(
+        workdir=tmp_path / "dp",
+        triton_grpc=f"127.0.0.1:{grpc_port}",
+        triton_http=f"127.0.0.1:{rest.server_address[1]}",
+    )
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    try:
+        await plane.start()
+        await plane.apply_grants([ALICE.grant("dep")])
+        headers = {**ALICE.headers, "traceparent": traceparent}
+        # The synchronous client: the tests' OpenTelemetry instruments grpc.aio channels, whose
+        # interceptor would send its own traceparent.
+        client = triton_grpc.InferenceServerClient(plane.grpc_address)
+        try:
+            assert await asyncio.to_thread(client.is_server_live, headers=headers)
+        finally:
+            client.close()
+        response = await _http(
+            requests.get, f"http://{plane.http_address}/v2/health/live", headers=headers
+        )
+        assert response.status_code == 200
+    finally:
+        await plane.stop()
+        rest.shutdown()
+        await upstream.stop(0)
+    assert grpc_seen[-1]["traceparent"] == traceparent
+    assert _Recorder.seen[-1]["traceparent"] == traceparent
+    assert "authorization" not in grpc_seen[-1] and "authorization" not in _Recorder.seen[-1]
