@@ -557,3 +557,18 @@ class Metrics:
                 thread.join(timeout=5)
 
         await asyncio.to_thread(shut)
+
+
+def markdown_table() -> str:
+    """The README's metric list: every catalog metric, its type, labels and meaning."""
+    rows = [
+        "| Metric | Type | Labels | Exported by | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in CATALOG.values():
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
+        where = (
+            spec.exported_by if spec.wired else f"{spec.exported_by} (declared; not yet recorded)"
+        )
+        rows.append(f"| `{spec.name}` | {spec.kind} | {labels} | {where} | {spec.help} |")
+    return "\n".join(rows)

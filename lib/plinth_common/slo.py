@@ -376,3 +376,23 @@ class RecordedCounts:
             if name == slo.name and start <= bucket < end:
                 found.setdefault(scope, []).append(EventCounts(bucket, good, total))
         return found
+
+
+def _percent(ratio: float) -> str:
+    return f"{ratio * 100:.4g}%"
+
+
+def markdown_table(slos: Sequence[Slo] = DEFAULT_SLOS) -> str:
+    """The README's table of the default SLOs."""
+    rows = [
+        "| SLO | Component | Objective | Threshold | Per | Window | Promise |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for slo in slos:
+        threshold = slo.target.threshold_s
+        shown = "-" if threshold is None else f"{threshold:g} s"
+        rows.append(
+            f"| `{slo.name}` | {slo.component} | {_percent(slo.target.objective)} | {shown} |"
+            f" {slo.per or '-'} | {slo.window.days} d | {slo.description} |"
+        )
+    return "\n".join(rows)
