@@ -151,7 +151,9 @@ def _key(row: RowMapping) -> ApiKeyRecord:
 
 
 def _teams_of(text: str | None) -> dict[str, Role]:
-    roles = json.loads(text or "{}")
+    if not text or text == "{}":  # every key but exchanged ones: no parse per row
+        return {}
+    roles = json.loads(text)
     return {team: Role(role) for team, role in roles.items()}
 
 

@@ -18,6 +18,8 @@ from services.serving.registry_client import IDENTITY
 
 __all__ = ["GatewayKeys", "key_from_proto"]
 
+_MAX_TABLE_BYTES = 256 * 1024 * 1024
+
 
 def key_from_proto(digest: gateway_pb2.KeyDigest) -> GatewayKey:
     """``KeyDigest`` -> :class:`GatewayKey`; team roles the gateway names but this build does
@@ -56,7 +58,13 @@ class GatewayKeys:
 
     def __init__(self, target: str, *, tokens: InternalTokens, timeout_s: float = 2.0) -> None:
         self._peer = PeerStub(
-            target, gateway_pb2_grpc.IdentityServiceStub, tokens=tokens, principal=IDENTITY
+            target,
+            gateway_pb2_grpc.IdentityServiceStub,
+            tokens=tokens,
+            principal=IDENTITY,
+            # The whole table in one answer: ~150 bytes a key, past gRPC's 4 MB default at
+            # ~27,000 keys.
+            options=[("grpc.max_receive_message_length", _MAX_TABLE_BYTES)],
         )
         self._timeout_s = timeout_s
 

@@ -127,6 +127,8 @@ def grants_for(
     """
     everything = frozenset(access)
     readers = _readers(access)
+    # Keys of one owner, and owners of the same teams, share their answer.
+    by_teams: dict[frozenset[str], frozenset[str]] = {}
     grants = []
     for key in keys:
         if key.expires_at is not None and key.expires_at <= now:
@@ -134,7 +136,12 @@ def grants_for(
         if key.admin:
             allowed = everything
         else:
-            allowed = frozenset().union(*(readers.get(team, ()) for team in key.teams))
+            teams = frozenset(key.teams)
+            shared = by_teams.get(teams)
+            if shared is None:
+                shared = frozenset().union(*(readers.get(team, ()) for team in teams))
+                by_teams[teams] = shared
+            allowed = shared
         grants.append(
             KeyGrant(
                 key_id=key.id,

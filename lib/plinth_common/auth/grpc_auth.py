@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -188,6 +188,7 @@ class PeerStub(Generic[_Stub]):
         stub: the generated stub class (``registry_pb2_grpc.RegistryServiceStub``).
         tokens: mints the identity.
         principal: who this service is (``Principal.service("serving")``).
+        options: gRPC channel options (a larger ``grpc.max_receive_message_length``).
     """
 
     def __init__(
@@ -197,11 +198,13 @@ class PeerStub(Generic[_Stub]):
         *,
         tokens: InternalTokens,
         principal: Principal,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._target = target
         self._make_stub = stub
         self._tokens = tokens
         self._principal = principal
+        self._options = list(options)
         self._channel: grpc.aio.Channel | None = None
         self._stub: _Stub | None = None
 
@@ -209,7 +212,9 @@ class PeerStub(Generic[_Stub]):
         """The stub, its channel opened if need be."""
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(
-                self._target, interceptors=identity_interceptors(self._tokens, self._principal)
+                self._target,
+                options=self._options,
+                interceptors=identity_interceptors(self._tokens, self._principal),
             )
             self._stub = self._make_stub(self._channel)
         return self._stub
