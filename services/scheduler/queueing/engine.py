@@ -896,27 +896,29 @@ class QueueEngine:
         if quota is None:
             # Release in order of expected end; fitting is monotone in releases, so probe at
             # doubling steps and then walk back to the first end that lets it fit.
-            ends = [
-                (end, self._held[job_id])
-                for end, job_id in group.ends
-                if job_id not in self._preempting  # released by the projection already
-            ]
+            ends = group.ends
+            held_of = self._held
+            stopping = self._preempting  # released by the projection already
             done = 0
             step = 1
             while done < len(ends):
                 upto = min(len(ends), done + step)
-                for _, held in ends[done:upto]:
-                    _add(group, state, held.queue, held.flavor, held.totals, -1.0)
+                for _, job_id in ends[done:upto]:
+                    if job_id not in stopping:
+                        held = held_of[job_id]
+                        _add(group, state, held.queue, held.flavor, held.totals, -1.0)
                 if self._choose(group, state, q, x) is None:
                     done = upto
                     step *= 2
                     continue
                 while upto - 1 > done:  # put back the last releases while it still fits
-                    held = ends[upto - 1][1]
-                    _add(group, state, held.queue, held.flavor, held.totals, 1.0)
-                    if self._choose(group, state, q, x) is None:
-                        _add(group, state, held.queue, held.flavor, held.totals, -1.0)
-                        break
+                    job_id = ends[upto - 1][1]
+                    if job_id not in stopping:
+                        held = held_of[job_id]
+                        _add(group, state, held.queue, held.flavor, held.totals, 1.0)
+                        if self._choose(group, state, q, x) is None:
+                            _add(group, state, held.queue, held.flavor, held.totals, -1.0)
+                            break
                     upto -= 1
                 quota = self._choose(group, state, q, x)
                 start = max(ends[upto - 1][0], t)
@@ -981,6 +983,15 @@ class QueueEngine:
                         others.append(held)
                 _victim_order(others, lambda h: (-shares[h.queue], h.adm.workload.priority))
             if not own and not others:
+                continue
+            # Necessary: it fits once every candidate has gone (a cheap filter before the greedy
+            # choice, which re-checks the fit at every victim).
+            state = base.copy()
+            for held in others:
+                _add(group, state, held.queue, held.flavor, held.totals, -1.0)
+            for held in own:
+                _add(group, state, held.queue, held.flavor, held.totals, -1.0)
+            if not _fits(group, state, q, quota, x, False):
                 continue
             state = base.copy()
             chosen: list[_Held] = []
