@@ -663,6 +663,7 @@ async def test_a_clients_traceparent_reaches_the_upstream_and_its_key_does_not(
         workdir=tmp_path / "dp",
         triton_grpc=f"127.0.0.1:{grpc_port}",
         triton_http=f"127.0.0.1:{rest.server_address[1]}",
+        sampling=1.0,
     )
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     try:
@@ -687,3 +688,49 @@ async def test_a_clients_traceparent_reaches_the_upstream_and_its_key_does_not(
     assert grpc_seen[-1]["traceparent"] == traceparent
     assert _Recorder.seen[-1]["traceparent"] == traceparent
     assert "authorization" not in grpc_seen[-1] and "authorization" not in _Recorder.seen[-1]
+    # sampling 1.0 logs every request with its traceparent
+    assert plane.log_path.read_text().count(traceparent) >= 2
+
+
+# -- the tables' own rules (no process) ---------------------------------------------------------
+
+
+async def test_version_stats_give_a_windows_p99_from_bucket_differences() -> None:
+    from services.serving.dataplane.tables import LATENCY_BOUNDS_MS
+
+    fast = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+    fast[1] = 985  # (0.5, 1] ms
+    fast[LATENCY_BOUNDS_MS.index(200)] = 15  # (150, 200] ms
+    earlier = VersionStats(requests=1000, errors=1, total_ms=2000.0, buckets=tuple(fast))
+    later_buckets = list(fast)
+    later_buckets[1] += 100
+    later = VersionStats(requests=1100, errors=1, total_ms=2100.0, buckets=tuple(later_buckets))
+
+    assert 150 < earlier.p99_ms <= 200
+    window = later.since(earlier)
+    assert (window.requests, window.errors) == (100, 0)
+    assert 0.5 < window.p99_ms <= 1.0
+    assert VersionStats().p99_ms != VersionStats().p99_ms  # nan when nothing was counted
+
+
+async def test_routes_and_grants_are_checked_before_anything_changes() -> None:
+    from services.serving.dataplane.tables import check_grants, check_routes
+
+    good = route("dep", ("1", 90), ("2", 10))
+    check_routes([good])
+    for bad, field in [
+        ([good, good], "routes[1].deployment"),
+        ([RouteSpec("dep", ())], "routes[0].backends"),
+        ([route("dep", ("1", 0))], "routes[0].backends"),
+        ([route("dep", ("1", 1), ("1", 1))], "routes[0].backends[1].label"),
+        ([route("dep", ("1", 100), max_concurrency=-1)], "routes[0].max_concurrency"),
+        ([RouteSpec("dep", (Backend("bad\tname", "1", 1),))], "routes[0].backends[0].model"),
+    ]:
+        with pytest.raises(InvalidArgument) as raised:
+            check_routes(bad)
+        assert raised.value.field == field  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument):
+        check_grants([ALICE.grant("dep"), ALICE.grant("other")])
+    with pytest.raises(InvalidArgument):
+        check_grants([KeyGrant("abc", "salt", "not-a-digest", "user:x", frozenset({"dep"}))])
+    assert Backend("dep__v12", "1", 1).shown_version == "12"
