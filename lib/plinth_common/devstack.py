@@ -42,6 +42,7 @@ from rich.status import Status
 from plinth_common.auth import InternalTokens, Principal, identity_interceptors, load_internal_key
 from plinth_common.config import (
     DEFAULT_GATEWAY_HTTP_PORT,
+    DEFAULT_METRICS_PORTS,
     DEFAULT_MLFLOW_PORT,
     DEFAULT_NATS_URL,
     DEFAULT_PORTS,
@@ -234,6 +235,8 @@ class PlatformConfig:
         inference_http_port: the same, KServe v2 REST.
         services: which services to start.
         env: extra environment for every service (OTEL_*, PLINTH_*).
+        metrics_ports: Prometheus metrics port of each service (none given: each service's
+            default).
     """
 
     data_dir: Path
@@ -247,6 +250,7 @@ class PlatformConfig:
     nats_sync_interval: str = DEFAULT_SYNC_INTERVAL
     services: tuple[str, ...] = SERVICES
     env: dict[str, str] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> PlatformConfig:
@@ -270,6 +274,10 @@ class PlatformConfig:
                 "PLINTH_SERVING_INFERENCE_HTTP_PORT", DEFAULT_INFERENCE_HTTP_PORT
             ),
             nats_sync_interval=env.str("PLINTH_NATS_SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL),
+            metrics_ports={
+                name: env.int(f"PLINTH_{name.upper()}_METRICS_PORT", DEFAULT_METRICS_PORTS[name])
+                for name in SERVICES
+            },
         )
 
     @classmethod
@@ -292,6 +300,7 @@ class PlatformConfig:
             inference_http_port=free_tcp_port(),
             services=tuple(services),
             env=dict(env or {}),
+            metrics_ports={name: free_tcp_port() for name in SERVICES},
         )
 
 
@@ -397,6 +406,11 @@ class LocalPlatform:
         """A service's gRPC address."""
         return f"127.0.0.1:{self.config.ports[service]}"
 
+    def metrics_url(self, service: str) -> str:
+        """A service's Prometheus endpoint ('' when the config leaves its port to the service)."""
+        port = self.config.metrics_ports.get(service)
+        return f"http://127.0.0.1:{port}/metrics" if port else ""
+
     def log_path(self, service: str) -> Path:
         """Where a service's log goes."""
         return self.logs_dir / f"{service}.log"
@@ -429,6 +443,8 @@ class LocalPlatform:
         for name, port in self.config.ports.items():
             env[f"PLINTH_{name.upper()}_PORT"] = str(port)
             env[f"PLINTH_{name.upper()}_ADDR"] = self.address(name)
+        for name, port in self.config.metrics_ports.items():
+            env[f"PLINTH_{name.upper()}_METRICS_PORT"] = str(port)
         if service == "gateway":
             env["PLINTH_GATEWAY_BOOTSTRAP_ADMIN_KEY_FILE"] = str(self.admin_key_file)
         env.update(self.config.env)
@@ -782,6 +798,11 @@ class LocalPlatform:
         if "gateway" in self.config.services:
             rows.insert(1, ("http", f"{self.http_url}  (KServe v2 REST, /healthz)"))
         rows.append(("mlflow", self.mlflow_url))
+        rows += [
+            ("metrics", f"{service:<10} {url}")
+            for service in ("gateway", *[x for x in SERVICES if x != "gateway"])
+            if service in self.config.services and (url := self.metrics_url(service))
+        ]
         rows.append(("logs", str(self.logs_dir)))
         if "gateway" in self.config.services:
             rows.append(("admin key", f"{self.admin_key_file}  (0600; the CLI and SDK use it)"))
