@@ -83,7 +83,7 @@ def print_queue_status(status: QueueStatus) -> None:
 
 
 def _queue_rows(q: ClusterQueueStatus) -> list[list[str]]:
-    teams = ",".join(q.teams)
+    teams = ",".join(q.teams) or "-"
     base = [q.name, q.cohort or "-"]
     counts = [str(q.admitted), str(q.pending), teams]
     if not q.usage:
