@@ -19,6 +19,7 @@ from datetime import timedelta
 
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from plinth_common import names
+from plinth_common.errors import InvalidArgument as _Refused
 from plinth_sdk.errors import JobWaitTimeout, refused_locally
 from plinth_sdk.models import Job, JobState, parse_memory
 from plinth_sdk.paging import check_page_size, paged
@@ -27,6 +28,8 @@ from plinth_sdk.waiting import poll_until
 
 __all__ = ["JobsAPI", "parse_duration"]
 
+#: The most workers one job may ask for (the server's limit).
+MAX_REPLICAS = 1024
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([smh]?)")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
 _DURATION_HINT = "expected seconds or a duration like 90s, 90m, 2h"
@@ -113,8 +116,9 @@ class JobsAPI:
         Raises:
             ValueError: ``command`` is empty, ``memory`` is not a quantity, or ``max_run_time``
                 is not a duration.
-            InvalidArgument: ``name``, ``team`` or ``register_as`` is malformed (checked before
-                sending, with the server's rules), or the server rejected the spec.
+            InvalidArgument: ``name``, ``team`` or ``register_as`` is malformed or ``replicas``
+                out of range (checked before sending, with the server's rules), or the server
+                rejected the spec (an unknown priority class, more than any flavor can give).
         """
         if isinstance(command, str) or not command:
             # A bare string would become one argv entry per character.
@@ -124,6 +128,9 @@ class JobsAPI:
             names.check_team(team, "spec.team")
             if register_as:
                 names.check_model_name(register_as, "spec.register_as")
+            # 0 would mean 1 on the wire: refuse it here rather than run one worker.
+            if not 1 <= replicas <= MAX_REPLICAS:
+                raise _Refused("spec.replicas", f"must be 1 to {MAX_REPLICAS}, got {replicas}")
         retry = scheduler_pb2.RetryPolicy()
         if retries is not None:
             retry.user_failure_limit = int(retries)

@@ -66,7 +66,10 @@ def jobs() -> None:
 @click.option("--gpu", type=int, default=0, help="GPUs (default: 0)")
 @click.option("--priority", metavar="NAME", help="priority class (default: the queue's)")
 @click.option(
-    "--replicas", type=NON_NEGATIVE, default=1, help="workers admitted together (default: 1)"
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=1,
+    help="workers admitted together, all or nothing (default: 1)",
 )
 @click.option("--max-run-time", metavar="DURATION", help="stop it past this run time: 90s, 90m, 2h")
 @click.option(

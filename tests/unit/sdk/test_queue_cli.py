@@ -175,7 +175,7 @@ def test_submit_only_one_budget_leaves_the_other_unset(gateway: FakeGateway) -> 
     [
         ("--max-run-time", "90 minutes", "invalid --max-run-time '90 minutes'"),
         ("--max-run-time", "-5m", "invalid --max-run-time"),
-        ("--replicas", "-1", "expected a whole number >= 0"),
+        ("--replicas", "0", "0 is not in the range x>=1"),
         ("--retries", "two", "expected a whole number >= 0"),
     ],
 )
@@ -202,6 +202,13 @@ def test_parse_duration(text: str | timedelta, seconds: float) -> None:
 def test_parse_duration_refuses(text: str | float) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+def test_sdk_refuses_replicas_out_of_range_before_sending(gateway: FakeGateway) -> None:
+    with Plinth(gateway.address) as client, pytest.raises(InvalidArgument) as caught:
+        client.jobs.submit(name="a", team="t", command=["true"], replicas=2000)
+    assert caught.value.field_violations[0].field == "spec.replicas"
+    assert gateway.scheduler.specs == []
 
 
 # --------------------------------------------------------------------------- jobs get
