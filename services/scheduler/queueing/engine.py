@@ -706,6 +706,10 @@ class QueueEngine:
         # Without freed capacity only the queues that changed can admit: the others were left
         # where nothing of theirs fits, and admissions only take capacity away.
         active = [q for q in group.queues if group.dirty or q.dirty]
+        if group.cohort:
+            # Rule 5: what fits a queue's own nominal quota goes first (Kueue's order), so that
+            # nobody borrows what its lender's next job could take without preempting.
+            self._walk(group, active, t, admitted_now, admit, reservations, out, own_quota=True)
         self._walk(group, active, t, admitted_now, admit, reservations, out)
         if borrowed and len(active) < len(group.queues):
             # Someone borrows now: the other queues may reclaim their lent quota (rule 8).
@@ -730,8 +734,14 @@ class QueueEngine:
         admit: Callable[[_Queue, _Pending, _Quota], None],
         reservations: list[_Reservation],
         out: Decisions,
+        *,
+        own_quota: bool = False,
     ) -> None:
-        """Candidates of ``queues`` in fair-share order (rule 5), until none can be admitted."""
+        """Candidates of ``queues`` in fair-share order (rule 5), until none can be admitted.
+
+        With ``own_quota``, each queue's jobs from its front while they fit its nominal quota,
+        no further (no borrowing, backfill or preemption).
+        """
         state = group.state
         scans = {q.name: _Scan() for q in queues}
         heap: list[tuple[float, int, float, str]] = []
@@ -763,7 +773,11 @@ class QueueEngine:
                     if scan.scanned > depth:
                         scan.done = True
                     continue
-                if self._consider(group, q, entry, scan, t, admit, reservations, out):
+                if own_quota:
+                    admitted = self._own_quota(group, q, entry, scan, t, admit)
+                else:
+                    admitted = self._consider(group, q, entry, scan, t, admit, reservations, out)
+                if admitted:
                     share = _share(group, state, q)
                 while scan.cursor < n and keys[scan.cursor][2] in admitted_now:
                     scan.cursor += 1
@@ -856,6 +870,31 @@ class QueueEngine:
             admit(q, entry, quota)
             return True
         scan.beside_failed.add(entry.totals)  # the reservation only grows in this cycle
+        return False
+
+    def _own_quota(
+        self,
+        group: _Group,
+        q: _Queue,
+        entry: _Pending,
+        scan: _Scan,
+        t: float,
+        admit: Callable[[_Queue, _Pending, _Quota], None],
+    ) -> bool:
+        if entry.not_before > t:
+            return False
+        if entry.w.id in self._waiting:
+            scan.done = True
+            return False
+        claims = self._claims[group.key]
+        x = entry.totals
+        for quota in q.quotas:
+            if _fits(group, group.state, q, quota, x, False) and (
+                claims is None or _fits(group, claims, q, quota, x, False)
+            ):
+                admit(q, entry, quota)
+                return True
+        scan.done = True
         return False
 
     def _wait_key(self, job_id: str) -> _Key:
