@@ -22,7 +22,8 @@ from plinth_common.ray_head import RayHead
 from services.scheduler.domain import EndReason, Job, JobSpec, JobState, Resources
 from services.scheduler.executors.ray import RayExecutor
 
-pytestmark = pytest.mark.timeout(240)
+# Generous: the first test also waits for the head, which takes minutes on a loaded machine.
+pytestmark = pytest.mark.timeout(600)
 
 CAPACITY = Resources(cpu=2, memory_bytes=2 * 1024**3)
 
@@ -125,16 +126,16 @@ async def test_cancel_stops_the_job_on_ray_and_a_second_launch_is_not_a_second_j
         handle = await executor.launch(job, {})
         again = await executor.launch(job, {})  # a launch repeated after a crash
         assert again.submission_id == handle.submission_id
-        for _ in range(400):
-            if b"up" in await executor.read_log("j-cancel", 0):
+        for _ in range(400):  # Ray's own lines quote the entrypoint: look for whole lines
+            if "up" in (await executor.read_log("j-cancel", 0)).decode().splitlines():
                 break
-            await asyncio.wait([asyncio.ensure_future(handle.wait())], timeout=0.3)
+            await asyncio.sleep(0.3)
         await executor.terminate(job, grace_s=5)
         status = await asyncio.wait_for(handle.wait(), 60)
         assert not status.succeeded
         assert _ray_status(ray_head, "j-cancel-a1") == "STOPPED"
         text = (await executor.read_log("j-cancel", 0)).decode()
-        assert "got SIGTERM" in text
+        assert "got SIGTERM" in text.splitlines()
         assert text.splitlines().count("up") == 1  # the log is copied once, not per poll
     finally:
         await executor.aclose()
@@ -151,7 +152,7 @@ async def test_reattach_with_a_new_executor_keeps_the_log_whole(
     handle = await first.launch(job, {})
     waiter = asyncio.ensure_future(handle.wait())
     for _ in range(400):
-        if b"before" in await first.read_log("j-reattach", 0):
+        if "before" in (await first.read_log("j-reattach", 0)).decode().splitlines():
             break
         await asyncio.sleep(0.3)
     waiter.cancel()  # the scheduler goes away mid-run
@@ -171,9 +172,7 @@ async def test_reattach_with_a_new_executor_keeps_the_log_whole(
         await second.aclose()
 
 
-async def test_uploaded_working_dir_and_a_refused_runtime_env(
-    ray_head: RayHead, tmp_path: Path
-) -> None:
+async def test_uploaded_working_dir(ray_head: RayHead, tmp_path: Path) -> None:
     executor = _executor(ray_head, tmp_path, working_dir="upload")
     job = _job(executor, "j-upload", "cat", "data.txt")
     Path(job.spec.working_dir, "data.txt").write_text("shipped to ray\n")
@@ -181,10 +180,6 @@ async def test_uploaded_working_dir_and_a_refused_runtime_env(
         status = await asyncio.wait_for((await executor.launch(job, {})).wait(), 120)
         assert status.succeeded, status
         assert b"shipped to ray" in await executor.read_log("j-upload", 0)
-        # A variable Ray cannot take (not a string): Ray refuses the job, with its words.
-        bad = _job(executor, "j-bad", "true")
-        with pytest.raises(Exception, match="ray refused job j-bad"):
-            await executor.launch(bad, {"X": 1})  # type: ignore[dict-item]
     finally:
         await executor.aclose()
 

@@ -42,14 +42,13 @@ def slurm() -> Iterator[SlurmCluster]:
         yield cluster
 
 
-def _executor(cluster: SlurmCluster, jobs_dir: Path, **kwargs: object) -> SlurmExecutor:
+def _executor(cluster: SlurmCluster, jobs_dir: Path, partition: str = "") -> SlurmExecutor:
     return SlurmExecutor(
         jobs_dir,
         capacity=CAPACITY,
         env=cluster.client_env,
         poll_s=0.2,
-        partition=cluster.partition,
-        **kwargs,  # type: ignore[arg-type]
+        partition=partition or cluster.partition,
     )
 
 

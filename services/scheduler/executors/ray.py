@@ -134,6 +134,7 @@ class RayExecutor:
         self._lost_after_s = lost_after_s
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._copy_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     def from_options(
@@ -291,10 +292,18 @@ class RayExecutor:
                 await asyncio.sleep(min(self._poll_s, 0.5))
                 with contextlib.suppress(Unavailable):
                     await self._copy_log(job, sid)
+                self._copy_locks.pop(sid, None)
                 return _exit_status(info)
             await asyncio.sleep(self._poll_s)
 
     async def _copy_log(self, job: Job, sid: str) -> None:
+        # One copier at a time per attempt: two followers (a re-attach while the old handle
+        # still waits) would both append the same new part.
+        lock = self._copy_locks.setdefault(sid, asyncio.Lock())
+        async with lock:
+            await self._copy_log_locked(job, sid)
+
+    async def _copy_log_locked(self, job: Job, sid: str) -> None:
         status, text = await self._request("GET", f"/api/jobs/{sid}/logs")
         if status != 200:
             return
