@@ -21,7 +21,6 @@ import asyncio
 import builtins
 import dataclasses
 import logging
-import math
 import os
 import statistics
 import time
@@ -157,6 +156,14 @@ class JobStore(Protocol):
         """Jobs in any of ``states``, oldest first (without their finished attempts)."""
         ...
 
+    async def queued_index(self) -> dict[str, int]:
+        """The queued jobs' ids and attempt numbers."""
+        ...
+
+    async def by_ids(self, job_ids: Collection[str]) -> list[Job]:
+        """The jobs with these ids, by submission order (without their finished attempts)."""
+        ...
+
     async def run_seconds(
         self, keys: Collection[tuple[str, str]], *, limit: int
     ) -> dict[tuple[str, str], list[float]]:
@@ -276,6 +283,7 @@ class SchedulerService:
         self._config_record: StoredQueueConfig | None = None
         self._engine: QueueEngine | None = None
         self._queued: dict[str, Job] = {}
+        self._queued_rows: dict[str, Job] = {}
         self._synced = False
         self._report: tuple[float, QueueReport] | None = None
         self._report_lock = asyncio.Lock()
@@ -709,11 +717,11 @@ class SchedulerService:
     async def _fetch_history(self, jobs: Collection[Job]) -> None:
         """Fills the history cache for the jobs without a declared run time, in one query."""
         now = time.monotonic()
+        keys = {(job.team, job.name) for job in jobs if not job.spec.max_run_time_s}
         stale = {
-            (job.team, job.name)
-            for job in jobs
-            if not job.spec.max_run_time_s
-            and now - self._history.get((job.team, job.name), (-math.inf, []))[0] > HISTORY_TTL_S
+            key
+            for key in keys
+            if key not in self._history or now - self._history[key][0] > HISTORY_TTL_S
         }
         if stale:
             found = await self._store.run_seconds(stale, limit=HISTORY_RUNS)
@@ -818,7 +826,7 @@ class SchedulerService:
         """
         now = self._clock()
         engine, _ = await self._queues()
-        jobs = await self._store.in_states([JobState.QUEUED, *ACTIVE])
+        jobs = await self._pass_jobs()
         await self._enforce_run_times([job for job in jobs if job.state.active], now)
         await self._sync_engine(engine, jobs)
         decisions: Decisions = engine.cycle(now)
@@ -842,6 +850,20 @@ class SchedulerService:
             if await self._admit_and_launch(job, credentials, flavor=admission.flavor):
                 started += 1
         return started
+
+    async def _pass_jobs(self) -> builtins.list[Job]:
+        """The active jobs, read afresh, and the queued ones, read only when new to this
+        process or back for another attempt (with 10,000 waiting, reading every row each pass
+        would be most of the pass)."""
+        active = await self._store.in_states(ACTIVE)
+        index = await self._store.queued_index()
+        cache = self._queued_rows
+        fresh = [i for i, attempt in index.items() if i not in cache or cache[i].attempt != attempt]
+        for job in await self._store.by_ids(fresh):
+            cache[job.id] = job
+        self._queued_rows = {i: cache[i] for i in index if i in cache}
+        queued = sorted(self._queued_rows.values(), key=lambda job: job.seq)
+        return [*active, *queued]
 
     def _due(self, jobs: Sequence[Job], now: datetime) -> datetime | None:
         """The next time a pass has something to do by the clock: a maximum run time that

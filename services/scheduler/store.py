@@ -33,6 +33,8 @@ from services.scheduler.domain import (
 )
 
 metadata = sa.MetaData()
+# Ids per IN (...) query: well under SQLite's bound-parameter limit.
+_ID_BATCH = 500
 outbox_table, processed_table = event_tables(metadata)
 
 jobs = sa.Table(
@@ -426,6 +428,27 @@ class SqlJobStore:
         async with self._db.read() as session:
             rows = (await session.execute(statement)).mappings().all()
         return [job_from_row(row) for row in rows]
+
+    async def queued_index(self) -> dict[str, int]:
+        """The queued jobs' ids and attempt numbers (a queued row changes only by leaving the
+        queue, and comes back with the next attempt: the dispatcher caches the rest)."""
+        statement = sa.select(jobs.c.id, jobs.c.attempt).where(
+            jobs.c.state == JobState.QUEUED.value
+        )
+        async with self._db.read() as session:
+            rows = (await session.execute(statement)).all()
+        return {row.id: row.attempt for row in rows}
+
+    async def by_ids(self, job_ids: Collection[str]) -> list[Job]:
+        """The jobs with these ids, by submission order (without their finished attempts)."""
+        found: list[Job] = []
+        ids = sorted(job_ids)
+        async with self._db.read() as session:
+            for start in range(0, len(ids), _ID_BATCH):
+                statement = sa.select(jobs).where(jobs.c.id.in_(ids[start : start + _ID_BATCH]))
+                rows = (await session.execute(statement)).mappings().all()
+                found.extend(job_from_row(row) for row in rows)
+        return sorted(found, key=lambda job: job.seq)
 
     async def run_seconds(
         self, keys: Collection[tuple[str, str]], *, limit: int

@@ -345,6 +345,8 @@ class FlakyStore:
         self.page = store.page
         self.in_states = store.in_states
         self.run_seconds = store.run_seconds
+        self.queued_index = store.queued_index
+        self.by_ids = store.by_ids
         self.latest_queue_config = store.latest_queue_config
         self.add_queue_config = store.add_queue_config
 
