@@ -310,7 +310,7 @@ local function authenticate(txn)
     verified_n = verified_n + 1
   end
   if grant == nil then return nil, "the API key is unknown or revoked" end
-  if grant.expires ~= nil and grant.expires <= txn.f:date() then
+  if grant.expires ~= nil and grant.expires <= core.now().sec then
     return nil, "the API key has expired"
   end
   return key_id, grant
