@@ -128,11 +128,6 @@ TEAMS_READ = _any("teams.read", note="one's own teams (admins: all)")
 TEAMS_MANAGE = _admin("teams.manage")
 KEYS_OWN = _any("keys.own", mutating=True, note="others' keys and service accounts: admin")
 KEYS_READ = _any("keys.read", note="one's own (admins: anyone's)")
-KEYS_EXCHANGE = _any(
-    "keys.exchange",
-    mutating=True,
-    note="an OIDC token for a key of the same user, teams and lifetime (the data plane takes keys)",
-)
 AUDIT_READ = _admin("audit.read", mutating=False)
 # The data plane's key table (salts and hashes, never secrets): serving polls it for its proxy.
 KEY_DIGESTS = Permission(
@@ -209,7 +204,8 @@ METHOD_RULES: Mapping[str, Permission] = {
     _IDENTITY + "RevokeApiKey": KEYS_OWN,
     _IDENTITY + "ListAuditRecords": AUDIT_READ,
     _IDENTITY + "ListKeyDigests": KEY_DIGESTS,
-    _IDENTITY + "ExchangeToken": KEYS_EXCHANGE,
+    # An OIDC token exchanged for a key of the same user, teams and lifetime: one's own key.
+    _IDENTITY + "ExchangeToken": KEYS_OWN,
     "/grpc.health.v1.Health/Check": HEALTH,
     "/grpc.health.v1.Health/Watch": HEALTH,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": REFLECTION,
