@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
+from prometheus_client import Counter, Histogram
 
 from plinth_common import errors
 from plinth_common.metrics import GRPC_SERVER_DURATION, GRPC_SERVER_REQUESTS, Metrics, observe
@@ -167,6 +168,49 @@ def rewrap(
     return handler
 
 
+class MethodMetrics:
+    """The call figures of one method: ``plinth_grpc_server_requests_total`` by final code, and
+    ``plinth_grpc_server_request_duration_seconds`` for unary calls (a stream's length says
+    nothing about latency), with the call's trace id as the exemplar."""
+
+    def __init__(self, metrics: Metrics, path: str) -> None:
+        service, _, method = path.lstrip("/").rpartition("/")
+        self._labels = (service, method)
+        self._requests = metrics.counter(GRPC_SERVER_REQUESTS)
+        self._duration_family = metrics.histogram(GRPC_SERVER_DURATION)
+        self._duration: Histogram | None = None
+        self._by_code: dict[grpc.StatusCode, Counter] = {}
+
+    def record(self, code: grpc.StatusCode | None, seconds: float | None) -> None:
+        """Counts one call that ended with ``code`` (None: OK) and took ``seconds`` (None: a
+        stream, not timed)."""
+        code = code or grpc.StatusCode.OK
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._requests.labels(*self._labels, code.name)
+        counter.inc()
+        if seconds is not None:
+            if self._duration is None:
+                self._duration = self._duration_family.labels(*self._labels)
+            observe(self._duration, seconds)
+
+
+class CallMetrics:
+    """:class:`MethodMetrics` per method path, made on a method's first call. Only paths the
+    server has a handler for get here, so a caller cannot invent label values."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._methods: dict[str, MethodMetrics] = {}
+
+    def of(self, path: str) -> MethodMetrics:
+        """The figures of the method at ``path`` (``/package.Service/Method``)."""
+        found = self._methods.get(path)
+        if found is None:
+            found = self._methods[path] = MethodMetrics(self._metrics, path)
+        return found
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps :class:`~plinth_common.errors.PlinthError` to status codes with rich details
     (``ErrorInfo``, ``BadRequest``, ``ResourceInfo``, ``RetryInfo``); anything else to INTERNAL
@@ -177,10 +221,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             by default derived from the method's package. Set it where a process serves
             methods of another service's API (the gateway), so that an error the gateway
             raises itself does not read as the service's own.
+        metrics: where to count calls and time them (:class:`MethodMetrics`). The count is
+            taken here, in the wrapper every call passes anyway, so it costs no layer of its own;
+            it sees the final code, after this mapping and every interceptor after it.
     """
 
-    def __init__(self, *, domain: str | None = None) -> None:
+    def __init__(self, *, domain: str | None = None, metrics: Metrics | None = None) -> None:
         self._domain = domain
+        self._calls = CallMetrics(metrics) if metrics is not None else None
 
     async def intercept_service(
         self,
@@ -192,25 +240,26 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         decode = _decoder(handler.request_deserializer)
+        calls = self._calls.of(method) if self._calls is not None else None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, decode, self._domain),
+                _wrap_unary(handler.unary_unary, method, decode, self._domain, calls),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, decode, self._domain),
+                _wrap_stream(handler.unary_stream, method, decode, self._domain, calls),
                 response_serializer=handler.response_serializer,
             )
         # Client streams decode message by message inside grpc; Plinth serves none today.
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, _identity, self._domain),
+                _wrap_unary(handler.stream_unary, method, _identity, self._domain, calls),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method, _identity, self._domain),
+            _wrap_stream(handler.stream_stream, method, _identity, self._domain, calls),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -225,14 +274,28 @@ def _wrap_unary(
     method: str,
     decode: Callable[[Any], Any],
     domain: str | None,
+    calls: MethodMetrics | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED  # unless the call ends
         try:
-            return await behaviour(decode(request), context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+            response = await behaviour(decode(request), context)
+            code = context.code()  # None, or what the handler set without raising
+            return response
+        except grpc.aio.AbortError:
+            code = context.code()
+            raise
+        except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
-            await _abort_for(exc, context, method, domain)
+            try:
+                await _abort_for(exc, context, method, domain)
+            finally:
+                code = context.code()
+        finally:
+            if calls is not None:
+                calls.record(code, time.perf_counter() - start)
 
     return wrapped
 
@@ -242,101 +305,29 @@ def _wrap_stream(
     method: str,
     decode: Callable[[Any], Any],
     domain: str | None,
+    calls: MethodMetrics | None = None,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
             async for item in behaviour(decode(request), context):
                 yield item
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+            code = context.code()
+        except grpc.aio.AbortError:
+            code = context.code()
+            raise
+        except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
-            await _abort_for(exc, context, method, domain)
+            try:
+                await _abort_for(exc, context, method, domain)
+            finally:
+                code = context.code()
+        finally:
+            if calls is not None:
+                calls.record(code, None)
 
     return wrapped
-
-
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call by service, method and final status code, and times unary calls
-    (``plinth_grpc_server_requests_total``, ``plinth_grpc_server_request_duration_seconds``).
-
-    Install it outermost (:class:`GrpcServer` does), so that it sees the code the error mapping
-    and the other interceptors produced; the duration's exemplar is the call's trace id (the
-    OpenTelemetry server interceptor, outside this one, opened its span). Only methods the
-    server has a handler for are labelled, so a caller cannot invent label values.
-
-    Args:
-        metrics: the process's metrics.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._requests = metrics.counter(GRPC_SERVER_REQUESTS)
-        self._duration = metrics.histogram(GRPC_SERVER_DURATION)
-        self._names: dict[str, tuple[str, str]] = {}
-
-    def _labels(self, path: str) -> tuple[str, str]:
-        names = self._names.get(path)
-        if names is None:
-            service, _, method = path.lstrip("/").rpartition("/")
-            names = self._names[path] = (service, method)
-        return names
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        service, method = self._labels(handler_call_details.method)
-        requests = self._requests
-
-        def count(code: grpc.StatusCode | None) -> None:
-            requests.labels(service, method, (code or grpc.StatusCode.OK).name).inc()
-
-        def unary(behaviour: UnaryBehaviour) -> UnaryBehaviour:
-            duration = self._duration.labels(service, method)
-
-            async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
-                try:
-                    response = await behaviour(request, context)
-                    code = context.code()
-                    return response
-                except grpc.aio.AbortError:
-                    code = context.code()
-                    raise
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                finally:
-                    observe(duration, time.perf_counter() - start)
-                    count(code)
-
-            return timed
-
-        def stream(behaviour: StreamBehaviour) -> StreamBehaviour:
-            async def counted(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
-                try:
-                    async for item in behaviour(request, context):
-                        yield item
-                    code = context.code()
-                except grpc.aio.AbortError:
-                    code = context.code()
-                    raise
-                except (asyncio.CancelledError, GeneratorExit):
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                finally:
-                    count(code)
-
-            return counted
-
-        return rewrap(handler, unary=unary, stream=stream)
 
 
 class Registration(Protocol):
@@ -354,8 +345,8 @@ class GrpcServer:
         interceptors: extra interceptors, run after the error mapping.
         domain: ``ErrorInfo.domain`` of this process's own errors (see
             :class:`ErrorMappingInterceptor`).
-        metrics: where to count calls (:class:`MetricsInterceptor`, outside every other
-            interceptor); None records nothing.
+        metrics: where to count and time calls (see :class:`ErrorMappingInterceptor`); None
+            records nothing.
     """
 
     def __init__(
@@ -367,9 +358,8 @@ class GrpcServer:
         domain: str | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        measured = [MetricsInterceptor(metrics)] if metrics is not None else []
         self._server = grpc.aio.server(
-            interceptors=[*measured, ErrorMappingInterceptor(domain=domain), *interceptors],
+            interceptors=[ErrorMappingInterceptor(domain=domain, metrics=metrics), *interceptors],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
