@@ -55,12 +55,25 @@ _CONFIG = textwrap.dedent(
     """
 )
 # model -> (factor, seconds slept per request)
-_MODELS = {"dep__v1": (2, 0.0), "dep__v2": (3, 0.0), "other__v1": (5, 0.0), "slow__v1": (1, 0.4)}
+# (factor 0: the model raises, as a broken canary would)
+_MODELS = {
+    "dep__v1": (2, 0.0),
+    "dep__v2": (3, 0.0),
+    "other__v1": (5, 0.0),
+    "slow__v1": (1, 0.4),
+    "boom__v1": (0, 0.0),
+}
 X = np.arange(1, 5, dtype=np.float32).reshape(1, 4)
 
 
 def _model_py(factor: int, sleep_s: float) -> str:
     code = MODEL_PY.replace("(x * 2)", f"(x * {factor})")
+    if factor == 0:
+        assert "        for request in requests:" in code
+        code = code.replace(
+            "        for request in requests:",
+            '        raise RuntimeError("this version is broken")\n        for request in requests:',
+        )
     if sleep_s:
         assert "        for request in requests:" in code
         code = code.replace("import ctypes", "import ctypes\nimport time").replace(
@@ -127,7 +140,12 @@ def route(deployment: str, *weights: tuple[str, int], **limits: int) -> RouteSpe
     )
 
 
-BASE_ROUTES = [route("dep", ("1", 100)), route("other", ("1", 100)), route("slow", ("1", 100))]
+BASE_ROUTES = [
+    route("dep", ("1", 100)),
+    route("other", ("1", 100)),
+    route("slow", ("1", 100)),
+    route("boom", ("1", 100)),
+]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -169,7 +187,7 @@ async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Plane
 async def dp(plane: Plane) -> DataPlane:
     """The data plane with the base routes and Alice's key on every deployment."""
     await plane.dp.apply_routes(BASE_ROUTES)
-    await plane.dp.apply_grants([ALICE.grant("dep", "other", "slow")])
+    await plane.dp.apply_grants([ALICE.grant("dep", "other", "slow", "boom")])
     return plane.dp
 
 
@@ -574,6 +592,22 @@ async def test_beyond_its_limits_a_deployment_answers_resource_exhausted_at_once
 
 
 # -- metrics and the process ------------------------------------------------------------------
+
+
+async def test_a_failing_version_is_counted_as_errors_and_a_wrong_tensor_is_not(
+    dp: DataPlane, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    before = (await dp.stats()).get("boom/1", VersionStats())
+    for _ in range(3):
+        with pytest.raises(InferenceServerException) as raised:
+            _infer_grpc(grpc_client, "boom")
+        assert "this version is broken" in raised.value.message()
+    with pytest.raises(InferenceServerException):
+        grpc_client.infer(
+            "boom", [_grpc_input(np.ones((1, 4, 2), dtype=np.float32))], headers=ALICE.headers
+        )
+    counted = (await dp.stats())["boom/1"].since(before)
+    assert (counted.requests, counted.errors) == (4, 3)
 
 
 async def test_metrics_are_exported_for_prometheus(
