@@ -740,9 +740,9 @@ class SchedulerService:
         active = {job.id: job for job in jobs if job.state.active}
         queued = {job.id: job for job in jobs if job.state is JobState.QUEUED}
         self._queued = queued
-        await self._fetch_history(jobs)
         held = {a.workload.id for a in engine.admitted()}
         if not self._synced or not set(active) <= held:
+            await self._fetch_history(jobs)
             admitted: builtins.list[Admission] = []
             for job in active.values():
                 workload = await self._workload_of(job, self._config)
@@ -762,8 +762,10 @@ class SchedulerService:
         waiting = set(engine.pending_ids())
         for job_id in waiting - set(queued):
             engine.remove(job_id)  # cancelled
-        for job_id in set(queued) - waiting:
-            engine.add_pending(await self._workload_of(queued[job_id], self._config))
+        arrived = [queued[job_id] for job_id in set(queued) - waiting]
+        await self._fetch_history(arrived)
+        for job in arrived:
+            engine.add_pending(await self._workload_of(job, self._config))
 
     # -- the dispatcher ---------------------------------------------------------------------
 

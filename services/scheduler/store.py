@@ -436,8 +436,7 @@ class SqlJobStore:
             jobs.c.state == JobState.QUEUED.value
         )
         async with self._db.read() as session:
-            rows = (await session.execute(statement)).all()
-        return {row.id: row.attempt for row in rows}
+            return dict((await session.execute(statement)).tuples().all())
 
     async def by_ids(self, job_ids: Collection[str]) -> list[Job]:
         """The jobs with these ids, by submission order (without their finished attempts)."""
