@@ -35,7 +35,7 @@ from services.serving.registry_client import GrpcRegistry
 from services.serving.service import ServingService
 from services.serving.servicer import ServingServicer
 from services.serving.store import DeploymentStore, outbox_table, processed_table
-from services.serving.traffic import CanaryGuard
+from services.serving.traffic import CanaryGuard, MergedStats
 from services.serving.triton import (
     ModelRepository,
     TritonEngine,
@@ -174,11 +174,13 @@ class ServingApp:
             reloader=self.reconciler,
             set_serving=self.runtime.server.set_serving,
         )
-        # Rolls back canaries that break their SLO, from the data plane's statistics.
-        self.guard = (
-            CanaryGuard(stats=self.dataplane, canaries=self.reconciler)
-            if self.dataplane is not None
-            else None
+        # Rolls back canaries that break their SLO, from the data plane's and Triton's own
+        # counters (Triton's alone on the Python path).
+        self.guard = CanaryGuard(
+            stats=MergedStats(
+                proxy=self.dataplane, engine=self.models, models=self.reconciler.routed_models
+            ),
+            canaries=self.reconciler,
         )
         self.service = ServingService(
             db=self.runtime.db,
@@ -257,11 +259,10 @@ class ServingApp:
         await self._start_dataplane()
         await self.reconciler.start()
         await self.healer.start()
+        await self.guard.start()
         if self.dataplane is not None:
             if self.grants is not None:
                 await self.grants.start()
-            if self.guard is not None:
-                await self.guard.start()
             if self.dataplane_healer is not None:
                 await self.dataplane_healer.start()
 

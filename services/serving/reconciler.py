@@ -219,6 +219,13 @@ class Reconciler:
             deployment=name, backends=tuple(backends), limits=self._limits.get(name, Limits())
         )
 
+    def routed_models(self) -> dict[str, str]:
+        """``"<deployment>/<version>"`` -> Triton model, of every version answering now."""
+        return {
+            f"{route.deployment}/{route.version}": route.triton_model
+            for route in self._all_routes()
+        }
+
     def canaried(self) -> dict[str, tuple[Slo, tuple[str, ...]]]:
         """Deployments that serve canaries now: their SLO and the canary versions."""
         return {

@@ -152,6 +152,88 @@ class TrafficWindows:
         return key in self._samples
 
 
+@dataclass(frozen=True)
+class MergedCounters:
+    """One version's counters from the data plane and the model server together: the larger
+    of each (both only grow), the data plane's latency buckets for the p99."""
+
+    requests: int
+    errors: int
+    p99_ms: float
+    proxy: VersionCounters | None = None
+
+    def since(self, earlier: MergedCounters) -> VersionCounters:
+        """The requests between ``earlier`` and this (for a window's p99)."""
+        mine, theirs = self.proxy, earlier.proxy
+        since = getattr(mine, "since", None)
+        if since is not None and theirs is not None:
+            counted: VersionCounters = since(theirs)
+            return counted
+        return MergedCounters(
+            requests=self.requests - earlier.requests,
+            errors=self.errors - earlier.errors,
+            p99_ms=self.p99_ms,
+        )
+
+
+class EngineCounts(Protocol):
+    """The model server's own per-model counters (Triton's statistics)."""
+
+    async def statistics(self, model: str) -> tuple[int, int]:
+        """(answered, failed) requests of Triton model ``model``."""
+        ...
+
+
+class MergedStats:
+    """A :class:`StatsSource` reading both the data plane (when there is one) and Triton's own
+    per-model counters: an error the proxy cannot see (Triton answering a gRPC error in
+    trailers) is still counted, and the Python inference path is measured too.
+
+    Args:
+        proxy: the data plane (None: the Python path only).
+        engine: Triton's statistics.
+        models: ``"<deployment>/<version>"`` -> Triton model, of every routed version now.
+    """
+
+    def __init__(
+        self,
+        *,
+        proxy: StatsSource | None,
+        engine: EngineCounts,
+        models: Callable[[], Mapping[str, str]],
+    ) -> None:
+        self._proxy = proxy
+        self._engine = engine
+        self._models = models
+        self._proxy_failing = False
+
+    async def stats(self) -> dict[str, MergedCounters]:
+        """Per ``"<deployment>/<version>"``: the larger counts of the two, the proxy's p99."""
+        proxied: Mapping[str, VersionCounters] = {}
+        if self._proxy is not None:
+            try:
+                proxied = await self._proxy.stats()
+            except Exception as exc:  # noqa: BLE001 - restarting, or never started: Triton's count
+                if not self._proxy_failing:
+                    log.warning("no data plane statistics (%s); Triton's counters only", exc)
+                self._proxy_failing = True
+            else:
+                self._proxy_failing = False
+        routed = dict(self._models())
+        counts = await asyncio.gather(*(self._engine.statistics(m) for m in routed.values()))
+        merged: dict[str, MergedCounters] = {}
+        for key, (answered, failed) in zip(routed, counts, strict=True):
+            seen = proxied.get(key)
+            requests = max(answered + failed, seen.requests if seen else 0)
+            errors = max(failed, seen.errors if seen else 0)
+            p99 = float(seen.p99_ms) if seen is not None else 0.0
+            merged[key] = MergedCounters(requests, errors, p99, seen)
+        for key, seen in proxied.items():
+            if key not in merged:
+                merged[key] = MergedCounters(seen.requests, seen.errors, float(seen.p99_ms), seen)
+        return merged
+
+
 class Canaries(Protocol):
     """What the guard needs of the reconciler."""
 

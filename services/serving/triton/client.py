@@ -211,6 +211,19 @@ class TritonModels:
         except InferenceServerException:
             return False
 
+    async def statistics(self, model: str) -> tuple[int, int]:
+        """Requests ``model`` answered and failed since it loaded (Triton's own counters;
+        (0, 0) for a model Triton does not know or a Triton that does not answer)."""
+        try:
+            reply = await self._triton.get_inference_statistics(model, client_timeout=5.0)
+        except InferenceServerException:
+            return 0, 0
+        success = fail = 0
+        for stats in reply.model_stats:
+            success += stats.inference_stats.success.count
+            fail += stats.inference_stats.fail.count
+        return success, fail
+
     async def close(self) -> None:
         """Closes the channel."""
         if self._client is not None:

@@ -339,3 +339,36 @@ async def test_splits_become_data_plane_routes_it_accepts() -> None:
         ("diab__v3", "1", 10, "3"),
     ]
     assert (route.max_concurrency, route.max_queue) == (8, 16)
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    async def statistics(self, model: str) -> tuple[int, int]:
+        return self.counts.get(model, (0, 0))
+
+
+class Broken:
+    async def stats(self) -> dict[str, Counters]:
+        raise RuntimeError("haproxy is restarting")
+
+
+async def test_merged_stats_count_errors_the_proxy_missed_and_survive_it_failing() -> None:
+    from services.serving.traffic import MergedStats
+
+    engine, proxy = Engine(), Stats()
+    models = {"diab/1": "diab__v1", "diab/2": "diab__v2"}
+    merged = MergedStats(proxy=proxy, engine=engine, models=lambda: models)
+    # The proxy saw every request but took Triton's trailer errors for answers.
+    proxy.now = {"diab/1": Counters(900, 0, 5.0), "diab/2": Counters(100, 0, 7.0)}
+    engine.counts = {"diab__v1": (900, 0), "diab__v2": (40, 60)}
+    got = await merged.stats()
+    assert (got["diab/2"].requests, got["diab/2"].errors, got["diab/2"].p99_ms) == (100, 60, 7.0)
+    assert breach(
+        WindowStats(seconds=10, requests=got["diab/2"].requests, errors=60, p99_ms=7.0), SLO
+    )
+    # Without a working data plane (the Python path), Triton's counters alone.
+    alone = MergedStats(proxy=Broken(), engine=engine, models=lambda: models)
+    got = await alone.stats()
+    assert (got["diab/2"].requests, got["diab/2"].errors) == (100, 60)
