@@ -984,7 +984,7 @@ class QueueEngine:
             return None
         x = entry.totals
         prio = entry.w.priority
-        shares = {qq.name: _share(group, group.state, qq) for qq in group.queues}
+        shares = {qq.name: _share(group, base, qq) for qq in group.queues}
         for quota in q.quotas:
             if any(x[r] > 0 and not quota.has[r] for r in _R):
                 continue
@@ -1010,8 +1010,12 @@ class QueueEngine:
             others: list[_Held] = []
             if reclaim is not PreemptionPolicy.NEVER:
                 for qq in group.queues:
-                    if qq is q or quota.flavor not in qq.quota_of:
+                    theirs = qq.quota_of.get(quota.flavor)
+                    if qq is q or theirs is None:
                         continue
+                    used = base.usage[(qq.name, quota.flavor)]
+                    if not any(x[r] > 0 and used[r] > theirs.nominal[r] + _EPS for r in _R):
+                        continue  # it borrows nothing this job needs: nothing to reclaim
                     for held in qq.admitted.values():
                         if held.flavor != quota.flavor or held.adm.workload.id in self._preempting:
                             continue
@@ -1020,7 +1024,6 @@ class QueueEngine:
                         ):
                             continue
                         others.append(held)
-                _victim_order(others, lambda h: (-shares[h.queue], h.adm.workload.priority))
             if not own and not others:
                 continue
             # Necessary: it fits once every candidate has gone (a cheap filter before the greedy
@@ -1032,6 +1035,7 @@ class QueueEngine:
                 _add(group, state, held.queue, held.flavor, held.totals, -1.0)
             if not _fits(group, state, q, quota, x, False):
                 continue
+            _victim_order(others, lambda h: (-shares[h.queue], h.adm.workload.priority))
             state = base.copy()
             chosen: list[_Held] = []
             fitted = False
