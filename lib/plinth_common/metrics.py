@@ -17,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.exposition import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 log = logging.getLogger(__name__)
@@ -468,6 +469,21 @@ def observe(histogram: Histogram, value: float) -> None:
     histogram.observe(value, exemplar=current_trace_exemplar())
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server4(ThreadingWSGIServer):
+    address_family = socket.AF_INET
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
 class Metrics:
     """The metrics of one service process: a private registry, its families, its endpoint.
 
@@ -534,10 +550,23 @@ class Metrics:
         It answers from a thread of its own, so a scrape does not wait for the event loop and a
         busy loop does not delay a scrape.
         """
-        httpd, thread = await asyncio.to_thread(
-            start_http_server, port, addr=host, registry=self.registry
+        server_class = _Server6 if ":" in host else _Server4
+        httpd = await asyncio.to_thread(
+            make_server,
+            host,
+            port,
+            make_wsgi_app(self.registry),
+            server_class,
+            handler_class=_QuietHandler,
         )
-        thread.name = f"metrics-{self.service}"
+        # A short poll, so that stopping a service does not wait half a second for the thread.
+        thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"metrics-{self.service}",
+            daemon=True,
+        )
+        thread.start()
         self._httpd, self._thread = httpd, thread
         self.port = int(httpd.server_port)
         log.info("%s metrics on http://%s:%d/metrics", self.service, host, self.port)
