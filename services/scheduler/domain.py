@@ -448,11 +448,17 @@ class Job:
             return self.attempts
         return (*self.attempts, current)
 
-    def admit(self, *, now: datetime, flavor: str = "") -> Job:
-        """QUEUED -> ADMITTED: quota is held in ``flavor``, the process is not started yet."""
+    def admit(self, *, now: datetime, flavor: str = "", queue: str = "") -> Job:
+        """QUEUED -> ADMITTED: quota is held in ``flavor`` of ``queue`` (the team's queue when
+        admitted, which a new configuration may have changed), the process is not started yet."""
         self._expect(JobState.QUEUED)
         return dataclasses.replace(
-            self, state=JobState.ADMITTED, admitted_at=now, flavor=flavor, not_before=None
+            self,
+            state=JobState.ADMITTED,
+            admitted_at=now,
+            flavor=flavor,
+            queue=queue or self.queue,
+            not_before=None,
         )
 
     def requeue(self) -> Job:

@@ -347,7 +347,7 @@ class SchedulerService:
         if self._synced:
             engine.add_pending(await self._workload_of(job, config))
             self._queued[job.id] = job
-        self._report = None
+        # The cached report is not dropped: it shows the job within REPORT_TTL_S.
         self._wake.set()
         return job
 
@@ -619,7 +619,6 @@ class SchedulerService:
         self._queued.pop(job_id, None)
         if self._engine is not None:
             self._engine.remove(job_id)
-        self._report = None
 
     async def _current_report(self) -> QueueReport:
         """The engine's report, recomputed at most every :data:`REPORT_TTL_S` (a GetQueue per
@@ -832,7 +831,10 @@ class SchedulerService:
         await self._enforce_run_times([job for job in jobs if job.state.active], now)
         await self._sync_engine(engine, jobs)
         decisions: Decisions = engine.cycle(now)
-        self._report = None
+        if decisions.admit or decisions.preempt:
+            # A pass that changed the queues drops the cached report (passes are sequential,
+            # so this rebuilds it at most once a pass; a pass that admits nothing keeps it).
+            self._report = None
         self._next_due = self._due(jobs, now)
         by_id = {job.id: job for job in jobs}
         for preemption in decisions.preempt:
@@ -849,7 +851,9 @@ class SchedulerService:
                 unavailable.add(job.team)
                 continue
             self._queued.pop(job.id, None)
-            if await self._admit_and_launch(job, credentials, flavor=admission.flavor):
+            if await self._admit_and_launch(
+                job, credentials, flavor=admission.flavor, queue=admission.workload.queue
+            ):
                 started += 1
         return started
 
@@ -944,7 +948,12 @@ class SchedulerService:
             return _Refused(f"could not obtain the MLflow credentials of team {job.team}: {exc}")
 
     async def _admit_and_launch(
-        self, queued: Job, credentials: TeamCredentials | _Refused | None, *, flavor: str
+        self,
+        queued: Job,
+        credentials: TeamCredentials | _Refused | None,
+        *,
+        flavor: str,
+        queue: str,
     ) -> bool:
         span = tracer.start_span(
             f"job {queued.name}",
@@ -958,7 +967,8 @@ class SchedulerService:
         with trace.use_span(span, end_on_exit=False):
             async with self._store.transaction() as tx:
                 job = await tx.replace(
-                    queued.admit(now=self._clock(), flavor=flavor), expect=JobState.QUEUED
+                    queued.admit(now=self._clock(), flavor=flavor, queue=queue),
+                    expect=JobState.QUEUED,
                 )
                 if job is None:  # cancelled meanwhile
                     span.end()
