@@ -4,8 +4,9 @@ Layout:
 
 - ``plinth_grpc`` (HTTP/2, KServe v2 gRPC) and ``plinth_http`` (HTTP/1.1, KServe v2 REST):
   the Lua action decides (allowlist, key, route, version, limit) and answers refusals itself;
-  the Lua filter rewrites the bodies; ``use_backend`` takes the backend the action chose.
-- ``dp_slot_<n>``: one backend per deployment, assigned by the control plane, with one server
+  ``use_backend`` takes the backend the action chose.
+- ``dp_slot_<n>``: one backend per deployment, assigned by the control plane, with the body
+  filter (so refusals and health checks, which never reach a slot, pay no filter), one server
   per protocol pointing at Triton. A slot's servers carry the deployment's ``maxconn`` (set on
   the runtime API), so HAProxy itself queues what exceeds max_concurrency; the action refuses
   what exceeds max_concurrency + max_queue (``be_conn`` counts queued and active requests).
@@ -78,6 +79,7 @@ def render_config(settings: ProxySettings) -> str:
     log_global, log_frontend = _logging(s)
     slots = "".join(
         f"backend {slot_name(i)}\n"
+        "  filter lua.plinth\n"
         "  use-server h if { var(txn.pl_proto) -m str http }\n"
         f"  server g {s.triton_grpc} proto h2\n"
         f"  server h {s.triton_http} weight 0\n"
@@ -107,7 +109,6 @@ defaults
 
 frontend plinth_grpc
   bind {s.host}:{s.grpc_port} proto h2
-  filter lua.plinth
 {log_frontend}  # The action reads the model name from the body's head.
   http-request wait-for-body time 60s at-least 512
   http-request lua.plinth_grpc
@@ -117,7 +118,6 @@ frontend plinth_grpc
 
 frontend plinth_http
   bind {s.host}:{s.http_port}
-  filter lua.plinth
 {log_frontend}  http-request lua.plinth_http
   http-request del-header authorization
   http-request set-var(txn.pl_proto) str(http)
