@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,8 +84,9 @@ PROGRAM = (
     "print('checkpoint', os.environ['PLINTH_CHECKPOINT_DIR'])\n"
     "print('secret leaked' if 'SCHEDULER_SECRET' in os.environ else 'no leak')\n"
     "json.dump({'accuracy': 0.9}, open(os.environ['PLINTH_OUTPUT_FILE'], 'w'))\n"
-    "x = bytearray(60 * 1024 * 1024)\n"
-    "sum(range(3_000_000))\n"
+    "import time\n"
+    "x = b'1' * (60 * 1024 * 1024)  # touched pages: resident\n"
+    "time.sleep(3)  # SLURM samples memory once a second (JobAcctGatherFrequency)\n"
     "sys.exit(3)\n"
 )
 
@@ -126,9 +128,19 @@ async def test_cancel_ends_the_job_on_slurm_and_launch_is_idempotent(
             break
         await asyncio.sleep(0.2)
     await executor.terminate(job, grace_s=1)  # it ignores SIGTERM: killed after 1 s
+    began = time.monotonic()
     status = await asyncio.wait_for(handle.wait(), 60)
     assert not status.succeeded
+    assert time.monotonic() - began < 15  # the grace period, not SLURM's KillWait (30 s)
     assert str(handle.pid) not in _squeue(slurm).split()
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(handle.pid)],
+        env=slurm.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "JobState=CANCELLED" in shown
     assert b"got SIGTERM" in await executor.read_log("j-cancel", 0)
 
 
@@ -159,7 +171,10 @@ async def test_refused_and_unreachable(slurm: SlurmCluster, tmp_path: Path) -> N
     with pytest.raises(SlurmJobRejected, match=r"sbatch refused job j-bad: .*[Pp]artition"):
         await executor.launch(_job(executor, "j-bad", "true"), {})
     down = SlurmExecutor(
-        tmp_path, capacity=CAPACITY, env={"SLURM_CONF": str(tmp_path / "missing.conf")}
+        tmp_path,
+        capacity=CAPACITY,
+        env={"SLURM_CONF": str(tmp_path / "missing.conf")},
+        command_timeout_s=3,
     )
     with pytest.raises(Unavailable, match=r"^executor slurm unreachable: "):
         await down.launch(_job(down, "j-down", "true"), {})

@@ -67,7 +67,6 @@ _END_REASONS = {
 }
 _FIELD = re.compile(r"(\w+)=(\S*)")
 _UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_COMMAND_TIMEOUT_S = 30.0
 _MEMORY_KILL = re.compile(r"slurmstepd[^\n]*exceeded memory limit \((\d+) > \d+\)")
 _OOM_SCAN_BYTES = 64 * 1024
 
@@ -101,6 +100,8 @@ class SlurmExecutor:
         poll_s: how often a running attempt's state is read.
         lost_after_s: how long SLURM may stay unreachable before the attempt is reported lost.
         bin_dir: where ``sbatch`` and the others are ('' : on PATH).
+        command_timeout_s: one command's limit (SLURM's commands retry an unreachable
+            controller for a minute by themselves).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class SlurmExecutor:
         poll_s: float = 0.5,
         lost_after_s: float = 120.0,
         bin_dir: str = "",
+        command_timeout_s: float = 30.0,
     ) -> None:
         self._room = JobRoom(jobs_dir)
         self._capacity = capacity
@@ -125,6 +127,7 @@ class SlurmExecutor:
         self._poll_s = poll_s
         self._lost_after_s = lost_after_s
         self._bin_dir = bin_dir
+        self._command_timeout_s = command_timeout_s
         self._kills: set[asyncio.Task[None]] = set()
         self._sacct_works: bool | None = None
 
@@ -249,7 +252,13 @@ class SlurmExecutor:
 
     async def terminate(self, job: Job, *, grace_s: float | None = None) -> None:
         """SIGTERM to every process of the attempt now; SIGKILL and ``scancel`` after the grace
-        period if it is still there. Returns at once."""
+        period if it is still there. Returns at once.
+
+        The SIGKILL goes to the batch step (``--batch``): a plain ``scancel`` (or ``--full
+        --signal=KILL``, which SLURM treats as one) would wait the cluster's ``KillWait``
+        (30 s by default) after yet another SIGTERM, whatever grace Plinth asked for. The
+        ``scancel`` after it ends what is left (a gang's steps) and marks the job CANCELLED.
+        """
         slurm_id = await self._find(job)
         if slurm_id is None:
             return
@@ -266,7 +275,7 @@ class SlurmExecutor:
             if info is None or info.get("JobState") not in _ACTIVE:
                 return
             await asyncio.sleep(min(self._poll_s, max(0.0, deadline - time.monotonic())))
-        await self._run([self._program("scancel"), "--full", "--signal=KILL", str(slurm_id)])
+        await self._run([self._program("scancel"), "--batch", "--signal=KILL", str(slurm_id)])
         await self._run([self._program("scancel"), str(slurm_id)])
 
     # -- following an attempt -----------------------------------------------------------------
@@ -289,7 +298,7 @@ class SlurmExecutor:
             state = (info or {}).get("JobState", "")
             if info is not None and state in _ACTIVE:
                 polls += 1
-                if state == "RUNNING" and polls % 4 == 1:  # a sample every few polls
+                if state == "RUNNING" and polls % 2 == 1:  # a sample every other poll
                     peak_rss = max(peak_rss, await self._sstat_rss(slurm_id))
                 await asyncio.sleep(self._poll_s)
                 continue
@@ -439,13 +448,13 @@ class SlurmExecutor:
                 f"executor slurm unreachable: cannot run {argv[0]}: {exc}", dependency="slurm"
             ) from exc
         try:
-            out, err = await asyncio.wait_for(process.communicate(), _COMMAND_TIMEOUT_S)
+            out, err = await asyncio.wait_for(process.communicate(), self._command_timeout_s)
         except TimeoutError as exc:
             process.kill()
             await process.wait()
             raise Unavailable(
                 f"executor slurm unreachable: {Path(argv[0]).name} did not answer in "
-                f"{_COMMAND_TIMEOUT_S:g} s",
+                f"{self._command_timeout_s:g} s",
                 dependency="slurm",
             ) from exc
         code = process.returncode or 0
