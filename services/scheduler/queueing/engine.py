@@ -18,10 +18,12 @@ The rules (the README quotes them):
 4. **Flavor**: the queue's flavors in order, the first where the job fits without borrowing; if
    none, the first where it fits by borrowing. A flavor without quota for a requested resource
    cannot hold the job.
-5. **Fair share across a cohort**: the next candidate comes from the queue with the lowest
-   weighted dominant share, ``max over resources r of (usage_r / cohort nominal total_r) /
-   fair_weight`` (ties: the candidates' priority, then order, then queue name). Queues without a
-   cohort are independent.
+5. **Fair share across a cohort**: first, every queue's jobs that fit its own nominal quota (from
+   the front of the queue, Kueue's order: nobody borrows what a lender's next job would take
+   back by preemption); then the next candidate comes from the queue whose weighted dominant
+   share, ``max over resources r of (usage_r / cohort nominal total_r) / fair_weight``, would be
+   the lowest with the candidate admitted (ties: the candidates' priority, then order, then
+   queue name). Queues without a cohort are independent.
 6. **Head of line and EASY backfill**, per queue: the first job of a queue that does not fit
    (its head) gets a reservation at its estimated start (when enough running jobs end by their
    expected run time). A later job of that queue is admitted now only if it fits now AND either
@@ -329,13 +331,14 @@ def _add(group: _Group, state: _State, queue: str, flavor: str, x: Totals, sign:
             borrowed[r] += (new - g if new > g else 0.0) - (old - g if old > g else 0.0)
 
 
-def _share(group: _Group, state: _State, q: _Queue) -> float:
+def _share(group: _Group, state: _State, q: _Queue, x: Totals | None = None) -> float:
+    """The queue's weighted dominant share (rule 5), with ``x`` admitted when given."""
     total = state.qtotal[q.name]
     nominal = group.nominal_total
     best = 0.0
     for r in _R:
         if nominal[r] > 0.0:
-            s = total[r] / nominal[r]
+            s = (total[r] + (x[r] if x is not None else 0.0)) / nominal[r]
             if s > best:
                 best = s
     return best / q.weight
@@ -748,19 +751,20 @@ class QueueEngine:
         for q in queues:
             if q.keys:
                 k = q.keys[0]
-                heap.append((_share(group, state, q), k[0], k[1], q.name))
+                x = q.entries[k[2]].totals
+                heap.append((_share(group, state, q, x), k[0], k[1], q.name))
         heapq.heapify(heap)
         by_name = {q.name: q for q in queues}
         depth = self.backfill_depth
         while heap:
-            share, _, _, name = heapq.heappop(heap)
+            _, _, _, name = heapq.heappop(heap)
             q = by_name[name]
             scan = scans[name]
             keys = q.keys
             entries = q.entries
             n = len(keys)
-            # The queue keeps the turn while its next candidate still sorts first: its share
-            # only changes when it admits (rule 5), so most steps need no heap operation.
+            # The queue keeps the turn while its next candidate still sorts first (rule 5), so
+            # most steps need no heap operation.
             while True:
                 while scan.cursor < n and keys[scan.cursor][2] in admitted_now:
                     scan.cursor += 1
@@ -774,20 +778,19 @@ class QueueEngine:
                         scan.done = True
                     continue
                 if own_quota:
-                    admitted = self._own_quota(group, q, entry, scan, t, admit)
+                    self._own_quota(group, q, entry, scan, t, admit)
                 else:
-                    admitted = self._consider(group, q, entry, scan, t, admit, reservations, out)
-                if admitted:
-                    share = _share(group, state, q)
+                    self._consider(group, q, entry, scan, t, admit, reservations, out)
                 while scan.cursor < n and keys[scan.cursor][2] in admitted_now:
                     scan.cursor += 1
                 if scan.cursor >= n or scan.done:
                     break
-                k = keys[scan.cursor]
-                step = (share, k[0], k[1], name)
-                if heap and heap[0] < step:
-                    heapq.heappush(heap, step)
-                    break
+                if heap:
+                    k = keys[scan.cursor]
+                    step = (_share(group, state, q, entries[k[2]].totals), k[0], k[1], name)
+                    if heap[0] < step:
+                        heapq.heappush(heap, step)
+                        break
 
     def _consider(
         self,
@@ -1236,7 +1239,8 @@ class QueueEngine:
         for q in group.queues:
             if q.keys:
                 k = q.keys[0]
-                ready.append((_share(group, state, q), k[0], k[1], q.name))
+                x = q.entries[k[2]].totals
+                ready.append((_share(group, state, q, x), k[0], k[1], q.name))
         heapq.heapify(ready)
         clock = t
         ended_running = 0
@@ -1292,7 +1296,8 @@ class QueueEngine:
                 cursor[name] = i + 1
                 if i + 1 < len(q.keys):
                     k = q.keys[i + 1]
-                    heapq.heappush(ready, (_share(group, state, q), k[0], k[1], name))
+                    x = q.entries[k[2]].totals
+                    heapq.heappush(ready, (_share(group, state, q, x), k[0], k[1], name))
             if not events or not stuck:
                 break
             end, _, name, flavor, totals, basis, queued = heapq.heappop(events)
@@ -1306,7 +1311,8 @@ class QueueEngine:
             for name in sorted(stuck):
                 q = by_name[name]
                 k = q.keys[cursor[name]]
-                heapq.heappush(ready, (_share(group, state, q), k[0], k[1], name))
+                x = q.entries[k[2]].totals
+                heapq.heappush(ready, (_share(group, state, q, x), k[0], k[1], name))
             stuck.clear()
         # What the simulation could not place: behind a job with no known run time.
         rest: list[tuple[_Key, str, str]] = []

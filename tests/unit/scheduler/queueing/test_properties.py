@@ -318,7 +318,7 @@ def engine_order(world: World, job_id: str) -> float:
     seed=st.integers(0, 2**16),
 )
 def test_fair_shares_converge_to_the_weights(weights: list[int], seed: int) -> None:
-    capacity = 12
+    capacity = 30
     lender = queue_doc("pool", cohort="c", flavors={"f": {"cpu": {"nominal": capacity}}}, teams=[])
     queues = [
         queue_doc(f"q{i}", cohort="c", flavors={"f": {"cpu": {"nominal": 0}}}, weight=w)
@@ -339,7 +339,7 @@ def test_fair_shares_converge_to_the_weights(weights: list[int], seed: int) -> N
     for adm in engine.cycle(at(clock)).admit:
         held[adm.workload.queue] += 1
         ends.append((clock + rng.uniform(20, 100), adm.workload.id, adm.workload.queue))
-    while clock < 2000:
+    while clock < 1500:
         ends.sort()
         end, job_id, queue = ends.pop(0)
         if end > warmup:
@@ -355,7 +355,8 @@ def test_fair_shares_converge_to_the_weights(weights: list[int], seed: int) -> N
     total = sum(area.values())
     for i, w in enumerate(weights):
         share = area[f"q{i}"] / total
-        assert abs(share - w / sum(weights)) < 0.06, (weights, area)
+        # Within one slot of the exact split (slots are whole cores), and a little noise.
+        assert abs(share - w / sum(weights)) < 1 / capacity + 0.02, (weights, area)
 
 
 @settings(max_examples=60, deadline=None)
