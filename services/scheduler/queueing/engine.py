@@ -48,6 +48,14 @@ The rules (the README quotes them):
    its cohort's next cycle.
 9. **Determinism**: the same state and time give the same decisions.
 
+**Estimates** (:meth:`QueueEngine.report`): a simulation per cohort from the usage once the
+preemptions under way complete. Running jobs end at ``admitted_at + expected run time`` (now,
+if overdue); pending jobs start in the order rules 1 and 5 give (no backfill assumed, so an
+estimate errs late), each when it fits, and then end by their own expected run time. A job with
+no expected run time never ends in the simulation: whoever waits for its capacity gets no
+estimate, and the basis names that job (of another team: only its queue). Reasons are judged
+against the usage the next cycle will see (the jobs that fit now taken first, in queue order).
+
 The engine is incremental: usage per queue, flavor and cohort is kept as jobs are admitted and
 removed; a cycle only looks at cohorts where something changed (a job arrived or ended, a
 backoff expired); within a cycle a request shape that did not fit a queue is not tried again
