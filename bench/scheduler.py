@@ -181,7 +181,8 @@ def admission_benchmark(options: Options | None = None) -> dict[str, Any]:
         busy_s += elapsed
         cycle_s.append(elapsed)
         made = len(decisions.admit) + len(decisions.preempt)
-        per_decision_s.extend([elapsed / made] * made)
+        if made:  # a cycle that decided nothing has no per-decision latency
+            per_decision_s.extend([elapsed / made] * made)
         admissions += len(decisions.admit)
         preemptions += len(decisions.preempt)
         record(decisions.admit)
