@@ -148,6 +148,8 @@ async def test_reattach_with_a_new_executor(slurm: SlurmCluster, tmp_path: Path)
     first = _executor(slurm, tmp_path)
     job = _job(first, "j-again", "sh", "-c", "echo before; sleep 2; echo after", attempt=2)
     handle = await first.launch(job, {})
+    # As if the scheduler died between sbatch and recording the id: found by the job's name.
+    (tmp_path / "j-again" / "slurm-a2.id").unlink()
     second = _executor(slurm, tmp_path)
     assert await second.reattach(_job(second, "j-never", "true")) is None
     again = await second.reattach(job)

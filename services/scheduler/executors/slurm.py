@@ -5,8 +5,9 @@ output goes straight into the job's log in Plinth (``--output``, appended), so t
 must be on a filesystem the cluster's nodes share (as the home and project folders of a
 research cluster are). The SLURM job id is recorded in ``slurm-a<N>.id`` and is the handle's
 ``pid``; a launch repeated after a crash, and :meth:`SlurmExecutor.reattach`, find the attempt by
-that file or, if the scheduler died between ``sbatch`` and writing it, by its job name
-``plinth-<id>-a<N>``: an attempt is never submitted twice.
+that file or, if the scheduler died between ``sbatch`` and writing it (``slurm-a<N>.submitting``
+is there without it), by its job name ``plinth-<id>-a<N>``: an attempt is never submitted
+twice, and a first launch costs one SLURM call, ``sbatch``.
 
 Resources: ``--cpus-per-task`` (whole cores, rounded up), ``--mem`` (MiB, per node),
 ``--gres=gpu:N``, ``--nodes``/``--ntasks`` N for a gang of N (one task per node, started by
@@ -236,6 +237,8 @@ class SlurmExecutor:
             "PLINTH_WORLD_SIZE": str(replicas),
         }
         job_env.setdefault("PATH", os.environ.get("PATH", "/usr/bin:/bin"))
+        # Marks that sbatch may have run: only then does a later _find ask squeue by name.
+        await asyncio.to_thread(self._room.write_text, job.id, f"slurm-a{attempt}.submitting", "")
         code, out, err = await self._run(argv, env=job_env)
         if code != 0:
             raise SlurmJobRejected(f"sbatch refused job {job.id}: {_first_line(err or out)}")
@@ -385,6 +388,11 @@ class SlurmExecutor:
         recorded = await asyncio.to_thread(self._room.read_text, job.id, f"slurm-a{attempt}.id")
         if recorded and recorded.strip().isdigit():
             return int(recorded)
+        submitting = await asyncio.to_thread(
+            self._room.read_text, job.id, f"slurm-a{attempt}.submitting"
+        )
+        if submitting is None:  # never handed to sbatch: no need to ask SLURM
+            return None
         code, out, err = await self._run(
             [self._program("squeue"), "-h", "-o", "%i", f"--name={_job_name(job)}"]
         )
