@@ -462,7 +462,7 @@ class QueueEngine:
 
     def add_pending(self, w: Workload) -> None:
         """Queues a workload (replacing a pending one of the same id)."""
-        self._drop_pending(w.id)
+        self._drop_pending(w.id, keep_wait=True)  # an update of a preemptor still waits
         q = self._queues.get(w.queue)
         if q is None:
             self._stranded[w.id] = w
@@ -503,9 +503,10 @@ class QueueEngine:
             self._waiting[preemptor].victims.discard(job_id)
         self._drop_pending(job_id)
 
-    def _drop_pending(self, job_id: str) -> None:
+    def _drop_pending(self, job_id: str, *, keep_wait: bool = False) -> None:
         self._stranded.pop(job_id, None)
-        self._waiting.pop(job_id, None)
+        if not keep_wait:
+            self._waiting.pop(job_id, None)
         q = self._where.pop(job_id, None)
         if q is None:
             return

@@ -552,3 +552,15 @@ def test_the_report_for_a_team_shows_its_queue_and_only_its_jobs() -> None:
     assert report.pending[0].estimate_basis == (
         "when 1 running job end and 1 job ahead of it run, by declared maximum run time"
     )
+
+
+def test_a_waiting_preemptor_queued_again_still_waits_for_its_victims() -> None:
+    d = driver(queue_doc("q", flavors={"f": {"cpu": {"nominal": 1}}}))
+    d.submit(job("j-1", "q", priority=100))
+    d.cycle()
+    d.submit(job("j-2", "q", priority=1000))
+    first = d.cycle(stop_victims=False)
+    assert len(first.preempt) == 1
+    d.engine.add_pending(job("j-2", "q", priority=1000))  # the service reloads it, say
+    assert d.cycle(stop_victims=False).preempt == []
+    assert row(d.engine.report(T0), "j-2").reason == "waiting for 1 preempted job to stop"
