@@ -23,7 +23,7 @@ from services.scheduler.domain import EndReason, Job, JobSpec, JobState, Resourc
 from services.scheduler.executors.ray import RayExecutor
 
 # Generous: the first test also waits for the head, which takes minutes on a loaded machine.
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CAPACITY = Resources(cpu=2, memory_bytes=2 * 1024**3)
 

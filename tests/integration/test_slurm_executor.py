@@ -22,7 +22,7 @@ from plinth_common.slurm_cluster import SlurmCluster
 from services.scheduler.domain import EndReason, Job, JobSpec, JobState, Resources
 from services.scheduler.executors.slurm import SlurmExecutor, SlurmJobRejected
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 CAPACITY = Resources(cpu=2, memory_bytes=2 * 1024**3)
 
