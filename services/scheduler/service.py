@@ -18,15 +18,17 @@ the budget of its failure kind, queued by its retry time.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import builtins
 import dataclasses
 import logging
+import math
 import os
 import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -101,6 +103,8 @@ REPORT_TTL_S = 0.5
 #: Expected run time without a declared maximum: the median of this many recent successes.
 HISTORY_RUNS = 20
 HISTORY_TTL_S = 30.0
+#: The queued rows are read again at least this often, whatever this process wrote.
+ROWS_REFRESH_S = 30.0
 #: A launch that fails with one of these is the job's own doing (no such program, no access).
 _USER_LAUNCH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
@@ -284,6 +288,13 @@ class SchedulerService:
         self._engine: QueueEngine | None = None
         self._queued: dict[str, Job] = {}
         self._queued_rows: dict[str, Job] = {}
+        self._queued_sorted: builtins.list[Job] = []
+        self._backoffs: builtins.list[datetime] = []
+        # Writes committed by this service, and the count the queued rows were read at: an
+        # idle pass (nothing written since) reads no rows at all.
+        self._writes = 0
+        self._writes_read = -1
+        self._rows_read_at = -math.inf
         self._synced = False
         self._report: tuple[float, QueueReport] | None = None
         self._report_lock = asyncio.Lock()
@@ -340,7 +351,7 @@ class SchedulerService:
             job = dataclasses.replace(
                 job, spec=dataclasses.replace(job.spec, working_dir=self._executor.prepare(job_id))
             )
-        async with self._store.transaction() as tx:
+        async with self._transaction() as tx:
             job = await tx.add(job)
             await tx.emit(JobEvent(kind=JobEventKind.SUBMITTED, job=job))
         # Visible in the queue at once, before the dispatcher's next pass.
@@ -413,7 +424,7 @@ class SchedulerService:
             PermissionDenied: the caller's role in the job's team is below developer.
             FailedPrecondition: the job has already ended.
         """
-        async with self._store.transaction() as tx:
+        async with self._transaction() as tx:
             job = self._checked(principal, JOBS_CANCEL, await tx.get(job_id), job_id)
             if job.state.terminal:
                 raise FailedPrecondition(
@@ -827,16 +838,18 @@ class SchedulerService:
         """
         now = self._clock()
         engine, _ = await self._queues()
-        jobs = await self._pass_jobs()
+        jobs, read = await self._pass_jobs()
         await self._enforce_run_times([job for job in jobs if job.state.active], now)
-        await self._sync_engine(engine, jobs)
+        if read or not self._synced:
+            await self._sync_engine(engine, jobs)
         decisions: Decisions = engine.cycle(now)
         if decisions.admit or decisions.preempt:
             # A pass that changed the queues drops the cached report (passes are sequential,
             # so this rebuilds it at most once a pass; a pass that admits nothing keeps it).
             self._report = None
-        self._next_due = self._due(jobs, now)
-        by_id = {job.id: job for job in jobs}
+        active = [job for job in jobs if job.state.active]
+        self._next_due = self._due(active, now, read=read)
+        by_id = {**self._queued_rows, **{job.id: job for job in active}}
         for preemption in decisions.preempt:
             await self._preempt(preemption, by_id.get(preemption.victim.workload.id))
         started = 0
@@ -849,6 +862,7 @@ class SchedulerService:
             credentials = await self._credentials_for(job)
             if isinstance(credentials, Unavailable):
                 unavailable.add(job.team)
+                self._writes += 1  # the engine counts it admitted: the next pass corrects it
                 continue
             self._queued.pop(job.id, None)
             if await self._admit_and_launch(
@@ -857,28 +871,51 @@ class SchedulerService:
                 started += 1
         return started
 
-    async def _pass_jobs(self) -> builtins.list[Job]:
-        """The active jobs, read afresh, and the queued ones, read only when new to this
-        process or back for another attempt (with 10,000 waiting, reading every row each pass
-        would be most of the pass)."""
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[JobTransaction]:
+        """A unit of work of the store, counted once it has ended (see :meth:`_pass_jobs`)."""
+        try:
+            async with self._store.transaction() as tx:
+                yield tx
+        finally:
+            self._writes += 1
+
+    async def _pass_jobs(self) -> tuple[builtins.list[Job], bool]:
+        """The active jobs, read afresh, and the queued ones: their ids only when something
+        was written since the last read (or every :data:`ROWS_REFRESH_S` regardless), their
+        rows only when new to this process or back for another attempt. With 10,000 waiting,
+        reading every row each pass would be most of the pass.
+
+        Returns:
+            The jobs, and whether the queued ones were read (else nothing changed since).
+        """
         active = await self._store.in_states(ACTIVE)
+        now = time.monotonic()
+        if self._writes == self._writes_read and now - self._rows_read_at < ROWS_REFRESH_S:
+            return [*active, *self._queued_sorted], False
+        writes = self._writes  # a write that ends during the read makes the next pass read
         index = await self._store.queued_index()
+        self._writes_read, self._rows_read_at = writes, now
         cache = self._queued_rows
         fresh = [i for i, attempt in index.items() if i not in cache or cache[i].attempt != attempt]
         for job in await self._store.by_ids(fresh):
             cache[job.id] = job
         self._queued_rows = {i: cache[i] for i in index if i in cache}
-        queued = sorted(self._queued_rows.values(), key=lambda job: job.seq)
-        return [*active, *queued]
+        self._queued_sorted = sorted(self._queued_rows.values(), key=lambda job: job.seq)
+        return [*active, *self._queued_sorted], True
 
-    def _due(self, jobs: Sequence[Job], now: datetime) -> datetime | None:
+    def _due(self, active: Sequence[Job], now: datetime, *, read: bool) -> datetime | None:
         """The next time a pass has something to do by the clock: a maximum run time that
-        ends, or a retry whose backoff ends."""
-        due: builtins.list[datetime] = []
-        for job in jobs:
-            if job.state is JobState.QUEUED and job.not_before is not None:
-                due.append(job.not_before)
-            elif (
+        ends, or a retry whose backoff ends (the queued jobs' backoffs are looked at when they
+        were read)."""
+        if read:
+            self._backoffs = sorted(
+                job.not_before for job in self._queued_sorted if job.not_before is not None
+            )
+        first = bisect.bisect_right(self._backoffs, now)
+        due = self._backoffs[first : first + 1]
+        for job in active:
+            if (
                 job.state is JobState.RUNNING
                 and job.spec.max_run_time_s
                 and job.started_at
@@ -898,7 +935,7 @@ class SchedulerService:
             if job.started_at is None or now < job.started_at + timedelta(seconds=limit):
                 continue
             message = f"exceeded its maximum run time of {_seconds(limit)}"
-            async with self._store.transaction() as tx:
+            async with self._transaction() as tx:
                 stopped = await tx.replace(
                     job.request_stop(EndReason.RUN_TIME_EXCEEDED, message), expect=job.state
                 )
@@ -911,7 +948,7 @@ class SchedulerService:
         at its place once its process has ended."""
         if victim is None or not victim.state.active or victim.stopping:
             return  # already being stopped: not chosen twice
-        async with self._store.transaction() as tx:
+        async with self._transaction() as tx:
             current = await tx.get(victim.id)
             if current is None or not current.state.active or current.stopping:
                 return
@@ -965,7 +1002,7 @@ class SchedulerService:
             },
         )
         with trace.use_span(span, end_on_exit=False):
-            async with self._store.transaction() as tx:
+            async with self._transaction() as tx:
                 job = await tx.replace(
                     queued.admit(now=self._clock(), flavor=flavor, queue=queue),
                     expect=JobState.QUEUED,
@@ -1003,7 +1040,7 @@ class SchedulerService:
                     failure_kind=kind,
                 )
                 return False
-            async with self._store.transaction() as tx:
+            async with self._transaction() as tx:
                 current = await tx.get(job.id) or job
                 job = (
                     await tx.replace(
@@ -1096,7 +1133,7 @@ class SchedulerService:
         # Read before the transaction opens: with a remote executor this is a network call.
         outputs = await self._executor.outputs(before)
         now = self._clock()
-        async with self._store.transaction() as tx:
+        async with self._transaction() as tx:
             job = await tx.get(job_id)
             if job is None or not job.state.active:
                 return
@@ -1162,7 +1199,7 @@ class SchedulerService:
                     )
                     await self._executor.terminate(job, grace_s=grace)
             elif job.state is JobState.ADMITTED and job.pid is None:
-                async with self._store.transaction() as tx:
+                async with self._transaction() as tx:
                     await tx.replace(job.requeue(), expect=JobState.ADMITTED)
             else:
                 await self._finish(
