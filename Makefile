@@ -68,6 +68,7 @@ bench: venv
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.online_features
 	$(BIN)/python -m bench.registry_reads
+	$(BIN)/python -m bench.metrics_cost
 	$(BIN)/python -m bench.scheduler
 
 clean-data:
