@@ -354,11 +354,8 @@ class SchedulerService:
         async with self._transaction() as tx:
             job = await tx.add(job)
             await tx.emit(JobEvent(kind=JobEventKind.SUBMITTED, job=job))
-        # Visible in the queue at once, before the dispatcher's next pass.
-        if self._synced:
-            engine.add_pending(await self._workload_of(job, config))
-            self._queued[job.id] = job
-        # The cached report is not dropped: it shows the job within REPORT_TTL_S.
+        # The dispatcher's next pass (now) hands it to the engine, with the history of every
+        # job submitted meanwhile read in one query.
         self._wake.set()
         return job
 
