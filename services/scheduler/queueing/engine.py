@@ -178,6 +178,7 @@ class _Queue:
         "group",
         "keys",
         "name",
+        "priorities",
         "quota_of",
         "quotas",
         "shapes",
@@ -224,6 +225,7 @@ class _Queue:
         self.shapes: dict[Totals, int] = {}  # pending request shapes and their counts
         self.floor: Totals | None = None  # cached least shape (see _floor)
         self.admitted: dict[str, _Held] = {}
+        self.priorities: dict[int, int] = {}  # admitted jobs per priority value
         # Something that may let one of its jobs in: a new job, a head gone. Capacity freed
         # dirties the whole group instead (cohort members share it).
         self.dirty = True
@@ -455,6 +457,7 @@ class QueueEngine:
         group = q.group
         _add(group, group.state, q.name, adm.flavor, held.totals, 1.0)
         q.admitted[w.id] = held
+        q.priorities[w.priority] = q.priorities.get(w.priority, 0) + 1
         self._held[w.id] = held
         if held.end is not None:
             insort(group.ends, (held.end, w.id))
@@ -492,6 +495,11 @@ class QueueEngine:
             group = q.group
             _add(group, group.state, held.queue, held.flavor, held.totals, -1.0)
             del q.admitted[job_id]
+            prio = held.adm.workload.priority
+            if q.priorities[prio] > 1:
+                q.priorities[prio] -= 1
+            else:
+                del q.priorities[prio]
             if held.end is not None:
                 i = bisect_left(group.ends, (held.end, job_id))
                 if i < len(group.ends) and group.ends[i] == (held.end, job_id):
@@ -996,14 +1004,20 @@ class QueueEngine:
             return None
         x = entry.totals
         prio = entry.w.priority
-        shares = {qq.name: _share(group, base, qq) for qq in group.queues}
+        lowest = min(q.priorities, default=prio + 1)
+        own_possible = within is not PreemptionPolicy.NEVER and (
+            lowest < prio or (within is PreemptionPolicy.ANY and lowest == prio)
+        )
         for quota in q.quotas:
             if any(x[r] > 0 and not quota.has[r] for r in _R):
                 continue
             if any(x[r] > quota.nominal[r] + _EPS for r in _R):
                 continue  # cannot fit its nominal quota even alone
+            u = base.usage[(q.name, quota.flavor)]
+            if not own_possible and any(u[r] + x[r] > quota.nominal[r] + _EPS for r in _R):
+                continue  # above its nominal quota, with nobody of its own to preempt
             own: list[_Held] = []
-            if within is not PreemptionPolicy.NEVER:
+            if own_possible:
                 for held in q.admitted.values():
                     if held.flavor != quota.flavor or held.adm.workload.id in self._preempting:
                         continue
@@ -1015,7 +1029,6 @@ class QueueEngine:
                 _victim_order(own, lambda h: h.adm.workload.priority)
             # Only its own victims lower its usage: without enough of them it cannot come
             # within its nominal quota, whatever the other queues give back.
-            u = base.usage[(q.name, quota.flavor)]
             freeable = [sum(h.totals[r] for h in own) for r in _R]
             if any(u[r] + x[r] - freeable[r] > quota.nominal[r] + _EPS for r in _R):
                 continue
@@ -1047,7 +1060,8 @@ class QueueEngine:
                 _add(group, state, held.queue, held.flavor, held.totals, -1.0)
             if not _fits(group, state, q, quota, x, False):
                 continue
-            _victim_order(others, lambda h: (-shares[h.queue], h.adm.workload.priority))
+            shares = {qq.name: _share(group, base, qq) for qq in group.queues}
+            _victim_order(others, functools.partial(_reclaim_rank, shares))
             state = base.copy()
             chosen: list[_Held] = []
             fitted = False
@@ -1489,6 +1503,11 @@ class QueueEngine:
                 text += ", and no other flavor of the queue has room"
             return text
         return f"waiting for room in flavor {quota.flavor} of queue {q.name}"
+
+
+def _reclaim_rank(shares: dict[str, float], h: _Held) -> tuple[float, ...]:
+    """Reclaim victims: the queue with the highest share first, then the lowest priority."""
+    return (-shares[h.queue], h.adm.workload.priority)
 
 
 def _victim_order(helds: list[_Held], first: Callable[[_Held], tuple[float, ...] | int]) -> None:
