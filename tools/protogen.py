@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -24,11 +25,18 @@ def generate(out_dir: Path) -> None:
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
+    # google/api/{annotations,http}.proto (the HTTP mapping of the public API) come from the
+    # googleapis-common-protos wheel, which also ships their generated modules at run time.
+    spec = importlib.util.find_spec("google.api.annotations_pb2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("googleapis-common-protos is not installed")
+    googleapis = Path(spec.origin).parents[2]
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
+        f"-I{googleapis}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -22,46 +22,59 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/serving/v1/serving.proto\x12\x11plinth.serving.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"0\n\x0cTrafficShare\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\"Q\n\x03Slo\x12\x1e\n\x16max_error_rate_percent\x18\x01 \x01(\x01\x12\x12\n\nmax_p99_ms\x18\x02 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x03 \x01(\x05\"4\n\x06Limits\x12\x17\n\x0fmax_concurrency\x18\x01 \x01(\x05\x12\x11\n\tmax_queue\x18\x02 \x01(\x05\"\x9d\x01\n\x0eVersionTraffic\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\x12\x0e\n\x06\x63\x61nary\x18\x03 \x01(\x08\x12\x1b\n\x13requests_per_second\x18\x04 \x01(\x01\x12\x1a\n\x12\x65rror_rate_percent\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08measured\x18\x07 \x01(\x08\"f\n\x0eTritonSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x05\x12\x16\n\x0einstance_count\x18\x03 \x01(\x05\"\xc2\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x31\n\x06triton\x18\x05 \x01(\x0b\x32!.plinth.serving.v1.TritonSettings\x12\x31\n\x05state\x18\x06 \x01(\x0e\x32\".plinth.serving.v1.DeploymentState\x12\x17\n\x0fserving_version\x18\x07 \x01(\t\x12\x17\n\x0floading_version\x18\x08 \x01(\t\x12\x12\n\nlast_error\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etarget_version\x18\x0c \x01(\t\x12\x13\n\x0bshared_with\x18\r \x03(\t\x12\x32\n\x07traffic\x18\x0e \x03(\x0b\x32!.plinth.serving.v1.VersionTraffic\x12\x38\n\x0fpending_traffic\x18\x0f \x03(\x0b\x32\x1f.plinth.serving.v1.TrafficShare\x12#\n\x03slo\x18\x10 \x01(\x0b\x32\x16.plinth.serving.v1.Slo\x12)\n\x06limits\x18\x11 \x01(\x0b\x32\x19.plinth.serving.v1.Limits\"\xf0\x01\n\x17\x43reateDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x31\n\x06triton\x18\x05 \x01(\x0b\x32!.plinth.serving.v1.TritonSettings\x12\x13\n\x0bshared_with\x18\x06 \x03(\t\x12#\n\x03slo\x18\x07 \x01(\x0b\x32\x16.plinth.serving.v1.Slo\x12)\n\x06limits\x18\x08 \x01(\x0b\x32\x19.plinth.serving.v1.Limits\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"M\n\x16ListDeploymentsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.plinth.serving.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x16ShareDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05teams\x18\x02 \x03(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"c\n\x11SetTrafficRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x07traffic\x18\x02 \x03(\x0b\x32\x1f.plinth.serving.v1.TrafficShare\x12\x0e\n\x06reason\x18\x03 \x01(\t*\xca\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_LOADING\x10\x02\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNAVAILABLE\x10\x05\x32\xcf\x04\n\x0eServingService\x12]\n\x10\x43reateDeployment\x12*.plinth.serving.v1.CreateDeploymentRequest\x1a\x1d.plinth.serving.v1.Deployment\x12W\n\rGetDeployment\x12\'.plinth.serving.v1.GetDeploymentRequest\x1a\x1d.plinth.serving.v1.Deployment\x12h\n\x0fListDeployments\x12).plinth.serving.v1.ListDeploymentsRequest\x1a*.plinth.serving.v1.ListDeploymentsResponse\x12k\n\x10\x44\x65leteDeployment\x12*.plinth.serving.v1.DeleteDeploymentRequest\x1a+.plinth.serving.v1.DeleteDeploymentResponse\x12[\n\x0fShareDeployment\x12).plinth.serving.v1.ShareDeploymentRequest\x1a\x1d.plinth.serving.v1.Deployment\x12Q\n\nSetTraffic\x12$.plinth.serving.v1.SetTrafficRequest\x1a\x1d.plinth.serving.v1.Deploymentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplinth/serving/v1/serving.proto\x12\x11plinth.serving.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"0\n\x0cTrafficShare\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\"Q\n\x03Slo\x12\x1e\n\x16max_error_rate_percent\x18\x01 \x01(\x01\x12\x12\n\nmax_p99_ms\x18\x02 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x03 \x01(\x05\"4\n\x06Limits\x12\x17\n\x0fmax_concurrency\x18\x01 \x01(\x05\x12\x11\n\tmax_queue\x18\x02 \x01(\x05\"\x9d\x01\n\x0eVersionTraffic\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\x12\x0e\n\x06\x63\x61nary\x18\x03 \x01(\x08\x12\x1b\n\x13requests_per_second\x18\x04 \x01(\x01\x12\x1a\n\x12\x65rror_rate_percent\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08measured\x18\x07 \x01(\x08\"f\n\x0eTritonSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x05\x12\x16\n\x0einstance_count\x18\x03 \x01(\x05\"\xc2\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x31\n\x06triton\x18\x05 \x01(\x0b\x32!.plinth.serving.v1.TritonSettings\x12\x31\n\x05state\x18\x06 \x01(\x0e\x32\".plinth.serving.v1.DeploymentState\x12\x17\n\x0fserving_version\x18\x07 \x01(\t\x12\x17\n\x0floading_version\x18\x08 \x01(\t\x12\x12\n\nlast_error\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etarget_version\x18\x0c \x01(\t\x12\x13\n\x0bshared_with\x18\r \x03(\t\x12\x32\n\x07traffic\x18\x0e \x03(\x0b\x32!.plinth.serving.v1.VersionTraffic\x12\x38\n\x0fpending_traffic\x18\x0f \x03(\x0b\x32\x1f.plinth.serving.v1.TrafficShare\x12#\n\x03slo\x18\x10 \x01(\x0b\x32\x16.plinth.serving.v1.Slo\x12)\n\x06limits\x18\x11 \x01(\x0b\x32\x19.plinth.serving.v1.Limits\"\xf0\x01\n\x17\x43reateDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x31\n\x06triton\x18\x05 \x01(\x0b\x32!.plinth.serving.v1.TritonSettings\x12\x13\n\x0bshared_with\x18\x06 \x03(\t\x12#\n\x03slo\x18\x07 \x01(\x0b\x32\x16.plinth.serving.v1.Slo\x12)\n\x06limits\x18\x08 \x01(\x0b\x32\x19.plinth.serving.v1.Limits\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"M\n\x16ListDeploymentsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.plinth.serving.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x16ShareDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05teams\x18\x02 \x03(\t\"\x1a\n\x18\x44\x65leteDeploymentResponse\"c\n\x11SetTrafficRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x07traffic\x18\x02 \x03(\x0b\x32\x1f.plinth.serving.v1.TrafficShare\x12\x0e\n\x06reason\x18\x03 \x01(\t*\xca\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_LOADING\x10\x02\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNAVAILABLE\x10\x05\x32\x9e\x06\n\x0eServingService\x12y\n\x10\x43reateDeployment\x12*.plinth.serving.v1.CreateDeploymentRequest\x1a\x1d.plinth.serving.v1.Deployment\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/deployments:\x01*\x12w\n\rGetDeployment\x12\'.plinth.serving.v1.GetDeploymentRequest\x1a\x1d.plinth.serving.v1.Deployment\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/deployments/{name}\x12\x81\x01\n\x0fListDeployments\x12).plinth.serving.v1.ListDeploymentsRequest\x1a*.plinth.serving.v1.ListDeploymentsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/deployments\x12\x8b\x01\n\x10\x44\x65leteDeployment\x12*.plinth.serving.v1.DeleteDeploymentRequest\x1a+.plinth.serving.v1.DeleteDeploymentResponse\"\x1e\x82\xd3\xe4\x93\x02\x18*\x16/v1/deployments/{name}\x12\x84\x01\n\x0fShareDeployment\x12).plinth.serving.v1.ShareDeploymentRequest\x1a\x1d.plinth.serving.v1.Deployment\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/deployments/{name}:share:\x01*\x12\x7f\n\nSetTraffic\x12$.plinth.serving.v1.SetTrafficRequest\x1a\x1d.plinth.serving.v1.Deployment\",\x82\xd3\xe4\x93\x02&\"!/v1/deployments/{name}:setTraffic:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plinth.serving.v1.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEPLOYMENTSTATE']._serialized_start=1809
-  _globals['_DEPLOYMENTSTATE']._serialized_end=2011
-  _globals['_TRAFFICSHARE']._serialized_start=87
-  _globals['_TRAFFICSHARE']._serialized_end=135
-  _globals['_SLO']._serialized_start=137
-  _globals['_SLO']._serialized_end=218
-  _globals['_LIMITS']._serialized_start=220
-  _globals['_LIMITS']._serialized_end=272
-  _globals['_VERSIONTRAFFIC']._serialized_start=275
-  _globals['_VERSIONTRAFFIC']._serialized_end=432
-  _globals['_TRITONSETTINGS']._serialized_start=434
-  _globals['_TRITONSETTINGS']._serialized_end=536
-  _globals['_DEPLOYMENT']._serialized_start=539
-  _globals['_DEPLOYMENT']._serialized_end=1117
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1120
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1360
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1362
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1398
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1400
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1477
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1479
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1581
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1583
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1622
-  _globals['_SHAREDEPLOYMENTREQUEST']._serialized_start=1624
-  _globals['_SHAREDEPLOYMENTREQUEST']._serialized_end=1677
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1679
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1705
-  _globals['_SETTRAFFICREQUEST']._serialized_start=1707
-  _globals['_SETTRAFFICREQUEST']._serialized_end=1806
-  _globals['_SERVINGSERVICE']._serialized_start=2014
-  _globals['_SERVINGSERVICE']._serialized_end=2605
+  _globals['_SERVINGSERVICE'].methods_by_name['CreateDeployment']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['CreateDeployment']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/deployments:\001*'
+  _globals['_SERVINGSERVICE'].methods_by_name['GetDeployment']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['GetDeployment']._serialized_options = b'\202\323\344\223\002\030\022\026/v1/deployments/{name}'
+  _globals['_SERVINGSERVICE'].methods_by_name['ListDeployments']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['ListDeployments']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/deployments'
+  _globals['_SERVINGSERVICE'].methods_by_name['DeleteDeployment']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['DeleteDeployment']._serialized_options = b'\202\323\344\223\002\030*\026/v1/deployments/{name}'
+  _globals['_SERVINGSERVICE'].methods_by_name['ShareDeployment']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['ShareDeployment']._serialized_options = b'\202\323\344\223\002!\"\034/v1/deployments/{name}:share:\001*'
+  _globals['_SERVINGSERVICE'].methods_by_name['SetTraffic']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['SetTraffic']._serialized_options = b'\202\323\344\223\002&\"!/v1/deployments/{name}:setTraffic:\001*'
+  _globals['_DEPLOYMENTSTATE']._serialized_start=1839
+  _globals['_DEPLOYMENTSTATE']._serialized_end=2041
+  _globals['_TRAFFICSHARE']._serialized_start=117
+  _globals['_TRAFFICSHARE']._serialized_end=165
+  _globals['_SLO']._serialized_start=167
+  _globals['_SLO']._serialized_end=248
+  _globals['_LIMITS']._serialized_start=250
+  _globals['_LIMITS']._serialized_end=302
+  _globals['_VERSIONTRAFFIC']._serialized_start=305
+  _globals['_VERSIONTRAFFIC']._serialized_end=462
+  _globals['_TRITONSETTINGS']._serialized_start=464
+  _globals['_TRITONSETTINGS']._serialized_end=566
+  _globals['_DEPLOYMENT']._serialized_start=569
+  _globals['_DEPLOYMENT']._serialized_end=1147
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=1150
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1390
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1392
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1428
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1430
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1507
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1509
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1611
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1613
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1652
+  _globals['_SHAREDEPLOYMENTREQUEST']._serialized_start=1654
+  _globals['_SHAREDEPLOYMENTREQUEST']._serialized_end=1707
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1709
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1735
+  _globals['_SETTRAFFICREQUEST']._serialized_start=1737
+  _globals['_SETTRAFFICREQUEST']._serialized_end=1836
+  _globals['_SERVINGSERVICE']._serialized_start=2044
+  _globals['_SERVINGSERVICE']._serialized_end=2842
 # @@protoc_insertion_point(module_scope)
