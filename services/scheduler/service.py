@@ -255,6 +255,10 @@ class SchedulerService:
             restart then recovers it from the executor).
         preemption_grace_s: SIGTERM to SIGKILL for a preempted job.
         clock: the current time (tests move it).
+        check_config: further checks of a configuration before it is applied (raises
+            InvalidArgument, e.g. a flavor naming an executor this scheduler cannot build).
+        on_config: told of every configuration put in force (at start and on apply), e.g. to
+            build the executors of its flavors.
     """
 
     def __init__(
@@ -268,6 +272,8 @@ class SchedulerService:
         finish_attempts: int = 8,
         preemption_grace_s: float = PREEMPTION_GRACE_S,
         clock: Callable[[], datetime] = _now,
+        check_config: Callable[[QueueConfig], None] | None = None,
+        on_config: Callable[[QueueConfig], None] | None = None,
     ) -> None:
         self._store = store
         self._executor = executor
@@ -277,6 +283,8 @@ class SchedulerService:
         self._finish_attempts = finish_attempts
         self._preemption_grace_s = preemption_grace_s
         self._clock = clock
+        self._check_config = check_config
+        self._on_config = on_config
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -543,6 +551,8 @@ class SchedulerService:
         loaded = _load_document(document)
         _, current = await self._queues()
         config = parse_config(loaded, version=current.version + 1)
+        if self._check_config is not None:
+            self._check_config(config)
         canonical = config_to_document(config)
         warnings = tuple(await self._config_warnings(config))
         if dry_run:
@@ -622,6 +632,8 @@ class SchedulerService:
         self._engine = QueueEngine(config)
         self._synced = False
         self._report = None
+        if self._on_config is not None:
+            self._on_config(config)
 
     def _forget(self, job_id: str) -> None:
         self._queued.pop(job_id, None)

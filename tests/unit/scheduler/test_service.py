@@ -24,7 +24,8 @@ from services.scheduler.domain import (
     Resources,
     RetryPolicy,
 )
-from services.scheduler.service import JobTransaction, SchedulerService
+from services.scheduler.queueing.model import QueueConfig
+from services.scheduler.service import JobEnvironment, JobTransaction, SchedulerService
 from services.scheduler.store import SqlJobStore
 from tests.helpers import ADMIN, eventually, member
 from tests.unit.scheduler.conftest import Clock, MakeService, event_types
@@ -585,3 +586,30 @@ async def test_estimated_start_uses_the_teams_median_run_time_of_jobs_of_that_na
     assert pending is not None and pending.estimated_start == started + timedelta(seconds=250)
     assert "median of the last 3 runs of train" in pending.estimate_basis, pending
     assert await state_of(service, running) is JobState.RUNNING
+
+
+async def test_a_configuration_the_scheduler_cannot_serve_is_refused_and_others_announced(
+    store: SqlJobStore, executor: FakeExecutor
+) -> None:
+    seen: list[int] = []
+
+    def check(config: QueueConfig) -> None:
+        if config.cluster_queues["ml-queue"].fair_weight != 1:
+            raise InvalidArgument("cluster_queues[0].fair_weight", "not served here")
+
+    service = SchedulerService(
+        store=store,
+        executor=executor,
+        job_env=JobEnvironment(mlflow_tracking_uri="http://mlflow.test", base={}),
+        check_config=check,
+        on_config=lambda config: seen.append(config.version),
+    )
+    await service.queue_config(ADMIN)
+    with pytest.raises(InvalidArgument) as caught:
+        await service.apply_queue_config(
+            ADMIN, QUEUES.replace("teams: [ml]", "teams: [ml]\n    fair_weight: 3")
+        )
+    assert caught.value.field == "cluster_queues[0].fair_weight"
+    assert (await service.queue_config(ADMIN)).version == 0
+    await service.apply_queue_config(ADMIN, QUEUES)
+    assert seen == [0, 1]
