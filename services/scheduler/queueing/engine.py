@@ -1413,6 +1413,7 @@ class QueueEngine:
         fit_cache: dict[Totals, _Quota | None] = {}
         short_cache: dict[tuple[Totals, int], str] = {}
         ahead_cache: dict[tuple[int, int], str] = {}
+        waiting = self._waiting
         blocked_head: str | None = None
         higher_ahead = 0
         prio_seen: int | None = None
@@ -1426,7 +1427,7 @@ class QueueEngine:
                 same_ahead = 0
             else:
                 same_ahead += 1
-            wait = self._waiting.get(w.id)
+            wait = waiting.get(w.id) if waiting else None
             if entry.not_before > t:
                 reason = "retrying after backoff, not before " + _iso(entry.not_before)
             elif wait is not None and wait.victims:
@@ -1459,16 +1460,16 @@ class QueueEngine:
                 continue
             start, basis, cohort_position = estimates.get(w.id, (None, "unknown", 0))
             rows.append(
-                PendingWorkload(
-                    job_id=w.id,
-                    team=w.team,
-                    queue=q.name,
-                    priority=w.priority,
-                    position_in_queue=position,
-                    position_in_cohort=cohort_position,
-                    reason=reason,
-                    estimated_start=None if start is None else _datetime(start),
-                    estimate_basis=basis,
+                PendingWorkload(  # positional, in field order: thousands per report
+                    w.id,
+                    w.team,
+                    q.name,
+                    w.priority,
+                    position,
+                    cohort_position,
+                    reason,
+                    None if start is None else _datetime(start),
+                    basis,
                 )
             )
         return rows
