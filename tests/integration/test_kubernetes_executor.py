@@ -160,7 +160,12 @@ class _Kubelet:
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "labels": labels,
+                "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+            },
             "status": status,
         }
         await self._run(self.core.create_namespaced_pod, NS, body)
@@ -169,12 +174,14 @@ class _Kubelet:
     async def pod_status(self, name: str, status: dict[str, Any]) -> None:
         await self._run(self.core.patch_namespaced_pod_status, name, NS, {"status": status})
 
-    async def end_pod(self, name: str, code: int, reason: str, phase: str = "") -> None:
-        terminated = {"exitCode": code, "reason": reason, "finishedAt": "2026-01-01T00:01:00Z"}
+    async def end_pod(
+        self, name: str, code: int, reason: str, *, at: str = "2026-01-01T00:01:00Z"
+    ) -> None:
+        terminated = {"exitCode": code, "reason": reason, "finishedAt": at}
         await self.pod_status(
             name,
             {
-                "phase": phase or ("Succeeded" if code == 0 else "Failed"),
+                "phase": "Succeeded" if code == 0 else "Failed",
                 "containerStatuses": [_container({"terminated": terminated})],
             },
         )
@@ -329,6 +336,34 @@ async def test_pod_endings_are_reported_with_their_reason(
     status, _, _ = await _run_to_end(url, tmp_path, "j-end", ending)
     assert (status.end_reason, status.exit_code, status.signal) == (end_reason, exit_code, signal)
     assert not status.succeeded
+
+
+async def test_a_gang_reports_its_first_failure_once_every_pod_has_ended(
+    cluster: tuple[_Cluster, str], tmp_path: Path
+) -> None:
+    server, url = cluster
+    kubelet = _Kubelet(url)
+    executor = _executor(url, tmp_path)
+    job = _job(executor, "j-gang", replicas=2)
+    handle = await executor.launch(job, ENV)
+    created = await kubelet.job("plinth-j-gang-a1")
+    assert created is not None and created["spec"]["completionMode"] == "Indexed"
+    pods = [await kubelet.start_pod(created, index) for index in (0, 1)]
+    waiting = asyncio.create_task(handle.wait())
+    server.logs[pods[0]] = b"rank 0 step 1\n"
+    server.logs[pods[1]] = b"rank 1 step 1\n"
+    # Rank 1 runs out of memory; the Job fails; the controller then stops rank 0.
+    await kubelet.end_pod(pods[1], 137, "OOMKilled", at="2026-01-01T00:01:00Z")
+    await kubelet.job_condition("plinth-j-gang-a1", "Failed", "BackoffLimitExceeded")
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # rank 0 still runs: the gang has not ended yet
+    await kubelet.end_pod(pods[0], 143, "Error", at="2026-01-01T00:01:05Z")
+    status = await asyncio.wait_for(waiting, 10)
+    assert status.end_reason is EndReason.OOM_KILLED
+    assert pods[1] in status.reason
+    log_text = await executor.read_log(job.id, 0)
+    assert sorted(log_text.splitlines()) == [b"rank 0 step 1", b"rank 1 step 1"]
+    await executor.aclose()
 
 
 async def test_a_pod_that_stays_unschedulable_ends_the_attempt_and_its_job(
