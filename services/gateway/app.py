@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from aiohttp import web
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -27,6 +28,7 @@ from plinth_common.runtime import ServiceRuntime
 from services.gateway.audit import AuditLog
 from services.gateway.auth import Authenticator, EdgeAuth, GatewayAuthInterceptor
 from services.gateway.bootstrap import ensure_admin_key
+from services.gateway.console import Console, ConsoleSettings
 from services.gateway.events import NatsDeadLetterStore, NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
 from services.gateway.identity import Identities
@@ -34,6 +36,7 @@ from services.gateway.identity_servicer import IdentityServicer
 from services.gateway.oidc import OidcSettings, OidcVerifier
 from services.gateway.proxy import ForwardingHandler, Upstream, open_channel
 from services.gateway.ratelimit import DEFAULT_LIMITS, Limit, RateLimiter, limits_from_env
+from services.gateway.rest import RestTranscoder
 from services.gateway.service import DeadLetters, EventStreams
 from services.gateway.servicer import EventServicer
 from services.gateway.store import SqlIdentityStore, outbox_table
@@ -90,6 +93,7 @@ class GatewaySettings:
     auth_cache_ttl_s: float = 1.0
     bootstrap_admin_key_file: Path | None = None
     key_table_recheck_s: float = 0.5
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -112,6 +116,7 @@ class GatewaySettings:
                 else None
             ),
             key_table_recheck_s=env.float("PLINTH_GATEWAY_KEY_TABLE_RECHECK_S", 0.5),
+            console=ConsoleSettings.from_env(env, OidcSettings.from_env(env)),
         )
 
 
@@ -193,15 +198,30 @@ class GatewayApp:
             IdentityServicer(self.identities),
             gateway_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
         )
+        # The HTTP/JSON API calls the gateway's own gRPC port, connected once it is bound.
+        self.rest = RestTranscoder(
+            [*every_service, *GATEWAY_SERVICES], timeout_s=settings.forward_timeout_s
+        )
+        self._loopback: grpc.aio.Channel | None = None
         self.http = GatewayHttp(
             self._channels["serving"],
             self._channels,
             supervisor_status=functools.partial(read_supervisor_status, settings.common.data_dir),
             edge=self.edge,
             tokens=self.runtime.tokens,
+            rest=self.rest,
         )
+        # The console calls this gateway's own gRPC port with the user's credential, so its
+        # pages get the API's authentication, authorization, rate limits and audit.
+        self.console = Console(settings.console, self._own_target, self._channels)
+        self.http.app.add_subapp("/console", self.console.app)
         self._http_runner: web.AppRunner | None = None
         self.http_port = 0
+
+    def _own_target(self) -> str:
+        host = self.settings.common.host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def port(self) -> int:
@@ -218,6 +238,8 @@ class GatewayApp:
         if key_file is not None:
             self.admin_key, created = await ensure_admin_key(self.store, key_file)
             log.info("%s the admin key in %s", "wrote" if created else "reusing", key_file)
+        self._loopback = open_channel(f"{_loopback_host(self.settings.common.host)}:{self.port}")
+        self.rest.connect(self._loopback)
         self._http_runner, self.http_port = await start_http(
             self.http.app, self.settings.common.host, self.settings.http_port
         )
@@ -227,6 +249,7 @@ class GatewayApp:
         """Stops taking calls, closes upstream channels."""
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        await self.console.close()
         self.identities.close()  # a waiting poll of the key table answers now, not at its end
         # Calls drain first, so their audit records are queued before the log is flushed.
         await self.runtime.server.stop()
@@ -235,3 +258,14 @@ class GatewayApp:
         await self.runtime.stop()
         for channel in self._channels.values():
             await channel.close()
+        if self._loopback is not None:
+            await self._loopback.close()
+
+
+def _loopback_host(host: str) -> str:
+    """Where this process reaches its own gRPC port (a wildcard bind answers on loopback)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host

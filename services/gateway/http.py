@@ -27,6 +27,8 @@ from plinth_common.errors import InvalidArgument, PlinthError, Unauthenticated
 from plinth_common.grpc_server import UpstreamStatus, internal_error, status_for, upstream_error
 from services.gateway.auth import EdgeAuth, http_auth_middleware
 from services.gateway.kserve_json import infer_request_from_json, infer_response_to_json
+from services.gateway.openapi import openapi_document
+from services.gateway.rest import RestTranscoder
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,9 @@ class GatewayHttp:
         edge: authenticates and authorizes each request (None: none, for tests of the
             translation alone).
         tokens: mints the identity forwarded to serving.
+        rest: the HTTP/JSON API transcoded from the protos (``/v1/...``) and its OpenAPI
+            document at ``/openapi.json`` (None: neither). Its routes are authorized by the
+            gRPC call each makes, not by ``HTTP_RULES``.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class GatewayHttp:
         supervisor_status: SupervisorStatus | None = None,
         edge: EdgeAuth | None = None,
         tokens: InternalTokens | None = None,
+        rest: RestTranscoder | None = None,
     ) -> None:
         self._inference = inference_grpc.GRPCInferenceServiceStub(serving)
         self._upstreams = upstreams
@@ -116,8 +122,11 @@ class GatewayHttp:
         self._tokens = tokens
         middlewares: list[Any] = [errors_as_json]
         if edge is not None:
-            middlewares.append(http_auth_middleware(edge))
+            middlewares.append(_except_rest(http_auth_middleware(edge), rest))
         self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+        if rest is not None:
+            self._openapi = openapi_document(rest.rules)
+            self.app.add_routes([web.get("/openapi.json", self.openapi), *rest.routes()])
         self.app.add_routes(
             [
                 web.get("/healthz", self.health_page),
@@ -128,6 +137,10 @@ class GatewayHttp:
                 web.post("/v2/models/{name}/infer", self.model_infer),
             ]
         )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of the HTTP/JSON API (public)."""
+        return web.json_response(self._openapi)
 
     def _identity(self) -> list[tuple[str, str]]:
         """The forwarded identity of the request's caller (none without auth)."""
@@ -220,6 +233,21 @@ class GatewayHttp:
             infer_request, timeout=60, metadata=self._identity()
         )
         return web.json_response(infer_response_to_json(reply))
+
+
+def _except_rest(auth: Any, rest: RestTranscoder | None) -> Any:
+    """``auth`` for every route but the transcoded API's, which the gateway's gRPC side
+    authenticates and authorizes (the same checks, by the method's own rule)."""
+    if rest is None:
+        return auth
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if rest.owns(request):
+            return await handler(request)
+        return await auth(request, handler)  # type: ignore[no-any-return]
+
+    return middleware
 
 
 def _tensors(items: Iterable[Any]) -> list[dict[str, Any]]:
