@@ -138,6 +138,11 @@ KEY_DIGESTS = Permission(
     note="salts and hashes of usable keys, for the inference data plane",
 )
 HEALTH = Permission("health", Scope.PUBLIC)
+API_DESCRIPTION = Permission(
+    "api.describe",
+    Scope.PUBLIC,
+    note="the OpenAPI document; `/v1/...` routes take their method's row",
+)
 REFLECTION = _any("reflection")
 
 _SCHEDULER = "/plinth.scheduler.v1.SchedulerService/"
@@ -215,6 +220,7 @@ METHOD_RULES: Mapping[str, Permission] = {
 #: HTTP route on the gateway (method, aiohttp route pattern) -> the permission it needs.
 HTTP_RULES: Mapping[tuple[str, str], Permission] = {
     ("GET", "/healthz"): HEALTH,
+    ("GET", "/openapi.json"): API_DESCRIPTION,
     ("GET", "/v2/health/live"): INFERENCE_SERVER,
     ("GET", "/v2/health/ready"): INFERENCE_SERVER,
     ("GET", "/v2/models/{name}"): INFERENCE_CALL,
