@@ -33,6 +33,7 @@ from services.scheduler.executors.kubernetes import (
     KubernetesExecutor,
     KubernetesJobRejected,
     KueueOptions,
+    _api_client,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -102,7 +103,7 @@ def _executor(url: str, jobs_dir: Path, **kwargs: Any) -> KubernetesExecutor:
     return KubernetesExecutor(
         jobs_dir,
         capacity=Resources(cpu=8, memory_bytes=32 * 1024**3, gpu=2),
-        api_client=lambda: _api(url),
+        api_client=lambda: _api_client({"host": url}),
         namespace=NS,
         image="registry.example/train:1",
         poll_s=0.05,
@@ -287,7 +288,7 @@ async def _run_to_end(
     created = await kubelet.job(name)
     assert created is not None
     waiting = asyncio.create_task(handle.wait())
-    pod = await kubelet.start_pod(created, running="unschedulable" not in job_id)
+    pod = await kubelet.start_pod(created, running="pending" not in job_id)
     await ending(kubelet, name, pod)
     status = await asyncio.wait_for(waiting, 10)
     await executor.aclose()
@@ -366,27 +367,59 @@ async def test_a_gang_reports_its_first_failure_once_every_pod_has_ended(
     await executor.aclose()
 
 
-async def test_a_pod_that_stays_unschedulable_ends_the_attempt_and_its_job(
-    cluster: tuple[_Cluster, str], tmp_path: Path
-) -> None:
-    _, url = cluster
-    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-
-    async def unschedulable(kubelet: _Kubelet, name: str, pod: str) -> None:
-        condition = {
+UNSCHEDULABLE = {
+    "phase": "Pending",
+    "conditions": [
+        {
             "type": "PodScheduled",
             "status": "False",
             "reason": "Unschedulable",
-            "message": message,
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
         }
-        await kubelet.pod_status(pod, {"phase": "Pending", "conditions": [condition]})
+    ],
+}
+BAD_IMAGE = {
+    "phase": "Pending",
+    "containerStatuses": [
+        _container(
+            {
+                "waiting": {
+                    "reason": "InvalidImageName",
+                    "message": 'couldn\'t parse image name "Train:latest": invalid reference format',
+                }
+            }
+        )
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("pod_status", "patience_s", "end_reason", "message"),
+    [
+        (UNSCHEDULABLE, 0.3, EndReason.UNSCHEDULABLE, "3 Insufficient nvidia.com/gpu"),
+        # No patience for an image name that can never be pulled: it fails at once.
+        (BAD_IMAGE, 60.0, EndReason.LAUNCH_FAILED, "invalid reference format"),
+    ],
+)
+async def test_a_pod_that_cannot_start_ends_the_attempt_and_its_job(
+    cluster: tuple[_Cluster, str],
+    tmp_path: Path,
+    pod_status: dict[str, Any],
+    patience_s: float,
+    end_reason: EndReason,
+    message: str,
+) -> None:
+    _, url = cluster
+
+    async def pending(kubelet: _Kubelet, name: str, pod: str) -> None:
+        await kubelet.pod_status(pod, pod_status)
 
     status, kubelet, _ = await _run_to_end(
-        url, tmp_path, "j-unschedulable", unschedulable, pending_timeout_s=0.3
+        url, tmp_path, "j-pending", pending, pending_timeout_s=patience_s
     )
-    assert status.end_reason is EndReason.UNSCHEDULABLE
+    assert status.end_reason is end_reason
     assert message in status.reason
-    assert await kubelet.job("plinth-j-unschedulable-a1") is None  # deleted, not left pending
+    assert await kubelet.job("plinth-j-pending-a1") is None  # deleted, not left pending
 
 
 async def test_cancel_deletes_the_job_in_the_background_and_ends_when_its_pod_does(

@@ -639,34 +639,42 @@ class KubernetesExecutor:
     # -- logs and outputs ---------------------------------------------------------------------
 
     def _copy_logs(self, job: Job, pods: list[dict[str, Any]], *, final: bool) -> None:
-        """Appends what each pod wrote since the last copy (whole lines unless ``final``)."""
+        """Appends what each pod wrote since the last copy: whole lines while it runs, the rest
+        once it has ended (or ``final``); a pod copied to its end is not read again."""
         lock = self._copy_locks.setdefault(job_name(job), threading.Lock())
         with lock:
             name = f"k8s-a{attempt_of(job)}.copied"
             try:
-                copied: dict[str, int] = json.loads(self._room.read_text(job.id, name) or "{}")
+                state = json.loads(self._room.read_text(job.id, name) or "{}")
             except ValueError:
-                copied = {}
+                state = {}
+            copied: dict[str, int] = dict(state.get("copied") or {})
+            ended: set[str] = set(state.get("ended") or [])
             changed = False
             for pod in sorted(pods, key=_pod_index):
                 pod_name = (pod.get("metadata") or {}).get("name", "")
-                if not pod_name or not _pod_started(pod):
+                if not pod_name or pod_name in ended or not _pod_started(pod):
                     continue
+                whole = final or _pod_ended(pod)
                 try:
                     data = self._pod_log(pod_name)
                 except Unavailable:
                     continue
                 done = copied.get(pod_name, 0)
                 new = data[done:]
-                if not final:
+                if not whole:
                     new = new[: new.rfind(b"\n") + 1]
+                if whole:
+                    ended.add(pod_name)
+                    changed = True
                 if not new:
                     continue
                 self._room.append_log(job.id, new)
                 copied[pod_name] = done + len(new)
                 changed = True
             if changed:
-                self._room.write_text(job.id, name, json.dumps(copied) + "\n")
+                text = json.dumps({"copied": copied, "ended": sorted(ended)})
+                self._room.write_text(job.id, name, text + "\n")
 
     # -- API calls (worker threads) -----------------------------------------------------------
 
@@ -841,8 +849,8 @@ class KubernetesExecutor:
 def _api_client(options: Mapping[str, str]) -> Any:
     """A configured ``ApiClient``: by ``host`` (+ ``token_file``, ``ca_file``), a kubeconfig, or
     the in-cluster ServiceAccount."""
+    configuration = k8s.Configuration()
     if options.get("host"):
-        configuration = k8s.Configuration()
         configuration.host = options["host"].rstrip("/")
         if options.get("token_file"):
             token = Path(options["token_file"]).read_text().strip()
@@ -850,13 +858,17 @@ def _api_client(options: Mapping[str, str]) -> Any:
             configuration.api_key_prefix = {"authorization": "Bearer"}
         if options.get("ca_file"):
             configuration.ssl_ca_cert = options["ca_file"]
-        return k8s.ApiClient(configuration)
-    if options.get("kubeconfig") or options.get("context"):
-        return k8s_config.new_client_from_config(
-            config_file=options.get("kubeconfig") or None, context=options.get("context") or None
+    elif options.get("kubeconfig") or options.get("context"):
+        k8s_config.load_kube_config(
+            config_file=options.get("kubeconfig") or None,
+            context=options.get("context") or None,
+            client_configuration=configuration,
         )
-    configuration = k8s.Configuration()
-    k8s_config.load_incluster_config(client_configuration=configuration)
+    else:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    # One retry, not urllib3's three: a follower polls again anyway, and tolerates an API
+    # server that stays away for lost_after_s; three retries per call only multiply warnings.
+    configuration.retries = 1
     return k8s.ApiClient(configuration)
 
 
@@ -902,6 +914,12 @@ def _pod_started(pod: Mapping[str, Any]) -> bool:
         "running" in (c.get("state") or {}) or "terminated" in (c.get("state") or {})
         for c in _containers(pod)
     )
+
+
+def _pod_ended(pod: Mapping[str, Any]) -> bool:
+    """Every container terminated (its log is complete)."""
+    containers = _containers(pod)
+    return bool(containers) and all("terminated" in (c.get("state") or {}) for c in containers)
 
 
 def _pod_active(pod: Mapping[str, Any]) -> bool:
