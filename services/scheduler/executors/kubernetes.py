@@ -37,8 +37,10 @@ ends the attempt as ``PREEMPTED``: the Job is deleted and Plinth requeues the jo
 a failure); Kueue's own requeue of the old Job would otherwise run it behind Plinth's back.
 
 Not measured: used memory and cpu time (that needs metrics-server or the kubelet's summary API),
-so :class:`ExitStatus` carries 0 for both. ``PLINTH_OUTPUT_FILE`` is readable by Plinth only when
-the job folders are on a volume the pods mount (``volume_claim``).
+so :class:`ExitStatus` carries 0 for both. ``PLINTH_OUTPUT_FILE`` and ``PLINTH_CHECKPOINT_DIR``
+are shared with Plinth (and kept across attempts) only when the job folders are on a volume the
+pods mount (``volume_claim``); otherwise they are ``emptyDir`` volumes below ``/plinth``, gone
+with the pod.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 _KUEUE = ("kueue.x-k8s.io", "v1beta1", "workloads")
 _COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 _CONTAINER = "job"
+#: Where a pod without the shared volume keeps its outputs file and checkpoints.
+SCRATCH_DIR = "/plinth"
 _MESSAGE_CHARS = 1000
 # Waiting reasons that no wait will fix: the job fails at once with the engine's message.
 _BAD_IMAGE = frozenset({"InvalidImageName", "ErrImageNeverPull"})
@@ -208,6 +212,17 @@ def job_manifest(
         container["volumeMounts"] = [{"name": "plinth-jobs", "mountPath": jobs_dir}]
         pod_spec["volumes"] = [
             {"name": "plinth-jobs", "persistentVolumeClaim": {"claimName": volume_claim}}
+        ]
+    else:
+        # Somewhere writable for PLINTH_OUTPUT_FILE and PLINTH_CHECKPOINT_DIR (a read-only
+        # image, a non-root user): an emptyDir, gone with the pod.
+        container["volumeMounts"] = [
+            {"name": "plinth-checkpoint", "mountPath": f"{SCRATCH_DIR}/checkpoint"},
+            {"name": "plinth-outputs", "mountPath": f"{SCRATCH_DIR}/outputs"},
+        ]
+        pod_spec["volumes"] = [
+            {"name": "plinth-checkpoint", "emptyDir": {}},
+            {"name": "plinth-outputs", "emptyDir": {}},
         ]
     if node_selector:
         pod_spec["nodeSelector"] = dict(node_selector)
@@ -451,9 +466,14 @@ class KubernetesExecutor:
         replicas = replicas_of(job)
         plain = {k: v for k, v in env.items() if k not in CREDENTIAL_ENV}
         secret = {k: v for k, v in env.items() if k in CREDENTIAL_ENV and v}
+        if not self._volume_claim:  # the pod cannot see the scheduler's folders
+            checkpoint = f"{SCRATCH_DIR}/checkpoint"
+            outputs = f"{SCRATCH_DIR}/outputs/outputs.json"
+        else:
+            outputs = str(self._room.outputs_path(job.id))
         plain.update(
             {
-                "PLINTH_OUTPUT_FILE": str(self._room.outputs_path(job.id)),
+                "PLINTH_OUTPUT_FILE": outputs,
                 "PLINTH_CHECKPOINT_DIR": checkpoint,
                 "PLINTH_ATTEMPT": str(attempt),
                 "PLINTH_REPLICAS": str(replicas),

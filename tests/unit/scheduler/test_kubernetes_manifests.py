@@ -98,6 +98,11 @@ def test_a_single_job_is_a_valid_job_with_resources_selector_tolerations_and_dea
     ref = env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "plinth-j-0123456789ab-a2-mlflow", "key": "MLFLOW_TRACKING_PASSWORD"}
     assert "value" not in env["MLFLOW_TRACKING_PASSWORD"]
+    # Without the shared volume, writable scratch for outputs and checkpoints (read-only images).
+    assert [m["mountPath"] for m in container["volumeMounts"]] == [
+        "/plinth/checkpoint",
+        "/plinth/outputs",
+    ]
 
 
 def test_a_gang_is_an_indexed_job_and_kueue_mode_creates_it_suspended_and_labelled() -> None:
