@@ -94,7 +94,7 @@ from services.scheduler.queueing.report import (
 __all__ = ["DEFAULT_BACKFILL_DEPTH", "Decisions", "Preemption", "QueueEngine"]
 
 #: Jobs looked at past a blocked head, per queue and cycle.
-DEFAULT_BACKFILL_DEPTH = 200
+DEFAULT_BACKFILL_DEPTH = 100
 
 _R = range(len(RESOURCE_NAMES))
 _EPS = 1e-6
@@ -175,8 +175,10 @@ class _Queue:
         "dirty",
         "entries",
         "floor",
+        "fresh",
         "group",
         "keys",
+        "last_head",
         "name",
         "priorities",
         "quota_of",
@@ -229,6 +231,11 @@ class _Queue:
         # Something that may let one of its jobs in: a new job, a head gone. Capacity freed
         # dirties the whole group instead (cohort members share it).
         self.dirty = True
+        # Jobs queued since its last cycle, when nothing else changed (None: something did);
+        # and the head that blocked it then: new jobs behind an unchanged head are all that
+        # needs a look (as backfill), without freed capacity.
+        self.fresh: list[_Pending] | None = None
+        self.last_head: str | None = None
 
 
 class _State:
@@ -385,6 +392,7 @@ class _Scan:
     scanned: int = 0
     failed: set[Totals] = field(default_factory=set)  # shapes that do not fit now
     beside_failed: set[Totals] = field(default_factory=set)  # nor beside the reservation
+    until: float = -_INF  # the head's estimated start (+ tolerance) once reserved
     done: bool = False
 
 
@@ -494,6 +502,10 @@ class QueueEngine:
             q.floor = None
         q.shapes[entry.totals] = q.shapes.get(entry.totals, 0) + 1
         self._where[w.id] = q
+        if not q.dirty:
+            q.fresh = []
+        if q.fresh is not None:
+            q.fresh.append(entry)
         q.dirty = True
         if entry.not_before > -_INF:
             q.group.backoffs[w.id] = entry.not_before
@@ -539,6 +551,7 @@ class QueueEngine:
             q.floor = None
         q.group.backoffs.pop(job_id, None)
         q.dirty = True
+        q.fresh = None
 
     # ------------------------------------------------------------------ lookups
 
@@ -658,6 +671,7 @@ class QueueEngine:
             for job_id, nb in group.backoffs.items():
                 if nb <= t:  # a backoff over: its queue gets another look
                     self._where[job_id].dirty = True
+                    self._where[job_id].fresh = None
             if group.dirty or any(q.dirty for q in group.queues):
                 self._cycle_group(group, now, t, decisions)
         return decisions
@@ -737,21 +751,45 @@ class QueueEngine:
         # Without freed capacity only the queues that changed can admit: the others were left
         # where nothing of theirs fits, and admissions only take capacity away.
         active = [q for q in group.queues if group.dirty or q.dirty]
+        # A queue that only gained jobs behind the head that blocked it last time: the head,
+        # its preemption and the jobs behind it are as they were; only the new jobs need a
+        # look, as backfill candidates.
+        behind = [
+            q
+            for q in active
+            if not group.dirty
+            and q.fresh is not None
+            and q.last_head is not None
+            and q.keys
+            and q.keys[0][2] == q.last_head
+        ]
+        active = [q for q in active if q not in behind]
         if group.cohort:
             # Rule 5: what fits a queue's own nominal quota goes first (Kueue's order), so that
             # nobody borrows what its lender's next job could take without preempting.
             self._walk(group, active, t, admitted_now, admit, reservations, out, own_quota=True)
-        self._walk(group, active, t, admitted_now, admit, reservations, out)
+        scans = self._walk(group, active, t, admitted_now, admit, reservations, out)
+        for q in behind:
+            head = q.entries[q.keys[0][2]]
+            backfill = _Scan(blocked=head, waits=head.w.id in self._waiting)
+            for entry in sorted(q.fresh or (), key=lambda e: e.key):
+                if entry.w.id in q.entries and entry.key > head.key and not backfill.done:
+                    self._consider(group, q, entry, backfill, t, admit, reservations, out)
         if borrowed and len(active) < len(group.queues):
             # Someone borrows now: the other queues may reclaim their lent quota (rule 8).
             rest = [q for q in group.queues if q not in active]
-            self._walk(group, rest, t, admitted_now, admit, reservations, out)
+            scans.update(self._walk(group, rest, t, admitted_now, admit, reservations, out))
+        for q in group.queues:
+            walked = scans.get(q.name)
+            if walked is not None:
+                q.last_head = walked.blocked.w.id if walked.blocked is not None else None
         for job_id in sorted(admitted_now):
             self._drop_pending(job_id)
         self._claims[group.key] = None
         group.dirty = False
         for q in group.queues:
             q.dirty = False
+            q.fresh = None
         # Expired backoffs have had their chance; later ones wake the group up.
         for job_id in [i for i, nb in group.backoffs.items() if nb <= t]:
             del group.backoffs[job_id]
@@ -767,7 +805,7 @@ class QueueEngine:
         out: Decisions,
         *,
         own_quota: bool = False,
-    ) -> None:
+    ) -> dict[str, _Scan]:
         """Candidates of ``queues`` in fair-share order (rule 5), until none can be admitted.
 
         With ``own_quota``, each queue's jobs from its front while they fit its nominal quota,
@@ -800,8 +838,16 @@ class QueueEngine:
                     break
                 entry = entries[keys[scan.cursor][2]]
                 scan.cursor += 1
-                if scan.blocked is not None and entry.totals in scan.failed:
-                    scan.scanned += 1  # fast path: this shape did not fit this cycle
+                if scan.blocked is not None and (
+                    entry.totals in scan.failed
+                    or (
+                        entry.totals in scan.beside_failed
+                        and (entry.runtime is None or t + entry.runtime > scan.until)
+                    )
+                ):
+                    # Fast path: this shape does not fit now (or not beside the head's
+                    # reservation, and the job would not end before the head starts).
+                    scan.scanned += 1
                     if scan.scanned > depth:
                         scan.done = True
                     continue
@@ -819,6 +865,7 @@ class QueueEngine:
                     if heap[0] < step:
                         heapq.heappush(heap, step)
                         break
+        return scans
 
     def _consider(
         self,
@@ -888,6 +935,7 @@ class QueueEngine:
             else:
                 head = self._reserve(group, q, scan.blocked, t)
             scan.head = head
+            scan.until = (head.start if head.start is not None else -_INF) + _EPS
             reservations.append(head)
         if head.start is None or head.state is None:
             scan.done = True  # a head without estimate lets nothing past (rule 6)
