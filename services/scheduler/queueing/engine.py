@@ -1017,29 +1017,35 @@ class QueueEngine:
             ends = group.ends
             held_of = self._held
             stopping = self._preempting  # released by the projection already
+
+            def release(begin: int, end: int, sign: float) -> None:
+                for _, job_id in ends[begin:end]:
+                    if job_id not in stopping:
+                        held = held_of[job_id]
+                        _add(group, state, held.queue, held.flavor, held.totals, sign)
+
             done = 0
             step = 1
             while done < len(ends):
                 upto = min(len(ends), done + step)
-                for _, job_id in ends[done:upto]:
-                    if job_id not in stopping:
-                        held = held_of[job_id]
-                        _add(group, state, held.queue, held.flavor, held.totals, -1.0)
+                release(done, upto, -1.0)
                 if self._choose(group, state, q, x) is None:
                     done = upto
                     step *= 2
                     continue
-                while upto - 1 > done:  # put back the last releases while it still fits
-                    job_id = ends[upto - 1][1]
-                    if job_id not in stopping:
-                        held = held_of[job_id]
-                        _add(group, state, held.queue, held.flavor, held.totals, 1.0)
-                        if self._choose(group, state, q, x) is None:
-                            _add(group, state, held.queue, held.flavor, held.totals, -1.0)
-                            break
-                    upto -= 1
+                # The first k in (done, upto] after which it fits: a binary search, the state
+                # kept at the releases of the first ``hi`` ends.
+                lo, hi = done, upto
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    release(mid, hi, 1.0)
+                    if self._choose(group, state, q, x) is not None:
+                        hi = mid
+                    else:
+                        release(mid, hi, -1.0)
+                        lo = mid
                 quota = self._choose(group, state, q, x)
-                start = max(ends[upto - 1][0], t)
+                start = max(ends[hi - 1][0], t)
                 break
         if quota is None:
             return _Reservation(entry.w.id, None, None)
