@@ -797,6 +797,7 @@ class LocalPlatform:
         rows.append(("nats", self.nats_url + ("  (embedded, JetStream)" if self.nats else "")))
         if "gateway" in self.config.services:
             rows.insert(1, ("http", f"{self.http_url}  (KServe v2 REST, /healthz)"))
+            rows.insert(2, ("console", f"{self.http_url}/console/  (log in with an API key)"))
         rows.append(("mlflow", self.mlflow_url))
         rows += [
             ("metrics", f"{service:<10} {url}")

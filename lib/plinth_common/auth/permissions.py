@@ -143,6 +143,12 @@ API_DESCRIPTION = Permission(
     Scope.PUBLIC,
     note="the OpenAPI document; `/v1/...` routes take their method's row",
 )
+CONSOLE = Permission(
+    "console",
+    Scope.PUBLIC,
+    note="the console's own session login; each page's calls are authorized as the gRPC "
+    "methods they make, with the user's credential",
+)
 REFLECTION = _any("reflection")
 
 _SCHEDULER = "/plinth.scheduler.v1.SchedulerService/"
@@ -226,6 +232,32 @@ HTTP_RULES: Mapping[tuple[str, str], Permission] = {
     ("GET", "/v2/models/{name}"): INFERENCE_CALL,
     ("GET", "/v2/models/{name}/ready"): INFERENCE_CALL,
     ("POST", "/v2/models/{name}/infer"): INFERENCE_CALL,
+    **{
+        (verb, "/console" + route): CONSOLE
+        for verb, route in (
+            ("GET", "/"),
+            ("GET", "/login"),
+            ("POST", "/login"),
+            ("GET", "/oidc/login"),
+            ("GET", "/oidc/callback"),
+            ("POST", "/logout"),
+            ("GET", "/queues"),
+            ("GET", "/jobs"),
+            ("GET", "/jobs/{job_id}"),
+            ("GET", "/jobs/{job_id}/logs"),
+            ("POST", "/jobs/{job_id}/cancel"),
+            ("GET", "/models"),
+            ("GET", "/models/{name}"),
+            ("POST", "/models/{name}/promote"),
+            ("POST", "/models/{name}/approve"),
+            ("GET", "/deployments"),
+            ("POST", "/deployments"),
+            ("GET", "/features"),
+            ("GET", "/events"),
+            ("GET", "/events/stream"),
+            ("GET", "/static/{file}"),
+        )
+    },
 }
 
 

@@ -18,6 +18,7 @@ from plinth_common.auth import (
 )
 from plinth_common.auth.permissions import (
     AUDIT_READ,
+    CONSOLE,
     EVENTS_WATCH,
     HTTP_RULES,
     INFERENCE_CALL,
@@ -121,4 +122,11 @@ def test_every_rule_is_well_formed_and_unknown_methods_have_none() -> None:
             assert permission.scope is not Scope.PUBLIC, path
     public = {p for p, r in METHOD_RULES.items() if r.scope is Scope.PUBLIC}
     assert all(p.startswith("/grpc.health.v1.Health/") for p in public)
-    assert {r for (m, r), p in HTTP_RULES.items() if p.scope is Scope.PUBLIC} == {"/healthz"}
+    open_routes = {r for (m, r), p in HTTP_RULES.items() if p.scope is Scope.PUBLIC}
+    # The console's pages take no bearer: they authenticate by session, and each call they make
+    # is authorized as its gRPC method with the user's credential.
+    assert {r for r in open_routes if not r.startswith("/console/")} == {
+        "/healthz",
+        "/openapi.json",
+    }
+    assert all(HTTP_RULES[m, r] is CONSOLE for (m, r) in HTTP_RULES if r.startswith("/console/"))
