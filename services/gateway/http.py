@@ -10,7 +10,6 @@ public.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -23,10 +22,14 @@ from tritonclient.grpc import service_pb2 as inference_pb2
 from tritonclient.grpc import service_pb2_grpc as inference_grpc
 
 from plinth_common.auth import InternalTokens, current_principal
-from plinth_common.errors import InvalidArgument, PlinthError, Unauthenticated
+from plinth_common.errors import PlinthError, Unauthenticated
 from plinth_common.grpc_server import UpstreamStatus, internal_error, status_for, upstream_error
 from services.gateway.auth import EdgeAuth, http_auth_middleware
-from services.gateway.kserve_json import infer_request_from_json, infer_response_to_json
+from services.gateway.kserve_json import (
+    HEADER_LENGTH,
+    infer_request_from_body,
+    infer_response_to_body,
+)
 from services.gateway.openapi import openapi_document
 from services.gateway.rest import RestTranscoder
 
@@ -223,16 +226,28 @@ class GatewayHttp:
         )
 
     async def model_infer(self, request: web.Request) -> web.Response:
-        """KServe v2: ``POST /v2/models/{name}/infer`` with a JSON body."""
-        try:
-            body: Any = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidArgument("body", "not valid JSON") from None
-        infer_request = infer_request_from_json(request.match_info["name"], body)
-        reply = await self._inference.ModelInfer(
-            infer_request, timeout=60, metadata=self._identity()
+        """KServe v2: ``POST /v2/models/{name}/infer``, a JSON body or the binary tensor data
+        extension (``Inference-Header-Content-Length``), as a stock ``tritonclient.http``
+        sends by default; binary outputs when asked."""
+        body = await request.read()
+        parsed = infer_request_from_body(
+            request.match_info["name"], body, request.headers.get(HEADER_LENGTH)
         )
-        return web.json_response(infer_response_to_json(reply))
+        reply = await self._inference.ModelInfer(
+            parsed.request, timeout=60, metadata=self._identity()
+        )
+        payload, header_length = infer_response_to_body(reply, parsed)
+        if header_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_length)},
+        )
+
+
+def _tensors(items: Iterable[Any]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
 
 
 def _except_rest(auth: Any, rest: RestTranscoder | None) -> Any:
@@ -248,10 +263,6 @@ def _except_rest(auth: Any, rest: RestTranscoder | None) -> Any:
         return await auth(request, handler)  # type: ignore[no-any-return]
 
     return middleware
-
-
-def _tensors(items: Iterable[Any]) -> list[dict[str, Any]]:
-    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
 
 
 async def _health_of(channel: grpc.aio.Channel) -> str:
