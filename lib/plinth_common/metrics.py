@@ -232,8 +232,8 @@ SCHEDULER_JOBS_SUBMITTED = MetricSpec(
 SCHEDULER_JOBS_ADMITTED = MetricSpec(
     name="plinth_scheduler_jobs_admitted_total",
     kind="counter",
-    help="Jobs admitted by their queue (quota reserved), by team and queue.",
-    labels=("team", "queue"),
+    help="Jobs admitted by their queue (quota reserved), by team, queue and executor.",
+    labels=("team", "queue", "executor"),
     exported_by="scheduler",
     wired=False,
 )
@@ -277,7 +277,10 @@ SCHEDULER_JOB_RUN_DURATION = MetricSpec(
 SCHEDULER_PENDING_JOBS = MetricSpec(
     name="plinth_scheduler_pending_jobs",
     kind="gauge",
-    help="Jobs waiting for admission, by queue and reason (quota, capacity, ...).",
+    help=(
+        "Jobs waiting for admission, by queue and reason class (quota, cohort, priority,"
+        " backoff, executor, ready, other)."
+    ),
     labels=("queue", "reason"),
     exported_by="scheduler",
     wired=False,
@@ -285,16 +288,49 @@ SCHEDULER_PENDING_JOBS = MetricSpec(
 SCHEDULER_QUOTA_USED = MetricSpec(
     name="plinth_scheduler_quota_used",
     kind="gauge",
-    help="Resources admitted jobs hold, by queue and resource (cpu cores, memory bytes, gpus).",
-    labels=("queue", "resource"),
+    help=(
+        "Resources admitted jobs hold, by queue, flavor and resource (cpu cores, memory bytes,"
+        " gpus)."
+    ),
+    labels=("queue", "flavor", "resource"),
     exported_by="scheduler",
     wired=False,
 )
 SCHEDULER_QUOTA_NOMINAL = MetricSpec(
     name="plinth_scheduler_quota_nominal",
     kind="gauge",
-    help="A queue's nominal quota, by resource, in the same units as plinth_scheduler_quota_used.",
-    labels=("queue", "resource"),
+    help=(
+        "A queue's nominal quota, by flavor and resource, in the same units as"
+        " plinth_scheduler_quota_used."
+    ),
+    labels=("queue", "flavor", "resource"),
+    exported_by="scheduler",
+    wired=False,
+)
+SCHEDULER_QUOTA_BORROWED = MetricSpec(
+    name="plinth_scheduler_quota_borrowed",
+    kind="gauge",
+    help="What a queue holds beyond its nominal quota, borrowed from its cohort, by flavor and resource.",
+    labels=("queue", "flavor", "resource"),
+    exported_by="scheduler",
+    wired=False,
+)
+SCHEDULER_PREEMPTIONS = MetricSpec(
+    name="plinth_scheduler_preemptions_total",
+    kind="counter",
+    help=(
+        "Running jobs preempted (and requeued), by team, queue and source: the scheduler's"
+        " admission, or the executor's engine (a SLURM preemption, a Kueue eviction)."
+    ),
+    labels=("team", "queue", "source"),
+    exported_by="scheduler",
+    wired=False,
+)
+SCHEDULER_RETRIES = MetricSpec(
+    name="plinth_scheduler_retries_total",
+    kind="counter",
+    help="Failed attempts retried after their backoff, by team, queue and failure kind.",
+    labels=("team", "queue", "kind"),
     exported_by="scheduler",
     wired=False,
 )
@@ -383,6 +419,9 @@ CATALOG: dict[str, MetricSpec] = _spec(
     SCHEDULER_PENDING_JOBS,
     SCHEDULER_QUOTA_USED,
     SCHEDULER_QUOTA_NOMINAL,
+    SCHEDULER_QUOTA_BORROWED,
+    SCHEDULER_PREEMPTIONS,
+    SCHEDULER_RETRIES,
     REGISTRY_PROMOTIONS,
     SERVING_ROLLOUTS,
     SERVING_INFERENCE_REQUESTS,

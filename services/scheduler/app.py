@@ -17,7 +17,11 @@ from services.scheduler.credentials import (
 )
 from services.scheduler.domain import Resources
 from services.scheduler.events import OutboxJobEvents
+from services.scheduler.executor import Executor
+from services.scheduler.executors.router import FlavorRouter, build_executor
 from services.scheduler.local_executor import LocalExecutor, machine_capacity
+from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.queueing.model import QueueConfig, ResourceFlavor
 from services.scheduler.registry_credentials import RegistryCredentials
 from services.scheduler.service import (
     PREEMPTION_GRACE_S,
@@ -83,7 +87,13 @@ class SchedulerSettings:
 
 
 class SchedulerApp:
-    """The scheduler process: store, outbox relay, executor, dispatcher, gRPC server."""
+    """The scheduler process: store, outbox relay, executors, dispatcher, gRPC server.
+
+    Jobs run on the executor their flavor names (``executor`` and ``executor_options`` in the
+    queue configuration): the local one, Ray, SLURM or Kubernetes, all keeping jobs' folders
+    under the same ``jobs`` directory. A configuration whose executors cannot be built is
+    refused at apply, naming the field.
+    """
 
     def __init__(
         self, settings: SchedulerSettings, *, credentials: TeamCredentialsSource | None = None
@@ -103,11 +113,18 @@ class SchedulerApp:
             processed_table=processed_table,
             migrations=MIGRATIONS,
         )
-        self.executor = LocalExecutor(
-            settings.common.service_dir / "jobs",
-            capacity=settings.capacity,
-            kill_grace_s=settings.kill_grace_s,
+        self.jobs_dir = settings.common.service_dir / "jobs"
+        self.local = LocalExecutor(
+            self.jobs_dir, capacity=settings.capacity, kill_grace_s=settings.kill_grace_s
         )
+        self.executor = FlavorRouter(self.local)
+        # Executors by the (frozen) flavor they were built from: an apply that leaves a flavor
+        # as it was keeps its executor (and the connections it holds).
+        self._built: dict[str, tuple[ResourceFlavor, Executor]] = {}
+        # Built by a check (a dry run, or an apply not yet in force), and replaced ones: the
+        # latter are closed at stop (jobs they launched may still be followed through them).
+        self._checked: dict[str, tuple[ResourceFlavor, Executor]] = {}
+        self._retired: list[Executor] = []
         self.service = SchedulerService(
             store=SqlJobStore(
                 self.runtime.db, events=OutboxJobEvents(self.runtime.require_outbox())
@@ -123,12 +140,48 @@ class SchedulerApp:
             ),
             stop_jobs_on_shutdown=settings.stop_jobs_on_shutdown,
             preemption_grace_s=settings.preemption_grace_s,
+            check_config=self._check_config,
+            on_config=self._on_config,
+            metrics=SchedulerMetrics(self.runtime.metrics),
         )
         self.runtime.server.add(
             scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
             SchedulerServicer(self.service),
             scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
         )
+
+    def _check_config(self, config: QueueConfig) -> None:
+        """Builds each flavor's executor to see that it can be (raises InvalidArgument naming
+        ``flavors.<name>.executor...``); nothing is connected to yet, and what was built is
+        used if the configuration is then put in force."""
+        for flavor in config.flavors.values():
+            if (flavor.executor or "local") == "local" or self._reusable(flavor) is not None:
+                continue
+            executor = build_executor(flavor, local=self.local, jobs_dir=self.jobs_dir)
+            self._checked[flavor.name] = (flavor, executor)
+
+    def _reusable(self, flavor: ResourceFlavor) -> Executor | None:
+        for built in (self._built, self._checked):
+            found = built.get(flavor.name)
+            if found is not None and found[0] == flavor:
+                return found[1]
+        return None
+
+    def _on_config(self, config: QueueConfig) -> None:
+        """Puts the executors of the flavors of the configuration in force behind the router
+        (an unchanged flavor keeps its executor, and the connections it holds)."""
+        built: dict[str, tuple[ResourceFlavor, Executor]] = {}
+        for flavor in config.flavors.values():
+            executor = self._reusable(flavor) or build_executor(
+                flavor, local=self.local, jobs_dir=self.jobs_dir
+            )
+            built[flavor.name] = (flavor, executor)
+        kept = {id(executor) for _, executor in built.values()}
+        for _, executor in [*self._built.values(), *self._checked.values()]:
+            if id(executor) not in kept and executor is not self.local:
+                self._retired.append(executor)
+        self._built, self._checked = built, {}
+        self.executor.update({name: executor for name, (_, executor) in built.items()})
 
     def _credentials_source(self) -> TeamCredentialsSource:
         if self.settings.mlflow_auth is MlflowAuth.NONE:
@@ -151,6 +204,15 @@ class SchedulerApp:
         """Stops taking calls, then the dispatcher, then infrastructure."""
         await self.runtime.server.set_serving(False)
         await self.service.stop()
+        await self.executor.aclose()
+        await FlavorRouter(
+            self.local,
+            {
+                str(i): e
+                for i, e in enumerate([*self._retired, *(e for _, e in self._checked.values())])
+            },
+        ).aclose()
+        self._retired.clear()
         if self._registry is not None:
             await self._registry.close()
         await self.runtime.stop()

@@ -583,7 +583,8 @@ def judge(
 ) -> Verdict:
     """Decides what follows the end of ``job``'s active attempt.
 
-    A cancel wins; a preemption always requeues (it counts against no budget); otherwise a
+    A cancel wins; a preemption always requeues (it counts against no budget), whether Plinth
+    asked for it or the engine reports it (``EndReason.PREEMPTED``); otherwise a
     success succeeds, and a failure is retried while the budget of its kind lasts.
 
     Args:
@@ -600,6 +601,14 @@ def judge(
             outcome=Outcome.REQUEUED,
             end_reason=EndReason.PREEMPTED,
             message=job.stop_message or "preempted",
+        )
+    if job.stop_reason is None and status.end_reason is EndReason.PREEMPTED:
+        # The engine took the job back (a SLURM preemption, a Kueue eviction): as with a
+        # preemption by Plinth, it waits again at its place and burns no retry budget.
+        return Verdict(
+            outcome=Outcome.REQUEUED,
+            end_reason=EndReason.PREEMPTED,
+            message=f"preempted by its executor: {status.describe()}",
         )
     end_reason: EndReason
     if job.stop_reason is not None:

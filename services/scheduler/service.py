@@ -56,6 +56,7 @@ from plinth_common.errors import (
     Unavailable,
 )
 from plinth_common.events.tracing import extract, inject, traceparent_of_current
+from plinth_common.metrics import Metrics
 from plinth_common.names import check_team, shown
 from plinth_common.paging import PageRequest
 from services.scheduler.credentials import (
@@ -79,11 +80,13 @@ from services.scheduler.domain import (
     Outcome,
     PendingInfo,
     StoredQueueConfig,
+    Verdict,
     format_bytes,
     judge,
     validate_spec,
 )
 from services.scheduler.executor import Executor, RunHandle
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.queueing.config import config_to_document, default_config, parse_config
 from services.scheduler.queueing.engine import Decisions, Preemption, QueueEngine
 from services.scheduler.queueing.model import Admission, ClusterQueue, QueueConfig, Workload
@@ -105,6 +108,12 @@ HISTORY_RUNS = 20
 HISTORY_TTL_S = 30.0
 #: The queued rows are read again at least this often, whatever this process wrote.
 ROWS_REFRESH_S = 30.0
+#: How often the metrics' gauges (pending jobs, quota usage) are set from the queue report.
+METRICS_INTERVAL_S = 5.0
+#: After an executor's engine was unreachable, nothing is launched on its flavor for this long,
+#: doubling per failure in a row up to the maximum (an engine that is down is not hammered).
+EXECUTOR_BACKOFF_S = 1.0
+EXECUTOR_BACKOFF_MAX_S = 60.0
 #: A launch that fails with one of these is the job's own doing (no such program, no access).
 _USER_LAUNCH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
@@ -259,6 +268,14 @@ class SchedulerService:
             InvalidArgument, e.g. a flavor naming an executor this scheduler cannot build).
         on_config: told of every configuration put in force (at start and on apply), e.g. to
             build the executors of its flavors.
+        metrics: where its metrics are recorded (a private registry when omitted).
+        metrics_interval_s: how often the gauges are set from the queue report.
+
+    Faults of an executor's engine: one that cannot be reached at launch (``Unavailable``)
+    leaves the job queued with the reason ``executor <kind> unreachable: <cause>``, and its
+    flavor gets nothing launched for a backoff that doubles while it stays down (other flavors
+    go on); one that refuses the job (``FailedPrecondition``: an unknown partition, an invalid
+    image) fails it at once with the engine's words, without a retry.
     """
 
     def __init__(
@@ -274,6 +291,8 @@ class SchedulerService:
         clock: Callable[[], datetime] = _now,
         check_config: Callable[[QueueConfig], None] | None = None,
         on_config: Callable[[QueueConfig], None] | None = None,
+        metrics: SchedulerMetrics | None = None,
+        metrics_interval_s: float = METRICS_INTERVAL_S,
     ) -> None:
         self._store = store
         self._executor = executor
@@ -308,6 +327,13 @@ class SchedulerService:
         self._report_lock = asyncio.Lock()
         self._history: dict[tuple[str, str], tuple[float, list[float]]] = {}
         self._next_due: datetime | None = None
+        self._metrics = metrics or SchedulerMetrics(Metrics("scheduler"))
+        self._metrics_interval_s = metrics_interval_s
+        self._metrics_at = -math.inf
+        # Flavors whose engine could not be reached, and the queued jobs it holds back (job id
+        # -> the flavor and the reason they show while they wait).
+        self._down: dict[str, _Down] = {}
+        self._held_back: dict[str, tuple[str, str]] = {}
 
     # -- queries and commands -------------------------------------------------------------
 
@@ -677,7 +703,7 @@ class SchedulerService:
                     pending=PendingInfo(
                         position_in_queue=entry.position_in_queue,
                         position_in_cohort=entry.position_in_cohort,
-                        reason=entry.reason,
+                        reason=self._held_back.get(job.id, ("", entry.reason))[1],
                         estimated_start=entry.estimated_start,
                         estimate_basis=entry.estimate_basis,
                     ),
@@ -864,9 +890,16 @@ class SchedulerService:
         started = 0
         # Teams whose credentials failed in this pass: their other jobs do not ask again.
         unavailable: set[str] = set()
+        clock = time.monotonic()
         for admission in decisions.admit:
             job = by_id.get(admission.workload.id)
             if job is None or job.team in unavailable:
+                continue
+            down = self._down.get(admission.flavor)
+            if down is not None and clock < down.until:
+                # Its engine is down: the job waits (and says why) without a launch attempt.
+                self._held_back[job.id] = (admission.flavor, down.reason)
+                self._writes += 1  # the engine counts it admitted: the next pass corrects it
                 continue
             credentials = await self._credentials_for(job)
             if isinstance(credentials, Unavailable):
@@ -878,14 +911,62 @@ class SchedulerService:
                 job, credentials, flavor=admission.flavor, queue=admission.workload.queue
             ):
                 started += 1
+        await self._record_gauges()
         return started
+
+    async def _record_gauges(self) -> None:
+        """Sets the pending and quota gauges from the report, at most every interval."""
+        clock = time.monotonic()
+        if clock - self._metrics_at < self._metrics_interval_s:
+            return
+        self._metrics_at = clock
+        self._held_back = {i: h for i, h in self._held_back.items() if i in self._queued_rows}
+        overrides = {i: reason for i, (_, reason) in self._held_back.items()}
+        cached = self._report
+        self._metrics.report(await self._current_report(), overrides)
+        if cached is None:
+            # Built for the gauges alone: readers get one that includes what comes next.
+            self._report = None
+
+    def _executor_kinds(self) -> dict[str, str]:
+        """Flavor name -> the kind of executor it runs on, under the configuration in force."""
+        if self._config is None:
+            return {}
+        return {name: f.executor or "local" for name, f in self._config.flavors.items()}
+
+    def _executor_kind(self, flavor: str) -> str:
+        return self._executor_kinds().get(flavor, "local") if flavor else "local"
+
+    def _engine_down(self, job: Job, exc: Unavailable) -> str:
+        """Notes that the job's flavor's engine is unreachable; returns the reason it shows."""
+        kind = self._executor_kind(job.flavor)
+        reason = exc.message
+        if not reason.startswith(f"executor {kind} unreachable"):
+            reason = f"executor {kind} unreachable: {reason}"
+        previous = self._down.get(job.flavor)
+        failures = previous.failures + 1 if previous is not None else 1
+        backoff = min(EXECUTOR_BACKOFF_MAX_S, EXECUTOR_BACKOFF_S * 2 ** (failures - 1))
+        self._down[job.flavor] = _Down(
+            reason=reason, until=time.monotonic() + backoff, failures=failures
+        )
+        self._held_back[job.id] = (job.flavor, reason)
+        return reason
+
+    def _engine_up(self, flavor: str) -> None:
+        """A launch on the flavor succeeded: its jobs no longer wait for the engine."""
+        if self._down.pop(flavor, None) is not None:
+            self._held_back = {i: h for i, h in self._held_back.items() if h[0] != flavor}
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[JobTransaction]:
         """A unit of work of the store, counted once it has ended (see :meth:`_pass_jobs`)."""
         try:
             async with self._store.transaction() as tx:
-                yield tx
+                recorder = _Recorder(tx)
+                yield recorder
+            # Committed: only now are its events counted.
+            if recorder.events:
+                self._metrics.committed(recorder.events, self._executor_kinds())
         finally:
             self._writes += 1
 
@@ -1032,6 +1113,32 @@ class SchedulerService:
                 return False
             try:
                 handle = await self._executor.launch(job, self._environment_for(job, credentials))
+            except Unavailable as exc:
+                # The engine cannot be reached: not the job's failure, nor one another attempt
+                # would fix sooner. It waits at its place until the engine answers again.
+                reason = self._engine_down(job, exc)
+                log.warning("job %s stays queued: %s", job.id, reason)
+                async with self._transaction() as tx:
+                    await tx.replace(job.requeue(), expect=JobState.ADMITTED)
+                self._run_spans.pop(job.id, None)
+                span.end()
+                return False
+            except FailedPrecondition as exc:
+                # The engine refused the job (an unknown partition, an invalid image): the
+                # same job would be refused again, so it fails at once with the engine's words.
+                log.warning("job %s refused by its executor: %s", job.id, exc.message)
+                await self._finish(
+                    job.id,
+                    ExitStatus(
+                        exit_code=-1,
+                        reason=f"refused by executor {self._executor_kind(job.flavor)}: "
+                        f"{exc.message}",
+                        end_reason=EndReason.LAUNCH_FAILED,
+                    ),
+                    failure_kind=FailureKind.USER,
+                    retryable=False,
+                )
+                return False
             except Exception as exc:  # noqa: BLE001 - a job that cannot start has failed
                 # A missing program is the job's mistake; anything else the platform's.
                 kind = (
@@ -1039,6 +1146,8 @@ class SchedulerService:
                     if isinstance(exc, _USER_LAUNCH_ERRORS)
                     else FailureKind.INFRASTRUCTURE
                 )
+                if kind is FailureKind.INFRASTRUCTURE:
+                    self._metrics.start_failed(job.team, self._executor_kind(job.flavor))
                 await self._finish(
                     job.id,
                     ExitStatus(
@@ -1058,6 +1167,8 @@ class SchedulerService:
                     or current
                 )
                 await tx.emit(JobEvent(kind=JobEventKind.STARTED, job=job))
+        self._engine_up(job.flavor)
+        self._held_back.pop(job.id, None)
         self._watch(job.id, handle)
         if job.cancel_requested:  # cancelled while it was being started
             await self._executor.terminate(job)
@@ -1136,16 +1247,37 @@ class SchedulerService:
         failure_kind: FailureKind | None,
         retryable: bool,
     ) -> None:
+        ended = await self._record_outcome_once(
+            job_id, status, failure_kind=failure_kind, retryable=retryable
+        )
+        if ended is None:
+            return
+        job, verdict = ended
+        # Counted once committed (a retried transaction counts once).
+        self._metrics.attempt_ran(job.team, job.queue, job.started_at, self._clock())
+        if verdict.outcome is Outcome.REQUEUED and job.stop_reason is not EndReason.PREEMPTED:
+            self._metrics.preempted_by_executor(job.team, job.queue)
+
+    async def _record_outcome_once(
+        self,
+        job_id: str,
+        status: ExitStatus,
+        *,
+        failure_kind: FailureKind | None,
+        retryable: bool,
+    ) -> tuple[Job, Verdict] | None:
+        """Records the end of the job's attempt; the job as it ran and the verdict, or None
+        when there was nothing to record (it had already ended)."""
         before = await self._store.get(job_id)
         if before is None or not before.state.active:
-            return
+            return None
         # Read before the transaction opens: with a remote executor this is a network call.
         outputs = await self._executor.outputs(before)
         now = self._clock()
         async with self._transaction() as tx:
             job = await tx.get(job_id)
             if job is None or not job.state.active:
-                return
+                return None
             verdict = judge(job, status, failure_kind=failure_kind, retryable=retryable)
             await tx.add_attempt(job.id, job.ended_attempt(status, verdict, now=now))
             if verdict.outcome is Outcome.REQUEUED:
@@ -1158,7 +1290,7 @@ class SchedulerService:
                             reason=f"{verdict.message}; requeued at its place",
                         )
                     )
-                return
+                return job, verdict
             if verdict.outcome is Outcome.RETRYING:
                 not_before = now + timedelta(seconds=verdict.backoff_s)
                 retried = await tx.replace(
@@ -1174,18 +1306,19 @@ class SchedulerService:
                             backoff_s=verdict.backoff_s,
                         )
                     )
-                return
+                return job, verdict
             done = await tx.replace(
                 job.finish(status, outputs=outputs, now=now, verdict=verdict), expect=job.state
             )
             if done is None:
-                return
+                return None
             if done.state is JobState.CANCELLED:
                 reason = f"cancelled while running ({status.describe()})"
                 await tx.emit(JobEvent(kind=JobEventKind.CANCELLED, job=done, reason=reason))
             else:
                 await tx.emit(JobEvent(kind=JobEventKind.FINISHED, job=done))
         self._history.pop((done.team, done.name), None)
+        return job, verdict
 
     async def recover(self) -> None:
         """Re-attaches active jobs of a previous scheduler process, or decides their fate:
@@ -1215,6 +1348,40 @@ class SchedulerService:
                     job.id,
                     ExitStatus(exit_code=-1, reason=LOST, end_reason=EndReason.EXECUTOR_LOST),
                 )
+
+
+@dataclass(frozen=True)
+class _Down:
+    """A flavor whose engine could not be reached: nothing is launched there before ``until``
+    (``time.monotonic()``)."""
+
+    reason: str
+    until: float
+    failures: int
+
+
+class _Recorder:
+    """A transaction that keeps what it emitted (counted in metrics once it has committed)."""
+
+    def __init__(self, tx: JobTransaction) -> None:
+        self._tx = tx
+        self.events: builtins.list[JobEvent] = []
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self._tx.get(job_id)
+
+    async def add(self, job: Job) -> Job:
+        return await self._tx.add(job)
+
+    async def replace(self, job: Job, *, expect: JobState) -> Job | None:
+        return await self._tx.replace(job, expect=expect)
+
+    async def emit(self, event: JobEvent) -> None:
+        await self._tx.emit(event)
+        self.events.append(event)
+
+    async def add_attempt(self, job_id: str, attempt: Attempt) -> None:
+        await self._tx.add_attempt(job_id, attempt)
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,32 @@ from services.scheduler.queueing.model import ResourceFlavor
 __all__ = ["EXECUTOR_KINDS", "FlavorRouter", "build_executor"]
 
 #: The values a flavor's ``executor`` may take.
-EXECUTOR_KINDS = ("local", "ray", "slurm")
+EXECUTOR_KINDS = ("local", "ray", "slurm", "kubernetes")
 
 
 def build_executor(flavor: ResourceFlavor, *, local: Executor, jobs_dir: Path) -> Executor:
     """The executor a flavor names, built from its ``executor_options``.
 
     Raises:
-        InvalidArgument: an executor kind this scheduler does not have, or bad options.
+        InvalidArgument: an executor kind this scheduler does not have, or bad options, the
+            field named from the configuration's root (``flavors.<name>.executor_options...``).
     """
+    try:
+        return _build(flavor, local=local, jobs_dir=jobs_dir)
+    except InvalidArgument as exc:
+        if exc.field.startswith("flavors."):
+            raise
+        prefix = f"flavors.{flavor.name}."
+        raise InvalidArgument(
+            prefix + exc.field,
+            exc.problem,
+            violations=[(prefix + f, p) for f, p in exc.violations]
+            if len(exc.violations) > 1
+            else (),
+        ) from exc
+
+
+def _build(flavor: ResourceFlavor, *, local: Executor, jobs_dir: Path) -> Executor:
     kind = flavor.executor or "local"
     options = dict(flavor.executor_options)
     if kind == "local":
@@ -46,6 +63,10 @@ def build_executor(flavor: ResourceFlavor, *, local: Executor, jobs_dir: Path) -
         from services.scheduler.executors.slurm import SlurmExecutor
 
         return SlurmExecutor.from_options(options, jobs_dir, capacity=Resources())
+    if kind == "kubernetes":
+        from services.scheduler.executors.kubernetes import KubernetesExecutor
+
+        return KubernetesExecutor.from_flavor(flavor, jobs_dir, capacity=Resources())
     raise InvalidArgument(
         f"flavors.{flavor.name}.executor",
         f"unknown executor {kind!r}; this scheduler has {', '.join(EXECUTOR_KINDS)}",
