@@ -25,6 +25,7 @@ from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, CommonSettings, Env
 from plinth_common.devstack import read_supervisor_status
 from plinth_common.overload import OverloadInterceptor
 from plinth_common.runtime import ServiceRuntime
+from plinth_common.slo import DEFAULT_SLOS, Slo
 from services.gateway.audit import AuditLog
 from services.gateway.auth import Authenticator, EdgeAuth, GatewayAuthInterceptor
 from services.gateway.bootstrap import ensure_admin_key
@@ -33,7 +34,11 @@ from services.gateway.events import NatsDeadLetterStore, NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
 from services.gateway.identity import Identities
 from services.gateway.identity_servicer import IdentityServicer
+from services.gateway.monitor import PlatformMonitor, ScrapeTarget, slos_from_file, targets_from_env
+from services.gateway.monitor_servicer import PlatformServicer
+from services.gateway.monitor_store import SqlMonitorStore
 from services.gateway.oidc import OidcSettings, OidcVerifier
+from services.gateway.prometheus_source import PrometheusCounts
 from services.gateway.proxy import ForwardingHandler, Upstream, open_channel
 from services.gateway.ratelimit import DEFAULT_LIMITS, Limit, RateLimiter, limits_from_env
 from services.gateway.rest import RestTranscoder
@@ -94,6 +99,10 @@ class GatewaySettings:
     bootstrap_admin_key_file: Path | None = None
     key_table_recheck_s: float = 0.5
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    metrics_targets: tuple[ScrapeTarget, ...] = ()
+    monitor_interval_s: float = 15.0
+    prometheus_url: str = ""
+    slos: tuple[Slo, ...] = DEFAULT_SLOS
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -117,6 +126,16 @@ class GatewaySettings:
             ),
             key_table_recheck_s=env.float("PLINTH_GATEWAY_KEY_TABLE_RECHECK_S", 0.5),
             console=ConsoleSettings.from_env(env, OidcSettings.from_env(env)),
+            # The platform monitor: what it scrapes, how often, and the SLOs in force
+            # (PLINTH_SLOS_FILE: YAML of plinth_common.slo.configure's settings).
+            metrics_targets=tuple(targets_from_env(env)),
+            monitor_interval_s=env.float("PLINTH_GATEWAY_MONITOR_INTERVAL_S", 15.0),
+            prometheus_url=env.str("PLINTH_PROMETHEUS_URL", ""),
+            slos=(
+                slos_from_file(env.path("PLINTH_SLOS_FILE", Path()))
+                if env.optional("PLINTH_SLOS_FILE")
+                else DEFAULT_SLOS
+            ),
         )
 
 
@@ -198,6 +217,23 @@ class GatewayApp:
             IdentityServicer(self.identities),
             gateway_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
         )
+        self._prometheus = (
+            PrometheusCounts(settings.prometheus_url) if settings.prometheus_url else None
+        )
+        self.monitor = PlatformMonitor(
+            self._monitor_targets,
+            SqlMonitorStore(self.runtime.db),
+            slos=settings.slos,
+            interval_s=settings.monitor_interval_s,
+            counts=self._prometheus,
+            source_name="prometheus" if self._prometheus else "recorded",
+            supervisor_status=functools.partial(read_supervisor_status, settings.common.data_dir),
+        )
+        server.add(
+            gateway_pb2_grpc.add_PlatformServiceServicer_to_server,
+            PlatformServicer(self.monitor),
+            gateway_pb2.DESCRIPTOR.services_by_name["PlatformService"].full_name,
+        )
         # The HTTP/JSON API calls the gateway's own gRPC port, connected once it is bound.
         self.rest = RestTranscoder(
             [*every_service, *GATEWAY_SERVICES], timeout_s=settings.forward_timeout_s
@@ -223,6 +259,17 @@ class GatewayApp:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    def _monitor_targets(self) -> list[ScrapeTarget]:
+        # The gateway's own endpoint is known once bound (an ephemeral port in tests).
+        own = self.runtime.metrics_port
+        host = _loopback_host(self.settings.common.host)
+        return [
+            ScrapeTarget("gateway", f"http://{host}:{own}/metrics")
+            if target.service == "gateway" and not target.url and own
+            else target
+            for target in self.settings.metrics_targets
+        ]
+
     @property
     def port(self) -> int:
         """The bound gRPC port."""
@@ -243,6 +290,7 @@ class GatewayApp:
         self._http_runner, self.http_port = await start_http(
             self.http.app, self.settings.common.host, self.settings.http_port
         )
+        await self.monitor.start()
         await self.runtime.server.set_serving(True)
 
     async def stop(self) -> None:
@@ -250,6 +298,9 @@ class GatewayApp:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.console.close()
+        await self.monitor.stop()
+        if self._prometheus is not None:
+            await self._prometheus.close()
         self.identities.close()  # a waiting poll of the key table answers now, not at its end
         # Calls drain first, so their audit records are queued before the log is flushed.
         await self.runtime.server.stop()

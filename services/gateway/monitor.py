@@ -21,12 +21,15 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from plinth_common.config import DEFAULT_METRICS_PORTS, Env
+from plinth_common.errors import InvalidArgument
 from plinth_common.monitoring import SERVER_ERROR_CODES
 from plinth_common.slo import (
     BURN_RATE_ALERTS,
@@ -36,12 +39,15 @@ from plinth_common.slo import (
     EventCountSource,
     Slo,
     SloStatus,
+    configure,
     evaluate_all,
 )
 
 log = logging.getLogger(__name__)
 
 MINUTE = timedelta(minutes=1)
+#: The longest report period (buckets are kept for the longest SLO window, 28 days by default).
+MAX_SINCE = timedelta(days=90)
 #: A series: its sample name and its sorted label pairs.
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 #: A per-minute report figure: (figure, key) -> delta; keys join label values with ``|``.
@@ -75,16 +81,16 @@ class ScrapeTarget:
 def targets_from_env(env: Env, own_metrics_port: int = 0) -> list[ScrapeTarget]:
     """Each service's endpoint: ``PLINTH_<SERVICE>_METRICS_URL``, else the host of
     ``PLINTH_<SERVICE>_ADDR`` (127.0.0.1) and ``PLINTH_<SERVICE>_METRICS_PORT`` (its default).
-    The gateway itself is scraped on ``own_metrics_port`` (its bound port) when given. A port
-    of 0 (ephemeral, unknown here) gives an empty URL: shown, never scraped."""
+    The gateway itself is scraped on ``own_metrics_port`` (its bound port; 0: filled in by the
+    app). A port of 0 (ephemeral, unknown here) gives an empty URL: shown, never scraped."""
     targets: list[ScrapeTarget] = []
     for service, default in DEFAULT_METRICS_PORTS.items():
         prefix = f"PLINTH_{service.upper()}_"
         url = env.str(prefix + "METRICS_URL", "")
         if not url:
             host = "127.0.0.1"
-            if service == "gateway" and own_metrics_port:
-                port = own_metrics_port
+            if service == "gateway":
+                port = own_metrics_port  # its own endpoint: known to the app once bound
             else:
                 port = env.int(prefix + "METRICS_PORT", default)
                 host = env.str(prefix + "ADDR", "").rpartition(":")[0] or host
@@ -626,6 +632,21 @@ class _suppress_cancel:
         return kind is asyncio.CancelledError
 
 
+def slos_from_file(path: Path) -> tuple[Slo, ...]:
+    """The default SLOs with a YAML file's changes (:func:`plinth_common.slo.configure`).
+
+    Raises:
+        InvalidArgument: an unreadable file, an unknown SLO or setting, a value out of range.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument("PLINTH_SLOS_FILE", f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument("PLINTH_SLOS_FILE", "must be a mapping of SLO name -> settings")
+    return configure(raw)
+
+
 def parse_since(text: str) -> timedelta:
     """``7d``, ``12h``, ``30m`` -> a timedelta.
 
@@ -636,4 +657,9 @@ def parse_since(text: str) -> timedelta:
     text = text.strip()
     if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) <= 0:
         raise ValueError(f"{text!r} is not a duration like 7d, 12h or 30m")
-    return int(text[:-1]) * units[text[-1]]
+    since = int(text[:-1][:9]) * units[text[-1]]
+    if len(text) > 10 or since > MAX_SINCE:
+        raise ValueError(
+            f"at most {MAX_SINCE.days}d (the buckets are kept that long), got {text!r}"
+        )
+    return since

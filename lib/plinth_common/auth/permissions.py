@@ -125,6 +125,10 @@ DEAD_LETTERS_READ = _admin("deadletters.read", mutating=False)
 DEAD_LETTERS_REPLAY = _admin("deadletters.replay")
 WHOAMI = _any("identity.whoami")
 TEAMS_READ = _any("teams.read", note="one's own teams (admins: all)")
+PLATFORM_READ = _any(
+    "platform.read",
+    note="per-team figures of one's own teams (admins: all); a report's team needs membership",
+)
 TEAMS_MANAGE = _admin("teams.manage")
 KEYS_OWN = _any("keys.own", mutating=True, note="others' keys and service accounts: admin")
 KEYS_READ = _any("keys.read", note="one's own (admins: anyone's)")
@@ -217,6 +221,8 @@ METHOD_RULES: Mapping[str, Permission] = {
     _IDENTITY + "ListKeyDigests": KEY_DIGESTS,
     # An OIDC token exchanged for a key of the same user, teams and lifetime: one's own key.
     _IDENTITY + "ExchangeToken": KEYS_OWN,
+    "/plinth.gateway.v1.PlatformService/GetPlatformStatus": PLATFORM_READ,
+    "/plinth.gateway.v1.PlatformService/GetReport": PLATFORM_READ,
     "/grpc.health.v1.Health/Check": HEALTH,
     "/grpc.health.v1.Health/Watch": HEALTH,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": REFLECTION,

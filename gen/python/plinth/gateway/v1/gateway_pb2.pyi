@@ -407,3 +407,145 @@ class ExchangeTokenRequest(_message.Message):
     name: str
     expires_at: _timestamp_pb2.Timestamp
     def __init__(self, name: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetPlatformStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ComponentStatus(_message.Message):
+    __slots__ = ("name", "up", "error", "last_scrape", "state", "restarts", "metrics_url")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCRAPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    up: bool
+    error: str
+    last_scrape: _timestamp_pb2.Timestamp
+    state: str
+    restarts: int
+    metrics_url: str
+    def __init__(self, name: _Optional[str] = ..., up: _Optional[bool] = ..., error: _Optional[str] = ..., last_scrape: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., metrics_url: _Optional[str] = ...) -> None: ...
+
+class BurnRate(_message.Message):
+    __slots__ = ("window", "rate")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    window: str
+    rate: float
+    def __init__(self, window: _Optional[str] = ..., rate: _Optional[float] = ...) -> None: ...
+
+class SloStatus(_message.Message):
+    __slots__ = ("name", "component", "kind", "scope", "description", "objective", "threshold_seconds", "window_days", "good", "total", "compliance", "budget_remaining", "burn_rates", "alerts", "met")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_DAYS_FIELD_NUMBER: _ClassVar[int]
+    GOOD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMPLIANCE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    BURN_RATES_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    MET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    component: str
+    kind: str
+    scope: str
+    description: str
+    objective: float
+    threshold_seconds: float
+    window_days: float
+    good: int
+    total: int
+    compliance: float
+    budget_remaining: float
+    burn_rates: _containers.RepeatedCompositeFieldContainer[BurnRate]
+    alerts: _containers.RepeatedScalarFieldContainer[str]
+    met: bool
+    def __init__(self, name: _Optional[str] = ..., component: _Optional[str] = ..., kind: _Optional[str] = ..., scope: _Optional[str] = ..., description: _Optional[str] = ..., objective: _Optional[float] = ..., threshold_seconds: _Optional[float] = ..., window_days: _Optional[float] = ..., good: _Optional[int] = ..., total: _Optional[int] = ..., compliance: _Optional[float] = ..., budget_remaining: _Optional[float] = ..., burn_rates: _Optional[_Iterable[_Union[BurnRate, _Mapping]]] = ..., alerts: _Optional[_Iterable[str]] = ..., met: _Optional[bool] = ...) -> None: ...
+
+class PlatformStatus(_message.Message):
+    __slots__ = ("time", "components", "slos", "source")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    SLOS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    components: _containers.RepeatedCompositeFieldContainer[ComponentStatus]
+    slos: _containers.RepeatedCompositeFieldContainer[SloStatus]
+    source: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ComponentStatus, _Mapping]]] = ..., slos: _Optional[_Iterable[_Union[SloStatus, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class GetReportRequest(_message.Message):
+    __slots__ = ("since", "team")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    since: str
+    team: str
+    def __init__(self, since: _Optional[str] = ..., team: _Optional[str] = ...) -> None: ...
+
+class TeamJobs(_message.Message):
+    __slots__ = ("team", "succeeded", "failed", "cancelled", "success_rate")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    succeeded: int
+    failed: int
+    cancelled: int
+    success_rate: float
+    def __init__(self, team: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., success_rate: _Optional[float] = ...) -> None: ...
+
+class QueueWait(_message.Message):
+    __slots__ = ("team", "p50_seconds", "p90_seconds")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P90_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    p50_seconds: float
+    p90_seconds: float
+    def __init__(self, team: _Optional[str] = ..., p50_seconds: _Optional[float] = ..., p90_seconds: _Optional[float] = ...) -> None: ...
+
+class EndpointLatency(_message.Message):
+    __slots__ = ("deployment", "p99_seconds")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    p99_seconds: float
+    def __init__(self, deployment: _Optional[str] = ..., p99_seconds: _Optional[float] = ...) -> None: ...
+
+class RegistryCalls(_message.Message):
+    __slots__ = ("method", "calls")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    calls: int
+    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ...) -> None: ...
+
+class PlatformReport(_message.Message):
+    __slots__ = ("since", "until", "team", "jobs", "queue_waits", "endpoints", "registry_calls")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAITS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_CALLS_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    team: str
+    jobs: _containers.RepeatedCompositeFieldContainer[TeamJobs]
+    queue_waits: _containers.RepeatedCompositeFieldContainer[QueueWait]
+    endpoints: _containers.RepeatedCompositeFieldContainer[EndpointLatency]
+    registry_calls: _containers.RepeatedCompositeFieldContainer[RegistryCalls]
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., team: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[TeamJobs, _Mapping]]] = ..., queue_waits: _Optional[_Iterable[_Union[QueueWait, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[EndpointLatency, _Mapping]]] = ..., registry_calls: _Optional[_Iterable[_Union[RegistryCalls, _Mapping]]] = ...) -> None: ...

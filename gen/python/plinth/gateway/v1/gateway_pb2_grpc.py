@@ -827,3 +827,131 @@ class IdentityService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PlatformServiceStub:
+    """The platform at a glance, from the gateway's scrapes of every service's metrics (or from
+    Prometheus when PLINTH_PROMETHEUS_URL is set). Any caller; per-team figures show only the
+    caller's teams unless they are an admin.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetPlatformStatus = channel.unary_unary(
+                '/plinth.gateway.v1.PlatformService/GetPlatformStatus',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetPlatformStatusRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.PlatformStatus.FromString,
+                _registered_method=True)
+        self.GetReport = channel.unary_unary(
+                '/plinth.gateway.v1.PlatformService/GetReport',
+                request_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetReportRequest.SerializeToString,
+                response_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.PlatformReport.FromString,
+                _registered_method=True)
+
+
+class PlatformServiceServicer:
+    """The platform at a glance, from the gateway's scrapes of every service's metrics (or from
+    Prometheus when PLINTH_PROMETHEUS_URL is set). Any caller; per-team figures show only the
+    caller's teams unless they are an admin.
+    """
+
+    def GetPlatformStatus(self, request, context):
+        """Components (scraped or not, supervisor state and restarts) and every SLO's compliance,
+        remaining error budget and burn rates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReport(self, request, context):
+        """The weekly review: job success rate and queue wait p50/p90 per team, endpoint p99 per
+        deployment, registry call volume per method.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PlatformServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetPlatformStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlatformStatus,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetPlatformStatusRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.PlatformStatus.SerializeToString,
+            ),
+            'GetReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReport,
+                    request_deserializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetReportRequest.FromString,
+                    response_serializer=plinth_dot_gateway_dot_v1_dot_gateway__pb2.PlatformReport.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'plinth.gateway.v1.PlatformService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('plinth.gateway.v1.PlatformService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PlatformService:
+    """The platform at a glance, from the gateway's scrapes of every service's metrics (or from
+    Prometheus when PLINTH_PROMETHEUS_URL is set). Any caller; per-team figures show only the
+    caller's teams unless they are an admin.
+    """
+
+    @staticmethod
+    def GetPlatformStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.PlatformService/GetPlatformStatus',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetPlatformStatusRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.PlatformStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.gateway.v1.PlatformService/GetReport',
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.GetReportRequest.SerializeToString,
+            plinth_dot_gateway_dot_v1_dot_gateway__pb2.PlatformReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
