@@ -18,6 +18,7 @@ from plinth_sdk.features import FeaturesAPI
 from plinth_sdk.identity import AuditAPI, KeysAPI, TeamsAPI, whoami
 from plinth_sdk.jobs import JobsAPI
 from plinth_sdk.models import Identity
+from plinth_sdk.platform import PlatformAPI
 from plinth_sdk.queues import QueuesAPI
 from plinth_sdk.registry import ModelsAPI, RunsAPI
 from plinth_sdk.serving import DeploymentsAPI
@@ -37,7 +38,8 @@ class Plinth:
     Namespaces: ``jobs`` (training jobs), ``queues`` (the scheduler's queues), ``events`` (the event stream), ``models``
     (registered models, versions, aliases, policies), ``runs`` (MLflow runs),
     ``deployments`` (serving), ``features`` (feature store), ``teams`` (teams and members),
-    ``keys`` (API keys) and ``audit`` (the audit trail); :meth:`whoami` says who the gateway
+    ``keys`` (API keys), ``audit`` (the audit trail) and ``platform`` (health, SLOs, the
+    weekly report); :meth:`whoami` says who the gateway
     takes the caller for, :meth:`infer` runs a prediction on a deployment. Each namespace calls
     through one shared :class:`~plinth_sdk.transport.Transport`, which sends the API key.
 
@@ -77,6 +79,7 @@ class Plinth:
         self.teams = TeamsAPI(self._transport)
         self.keys = KeysAPI(self._transport)
         self.audit = AuditAPI(self._transport)
+        self.platform = PlatformAPI(self._transport)
         self._inference: InferenceAPI | None = None
 
     @property

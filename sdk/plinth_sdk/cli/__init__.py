@@ -29,6 +29,7 @@ from plinth_sdk.cli.jobs import jobs
 from plinth_sdk.cli.keys import keys
 from plinth_sdk.cli.models import models
 from plinth_sdk.cli.output import stderr_line
+from plinth_sdk.cli.platform import report
 from plinth_sdk.cli.queues import admin, queue
 from plinth_sdk.cli.runs import runs
 from plinth_sdk.cli.status import status
@@ -91,6 +92,7 @@ for _group in (
     deployments,
     features,
     status,
+    report,
     login,
     logout,
     whoami,

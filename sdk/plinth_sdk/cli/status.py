@@ -1,7 +1,8 @@
 """``plinth status``: is the platform healthy, and how often did ``make run`` restart what.
 
 Asks the gateway's HTTP ``/healthz`` (each service's gRPC health, plus the local launcher's
-supervisor status: state, pid, restart count, last exit). When the gateway does not answer,
+supervisor status: state, pid, restart count, last exit), then its ``GetPlatformStatus`` for
+every SLO's compliance, error budget and burn rates (with the caller's credential). When the gateway does not answer,
 the launcher's status file under the data folder still tells which services run. Exit code 0
 when every service serves, 1 when the platform is degraded or unreachable.
 """
@@ -22,6 +23,8 @@ from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, default_data_dir
 from plinth_common.devstack import SERVICES, read_supervisor_status
 from plinth_sdk.cli.base import OUTPUT
 from plinth_sdk.cli.output import print_json, print_table
+from plinth_sdk.cli.platform import fetch_status, print_slos
+from plinth_sdk.platform import SloInfo
 
 __all__ = ["GATEWAY_HTTP_ENV", "status"]
 
@@ -55,6 +58,11 @@ def status(http_url: str | None, data_dir: Path | None, output: str) -> int:
     url = (http_url or os.environ.get(GATEWAY_HTTP_ENV) or _DEFAULT_HTTP).rstrip("/")
     folder = data_dir or _data_dir_from_env()
     report = platform_status(url, folder)
+    if report["status"] != "UNREACHABLE":
+        slos, slo_error = fetch_status()
+        report["slos"] = slos.to_dict()["slos"] if slos else []
+        report["slo_source"] = slos.source if slos else ""
+        report["slo_error"] = slo_error
     if output == "json":
         print_json(report)
     else:
@@ -121,9 +129,17 @@ def _print_report(report: Mapping[str, Any]) -> None:
         headline += f": {report['error']}"
     click.echo(headline)
     services: Mapping[str, Mapping[str, Any]] = report["services"]
-    if not services:
-        return
-    click.echo("")
+    if services:
+        click.echo("")
+        _print_services(services)
+    if report.get("slo_error"):
+        click.echo(f"\nSLOs: not available: {report['slo_error']}")
+    elif report.get("slos"):
+        slos = [SloInfo(**{**slo, "alerts": tuple(slo["alerts"])}) for slo in report["slos"]]
+        print_slos(slos, report.get("slo_source", ""))
+
+
+def _print_services(services: Mapping[str, Mapping[str, Any]]) -> None:
     print_table(
         _COLUMNS,
         [
