@@ -194,6 +194,18 @@ class Console:
                 message=exc.details() or "",
                 title="Error",
             )
+        except web.HTTPException:
+            raise
+        except Exception:  # a page bug gets a page and a logged traceback, not a bare 500
+            log.exception("console page %s failed", request.path)
+            return self._render(
+                request,
+                "error.html",
+                status=500,
+                code="INTERNAL",
+                message="the console failed to render this page; the gateway's log has why",
+                title="Error",
+            )
 
     def _meta(self, request: web.Request) -> list[tuple[str, str]]:
         session: Session = request["session"]
@@ -240,7 +252,9 @@ class Console:
             return "off"
         return "ready" if self.settings.oidc_client_id else "no-client"
 
-    async def login_form(self, request: web.Request, *, error: str = "") -> web.Response:
+    async def login_form(
+        self, request: web.Request, *, error: str = "", target: str = ""
+    ) -> web.Response:
         """The login page: an API key form, and OIDC when configured."""
         return self._render(
             request,
@@ -248,7 +262,7 @@ class Console:
             status=401 if error else 200,
             title="Log in",
             error=error,
-            next=_safe_next(request.query.get("next", "")),
+            next=_safe_next(target or request.query.get("next", "")),
             oidc=self._oidc_state(),
         )
 
@@ -258,7 +272,7 @@ class Console:
         key = (_field(form, "api_key") or "").strip()
         target = _safe_next(_field(form, "next") or "")
         if not key:
-            return await self.login_form(request, error="Enter an API key.")
+            return await self.login_form(request, error="Enter an API key.", target=target)
         return await self._start_session(request, key, target)
 
     async def _start_session(
@@ -271,7 +285,9 @@ class Console:
                 timeout=10,
             )
         except grpc.aio.AioRpcError as exc:
-            return await self.login_form(request, error=f"Not accepted: {exc.details()}")
+            return await self.login_form(
+                request, error=f"Not accepted: {exc.details()}", target=target
+            )
         session_id, _ = self.sessions.create(credential, me.name)
         response = web.HTTPSeeOther(target or "/console/")
         response.set_cookie(
@@ -425,7 +441,7 @@ class Console:
             metadata=self._meta(request),
             timeout=10,
         )
-        return self._render(request, "queues.html", title="Queues", status=status)
+        return self._render(request, "queues.html", title="Queues", queue=status)
 
     async def jobs(self, request: web.Request) -> web.Response:
         """The jobs the user's teams may see, filtered by team, state and name."""
