@@ -67,6 +67,7 @@ from services.scheduler.credentials import (
 )
 from services.scheduler.domain import (
     ACTIVE,
+    CANCELLED_BEFORE_START,
     LOST,
     Attempt,
     EndReason,
@@ -609,7 +610,10 @@ class SchedulerService:
         warnings: builtins.list[str] = []
         held: dict[tuple[str, str, str], float] = {}
         homeless: dict[str, int] = {}
+        orphans: dict[str, int] = {}  # a dropped flavor -> its active jobs
         for job in jobs:
+            if job.state.active and job.flavor and job.flavor not in config.flavors:
+                orphans[job.flavor] = orphans.get(job.flavor, 0) + 1
             try:
                 queue = engine.queue_of(job.team)
             except InvalidArgument:
@@ -632,6 +636,11 @@ class SchedulerService:
                     f"flavor {flavor or '?'}, above its new nominal {_amount(resource, nominal)}; "
                     "they keep running, and the queue admits nothing more there until they end"
                 )
+        for flavor, count in sorted(orphans.items()):
+            warnings.append(
+                f"flavor {flavor} is dropped while {count} admitted job(s) hold it: they keep "
+                "running on its executor until they end (cancel them to stop them sooner)"
+            )
         for team, count in sorted(homeless.items()):
             warnings.append(
                 f"team {team} is in no queue and there is no default queue: its {count} queued "
@@ -898,8 +907,7 @@ class SchedulerService:
             down = self._down.get(admission.flavor)
             if down is not None and clock < down.until:
                 # Its engine is down: the job waits (and says why) without a launch attempt.
-                self._held_back[job.id] = (admission.flavor, down.reason)
-                self._writes += 1  # the engine counts it admitted: the next pass corrects it
+                await self._hold_back(job, admission.flavor, down.reason)
                 continue
             credentials = await self._credentials_for(job)
             if isinstance(credentials, Unavailable):
@@ -949,8 +957,16 @@ class SchedulerService:
         self._down[job.flavor] = _Down(
             reason=reason, until=time.monotonic() + backoff, failures=failures
         )
-        self._held_back[job.id] = (job.flavor, reason)
         return reason
+
+    async def _hold_back(self, job: Job, flavor: str, reason: str) -> None:
+        """Puts a job the engine admitted back among its pending ones (its executor's engine
+        is down), so that reports show it waiting, with ``reason``."""
+        self._held_back[job.id] = (flavor, reason)
+        if self._engine is not None and self._config is not None:
+            self._engine.remove(job.id)
+            self._engine.add_pending(await self._workload_of(job, self._config))
+        self._report = None
 
     def _engine_up(self, flavor: str) -> None:
         """A launch on the flavor succeeded: its jobs no longer wait for the engine."""
@@ -1026,9 +1042,18 @@ class SchedulerService:
                 continue
             message = f"exceeded its maximum run time of {_seconds(limit)}"
             async with self._transaction() as tx:
-                stopped = await tx.replace(
-                    job.request_stop(EndReason.RUN_TIME_EXCEEDED, message), expect=job.state
-                )
+                # Read again: the pass's snapshot may predate a cancel (which must win).
+                current = await tx.get(job.id)
+                stopped = None
+                if (
+                    current is not None
+                    and current.state is JobState.RUNNING
+                    and not current.stopping
+                ):
+                    stopped = await tx.replace(
+                        current.request_stop(EndReason.RUN_TIME_EXCEEDED, message),
+                        expect=current.state,
+                    )
             if stopped is not None:
                 log.info("job %s %s: stopping it", job.id, message)
                 await self._executor.terminate(stopped)
@@ -1117,9 +1142,35 @@ class SchedulerService:
                 # The engine cannot be reached: not the job's failure, nor one another attempt
                 # would fix sooner. It waits at its place until the engine answers again.
                 reason = self._engine_down(job, exc)
-                log.warning("job %s stays queued: %s", job.id, reason)
+                # Read again: a cancel (or a preemption) may have come while it was launching.
                 async with self._transaction() as tx:
-                    await tx.replace(job.requeue(), expect=JobState.ADMITTED)
+                    current = await tx.get(job.id)
+                    requeued = None
+                    if current is not None and current.state is JobState.ADMITTED:
+                        if not current.cancel_requested:
+                            requeued = await tx.replace(current.requeue(), expect=JobState.ADMITTED)
+                        if requeued is not None:
+                            await tx.emit(
+                                JobEvent(
+                                    kind=JobEventKind.REQUEUED,
+                                    job=requeued,
+                                    reason=f"{reason}; requeued at its place",
+                                )
+                            )
+                if current is not None and current.cancel_requested:
+                    await self._finish(
+                        job.id,
+                        ExitStatus(
+                            exit_code=-1,
+                            reason=CANCELLED_BEFORE_START,
+                            end_reason=EndReason.CANCELLED,
+                        ),
+                    )  # which ends the span
+                    return False
+                log.warning("job %s stays queued: %s", job.id, reason)
+                if requeued is not None:
+                    self._queued[requeued.id] = requeued
+                    await self._hold_back(requeued, job.flavor, reason)
                 self._run_spans.pop(job.id, None)
                 span.end()
                 return False
@@ -1328,26 +1379,40 @@ class SchedulerService:
         A job that was being stopped (preempted, past its run time, cancelled) when the
         scheduler died is asked to stop again: the request may never have reached it. Its
         ending is then judged by the stop request recorded with it (a preempted one is
-        requeued).
+        requeued). One admitted but never started whose cancel was requested ends CANCELLED.
+        Each job is recovered on its own: one that fails is logged, the others go on.
         """
         for job in await self._store.in_states(ACTIVE):
-            handle = await self._executor.reattach(job)
-            if handle is not None:
-                log.info("re-attached job %s (pid %d)", job.id, handle.pid)
-                self._watch(job.id, handle)
-                if job.stopping:
-                    grace = (
-                        self._preemption_grace_s if job.stop_reason is EndReason.PREEMPTED else None
-                    )
-                    await self._executor.terminate(job, grace_s=grace)
-            elif job.state is JobState.ADMITTED and job.pid is None:
-                async with self._transaction() as tx:
-                    await tx.replace(job.requeue(), expect=JobState.ADMITTED)
-            else:
-                await self._finish(
-                    job.id,
-                    ExitStatus(exit_code=-1, reason=LOST, end_reason=EndReason.EXECUTOR_LOST),
-                )
+            try:
+                await self._recover_one(job)
+            except Exception:  # one job's trouble must not keep the rest down
+                log.exception("job %s could not be recovered; the next restart tries again", job.id)
+
+    async def _recover_one(self, job: Job) -> None:
+        """Re-attaches one active job, or decides its fate (see :meth:`recover`)."""
+        handle = await self._executor.reattach(job)
+        if handle is not None:
+            log.info("re-attached job %s (pid %d)", job.id, handle.pid)
+            self._watch(job.id, handle)
+            if job.stopping:
+                grace = self._preemption_grace_s if job.stop_reason is EndReason.PREEMPTED else None
+                await self._executor.terminate(job, grace_s=grace)
+        elif job.state is JobState.ADMITTED and job.pid is None and not job.cancel_requested:
+            async with self._transaction() as tx:
+                await tx.replace(job.requeue(), expect=JobState.ADMITTED)
+        elif job.state is JobState.ADMITTED and job.pid is None:
+            # Cancelled while it was being started: it never ran, and must not run now.
+            await self._finish(
+                job.id,
+                ExitStatus(
+                    exit_code=-1, reason=CANCELLED_BEFORE_START, end_reason=EndReason.CANCELLED
+                ),
+            )
+        else:
+            await self._finish(
+                job.id,
+                ExitStatus(exit_code=-1, reason=LOST, end_reason=EndReason.EXECUTOR_LOST),
+            )
 
 
 @dataclass(frozen=True)
