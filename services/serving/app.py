@@ -192,9 +192,12 @@ class ServingApp:
             meter=self.guard,
         )
         self.grants: Any = None
+        self._gateway_keys: Any = None
         self.dataplane_healer: EngineHealer | None = None
         if self.dataplane is not None:
-            self.grants = _grant_feed(settings, self.runtime, self.dataplane, self.service)
+            self.grants, self._gateway_keys = _grant_feed(
+                settings, self.runtime, self.dataplane, self.service
+            )
             self.dataplane_healer = EngineHealer(
                 engine=_DataPlaneEngine(self.dataplane),
                 reloader=_DataPlaneReloader(self),
@@ -278,6 +281,8 @@ class ServingApp:
         await self.models.close()
         await self.proxy.close()
         await self.registry.close()
+        if self._gateway_keys is not None:
+            await self._gateway_keys.close()
         if self.dataplane is not None and self._dataplane_up:
             await self.dataplane.stop()
         await self.triton.stop()
@@ -335,19 +340,17 @@ def _route_specs(splits: Sequence[Split]) -> list[Any]:
 
 def _grant_feed(
     settings: ServingSettings, runtime: ServiceRuntime, sink: Any, service: ServingService
-) -> Any:
-    """The feed of API keys from the gateway into the data plane (None without the module)."""
+) -> tuple[Any, Any]:
+    """The feed of API keys from the gateway into the data plane, and its gateway client (the
+    app closes it); (None, None) without the module."""
     try:
         from services.serving.gateway_client import GatewayKeys
         from services.serving.grants import GrantFeed
     except ImportError as exc:
         log.warning("no API key feed for the data plane (%s): it refuses every key", exc)
-        return None
-    return GrantFeed(
-        source=GatewayKeys(settings.gateway_addr, tokens=runtime.tokens),
-        sink=sink,
-        access=service.access_table,
-    )
+        return None, None
+    keys = GatewayKeys(settings.gateway_addr, tokens=runtime.tokens)
+    return GrantFeed(source=keys, sink=sink, access=service.access_table), keys
 
 
 async def _keep_health(_serving: bool) -> None:
