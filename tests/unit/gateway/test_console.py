@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from plinth.registry.v1 import registry_pb2
 from plinth.scheduler.v1 import scheduler_pb2
-from services.gateway.console.app import _safe_next, judge, slo_statuses
+from services.gateway.console.app import Console, ConsoleSettings, _safe_next, judge, slo_statuses
 from services.gateway.console.charts import burn_chart, line_chart
 from services.gateway.console.sessions import Sessions
+from services.gateway.oidc import OidcSettings
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -95,3 +99,38 @@ def test_charts_draw_real_points_or_say_no_data() -> None:
     burn = burn_chart({"5m": 3.0, "1h": 0.5, "1d": None}, title="burn")
     assert burn.count('class="bar burning"') == 1 and burn.count('class="bar"') == 1
     assert "no data yet" in burn_chart({"5m": None}, title="burn")
+
+
+async def test_oidc_login_starts_the_code_flow_and_checks_state() -> None:
+    issuer = web.Application()
+
+    async def discovery(request: web.Request) -> web.Response:
+        base = f"http://{request.host}"
+        return web.json_response(
+            {"authorization_endpoint": f"{base}/auth", "token_endpoint": f"{base}/token"}
+        )
+
+    issuer.router.add_get("/.well-known/openid-configuration", discovery)
+    async with TestServer(issuer) as idp:
+        settings = ConsoleSettings(
+            oidc=OidcSettings(issuer=str(idp.make_url("")).rstrip("/"), audience="plinth"),
+            oidc_client_id="console",
+        )
+        root = web.Application()
+        root.add_subapp("/console", Console(settings, lambda: "127.0.0.1:1", {}).app)
+        async with TestClient(TestServer(root)) as client:
+            page = await client.get("/console/login")
+            assert 'href="/console/oidc/login"' in await page.text()
+            start = await client.get("/console/oidc/login", allow_redirects=False)
+            assert start.status == 303
+            where = urlsplit(start.headers["Location"])
+            query = parse_qs(where.query)
+            assert where.path == "/auth" and query["client_id"] == ["console"]
+            assert query["response_type"] == ["code"] and query["state"][0]
+            assert query["redirect_uri"][0].endswith("/console/oidc/callback")
+            forged = await client.get("/console/oidc/callback?code=x&state=forged")
+            assert forged.status == 401 and "login expired" in await forged.text()
+            # Without a session every page sends the browser to the login form.
+            anonymous = await client.get("/console/jobs", allow_redirects=False)
+            assert anonymous.status == 303
+            assert anonymous.headers["Location"].startswith("/console/login?next=")
