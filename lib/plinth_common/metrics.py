@@ -340,7 +340,6 @@ REGISTRY_PROMOTIONS = MetricSpec(
     help="Alias promotions requested, by team and outcome (promoted, refused, awaiting_approval).",
     labels=("team", "outcome"),
     exported_by="registry",
-    wired=False,
 )
 SERVING_ROLLOUTS = MetricSpec(
     name="plinth_serving_rollouts_total",
@@ -390,7 +389,6 @@ FEATURES_ONLINE_READ_DURATION = MetricSpec(
     labels=("feature_view",),
     buckets=LATENCY_BUCKETS_S,
     exported_by="features",
-    wired=False,
 )
 FEATURES_FRESHNESS = MetricSpec(
     name="plinth_features_freshness_seconds",
@@ -398,7 +396,6 @@ FEATURES_FRESHNESS = MetricSpec(
     help="Age of a feature view's newest materialized data.",
     labels=("feature_view",),
     exported_by="features",
-    wired=False,
 )
 
 #: Every metric Plinth exports, by name; the README's metric list is this.

@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from plinth.features.v1 import features_pb2, features_pb2_grpc
 from plinth_common.config import CommonSettings, Env
+from plinth_common.metrics import (
+    FEATURES_FRESHNESS,
+    FEATURES_ONLINE_READ_DURATION,
+    Metrics,
+    observe,
+)
 from plinth_common.runtime import EngineHealth, ServiceRuntime
 from services.features.events import OutboxFeatureEvents
 from services.features.feast_adapter import FeastAdapter
@@ -72,6 +81,37 @@ class FeaturesSettings:
         )
 
 
+class FeatureMetrics:
+    """Online read latency and freshness per feature view (view names are admin-declared, so
+    the labels stay bounded). Freshness is computed at each scrape from the newest data time
+    this process saw (unknown, so absent, for a view not refreshed since the process started)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._reads = metrics.histogram(FEATURES_ONLINE_READ_DURATION)
+        self._freshness = metrics.gauge(FEATURES_FRESHNESS)
+        self._until: dict[str, float] = {}
+
+    def online_read(self, views: Sequence[str], seconds: float) -> None:
+        """Observes one read's latency for each view it read."""
+        for view in views:
+            observe(self._reads.labels(view), seconds)
+
+    def refreshed(self, views: Sequence[str], until: datetime) -> None:
+        """Sets the views' newest data time (never backwards)."""
+        for view in views:
+            stamp = until.timestamp()
+            first = view not in self._until
+            self._until[view] = max(stamp, self._until.get(view, stamp))
+            if first:
+                self._freshness.labels(view).set_function(self._age_of(view))
+
+    def _age_of(self, view: str) -> Callable[[], float]:
+        def age() -> float:
+            return max(0.0, time.time() - self._until[view])
+
+        return age
+
+
 class FeaturesApp:
     """The features process: Feast, the outbox, the gRPC server and the health that follows Feast."""
 
@@ -107,6 +147,7 @@ class FeaturesApp:
                 self.runtime.require_outbox(), project=settings.feast.project
             ),
             limits=Limits(max_total_bytes=settings.max_repository_bytes),
+            observer=FeatureMetrics(self.runtime.metrics),
         )
         self.runtime.server.add(
             features_pb2_grpc.add_FeaturesServiceServicer_to_server,

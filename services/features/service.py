@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -130,6 +130,18 @@ class FeatureEvents(Protocol):
         ...
 
 
+class FeatureObserver(Protocol):
+    """Told what the feature metrics count (the app records them; tests may listen)."""
+
+    def online_read(self, views: Sequence[str], seconds: float) -> None:
+        """An online read of ``views`` took ``seconds``."""
+        ...
+
+    def refreshed(self, views: Sequence[str], until: datetime) -> None:
+        """``views`` now hold data up to ``until`` (a materialization's end, or a push)."""
+        ...
+
+
 class FeaturesService:
     """Entities, feature views, materialization and retrieval on one feature repository.
 
@@ -147,8 +159,10 @@ class FeaturesService:
         db: Database,
         events: FeatureEvents,
         limits: Limits | None = None,
+        observer: FeatureObserver | None = None,
     ) -> None:
         self._engine = engine
+        self._observer = observer
         self._db = db
         self._events = events
         self._limits = limits or Limits()
@@ -303,6 +317,8 @@ class FeaturesService:
                     session, dataclasses.replace(result, feature_views=names), team=team
                 )
         log.info("materialized %s in %.3f s", list(result.feature_views), duration)
+        if self._observer is not None:
+            self._observer.refreshed(result.feature_views, end)
         return result
 
     async def _teams_of(self, views: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -338,7 +354,12 @@ class FeaturesService:
             _require_views(
                 principal, FEATURES_READ, owners, [view for view, _ in parse_feature_refs(refs)]
             )
-        return await self._engine.online_features(refs, rows)
+        began = time.perf_counter()
+        columns = await self._engine.online_features(refs, rows)
+        if self._observer is not None:
+            views = sorted({view for view, _ in parse_feature_refs(refs)})
+            self._observer.online_read(views, time.perf_counter() - began)
+        return columns
 
     async def push(
         self,
@@ -377,7 +398,11 @@ class FeaturesService:
                     kind="push source",
                     name=push_source,
                 )
-        return await self._engine.push(push_source, rows, to_offline=to_offline)
+        written = await self._engine.push(push_source, rows, to_offline=to_offline)
+        if self._observer is not None:
+            fed = (await self._engine.ownership()).push_views.get(push_source, ())
+            self._observer.refreshed(tuple(fed), datetime.now(UTC))
+        return written
 
     # --- offline ------------------------------------------------------------------------------
 

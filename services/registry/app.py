@@ -20,6 +20,7 @@ from plinth.registry.v1 import registry_pb2, registry_pb2_grpc
 from plinth_common.auth.tokens import load_internal_key
 from plinth_common.config import DEFAULT_MLFLOW_PORT, CommonSettings, Env
 from plinth_common.errors import InvalidArgument
+from plinth_common.metrics import REGISTRY_PROMOTIONS
 from plinth_common.runtime import EngineHealth, ServiceRuntime
 from services.registry.cache import ReadCache
 from services.registry.events import (
@@ -175,6 +176,7 @@ class RegistryApp:
         self.cache = ReadCache(ttl_s=settings.cache_ttl_s)
         self.facts = ReadCache(ttl_s=settings.facts_ttl_s)
         self.events = OutboxModelEvents(self.runtime.db, self.runtime.require_outbox())
+        self._promotions = self.runtime.metrics.counter(REGISTRY_PROMOTIONS)
         auth = settings.mlflow.auth
         self.service = RegistryService(
             mlflow=self.store,
@@ -184,6 +186,7 @@ class RegistryApp:
             records=SqlRecords(self.runtime.db),
             users=None if auth is None else MlflowAuthClient(self.mlflow.tracking_uri, auth),
             protected_aliases=settings.protected_aliases,
+            on_promotion=self._count_promotion,
         )
         self.runtime.server.add(
             registry_pb2_grpc.add_RegistryServiceServicer_to_server,
@@ -196,6 +199,9 @@ class RegistryApp:
         self.ready = asyncio.Event()
         self._opening: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
+
+    def _count_promotion(self, team: str, outcome: str) -> None:
+        self._promotions.labels(team, outcome).inc()
 
     @property
     def port(self) -> int:

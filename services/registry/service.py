@@ -22,7 +22,7 @@ import binascii
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -226,7 +226,11 @@ class RegistryService:
         records: Records,
         users: MlflowUsers | None = None,
         protected_aliases: frozenset[str] = DEFAULT_PROTECTED_ALIASES,
+        on_promotion: Callable[[str, str], None] | None = None,
     ) -> None:
+        # Told (team, outcome) of each promotion the policy decided: promoted, refused,
+        # awaiting_approval (the registry's promotions metric).
+        self._on_promotion = on_promotion or (lambda team, outcome: None)
         self._mlflow = mlflow
         self._events = events
         self._cache = cache
@@ -755,17 +759,24 @@ class RegistryService:
             policy = _stored_policy(model)  # fails closed: an unreadable tag blocks promotion
             needs_approval = policy.guards(alias) and policy.require_approval
             approver = ""
-            if needs_approval:
-                approver = await self._approver(principal, model, policy, alias, version, approved)
-            enforce_policy(
-                policy,
-                model=name,
-                alias=alias,
-                version=version,
-                metrics=metrics,
-                approved=bool(approver),
-                who_may_approve=_who_may_approve(model, policy, alias, version, principal),
-            )
+            try:
+                if needs_approval:
+                    approver = await self._approver(
+                        principal, model, policy, alias, version, approved
+                    )
+                enforce_policy(
+                    policy,
+                    model=name,
+                    alias=alias,
+                    version=version,
+                    metrics=metrics,
+                    approved=bool(approver),
+                    who_may_approve=_who_may_approve(model, policy, alias, version, principal),
+                )
+            except FailedPrecondition as refusal:
+                waiting = refusal.reason == "APPROVAL_REQUIRED"
+                self._on_promotion(model.team, "awaiting_approval" if waiting else "refused")
+                raise
             if needs_approval and approver == principal.name and approved:
                 await self._record_approval(
                     name, version, Approval(alias=alias, approved_by=approver, approved_at=_now())
@@ -801,6 +812,7 @@ class RegistryService:
             # After the move, not around it: if MLflow refuses, no event. If recording fails,
             # the caller sees the error and its retry (same alias, same version) records it.
             await self._events.promoted(promotion)
+        self._on_promotion(model.team, "promoted")
         log.info("%s@%s -> version %s (was %s)", name, alias, version, previous or "unset")
         return promotion
 
