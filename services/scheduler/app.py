@@ -24,6 +24,7 @@ from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.queueing.model import QueueConfig, ResourceFlavor
 from services.scheduler.registry_credentials import RegistryCredentials
 from services.scheduler.service import (
+    METRICS_INTERVAL_S,
     PREEMPTION_GRACE_S,
     JobEnvironment,
     SchedulerService,
@@ -50,6 +51,8 @@ class SchedulerSettings:
             queue while no queue configuration was applied.
         preemption_grace_s: SIGTERM to SIGKILL for a preempted job
             (``PLINTH_SCHEDULER_PREEMPTION_GRACE_S``, default 30).
+        metrics_interval_s: how often the pending-jobs and quota gauges are set from the queue
+            report (``PLINTH_SCHEDULER_METRICS_INTERVAL_S``, default 5).
     """
 
     common: CommonSettings
@@ -61,6 +64,7 @@ class SchedulerSettings:
     stop_jobs_on_shutdown: bool
     kill_grace_s: float
     preemption_grace_s: float = PREEMPTION_GRACE_S
+    metrics_interval_s: float = METRICS_INTERVAL_S
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> SchedulerSettings:
@@ -83,6 +87,7 @@ class SchedulerSettings:
             in ("1", "true", "yes"),
             kill_grace_s=env.float("PLINTH_SCHEDULER_KILL_GRACE_S", 10.0),
             preemption_grace_s=env.float("PLINTH_SCHEDULER_PREEMPTION_GRACE_S", PREEMPTION_GRACE_S),
+            metrics_interval_s=env.float("PLINTH_SCHEDULER_METRICS_INTERVAL_S", METRICS_INTERVAL_S),
         )
 
 
@@ -143,6 +148,7 @@ class SchedulerApp:
             check_config=self._check_config,
             on_config=self._on_config,
             metrics=SchedulerMetrics(self.runtime.metrics),
+            metrics_interval_s=settings.metrics_interval_s,
         )
         self.runtime.server.add(
             scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,

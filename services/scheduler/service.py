@@ -1303,9 +1303,9 @@ class SchedulerService:
         )
         if ended is None:
             return
-        job, verdict = ended
+        job, verdict, now = ended
         # Counted once committed (a retried transaction counts once).
-        self._metrics.attempt_ran(job.team, job.queue, job.started_at, self._clock())
+        self._metrics.attempt_ran(job.team, job.queue, job.started_at, now)
         if verdict.outcome is Outcome.REQUEUED and job.stop_reason is not EndReason.PREEMPTED:
             self._metrics.preempted_by_executor(job.team, job.queue)
 
@@ -1316,9 +1316,9 @@ class SchedulerService:
         *,
         failure_kind: FailureKind | None,
         retryable: bool,
-    ) -> tuple[Job, Verdict] | None:
-        """Records the end of the job's attempt; the job as it ran and the verdict, or None
-        when there was nothing to record (it had already ended)."""
+    ) -> tuple[Job, Verdict, datetime] | None:
+        """Records the end of the job's attempt; the job as it ran, the verdict and the end
+        time, or None when there was nothing to record (it had already ended)."""
         before = await self._store.get(job_id)
         if before is None or not before.state.active:
             return None
@@ -1341,7 +1341,7 @@ class SchedulerService:
                             reason=f"{verdict.message}; requeued at its place",
                         )
                     )
-                return job, verdict
+                return job, verdict, now
             if verdict.outcome is Outcome.RETRYING:
                 not_before = now + timedelta(seconds=verdict.backoff_s)
                 retried = await tx.replace(
@@ -1357,7 +1357,7 @@ class SchedulerService:
                             backoff_s=verdict.backoff_s,
                         )
                     )
-                return job, verdict
+                return job, verdict, now
             done = await tx.replace(
                 job.finish(status, outputs=outputs, now=now, verdict=verdict), expect=job.state
             )
@@ -1369,7 +1369,7 @@ class SchedulerService:
             else:
                 await tx.emit(JobEvent(kind=JobEventKind.FINISHED, job=done))
         self._history.pop((done.team, done.name), None)
-        return job, verdict
+        return job, verdict, now
 
     async def recover(self) -> None:
         """Re-attaches active jobs of a previous scheduler process, or decides their fate:
