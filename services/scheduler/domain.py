@@ -462,9 +462,13 @@ class Job:
         )
 
     def requeue(self) -> Job:
-        """ADMITTED -> QUEUED: admitted by a scheduler that died before starting the process."""
+        """ADMITTED -> QUEUED, the same attempt: admitted by a scheduler that died before
+        starting the process, or not launched (its engine was unreachable). A stop requested
+        of the admission (a preemption) is void: the job holds nothing any more."""
         self._expect(JobState.ADMITTED)
-        return dataclasses.replace(self, state=JobState.QUEUED, admitted_at=None)
+        return dataclasses.replace(
+            self, state=JobState.QUEUED, admitted_at=None, stop_reason=None, stop_message=""
+        )
 
     def start(self, *, pid: int, now: datetime) -> Job:
         """ADMITTED -> RUNNING with the process that runs it."""

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from plinth_common.errors import FailedPrecondition, InvalidArgument
+from plinth_common.errors import InvalidArgument
 from services.scheduler.domain import Job, Resources
 from services.scheduler.executor import Executor, RunHandle
 from services.scheduler.queueing.model import ResourceFlavor
@@ -84,6 +84,9 @@ class FlavorRouter:
     def __init__(self, default: Executor, by_flavor: Mapping[str, Executor] | None = None) -> None:
         self._default = default
         self._by_flavor = dict(by_flavor or {})
+        # Executors of flavors a later configuration dropped: their running jobs are still
+        # cancelled, followed and read through them.
+        self._retired: dict[str, Executor] = {}
 
     @classmethod
     def from_flavors(
@@ -98,27 +101,28 @@ class FlavorRouter:
     def update(self, by_flavor: Mapping[str, Executor]) -> None:
         """Replaces the flavor mapping (a new queue configuration was applied).
 
-        Jobs already running keep being followed by the handles their launch returned.
+        Jobs already running keep being followed by the handles their launch returned; the
+        executor of a dropped flavor is kept for them (cancel, outputs).
         """
+        for name, executor in self._by_flavor.items():
+            if name not in by_flavor:
+                self._retired[name] = executor
+        for name in by_flavor:
+            self._retired.pop(name, None)
         self._by_flavor = dict(by_flavor)
 
     def executor_for(self, job: Job) -> Executor:
         """The executor of the job's flavor.
 
-        Raises:
-            FailedPrecondition: the job's flavor has no executor here (it was removed from the
-                configuration, or the scheduler was built without it).
+        A flavor no longer in force keeps the executor it had in this process; one dropped
+        before a restart gets the default (local) executor: local flavors are the common
+        case, and the local executor finds nothing of (and stops nothing of) a job another
+        engine ran, which is then recorded lost rather than orphaned.
         """
         if not job.flavor:
             return self._default
-        try:
-            return self._by_flavor[job.flavor]
-        except KeyError:
-            known = ", ".join(sorted(self._by_flavor)) or "none"
-            raise FailedPrecondition(
-                f"job {job.id}: flavor {job.flavor!r} has no executor in this scheduler "
-                f"(flavors with one: {known})"
-            ) from None
+        found = self._by_flavor.get(job.flavor) or self._retired.get(job.flavor)
+        return found if found is not None else self._default
 
     @property
     def capacity(self) -> Resources:
@@ -159,7 +163,8 @@ class FlavorRouter:
 
     async def aclose(self) -> None:
         """Closes the executors that hold connections (Ray's HTTP session)."""
-        for executor in {id(e): e for e in self._by_flavor.values()}.values():
+        executors = [*self._by_flavor.values(), *self._retired.values()]
+        for executor in {id(e): e for e in executors}.values():
             close = getattr(executor, "aclose", None)
             if close is not None:
                 with contextlib.suppress(Exception):

@@ -1,0 +1,245 @@
+"""Regressions from the issue-8 review of the scheduler service: each test failed before its fix.
+
+The service runs on a real SQLite store with fake executors (see ``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from plinth_common.db import Database
+from plinth_common.errors import Unavailable
+from services.scheduler.domain import (
+    EndReason,
+    ExitStatus,
+    Job,
+    JobSpec,
+    JobState,
+    Resources,
+)
+from services.scheduler.executors.router import FlavorRouter
+from services.scheduler.queueing.model import QueueConfig
+from services.scheduler.service import JobEnvironment, SchedulerService
+from services.scheduler.store import SqlJobStore
+from tests.helpers import ADMIN, eventually
+from tests.unit.scheduler.conftest import Clock, MakeService, event_types
+from tests.unit.scheduler.fakes import FakeExecutor, FakeHandle
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def spec(name: str = "train", *, cpu: float = 1.0, **fields: Any) -> JobSpec:
+    return JobSpec(
+        **{
+            "name": name,
+            "team": "ml",
+            "entrypoint": ["python", "train.py"],
+            "resources": Resources(cpu=cpu),
+            **fields,
+        }
+    )
+
+
+def queues(flavor: str) -> str:
+    return f"""
+flavors:
+  - {{name: {flavor}, executor: local}}
+cluster_queues:
+  - name: ml-queue
+    teams: [ml]
+    flavors:
+      - flavor: {flavor}
+        resources:
+          cpu: {{nominal: 2}}
+          memory: {{nominal: 8Gi}}
+"""
+
+
+def routed_service(store: SqlJobStore, local: FakeExecutor) -> SchedulerService:
+    """A service whose executor is a FlavorRouter fed from the configuration in force, as the
+    scheduler process builds it (every flavor here runs on the local executor)."""
+    router = FlavorRouter(local)
+
+    def on_config(config: QueueConfig) -> None:
+        router.update(dict.fromkeys(config.flavors, local))
+
+    service = SchedulerService(
+        store=store,
+        executor=router,
+        job_env=JobEnvironment(mlflow_tracking_uri="http://mlflow.test", base={}),
+        finish_attempts=2,
+        on_config=on_config,
+    )
+    return service
+
+
+async def settled(service: SchedulerService) -> None:
+    await asyncio.wait_for(service.wait_idle(), timeout=10)
+
+
+# -- 1. a flavor dropped while its jobs run ----------------------------------------------------
+
+
+async def test_dropping_a_flavor_with_running_jobs_warns_and_they_stay_cancellable_and_recoverable(
+    store: SqlJobStore,
+) -> None:
+    local = FakeExecutor()
+    service = routed_service(store, local)
+    await service.apply_queue_config(ADMIN, queues("local"))
+    running = await service.submit(ADMIN, spec("running"))
+    survivor = await service.submit(ADMIN, spec("survivor"))
+    assert await service.dispatch_once() == 2
+    assert (await service.get(ADMIN, running.id)).flavor == "local"
+
+    applied = await service.apply_queue_config(ADMIN, queues("cpu"))
+    assert any("flavor local is dropped while 2 admitted job(s)" in w for w in applied.warnings), (
+        applied.warnings
+    )
+    # Cancel goes through the dropped flavor's executor, and the outcome is recorded.
+    await service.cancel(ADMIN, running.id)
+
+    async def cancelled() -> bool:
+        return (await service.get(ADMIN, running.id)).state is JobState.CANCELLED
+
+    await eventually(cancelled, timeout=10)
+    assert local.terminated == [running.id]
+
+    # A restart whose configuration never had `local`: the job is re-attached, not orphaned.
+    await service.stop()
+    restarted = FakeExecutor(survivors={survivor.id: local.handles[survivor.id]})
+    second = routed_service(store, restarted)
+    await second.start()
+    try:
+        assert (await second.get(ADMIN, survivor.id)).state is JobState.RUNNING
+        restarted.handles[survivor.id].exit(ExitStatus(exit_code=0))
+        await settled(second)
+        assert (await second.get(ADMIN, survivor.id)).state is JobState.SUCCEEDED
+    finally:
+        await second.stop()
+
+
+class BrokenReattach(FakeExecutor):
+    """Re-attaching one job fails (an engine error); the others re-attach."""
+
+    async def reattach(self, job: Job) -> FakeHandle | None:
+        if job.name == "broken":
+            raise RuntimeError("engine answered 500")
+        return await super().reattach(job)
+
+
+async def test_one_job_that_cannot_be_recovered_does_not_stop_the_start(
+    make_service: MakeService, executor: FakeExecutor, store: SqlJobStore
+) -> None:
+    first = make_service(executor)
+    broken = await first.submit(ADMIN, spec("broken"))
+    fine = await first.submit(ADMIN, spec("fine"))
+    assert await first.dispatch_once() == 2
+    await first.stop()
+    restarted = BrokenReattach(survivors={fine.id: executor.handles[fine.id]})
+    second = make_service(restarted)
+    await second.start()  # raised RuntimeError before the fix
+    assert (await second.get(ADMIN, broken.id)).state is JobState.RUNNING  # left for next time
+    restarted.handles[fine.id].exit(ExitStatus(exit_code=0))
+    await settled(second)
+    assert (await second.get(ADMIN, fine.id)).state is JobState.SUCCEEDED
+
+
+# -- 4. a stale snapshot must not overwrite a cancel ---------------------------------------------
+
+
+async def test_a_cancel_that_comes_after_the_pass_read_wins_over_the_maximum_run_time(
+    make_service: MakeService, executor: FakeExecutor
+) -> None:
+    clock = Clock()
+    executor.on_terminate = None  # the process ignores SIGTERM for now
+    service = make_service(executor, clock=clock)
+    job = await service.submit(ADMIN, spec(max_run_time_s=60))
+    await service.dispatch_once()
+    snapshot = await service.get(ADMIN, job.id)  # what the pass read
+    await service.cancel(ADMIN, job.id)  # then the user cancels
+    clock.advance(61)
+    await service._enforce_run_times([snapshot], clock())
+    executor.handles[job.id].exit(ExitStatus(exit_code=0, signal=15))
+    await settled(service)
+    done = await service.get(ADMIN, job.id)
+    assert done.state is JobState.CANCELLED, done
+
+
+class UnreachableAfterGate(FakeExecutor):
+    """An engine that turns out unreachable once the test opens the gate."""
+
+    async def launch(self, job: Job, env: Mapping[str, str]) -> FakeHandle:
+        assert self.launch_gate is not None
+        await self.launch_gate.wait()
+        raise Unavailable("connection refused", dependency="ray")
+
+
+async def test_a_job_cancelled_while_its_unreachable_engine_was_tried_ends_cancelled(
+    make_service: MakeService,
+) -> None:
+    executor = UnreachableAfterGate(launch_gate=asyncio.Event())
+    service = make_service(executor)
+    job = await service.submit(ADMIN, spec())
+    dispatch = asyncio.create_task(service.dispatch_once())
+    for _ in range(200):
+        if (await service.get(ADMIN, job.id)).state is JobState.ADMITTED:
+            break
+        await asyncio.sleep(0.01)
+    await service.cancel(ADMIN, job.id)
+    executor.launch_gate.set()  # type: ignore[union-attr]
+    assert await dispatch == 0
+    done = await service.get(ADMIN, job.id)
+    assert done.state is JobState.CANCELLED, done
+    assert await service.dispatch_once() == 0
+
+
+async def test_an_unreachable_engine_requeues_with_an_event_saying_why(
+    make_service: MakeService, db: Database
+) -> None:
+    executor = UnreachableAfterGate(launch_gate=asyncio.Event())
+    executor.launch_gate.set()  # type: ignore[union-attr]
+    service = make_service(executor)
+    job = await service.submit(ADMIN, spec())
+    assert await service.dispatch_once() == 0
+    assert (await service.get(ADMIN, job.id)).state is JobState.QUEUED
+    assert (await event_types(db, job.id))[-1] == "plinth.job.requeued"
+
+
+# -- 5. a requeue keeps no stop flags -----------------------------------------------------------
+
+
+def _admitted(**fields: Any) -> Job:
+    now = datetime.now(UTC) - timedelta(seconds=5)
+    return Job(
+        id=fields.pop("id", "j-admitted"),
+        spec=spec("admitted"),
+        state=JobState.ADMITTED,
+        created_at=now,
+        admitted_at=now,
+        **fields,
+    )
+
+
+async def test_requeue_clears_a_preemption_requested_of_the_admission() -> None:
+    job = _admitted().request_stop(EndReason.PREEMPTED, "preempted by job j-x")
+    requeued = job.requeue()
+    assert requeued.state is JobState.QUEUED
+    assert (requeued.stop_reason, requeued.stop_message, requeued.stopping) == (None, "", False)
+
+
+async def test_an_admitted_job_with_a_cancel_requested_is_cancelled_on_recovery(
+    make_service: MakeService, store: SqlJobStore
+) -> None:
+    async with store.transaction() as tx:
+        await tx.add(_admitted(id="j-cancel-me", cancel_requested=True))
+    executor = FakeExecutor()
+    service = make_service(executor)
+    await service.recover()
+    done = await service.get(ADMIN, "j-cancel-me")
+    assert done.state is JobState.CANCELLED, done
+    assert await service.dispatch_once() == 0 and executor.launched == []
