@@ -384,6 +384,14 @@ class Console:
                 serving_pb2.ListDeploymentsRequest(page_size=200), metadata=meta, timeout=10
             )
         ).deployments
+        platform, platform_error = None, ""
+        try:
+            # The platform monitor's figures (every component's recorded SLIs, or Prometheus).
+            platform = await gateway_pb2_grpc.PlatformServiceStub(self._stubs()).GetPlatformStatus(
+                gateway_pb2.GetPlatformStatusRequest(), metadata=meta, timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            platform_error = f"{exc.code().name}: {exc.details()}"
         now = datetime.now(UTC)
         statuses = await slo_statuses(jobs, now)
         recorded = {s.slo.name for s in statuses}
@@ -400,6 +408,8 @@ class Console:
             "overview.html",
             title="Overview",
             health=health,
+            platform=platform,
+            platform_error=platform_error,
             statuses=statuses,
             no_data=no_data,
             job_count=len(jobs),
