@@ -227,7 +227,6 @@ SCHEDULER_JOBS_SUBMITTED = MetricSpec(
     help="Jobs submitted, by team and queue.",
     labels=("team", "queue"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_JOBS_ADMITTED = MetricSpec(
     name="plinth_scheduler_jobs_admitted_total",
@@ -235,7 +234,6 @@ SCHEDULER_JOBS_ADMITTED = MetricSpec(
     help="Jobs admitted by their queue (quota reserved), by team, queue and executor.",
     labels=("team", "queue", "executor"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_JOBS_FINISHED = MetricSpec(
     name="plinth_scheduler_jobs_finished_total",
@@ -243,7 +241,6 @@ SCHEDULER_JOBS_FINISHED = MetricSpec(
     help="Jobs that reached a final state (succeeded, failed, cancelled), by team and executor.",
     labels=("team", "executor", "state"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_JOB_STARTS = MetricSpec(
     name="plinth_scheduler_job_starts_total",
@@ -254,7 +251,6 @@ SCHEDULER_JOB_STARTS = MetricSpec(
     ),
     labels=("team", "executor", "result"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_QUEUE_WAIT = MetricSpec(
     name="plinth_scheduler_queue_wait_seconds",
@@ -263,7 +259,6 @@ SCHEDULER_QUEUE_WAIT = MetricSpec(
     labels=("team", "queue"),
     buckets=QUEUE_WAIT_BUCKETS_S,
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_JOB_RUN_DURATION = MetricSpec(
     name="plinth_scheduler_job_run_duration_seconds",
@@ -272,7 +267,6 @@ SCHEDULER_JOB_RUN_DURATION = MetricSpec(
     labels=("team", "queue"),
     buckets=RUN_TIME_BUCKETS_S,
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_PENDING_JOBS = MetricSpec(
     name="plinth_scheduler_pending_jobs",
@@ -283,7 +277,6 @@ SCHEDULER_PENDING_JOBS = MetricSpec(
     ),
     labels=("queue", "reason"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_QUOTA_USED = MetricSpec(
     name="plinth_scheduler_quota_used",
@@ -294,7 +287,6 @@ SCHEDULER_QUOTA_USED = MetricSpec(
     ),
     labels=("queue", "flavor", "resource"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_QUOTA_NOMINAL = MetricSpec(
     name="plinth_scheduler_quota_nominal",
@@ -305,7 +297,6 @@ SCHEDULER_QUOTA_NOMINAL = MetricSpec(
     ),
     labels=("queue", "flavor", "resource"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_QUOTA_BORROWED = MetricSpec(
     name="plinth_scheduler_quota_borrowed",
@@ -313,7 +304,6 @@ SCHEDULER_QUOTA_BORROWED = MetricSpec(
     help="What a queue holds beyond its nominal quota, borrowed from its cohort, by flavor and resource.",
     labels=("queue", "flavor", "resource"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_PREEMPTIONS = MetricSpec(
     name="plinth_scheduler_preemptions_total",
@@ -324,7 +314,6 @@ SCHEDULER_PREEMPTIONS = MetricSpec(
     ),
     labels=("team", "queue", "source"),
     exported_by="scheduler",
-    wired=False,
 )
 SCHEDULER_RETRIES = MetricSpec(
     name="plinth_scheduler_retries_total",
@@ -332,7 +321,6 @@ SCHEDULER_RETRIES = MetricSpec(
     help="Failed attempts retried after their backoff, by team, queue and failure kind.",
     labels=("team", "queue", "kind"),
     exported_by="scheduler",
-    wired=False,
 )
 REGISTRY_PROMOTIONS = MetricSpec(
     name="plinth_registry_promotions_total",
