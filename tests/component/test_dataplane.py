@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import http.server
 import secrets
@@ -540,6 +541,23 @@ async def test_the_repository_and_other_triton_apis_are_unreachable(
         direct.close()
 
 
+async def test_a_refusal_repeats_the_clients_bytes_percent_encoded(dp: DataPlane) -> None:
+    """A model name with CR LF, '%' and a non-ASCII byte comes back intact, not as a header."""
+    name = b"no\r\nx-evil: 1 100%41 \xff"
+    body = b"\x0a" + bytes([len(name)]) + name
+    channel = grpc.aio.insecure_channel(dp.grpc_address)
+    try:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await infer(body, metadata=ALICE.metadata, timeout=10)
+    finally:
+        await channel.close()
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    details = raised.value.details() or ""
+    assert "no\r\nx-evil: 1 100%41 " in details and "not found" in details
+    assert all(key != "x-evil" for key, _ in raised.value.trailing_metadata() or ())
+
+
 # -- limits -----------------------------------------------------------------------------------
 
 
@@ -724,6 +742,85 @@ async def test_a_clients_traceparent_reaches_the_upstream_and_its_key_does_not(
     assert "authorization" not in grpc_seen[-1] and "authorization" not in _Recorder.seen[-1]
     # sampling 1.0 logs every request with its traceparent
     assert plane.log_path.read_text().count(traceparent) >= 2
+
+
+# -- one gRPC message per unary call ------------------------------------------------------------
+
+
+async def test_a_second_grpc_message_cannot_name_another_model(tmp_path: Path) -> None:
+    """A key for ``mine`` must not reach ``theirs`` by smuggling a 2nd message after the 1st.
+
+    The action reads the model from the 1st message's head; a 2nd message behind it, whose
+    bytes Triton would read inside the 1st (grown length prefix, last field 1 wins), is refused
+    when the action sees it, and dropped by the filter when it arrives later.
+    """
+    seen: list[tuple[str, str]] = []
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        message = service_pb2.ModelInferRequest.FromString(request)
+        seen.append((message.model_name, message.model_version))
+        return service_pb2.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version
+        ).SerializeToString()
+
+    upstream = grpc.aio.server()
+    upstream.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)},
+            )
+        ]
+    )
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    plane = DataPlane(
+        workdir=tmp_path / "dp",
+        triton_grpc=f"127.0.0.1:{port}",
+        triton_http=f"127.0.0.1:{port}",
+        threads=1,
+        slots=4,
+    )
+    theirs = service_pb2.ModelInferRequest(model_name="theirs__v1").SerializeToString()
+    # an open field 3 at the end of the 1st message swallows the 2nd one's frame header
+    small = service_pb2.ModelInferRequest(model_name="mine").SerializeToString() + b"\x1a\x05"
+    # a 1st message longer than what the action waits for (512 bytes), the 2nd sent later
+    big = service_pb2.ModelInferRequest(model_name="mine", id="x" * 700).SerializeToString()
+    try:
+        await plane.start()
+        await plane.apply_routes([route("mine", ("1", 100)), route("theirs", ("1", 100))])
+        await plane.apply_grants([ALICE.grant("mine")])
+        channel = grpc.aio.insecure_channel(plane.grpc_address)
+        try:
+            call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+
+            async def two(first: bytes, pause_s: float) -> AsyncIterator[bytes]:
+                yield first
+                await asyncio.sleep(pause_s)
+                yield theirs
+
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call(two(small, 0.0), metadata=ALICE.metadata, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "exactly one message" in (raised.value.details() or "")
+            assert seen == []
+
+            # Triton gets the 1st message alone (the client then sees its stream cancelled,
+            # as the 2nd message never reaches the upstream)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call(two(big, 0.5), metadata=ALICE.metadata, timeout=10)
+            assert seen == [("mine__v1", "1")]
+
+            # one message, as every client sends it, still passes
+            unary = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            await unary(big, metadata=ALICE.metadata, timeout=10)
+            assert seen[-1] == ("mine__v1", "1")
+        finally:
+            await channel.close()
+    finally:
+        await plane.stop()
+        await upstream.stop(0)
+    assert all(name != "theirs__v1" for name, _ in seen)
 
 
 # -- the tables' own rules (no process) ---------------------------------------------------------

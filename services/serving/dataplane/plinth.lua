@@ -270,17 +270,27 @@ end)
 
 -- ---------------------------------------------------------------- per-request decisions
 
+-- grpc-message as the gRPC spec wants it: printable ASCII except '%' as is, every other byte
+-- percent-encoded, so the client's bytes that a refusal repeats (a path, a model name) can
+-- neither break the header nor forge another; cut to a bounded length first.
+local function grpc_message(message)
+  return (message:sub(1, 400):gsub("[^\x20-\x24\x26-\x7e]", function(c)
+    return string.format("%%%02X", c:byte())
+  end))
+end
+
 local function grpc_refuse(txn, code, message)
   local reply = txn:reply({status = 200,
     headers = {["content-type"] = {"application/grpc"}, ["grpc-status"] = {tostring(code)},
-               ["grpc-message"] = {message}}})
+               ["grpc-message"] = {grpc_message(message)}}})
   txn:done(reply)
 end
 
 local HTTP_FOR_GRPC = {[16] = 401, [5] = 404, [8] = 429, [12] = 404, [3] = 400}
 
 local function http_refuse(txn, code, message)
-  local body = '{"error":"' .. message:gsub('[%c"\\]', "") .. '"}'
+  -- the client's bytes it may repeat: no control, quote, backslash or non-ASCII byte
+  local body = '{"error":"' .. message:sub(1, 400):gsub('[%c"\\\x80-\xff]', "") .. '"}'
   local status = HTTP_FOR_GRPC[code] or 400
   local headers = {["content-type"] = {"application/json"}}
   if status == 401 then headers["www-authenticate"] = {'Bearer realm="plinth"'} end
@@ -392,6 +402,15 @@ core.register_action("plinth_grpc", {"http-req"}, function(txn)
   if body:byte(1) ~= 0 then
     return grpc_refuse(txn, 3, "compressed requests are not supported; send them uncompressed")
   end
+  -- These methods are unary: the body is exactly one message of 5 + len bytes. Bytes past it
+  -- (a second message) would otherwise reach Triton inside the first once the filter has
+  -- grown its length prefix, and could name another model there (the last field 1 wins).
+  -- The action sees at least the first 512 bytes; the filter drops anything past 5 + len
+  -- that arrives later.
+  local len = (body:byte(2) << 24) | (body:byte(3) << 16) | (body:byte(4) << 8) | body:byte(5)
+  if #body > 5 + len then
+    return grpc_refuse(txn, 3, method .. " is unary: the request must be exactly one message")
+  end
   local name, pinned = head_fields(body, 6)
   if name == nil or name == "" then return grpc_refuse(txn, 3, "the request names no model") end
   local route, version, message = choose(txn, grant, name, pinned)
@@ -399,7 +418,7 @@ core.register_action("plinth_grpc", {"http-req"}, function(txn)
   local st = admit(txn, route, version)
   -- what the filter appends, and the names it writes back into the response
   st.tail = version.tail
-  st.len = (body:byte(2) << 24) | (body:byte(3) << 16) | (body:byte(4) << 8) | body:byte(5)
+  st.len = len
   if method == "ModelInfer" then
     st.res, st.internal = version.res_infer, version.internal_infer
   elseif method == "ModelMetadata" then
@@ -536,15 +555,28 @@ function Plinth:http_payload(txn, msg)
     filter.unregister_data_filter(self, msg.channel)
     return
   end
-  -- request: fix the length prefix on the first data, append the tail at the end
+  -- request: fix the length prefix on the first data, put the tail right after the message's
+  -- last byte (5 + len into the body) and forward nothing past it. Each call sees the data
+  -- that arrived since the last one (what a call leaves is forwarded).
+  local avail = msg:input()
   if not self.prefixed then
     msg:set(be32(st.len + #st.tail), 1, 4)
-    self.prefixed = true
+    self.prefixed, self.seen = true, 0
   end
-  if msg:eom() then
-    msg:append(st.tail)
-    filter.unregister_data_filter(self, msg.channel)
+  if not self.tailed then
+    local left = 5 + st.len - self.seen
+    if avail >= left then
+      msg:insert(st.tail, left)
+      if avail > left then msg:remove(left + #st.tail, avail - left) end
+      self.tailed = true
+    else
+      self.seen = self.seen + avail
+    end
+  elseif avail > 0 then
+    msg:remove(0, avail)
   end
+  -- (a body shorter than its prefix reaches Triton short, without the tail: it refuses it)
+  if msg:eom() then filter.unregister_data_filter(self, msg.channel) end
 end
 
 core.register_filter("plinth", Plinth, function(flt)
