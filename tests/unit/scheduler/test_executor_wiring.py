@@ -34,6 +34,7 @@ from services.scheduler.events import OutboxJobEvents
 from services.scheduler.executor import Executor
 from services.scheduler.executors.router import FlavorRouter, build_executor
 from services.scheduler.executors.slurm import SlurmJobRejected
+from services.scheduler.metrics import PENDING_REASONS, pending_reason_class
 from services.scheduler.queueing.model import QueueConfig, ResourceFlavor
 from services.scheduler.service import JobEnvironment, SchedulerService
 from services.scheduler.store import SqlJobStore, outbox_table
@@ -268,3 +269,21 @@ def test_a_flavor_whose_executor_cannot_be_built_is_refused_naming_the_field(
         build_executor(unknown, local=local, jobs_dir=tmp_path)
     assert caught.value.field == "flavors.gpu.executor"
     assert "kubernetes" in caught.value.problem
+
+
+def test_pending_reasons_fold_into_a_small_fixed_set_of_classes() -> None:
+    cases = {
+        "executor ray unreachable: Cannot connect to host 127.0.0.1:1": "executor",
+        "retrying after backoff, not before 2026-12-02T03:00:00Z": "backoff",
+        "waiting for 2 cpu in flavor cpu: queue ml uses 2 of its 2; first in its queue": "quota",
+        "waiting for 2 cpu in flavor cpu: queue ml uses 4 of its 2, the cohort has 0 to lend": (
+            "cohort"
+        ),
+        "waiting for 1 preempted job to stop": "priority",
+        "fits now, but waits behind job j-1 so as not to delay its start": "priority",
+        "fits now: admitted at the next admission cycle": "ready",
+        "its queue 'gone' is not in the configuration": "other",
+    }
+    for sentence, expected in cases.items():
+        assert pending_reason_class(sentence) == expected, sentence
+        assert expected in PENDING_REASONS
