@@ -323,7 +323,11 @@ class SchedulerService:
         self._writes = 0
         self._writes_read = -1
         self._rows_read_at = -math.inf
-        self._synced = False
+        # The engine whose state was last loaded from the store (a new configuration builds a
+        # new engine, which needs loading, whoever gets to it first), and the lock that keeps
+        # a load and a cycle from interleaving (a report's load and a pass's).
+        self._synced_engine: QueueEngine | None = None
+        self._engine_lock = asyncio.Lock()
         self._report: tuple[float, QueueReport] | None = None
         self._report_lock = asyncio.Lock()
         self._history: dict[tuple[str, str], tuple[float, list[float]]] = {}
@@ -665,7 +669,8 @@ class SchedulerService:
         self._config = config
         self._config_record = record
         self._engine = QueueEngine(config)
-        self._synced = False
+        self._synced_engine = None
+        self._writes += 1  # the next pass reads the queued rows for the new engine
         self._report = None
         if self._on_config is not None:
             self._on_config(config)
@@ -686,12 +691,14 @@ class SchedulerService:
             if cached is not None and time.monotonic() - cached[0] < REPORT_TTL_S:
                 return cached[1]
             engine, _ = await self._queues()
-            if not self._synced:
-                # Nothing dispatched yet with this configuration: read the queues from the store.
-                await self._sync_engine(
-                    engine, await self._store.in_states([JobState.QUEUED, *ACTIVE])
-                )
-            report = engine.report(self._clock())
+            async with self._engine_lock:
+                if self._synced_engine is not engine:
+                    # Nothing dispatched yet with this configuration: read the queues from the
+                    # store.
+                    await self._sync_engine(
+                        engine, await self._store.in_states([JobState.QUEUED, *ACTIVE])
+                    )
+                report = engine.report(self._clock())
             self._report = (time.monotonic(), report)
             return report
 
@@ -746,12 +753,16 @@ class SchedulerService:
 
     async def _workload_of(self, job: Job, config: QueueConfig) -> Workload:
         """The job as admission sees it under ``config`` (its team's queue now, its priority
-        class's value now, its expected run time)."""
+        class's value now, its expected run time). An active job counts in the queue that
+        admitted it while that queue exists (the team may have moved since)."""
         assert self._engine is not None
-        try:
-            queue = self._engine.queue_of(job.team).name
-        except InvalidArgument:
-            queue = job.queue  # the team lost its queue: the engine reports it as such
+        if job.state.active and job.queue and job.queue in config.cluster_queues:
+            queue = job.queue
+        else:
+            try:
+                queue = self._engine.queue_of(job.team).name
+            except InvalidArgument:
+                queue = job.queue  # the team lost its queue: the engine reports it as such
         priority_class = config.priority_classes.get(job.priority)
         priority = priority_class.value if priority_class is not None else job.priority_value
         expected, basis = await self._expected_runtime(job)
@@ -795,7 +806,7 @@ class SchedulerService:
         queued = {job.id: job for job in jobs if job.state is JobState.QUEUED}
         self._queued = queued
         held = {a.workload.id for a in engine.admitted()}
-        if not self._synced or not set(active) <= held:
+        if self._synced_engine is not engine or not set(active) <= held:
             await self._fetch_history(jobs)
             admitted: builtins.list[Admission] = []
             for job in active.values():
@@ -809,7 +820,7 @@ class SchedulerService:
                 )
             pending = [await self._workload_of(job, self._config) for job in queued.values()]
             engine.load(admitted=admitted, pending=pending)
-            self._synced = True
+            self._synced_engine = engine
             return
         for job_id in held - set(active):
             engine.remove(job_id)  # ended, requeued, or admitted by the engine but not launched
@@ -884,9 +895,11 @@ class SchedulerService:
         engine, _ = await self._queues()
         jobs, read = await self._pass_jobs()
         await self._enforce_run_times([job for job in jobs if job.state.active], now)
-        if read or not self._synced:
-            await self._sync_engine(engine, jobs)
-        decisions: Decisions = engine.cycle(now)
+        async with self._engine_lock:
+            engine, _ = await self._queues()  # a configuration may have been applied meanwhile
+            if read or self._synced_engine is not engine:
+                await self._sync_engine(engine, jobs)
+            decisions: Decisions = engine.cycle(now)
         if decisions.admit or decisions.preempt:
             # A pass that changed the queues drops the cached report (passes are sequential,
             # so this rebuilds it at most once a pass; a pass that admits nothing keeps it).
@@ -998,7 +1011,9 @@ class SchedulerService:
         active = await self._store.in_states(ACTIVE)
         now = time.monotonic()
         if self._writes == self._writes_read and now - self._rows_read_at < ROWS_REFRESH_S:
-            return [*active, *self._queued_sorted], False
+            # The active rows are the later read here: a job in both was admitted since.
+            ids = {job.id for job in active}
+            return [*active, *(j for j in self._queued_sorted if j.id not in ids)], False
         writes = self._writes  # a write that ends during the read makes the next pass read
         index = await self._store.queued_index()
         self._writes_read, self._rows_read_at = writes, now
@@ -1008,6 +1023,9 @@ class SchedulerService:
             cache[job.id] = job
         self._queued_rows = {i: cache[i] for i in index if i in cache}
         self._queued_sorted = sorted(self._queued_rows.values(), key=lambda job: job.seq)
+        # The queued ids are the later read: a job in both was requeued in between (one job
+        # held and queued at once would be admitted twice).
+        active = [job for job in active if job.id not in index]
         return [*active, *self._queued_sorted], True
 
     def _due(self, active: Sequence[Job], now: datetime, *, read: bool) -> datetime | None:

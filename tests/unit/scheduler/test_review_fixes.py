@@ -6,6 +6,7 @@ The service runs on a real SQLite store with fake executors (see ``conftest.py``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -243,3 +244,118 @@ async def test_an_admitted_job_with_a_cancel_requested_is_cancelled_on_recovery(
     done = await service.get(ADMIN, "j-cancel-me")
     assert done.state is JobState.CANCELLED, done
     assert await service.dispatch_once() == 0 and executor.launched == []
+
+
+# -- 3. an active job counts in the queue that admitted it -----------------------------------
+
+TWO_QUEUES = """
+flavors:
+  - {{name: cpu}}
+cluster_queues:
+  - name: first
+    teams: [{first}]
+    flavors:
+      - flavor: cpu
+        resources: {{cpu: {{nominal: 2}}, memory: {{nominal: 8Gi}}}}
+  - name: second
+    teams: [{second}]
+    flavors:
+      - flavor: cpu
+        resources: {{cpu: {{nominal: 2}}, memory: {{nominal: 8Gi}}}}
+"""
+
+
+async def test_a_running_job_counts_in_the_queue_that_admitted_it_after_its_team_moved(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    executor.capacity = Resources(cpu=4.0, memory_bytes=16 * 1024**3)
+    await service.apply_queue_config(ADMIN, TWO_QUEUES.format(first="ml", second="other"))
+    running = await service.submit(ADMIN, spec("running", cpu=2))
+    assert await service.dispatch_once() == 1
+    assert (await service.get(ADMIN, running.id)).queue == "first"
+    # The team moves to `second`: its running job still holds `first`'s quota, not `second`'s.
+    await service.apply_queue_config(ADMIN, TWO_QUEUES.format(first="other", second="ml"))
+    moved = await service.submit(ADMIN, spec("moved", cpu=2))
+    assert moved.queue == "second"
+    assert await service.dispatch_once() == 1
+    view = await service.queue_status(ADMIN)
+    usage = {
+        q.name: next(u.usage for u in q.resources if u.resource == "cpu")
+        for q in view.report.queues
+    }
+    assert usage == {"first": 2, "second": 2}, usage
+
+
+# -- 2. one job held and queued at once ------------------------------------------------------
+
+
+async def test_a_job_both_active_and_queued_in_one_pass_is_not_admitted_twice(
+    service: SchedulerService, executor: FakeExecutor, store: SqlJobStore
+) -> None:
+    job = await service.submit(ADMIN, spec("twice", cpu=1))
+    assert await service.dispatch_once() == 1
+    # The pass's reads straddle a requeue: the active read still shows it running, the
+    # queued read (later) shows it queued again.
+    async with store.transaction() as tx:
+        current = await tx.get(job.id)
+        assert current is not None
+        await tx.replace(
+            dataclasses.replace(current, state=JobState.QUEUED, pid=None, started_at=None),
+            expect=JobState.RUNNING,
+        )
+    stale_active = [await service.get(ADMIN, job.id)]
+    stale_active = [dataclasses.replace(stale_active[0], state=JobState.RUNNING)]
+    real_in_states = store.in_states
+
+    async def in_states(states: Any) -> list[Job]:
+        found = await real_in_states(states)
+        return [*found, *stale_active] if JobState.RUNNING in states else found
+
+    service._store = _Patched(store, in_states=in_states)  # type: ignore[assignment]
+    service._writes += 1  # as the requeue's own write would
+    await service.dispatch_once()
+    view = await service.queue_status(ADMIN)
+    (queue,) = view.report.queues
+    cpu = next(u.usage for u in queue.resources if u.resource == "cpu")
+    assert cpu == 1, f"the one-cpu job is counted {cpu} times"
+
+
+class _Patched:
+    """The store with some of its reads replaced."""
+
+    def __init__(self, store: SqlJobStore, **reads: Any) -> None:
+        self._store = store
+        self._reads = reads
+
+    def __getattr__(self, name: str) -> Any:
+        return self._reads.get(name) or getattr(self._store, name)
+
+
+# -- 6. an engine loaded for the configuration in force -----------------------------------------
+
+
+async def test_a_configuration_applied_during_a_pass_is_loaded_before_its_engine_cycles(
+    service: SchedulerService, executor: FakeExecutor, store: SqlJobStore
+) -> None:
+    roomy = queues("cpu")
+    await service.apply_queue_config(ADMIN, roomy)
+    job = await service.submit(ADMIN, spec("waiting", cpu=2))
+    # A configuration in which the job cannot be admitted (its queue holds 1 cpu).
+    await service.apply_queue_config(ADMIN, roomy.replace("cpu: {nominal: 2}", "cpu: {nominal: 1}"))
+    assert await service.dispatch_once() == 0
+    gate = asyncio.Event()
+    real_index = store.queued_index
+
+    async def queued_index() -> dict[str, int]:
+        await gate.wait()
+        return await real_index()
+
+    service._store = _Patched(store, queued_index=queued_index)  # type: ignore[assignment]
+    service._writes += 1  # the pass reads the queued ids (and waits at the gate)
+    dispatch = asyncio.create_task(service.dispatch_once())
+    await asyncio.sleep(0.05)
+    await service.apply_queue_config(ADMIN, roomy)  # the roomy one again, mid-pass
+    gate.set()
+    started = await dispatch
+    started += await service.dispatch_once()
+    assert started == 1 and executor.launched == [job.id]
