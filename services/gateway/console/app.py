@@ -395,6 +395,8 @@ class Console:
         now = datetime.now(UTC)
         statuses = await slo_statuses(jobs, now)
         recorded = {s.slo.name for s in statuses}
+        if platform is not None:  # the monitor's table shows these
+            recorded |= {s.name for s in platform.slos}
         no_data = [
             s for s in slo.DEFAULT_SLOS if s.name not in recorded and s.component != "serving"
         ]
