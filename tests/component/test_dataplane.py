@@ -823,6 +823,68 @@ async def test_a_second_grpc_message_cannot_name_another_model(tmp_path: Path) -
     assert all(name != "theirs__v1" for name, _ in seen)
 
 
+async def test_an_error_sent_in_the_trailers_is_counted_as_the_versions_error(
+    tmp_path: Path,
+) -> None:
+    """An upstream that sends headers first and its error status in the trailers (as Triton
+    does for a model that raises) is counted as an error; an OK answer is not."""
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        message = service_pb2.ModelInferRequest.FromString(request)
+        if message.id == "fail":
+            await context.send_initial_metadata(())
+            await context.abort(grpc.StatusCode.INTERNAL, "this version is broken")
+        return service_pb2.ModelInferResponse(model_name=message.model_name).SerializeToString()
+
+    upstream = grpc.aio.server()
+    upstream.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)},
+            )
+        ]
+    )
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    plane = DataPlane(
+        workdir=tmp_path / "dp",
+        triton_grpc=f"127.0.0.1:{port}",
+        triton_http=f"127.0.0.1:{port}",
+        threads=1,
+        slots=4,
+    )
+    try:
+        await plane.start()
+        await plane.apply_routes([route("mine", ("1", 100))])
+        await plane.apply_grants([ALICE.grant("mine")])
+        channel = grpc.aio.insecure_channel(plane.grpc_address)
+        try:
+            infer_call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await infer_call(
+                        service_pb2.ModelInferRequest(
+                            model_name="mine", id="fail"
+                        ).SerializeToString(),
+                        metadata=ALICE.metadata,
+                        timeout=10,
+                    )
+                assert raised.value.code() == grpc.StatusCode.INTERNAL
+            await infer_call(
+                service_pb2.ModelInferRequest(model_name="mine", id="ok").SerializeToString(),
+                metadata=ALICE.metadata,
+                timeout=10,
+            )
+        finally:
+            await channel.close()
+        counted = (await plane.stats())["mine/1"]
+        assert (counted.requests, counted.errors) == (4, 3)
+    finally:
+        await plane.stop()
+        await upstream.stop(0)
+
+
 # -- the tables' own rules (no process) ---------------------------------------------------------
 
 

@@ -514,6 +514,15 @@ function Plinth:http_headers(txn, msg)
   else
     failed = status >= 500
   end
+  if status == 200 and grpc_status == nil and not st.rest then
+    -- A gRPC answer with headers first: its status comes in the trailers, which HAProxy 2.6
+    -- shows no filter or fetch. A unary OK always carries its one message, so an answer that
+    -- ends without a body byte is an error (Triton sends its refusals of bad requests
+    -- trailers-only, so they are not counted here): recorded in http_end.
+    self.await = true
+    filter.register_data_filter(self, chn)
+    return
+  end
   record(st, failed)
   if status == 200 and grpc_status == nil and (st.res ~= nil or st.json ~= nil) then
     filter.register_data_filter(self, chn)
@@ -523,9 +532,22 @@ function Plinth:http_headers(txn, msg)
   end
 end
 
+function Plinth:http_end(txn, msg)
+  if self.await and msg.channel:is_resp() then
+    self.await = false
+    record(self.st, not self.got_body)
+  end
+end
+
 function Plinth:http_payload(txn, msg)
   local st = self.st
   if msg.channel:is_resp() then
+    -- (input() also counts the trailers: look at the data itself)
+    if not self.got_body then
+      local first = msg:body(0, 1)
+      if first ~= nil and #first > 0 then self.got_body = true end
+    end
+    if self.rewritten then return end
     if st.res ~= nil then
       -- <5-byte prefix><field 1 internal name><field 2 triton version>...: overwrite the two
       -- fields with the deployment's name and version plus a filler of the same total length.
@@ -543,6 +565,8 @@ function Plinth:http_payload(txn, msg)
       if at ~= nil then
         msg:set(st.jsonout .. string.rep(" ", #st.json - #st.jsonout), at - 1, #st.json)
       end
+    elseif not st.rest then
+      -- a gRPC answer with nothing to rewrite (ModelReady), filtered for its end only
     elseif msg:eom() then
       -- a small JSON error body, whole: the deployment's name instead of Triton's, padded
       -- with trailing whitespace so that content-length still holds
@@ -552,7 +576,9 @@ function Plinth:http_payload(txn, msg)
     else
       return
     end
-    filter.unregister_data_filter(self, msg.channel)
+    self.rewritten = true
+    -- (a gRPC answer keeps the filter to its end: see http_headers)
+    if not self.await then filter.unregister_data_filter(self, msg.channel) end
     return
   end
   -- request: fix the length prefix on the first data, put the tail right after the message's
