@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from plinth_common.config import CommonSettings, Env
+from plinth_common.errors import InvalidArgument, Unavailable
 from plinth_common.runtime import ServiceRuntime
 from services.scheduler.credentials import (
     CachedCredentials,
@@ -15,9 +18,9 @@ from services.scheduler.credentials import (
     NoCredentials,
     TeamCredentialsSource,
 )
-from services.scheduler.domain import Resources
+from services.scheduler.domain import Job, Resources
 from services.scheduler.events import OutboxJobEvents
-from services.scheduler.executor import Executor
+from services.scheduler.executor import Executor, RunHandle
 from services.scheduler.executors.router import FlavorRouter, build_executor
 from services.scheduler.local_executor import LocalExecutor, machine_capacity
 from services.scheduler.metrics import SchedulerMetrics
@@ -34,6 +37,44 @@ from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.store import SqlJobStore, outbox_table, processed_table
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
+
+
+class _Unbuildable:
+    """The executor of a flavor whose options no longer build one: its engine counts as
+    unreachable (jobs stay queued with the reason); id-only calls go to the local executor."""
+
+    def __init__(self, local: Executor, kind: str, problem: str) -> None:
+        self._local = local
+        self._error = f"executor {kind} unreachable: its options do not build: {problem}"
+
+    @property
+    def capacity(self) -> Resources:
+        return Resources()
+
+    def prepare(self, job_id: str) -> str:
+        return self._local.prepare(job_id)
+
+    def checkpoint_dir(self, job_id: str) -> str:
+        return self._local.checkpoint_dir(job_id)
+
+    def has_directory(self, path: str) -> bool:
+        return self._local.has_directory(path)
+
+    async def launch(self, job: Job, env: Mapping[str, str]) -> RunHandle:
+        raise Unavailable(self._error)
+
+    async def reattach(self, job: Job) -> RunHandle | None:
+        raise Unavailable(self._error)
+
+    async def terminate(self, job: Job, *, grace_s: float | None = None) -> None:
+        raise Unavailable(self._error)
+
+    async def outputs(self, job: Job) -> dict[str, str]:
+        return {}
+
+    async def read_log(self, job_id: str, offset: int) -> bytes:
+        return await self._local.read_log(job_id, offset)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,7 +204,13 @@ class SchedulerApp:
         for flavor in config.flavors.values():
             if (flavor.executor or "local") == "local" or self._reusable(flavor) is not None:
                 continue
-            executor = build_executor(flavor, local=self.local, jobs_dir=self.jobs_dir)
+            try:
+                executor = build_executor(flavor, local=self.local, jobs_dir=self.jobs_dir)
+            except OSError as exc:  # a token or CA file it names cannot be read
+                raise InvalidArgument(
+                    f"flavors.{flavor.name}.executor_options",
+                    f"cannot read a file it names: {exc.strerror or exc}: {exc.filename}",
+                ) from exc
             self._checked[flavor.name] = (flavor, executor)
 
     def _reusable(self, flavor: ResourceFlavor) -> Executor | None:
@@ -178,9 +225,15 @@ class SchedulerApp:
         (an unchanged flavor keeps its executor, and the connections it holds)."""
         built: dict[str, tuple[ResourceFlavor, Executor]] = {}
         for flavor in config.flavors.values():
-            executor = self._reusable(flavor) or build_executor(
-                flavor, local=self.local, jobs_dir=self.jobs_dir
-            )
+            executor = self._reusable(flavor)
+            if executor is None:
+                try:
+                    executor = build_executor(flavor, local=self.local, jobs_dir=self.jobs_dir)
+                except (InvalidArgument, OSError) as exc:
+                    # Checked at apply, but its files may have changed since (a token file
+                    # removed): its jobs wait with the reason rather than the scheduler dying.
+                    log.error("flavor %s: its executor cannot be built: %s", flavor.name, exc)
+                    executor = _Unbuildable(self.local, flavor.executor or "local", str(exc))
             built[flavor.name] = (flavor, executor)
         kept = {id(executor) for _, executor in built.values()}
         for _, executor in [*self._built.values(), *self._checked.values()]:

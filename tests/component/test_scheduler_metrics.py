@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from plinth_common.errors import InvalidArgument
 from plinth_common.nats_server import NatsServer
 from services.scheduler.app import SchedulerApp, SchedulerSettings
 from services.scheduler.domain import Attempt, Job, JobSpec, JobState, Resources, RetryPolicy
@@ -174,3 +175,68 @@ async def test_scraped_scheduler_metrics_equal_what_the_workload_did(app: Schedu
         assert buckets, name
         for le, count in buckets.items():
             assert count == sum(1 for seconds in observed if seconds <= le), (name, le, observed)
+
+
+RAY_QUEUES = """
+flavors:
+  - name: ray
+    executor: ray
+    executor_options: {{address: "{address}", token_file: "{token_file}"}}
+cluster_queues:
+  - name: gpu-queue
+    teams: [vision]
+    flavors:
+      - flavor: ray
+        resources: {{cpu: {{nominal: 2}}, memory: {{nominal: 8Gi}}}}
+"""
+
+
+async def test_an_unreachable_ray_flavor_keeps_jobs_queued_counted_as_executor_even_after_restart(
+    app: SchedulerApp, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "ray-token"
+    token_file.write_text("not-a-real-token\n")
+    with pytest.raises(InvalidArgument) as caught:
+        await app.service.apply_queue_config(
+            ADMIN, RAY_QUEUES.format(address="ray-head:8265", token_file=token_file)
+        )
+    assert caught.value.field == "flavors.ray.executor_options.address"
+    await app.service.apply_queue_config(
+        ADMIN, RAY_QUEUES.format(address="http://127.0.0.1:1", token_file=token_file)
+    )
+    job = await app.service.submit(
+        ADMIN, JobSpec(name="train", team="vision", entrypoint=(PY, "-c", "pass"))
+    )
+
+    async def held() -> str | None:
+        current = await app.service.get(ADMIN, job.id)
+        assert current.state is JobState.QUEUED
+        reason = current.pending.reason if current.pending else ""
+        return reason if reason.startswith("executor ray unreachable: ") else None
+
+    await eventually(held, timeout=20, interval=0.2)
+
+    async def counted() -> Samples | None:
+        found = await scrape(app)
+        pending = value(
+            found, "plinth_scheduler_pending_jobs", queue="gpu-queue", reason="executor"
+        )
+        return found if pending == 1 else None
+
+    await eventually(counted, timeout=20, interval=0.2)
+
+    # The token file goes away: a restarted scheduler still starts, and the job says why.
+    token_file.unlink()
+    await app.stop()
+    restarted = SchedulerApp(app.settings)
+    await restarted.start()
+    try:
+        app = restarted
+
+        async def says_why() -> str | None:
+            reason = await held()
+            return reason if reason and "options do not build" in reason else None
+
+        await eventually(says_why, timeout=20, interval=0.2)
+    finally:
+        await restarted.stop()
