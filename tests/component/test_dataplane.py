@@ -438,6 +438,28 @@ async def test_a_failed_update_keeps_the_last_good_routes(
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), X * 2)
 
 
+async def test_a_load_that_answers_nothing_or_fails_in_lua_raises(
+    dp: DataPlane, tmp_path: Path, grpc_client: triton_grpc.InferenceServerClient
+) -> None:
+    """The runtime API's answers are checked: only ``ok <table> ...`` is a swapped table."""
+    from services.serving.dataplane.runtime import RuntimeApi, RuntimeApiError
+
+    api = RuntimeApi(dp.log_path.with_name("admin.sock"))
+    with pytest.raises(RuntimeApiError, match="cannot read"):
+        await api.ok(f"plinth load routes {tmp_path} 999", expect="ok routes ")
+    # a refusal that happens to say "done" is still a refusal
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("done\n")
+    with pytest.raises(RuntimeApiError, match="unreadable line: done"):
+        await api.ok(f"plinth load routes {bad} 999", expect="ok routes ")
+    # a command that succeeds silently passes only where silence is success
+    with pytest.raises(RuntimeApiError, match="no answer"):
+        await api.ok("set maxconn server dp_slot_63/g 7", expect="ok ")
+    # the routes in force are still the last good ones, and a good push is verified
+    await dp.apply_routes(BASE_ROUTES)
+    np.testing.assert_array_equal(_infer_grpc(grpc_client, "dep").as_numpy("OUTPUT0"), X * 2)
+
+
 # -- authorization ----------------------------------------------------------------------------
 
 

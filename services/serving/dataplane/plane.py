@@ -26,6 +26,7 @@ from services.serving.dataplane.tables import (
     parse_stats,
     render_grants,
     render_routes,
+    revisions,
 )
 
 __all__ = ["DataPlane", "DataPlaneError"]
@@ -339,7 +340,14 @@ class DataPlane:
         with os.fdopen(fd, "w") as out:
             out.write(text)
         partial.replace(path)
-        answer = await self._api.ok(f"plinth load {table} {path} {revision}")
+        answer = await self._api.ok(f"plinth load {table} {path} {revision}", expect=f"ok {table} ")
+        # The answer came from the command; the revision in force says the table was swapped.
+        in_force = revisions(await self._api.command("plinth stats"))
+        if in_force.get(table) != str(revision):
+            raise RuntimeApiError(
+                f"plinth load {table}: revision {revision} answered but {in_force.get(table)} "
+                "is in force"
+            )
         _LOG.debug("data plane %s revision %d: %s", table, revision, answer)
 
     # -- statistics ------------------------------------------------------------------------

@@ -42,9 +42,19 @@ class RuntimeApi:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def ok(self, line: str) -> str:
-        """Runs a command whose silent or ``ok`` answer means success; raises on anything else."""
+    async def ok(self, line: str, *, expect: str = "") -> str:
+        """Runs a command and checks its answer; raises on anything else.
+
+        Args:
+            line: the command.
+            expect: what a successful answer starts with (``ok routes ``); empty for the
+                commands HAProxy answers with nothing when they succeed (``set maxconn``).
+
+        Raises:
+            RuntimeApiError: the answer is not the expected one (a Lua error in a command
+                answers nothing, so a silent answer passes only where it is success).
+        """
         answer = (await self.command(line)).strip()
-        if answer and not answer.startswith("ok") and "done" not in answer.lower():
-            raise RuntimeApiError(f"{line.split()[0:3]}: {answer[:300]}")
-        return answer
+        if (answer.startswith(expect) and answer) if expect else not answer:
+            return answer
+        raise RuntimeApiError(f"{' '.join(line.split()[0:3])}: {answer[:300] or 'no answer'}")

@@ -24,6 +24,7 @@ __all__ = [
     "parse_stats",
     "render_grants",
     "render_routes",
+    "revisions",
 ]
 
 #: Upper bounds of the latency buckets that plinth.lua keeps per version (the last is +Inf).
@@ -268,3 +269,12 @@ def parse_stats(text: str) -> tuple[dict[str, VersionStats], dict[str, int]]:
         elif len(parts) == 3 and parts[0] == "X":
             refused[parts[1]] = int(parts[2])
     return stats, refused
+
+
+def revisions(text: str) -> dict[str, str]:
+    """``plinth stats`` output -> the revision in force per table (``routes``, ``grants``)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "revisions":
+            return {"routes": parts[1], "grants": parts[2]}
+    return {}
