@@ -508,8 +508,9 @@ class PlatformMonitor:
             await asyncio.sleep(self.interval_s)
 
     async def start(self) -> None:
-        """Starts scraping every ``interval_s``."""
-        if self._task is None:
+        """Starts scraping every ``interval_s`` (0: never; this replica only reads the buckets
+        another one writes)."""
+        if self._task is None and self.interval_s > 0:
             self._task = asyncio.create_task(self._loop(), name="platform-monitor")
 
     async def stop(self) -> None:
