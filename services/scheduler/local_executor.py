@@ -39,12 +39,12 @@ def machine_capacity() -> Resources:
 
 
 def _attempt(job: Job) -> int:
-    # Job.attempt is the service's (1-based); a job from before attempts existed is attempt 1.
-    return int(getattr(job, "attempt", 1) or 1)
+    # Job.attempt is the service's, 1-based (rows from before attempts existed read as 1).
+    return job.attempt
 
 
 def _replicas(job: Job) -> int:
-    return max(1, int(getattr(job.spec, "replicas", 1) or 1))
+    return job.spec.replicas
 
 
 def _read_status(run_dir: Path, attempt: int) -> ExitStatus | None:

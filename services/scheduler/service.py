@@ -89,7 +89,7 @@ from services.scheduler.domain import (
 from services.scheduler.executor import Executor, RunHandle
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.queueing.config import config_to_document, default_config, parse_config
-from services.scheduler.queueing.engine import Decisions, Preemption, QueueEngine
+from services.scheduler.queueing.engine import Decisions, Preemption, QueueEngine, preemptor_of
 from services.scheduler.queueing.model import Admission, ClusterQueue, QueueConfig, Workload
 from services.scheduler.queueing.report import QueueReport
 
@@ -460,6 +460,7 @@ class SchedulerService:
             PermissionDenied: the caller's role in the job's team is below developer.
             FailedPrecondition: the job has already ended.
         """
+        cancelled: Job | None = None
         async with self._transaction() as tx:
             job = self._checked(principal, JOBS_CANCEL, await tx.get(job_id), job_id)
             if job.state.terminal:
@@ -478,12 +479,15 @@ class SchedulerService:
                             reason=cancelled.failure_reason,
                         )
                     )
-                    self._forget(job_id)
-                    return cancelled
-                # Admitted meanwhile: it is stopped like any active job below.
-                job = await tx.get(job_id) or job
+                else:
+                    # Admitted meanwhile: it is stopped like any active job below.
+                    job = await tx.get(job_id) or job
             if job.state.active:
                 job = await tx.replace(job.request_cancel(), expect=job.state) or job
+        if cancelled is not None:
+            # Only once committed: a rolled-back cancel leaves the job queued, and in the engine.
+            self._forget(job_id)
+            return cancelled
         # Outside the transaction: stopping a process may be a remote call.
         await self._executor.terminate(job)
         return job
@@ -736,6 +740,7 @@ class SchedulerService:
         priority: int,
         expected_runtime_s: float | None,
         basis: str,
+        bound: float | None = None,
     ) -> Workload:
         return Workload(
             id=job.id,
@@ -749,6 +754,7 @@ class SchedulerService:
             expected_runtime_s=expected_runtime_s,
             runtime_basis=basis,
             not_before=job.not_before,
+            runtime_bound_s=bound,
         )
 
     async def _workload_of(self, job: Job, config: QueueConfig) -> Workload:
@@ -765,19 +771,23 @@ class SchedulerService:
                 queue = job.queue  # the team lost its queue: the engine reports it as such
         priority_class = config.priority_classes.get(job.priority)
         priority = priority_class.value if priority_class is not None else job.priority_value
-        expected, basis = await self._expected_runtime(job)
-        return self._workload(job, queue, priority, expected, basis)
+        expected, basis, bound = await self._expected_runtime(job)
+        return self._workload(job, queue, priority, expected, basis, bound)
 
-    async def _expected_runtime(self, job: Job) -> tuple[float | None, str]:
+    async def _expected_runtime(self, job: Job) -> tuple[float | None, str, float | None]:
         """The declared maximum run time, else the median of the team's recent successes of
-        jobs with the same name; None when neither exists."""
+        jobs with the same name; None when neither exists. With it the bound backfill goes by:
+        the declared maximum (enforced), else the longest of those runs (a median would let a
+        job that runs long delay the head it was backfilled ahead of)."""
         if job.spec.max_run_time_s:
-            return job.spec.max_run_time_s, "declared maximum run time"
+            declared = job.spec.max_run_time_s
+            return declared, "declared maximum run time", declared
         await self._fetch_history([job])
         runs = self._history[(job.team, job.name)][1]
         if not runs:
-            return None, ""
-        return statistics.median(runs), f"median of the last {len(runs)} runs of {job.name}"
+            return None, "", None
+        median = statistics.median(runs)
+        return median, f"median of the last {len(runs)} runs of {job.name}", max(runs)
 
     async def _fetch_history(self, jobs: Collection[Job]) -> None:
         """Fills the history cache for the jobs without a declared run time, in one query."""
@@ -819,7 +829,13 @@ class SchedulerService:
                     )
                 )
             pending = [await self._workload_of(job, self._config) for job in queued.values()]
-            engine.load(admitted=admitted, pending=pending)
+            # Preemptions under way stay so: their victims are not chosen again (nor more).
+            stopping = {
+                job.id: preemptor_of(job.stop_message)
+                for job in active.values()
+                if job.stop_reason is EndReason.PREEMPTED
+            }
+            engine.load(admitted=admitted, pending=pending, stopping=stopping)
             self._synced_engine = engine
             return
         for job_id in held - set(active):

@@ -300,6 +300,9 @@ def _priorities(document: Mapping[str, Any], problems: _Problems) -> dict[str, P
     if not items:
         problems.add("priority_classes", "at least one priority class is required")
     out: dict[str, PriorityClass] = {}
+    # value -> the class that has it: two with one value would be indistinguishable (the engine
+    # knows a job's priority by value, and would report it under either name).
+    by_value: dict[int, str] = {}
     for i, item in enumerate(items):
         path = f"priority_classes[{i}]"
         value = problems.mapping(item, path)
@@ -320,6 +323,13 @@ def _priorities(document: Mapping[str, Any], problems: _Problems) -> dict[str, P
         if name in out:
             problems.add(f"{path}.name", f"duplicate priority class {shown(name)}")
         elif name:
+            if number in by_value and isinstance(value.get("value"), int):
+                problems.add(
+                    f"{path}.value",
+                    f"{number} is already the value of priority class {shown(by_value[number])}; "
+                    "each class needs a value of its own",
+                )
+            by_value.setdefault(number, name)
             out[name] = PriorityClass(name=name, value=number, description=description)
     return out
 

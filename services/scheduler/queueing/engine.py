@@ -67,8 +67,9 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+import re
 from bisect import bisect_left, insort
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -91,7 +92,7 @@ from services.scheduler.queueing.report import (
     plural,
 )
 
-__all__ = ["DEFAULT_BACKFILL_DEPTH", "Decisions", "Preemption", "QueueEngine"]
+__all__ = ["DEFAULT_BACKFILL_DEPTH", "Decisions", "Preemption", "QueueEngine", "preemptor_of"]
 
 #: Jobs looked at past a blocked head, per queue and cycle.
 DEFAULT_BACKFILL_DEPTH = 100
@@ -146,6 +147,8 @@ class _Pending:
     totals: Totals
     not_before: float  # timestamp, -inf for none
     runtime: float | None
+    # The longest it may run: what backfill ahead of a blocked head goes by (not the estimate).
+    bound: float | None = None
 
 
 @dataclass(slots=True)
@@ -396,6 +399,15 @@ class _Scan:
     done: bool = False
 
 
+_PREEMPTOR = re.compile(r"(?:preempted by job |for job )([^\s:()]+)")
+
+
+def preemptor_of(reason: str) -> str:
+    """The preemptor's job id in a :class:`Preemption`'s reason ('' if it names none)."""
+    found = _PREEMPTOR.search(reason)
+    return found.group(1) if found else ""
+
+
 class QueueEngine:
     """Admission against one :class:`QueueConfig` (replace the engine to change the config).
 
@@ -450,16 +462,42 @@ class QueueEngine:
         # Per group, during its cycle: usage once the preemptions under way complete.
         self._claims: dict[str, _State | None] = {}
 
-    def load(self, *, admitted: Iterable[Admission], pending: Iterable[Workload]) -> None:
-        """Replaces the whole state: what holds quota now, and what waits."""
+    def load(
+        self,
+        *,
+        admitted: Iterable[Admission],
+        pending: Iterable[Workload],
+        stopping: Mapping[str, str] | None = None,
+    ) -> None:
+        """Replaces the whole state: what holds quota now, and what waits.
+
+        Args:
+            admitted: what holds quota.
+            pending: what waits.
+            stopping: preemptions under way (victim id -> preemptor id, '' if unknown; see
+                :func:`preemptor_of`): the victims are not chosen again, and a preemptor still
+                pending waits for them with its claim, as before the reload (a restart or a
+                new configuration must not forget them and preempt more).
+        """
         self._build()
         for adm in admitted:
             self._hold(adm)
         for w in pending:
             self.add_pending(w)
+        for victim, preemptor in sorted((stopping or {}).items()):
+            held = self._held.get(victim) or self._foreign.get(victim)
+            if held is None:
+                continue
+            self._preempting[victim] = preemptor
+            if preemptor in self._where:
+                wait = self._waiting.setdefault(preemptor, _Wait(set(), held.flavor))
+                wait.victims.add(victim)
 
     def _hold(self, adm: Admission) -> _Held:
         w = adm.workload
+        known = self._held.get(w.id) or self._foreign.get(w.id)
+        if known is not None:
+            return known  # held once: a second admission of the same job would count it twice
         runtime = w.expected_runtime_s
         held = _Held(
             adm=adm,
@@ -483,7 +521,13 @@ class QueueEngine:
         return held
 
     def add_pending(self, w: Workload) -> None:
-        """Queues a workload (replacing a pending one of the same id)."""
+        """Queues a workload (replacing a pending one of the same id).
+
+        A job the engine holds (admitted) is not queued as well: it would be admitted twice
+        and its quota counted twice. :meth:`remove` it first (requeued, not launched).
+        """
+        if w.id in self._held or w.id in self._foreign:
+            return
         self._drop_pending(w.id, keep_wait=True)  # an update of a preemptor still waits
         q = self._queues.get(w.queue)
         if q is None:
@@ -495,6 +539,7 @@ class QueueEngine:
             totals=_totals(w),
             not_before=w.not_before.timestamp() if w.not_before else -_INF,
             runtime=w.expected_runtime_s,
+            bound=w.runtime_bound_s if w.runtime_bound_s is not None else w.expected_runtime_s,
         )
         insort(q.keys, entry.key)
         q.entries[w.id] = entry
@@ -842,7 +887,7 @@ class QueueEngine:
                     entry.totals in scan.failed
                     or (
                         entry.totals in scan.beside_failed
-                        and (entry.runtime is None or t + entry.runtime > scan.until)
+                        and (entry.bound is None or t + entry.bound > scan.until)
                     )
                 ):
                     # Fast path: this shape does not fit now (or not beside the head's
@@ -940,7 +985,7 @@ class QueueEngine:
         if head.start is None or head.state is None:
             scan.done = True  # a head without estimate lets nothing past (rule 6)
             return False
-        if entry.runtime is not None and t + entry.runtime <= head.start + _EPS:
+        if entry.bound is not None and t + entry.bound <= head.start + _EPS:
             admit(q, entry, quota)
             return True
         if entry.totals in scan.beside_failed:

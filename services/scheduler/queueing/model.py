@@ -198,6 +198,10 @@ class Workload:
             account, and estimates behind it say so).
         runtime_basis: how ``expected_runtime_s`` was found, in words ("declared maximum run
             time", "median of the last 7 runs of train").
+        runtime_bound_s: the longest it is expected to run, which backfill ahead of a blocked
+            head relies on (a job backfilled on a typical run time that then runs long would
+            delay the head): the declared, enforced maximum run time, or the longest of the
+            history. None: ``expected_runtime_s`` is taken as the bound.
         not_before: no admission before this time (a retry's backoff).
     """
 
@@ -211,6 +215,7 @@ class Workload:
     expected_runtime_s: float | None = None
     runtime_basis: str = ""
     not_before: datetime | None = None
+    runtime_bound_s: float | None = None
 
     def total(self) -> dict[str, float]:
         """The request of all replicas together."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -359,3 +360,36 @@ async def test_a_configuration_applied_during_a_pass_is_loaded_before_its_engine
     started = await dispatch
     started += await service.dispatch_once()
     assert started == 1 and executor.launched == [job.id]
+
+
+# -- 13. a cancel that does not commit leaves the job queued, and in the engine ------------------
+
+
+class _CommitFails:
+    """The store, whose transactions roll back at their end (the commit is lost)."""
+
+    def __init__(self, store: SqlJobStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        async with self._store.transaction() as tx:
+            yield tx
+            raise ConnectionResetError("connection lost at commit")
+
+
+async def test_a_cancel_whose_commit_fails_leaves_the_job_pending_in_the_report(
+    service: SchedulerService, store: SqlJobStore
+) -> None:
+    job = await service.submit(ADMIN, spec("stays"))
+    assert [p.job_id for p in (await service.queue_status(ADMIN)).report.pending] == [job.id]
+    service._store = _CommitFails(store)  # type: ignore[assignment]
+    with pytest.raises(ConnectionResetError):
+        await service.cancel(ADMIN, job.id)
+    service._store = store
+    service._report = None  # no cached report: what the engine holds now
+    assert (await service.get(ADMIN, job.id)).state is JobState.QUEUED
+    assert [p.job_id for p in (await service.queue_status(ADMIN)).report.pending] == [job.id]
