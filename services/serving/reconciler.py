@@ -171,6 +171,9 @@ class Reconciler:
         self._publisher = publisher
         self._publish_lock = asyncio.Lock()
         self._publish_failed = False
+        # Triton models out of every route whose unload waits for a route push the data plane
+        # took (until then it may still send them requests).
+        self._unload_pending: set[str] = set()
         # Held from a traffic change's commit to its in-memory routes, so that two changes of
         # one deployment (a split applying, a rollback) land in the store's order.
         self._switching = asyncio.Lock()
@@ -341,8 +344,8 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         """Starts a worker for each deployment that has work and no worker (and pushes the
         routes again to a data plane that refused them)."""
-        if self._publish_failed:
-            await self.publish()
+        if self._publish_failed and await self.publish():
+            await self._unload_after_grace(set())
         async with self._db.read() as session:
             pending = await self._store.needing_work(session)
         now = self._clock()
@@ -670,16 +673,30 @@ class Reconciler:
                 await self._discard(model)
             return
         # Load new, switch the routes (here and in the data plane), drain, then unload old.
-        await self.publish()
+        published = await self.publish()
         log.info("deployment %s: traffic moved to v%s", name, version)
-        await self._unload_after_grace(old - {model})
+        await self._unload_after_grace(old - {model}, published=published)
 
-    async def _unload_after_grace(self, models: set[str]) -> None:
+    async def _unload_after_grace(self, models: set[str], *, published: bool = True) -> None:
+        """Unloads ``models`` (and those held back earlier) once the data plane took routes
+        without them; after a refused push they wait for the next push it takes."""
+        if not published:
+            if models:
+                log.warning(
+                    "the data plane may still route to %s: unloading after its next route push",
+                    ", ".join(sorted(models)),
+                )
+            self._unload_pending |= models
+            return
+        routed = {route.triton_model for route in self._all_routes()}
+        models = (models | self._unload_pending) - routed
+        self._unload_pending -= models | routed
         if not models:
             return
         await asyncio.sleep(self._unload_grace_s)
         for model in sorted(models):
-            await self._discard(model)
+            if model not in {route.triton_model for route in self._all_routes()}:
+                await self._discard(model)
 
     async def _switch(self, name: str, version: str, io: ModelIO) -> Deployment | None:
         """Moves traffic to ``version`` if it is still the target; None when it is stale."""
@@ -769,9 +786,9 @@ class Reconciler:
                 if model not in self._in_use(name):
                     await self._discard(model)
             return
-        await self.publish()
+        published = await self.publish()
         log.info("deployment %s: traffic is now %s", name, _split_text(applied.traffic))
-        await self._unload_after_grace(old - self._in_use(name))
+        await self._unload_after_grace(old - self._in_use(name), published=published)
 
     async def _commit_split(
         self, name: str, request: Any, stable: str, canaries: tuple[Canary, ...]
@@ -841,9 +858,9 @@ class Reconciler:
             if stable is not None:
                 self._set_routes(saved, stable)
         log.warning("deployment %s: canaries rolled back: %s", name, reason)
-        await self.publish()
+        published = await self.publish()
         if not unloaded:
-            await self._unload_after_grace(old - self._in_use(name))
+            await self._unload_after_grace(old - self._in_use(name), published=published)
         return True
 
     async def _build(self, model: str, source: str, batching: BatchingSettings) -> ModelIO:
