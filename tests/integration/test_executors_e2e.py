@@ -1,6 +1,7 @@
 """The example training job through the scheduler app onto a real Ray head and a real SLURM
 cluster, chosen by flavor, logging to a real MLflow server: it ends SUCCEEDED with its MLflow
-run id exactly as with the local executor; a cancelled job ends cancelled on the engine too.
+run id exactly as with the local executor; a cancelled job ends on the engine too (STOPPED on
+Ray; CANCELLED, or FAILED when it ended on SLURM's SIGTERM, in SLURM).
 
 One Ray head and one SLURM cluster for the module (the head takes minutes on a loaded machine).
 """
@@ -233,4 +234,7 @@ async def test_the_example_job_runs_on_slurm_logs_to_mlflow_and_a_cancel_stops_i
         ).stdout
         return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "")
 
-    assert await asyncio.to_thread(slurm_state) == "CANCELLED"
+    # Stopped on SLURM too: nothing of it runs or waits there. SLURM records a job that ended
+    # on the polite SIGTERM (scancel --signal=TERM) as FAILED, one that needed the final
+    # scancel as CANCELLED.
+    assert await asyncio.to_thread(slurm_state) in ("CANCELLED", "FAILED")
