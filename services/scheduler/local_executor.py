@@ -86,6 +86,19 @@ def _shim_alive(pid: int, run_dir: Path, attempt: int) -> bool:
     return shown == str(attempt).encode()
 
 
+def _find_shim(run_dir: Path, attempt: int) -> int | None:
+    """The pid of a live supervisor of ``attempt`` in ``run_dir``, found in /proc (a scheduler
+    that died between the launch and recording the pid left the job without one)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.isdigit() and _shim_alive(int(entry), run_dir, attempt):
+            return int(entry)
+    return None
+
+
 class ChildHandle:
     """A job supervisor this process started."""
 
@@ -236,11 +249,17 @@ class LocalExecutor:
     async def reattach(self, job: Job) -> ReattachedHandle | FinishedHandle | None:
         """Finds the supervisor of the job's current attempt after a scheduler restart.
 
-        None if nothing is left of that attempt (no live supervisor, no status of it).
+        None if nothing is left of that attempt (no live supervisor, no status of it). A job
+        without a recorded pid is looked for by its folder among the running supervisors.
         """
         run_dir, attempt = self._jobs_dir / job.id, _attempt(job)
         if job.pid is not None and _shim_alive(job.pid, run_dir, attempt):
             return ReattachedHandle(job.pid, run_dir, attempt)
+        if job.pid is None:
+            # Launched, but the pid was never recorded: requeueing it would run it twice.
+            pid = await asyncio.to_thread(_find_shim, run_dir, attempt)
+            if pid is not None:
+                return ReattachedHandle(pid, run_dir, attempt)
         status = _read_status(run_dir, attempt)
         if status is not None:
             return FinishedHandle(job.pid or 0, status)
@@ -253,12 +272,15 @@ class LocalExecutor:
         when the SIGTERM arrives.
         """
         run_dir, attempt = self._jobs_dir / job.id, _attempt(job)
-        if job.pid is None or not _shim_alive(job.pid, run_dir, attempt):
+        pid = job.pid
+        if pid is None:
+            pid = await asyncio.to_thread(_find_shim, run_dir, attempt)
+        if pid is None or not _shim_alive(pid, run_dir, attempt):
             return
         grace = self._kill_grace_s if grace_s is None else max(0.0, grace_s)
         await asyncio.to_thread(_write_atomically, run_dir / "grace", f"{grace}\n")
         with contextlib.suppress(ProcessLookupError):
-            os.kill(job.pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
 
     async def outputs(self, job: Job) -> dict[str, str]:
         """What the job wrote to ``PLINTH_OUTPUT_FILE`` (a JSON object), as strings."""

@@ -1427,6 +1427,15 @@ class SchedulerService:
         handle = await self._executor.reattach(job)
         if handle is not None:
             log.info("re-attached job %s (pid %d)", job.id, handle.pid)
+            if job.state is JobState.ADMITTED:
+                # Launched by a scheduler that died before recording it: it runs now.
+                async with self._transaction() as tx:
+                    started = await tx.replace(
+                        job.start(pid=handle.pid, now=self._clock()), expect=JobState.ADMITTED
+                    )
+                    if started is not None:
+                        job = started
+                        await tx.emit(JobEvent(kind=JobEventKind.STARTED, job=job))
             self._watch(job.id, handle)
             if job.stopping:
                 grace = self._preemption_grace_s if job.stop_reason is EndReason.PREEMPTED else None

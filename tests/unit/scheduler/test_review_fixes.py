@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +29,7 @@ from services.scheduler.domain import (
     Resources,
 )
 from services.scheduler.executors.router import FlavorRouter
+from services.scheduler.local_executor import LocalExecutor
 from services.scheduler.queueing.model import QueueConfig
 from services.scheduler.service import JobEnvironment, SchedulerService
 from services.scheduler.store import SqlJobStore
@@ -393,3 +398,51 @@ async def test_a_cancel_whose_commit_fails_leaves_the_job_pending_in_the_report(
     service._report = None  # no cached report: what the engine holds now
     assert (await service.get(ADMIN, job.id)).state is JobState.QUEUED
     assert [p.job_id for p in (await service.queue_status(ADMIN)).report.pending] == [job.id]
+
+
+# -- 10. a launch whose pid was never recorded -------------------------------------------------
+
+
+async def test_a_supervisor_launched_without_a_recorded_pid_is_found_by_its_folder(
+    tmp_path: Path,
+) -> None:
+    executor = LocalExecutor(tmp_path, capacity=Resources(cpu=1))
+    job = Job(
+        id="j-nopid",
+        spec=JobSpec(
+            name="j",
+            team="t",
+            entrypoint=[sys.executable, "-c", "import time; time.sleep(60)"],
+            working_dir=executor.prepare("j-nopid"),
+        ),
+        state=JobState.ADMITTED,
+        created_at=datetime.now(UTC),
+    )
+    launched = await executor.launch(job, {"PATH": os.environ["PATH"]})
+    try:
+        # The scheduler died before committing RUNNING: the row says ADMITTED, no pid.
+        found = await LocalExecutor(tmp_path, capacity=Resources(cpu=1)).reattach(job)
+        assert found is not None and found.pid == launched.pid
+        await executor.terminate(job, grace_s=0.5)  # found the same way
+        status = await asyncio.wait_for(launched.wait(), timeout=30)
+        assert status.signal or status.exit_code != 0
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(launched.pid, signal.SIGKILL)
+
+
+async def test_an_admitted_job_whose_supervisor_still_runs_is_reattached_not_requeued(
+    make_service: MakeService, store: SqlJobStore
+) -> None:
+    async with store.transaction() as tx:
+        await tx.add(_admitted(id="j-launched"))
+    handle = FakeHandle(pid=4242)
+    executor = FakeExecutor(survivors={"j-launched": handle})
+    service = make_service(executor)
+    await service.recover()
+    running = await service.get(ADMIN, "j-launched")
+    assert (running.state, running.pid) == (JobState.RUNNING, 4242)
+    assert await service.dispatch_once() == 0 and executor.launched == []  # not run twice
+    handle.exit(ExitStatus(exit_code=0))
+    await settled(service)
+    assert (await service.get(ADMIN, "j-launched")).state is JobState.SUCCEEDED
