@@ -345,7 +345,8 @@ class SqlJobTransaction:
     async def replace(self, job: Job, *, expect: JobState) -> Job | None:
         """Stores ``job``'s changes if the stored job is still in state ``expect``.
 
-        Returns the stored job, or None when another change got there first.
+        Returns the stored job with its finished attempts (answers such as CancelJob's show
+        them), or None when another change got there first.
         """
         values = {name: value for name, value in row_from_job(job).items() if name in _MUTABLE}
         statement = (
@@ -355,7 +356,7 @@ class SqlJobTransaction:
             .returning(*jobs.c)
         )
         row = (await self._session.execute(statement)).mappings().one_or_none()
-        return job_from_row(row) if row else None
+        return (await _with_attempts(self._session, [row]))[0] if row else None
 
     async def emit(self, event: JobEvent) -> None:
         """Records ``event``; it is published once this transaction commits."""

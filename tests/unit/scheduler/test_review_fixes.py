@@ -27,6 +27,7 @@ from services.scheduler.domain import (
     JobSpec,
     JobState,
     Resources,
+    RetryPolicy,
 )
 from services.scheduler.executors.router import FlavorRouter
 from services.scheduler.local_executor import LocalExecutor
@@ -446,3 +447,19 @@ async def test_an_admitted_job_whose_supervisor_still_runs_is_reattached_not_req
     handle.exit(ExitStatus(exit_code=0))
     await settled(service)
     assert (await service.get(ADMIN, "j-launched")).state is JobState.SUCCEEDED
+
+
+# -- 12. a changed job is answered with its attempts --------------------------------------------
+
+
+async def test_cancelling_a_retried_job_answers_with_its_finished_attempts(
+    service: SchedulerService, executor: FakeExecutor
+) -> None:
+    retry = RetryPolicy(user_failure_limit=1, backoff_initial_s=600)
+    job = await service.submit(ADMIN, spec(retry=retry))
+    assert await service.dispatch_once() == 1
+    executor.handles[job.id].exit(ExitStatus(exit_code=1))
+    await settled(service)
+    cancelled = await service.cancel(ADMIN, job.id)  # queued, backing off
+    assert cancelled.state is JobState.CANCELLED
+    assert [a.number for a in cancelled.attempts] == [1]
