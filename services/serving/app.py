@@ -72,7 +72,9 @@ class ServingSettings:
         inference_http_port: the data plane's KServe v2 REST port.
         triton_http: Triton's HTTP ``host:port`` (the data plane's REST upstream; '' unknown).
         gateway_addr: the gateway's gRPC address (API keys for the data plane).
-        trace_sampling: share of requests the data plane samples server-side spans for.
+        inference_host: where the data plane listens (``127.0.0.1``: this machine only).
+        request_log_sampling: share of data-plane requests written to HAProxy's request log
+            with their ``traceparent`` (log sampling, not tracing; 0: off).
     """
 
     common: CommonSettings
@@ -90,7 +92,8 @@ class ServingSettings:
     inference_http_port: int = 0
     triton_http: str = ""
     gateway_addr: str = ""
-    trace_sampling: float = 0.01
+    inference_host: str = "127.0.0.1"
+    request_log_sampling: float = 0.0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ServingSettings:
@@ -128,7 +131,8 @@ class ServingSettings:
             inference_http_port=env.int("PLINTH_SERVING_INFERENCE_HTTP_PORT", 0) or free_tcp_port(),
             triton_http=triton_http,
             gateway_addr=common.address("gateway", env),
-            trace_sampling=env.float("PLINTH_SERVING_TRACE_SAMPLING", 0.01),
+            inference_host=env.str("PLINTH_SERVING_INFERENCE_HOST", "127.0.0.1"),
+            request_log_sampling=env.float("PLINTH_SERVING_REQUEST_LOG_SAMPLING", 0.0),
         )
 
 
@@ -240,7 +244,12 @@ class ServingApp:
         try:
             await self.dataplane.start()
         except Exception as exc:  # noqa: BLE001 - the Python path still serves inference
-            log.error("the inference data plane did not start (%s); %s", exc, NO_HAPROXY)
+            # haproxy is installed (checked before): say why it did not start, not that it is
+            # missing
+            log.error(
+                "the inference data plane did not start: %s; inference stays on the Python path",
+                exc,
+            )
             self.dataplane = None
             return
         self._dataplane_up = True
@@ -314,7 +323,8 @@ def _data_plane(settings: ServingSettings, triton_grpc: str) -> Any:
         triton_http=settings.triton_http,
         grpc_port=settings.inference_grpc_port,
         http_port=settings.inference_http_port,
-        sampling=settings.trace_sampling,
+        host=settings.inference_host,
+        log_sampling=settings.request_log_sampling,
     )
 
 

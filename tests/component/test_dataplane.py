@@ -737,7 +737,7 @@ async def test_a_clients_traceparent_reaches_the_upstream_and_its_key_does_not(
         workdir=tmp_path / "dp",
         triton_grpc=f"127.0.0.1:{grpc_port}",
         triton_http=f"127.0.0.1:{rest.server_address[1]}",
-        sampling=1.0,
+        log_sampling=1.0,
     )
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     try:
@@ -755,6 +755,10 @@ async def test_a_clients_traceparent_reaches_the_upstream_and_its_key_does_not(
             requests.get, f"http://{plane.http_address}/v2/health/live", headers=headers
         )
         assert response.status_code == 200
+        # HAProxy writes the log line after the answer: wait for it rather than race it
+        deadline = time.monotonic() + 5
+        while plane.log_path.read_text().count(traceparent) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
     finally:
         await plane.stop()
         rest.shutdown()
@@ -762,8 +766,32 @@ async def test_a_clients_traceparent_reaches_the_upstream_and_its_key_does_not(
     assert grpc_seen[-1]["traceparent"] == traceparent
     assert _Recorder.seen[-1]["traceparent"] == traceparent
     assert "authorization" not in grpc_seen[-1] and "authorization" not in _Recorder.seen[-1]
-    # sampling 1.0 logs every request with its traceparent
+    # log sampling 1.0 logs every request with its traceparent
     assert plane.log_path.read_text().count(traceparent) >= 2
+
+
+async def test_the_listen_host_is_a_setting_and_loopback_the_default(tmp_path: Path) -> None:
+    import socket
+
+    wide = DataPlane(
+        workdir=tmp_path / "wide",
+        triton_grpc="127.0.0.1:9",
+        triton_http="127.0.0.1:9",
+        host="0.0.0.0",
+        threads=1,
+        slots=1,
+    )
+    try:
+        await wide.start()
+        port = int(wide.grpc_address.rsplit(":", 1)[1])
+        assert wide.grpc_address.startswith("127.0.0.1:")
+        assert f"bind 0.0.0.0:{port} proto h2" in (tmp_path / "wide" / "haproxy.cfg").read_text()
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    finally:
+        await wide.stop()
+    narrow = DataPlane(workdir=tmp_path / "narrow", triton_grpc="127.0.0.1:9", triton_http="x:9")
+    assert narrow._host == "127.0.0.1"
 
 
 # -- one gRPC message per unary call ------------------------------------------------------------

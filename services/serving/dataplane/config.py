@@ -42,7 +42,8 @@ class ProxySettings:
         admin_socket: the runtime API's UNIX socket.
         slots: how many deployments the data plane can route at once.
         threads: HAProxy threads.
-        sampling: fraction of requests logged (with the client's ``traceparent``) to the log.
+        sampling: fraction of requests written to the request log (with the client's
+            ``traceparent``): log sampling, off by default.
         queue_timeout_s: how long a request may wait in a deployment's queue.
     """
 

@@ -35,6 +35,7 @@ _LOG = logging.getLogger(__name__)
 _INSTALL_HINT = "apt-get install haproxy"
 _MIN_VERSION = (2, 6)
 _HOST = "127.0.0.1"
+_WILDCARDS = {"0.0.0.0", "::", ""}
 
 
 class DataPlaneError(Unavailable):
@@ -79,8 +80,11 @@ class DataPlane:
         triton_http: Triton's HTTP ``host:port`` (an ``http://`` prefix is dropped).
         grpc_port / http_port / stats_port: where to listen (0: a free port).
         haproxy_bin: the program.
-        sampling: fraction of requests logged with their ``traceparent`` (0: none; logging
-            costs the request path, so it is off unless asked for).
+        host: where the frontends listen (``127.0.0.1``: this machine only; ``0.0.0.0``: every
+            interface, the addresses below then name loopback).
+        log_sampling: fraction of requests written to HAProxy's request log with their
+            ``traceparent`` (0: none; logging costs the request path, so it is off unless
+            asked for). This is log sampling, not tracing: no span is made.
         slots: how many deployments can be routed at once.
         threads: HAProxy threads.
     """
@@ -95,18 +99,24 @@ class DataPlane:
         http_port: int = 0,
         stats_port: int = 0,
         haproxy_bin: str = "haproxy",
-        sampling: float = 0.0,
+        host: str = _HOST,
+        log_sampling: float = 0.0,
         slots: int = 64,
         threads: int = 2,
     ) -> None:
-        if not 0.0 <= sampling <= 1.0:
-            raise InvalidArgument("sampling", f"{sampling!r} is not a fraction between 0 and 1")
+        if not 0.0 <= log_sampling <= 1.0:
+            raise InvalidArgument(
+                "log_sampling", f"{log_sampling!r} is not a fraction between 0 and 1"
+            )
         self._workdir = workdir
         self._triton_grpc = _strip_scheme(triton_grpc)
         self._triton_http = _strip_scheme(triton_http)
         self._ports = (grpc_port, http_port, stats_port)
         self._haproxy_bin = haproxy_bin
-        self._sampling = sampling
+        self._sampling = log_sampling
+        self._host = host
+        # where this process (and the addresses it hands out) reach the frontends
+        self._connect_host = _HOST if host in _WILDCARDS else host
         self._slots = slots
         self._threads = threads
         self._settings: ProxySettings | None = None
@@ -144,17 +154,17 @@ class DataPlane:
     @property
     def grpc_address(self) -> str:
         """``host:port`` of the KServe v2 gRPC endpoint."""
-        return f"{_HOST}:{self._require_settings().grpc_port}"
+        return f"{self._connect_host}:{self._require_settings().grpc_port}"
 
     @property
     def http_address(self) -> str:
         """``host:port`` of the KServe v2 REST endpoint."""
-        return f"{_HOST}:{self._require_settings().http_port}"
+        return f"{self._connect_host}:{self._require_settings().http_port}"
 
     @property
     def metrics_url(self) -> str:
         """HAProxy's Prometheus exporter (per-version counters at ``<this>/deployments``)."""
-        return f"http://{_HOST}:{self._require_settings().stats_port}/metrics"
+        return f"http://{self._connect_host}:{self._require_settings().stats_port}/metrics"
 
     @property
     def pid(self) -> int | None:
@@ -182,7 +192,7 @@ class DataPlane:
             if self._settings is None:
                 grpc_port, http_port, stats_port = (p or free_tcp_port() for p in self._ports)
                 self._settings = ProxySettings(
-                    host=_HOST,
+                    host=self._host,
                     grpc_port=grpc_port,
                     http_port=http_port,
                     stats_port=stats_port,
@@ -233,7 +243,7 @@ class DataPlane:
 
     async def _ready(self) -> bool:
         settings = self._require_settings()
-        if not await port_accepts(_HOST, settings.grpc_port):
+        if not await port_accepts(self._connect_host, settings.grpc_port):
             return False
         try:
             return "Name: HAProxy" in await self._api.command("show info")
