@@ -499,17 +499,20 @@ class QueueEngine:
         if known is not None:
             return known  # held once: a second admission of the same job would count it twice
         runtime = w.expected_runtime_s
+        # Admitted to a queue the configuration no longer has: it still uses its flavor, so
+        # it is charged to a queue that has that flavor (its team's now, else the first by
+        # name); otherwise the capacity it holds would be handed out again.
+        q = self._queues.get(w.queue) or self._charged_queue(w.team, adm.flavor)
         held = _Held(
             adm=adm,
-            queue=w.queue,
+            queue=q.name if q is not None else w.queue,
             flavor=adm.flavor,
             totals=_totals(w),
             end=None if runtime is None else adm.admitted_at.timestamp() + runtime,
             key=(-w.priority, w.order, w.id),
         )
-        q = self._queues.get(w.queue)
         if q is None:
-            self._foreign[w.id] = held
+            self._foreign[w.id] = held  # a flavor no queue has: nobody can overcommit it
             return held
         group = q.group
         _add(group, group.state, q.name, adm.flavor, held.totals, 1.0)
@@ -519,6 +522,17 @@ class QueueEngine:
         if held.end is not None:
             insort(group.ends, (held.end, w.id))
         return held
+
+    def _charged_queue(self, team: str, flavor: str) -> _Queue | None:
+        """Where an admission of a vanished queue is counted: the team's queue now if it has
+        the flavor, else the first queue (by name) that has it."""
+        own = self._queues.get(self._team_queue.get(team) or self.config.default_queue or "")
+        if own is not None and flavor in own.quota_of:
+            return own
+        return next(
+            (self._queues[n] for n in sorted(self._queues) if flavor in self._queues[n].quota_of),
+            None,
+        )
 
     def add_pending(self, w: Workload) -> None:
         """Queues a workload (replacing a pending one of the same id).

@@ -133,3 +133,19 @@ def test_a_reload_keeps_the_preemptions_under_way_and_preempts_no_more() -> None
     assert (decisions.preempt, decisions.admit) == ([], [])
     second.remove(victim)
     assert [a.workload.id for a in second.cycle(T0).admit] == ["j-3"]
+
+
+# -- 3. an admission of a vanished queue still uses its flavor ------------------------------------
+
+
+def test_an_admission_of_a_queue_no_longer_configured_counts_against_its_flavor() -> None:
+    engine = QueueEngine(config(queue_doc("b", flavors={"f": {"cpu": {"nominal": 4}}})))
+    gone = job("j-1", "gone", cpu=3, team="b")  # admitted to a queue since removed
+    engine.load(
+        admitted=[Admission(workload=gone, flavor="f", admitted_at=T0)],
+        pending=[job("j-2", "b", cpu=2)],
+    )
+    assert engine.cycle(T0).admit == []  # 3 + 2 cpu would exceed the 4 the flavor has here
+    assert cpu_usage(engine, "b") == 3
+    engine.remove("j-1")
+    assert [a.workload.id for a in engine.cycle(T0).admit] == ["j-2"]
