@@ -186,8 +186,13 @@ class EngineCounts(Protocol):
 
 class MergedStats:
     """A :class:`StatsSource` reading both the data plane (when there is one) and Triton's own
-    per-model counters: an error the proxy cannot see (Triton answering a gRPC error in
-    trailers) is still counted, and the Python inference path is measured too.
+    per-model counters, so that the Python inference path is measured too.
+
+    Errors come from the data plane whenever it reports the version (it counts server errors,
+    trailers included, and not the client's: a bad tensor is INVALID_ARGUMENT). Triton's
+    ``fail`` counts every failed request, a request it refused as malformed too, so callers
+    sending wrong tensors to a canary would roll it back: it is used only where the data plane
+    has no numbers (the Python path).
 
     Args:
         proxy: the data plane (None: the Python path only).
@@ -225,7 +230,7 @@ class MergedStats:
         for key, (answered, failed) in zip(routed, counts, strict=True):
             seen = proxied.get(key)
             requests = max(answered + failed, seen.requests if seen else 0)
-            errors = max(failed, seen.errors if seen else 0)
+            errors = seen.errors if seen is not None else failed
             p99 = float(seen.p99_ms) if seen is not None else 0.0
             merged[key] = MergedCounters(requests, errors, p99, seen)
         for key, seen in proxied.items():

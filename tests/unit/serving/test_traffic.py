@@ -354,14 +354,15 @@ class Broken:
         raise RuntimeError("haproxy is restarting")
 
 
-async def test_merged_stats_count_errors_the_proxy_missed_and_survive_it_failing() -> None:
+async def test_merged_stats_take_the_proxys_errors_and_survive_it_failing() -> None:
     from services.serving.traffic import MergedStats
 
     engine, proxy = Engine(), Stats()
     models = {"diab/1": "diab__v1", "diab/2": "diab__v2"}
     merged = MergedStats(proxy=proxy, engine=engine, models=lambda: models)
-    # The proxy saw every request but took Triton's trailer errors for answers.
-    proxy.now = {"diab/1": Counters(900, 0, 5.0), "diab/2": Counters(100, 0, 7.0)}
+    # The proxy counts server errors (trailers included); Triton's fail would add refusals of
+    # malformed requests, so the proxy's count is the one used.
+    proxy.now = {"diab/1": Counters(900, 0, 5.0), "diab/2": Counters(100, 60, 7.0)}
     engine.counts = {"diab__v1": (900, 0), "diab__v2": (40, 60)}
     got = await merged.stats()
     assert (got["diab/2"].requests, got["diab/2"].errors, got["diab/2"].p99_ms) == (100, 60, 7.0)
