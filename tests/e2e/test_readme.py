@@ -79,13 +79,16 @@ class Block:
 
     @property
     def kind(self) -> str:
-        """``shell``, ``python`` or ``output``."""
+        """``shell``, ``python``, ``output``, or ``data`` (another language, marked skip)."""
         if self.lang in _SHELL:
             return "shell"
         if self.lang == "python":
             return "python"
         if self.lang in _OUTPUT:
             return "output"
+        if self.skip is not None:
+            # A data block (a configuration file's shape) that says why it is not run.
+            return "data"
         raise ValueError(f"README.md:{self.line}: a ```{self.lang} block: run it or mark it")
 
     @property
