@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: Fewest requests in the window before a canary is judged (fewer say nothing yet).
 MIN_REQUESTS = 20
+#: Least share of its SLO window a canary's observed window must span before it is judged: a
+#: few slow or failed requests in its first seconds (a cold model) are no verdict.
+MIN_WINDOW_FRACTION = 0.5
 
 
 class VersionCounters(Protocol):
@@ -328,6 +331,8 @@ class CanaryGuard:
                 key = f"{name}/{version}"
                 since = self._since.setdefault(key, now)
                 window = self.windows.window(key, slo.window_s, now, since=since)
+                if window.seconds < slo.window_s * MIN_WINDOW_FRACTION:
+                    continue
                 reason = breach(window, slo, min_requests=self._min_requests)
                 if reason is None:
                     continue

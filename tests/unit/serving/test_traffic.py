@@ -287,18 +287,18 @@ async def test_the_guard_rolls_back_a_failing_canary_and_leaves_a_healthy_one(
     # What v2 answered before it was a canary is not held against it.
     stats.now = {"diab/1": Counters(1000, 0, 20.0), "diab/2": Counters(500, 400, 20.0)}
     assert await guard.check_once() == []
-    t[0] = 5.0
+    t[0] = 20.0
     stats.now = {"diab/1": Counters(1900, 0, 20.0), "diab/2": Counters(600, 400, 20.0)}
     assert await guard.check_once() == []  # healthy over the window
     view = guard.view("diab", "2", 60)
-    assert view is not None and view.rate == pytest.approx(20.0)
-    t[0] = 10.0
+    assert view is not None and view.rate == pytest.approx(5.0)
+    t[0] = 35.0  # past half the 60 s SLO window: judged
     stats.now = {"diab/1": Counters(2800, 0, 20.0), "diab/2": Counters(700, 430, 20.0)}
     assert await guard.check_once() == ["diab"]
     shown = await serving.service.get(ADMIN, "diab")
     assert shown.traffic == {"1": 100}
     reason = serving.events.changes[-1].reason
-    assert reason.startswith("rollback: canary v2 error rate 15.0% over 10s (200 requests)")
+    assert reason.startswith("rollback: canary v2 error rate 15.0% over 35s (200 requests)")
     assert serving.service.measured(shown).keys() == {"1"}
 
 
