@@ -794,6 +794,67 @@ async def test_the_listen_host_is_a_setting_and_loopback_the_default(tmp_path: P
     assert narrow._host == "127.0.0.1"
 
 
+async def test_a_deployment_past_the_last_slot_is_left_out_and_the_others_still_update(
+    tmp_path: Path,
+) -> None:
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        message = service_pb2.ModelInferRequest.FromString(request)
+        return service_pb2.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version
+        ).SerializeToString()
+
+    upstream = grpc.aio.server()
+    upstream.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)},
+            )
+        ]
+    )
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    plane = DataPlane(
+        workdir=tmp_path / "dp",
+        triton_grpc=f"127.0.0.1:{port}",
+        triton_http=f"127.0.0.1:{port}",
+        threads=1,
+        slots=2,
+    )
+    try:
+        await plane.start()
+        await plane.apply_routes([route("a", ("1", 100)), route("b", ("1", 100))])
+        await plane.apply_grants([ALICE.grant("a", "b", "c")])
+        # a third deployment does not fit: it alone is left out, the others take the update
+        await plane.apply_routes(
+            [route("a", ("2", 100)), route("b", ("1", 100)), route("c", ("1", 100))]
+        )
+        assert plane.unrouted == ("c",)
+        channel = grpc.aio.insecure_channel(plane.grpc_address)
+        try:
+            infer_call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+            async def ask(name: str) -> str:
+                answer = await infer_call(
+                    service_pb2.ModelInferRequest(model_name=name).SerializeToString(),
+                    metadata=ALICE.metadata,
+                    timeout=10,
+                )
+                return service_pb2.ModelInferResponse.FromString(answer).model_name
+
+            assert await ask("a") == "a"
+            stats = await plane.stats()
+            assert "a/2" in stats  # the new version of a serves
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await ask("c")
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await channel.close()
+    finally:
+        await plane.stop()
+        await upstream.stop(0)
+
+
 # -- one gRPC message per unary call ------------------------------------------------------------
 
 

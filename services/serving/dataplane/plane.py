@@ -129,6 +129,8 @@ class DataPlane:
         self._grants: tuple[KeyGrant, ...] | None = None
         self._slot_of: dict[str, int] = {}
         self._limits: dict[int, int] = {}  # slot -> maxconn set on its servers
+        #: Deployments of the last update left out for want of a slot.
+        self.unrouted: tuple[str, ...] = ()
         self._stopping = False
 
     # -- availability and addresses --------------------------------------------------------
@@ -282,6 +284,9 @@ class DataPlane:
         check_routes(routes)
         async with self._lock:
             slot_of = self._assign_slots(routes)
+            # A deployment past the last slot is left out (its clients get NOT_FOUND) rather
+            # than failing every deployment's update.
+            routes = tuple(r for r in routes if r.deployment in slot_of)
             if self._child is None or not self._child.alive:
                 # Kept for start(): the control plane may route before the proxy runs.
                 self._routes, self._slot_of = routes, slot_of
@@ -290,16 +295,24 @@ class DataPlane:
             self._routes, self._slot_of = routes, slot_of
 
     def _assign_slots(self, routes: Sequence[RouteSpec]) -> dict[str, int]:
-        """Keeps each deployment's slot; gives new ones the free slots, lowest first."""
+        """Keeps each deployment's slot; gives new ones the free slots, lowest first; those
+        left without one are logged and listed in :attr:`unrouted`."""
         names = {r.deployment for r in routes}
         kept = {name: slot for name, slot in self._slot_of.items() if name in names}
         free = sorted(set(range(self._slots)) - set(kept.values()))
+        left_out = []
         for name in sorted(names - set(kept)):
             if not free:
-                raise DataPlaneError(
-                    f"the data plane routes at most {self._slots} deployments at once"
-                )
+                left_out.append(name)
+                continue
             kept[name] = free.pop(0)
+        if left_out and tuple(left_out) != self.unrouted:
+            _LOG.error(
+                "the data plane routes at most %d deployments at once; not routed: %s",
+                self._slots,
+                ", ".join(left_out),
+            )
+        self.unrouted = tuple(left_out)
         return kept
 
     async def _push_routes(self, routes: Sequence[RouteSpec], slot_of: dict[str, int]) -> None:
