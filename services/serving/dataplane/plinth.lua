@@ -5,9 +5,10 @@
 -- allowlist, the bearer key against the pushed grants, finds the deployment's route, picks a
 -- version by weight (or by a hash of `x-plinth-sticky`), enforces the deployment's limits and
 -- tells HAProxy which backend to use; it answers refusals itself (`txn:done`). The filter
--- `lua.plinth` rewrites what must change in the bodies: a gRPC request gets Triton's model name
--- and version appended (for a non-repeated protobuf field the last occurrence wins) and its
--- 5-byte length prefix fixed; a response gets the deployment's name and version back in place,
+-- `lua.plinth` rewrites what must change in the bodies: a gRPC request (exactly one message:
+-- anything past it is refused or dropped) gets Triton's model name and version put right after
+-- the message (for a non-repeated protobuf field the last occurrence wins) and its 5-byte
+-- length prefix fixed; a response gets the deployment's name and version back in place,
 -- with the same length (the freed bytes become an unknown protobuf field, or JSON whitespace),
 -- so no length prefix or content-length changes on the way back.
 --
