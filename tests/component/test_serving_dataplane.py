@@ -306,6 +306,35 @@ async def test_a_rollout_under_load_loses_no_request(stack: Stack) -> None:
     assert np.allclose(result.as_numpy("predictions").reshape(-1), stack.expected["2"])
 
 
+async def test_a_90_10_split_lands_by_weight_and_get_shows_the_measurements(
+    stack: Stack,
+) -> None:
+    stable = (await stack.service.get(ADMIN, DEPLOYMENT)).serving_version
+    canary = "1" if stable == "2" else "2"
+    await stack.service.set_traffic(ADMIN, DEPLOYMENT, [(canary, 10), (stable, 90)])
+    client = triton_grpc.InferenceServerClient(stack.dp.grpc_address)
+    tensor = _tensor(triton_grpc)
+
+    def calls(n: int) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for _ in range(n):
+            result = client.infer(DEPLOYMENT, [tensor], headers=stack.headers)
+            seen[result.get_response().model_version] += 1
+        return seen
+
+    seen = await asyncio.to_thread(calls, 1000)
+    assert 0.07 < seen[canary] / 1000 < 0.13, seen
+    await asyncio.sleep(1.2)  # the guard reads the counters twice a second
+    shown = await stack.service.get(ADMIN, DEPLOYMENT)
+    measured = stack.service.measured(shown)
+    view = measured[canary]
+    assert view is not None and view.requests > 0 and view.error_rate_pct == 0.0
+    assert shown.traffic == {stable: 90, canary: 10}, "a healthy canary stays"
+    await stack.service.set_traffic(ADMIN, DEPLOYMENT, [(stable, 100)])
+
+
+# Last in the module on purpose: the failing version's errors have been seen to take the shared
+# Triton down (connection refused afterwards), which would fail every test after it.
 @pytest.mark.xfail(
     reason="data plane (issue 13, helper D): Triton's gRPC error answers reach callers mangled "
     "(INTERNAL with a garbled message, or RST_STREAM) and mostly go uncounted in stats(), and "
@@ -352,30 +381,3 @@ async def test_a_failing_canary_is_rolled_back_by_the_guard(stack: Stack) -> Non
     assert change.reason.startswith("rollback: canary v3 error rate"), change.reason
     assert change.actor == "serving"
     print(f"failing canary rolled back {took:.1f}s after load began: {change.reason}")
-
-
-async def test_a_90_10_split_lands_by_weight_and_get_shows_the_measurements(
-    stack: Stack,
-) -> None:
-    stable = (await stack.service.get(ADMIN, DEPLOYMENT)).serving_version
-    canary = "1" if stable == "2" else "2"
-    await stack.service.set_traffic(ADMIN, DEPLOYMENT, [(canary, 10), (stable, 90)])
-    client = triton_grpc.InferenceServerClient(stack.dp.grpc_address)
-    tensor = _tensor(triton_grpc)
-
-    def calls(n: int) -> Counter[str]:
-        seen: Counter[str] = Counter()
-        for _ in range(n):
-            result = client.infer(DEPLOYMENT, [tensor], headers=stack.headers)
-            seen[result.get_response().model_version] += 1
-        return seen
-
-    seen = await asyncio.to_thread(calls, 1000)
-    assert 0.07 < seen[canary] / 1000 < 0.13, seen
-    await asyncio.sleep(1.2)  # the guard reads the counters twice a second
-    shown = await stack.service.get(ADMIN, DEPLOYMENT)
-    measured = stack.service.measured(shown)
-    view = measured[canary]
-    assert view is not None and view.requests > 0 and view.error_rate_pct == 0.0
-    assert shown.traffic == {stable: 90, canary: 10}, "a healthy canary stays"
-    await stack.service.set_traffic(ADMIN, DEPLOYMENT, [(stable, 100)])
