@@ -254,6 +254,7 @@ class ReadmeSession:
         if env_out is not None:
             env["README_TEST_ENV_OUT"] = str(env_out)
         log = self.work / f"output-{block.line}.log"
+        _default_sigint()
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv,
@@ -272,6 +273,14 @@ class ReadmeSession:
         if status is None:
             output += f"\n[readme test: still running after {BLOCK_TIMEOUT_S:g} s, killed]\n"
         return Outcome(status=status, output=output, interrupted=interrupted)
+
+
+def _default_sigint() -> None:
+    """Lets the blocks get Ctrl-C as from a terminal: a test run started in the background
+    inherits SIGINT ignored, which its children would inherit too (a shell cannot un-ignore it);
+    a handled signal is reset to its default in a child."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _wait(process: subprocess.Popen[bytes], block: Block) -> tuple[int | None, bool]:
