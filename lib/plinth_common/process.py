@@ -196,6 +196,9 @@ class ChildProcess:
         self.stop_grace_s = stop_grace_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._guard: subprocess.Popen[bytes] | None = None
+        # Once the run's group is seen empty its id may be handed to a new, unrelated group
+        # (pid_max is 32768 on many hosts and wraps within minutes here): never signal it again.
+        self._group_ended = False
         self._log_offset = 0
         self._lock: asyncio.Lock | None = None
 
@@ -292,6 +295,7 @@ class ChildProcess:
             # The child holds its own copy of the descriptor.
             if log_file is not None:
                 log_file.close()
+        self._group_ended = False
         if self.own_group and self.parent_death_signal is not None:
             self._guard = self._start_guard(self._proc.pid)
         _LOG.info(
@@ -501,6 +505,8 @@ class ChildProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(0.5)
         self._reap_guard()
+        if proc is not None and proc.poll() is not None:
+            self._group_ended = True
 
     def _reap_guard(self) -> None:
         guard, self._guard = self._guard, None
@@ -511,9 +517,17 @@ class ChildProcess:
                 guard.wait(1.0)
 
     def _group_alive(self) -> bool:
-        if not self.own_group or self._proc is None:
+        if not self.own_group or self._proc is None or self._group_ended:
             return False
-        return group_alive(self._proc.pid)
+        if self._proc.poll() is None:
+            return True  # the unreaped leader holds the group's id
+        if self._guard is not None and self._guard.poll() is not None:
+            # The guard exits once the group is empty; after that the id is not ours.
+            self._group_ended = True
+            return False
+        if not group_alive(self._proc.pid):
+            self._group_ended = True
+        return not self._group_ended
 
     # -- log --------------------------------------------------------------------------------
 

@@ -85,6 +85,10 @@ async def test_training_job_logs_to_mlflow_server(
         tracking_uri, output_file, "--n-estimators", "50", "--learning-rate", "0.1"
     )
     assert "rmse=" in log
+    # Says how the server ended if it did (it was once found dead here, in a full suite run).
+    assert await mlflow_server.is_ready(), (
+        f"mlflow server pid {mlflow_server.pid}: {mlflow_server.log_tail()}"
+    )
 
     output = json.loads(output_file.read_text())
     run_id = output["mlflow_run_id"]

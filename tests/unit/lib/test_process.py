@@ -271,3 +271,26 @@ async def test_start_refuses_a_second_run_and_a_missing_program(tmp_path: Path) 
             await stuck.wait(timeout=0.1)
         finally:
             await stuck.stop()
+
+
+@pytest.mark.parametrize("pdeathsig", [signal.SIGTERM, None], ids=["guarded", "unguarded"])
+async def test_a_group_id_handed_on_after_the_run_is_never_signalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pdeathsig: signal.Signals | None
+) -> None:
+    # pid_max is 32768 on many hosts: a stale stop() (a second stop, a healer's restart) once
+    # killed whatever group had been handed the ended run's id, here a test's MLflow server.
+    child = python(
+        "print('ready', flush=True)", tmp_path, own_group=True, parent_death_signal=pdeathsig
+    )
+    child.start()
+    await child.wait(timeout=15)
+    if pdeathsig is None:
+        assert await child.stop() == 0  # sees the group empty once
+    else:
+        await until(lambda: child._guard is not None and child._guard.poll() is not None)
+    signalled: list[tuple[int, int]] = []
+    monkeypatch.setattr("plinth_common.process.group_alive", lambda pgid: True)
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: signalled.append((pgid, sig)))
+    assert await child.stop() == 0
+    assert child.stop_sync() == 0
+    assert signalled == []
