@@ -92,6 +92,18 @@ class Env:
         return Path(raw).expanduser().resolve() if raw else default
 
 
+def _on_off(env: Env, name: str, *, default: bool) -> bool:
+    """A switch: ``on``/``off`` (or true/false, 1/0, yes/no); unset or empty is ``default``."""
+    raw = env.str(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise InvalidArgument(name, f"expected on or off, got {raw!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommonSettings:
     """Settings every service reads.
@@ -111,6 +123,8 @@ class CommonSettings:
             first start; every process of one machine reads the same file).
         metrics_port: the Prometheus metrics endpoint's port (``PLINTH_<SERVICE>_METRICS_PORT``;
             0 picks a free one).
+        metrics_enabled: False when ``PLINTH_METRICS=off``: the process records no metrics and
+            serves no endpoint (``bench.metrics_cost`` measures what they cost this way).
     """
 
     service: str
@@ -124,6 +138,7 @@ class CommonSettings:
     internal_key: str = ""
     internal_key_file: Path = Path()
     metrics_port: int = 0
+    metrics_enabled: bool = True
 
     @classmethod
     def from_env(cls, service: str, env: Env | None = None) -> CommonSettings:
@@ -149,6 +164,7 @@ class CommonSettings:
             metrics_port=env.int(
                 prefix + "METRICS_PORT", DEFAULT_METRICS_PORTS[service] if port else 0
             ),
+            metrics_enabled=_on_off(env, "PLINTH_METRICS", default=True),
         )
 
     @property

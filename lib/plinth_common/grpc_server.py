@@ -228,7 +228,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, *, domain: str | None = None, metrics: Metrics | None = None) -> None:
         self._domain = domain
-        self._calls = CallMetrics(metrics) if metrics is not None else None
+        # Metrics switched off cost the wrapper nothing, not even a no-op recording.
+        self._calls = CallMetrics(metrics) if metrics is not None and metrics.enabled else None
 
     async def intercept_service(
         self,

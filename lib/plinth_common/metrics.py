@@ -10,6 +10,10 @@ the classic text format.
 Labels are bounded twice: the catalog declares which labels a metric has (never ids), and each
 family keeps at most ``max_series`` label sets; further sets fold into one whose values are all
 ``other``, so a bug that labels by job id costs one series, not one per job.
+
+Metrics can be switched off per process (``PLINTH_METRICS=off``, read into
+``CommonSettings.metrics_enabled``): a ``Metrics(..., enabled=False)`` binds no endpoint, its
+families hand out a child that records nothing, and the gRPC server skips its per-call figures.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import re
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -438,6 +442,31 @@ def current_trace_exemplar() -> dict[str, str] | None:
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
+class _Unrecorded:
+    """What a family hands out while metrics are off: every recording call does nothing."""
+
+    def labels(self, *values: str) -> _Unrecorded:
+        return self
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        pass
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        pass
+
+
+_UNRECORDED = _Unrecorded()
+
+
 class Family(Generic[M]):
     """One declared metric and its label sets, at most ``max_series`` of them.
 
@@ -445,12 +474,15 @@ class Family(Generic[M]):
         metric: the prometheus-client metric.
         spec: its catalog entry.
         max_series: label sets kept before new ones fold into the ``other`` set.
+        enabled: False when metrics are off: :meth:`labels` then hands out a child that
+            records nothing.
     """
 
-    def __init__(self, metric: M, spec: MetricSpec, max_series: int) -> None:
+    def __init__(self, metric: M, spec: MetricSpec, max_series: int, enabled: bool = True) -> None:
         self.metric: M = metric
         self.spec = spec
         self._max_series = max_series
+        self._enabled = enabled
         self._children: dict[tuple[str, ...], M] = {}
         self._lock = threading.Lock()
         self._warned = False
@@ -460,6 +492,8 @@ class Family(Generic[M]):
         child = self._children.get(values)
         if child is not None:
             return child
+        if not self._enabled:  # checked after the lookup, so recording pays nothing for it
+            return cast(M, _UNRECORDED)
         if not self.spec.labels:
             return self.metric
         if len(values) != len(self.spec.labels):
@@ -514,10 +548,13 @@ class Metrics:
     Args:
         service: the service's name (logs, the endpoint's thread name).
         max_series: label sets kept per family (see :class:`Family`).
+        enabled: False switches metrics off: nothing is recorded and :meth:`serve` binds no
+            port (``PLINTH_METRICS=off``).
     """
 
-    def __init__(self, service: str, *, max_series: int = 1000) -> None:
+    def __init__(self, service: str, *, max_series: int = 1000, enabled: bool = True) -> None:
         self.service = service
+        self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
         self._max_series = max_series
         self._families: dict[str, Family[Any]] = {}
@@ -542,7 +579,7 @@ class Metrics:
                 metric = Histogram(
                     spec.name, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets
                 )
-            family = Family[Any](metric, spec, self._max_series)
+            family = Family[Any](metric, spec, self._max_series, self.enabled)
             self._families[spec.name] = family
         return cast(Family[M], family)
 
@@ -572,8 +609,11 @@ class Metrics:
         """Starts the HTTP endpoint (``/metrics``) on ``host:port``; returns the bound port.
 
         It answers from a thread of its own, so a scrape does not wait for the event loop and a
-        busy loop does not delay a scrape.
+        busy loop does not delay a scrape. With metrics off it binds nothing and returns 0.
         """
+        if not self.enabled:
+            log.info("%s metrics off (PLINTH_METRICS=off): no endpoint", self.service)
+            return 0
         server_class = _Server6 if ":" in host else _Server4
         httpd = await asyncio.to_thread(
             make_server,

@@ -58,7 +58,7 @@ class ServiceRuntime:
         )
         if verify_callers:
             interceptors = [*interceptors, ServiceAuthInterceptor(self.tokens)]
-        self.metrics = Metrics(settings.service)
+        self.metrics = Metrics(settings.service, enabled=settings.metrics_enabled)
         self.db = Database(settings.database_url)
         self.bus = EventBus(settings.nats_url, name=f"plinth-{settings.service}")
         self.server = GrpcServer(
