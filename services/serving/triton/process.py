@@ -58,6 +58,8 @@ class TritonSettings:
             other launch settings are ignored.
         startup_timeout_s: Default bound for :meth:`TritonProcess.wait_ready`.
         log_path: Triton's log file; ``work_dir/tritonserver.log`` when None.
+        metrics_port: Port of Triton's Prometheus metrics (``nv_inference_*``) on ``host``,
+            which serving scrapes and relabels by deployment; 0: Triton's metrics off.
     """
 
     model_repository: Path
@@ -68,6 +70,7 @@ class TritonSettings:
     url: str | None = None
     startup_timeout_s: float = 60.0
     log_path: Path | None = None
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,9 +258,18 @@ class TritonProcess:
             f"--http-port={settings.http_port}",
             f"--grpc-address={settings.host}",
             f"--grpc-port={settings.grpc_port}",
-            # Metrics would open a third port on 0.0.0.0:8002 by default; the service exports
-            # its own metrics instead.
-            "--allow-metrics=false",
+            # Metrics on loopback only (by default Triton opens 0.0.0.0:8002); serving scrapes
+            # them and re-exports them relabelled by deployment. No GPU metrics: CPU only.
+            *(
+                [
+                    "--allow-metrics=true",
+                    "--allow-gpu-metrics=false",
+                    f"--metrics-address={settings.host}",
+                    f"--metrics-port={settings.metrics_port}",
+                ]
+                if settings.metrics_port
+                else ["--allow-metrics=false"]
+            ),
             # CPU only: the default 256 MB pinned pool needs a CUDA driver and only logs a
             # warning without one.
             "--pinned-memory-pool-byte-size=0",
