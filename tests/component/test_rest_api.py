@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest_asyncio
 
 from plinth_common.devstack import LocalPlatform, PlatformConfig
 from tests.helpers import eventually
+from tests.schemathesis_run import restrict, run_schemathesis
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -196,88 +196,20 @@ async def test_errors_are_google_rpc_status_json_as_over_grpc(
     await call(http, "POST", f"/v1/jobs/{theirs}:cancel", other_key)
 
 
-def _schemathesis(
-    doc: dict[str, Any], base_url: str, key: str, examples: int
-) -> tuple[list[str], Counter[int]]:
-    """Runs Schemathesis on each operation of ``doc``; returns the failures it found and the
-    count of each HTTP status it received."""
-    import hypothesis
-    import requests
-    import schemathesis
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.core.result import Err
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
-
-    schema = schemathesis.openapi.from_dict(doc)
-    failures: list[str] = []
-    statuses: Counter[int] = Counter()
-    session = requests.Session()
-    for result in schema.get_all_operations():
-        if isinstance(result, Err):
-            failures.append(f"the document does not load: {result.err()}")
-            continue
-        operation = result.ok()
-
-        @hypothesis.settings(
-            max_examples=examples,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            suppress_health_check=list(hypothesis.HealthCheck),
-            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
-        )
-        @hypothesis.given(case=operation.as_strategy())
-        def run(case: Any) -> None:
-            response = case.call_and_validate(
-                base_url=base_url,
-                session=session,
-                headers=auth(key),
-                timeout=10,
-                checks=[
-                    not_a_server_error,
-                    response_schema_conformance,
-                    status_code_conformance,
-                    content_type_conformance,
-                ],
-            )
-            statuses[response.status_code] += 1
-
-        try:
-            run()
-        except Exception as exc:  # noqa: BLE001 - collected to report every operation at once
-            failures.append(f"{operation.label}: {exc}"[:2000])
-    session.close()
-    return failures, statuses
-
-
 async def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(
     platform: LocalPlatform, http: aiohttp.ClientSession
 ) -> None:
     _, doc = await call(http, "GET", "/openapi.json", None)
     tags = {"SchedulerService", "IdentityService", "EventService"}
     # Left out: streams (NDJSON, WatchEvents never ends), job submission (it would run the
-    # generated programs) and the queue configuration (it would replace the platform's),
-    # and services this test does not start (registry, features, serving: 503 by design).
+    # generated programs) and the queue configuration (it would replace the platform's).
+    # The registry, features and serving (not started here) are driven by
+    # tests/e2e/test_rest_api_schema.py against the whole platform.
     skipped = {"SchedulerService_SubmitJob", "SchedulerService_ApplyQueueConfig"}
-    paths: dict[str, Any] = {}
-    for path, operations in doc["paths"].items():
-        kept = {
-            verb: op
-            for verb, op in operations.items()
-            if op["tags"][0] in tags
-            and op["operationId"] not in skipped
-            and "application/x-ndjson" not in op["responses"]["200"]["content"]
-        }
-        if kept:
-            paths[path] = kept
-    doc = {**doc, "paths": paths}
-    assert len([op for ops in paths.values() for op in ops]) >= 15
+    doc = restrict(doc, tags, skipped)
+    assert len([op for ops in doc["paths"].values() for op in ops]) >= 15
     failures, statuses = await asyncio.to_thread(
-        _schemathesis, doc, platform.http_url, platform.admin_key, 20
+        run_schemathesis, doc, platform.http_url, platform.admin_key, 20
     )
     assert not failures, "\n\n".join(failures)
     # The generated requests reached the methods, not only the transcoder's refusals.
