@@ -130,6 +130,8 @@ class Reconciler:
         clock: monotonic seconds (the back-off's time).
         publisher: the inference data plane's routing table, pushed every route change (None:
             inference only on the Python path).
+        on_rollout: told each rollout's outcome (``completed``, ``failed``, ``rolled_back``):
+            serving's ``plinth_serving_rollouts_total``.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class Reconciler:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         publisher: RoutePublisher | None = None,
+        on_rollout: Callable[[str], None] | None = None,
     ) -> None:
         self._db = db
         self._store = store
@@ -169,6 +172,7 @@ class Reconciler:
         self._limits: dict[str, Limits] = {}
         self._slos: dict[str, Slo] = {}
         self._publisher = publisher
+        self._on_rollout = on_rollout or (lambda _outcome: None)
         self._publish_lock = asyncio.Lock()
         self._publish_failed = False
         # Triton models out of every route whose unload waits for a route push the data plane
@@ -675,6 +679,7 @@ class Reconciler:
         # Load new, switch the routes (here and in the data plane), drain, then unload old.
         published = await self.publish()
         log.info("deployment %s: traffic moved to v%s", name, version)
+        self._on_rollout("completed")
         await self._unload_after_grace(old - {model}, published=published)
 
     async def _unload_after_grace(self, models: set[str], *, published: bool = True) -> None:
@@ -858,6 +863,7 @@ class Reconciler:
             if stable is not None:
                 self._set_routes(saved, stable)
         log.warning("deployment %s: canaries rolled back: %s", name, reason)
+        self._on_rollout("rolled_back")
         published = await self.publish()
         if not unloaded:
             await self._unload_after_grace(old - self._in_use(name), published=published)
@@ -889,6 +895,8 @@ class Reconciler:
             )
             if saved is not None:
                 await self._events.failed(session, saved, version, reason)
+        if saved is not None:
+            self._on_rollout("failed")
 
     async def _postpone(self, name: str, version: str, model: str, reason: str) -> None:
         delay = self._engine_backoff.failed(name, self._clock())
