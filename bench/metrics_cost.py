@@ -1,178 +1,478 @@
-"""What the metrics cost: a ``GetJob``-like unary call's throughput with metrics on versus off,
-in the same run.
+"""What the metrics cost: the real scheduler's ``GetJob`` and serving's ``ModelInfer`` with
+metrics on versus off, in the same run (issue 11).
 
-A server process (this module with ``--serve``) runs two :class:`~plinth_common.grpc_server.
-GrpcServer` on one event loop, each with the scheduler's generated ``SchedulerService`` whose
-``GetJob`` answers a filled-in ``Job`` from memory (no store: the call's own cost is all there is,
-so the metrics' share is as large as it can be). Both run production tracing (the OpenTelemetry
-server interceptor, spans batched and discarded); one also has the process's
-:class:`~plinth_common.metrics.Metrics` (the gRPC interceptor, a latency exemplar per call) and
-its HTTP endpoint, scraped once a second by this client (Prometheus would scrape every 15 s).
-The client measures each server for a fixed time at concurrency 1 and 16, the two taking turns in
-ABBA rounds so that the machine's drift hits both alike, and reads the server process's CPU time
-per call from /proc. It also times the recording itself in-process (one counter increment and one
-histogram observation with its exemplar, as the interceptor does per call).
+**GetJob.** Three scheduler processes (``LocalPlatform``: each with its SQLite store, its outbox
+and its own embedded nats-server; tracing as in production, nothing exported): one with metrics
+on, scraped once a second by this client (Prometheus would scrape every 15 s), one with
+``PLINTH_METRICS=off``, and a second one off, whose figures against the first show how far this
+machine's noise goes. Each runs one finished job; ``GetJob`` of it is measured at concurrency 1
+and 16 for a fixed time per round, the three taking turns in rotating rounds so that the
+machine's drift hits all alike. The scheduler's CPU time per call is read from /proc.
 
-    python -m bench.metrics_cost           # ~1 minute
-    python -m bench.metrics_cost --quick   # ~15 s smoke run
+**ModelInfer.** Three serving processes (``python -m services.serving``, each launching its own
+Triton, with its own nats-server), on and off as above, each with one deployment of a small
+scikit-learn model (Ridge on the diabetes data, 1 x 10 FP64, no dynamic batching), promoted the
+way the registry does; single-row ``ModelInfer`` calls go to serving's KServe v2 endpoint (the
+Python path, which the gRPC server's metrics cover, and serving's inference metrics where they
+are recorded) in rotating rounds at concurrency 1 and 16. Serving's CPU time per call and its
+Triton's are read from /proc. The HAProxy data plane is off (``PLINTH_SERVING_DATAPLANE=off``):
+its figures are HAProxy's own, which ``PLINTH_METRICS`` does not switch.
+
+Last, in-process and free of the machine's noise: the CPU the recording itself adds to one call
+in the gRPC wrapper (a counter increment and a histogram observation with its exemplar), set
+against each part's CPU per call.
+
+    python -m bench.metrics_cost                 # ~4 minutes
+    python -m bench.metrics_cost --quick         # ~2 minutes
+    python -m bench.metrics_cost --only getjob   # or modelinfer
 
 Prints figures and ratios; never asserts. Target (issue 11): throughput with metrics at most 5%
-lower than without. A full ``GetJob`` through the real scheduler and ``ModelInfer`` version is
-the second part of issue 11.
+lower than without (on/off >= 0.95).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import secrets
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
-from bench.common import (
-    install_production_tracing,
-    machine_line,
-    ms,
-    percentile,
-    print_table,
-    rate,
+from bench.common import machine_line, ms, percentile, print_table, rate
+from bench.gateway_overhead import wait_for_job_end
+from bench.inference import (
+    CALLER,
+    MODEL,
+    TEAM,
+    _log_model,
+    _request,
+    _start_registry,
+    _wait_serving,
+    cpu_seconds,
+    descendants,
 )
-from bench.gateway_overhead import cpu_seconds
+from plinth.events.v1 import events_pb2
 from plinth.scheduler.v1 import scheduler_pb2 as pb
 from plinth.scheduler.v1 import scheduler_pb2_grpc
-from plinth_common.grpc_server import GrpcServer, MethodMetrics, _wrap_unary
+from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
+from plinth_common.auth import PRINCIPAL_HEADER, InternalTokens, identity_interceptors
+from plinth_common.devstack import LocalPlatform, PlatformConfig
+from plinth_common.events import new_event
+from plinth_common.grpc_server import MethodMetrics, _wrap_unary
 from plinth_common.metrics import Metrics
-from plinth_common.net import free_tcp_port, wait_for_port
+from plinth_common.nats_server import NatsServer
+from plinth_common.net import free_tcp_port
 
 TARGET_FRACTION = 0.95
-SERVICE = "plinth.scheduler.v1.SchedulerService"
-
-
-def _job() -> pb.Job:
-    now = Timestamp(seconds=1_764_000_000)
-    return pb.Job(
-        id="j-0123456789abcdef",
-        spec=pb.JobSpec(name="train-resnet", team="vision", entrypoint=["python", "train.py"]),
-        state=pb.JOB_STATE_RUNNING,
-        created_at=now,
-        started_at=now,
-        admitted_at=now,
-        queue="vision",
-        flavor="default",
-        priority="normal",
-        attempt=1,
-        queue_wait_seconds=12.5,
-        outputs={"checkpoint": "s3://bucket/vision/j-0123456789abcdef/ckpt"},
-    )
-
-
-class Jobs(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """``GetJob`` from memory."""
-
-    def __init__(self) -> None:
-        self._job = _job()
-
-    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        return self._job
-
-
-#: The servers of the server process, in port order: without metrics, with them, and a second
-#: one without, whose figures against the first show how far this machine's noise goes.
+#: The processes of each part: metrics on, off, and off again (the noise control).
 VARIANTS = ("off", "on", "control")
+#: What switches a process's metrics off (``CommonSettings.metrics_enabled``).
+METRICS_OFF = {"PLINTH_METRICS": "off"}
+DEPLOYMENT = "bench-metrics"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-async def serve(ports: list[int], metrics_port: int) -> None:
-    """The server process: the same servicer with and without metrics, until stdin closes."""
-    install_production_tracing("bench-metrics-cost", sqlalchemy=False)
-    from plinth_common.telemetry import instrument_grpc_aio
-
-    instrument_grpc_aio(clients=False)
-    metrics = Metrics("scheduler")
-    servers = [
-        GrpcServer(host="127.0.0.1", port=port, metrics=metrics if variant == "on" else None)
-        for variant, port in zip(VARIANTS, ports, strict=True)
-    ]
-    for server in servers:
-        server.add(scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, Jobs(), SERVICE)
-        await server.start()
-        await server.set_serving(True)
-    await metrics.serve("127.0.0.1", metrics_port)
-    print("ready", flush=True)
-    await asyncio.to_thread(sys.stdin.read)  # the client closes stdin when done
-    for server in servers:
-        await server.stop(0)
-    await metrics.close()
+def _env_of(variant: str) -> dict[str, str]:
+    return {} if variant == "on" else dict(METRICS_OFF)
 
 
 @dataclass
 class Round:
+    """One measured window of one process."""
+
     calls: int
     seconds: float
-    cpu_s: float
+    cpu_s: dict[str, float]
     latencies: list[float] = field(default_factory=list)
+    errors: int = 0
 
     @property
     def throughput(self) -> float:
         return self.calls / self.seconds
 
 
-async def measure(port: int, concurrency: int, seconds: float, pid: int) -> Round:
-    """Calls ``GetJob`` from ``concurrency`` workers for ``seconds``."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        request = pb.GetJobRequest(job_id="j-0123456789abcdef")
-        await stub.GetJob(request, timeout=10)  # connected before the clock starts
-        latencies: list[float] = []
-        stop_at = time.perf_counter() + seconds
+async def closed_loop(
+    call: Callable[[], Awaitable[object]],
+    concurrency: int,
+    seconds: float,
+    pids: dict[str, list[int]],
+) -> Round:
+    """``concurrency`` workers repeat ``call`` for ``seconds``; CPU of ``pids`` from /proc."""
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
 
-        async def worker() -> int:
-            n = 0
-            while time.perf_counter() < stop_at:
-                began = time.perf_counter()
-                await stub.GetJob(request, timeout=10)
-                latencies.append(time.perf_counter() - began)
-                n += 1
-            return n
+    async def worker() -> int:
+        nonlocal errors
+        n = 0
+        while time.perf_counter() < stop_at:
+            began = time.perf_counter()
+            try:
+                await call()
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - began)
+            n += 1
+        return n
 
-        cpu_before, began = cpu_seconds(pid), time.perf_counter()
-        counts = await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu_before
-    return Round(sum(counts), elapsed, cpu, latencies)
+    cpu_before = {name: cpu_seconds(group) for name, group in pids.items()}
+    began = time.perf_counter()
+    counts = await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    cpu = {name: cpu_seconds(group) - cpu_before[name] for name, group in pids.items()}
+    return Round(sum(counts), elapsed, cpu, latencies, errors)
 
 
-async def scrape_forever(port: int) -> None:
-    """Scrapes the metrics endpoint once a second (in a thread, as a remote scraper would)."""
-    url = f"http://127.0.0.1:{port}/metrics"
-    accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+@dataclass(frozen=True)
+class Target:
+    """One process under test: how to call it once, and whose CPU to read."""
 
-    def get() -> None:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=accept), timeout=5) as r:
-            r.read()
+    call: Callable[[], Awaitable[object]]
+    pids: dict[str, list[int]]
 
+
+@dataclass
+class PartResult:
+    """The rounds of every variant at one concurrency."""
+
+    concurrency: int
+    rounds: dict[str, list[Round]]
+
+    def throughput(self, variant: str) -> float:
+        return statistics.median(r.throughput for r in self.rounds[variant])
+
+    def ratio(self, variant: str) -> float:
+        return self.throughput(variant) / self.throughput("off")
+
+    def cpu_us(self, variant: str, process: str) -> float:
+        rounds = self.rounds[variant]
+        calls = sum(r.calls for r in rounds)
+        return sum(r.cpu_s[process] for r in rounds) / calls * 1e6 if calls else float("nan")
+
+    def latency_ms(self, variant: str, q: float) -> float:
+        found = sorted(x for r in self.rounds[variant] for x in r.latencies)
+        return percentile(found, q) * 1000
+
+    def errors(self) -> int:
+        return sum(r.errors for rounds in self.rounds.values() for r in rounds)
+
+
+async def rotate(
+    targets: dict[str, Target], concurrency: int, rounds: int, seconds: float
+) -> PartResult:
+    """A warm-up of each target, then ``rounds`` rounds whose order rotates, so that no variant
+    always follows another."""
+    for target in targets.values():
+        await closed_loop(target.call, concurrency, seconds / 2, target.pids)
+    found: dict[str, list[Round]] = {variant: [] for variant in targets}
+    names = list(targets)
+    for i in range(rounds):
+        shift = i % len(names)
+        for variant in names[shift:] + names[:shift]:
+            target = targets[variant]
+            found[variant].append(await closed_loop(target.call, concurrency, seconds, target.pids))
+    return PartResult(concurrency, found)
+
+
+def _scrape(url: str, *, openmetrics: bool = True) -> str:
+    accept = {"Accept": "application/openmetrics-text; version=1.0.0"} if openmetrics else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=accept), timeout=5) as r:
+        return str(r.read().decode())
+
+
+async def scrape_forever(url: str) -> None:
+    """Scrapes ``url`` once a second, as Prometheus does (OpenMetrics, with exemplars), in a
+    thread, as a remote scraper would."""
     while True:
-        await asyncio.to_thread(get)
+        await asyncio.to_thread(_scrape, url)
         await asyncio.sleep(1.0)
 
 
-def _throughput(rounds: list[Round]) -> float:
-    return statistics.median(r.throughput for r in rounds)
+def counted_calls(text: str, method: str) -> float:
+    """The OK count of ``method`` in a classic-text scrape (0 when absent)."""
+    prefix = "plinth_grpc_server_requests_total{"
+    return sum(
+        float(line.split("}", 1)[1].split()[0])
+        for line in text.splitlines()
+        if line.startswith(prefix) and f'method="{method}"' in line and 'code="OK"' in line
+    )
 
 
-def _cpu_us(rounds: list[Round]) -> float:
-    return sum(r.cpu_s for r in rounds) / sum(r.calls for r in rounds) * 1e6
+def print_part(title: str, results: list[PartResult], processes: Sequence[str]) -> None:
+    """The part's table: throughput, ratios, CPU per call, latency."""
+    rows = []
+    for result in results:
+        rows.append(
+            [
+                f"concurrency {result.concurrency}",
+                " / ".join(rate(result.throughput(v)) for v in VARIANTS),
+                f"{result.ratio('on'):.3f}",
+                f"{result.ratio('control'):.3f}",
+                *(
+                    " / ".join(f"{result.cpu_us(v, process):.0f}" for v in VARIANTS)
+                    for process in processes
+                ),
+                " / ".join(ms(result.latency_ms(v, 50)) for v in VARIANTS),
+                " / ".join(ms(result.latency_ms(v, 99)) for v in VARIANTS),
+                str(result.errors()),
+            ]
+        )
+    print_table(
+        title,
+        [
+            "",
+            "calls/s off / on / control",
+            "on/off",
+            "control/off",
+            *(f"{process} CPU us/call" for process in processes),
+            "p50 ms",
+            "p99 ms",
+            "errors",
+        ],
+        rows,
+    )
 
 
-def _latency(rounds: list[Round], q: float) -> str:
-    return ms(percentile(sorted(x for r in rounds for x in r.latencies), q) * 1000)
+# -- GetJob through the real scheduler ----------------------------------------------------------
+
+
+@asynccontextmanager
+async def scheduler(root: Path, variant: str) -> AsyncIterator[LocalPlatform]:
+    """A scheduler process (and its nats-server) with metrics on or off, until the block ends."""
+    env = {
+        "OTEL_TRACES_EXPORTER": "none",
+        "PLINTH_SCHEDULER_MLFLOW_AUTH": "none",
+        "PLINTH_LOG_LEVEL": "WARNING",
+        **_env_of(variant),
+    }
+    config = PlatformConfig.ephemeral(root / variant, services=("scheduler",), env=env)
+    platform = LocalPlatform(config)
+    try:
+        await platform.start(timeout=120)
+        yield platform
+    finally:
+        await platform.stop()
+
+
+async def getjob_part(root: Path, rounds: int, seconds: float) -> list[PartResult]:
+    """Measures ``GetJob`` on the three schedulers; prints what each one's endpoint shows."""
+    async with AsyncExitStack() as stack:
+        t0 = time.perf_counter()
+        platforms = {v: await stack.enter_async_context(scheduler(root, v)) for v in VARIANTS}
+        targets: dict[str, Target] = {}
+        made = dict.fromkeys(VARIANTS, 0)
+        for variant, platform in platforms.items():
+            channel = platform.service_channel("scheduler")
+            stack.push_async_callback(channel.close)
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            submitted = await stub.SubmitJob(
+                pb.SubmitJobRequest(
+                    spec=pb.JobSpec(name="bench-getjob", team="bench", entrypoint=["true"])
+                ),
+                timeout=30,
+            )
+            await wait_for_job_end(stub, submitted.job.id)
+            targets[variant] = Target(
+                _counting(stub.GetJob, pb.GetJobRequest(job_id=submitted.job.id), made, variant),
+                {"scheduler": [platform.processes["scheduler"].pid]},
+            )
+        print(f"three schedulers up, one job each, in {time.perf_counter() - t0:.0f} s", flush=True)
+        on_url = platforms["on"].metrics_url("scheduler")
+        scraper = asyncio.create_task(scrape_forever(on_url))
+        try:
+            results = [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
+        finally:
+            scraper.cancel()
+        text = await asyncio.to_thread(partial(_scrape, on_url, openmetrics=False))
+        scraped = counted_calls(text, "GetJob")
+        print(
+            f"the 'on' scheduler's endpoint counts {scraped:,.0f} OK GetJob calls; the client"
+            f" made {made['on']:,} (the job's wait made a few more)"
+        )
+        for variant in ("off", "control"):
+            url = platforms[variant].metrics_url("scheduler")
+            print(f"the '{variant}' scheduler's metrics port: {_answers(url)}")
+    return results
+
+
+def _counting(
+    method: Callable[..., Awaitable[object]], request: object, made: dict[str, int], variant: str
+) -> Callable[[], Awaitable[object]]:
+    async def call() -> object:
+        reply = await method(request, timeout=10)
+        made[variant] += 1
+        return reply
+
+    return call
+
+
+def _answers(url: str) -> str:
+    try:
+        _scrape(url)
+    except OSError as exc:
+        return f"does not answer, as it should not ({type(exc).__name__})"
+    return "ANSWERS: the switch did not switch"
+
+
+# -- ModelInfer through serving (the Python path) -----------------------------------------------
+
+
+@dataclass
+class Serving:
+    """A serving process with its Triton and nats-server."""
+
+    process: subprocess.Popen[bytes]
+    nats: NatsServer
+    address: str
+    log: Path
+
+
+async def start_serving(
+    work: Path, variant: str, tracking_uri: str, registry: str, internal_key: str
+) -> Serving:
+    """Starts nats-server and ``python -m services.serving`` (which launches Triton)."""
+    nats = NatsServer(work / variant / "nats", sync_interval="2m")
+    await nats.start()
+    port = free_tcp_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLINTH_")}
+    env.update(
+        PLINTH_DATA_DIR=str(work / variant / "data"),
+        PLINTH_NATS_URL=nats.url,
+        PLINTH_SERVING_PORT=str(port),
+        PLINTH_SERVING_METRICS_PORT=str(free_tcp_port()),
+        PLINTH_TRITON_GRPC_PORT=str(free_tcp_port()),
+        PLINTH_TRITON_HTTP_PORT=str(free_tcp_port()),
+        PLINTH_SERVING_DATAPLANE="off",
+        PLINTH_MLFLOW_TRACKING_URI=tracking_uri,
+        PLINTH_REGISTRY_ADDR=registry,
+        PLINTH_INTERNAL_KEY=internal_key,
+        PLINTH_LOG_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+        **_env_of(variant),
+    )
+    env.setdefault("OTEL_TRACES_EXPORTER", "none")
+    log = work / f"serving-{variant}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.serving"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return Serving(process, nats, f"127.0.0.1:{port}", log)
+
+
+async def stop_serving(serving: Serving) -> None:
+    """SIGTERM (serving stops its Triton), SIGKILL after 30 s; then its nats-server."""
+    if serving.process.poll() is None:
+        serving.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(serving.process.wait, 30)
+        except subprocess.TimeoutExpired:
+            serving.process.kill()
+            await asyncio.to_thread(serving.process.wait)
+    await serving.nats.stop()
+
+
+async def deploy(serving: Serving, source: str, tokens: InternalTokens) -> None:
+    """Creates the deployment, promotes version 1 by the registry's event, waits for READY."""
+    async with grpc.aio.insecure_channel(
+        serving.address, interceptors=identity_interceptors(tokens, CALLER)
+    ) as channel:
+        stub = serving_pb2_grpc.ServingServiceStub(channel)
+        settings = serving_pb2.TritonSettings(
+            max_batch_size=64, max_queue_delay_microseconds=0, instance_count=1
+        )
+        await stub.CreateDeployment(
+            serving_pb2.CreateDeploymentRequest(
+                name=DEPLOYMENT, team=TEAM, model_name=MODEL, triton=settings
+            )
+        )
+        import nats
+
+        promoted = events_pb2.ModelPromoted(
+            model_name=MODEL, alias="production", version="1", team=TEAM, source=source
+        )
+        event = new_event(promoted, source="/plinth/registry", subject=MODEL, team=TEAM)
+        nc = await nats.connect(serving.nats.url)
+        try:
+            await nc.jetstream().publish(event.type, event.data, headers=event.headers())
+        finally:
+            await nc.close()
+        deadline = time.monotonic() + 240
+        while True:
+            found = await stub.GetDeployment(serving_pb2.GetDeploymentRequest(name=DEPLOYMENT))
+            if found.state == serving_pb2.DEPLOYMENT_STATE_READY:
+                return
+            if found.state == serving_pb2.DEPLOYMENT_STATE_FAILED or time.monotonic() > deadline:
+                state = serving_pb2.DeploymentState.Name(found.state)
+                raise RuntimeError(f"{serving.address}: {state} {found.last_error}")
+            await asyncio.sleep(0.3)
+
+
+def _infer(channel: grpc.aio.Channel, tokens: InternalTokens) -> Callable[[], Awaitable[object]]:
+    """One pre-serialized single-row ``ModelInfer`` carrying the forwarded identity."""
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    payload = _request(DEPLOYMENT)
+
+    async def call() -> object:
+        return await infer(payload, timeout=30, metadata=((PRINCIPAL_HEADER, tokens.mint(CALLER)),))
+
+    return call
+
+
+async def modelinfer_part(work: Path, rounds: int, seconds: float) -> list[PartResult]:
+    """Measures ``ModelInfer`` through the three serving processes."""
+    registry, registry_address = await _start_registry()
+    internal_key = secrets.token_hex(32)
+    tokens = InternalTokens(internal_key.encode())
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    started: dict[str, Serving] = {}
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(registry.stop, 0)
+        t0 = time.perf_counter()
+        for variant in VARIANTS:
+            started[variant] = await start_serving(
+                work, variant, tracking_uri, registry_address, internal_key
+            )
+            stack.push_async_callback(stop_serving, started[variant])
+        source = await asyncio.to_thread(_log_model, tracking_uri, work / "artifacts")
+        targets: dict[str, Target] = {}
+        for variant, serving in started.items():
+            await _wait_serving(serving.address, serving.process, serving.log, timeout=240)
+            await deploy(serving, source, tokens)
+            channel = grpc.aio.insecure_channel(serving.address)
+            stack.push_async_callback(channel.close)
+            pids = {"serving": [serving.process.pid], "triton": descendants(serving.process.pid)}
+            targets[variant] = Target(_infer(channel, tokens), pids)
+        print(
+            f"three serving processes with Triton up, a deployment each, in"
+            f" {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        return [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
+
+
+# -- the recording alone, in-process ------------------------------------------------------------
 
 
 class _Context:
@@ -185,8 +485,11 @@ class _Context:
 async def wrapper_cost_us(n: int = 50_000, repeats: int = 5) -> float:
     """CPU microseconds the metrics add to one call in the error-mapping wrapper (the median of
     ``repeats`` runs of ``n`` calls each way, inside a sampled span as in production)."""
+    from bench.common import install_production_tracing
+
+    install_production_tracing("bench-metrics-cost", sqlalchemy=False)
     metrics = Metrics("bench")
-    path = f"/{SERVICE}/GetJob"
+    path = "/plinth.scheduler.v1.SchedulerService/GetJob"
 
     async def handler(request: bytes, context: _Context) -> bytes:
         return request
@@ -204,118 +507,79 @@ async def wrapper_cost_us(n: int = 50_000, repeats: int = 5) -> float:
             await wrapped(b"x", context)
         return (time.process_time() - began) / n * 1e6
 
-    async def differences() -> list[float]:
-        found = []
-        with trace.get_tracer("bench").start_as_current_span("call"):
-            for _ in range(repeats):
-                found.append(await cpu_per_call(measured) - await cpu_per_call(plain))
-        return found
-
-    return statistics.median(await differences())
+    found = []
+    with trace.get_tracer("bench").start_as_current_span("call"):
+        for _ in range(repeats):
+            found.append(await cpu_per_call(measured) - await cpu_per_call(plain))
+    return statistics.median(found)
 
 
-async def run(rounds: int, seconds: float, concurrencies: tuple[int, ...]) -> None:
-    ports = [free_tcp_port() for _ in VARIANTS]
-    metrics_port = free_tcp_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.metrics_cost", "--serve"]
-        + [str(port) for port in (*ports, metrics_port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+# -- the run -----------------------------------------------------------------------------------
+
+
+def verdict(name: str, results: list[PartResult], process: str, added_us: float) -> str:
+    """One line: the measured ratios against the target, the noise, the CPU-based estimate."""
+    worst = min(r.ratio("on") for r in results)
+    noise = max(abs(r.ratio("control") - 1) for r in results)
+    cpu_off = min(r.cpu_us("off", process) for r in results)
+    estimate = cpu_off / (cpu_off + added_us)
+    return (
+        f"{name}: on/off >= {TARGET_FRACTION:.2f}: {'met' if worst >= TARGET_FRACTION else 'missed'}"
+        f" as measured (worst {worst:.3f}; this run's noise, control/off, reached {noise:.1%});"
+        f" the recording's {added_us:.1f} us against {cpu_off:.0f} us of {process} CPU per call"
+        f" bounds it at {estimate:.3f}"
     )
-    port_of = dict(zip(VARIANTS, ports, strict=True))
-    try:
-        assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError("the server process did not start")
-        for port in (*ports, metrics_port):
-            await wait_for_port("127.0.0.1", port, timeout=10)
-        scraper = asyncio.create_task(scrape_forever(metrics_port))
-        print(machine_line())
-        rows = []
-        cpu_off: list[float] = []
-        fractions: list[tuple[float, float]] = []
-        for concurrency in concurrencies:
-            for variant in VARIANTS:  # warm-up
-                await measure(port_of[variant], concurrency, seconds / 2, server.pid)
-            results: dict[str, list[Round]] = {variant: [] for variant in VARIANTS}
-            for i in range(rounds):
-                # Each round rotates the order, so no variant always follows another.
-                order = VARIANTS[i % 3 :] + VARIANTS[: i % 3]
-                for variant in order:
-                    results[variant].append(
-                        await measure(port_of[variant], concurrency, seconds, server.pid)
-                    )
 
-            on_off = _throughput(results["on"]) / _throughput(results["off"])
-            control_off = _throughput(results["control"]) / _throughput(results["off"])
-            fractions.append((on_off, control_off))
-            cpu_off.append(_cpu_us(results["off"]))
-            rows.append(
-                [
-                    f"concurrency {concurrency}",
-                    " / ".join(rate(_throughput(results[v])) for v in VARIANTS),
-                    f"{on_off:.3f}",
-                    f"{control_off:.3f}",
-                    " / ".join(f"{_cpu_us(results[v]):.0f}" for v in VARIANTS),
-                    " / ".join(_latency(results[v], 50) for v in VARIANTS),
-                    " / ".join(_latency(results[v], 99) for v in VARIANTS),
-                ]
+
+async def run(parts: Sequence[str], rounds: int, seconds: float) -> None:
+    print(f"bench.metrics_cost | {machine_line()}", flush=True)
+    began = time.perf_counter()
+    found: dict[str, list[PartResult]] = {}
+    work = Path(tempfile.mkdtemp(prefix="plinth-bench-metrics-"))
+    try:
+        if "getjob" in parts:
+            found["getjob"] = await getjob_part(work / "getjob", rounds, seconds)
+            print_part(
+                f"GetJob on the real scheduler with metrics off, on (scraped every second) and"
+                f" off again (the noise control); {rounds} rotating rounds of {seconds:g} s,"
+                f" median throughput | {machine_line()}",
+                found["getjob"],
+                ("scheduler",),
             )
-        scraper.cancel()
-        print_table(
-            f"GetJob-like unary calls without metrics, with them, and without again (the noise"
-            f" control); {rounds} rotating rounds of {seconds:g} s, median throughput",
-            [
-                "",
-                "calls/s off / on / control",
-                "on/off",
-                "control/off",
-                "server CPU us/call",
-                "p50 ms",
-                "p99 ms",
-            ],
-            rows,
-        )
-        added = await wrapper_cost_us()
-        estimate = min(cpu / (cpu + added) for cpu in cpu_off)
-        print(
-            f"the metrics add {added:.1f} us of CPU per call (in-process, counter + histogram"
-            f" with its exemplar); against {min(cpu_off):.0f} us of server CPU per call that is"
-            f" a throughput of {estimate:.3f} of the off server's for a CPU-bound service"
-        )
-        worst = min(on for on, _ in fractions)
-        noise = max(abs(control - 1) for _, control in fractions)
-        verdict = "met" if worst >= TARGET_FRACTION else "missed"
-        print(
-            f"target: on/off >= {TARGET_FRACTION:.2f}: {verdict} as measured (worst {worst:.3f});"
-            f" the same run's noise, control/off, reached {noise:.1%}; CPU-based estimate"
-            f" {estimate:.3f}: {'met' if estimate >= TARGET_FRACTION else 'missed'}"
-        )
+        if "modelinfer" in parts:
+            (work / "modelinfer").mkdir(parents=True)
+            found["modelinfer"] = await modelinfer_part(work / "modelinfer", rounds, seconds)
+            print_part(
+                f"ModelInfer through serving (Python path, Triton, 1 x 10 FP64 Ridge) with"
+                f" metrics off, on and off again; {rounds} rotating rounds of {seconds:g} s,"
+                f" median throughput | {machine_line()}",
+                found["modelinfer"],
+                ("serving", "triton"),
+            )
     finally:
-        if server.stdin is not None:
-            server.stdin.close()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    added = await wrapper_cost_us()
+    print(f"the recording adds {added:.1f} us of CPU per call (in-process, counter + histogram)")
+    processes = {"getjob": "scheduler", "modelinfer": "serving"}
+    for name, results in found.items():
+        print(verdict(name, results, processes[name], added))
+    print(f"total {time.perf_counter() - began:.0f} s | at the end: {machine_line()}")
 
 
 def main() -> None:
-    """Runs the benchmark (or, with ``--serve``, its server process)."""
+    """Runs the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--rounds", type=int, default=0, help="ABBA rounds per concurrency")
-    parser.add_argument("--serve", nargs=len(VARIANTS) + 1, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=0, help="rotating rounds per concurrency")
+    parser.add_argument("--seconds", type=float, default=0.0, help="seconds per round")
+    parser.add_argument(
+        "--only", choices=("getjob", "modelinfer"), default=None, help="run one part only"
+    )
     args = parser.parse_args()
-    if args.serve:
-        asyncio.run(serve(args.serve[:-1], args.serve[-1]))
-        return
-    rounds = args.rounds or (4 if args.quick else 10)
-    seconds = 1.0 if args.quick else 2.5
-    asyncio.run(run(rounds, seconds, (1, 16)))
+    rounds = args.rounds or (3 if args.quick else 6)
+    seconds = args.seconds or (1.0 if args.quick else 2.0)
+    parts = (args.only,) if args.only else ("getjob", "modelinfer")
+    asyncio.run(run(parts, rounds, seconds))
 
 
 if __name__ == "__main__":
