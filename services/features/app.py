@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from services.features.feast_engine import FeastEngine, FeastSettings
 from services.features.repository import Limits, RepositoryFolder
 from services.features.service import FeaturesService
 from services.features.servicer import FeaturesServicer
-from services.features.store import outbox_table, processed_table
+from services.features.store import SqlFreshnessStore, outbox_table, processed_table
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Feast's file registry logs "Registry cache expired, so refreshing" at INFO on every cache
@@ -84,7 +85,8 @@ class FeaturesSettings:
 class FeatureMetrics:
     """Online read latency and freshness per feature view (view names are admin-declared, so
     the labels stay bounded). Freshness is computed at each scrape from the newest data time
-    this process saw (unknown, so absent, for a view not refreshed since the process started)."""
+    the service knows (restored at start from its store and Feast's registry; absent for a view
+    never materialized nor pushed to; NaN once the view is deleted)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._reads = metrics.histogram(FEATURES_ONLINE_READ_DURATION)
@@ -105,9 +107,15 @@ class FeatureMetrics:
             if first:
                 self._freshness.labels(view).set_function(self._age_of(view))
 
+    def forgotten(self, views: Sequence[str]) -> None:
+        """The views were deleted: their freshness reads NaN (no age that keeps growing)."""
+        for view in views:
+            self._until.pop(view, None)
+
     def _age_of(self, view: str) -> Callable[[], float]:
         def age() -> float:
-            return max(0.0, time.time() - self._until[view])
+            until = self._until.get(view)
+            return math.nan if until is None else max(0.0, time.time() - until)
 
         return age
 
@@ -148,6 +156,7 @@ class FeaturesApp:
             ),
             limits=Limits(max_total_bytes=settings.max_repository_bytes),
             observer=FeatureMetrics(self.runtime.metrics),
+            freshness=SqlFreshnessStore(self.runtime.db),
         )
         self.runtime.server.add(
             features_pb2_grpc.add_FeaturesServiceServicer_to_server,
@@ -162,10 +171,16 @@ class FeaturesApp:
         return self.runtime.server.port
 
     async def start(self) -> None:
-        """Serves at once (NOT_SERVING) while Feast loads; SERVING once it answers."""
+        """Serves at once (NOT_SERVING) while Feast loads; SERVING once it answers.
+
+        Freshness is known from the first scrape after the store is migrated (the store's
+        times), and before SERVING with Feast's registry merged in.
+        """
         await self.runtime.start()
-        await self.health.start()
+        await self.service.load_freshness()
         await self.feast.start()
+        await self.service.restore_freshness()
+        await self.health.start()
         # Feast, pandas, dask and pyarrow leave ~200k long-lived objects; each full collection
         # that scans them stalls the loop, and the requests in flight, for 50-150 ms. None of
         # it is garbage: exempt it from collection (newer objects are collected as usual).
@@ -175,6 +190,10 @@ class FeaturesApp:
     async def stop(self) -> None:
         """Stops the server (draining calls), then the Feast workers, then Feast."""
         await self.health.stop()
+        # Drains the calls first, so that the last pushes' times are written (stopping the
+        # server again in runtime.stop is a no-op).
+        await self.runtime.server.stop()
+        await self.service.flush_freshness()
         await self.runtime.stop()
         # Waits for running Feast calls, then releases the worker threads.
         await asyncio.to_thread(self._reads.shutdown, wait=True)

@@ -110,6 +110,8 @@ class FeatureViewInfo:
     batch_source: str
     push_source: str
     tags: Mapping[str, str]
+    #: The end of the newest materialization Feast's registry records (None: never).
+    materialized_until: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -449,7 +449,15 @@ def _view_info(view: Any) -> FeatureViewInfo:
         batch_source=batch.name if batch is not None else "",
         push_source=stream.name if isinstance(stream, PushSource) else "",
         tags=dict(view.tags),
+        materialized_until=_utc(view.most_recent_end_time),
     )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # Feast keeps the registry's times naive or aware depending on the path they took.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
 
 
 def _ownership_of(store: feast.FeatureStore) -> Ownership:

@@ -51,10 +51,11 @@ from services.features.domain import (
     check_view_names,
     parse_feature_refs,
 )
+from services.features.freshness import FeatureObserver, Freshness, FreshnessStore
 from services.features.repository import DefinitionFiles, Limits, validate_files
 from services.features.tables import detect_format
 
-__all__ = ["FeatureEngine", "FeatureEvents", "FeaturesService"]
+__all__ = ["FeatureEngine", "FeatureEvents", "FeatureObserver", "FeaturesService"]
 
 log = logging.getLogger(__name__)
 
@@ -130,18 +131,6 @@ class FeatureEvents(Protocol):
         ...
 
 
-class FeatureObserver(Protocol):
-    """Told what the feature metrics count (the app records them; tests may listen)."""
-
-    def online_read(self, views: Sequence[str], seconds: float) -> None:
-        """An online read of ``views`` took ``seconds``."""
-        ...
-
-    def refreshed(self, views: Sequence[str], until: datetime) -> None:
-        """``views`` now hold data up to ``until`` (a materialization's end, or a push)."""
-        ...
-
-
 class FeaturesService:
     """Entities, feature views, materialization and retrieval on one feature repository.
 
@@ -150,6 +139,8 @@ class FeaturesService:
         db: the service's database (for the outbox).
         events: the event publisher.
         limits: bounds on ``ApplyRepository`` uploads.
+        observer: told of online reads and of each view's newest data (the metrics).
+        freshness: keeps each view's newest data time across restarts (None: in memory).
     """
 
     def __init__(
@@ -160,9 +151,11 @@ class FeaturesService:
         events: FeatureEvents,
         limits: Limits | None = None,
         observer: FeatureObserver | None = None,
+        freshness: FreshnessStore | None = None,
     ) -> None:
         self._engine = engine
         self._observer = observer
+        self._freshness = Freshness(freshness, observer)
         self._db = db
         self._events = events
         self._limits = limits or Limits()
@@ -199,6 +192,7 @@ class FeaturesService:
             except BaseException:
                 await self._engine.discard(staged)
                 raise
+        await self._freshness.keep_only(result.feature_views)
         log.info(
             "applied %d feature views, deleted %s",
             len(result.feature_views),
@@ -220,6 +214,22 @@ class FeaturesService:
         if _unrestricted(principal, permission):
             return None
         return await self._engine.ownership()
+
+    # --- freshness ----------------------------------------------------------------------------
+
+    async def load_freshness(self) -> None:
+        """Tells the observer each view's newest data time as the store knows it (at start,
+        before Feast loads)."""
+        await self._freshness.load()
+
+    async def restore_freshness(self) -> None:
+        """Tells the observer each view's newest data time as the store and Feast's registry
+        know it (at start, before serving: a restart shows no gap and no false "fresh")."""
+        await self._freshness.restore(await self._engine.list_feature_views())
+
+    async def flush_freshness(self) -> None:
+        """Writes the push times not written yet (at a graceful stop, after the last call)."""
+        await self._freshness.flush()
 
     # --- materialization ----------------------------------------------------------------------
 
@@ -317,8 +327,7 @@ class FeaturesService:
                     session, dataclasses.replace(result, feature_views=names), team=team
                 )
         log.info("materialized %s in %.3f s", list(result.feature_views), duration)
-        if self._observer is not None:
-            self._observer.refreshed(result.feature_views, end)
+        await self._freshness.materialized(result.feature_views, end)
         return result
 
     async def _teams_of(self, views: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -399,9 +408,8 @@ class FeaturesService:
                     name=push_source,
                 )
         written = await self._engine.push(push_source, rows, to_offline=to_offline)
-        if self._observer is not None:
-            fed = (await self._engine.ownership()).push_views.get(push_source, ())
-            self._observer.refreshed(tuple(fed), datetime.now(UTC))
+        fed = (await self._engine.ownership()).push_views.get(push_source, ())
+        await self._freshness.pushed(tuple(fed), datetime.now(UTC))
         return written
 
     # --- offline ------------------------------------------------------------------------------
