@@ -342,6 +342,7 @@ class Serving:
     nats: NatsServer
     address: str
     log: Path
+    metrics_url: str
 
 
 async def start_serving(
@@ -350,13 +351,13 @@ async def start_serving(
     """Starts nats-server and ``python -m services.serving`` (which launches Triton)."""
     nats = NatsServer(work / variant / "nats", sync_interval="2m")
     await nats.start()
-    port = free_tcp_port()
+    port, metrics_port = free_tcp_port(), free_tcp_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLINTH_")}
     env.update(
         PLINTH_DATA_DIR=str(work / variant / "data"),
         PLINTH_NATS_URL=nats.url,
         PLINTH_SERVING_PORT=str(port),
-        PLINTH_SERVING_METRICS_PORT=str(free_tcp_port()),
+        PLINTH_SERVING_METRICS_PORT=str(metrics_port),
         PLINTH_TRITON_GRPC_PORT=str(free_tcp_port()),
         PLINTH_TRITON_HTTP_PORT=str(free_tcp_port()),
         PLINTH_SERVING_DATAPLANE="off",
@@ -378,7 +379,8 @@ async def start_serving(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    return Serving(process, nats, f"127.0.0.1:{port}", log)
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return Serving(process, nats, f"127.0.0.1:{port}", log, metrics_url)
 
 
 async def stop_serving(serving: Serving) -> None:
@@ -469,7 +471,27 @@ async def modelinfer_part(work: Path, rounds: int, seconds: float) -> list[PartR
             f" {time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-        return [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
+        on_url = started["on"].metrics_url
+        scraper = asyncio.create_task(scrape_forever(on_url))
+        try:
+            results = [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
+        finally:
+            scraper.cancel()
+        text = await asyncio.to_thread(partial(_scrape, on_url, openmetrics=False))
+        made = sum(r.calls + r.errors for result in results for r in result.rounds["on"])
+        recorded = sorted(
+            {line.split("{")[0] for line in text.splitlines() if "serving_inference" in line}
+        )
+        print(
+            f"the 'on' serving's endpoint counts {counted_calls(text, 'ModelInfer'):,.0f} OK"
+            f" ModelInfer calls (the measured windows held {made:,}, warm-ups the rest); its"
+            f" inference series: {', '.join(recorded) or 'none recorded'}"
+        )
+        for variant in ("off", "control"):
+            print(
+                f"the '{variant}' serving's metrics port: {_answers(started[variant].metrics_url)}"
+            )
+        return results
 
 
 # -- the recording alone, in-process ------------------------------------------------------------
@@ -526,8 +548,8 @@ def verdict(name: str, results: list[PartResult], process: str, added_us: float)
     return (
         f"{name}: on/off >= {TARGET_FRACTION:.2f}: {'met' if worst >= TARGET_FRACTION else 'missed'}"
         f" as measured (worst {worst:.3f}; this run's noise, control/off, reached {noise:.1%});"
-        f" the recording's {added_us:.1f} us against {cpu_off:.0f} us of {process} CPU per call"
-        f" bounds it at {estimate:.3f}"
+        f" the gRPC wrapper's recording, {added_us:.1f} us, against {cpu_off:.0f} us of"
+        f" {process} CPU per call bounds it at {estimate:.3f} for a CPU-bound process"
     )
 
 
@@ -559,7 +581,10 @@ async def run(parts: Sequence[str], rounds: int, seconds: float) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     added = await wrapper_cost_us()
-    print(f"the recording adds {added:.1f} us of CPU per call (in-process, counter + histogram)")
+    print(
+        f"the gRPC wrapper's recording adds {added:.1f} us of CPU per call (in-process: a counter"
+        f" increment and a histogram observation with its exemplar, inside a sampled span)"
+    )
     processes = {"getjob": "scheduler", "modelinfer": "serving"}
     for name, results in found.items():
         print(verdict(name, results, processes[name], added))
