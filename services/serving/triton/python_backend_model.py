@@ -84,8 +84,13 @@ class TritonPythonModel:
                     f"the model returned {len(predictions)} predictions for {sum(rows)} rows"
                 )
         except Exception as exc:  # noqa: BLE001
-            error = pb_utils.TritonError(f"prediction failed: {type(exc).__name__}: {exc}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+            # One TritonError per response: with Triton 2.45's Python backend, one error shared
+            # by a batch's responses garbles their messages and then crashes Triton (SIGSEGV in
+            # libtriton_python.so, reproduced with 4 batched callers); one each does not.
+            message = f"prediction failed: {type(exc).__name__}: {exc}"
+            return [
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests
+            ]
         responses = []
         start = 0
         for count in rows:
