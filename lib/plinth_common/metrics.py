@@ -53,6 +53,13 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     5.0,
     10.0,
 )
+#: Inference latencies (seconds): the inference data plane's own bucket bounds
+#: (``services.serving.dataplane.tables.LATENCY_BOUNDS_MS``), so that serving re-exports the
+#: proxy's counts exactly; 0.1 (the inference-latency SLO's 100 ms) is one of them.
+INFERENCE_BUCKETS_S: tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
 #: Event publish-to-handle lag (seconds).
 LAG_BUCKETS_S: tuple[float, ...] = (
     0.005,
@@ -336,18 +343,22 @@ REGISTRY_PROMOTIONS = MetricSpec(
 SERVING_ROLLOUTS = MetricSpec(
     name="plinth_serving_rollouts_total",
     kind="counter",
-    help="Rollouts of a new version to a deployment, by outcome (completed, rolled_back).",
+    help=(
+        "Rollouts of a new version to a deployment, by outcome (completed; failed: it did not"
+        " load; rolled_back: its canaries were given back to the serving version)."
+    ),
     labels=("outcome",),
     exported_by="serving",
-    wired=False,
 )
 SERVING_INFERENCE_REQUESTS = MetricSpec(
     name="plinth_serving_inference_requests_total",
     kind="counter",
-    help="Inference requests on the data path, by deployment and version.",
+    help=(
+        "Inference requests answered on the data path (the data plane's and the Python path's),"
+        " by deployment and version."
+    ),
     labels=("deployment", "version"),
     exported_by="serving",
-    wired=False,
 )
 SERVING_INFERENCE_ERRORS = MetricSpec(
     name="plinth_serving_inference_errors_total",
@@ -355,7 +366,6 @@ SERVING_INFERENCE_ERRORS = MetricSpec(
     help="Inference requests that failed for a server reason (5xx, UNAVAILABLE, INTERNAL).",
     labels=("deployment", "version"),
     exported_by="serving",
-    wired=False,
 )
 SERVING_INFERENCE_SLOW = MetricSpec(
     name="plinth_serving_inference_slow_requests_total",
@@ -363,16 +373,14 @@ SERVING_INFERENCE_SLOW = MetricSpec(
     help="Inference requests slower than their deployment's latency target (the latency SLI).",
     labels=("deployment", "version"),
     exported_by="serving",
-    wired=False,
 )
 SERVING_INFERENCE_DURATION = MetricSpec(
     name="plinth_serving_inference_request_duration_seconds",
     kind="histogram",
     help="Inference latency on the data path, by deployment and version.",
     labels=("deployment", "version"),
-    buckets=LATENCY_BUCKETS_S,
+    buckets=INFERENCE_BUCKETS_S,
     exported_by="serving",
-    wired=False,
 )
 FEATURES_ONLINE_READ_DURATION = MetricSpec(
     name="plinth_features_online_read_duration_seconds",

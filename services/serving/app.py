@@ -30,6 +30,7 @@ from services.serving.events import (
 from services.serving.healer import EngineHealer
 from services.serving.inference import SERVICE as INFERENCE_SERVICE
 from services.serving.inference import InferenceProxy
+from services.serving.metrics import MetricsReading, ServingMetrics, latency_targets, read_plane
 from services.serving.reconciler import Reconciler
 from services.serving.registry_client import GrpcRegistry
 from services.serving.service import ServingService
@@ -75,6 +76,10 @@ class ServingSettings:
         inference_host: where the data plane listens (``127.0.0.1``: this machine only).
         request_log_sampling: share of data-plane requests written to HAProxy's request log
             with their ``traceparent`` (log sampling, not tracing; 0: off).
+        triton_metrics_url: Triton's Prometheus ``/metrics`` (scraped and re-exported by
+            deployment at each scrape of serving's; '' none).
+        slos_file: the platform's SLO settings (``PLINTH_SLOS_FILE``): each deployment's
+            latency target (``plinth_serving_inference_slow_requests_total``).
     """
 
     common: CommonSettings
@@ -94,6 +99,8 @@ class ServingSettings:
     gateway_addr: str = ""
     inference_host: str = "127.0.0.1"
     request_log_sampling: float = 0.0
+    triton_metrics_url: str = ""
+    slos_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ServingSettings:
@@ -107,6 +114,15 @@ class ServingSettings:
         triton_http = (
             env.str("PLINTH_TRITON_HTTP_URL", "") if triton_url else f"127.0.0.1:{triton_http_port}"
         )
+        # A launched Triton exports its metrics on loopback; an external one where it says.
+        triton_metrics_port = 0 if triton_url else env.int("PLINTH_TRITON_METRICS_PORT", 0)
+        if not triton_url and not triton_metrics_port:
+            triton_metrics_port = free_tcp_port()
+        triton_metrics_url = (
+            env.str("PLINTH_TRITON_METRICS_URL", "")
+            if triton_url
+            else f"http://127.0.0.1:{triton_metrics_port}/metrics"
+        )
         return cls(
             common=common,
             triton=TritonSettings(
@@ -117,6 +133,7 @@ class ServingSettings:
                 url=triton_url,
                 startup_timeout_s=env.float("PLINTH_TRITON_STARTUP_TIMEOUT_S", 60.0),
                 log_path=common.log_dir / "triton.log",
+                metrics_port=triton_metrics_port,
             ),
             mlflow_tracking_uri=common.mlflow_tracking_uri(env),
             registry_addr=common.address("registry", env),
@@ -133,6 +150,10 @@ class ServingSettings:
             gateway_addr=common.address("gateway", env),
             inference_host=env.str("PLINTH_SERVING_INFERENCE_HOST", "127.0.0.1"),
             request_log_sampling=env.float("PLINTH_SERVING_REQUEST_LOG_SAMPLING", 0.0),
+            triton_metrics_url=triton_metrics_url,
+            slos_file=env.path("PLINTH_SLOS_FILE", Path())
+            if env.optional("PLINTH_SLOS_FILE")
+            else None,
         )
 
 
@@ -151,6 +172,15 @@ class ServingApp:
         self.triton = TritonProcess(settings.triton)
         self.dataplane: Any = _data_plane(settings, self.triton.grpc_target)
         self._dataplane_up = False
+        self._latency_target_s = latency_targets(settings.slos_file)
+        # Inference per deployment version (from the data plane's counters at each scrape, and
+        # the Python path's per request), Triton's own metrics relabelled, rollouts.
+        self.metrics = ServingMetrics(
+            self.runtime.metrics,
+            read=self._metrics_reading,
+            latency_target_s=self._latency_target_s,
+            triton_metrics_url=settings.triton_metrics_url,
+        )
         self.models = TritonModels(self.triton.grpc_target, load_timeout_s=settings.load_timeout_s)
         # Serving asks the registry as itself (Principal.service("serving")).
         self.registry = GrpcRegistry(settings.registry_addr, tokens=self.runtime.tokens)
@@ -170,6 +200,7 @@ class ServingApp:
             registry=self.registry,
             unload_grace_s=settings.unload_grace_s,
             publisher=self._publish_routes if self.dataplane is not None else None,
+            on_rollout=self.metrics.rollout,
         )
         # Watches Triton: restarts a launched one that died (waits for an external one),
         # reloads the deployments, and keeps the gRPC health equal to "Triton serves them".
@@ -216,7 +247,10 @@ class ServingApp:
             serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name,
         )
         self.proxy = InferenceProxy(
-            self.service, self.triton.grpc_target, default_timeout_s=settings.infer_timeout_s
+            self.service,
+            self.triton.grpc_target,
+            default_timeout_s=settings.infer_timeout_s,
+            recorder=self.metrics.python_path,
         )
         server.server.add_generic_rpc_handlers((self.proxy.handler(),))
         server.add_name(INFERENCE_SERVICE)
@@ -232,6 +266,20 @@ class ServingApp:
         if self.dataplane is None or not self._dataplane_up:
             return None
         return self.dataplane.grpc_address, self.dataplane.http_address
+
+    async def _metrics_reading(self) -> MetricsReading:
+        """What a scrape of serving's metrics reads on the event loop."""
+        routed = self.reconciler.routed_models()
+        if self.dataplane is None or not self._dataplane_up:
+            return MetricsReading(routed=routed)
+        from services.serving.dataplane.tables import LATENCY_BOUNDS_MS
+
+        return await read_plane(
+            self.dataplane,
+            routed,
+            bounds_ms=LATENCY_BOUNDS_MS,
+            latency_target_s=self._latency_target_s,
+        )
 
     async def _publish_routes(self, splits: Sequence[Split]) -> None:
         if self.dataplane is None or not self._dataplane_up:
@@ -263,6 +311,7 @@ class ServingApp:
         """Starts the store, consumers and server, Triton, rollouts, then the healer (health is
         SERVING once Triton answers and the deployments are restored)."""
         self.settings.triton.model_repository.mkdir(parents=True, exist_ok=True)
+        self.metrics.bind(asyncio.get_running_loop())
         await self.runtime.start()
         # Before any route exists: inference is authorized against this table.
         await self.service.load_access()

@@ -20,6 +20,7 @@ bytes come back with the deployment's name and version appended the same way.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,7 +38,16 @@ from services.serving.triton.repository import deployment_of
 
 SERVICE = "inference.GRPCInferenceService"
 METHODS = ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer")
-__all__ = ["ENGINE", "METHODS", "SERVICE", "InferenceProxy", "check_request", "model_suffix"]
+__all__ = [
+    "ENGINE",
+    "METHODS",
+    "SERVICE",
+    "InferenceProxy",
+    "InferenceRecorder",
+    "check_request",
+    "model_suffix",
+    "server_fault",
+]
 # Words that look like a Triton model name (``<deployment>__v<version>``) inside a message.
 _INTERNAL_NAME = re.compile(r"\b[-a-z0-9]+__v[0-9]+\b")
 # How long the liveness question after a failed call may take: loopback, or Triton is down.
@@ -67,6 +77,35 @@ class Routes(Protocol):
         ...
 
     def engine_problem(self) -> str | None: ...
+
+
+class InferenceRecorder(Protocol):
+    """Where the Python path counts its requests (``metrics.PythonPathCounts``)."""
+
+    def record(self, deployment: str, version: str, seconds: float, *, failed: bool) -> None:
+        """Counts one answered request (``failed``: a server error)."""
+        ...
+
+
+#: gRPC codes that are the server's fault (the data plane counts the same ones as errors).
+SERVER_FAULT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def server_fault(exc: Exception) -> bool:
+    """True when ``exc`` answers the client with a server error (not the client's mistake)."""
+    if isinstance(exc, UpstreamStatus):
+        return exc.code in SERVER_FAULT_CODES
+    return isinstance(exc, Unavailable) or not isinstance(exc, PlinthError)
 
 
 # Bytes per element of each KServe v2 datatype with a fixed size (BYTES elements carry a 4-byte
@@ -242,10 +281,19 @@ class InferenceProxy:
         routes: deployment -> Triton model (the serving service).
         channel: a channel to Triton's gRPC endpoint.
         default_timeout_s: deadline of a forwarded call when the client set none.
+        recorder: counts each routed ``ModelInfer`` (serving's metrics; None: not counted).
     """
 
-    def __init__(self, routes: Routes, target: str, *, default_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        routes: Routes,
+        target: str,
+        *,
+        default_timeout_s: float = 30.0,
+        recorder: InferenceRecorder | None = None,
+    ) -> None:
         self._routes = routes
+        self._recorder = recorder
         self._target = target
         self._default_timeout_s = default_timeout_s
         self._channel: grpc.aio.Channel | None = None
@@ -305,14 +353,37 @@ class InferenceProxy:
         return suffix
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """``ModelInfer``: checks the tensors, forwards the bytes, relabels the response."""
+        """``ModelInfer``: checks the tensors, forwards the bytes, relabels the response; counts
+        it for the deployment's version once it has a route (as the data plane does)."""
+        started = time.perf_counter()
         if self._channel is None:
             self._open()
         parsed = _parse(kserve.ModelInferRequest, request)
-        name = parsed.model_name
         # Authorized before the tensors are checked: a caller who may not call it learns
         # nothing of its signature, and gets the NOT_FOUND of an unknown deployment.
-        route = await self._route(name)
+        route = await self._route(parsed.model_name)
+        recorder = self._recorder
+        if recorder is None:
+            return await self._infer_routed(request, parsed, route, context)
+        try:
+            response = await self._infer_routed(request, parsed, route, context)
+        except Exception as exc:
+            elapsed = time.perf_counter() - started
+            recorder.record(route.deployment, route.version, elapsed, failed=server_fault(exc))
+            raise
+        recorder.record(
+            route.deployment, route.version, time.perf_counter() - started, failed=False
+        )
+        return response
+
+    async def _infer_routed(
+        self,
+        request: bytes,
+        parsed: kserve.ModelInferRequest,
+        route: Route,
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        name = parsed.model_name
         check_request(parsed, route)
         problem = self._routes.engine_problem()
         if problem is not None:
