@@ -22,6 +22,7 @@ cannot be reached the keys fetched before keep working; API keys never depend on
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -135,6 +136,31 @@ class OidcVerifier:
             if cached.expires_at > self._clock():
                 return cached
             del self._verified[token]
+        identity = self._identity(await self._claims(token))
+        self._verified[token] = identity
+        if len(self._verified) > self._cache_size:
+            self._verified.popitem(last=False)
+        return identity
+
+    async def id_token(self, token: str, *, nonce: str) -> OidcIdentity:
+        """The identity an ID token of the authorization code flow proves (the console's
+        login): verified as :meth:`verify` does, with the audience being this verifier's
+        (the client id), and the ``nonce`` of the login that asked for it.
+
+        Raises:
+            Unauthenticated: as :meth:`verify`, or the nonce is not the login's, or another
+                client is the token's authorized party (``azp``).
+            Unavailable: the issuer's keys cannot be fetched.
+        """
+        claims = await self._claims(token)
+        if not hmac.compare_digest(str(claims.get("nonce", "")), nonce) or not nonce:
+            raise Unauthenticated("the ID token's nonce is not this login's")
+        # OpenID Connect Core 3.1.3.7: azp, when present, must be this client.
+        if claims.get("azp", self.settings.audience) != self.settings.audience:
+            raise Unauthenticated("the ID token was issued to another client (azp)")
+        return self._identity(claims)
+
+    async def _claims(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -147,12 +173,7 @@ class OidcVerifier:
                 f"(only {', '.join(ALGORITHMS)})"
             )
         key = await self._key_for(header.get("kid"))
-        claims = self._decode(token, key)
-        identity = self._identity(claims)
-        self._verified[token] = identity
-        if len(self._verified) > self._cache_size:
-            self._verified.popitem(last=False)
-        return identity
+        return self._decode(token, key)
 
     def _decode(self, token: str, key: jwt.PyJWK) -> dict[str, Any]:
         s = self.settings

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,16 @@ from plinth.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from plinth.serving.v1 import serving_pb2, serving_pb2_grpc
 from plinth_common import slo
 from plinth_common.config import Env
+from plinth_common.errors import PlinthError
 from services.gateway.console.charts import burn_chart, line_chart
-from services.gateway.console.sessions import Session, Sessions
-from services.gateway.oidc import OidcSettings
+from services.gateway.console.sessions import OIDC_LOGIN_TTL_S, OidcLogin, Session, Sessions
+from services.gateway.oidc import OidcSettings, OidcVerifier
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 COOKIE = "plinth_console"
+#: Holds an authorization code flow's ``state`` in the browser that began it.
+OIDC_COOKIE = "plinth_console_oidc"
 STATIC = {
     "console.css": "text/css",
     "console.js": "text/javascript",
@@ -111,6 +116,12 @@ class Console:
         self._upstreams = upstreams
         self._channel: grpc.aio.Channel | None = None
         self.sessions = Sessions(settings.session_ttl_s)
+        # ID tokens of the console's logins are for the console's client (OIDC Core 3.1.3.7).
+        self._id_verifier = (
+            OidcVerifier(replace(settings.oidc, audience=settings.oidc_client_id))
+            if settings.oidc is not None and settings.oidc_client_id
+            else None
+        )
         self._latency: dict[str, deque[tuple[datetime, float]]] = {}
         self._templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -147,9 +158,11 @@ class Console:
         )
 
     async def close(self) -> None:
-        """Closes the channel to the gateway."""
+        """Closes the channel to the gateway and the ID token verifier's HTTP session."""
         if self._channel is not None:
             await self._channel.close()
+        if self._id_verifier is not None:
+            await self._id_verifier.close()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -276,8 +289,26 @@ class Console:
         return await self._start_session(request, key, target)
 
     async def _start_session(
-        self, request: web.Request, credential: str, target: str
+        self,
+        request: web.Request,
+        credential: str,
+        target: str,
+        *,
+        ttl_s: float | None = None,
+        interstitial: bool = False,
     ) -> web.StreamResponse:
+        """Starts a session for ``credential`` if the gateway accepts it (WhoAmI).
+
+        Args:
+            request: the login's request.
+            credential: an API key or a verified ID token.
+            target: the console page to go to.
+            ttl_s: the credential's remaining validity, when it has one.
+            interstitial: answer a page that moves on by itself rather than a redirect: the
+                OIDC callback is reached from the provider's site, and a browser sends no
+                SameSite=Strict cookie on a redirect chain another site began, so a redirect
+                would land on the login form once more.
+        """
         try:
             me = await gateway_pb2_grpc.IdentityServiceStub(self._stubs()).WhoAmI(
                 gateway_pb2.WhoAmIRequest(),
@@ -288,8 +319,21 @@ class Console:
             return await self.login_form(
                 request, error=f"Not accepted: {exc.details()}", target=target
             )
-        session_id, _ = self.sessions.create(credential, me.name)
-        response = web.HTTPSeeOther(target or "/console/")
+        session_id, session = self.sessions.create(credential, me.name, ttl_s=ttl_s)
+        target = target or "/console/"
+        if interstitial:
+            page = self._render(
+                request, "signed-in.html", title="Signed in", target=target, name=me.name
+            )
+            self._set_session_cookie(request, page, session_id, session)
+            return page
+        redirect = web.HTTPSeeOther(target)
+        self._set_session_cookie(request, redirect, session_id, session)
+        raise redirect
+
+    def _set_session_cookie(
+        self, request: web.Request, response: web.StreamResponse, session_id: str, session: Session
+    ) -> None:
         response.set_cookie(
             COOKIE,
             session_id,
@@ -297,9 +341,8 @@ class Console:
             samesite="Strict",
             secure=_https(request),
             path="/console",
-            max_age=int(self.settings.session_ttl_s),
+            max_age=max(1, int(session.expires - self.sessions.now())),
         )
-        raise response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         """Ends the session."""
@@ -322,49 +365,112 @@ class Console:
         return f"{scheme}://{request.host}/console/oidc/callback"
 
     async def oidc_login(self, request: web.Request) -> web.StreamResponse:
-        """Starts the authorization code flow at the issuer."""
+        """Starts the authorization code flow at the issuer, with PKCE (S256), a nonce, and the
+        ``state`` bound to this browser by a cookie."""
+        target = _safe_next(request.query.get("next", ""))
         if self._oidc_state() != "ready":
             return await self.login_form(request, error="OIDC login is not configured.")
         try:
-            endpoint = (await self._discovery())["authorization_endpoint"]
-        except (aiohttp.ClientError, KeyError, TimeoutError) as exc:
-            return await self.login_form(request, error=f"The OIDC issuer did not answer: {exc}")
+            endpoint = str((await self._discovery())["authorization_endpoint"])
+        except (aiohttp.ClientError, KeyError, TimeoutError, ValueError) as exc:
+            return await self.login_form(
+                request, error=f"The OIDC issuer did not answer: {exc}", target=target
+            )
+        login = self.sessions.new_oidc_login(target)
         query = {
             "response_type": "code",
             "client_id": self.settings.oidc_client_id,
             "redirect_uri": self._redirect_uri(request),
             "scope": "openid profile",
-            "state": self.sessions.new_oidc_state(),
+            "state": login.state,
+            "nonce": login.nonce,
+            "code_challenge": login.code_challenge,
+            "code_challenge_method": "S256",
         }
-        raise web.HTTPSeeOther(f"{endpoint}?{urlencode(query)}")
+        response = web.HTTPSeeOther(
+            f"{endpoint}{'&' if '?' in endpoint else '?'}{urlencode(query)}"
+        )
+        # Lax, not Strict: the provider's redirect back is a cross-site top-level GET.
+        response.set_cookie(
+            OIDC_COOKIE,
+            login.state,
+            httponly=True,
+            samesite="Lax",
+            secure=_https(request),
+            path="/console/oidc",
+            max_age=int(OIDC_LOGIN_TTL_S),
+        )
+        raise response
 
     async def oidc_callback(self, request: web.Request) -> web.StreamResponse:
-        """Exchanges the code for tokens; the ID token becomes the session's credential (the
-        gateway verifies it as any OIDC bearer)."""
-        if not self.sessions.take_oidc_state(request.query.get("state")):
-            return await self.login_form(request, error="The login expired; try again.")
-        code = request.query.get("code", "")
+        """Exchanges the code (with the PKCE verifier) for tokens, verifies the ID token (the
+        gateway's OIDC verifier with the console's client id as audience, and the login's
+        nonce), and makes it the session's credential (the gateway verifies it again on every
+        call, as any OIDC bearer)."""
+        state = request.query.get("state", "")
+        bound = request.cookies.get(OIDC_COOKIE, "")
+        login = self.sessions.take_oidc_login(state)
+        if login is None or not hmac.compare_digest(bound, state):
+            # Unknown, used, expired, or started in another browser (login CSRF).
+            return await self.login_form(
+                request, error="The login expired or was started elsewhere; try again."
+            )
+        if "error" in request.query:
+            said = request.query.get("error_description") or request.query["error"]
+            return await self.login_form(
+                request, error=f"The OIDC provider refused the login: {said}", target=login.target
+            )
         try:
-            endpoint = (await self._discovery())["token_endpoint"]
-            data = {
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": self._redirect_uri(request),
-                "client_id": self.settings.oidc_client_id,
-            }
-            if self.settings.oidc_client_secret:
-                data["client_secret"] = self.settings.oidc_client_secret
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as http,
-                http.post(endpoint, data=data) as reply,
-            ):
-                reply.raise_for_status()
-                tokens = await reply.json()
-            token = str(tokens["id_token"])
-        except (aiohttp.ClientError, KeyError, TimeoutError) as exc:
-            return await self.login_form(request, error=f"The OIDC login failed: {exc}")
-        return await self._start_session(request, token, "/console/")
+            token = await self._exchange(request, login, request.query.get("code", ""))
+            identity = await self._require_id_verifier().id_token(token, nonce=login.nonce)
+        except (aiohttp.ClientError, KeyError, TimeoutError, ValueError) as exc:
+            return await self.login_form(
+                request, error=f"The OIDC login failed: {exc}", target=login.target
+            )
+        except PlinthError as exc:
+            return await self.login_form(
+                request, error=f"The OIDC login failed: {exc}", target=login.target
+            )
+        response = await self._start_session(
+            request,
+            token,
+            login.target,
+            ttl_s=identity.expires_at - time.time(),
+            interstitial=True,
+        )
+        response.del_cookie(OIDC_COOKIE, path="/console/oidc")
+        return response
+
+    async def _exchange(self, request: web.Request, login: OidcLogin, code: str) -> str:
+        """The ID token the provider gives for ``code`` (the token endpoint, RFC 6749 4.1.3
+        with RFC 7636's ``code_verifier``)."""
+        endpoint = (await self._discovery())["token_endpoint"]
+        data = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self._redirect_uri(request),
+            "client_id": self.settings.oidc_client_id,
+            "code_verifier": login.code_verifier,
+        }
+        if self.settings.oidc_client_secret:
+            data["client_secret"] = self.settings.oidc_client_secret
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.post(endpoint, data=data, headers={"Accept": "application/json"}) as reply,
+        ):
+            if reply.status != 200:
+                raise ValueError(
+                    f"the token endpoint answered {reply.status}: {await _said(reply)}"
+                )
+            tokens = await reply.json(content_type=None)
+        if not isinstance(tokens, dict) or not isinstance(tokens.get("id_token"), str):
+            raise ValueError("the token endpoint's answer has no id_token")
+        return str(tokens["id_token"])
+
+    def _require_id_verifier(self) -> OidcVerifier:
+        assert self._id_verifier is not None, "OIDC login is configured"
+        return self._id_verifier
 
     # -- overview ---------------------------------------------------------------------------
 
@@ -767,6 +873,16 @@ def _job_state(value: int) -> str:
 def _field(form: Mapping[str, Any], name: str) -> str | None:
     value = form.get(name)
     return value if isinstance(value, str) else None
+
+
+async def _said(reply: aiohttp.ClientResponse) -> str:
+    """The OAuth error of a refused token request (RFC 6749 5.2), else the body's start."""
+    text = await reply.text(errors="replace")
+    with contextlib.suppress(ValueError):
+        body = json.loads(text)
+        if isinstance(body, dict) and "error" in body:
+            return str(body.get("error_description") or body["error"])[:300]
+    return text[:300]
 
 
 def _https(request: web.Request) -> bool:

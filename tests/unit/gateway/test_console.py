@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -79,8 +81,13 @@ def test_sessions_expire_and_csrf_is_checked() -> None:
     session_id, session = sessions.create("plk_secret", "ann")
     assert "plk_secret" not in session_id and sessions.get(session_id) is session
     assert session.csrf_ok(session.csrf) and not session.csrf_ok("x") and not session.csrf_ok(None)
-    state = sessions.new_oidc_state()
-    assert sessions.take_oidc_state(state) and not sessions.take_oidc_state(state)
+    login = sessions.new_oidc_login("/console/jobs")
+    assert sessions.take_oidc_login(login.state) == login
+    assert sessions.take_oidc_login(login.state) is None
+    # S256 (RFC 7636 4.2): BASE64URL(SHA256(verifier)) without padding.
+    digest = hashlib.sha256(login.code_verifier.encode()).digest()
+    expected = base64.b64encode(digest).decode().rstrip("=").replace("+", "-").replace("/", "_")
+    assert login.code_challenge == expected and 43 <= len(login.code_verifier) <= 128
     now[0] = 11
     assert sessions.get(session_id) is None
 
@@ -128,6 +135,8 @@ async def test_oidc_login_starts_the_code_flow_and_checks_state() -> None:
             assert where.path == "/auth" and query["client_id"] == ["console"]
             assert query["response_type"] == ["code"] and query["state"][0]
             assert query["redirect_uri"][0].endswith("/console/oidc/callback")
+            assert query["code_challenge_method"] == ["S256"] and query["nonce"][0]
+            assert len(query["code_challenge"][0]) == 43
             forged = await client.get("/console/oidc/callback?code=x&state=forged")
             assert forged.status == 401 and "login expired" in await forged.text()
             # Without a session every page sends the browser to the login form.
