@@ -159,7 +159,14 @@ class PartResult:
         return statistics.median(r.throughput for r in self.rounds[variant])
 
     def ratio(self, variant: str) -> float:
-        return self.throughput(variant) / self.throughput("off")
+        """The median over rounds of ``variant``'s throughput over the off process's in the
+        same round (seconds apart, so the machine's drift mostly cancels)."""
+        pairs = zip(self.rounds[variant], self.rounds["off"], strict=True)
+        return statistics.median(mine.throughput / off.throughput for mine, off in pairs)
+
+    def cpu_ratio(self, variant: str, process: str) -> float:
+        """The throughput ratio the CPU per call implies for a CPU-bound ``process``."""
+        return self.cpu_us("off", process) / self.cpu_us(variant, process)
 
     def cpu_us(self, variant: str, process: str) -> float:
         rounds = self.rounds[variant]
@@ -197,12 +204,23 @@ def _scrape(url: str, *, openmetrics: bool = True) -> str:
         return str(r.read().decode())
 
 
-async def scrape_forever(url: str) -> None:
+async def scrape_forever(url: str, took: list[float]) -> None:
     """Scrapes ``url`` once a second, as Prometheus does (OpenMetrics, with exemplars), in a
-    thread, as a remote scraper would."""
+    thread, as a remote scraper would; appends each scrape's seconds to ``took``."""
     while True:
+        began = time.perf_counter()
         await asyncio.to_thread(_scrape, url)
+        took.append(time.perf_counter() - began)
         await asyncio.sleep(1.0)
+
+
+def scrapes_line(took: list[float]) -> str:
+    """How many scrapes there were and how long they took."""
+    found = sorted(took)
+    return (
+        f"{len(found)} scrapes of the 'on' endpoint, p50 {ms(percentile(found, 50) * 1000)} ms,"
+        f" max {ms(found[-1] * 1000) if found else '-'} ms"
+    )
 
 
 def counted_calls(text: str, method: str) -> float:
@@ -229,19 +247,22 @@ def print_part(title: str, results: list[PartResult], processes: Sequence[str]) 
                     " / ".join(f"{result.cpu_us(v, process):.0f}" for v in VARIANTS)
                     for process in processes
                 ),
+                f"{result.cpu_ratio('on', processes[0]):.3f}"
+                f" / {result.cpu_ratio('control', processes[0]):.3f}",
                 " / ".join(ms(result.latency_ms(v, 50)) for v in VARIANTS),
                 " / ".join(ms(result.latency_ms(v, 99)) for v in VARIANTS),
                 str(result.errors()),
             ]
         )
     print_table(
-        title,
+        f"{title}; on/off and control/off: the median of each round's ratio",
         [
             "",
             "calls/s off / on / control",
             "on/off",
             "control/off",
             *(f"{process} CPU us/call" for process in processes),
+            f"{processes[0]} CPU off/on / off/control",
             "p50 ms",
             "p99 ms",
             "errors",
@@ -295,7 +316,8 @@ async def getjob_part(root: Path, rounds: int, seconds: float) -> list[PartResul
             )
         print(f"three schedulers up, one job each, in {time.perf_counter() - t0:.0f} s", flush=True)
         on_url = platforms["on"].metrics_url("scheduler")
-        scraper = asyncio.create_task(scrape_forever(on_url))
+        took: list[float] = []
+        scraper = asyncio.create_task(scrape_forever(on_url, took))
         try:
             results = [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
         finally:
@@ -304,7 +326,7 @@ async def getjob_part(root: Path, rounds: int, seconds: float) -> list[PartResul
         scraped = counted_calls(text, "GetJob")
         print(
             f"the 'on' scheduler's endpoint counts {scraped:,.0f} OK GetJob calls; the client"
-            f" made {made['on']:,} (the job's wait made a few more)"
+            f" made {made['on']:,} (the job's wait made a few more); {scrapes_line(took)}"
         )
         for variant in ("off", "control"):
             url = platforms[variant].metrics_url("scheduler")
@@ -472,7 +494,8 @@ async def modelinfer_part(work: Path, rounds: int, seconds: float) -> list[PartR
             flush=True,
         )
         on_url = started["on"].metrics_url
-        scraper = asyncio.create_task(scrape_forever(on_url))
+        took: list[float] = []
+        scraper = asyncio.create_task(scrape_forever(on_url, took))
         try:
             results = [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
         finally:
@@ -480,12 +503,16 @@ async def modelinfer_part(work: Path, rounds: int, seconds: float) -> list[PartR
         text = await asyncio.to_thread(partial(_scrape, on_url, openmetrics=False))
         made = sum(r.calls + r.errors for result in results for r in result.rounds["on"])
         recorded = sorted(
-            {line.split("{")[0] for line in text.splitlines() if "serving_inference" in line}
+            {
+                line.split("{")[0].split()[0]
+                for line in text.splitlines()
+                if line.startswith("plinth_serving_inference")
+            }
         )
         print(
             f"the 'on' serving's endpoint counts {counted_calls(text, 'ModelInfer'):,.0f} OK"
             f" ModelInfer calls (the measured windows held {made:,}, warm-ups the rest); its"
-            f" inference series: {', '.join(recorded) or 'none recorded'}"
+            f" inference series: {', '.join(recorded) or 'none recorded'}; {scrapes_line(took)}"
         )
         for variant in ("off", "control"):
             print(
@@ -543,11 +570,14 @@ def verdict(name: str, results: list[PartResult], process: str, added_us: float)
     """One line: the measured ratios against the target, the noise, the CPU-based estimate."""
     worst = min(r.ratio("on") for r in results)
     noise = max(abs(r.ratio("control") - 1) for r in results)
+    by_cpu = min(r.cpu_ratio("on", process) for r in results)
+    cpu_noise = max(abs(r.cpu_ratio("control", process) - 1) for r in results)
     cpu_off = min(r.cpu_us("off", process) for r in results)
     estimate = cpu_off / (cpu_off + added_us)
     return (
         f"{name}: on/off >= {TARGET_FRACTION:.2f}: {'met' if worst >= TARGET_FRACTION else 'missed'}"
         f" as measured (worst {worst:.3f}; this run's noise, control/off, reached {noise:.1%});"
+        f" by {process} CPU per call {by_cpu:.3f} (noise {cpu_noise:.1%});"
         f" the gRPC wrapper's recording, {added_us:.1f} us, against {cpu_off:.0f} us of"
         f" {process} CPU per call bounds it at {estimate:.3f} for a CPU-bound process"
     )
