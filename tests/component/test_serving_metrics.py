@@ -33,8 +33,11 @@ from mlflow.pyfunc import PythonModel
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 from sklearn.datasets import load_diabetes
+from tritonclient.grpc import service_pb2 as kserve
 
+from plinth_common.auth import acting_as
 from plinth_common.db import Database
+from plinth_common.errors import InvalidArgument, PlinthError
 from plinth_common.metrics import INFERENCE_BUCKETS_S, Metrics
 from plinth_common.net import free_tcp_port
 from services.serving.app import MIGRATIONS, _route_specs
@@ -47,6 +50,7 @@ from services.serving.domain import (
     Promotion,
     Split,
 )
+from services.serving.inference import InferenceProxy
 from services.serving.metrics import MetricsReading, ServingMetrics, read_plane
 from services.serving.reconciler import Reconciler
 from services.serving.service import ServingService
@@ -108,6 +112,9 @@ class Stack:
     dp: DataPlane
     metrics: Metrics
     headers: dict[str, str]
+    service: ServingService
+    triton_target: str
+    serving_metrics: ServingMetrics
 
     def scrape(self) -> Samples:
         """GET serving's /metrics, as Prometheus would (blocking)."""
@@ -228,7 +235,14 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             return d.serving_version == "1" and d.state is DeploymentState.READY
 
         await eventually(serving, timeout=180, interval=0.2)
-        yield Stack(dp, metrics, {"authorization": f"Bearer plk_{key_id}_{secret}"})
+        yield Stack(
+            dp,
+            metrics,
+            {"authorization": f"Bearer plk_{key_id}_{secret}"},
+            service,
+            triton.grpc_target,
+            serving_metrics,
+        )
     finally:
         await reconciler.stop()
         await models.close()
@@ -345,5 +359,52 @@ async def test_counters_do_not_go_down_when_haproxy_crashes(stack: Stack) -> Non
         ("plinth_serving_inference_requests_total", 5),
         ("plinth_serving_inference_errors_total", 1),
         ("plinth_serving_inference_request_duration_seconds_count", 5),
+    ):
+        assert _value(after, name) - _value(before, name) == grew, name
+
+
+class _Context:
+    """The part of a servicer context the Python path reads."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+def _kserve_request(data: np.ndarray[Any, Any]) -> bytes:
+    request = kserve.ModelInferRequest(model_name=DEPLOYMENT)
+    request.inputs.add(name="input", datatype="FP64", shape=list(data.shape))
+    request.raw_input_contents.append(data.astype(np.float64).tobytes())
+    return bytes(request.SerializeToString())
+
+
+async def test_the_python_path_counts_each_request_beside_the_data_plane(stack: Stack) -> None:
+    """The fallback path (no HAProxy) to the same Triton: its requests add to the same
+    deployment version's series, a wrong tensor is a request but not an error."""
+    before = await asyncio.to_thread(stack.scrape)
+    proxy = InferenceProxy(
+        stack.service, stack.triton_target, recorder=stack.serving_metrics.python_path
+    )
+    rows = ROWS.to_numpy(dtype=np.float64)
+    poisoned = rows.copy()
+    poisoned[:, list(ROWS.columns).index("age")] = POISON
+    outcomes: list[str] = []
+    try:
+        with acting_as(ADMIN):
+            for data in [rows] * 6 + [poisoned] * 2 + [rows[:, :3]]:
+                try:
+                    await proxy.model_infer(_kserve_request(data), _Context())  # type: ignore[arg-type]
+                    outcomes.append("ok")
+                except InvalidArgument:
+                    outcomes.append("client")
+                except PlinthError:
+                    outcomes.append("server")
+    finally:
+        await proxy.close()
+    assert outcomes == ["ok"] * 6 + ["server"] * 2 + ["client"]
+    after = await asyncio.to_thread(stack.scrape)
+    for name, grew in (
+        ("plinth_serving_inference_requests_total", 9),
+        ("plinth_serving_inference_errors_total", 2),
+        ("plinth_serving_inference_request_duration_seconds_count", 9),
     ):
         assert _value(after, name) - _value(before, name) == grew, name
