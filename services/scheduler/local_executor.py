@@ -1,13 +1,12 @@
 """The local executor: each attempt of a job runs under a supervisor (``shim.py``).
 
-It implements :class:`services.scheduler.executor.Executor`. A job's folder below ``jobs_dir``::
+It implements :class:`services.scheduler.executor.Executor`. A job's folder below ``jobs_dir``
+is every executor's (:mod:`services.scheduler.executors._room`): ``work/``, ``checkpoint/``,
+``log`` (stdout and stderr of every attempt and replica, appended), ``outputs.json``; and the
+local executor's own::
 
-    <id>/work/          the default working directory
-    <id>/checkpoint/    PLINTH_CHECKPOINT_DIR, kept across attempts
-    <id>/log            stdout and stderr of every attempt (and replica), appended
     <id>/status.json    how the current attempt ended (written by the shim; removed at launch)
     <id>/grace          the grace period of a pending stop (read by the shim on SIGTERM)
-    <id>/outputs.json   PLINTH_OUTPUT_FILE of the current attempt
 """
 
 from __future__ import annotations
@@ -26,25 +25,17 @@ from pathlib import Path
 
 from services.scheduler import shim
 from services.scheduler.domain import EndReason, ExitStatus, Job, Resources
+from services.scheduler.executors._room import RoomExecutor, attempt_of, replicas_of
 
 log = logging.getLogger(__name__)
-MAX_OUTPUTS_BYTES = 64 * 1024
-LOG_CHUNK_BYTES = 64 * 1024
+# What an earlier attempt's shim may have left; a launch removes them (outputs.json too).
+_SHIM_LEFTOVERS = ("status.json", "status.json.tmp", "grace", "grace.tmp")
 
 
 def machine_capacity() -> Resources:
     """All cores and all memory of this machine, no GPUs."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Resources(cpu=float(os.cpu_count() or 1), memory_bytes=memory, gpu=0)
-
-
-def _attempt(job: Job) -> int:
-    # Job.attempt is the service's, 1-based (rows from before attempts existed read as 1).
-    return job.attempt
-
-
-def _replicas(job: Job) -> int:
-    return job.spec.replicas
 
 
 def _read_status(run_dir: Path, attempt: int) -> ExitStatus | None:
@@ -150,7 +141,7 @@ class FinishedHandle:
         return self._status
 
 
-class LocalExecutor:
+class LocalExecutor(RoomExecutor):
     """Runs jobs as local processes.
 
     Args:
@@ -161,38 +152,8 @@ class LocalExecutor:
     """
 
     def __init__(self, jobs_dir: Path, *, capacity: Resources, kill_grace_s: float = 10.0) -> None:
-        self._jobs_dir = jobs_dir
-        self._capacity = capacity
+        super().__init__(jobs_dir, capacity=capacity)
         self._kill_grace_s = kill_grace_s
-
-    @property
-    def capacity(self) -> Resources:
-        """What admission may hand out."""
-        return self._capacity
-
-    def prepare(self, job_id: str) -> str:
-        """Creates the job's folder and returns its ``work`` folder (the default cwd)."""
-        work = self._jobs_dir / job_id / "work"
-        work.mkdir(parents=True, exist_ok=True)
-        return str(work)
-
-    def checkpoint_dir(self, job_id: str) -> str:
-        """``<jobs_dir>/<id>/checkpoint``, created, and kept across the job's attempts."""
-        path = self._jobs_dir / job_id / "checkpoint"
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path)
-
-    def has_directory(self, path: str) -> bool:
-        """True if ``path`` is a directory on this machine."""
-        return Path(path).is_dir()
-
-    def log_path(self, job_id: str) -> Path:
-        """Where the job's combined stdout and stderr go."""
-        return self._jobs_dir / job_id / "log"
-
-    async def read_log(self, job_id: str, offset: int) -> bytes:
-        """Up to 64 KiB of the job's log from ``offset`` on."""
-        return await asyncio.to_thread(_read_from, self.log_path(job_id), offset)
 
     async def launch(self, job: Job, env: Mapping[str, str]) -> ChildHandle:
         """Starts the supervisor of attempt ``job.attempt``, which starts the job's replicas.
@@ -202,10 +163,12 @@ class LocalExecutor:
         folder and the log stay. From the second attempt on the log gets a ``--- attempt N ---``
         line (a job tried once has a log of its own output only).
         """
-        attempt = _attempt(job)
-        run_dir = self._jobs_dir / job.id
-        checkpoint = await asyncio.to_thread(self._fresh_attempt, job.id, attempt)
-        log_file = await asyncio.to_thread(open, run_dir / "log", "ab")
+        attempt = attempt_of(job)
+        run_dir = self._room.dir(job.id)
+        checkpoint = await asyncio.to_thread(
+            self._room.fresh_attempt, job.id, attempt, leftovers=_SHIM_LEFTOVERS
+        )
+        log_file = await asyncio.to_thread(open, self._room.log_path(job.id), "ab")
         with log_file:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -218,13 +181,13 @@ class LocalExecutor:
                 "--attempt",
                 str(attempt),
                 "--replicas",
-                str(_replicas(job)),
+                str(replicas_of(job)),
                 "--",
                 *job.spec.entrypoint,
                 cwd=job.spec.working_dir,
                 env={
                     **env,
-                    "PLINTH_OUTPUT_FILE": str(run_dir / "outputs.json"),
+                    "PLINTH_OUTPUT_FILE": str(self._room.outputs_path(job.id)),
                     "PLINTH_CHECKPOINT_DIR": checkpoint,
                     "PLINTH_ATTEMPT": str(attempt),
                 },
@@ -236,23 +199,13 @@ class LocalExecutor:
             )
         return ChildHandle(process, run_dir, attempt)
 
-    def _fresh_attempt(self, job_id: str, attempt: int) -> str:
-        self.prepare(job_id)
-        run_dir = self._jobs_dir / job_id
-        for leftover in ("status.json", "status.json.tmp", "grace", "grace.tmp", "outputs.json"):
-            (run_dir / leftover).unlink(missing_ok=True)
-        if attempt > 1:
-            with open(run_dir / "log", "ab") as log_file:
-                log_file.write(f"--- attempt {attempt} ---\n".encode())
-        return self.checkpoint_dir(job_id)
-
     async def reattach(self, job: Job) -> ReattachedHandle | FinishedHandle | None:
         """Finds the supervisor of the job's current attempt after a scheduler restart.
 
         None if nothing is left of that attempt (no live supervisor, no status of it). A job
         without a recorded pid is looked for by its folder among the running supervisors.
         """
-        run_dir, attempt = self._jobs_dir / job.id, _attempt(job)
+        run_dir, attempt = self._room.dir(job.id), attempt_of(job)
         if job.pid is not None and _shim_alive(job.pid, run_dir, attempt):
             return ReattachedHandle(job.pid, run_dir, attempt)
         if job.pid is None:
@@ -271,46 +224,13 @@ class LocalExecutor:
         ``grace_s`` (default: ``kill_grace_s``) goes to the shim in ``<id>/grace``, which it reads
         when the SIGTERM arrives.
         """
-        run_dir, attempt = self._jobs_dir / job.id, _attempt(job)
+        run_dir, attempt = self._room.dir(job.id), attempt_of(job)
         pid = job.pid
         if pid is None:
             pid = await asyncio.to_thread(_find_shim, run_dir, attempt)
         if pid is None or not _shim_alive(pid, run_dir, attempt):
             return
         grace = self._kill_grace_s if grace_s is None else max(0.0, grace_s)
-        await asyncio.to_thread(_write_atomically, run_dir / "grace", f"{grace}\n")
+        await asyncio.to_thread(self._room.write_text, job.id, "grace", f"{grace}\n")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-
-    async def outputs(self, job: Job) -> dict[str, str]:
-        """What the job wrote to ``PLINTH_OUTPUT_FILE`` (a JSON object), as strings."""
-        return await asyncio.to_thread(self._read_outputs, job.id)
-
-    def _read_outputs(self, job_id: str) -> dict[str, str]:
-        path = self._jobs_dir / job_id / "outputs.json"
-        try:
-            if path.stat().st_size > MAX_OUTPUTS_BYTES:
-                log.warning("job %s outputs exceed %d bytes; ignored", job_id, MAX_OUTPUTS_BYTES)
-                return {}
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (ValueError, OSError) as exc:
-            log.warning("job %s outputs unreadable: %s", job_id, exc)
-            return {}
-        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_from(path: Path, offset: int, size: int = LOG_CHUNK_BYTES) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
-    except FileNotFoundError:
-        return b""

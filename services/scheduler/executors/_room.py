@@ -1,22 +1,31 @@
-"""A job's folder on the scheduler's machine, the same layout as the local executor's.
+"""A job's folder on the scheduler's machine, and the part of the executor contract it answers.
 
-Every executor keeps a job's log here, so the log stays in Plinth when the engine forgets the
-job (Ray drops a job's logs with its head; SLURM never keeps them)::
+Every executor (local, Ray, SLURM, Kubernetes) keeps a job's log here, so the log stays in
+Plinth when the engine forgets the job (Ray drops a job's logs with its head; SLURM never keeps
+them)::
 
     <jobs_dir>/<id>/work/          the default working directory
     <jobs_dir>/<id>/checkpoint/    PLINTH_CHECKPOINT_DIR, kept across attempts
     <jobs_dir>/<id>/log            the job's output, every attempt appended
     <jobs_dir>/<id>/outputs.json   PLINTH_OUTPUT_FILE of the current attempt
+
+Besides these, each executor keeps small state files of its own there (the local shim's
+``status.json``, a SLURM attempt's ``slurm-a<N>.id``, ...).
+
+A cluster executor's folders are of use to the job only where the cluster sees them (a shared
+filesystem, a Kubernetes volume claim); Plinth reads the log and outputs from here either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from services.scheduler.domain import Job
+from services.scheduler.domain import Job, Resources
 
 log = logging.getLogger(__name__)
 MAX_OUTPUTS_BYTES = 64 * 1024
@@ -63,10 +72,12 @@ class JobRoom:
         """``PLINTH_OUTPUT_FILE``."""
         return self.dir(job_id) / "outputs.json"
 
-    def fresh_attempt(self, job_id: str, attempt: int) -> str:
-        """Clears what an earlier attempt left (outputs), marks the log from the second attempt
-        on, and returns the checkpoint folder."""
+    def fresh_attempt(self, job_id: str, attempt: int, *, leftovers: Sequence[str] = ()) -> str:
+        """Clears what an earlier attempt left (outputs, and the executor's own ``leftovers``
+        files), marks the log from the second attempt on, and returns the checkpoint folder."""
         self.prepare(job_id)
+        for name in leftovers:
+            (self.dir(job_id) / name).unlink(missing_ok=True)
         self.outputs_path(job_id).unlink(missing_ok=True)
         if attempt > 1:
             with open(self.log_path(job_id), "ab") as handle:
@@ -116,3 +127,47 @@ class JobRoom:
             log.warning("job %s outputs unreadable: %s", job_id, exc)
             return {}
         return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+class RoomExecutor:
+    """What every executor answers from the job's room: its capacity, the job's folders, and
+    its log and outputs as Plinth keeps them (an executor subclasses this and adds launch,
+    reattach and terminate).
+
+    Args:
+        jobs_dir: one folder per job below this.
+        capacity: what admission may hand out to the executor.
+    """
+
+    def __init__(self, jobs_dir: Path, *, capacity: Resources) -> None:
+        self._room = JobRoom(jobs_dir)
+        self._capacity = capacity
+
+    @property
+    def capacity(self) -> Resources:
+        """What admission may hand out."""
+        return self._capacity
+
+    def prepare(self, job_id: str) -> str:
+        """Creates the job's folder and returns its ``work`` folder (the default cwd)."""
+        return self._room.prepare(job_id)
+
+    def checkpoint_dir(self, job_id: str) -> str:
+        """``<jobs_dir>/<id>/checkpoint``, created, and kept across the job's attempts."""
+        return self._room.checkpoint_dir(job_id)
+
+    def has_directory(self, path: str) -> bool:
+        """True if ``path`` is a directory on the scheduler's machine."""
+        return Path(path).is_dir()
+
+    def log_path(self, job_id: str) -> Path:
+        """Where the job's log is kept in Plinth."""
+        return self._room.log_path(job_id)
+
+    async def read_log(self, job_id: str, offset: int) -> bytes:
+        """Up to 64 KiB of the job's persisted log from ``offset`` on."""
+        return await asyncio.to_thread(self._room.read_log, job_id, offset)
+
+    async def outputs(self, job: Job) -> dict[str, str]:
+        """What the job wrote to ``PLINTH_OUTPUT_FILE`` (a JSON object), as strings."""
+        return await asyncio.to_thread(self._room.read_outputs, job.id)

@@ -64,7 +64,7 @@ from urllib3.exceptions import HTTPError
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.scheduler.domain import CREDENTIAL_ENV, EndReason, ExitStatus, Job, Resources
-from services.scheduler.executors._room import JobRoom, attempt_of, replicas_of
+from services.scheduler.executors._room import RoomExecutor, attempt_of, replicas_of
 from services.scheduler.queueing.model import ResourceFlavor, Taint
 
 __all__ = [
@@ -295,7 +295,7 @@ class _Observed:
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-class KubernetesExecutor:
+class KubernetesExecutor(RoomExecutor):
     """Runs each attempt of a job as a Kubernetes Job in ``namespace``.
 
     Args:
@@ -339,9 +339,8 @@ class KubernetesExecutor:
         service_account: str = "",
         volume_claim: str = "",
     ) -> None:
-        self._room = JobRoom(jobs_dir)
+        super().__init__(jobs_dir, capacity=capacity)
         self._jobs_dir = jobs_dir
-        self._capacity = capacity
         self._api_factory = api_client
         self._api: Any = None
         self._api_lock = threading.Lock()
@@ -412,36 +411,7 @@ class KubernetesExecutor:
             volume_claim=options.get("volume_claim", ""),
         )
 
-    # -- the contract -------------------------------------------------------------------------
-
-    @property
-    def capacity(self) -> Resources:
-        """What admission may hand out."""
-        return self._capacity
-
-    def prepare(self, job_id: str) -> str:
-        """Creates the job's folder and returns its ``work`` folder."""
-        return self._room.prepare(job_id)
-
-    def checkpoint_dir(self, job_id: str) -> str:
-        """The job's checkpoint folder (of use to the pods with ``volume_claim``)."""
-        return self._room.checkpoint_dir(job_id)
-
-    def has_directory(self, path: str) -> bool:
-        """True if ``path`` is a directory here."""
-        return Path(path).is_dir()
-
-    def log_path(self, job_id: str) -> Path:
-        """Where the job's log is kept in Plinth."""
-        return self._room.log_path(job_id)
-
-    async def read_log(self, job_id: str, offset: int) -> bytes:
-        """The persisted log from ``offset`` on (what was copied from the pods so far)."""
-        return await asyncio.to_thread(self._room.read_log, job_id, offset)
-
-    async def outputs(self, job: Job) -> dict[str, str]:
-        """What the job wrote to ``PLINTH_OUTPUT_FILE`` (readable with ``volume_claim``)."""
-        return await asyncio.to_thread(self._room.read_outputs, job.id)
+    # -- the contract (capacity, folders, log and outputs: RoomExecutor) ----------------------
 
     async def launch(self, job: Job, env: Mapping[str, str]) -> KubernetesHandle:
         """Creates attempt ``job.attempt``'s Secret and Job; finds the Job instead if it exists.

@@ -45,7 +45,7 @@ import aiohttp
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.scheduler.domain import EndReason, ExitStatus, Job, Resources
-from services.scheduler.executors._room import JobRoom, attempt_of, replicas_of
+from services.scheduler.executors._room import RoomExecutor, attempt_of, replicas_of
 
 __all__ = ["RayExecutor", "RayHandle", "RayJobRejected"]
 
@@ -90,7 +90,7 @@ class RayHandle:
         return await self._executor._follow(self._job, self.submission_id)
 
 
-class RayExecutor:
+class RayExecutor(RoomExecutor):
     """Runs each attempt of a job as a Ray job on the cluster at ``address``.
 
     Args:
@@ -125,8 +125,7 @@ class RayExecutor:
                 "executor_options.working_dir", f"must be shared or upload, got {working_dir!r}"
             )
         self._address = address.rstrip("/")
-        self._room = JobRoom(jobs_dir)
-        self._capacity = capacity
+        super().__init__(jobs_dir, capacity=capacity)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._working_dir = working_dir
         self._kill_grace_s = kill_grace_s
@@ -162,36 +161,7 @@ class RayExecutor:
             poll_s=float(options.get("poll_s", 1.0)),
         )
 
-    # -- the contract -------------------------------------------------------------------------
-
-    @property
-    def capacity(self) -> Resources:
-        """What admission may hand out."""
-        return self._capacity
-
-    def prepare(self, job_id: str) -> str:
-        """Creates the job's folder and returns its ``work`` folder."""
-        return self._room.prepare(job_id)
-
-    def checkpoint_dir(self, job_id: str) -> str:
-        """The job's checkpoint folder (on a folder the cluster shares, to be of use there)."""
-        return self._room.checkpoint_dir(job_id)
-
-    def has_directory(self, path: str) -> bool:
-        """True if ``path`` is a directory here (shared with, or uploaded to, the cluster)."""
-        return Path(path).is_dir()
-
-    def log_path(self, job_id: str) -> Path:
-        """Where the job's log is kept in Plinth."""
-        return self._room.log_path(job_id)
-
-    async def read_log(self, job_id: str, offset: int) -> bytes:
-        """The persisted log from ``offset`` on (what was copied from Ray so far)."""
-        return await asyncio.to_thread(self._room.read_log, job_id, offset)
-
-    async def outputs(self, job: Job) -> dict[str, str]:
-        """What the job wrote to ``PLINTH_OUTPUT_FILE`` (readable where the folder is shared)."""
-        return await asyncio.to_thread(self._room.read_outputs, job.id)
+    # -- the contract (capacity, folders, log and outputs: RoomExecutor) ----------------------
 
     async def launch(self, job: Job, env: Mapping[str, str]) -> RayHandle:
         """Submits attempt ``job.attempt``; finds it instead when it was already submitted.

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.scheduler.domain import EndReason, ExitStatus, Job, Resources, format_bytes
-from services.scheduler.executors._room import JobRoom, attempt_of, replicas_of
+from services.scheduler.executors._room import RoomExecutor, attempt_of, replicas_of
 
 __all__ = ["SlurmExecutor", "SlurmHandle", "SlurmJobRejected"]
 
@@ -89,7 +89,7 @@ class SlurmHandle:
         return await self._executor._follow(self._job, self.pid)
 
 
-class SlurmExecutor:
+class SlurmExecutor(RoomExecutor):
     """Runs each attempt of a job as a SLURM batch job.
 
     Args:
@@ -120,8 +120,7 @@ class SlurmExecutor:
         bin_dir: str = "",
         command_timeout_s: float = 30.0,
     ) -> None:
-        self._room = JobRoom(jobs_dir)
-        self._capacity = capacity
+        super().__init__(jobs_dir, capacity=capacity)
         self._partition, self._qos, self._account = partition, qos, account
         self._env = dict(env or {})
         self._kill_grace_s = kill_grace_s
@@ -157,36 +156,7 @@ class SlurmExecutor:
             bin_dir=options.get("bin_dir", ""),
         )
 
-    # -- the contract -------------------------------------------------------------------------
-
-    @property
-    def capacity(self) -> Resources:
-        """What admission may hand out."""
-        return self._capacity
-
-    def prepare(self, job_id: str) -> str:
-        """Creates the job's folder and returns its ``work`` folder."""
-        return self._room.prepare(job_id)
-
-    def checkpoint_dir(self, job_id: str) -> str:
-        """The job's checkpoint folder (shared with the nodes)."""
-        return self._room.checkpoint_dir(job_id)
-
-    def has_directory(self, path: str) -> bool:
-        """True if ``path`` is a directory here (and so, shared, on the nodes)."""
-        return Path(path).is_dir()
-
-    def log_path(self, job_id: str) -> Path:
-        """The job's log, which SLURM writes into directly."""
-        return self._room.log_path(job_id)
-
-    async def read_log(self, job_id: str, offset: int) -> bytes:
-        """The job's log from ``offset`` on."""
-        return await asyncio.to_thread(self._room.read_log, job_id, offset)
-
-    async def outputs(self, job: Job) -> dict[str, str]:
-        """What the job wrote to ``PLINTH_OUTPUT_FILE``."""
-        return await asyncio.to_thread(self._room.read_outputs, job.id)
+    # -- the contract (capacity, folders, log and outputs: RoomExecutor) ----------------------
 
     async def launch(self, job: Job, env: Mapping[str, str]) -> SlurmHandle:
         """Submits attempt ``job.attempt`` with ``sbatch``; finds it instead if it was submitted.
