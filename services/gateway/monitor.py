@@ -106,9 +106,13 @@ _COUNTERS = ("_total", "_bucket", "_count")
 
 def parse_exposition(text: str) -> dict[SeriesKey, float]:
     """The counter samples of a classic-text scrape (``_total``, ``_bucket``, ``_count``, and
-    their ``_created`` times), by series; gauges are left out."""
+    their ``_created`` times), by series; gauges are left out, and so is every family not
+    Plinth's own (serving re-exports Triton's ``nv_inference_*``, whose gauge
+    ``nv_inference_pending_request_count`` goes down and would read as a restart)."""
     samples: dict[SeriesKey, float] = {}
     for family in text_string_to_metric_families(text):
+        if not family.name.startswith("plinth_"):
+            continue
         for sample in family.samples:
             if sample.name.endswith((*_COUNTERS, "_created")):
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)

@@ -26,6 +26,7 @@ import asyncio
 import bisect
 import logging
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -380,6 +381,7 @@ class InferenceCollector(Collector):
         self._triton_url = triton_metrics_url
         self._fetch = fetch
         self._plane = MonotonicCounts()
+        self._created = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned: set[str] = set()
 
@@ -401,7 +403,7 @@ class InferenceCollector(Collector):
         totals = dict(plane)
         for key, tally in self._python_path.snapshot().items():
             totals[key] = totals[key].add(tally) if key in totals else tally
-        yield from _inference_families(totals)
+        yield from _inference_families(totals, self._created)
         if self._triton_url and reading is not None:
             yield from self._triton(reading.routed)
 
@@ -434,7 +436,9 @@ class InferenceCollector(Collector):
             self._warned.add(what)
 
 
-def _inference_families(totals: Mapping[tuple[str, str], Tally]) -> list[Metric]:
+def _inference_families(totals: Mapping[tuple[str, str], Tally], created: float) -> list[Metric]:
+    """The four inference families; ``created``: when this process began counting (a scraper
+    tells a serving restart from it, as from prometheus-client's own counters)."""
     labels = list(catalog.SERVING_INFERENCE_REQUESTS.labels)
     requests = CounterMetricFamily(
         catalog.SERVING_INFERENCE_REQUESTS.name,
@@ -455,14 +459,17 @@ def _inference_families(totals: Mapping[tuple[str, str], Tally]) -> list[Metric]
     )
     for (deployment, version), tally in sorted(totals.items()):
         values = [deployment, version]
-        requests.add_metric(values, tally.requests)
-        errors.add_metric(values, tally.errors)
-        slow.add_metric(values, tally.slow)
+        requests.add_metric(values, tally.requests, created=created)
+        errors.add_metric(values, tally.errors, created=created)
+        slow.add_metric(values, tally.slow, created=created)
         cumulative, buckets = 0, []
         for bound, count in zip((*INFERENCE_BUCKETS_S, float("inf")), tally.buckets, strict=True):
             cumulative += count
             buckets.append((floatToGoString(bound), float(cumulative)))
         duration.add_metric(values, buckets, tally.sum_s)
+        duration.add_sample(
+            f"{duration.name}_created", dict(zip(labels, values, strict=True)), created
+        )
     return [requests, errors, slow, duration]
 
 

@@ -18,6 +18,7 @@ from plinth_common.errors import InvalidArgument, NotFound, Unavailable
 from plinth_common.grpc_server import UpstreamStatus
 from plinth_common.metrics import CATALOG, INFERENCE_BUCKETS_S, Metrics
 from plinth_common.rich_status import RichDetails
+from services.gateway.monitor import parse_exposition, restarted
 from services.serving.dataplane.tables import LATENCY_BOUNDS_MS, VersionStats
 from services.serving.inference import server_fault
 from services.serving.metrics import (
@@ -273,3 +274,36 @@ def test_server_faults_are_the_data_planes_error_codes() -> None:
     assert not server_fault(InvalidArgument("inputs.x", "wrong shape"))
     assert not server_fault(NotFound("deployment version", "diab:9"))
     assert server_fault(RuntimeError("a bug"))
+
+
+async def test_the_gateway_sees_no_restart_when_haproxy_restarts_or_triton_gauges_fall() -> None:
+    metrics = Metrics("serving")
+    plane = FakePlane(pid=1, counters={"diab/1": _stats(5, 0, [1] * 5)})
+    pending = 'nv_inference_pending_request_count{model="diab__v1",version="1"}'
+    triton = {"text": TRITON_TEXT.replace(f"{pending} 0", f"{pending} 3")}
+
+    async def read() -> MetricsReading:
+        return await read_plane(
+            plane,
+            {"diab/1": "diab__v1"},
+            bounds_ms=LATENCY_BOUNDS_MS,
+            latency_target_s=lambda d: 0.1,
+        )
+
+    serving = ServingMetrics(
+        metrics, read=read, latency_target_s=lambda d: 0.1, triton_metrics_url="http://triton"
+    )
+    serving.collector._fetch = lambda url: triton["text"]  # no Triton in a unit test
+    serving.bind(asyncio.get_running_loop())
+
+    def scrape() -> str:
+        return metrics.exposition(openmetrics=False).decode()
+
+    first = parse_exposition(await asyncio.to_thread(scrape))
+    assert any(name.endswith("_created") for name, _ in first)
+    plane.pid, plane.counters = 2, {"diab/1": _stats(1, 0, [1])}
+    triton["text"] = TRITON_TEXT  # the pending requests were answered: 3 -> 0
+    second = parse_exposition(await asyncio.to_thread(scrape))
+    assert not restarted(first, second)
+    key = ("plinth_serving_inference_requests_total", (("deployment", "diab"), ("version", "1")))
+    assert (first[key], second[key]) == (5, 6)
