@@ -153,7 +153,10 @@ class OidcVerifier:
             Unavailable: the issuer's keys cannot be fetched.
         """
         claims = await self._claims(token)
-        if not hmac.compare_digest(str(claims.get("nonce", "")), nonce) or not nonce:
+        if (
+            not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode())
+            or not nonce
+        ):
             raise Unauthenticated("the ID token's nonce is not this login's")
         # OpenID Connect Core 3.1.3.7: azp, when present, must be this client.
         if claims.get("azp", self.settings.audience) != self.settings.audience:

@@ -410,7 +410,7 @@ class Console:
         state = request.query.get("state", "")
         bound = request.cookies.get(OIDC_COOKIE, "")
         login = self.sessions.take_oidc_login(state)
-        if login is None or not hmac.compare_digest(bound, state):
+        if login is None or not hmac.compare_digest(bound.encode(), state.encode()):
             # Unknown, used, expired, or started in another browser (login CSRF).
             return await self.login_form(
                 request, error="The login expired or was started elsewhere; try again."

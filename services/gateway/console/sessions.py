@@ -32,7 +32,8 @@ class Session:
 
     def csrf_ok(self, token: str | None) -> bool:
         """Whether ``token`` is this session's CSRF token (constant time)."""
-        return token is not None and hmac.compare_digest(token, self.csrf)
+        # Bytes: compare_digest refuses str with non-ASCII characters (a forged form).
+        return token is not None and hmac.compare_digest(token.encode(), self.csrf.encode())
 
 
 @dataclass(frozen=True)

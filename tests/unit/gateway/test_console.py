@@ -81,6 +81,7 @@ def test_sessions_expire_and_csrf_is_checked() -> None:
     session_id, session = sessions.create("plk_secret", "ann")
     assert "plk_secret" not in session_id and sessions.get(session_id) is session
     assert session.csrf_ok(session.csrf) and not session.csrf_ok("x") and not session.csrf_ok(None)
+    assert not session.csrf_ok("é")  # not a TypeError
     login = sessions.new_oidc_login("/console/jobs")
     assert sessions.take_oidc_login(login.state) == login
     assert sessions.take_oidc_login(login.state) is None
