@@ -12,7 +12,8 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from examples.feature_repo.generate_data import definition_files, generate
 from plinth.features.v1 import features_pb2 as pb
 from plinth.features.v1 import features_pb2_grpc
+from plinth_common.db import Database
 from plinth_common.nats_server import NatsServer
-from services.features.app import FeaturesApp, FeaturesSettings
+from services.features.app import MIGRATIONS, FeaturesApp, FeaturesSettings
+from services.features.store import SqlFreshnessStore
 from tests.component.test_features import window_request
 from tests.helpers import ADMIN, channel_as, service_env
 
@@ -72,39 +75,48 @@ async def settings(
     )
 
 
-async def started(settings: FeaturesSettings) -> FeaturesApp:
+@asynccontextmanager
+async def serving(
+    settings: FeaturesSettings, files: dict[str, bytes] | None = None
+) -> AsyncIterator[tuple[FeaturesApp, features_pb2_grpc.FeaturesServiceStub]]:
+    """A features service on the example repository (``files`` applied, if given), stopped
+    gracefully at the end."""
     app = FeaturesApp(settings)
     await app.start()
-    return app
+    channel = channel_as(f"127.0.0.1:{app.port}", ADMIN)
+    try:
+        stub = features_pb2_grpc.FeaturesServiceStub(channel)
+        if files is not None:
+            generate(settings.feast.repo_path / "data")
+            await stub.ApplyRepository(pb.ApplyRepositoryRequest(files=files))
+        yield app, stub
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+async def first_scrape(settings: FeaturesSettings) -> dict[str, float]:
+    """What a scrape right after a (re)start shows, before any call."""
+    async with serving(settings) as (app, _):
+        return data_until(app)
 
 
 async def test_a_restarted_service_reports_freshness_at_its_first_scrape(
     settings: FeaturesSettings,
 ) -> None:
-    first = await started(settings)
-    try:
-        channel = channel_as(f"127.0.0.1:{first.port}", ADMIN)
-        stub = features_pb2_grpc.FeaturesServiceStub(channel)
-        generate(settings.feast.repo_path / "data")
-        await stub.ApplyRepository(pb.ApplyRepositoryRequest(files=definition_files()))
+    async with serving(settings, definition_files()) as (app, stub):
         await stub.Materialize(window_request())
         await stub.PushFeatures(push_row(1001))
         # A second push within the service's write interval: only a graceful stop writes it.
         await asyncio.sleep(0.4)
         last_push = time.time()
         await stub.PushFeatures(push_row(1002))
-        await channel.close()
-        before = data_until(first)
-    finally:
-        await first.stop()
+        before = data_until(app)
     assert before[STATS] == pytest.approx(WINDOW_END.timestamp(), abs=1)
     assert before[PUSHED] >= last_push - 0.05
 
-    second = await started(settings)
-    try:
-        after = data_until(second)  # no call yet: what a scrape right after the deploy shows
-    finally:
-        await second.stop()
+    after = await first_scrape(settings)
+    assert sorted(after) == [STATS, PUSHED]
     assert after[STATS] == pytest.approx(before[STATS], abs=1)
     assert after[PUSHED] == pytest.approx(before[PUSHED], abs=0.1)
 
@@ -112,26 +124,54 @@ async def test_a_restarted_service_reports_freshness_at_its_first_scrape(
 async def test_a_materialization_made_while_the_service_was_down_counts_at_once(
     settings: FeaturesSettings,
 ) -> None:
-    app = await started(settings)
-    try:
-        channel = channel_as(f"127.0.0.1:{app.port}", ADMIN)
-        stub = features_pb2_grpc.FeaturesServiceStub(channel)
-        generate(settings.feast.repo_path / "data")
-        await stub.ApplyRepository(pb.ApplyRepositoryRequest(files=definition_files()))
-        await channel.close()
-        assert STATS not in data_until(app)  # never materialized: no age to show
-    finally:
-        await app.stop()
+    async with serving(settings, definition_files()) as (app, _):
+        assert data_until(app) == {}  # never materialized nor pushed to: no age to show
     later = datetime(2024, 1, 20, tzinfo=UTC)
     await asyncio.to_thread(_feast_materializes, settings.feast.repo_path, later)
 
-    restarted = await started(settings)
-    try:
-        shown = data_until(restarted)
-    finally:
-        await restarted.stop()
+    shown = await first_scrape(settings)
     assert shown[STATS] == pytest.approx(later.timestamp(), abs=1)
     assert PUSHED in shown  # Feast materialized every online view
+
+
+async def test_a_deleted_view_stops_reporting_and_stays_gone_after_a_restart(
+    settings: FeaturesSettings,
+) -> None:
+    extra = b"""
+from datetime import timedelta
+from feast import FeatureView, Field
+from feast.types import Float32
+from driver_repo import driver, driver_stats_source
+
+driver_extra = FeatureView(name="driver_extra", entities=[driver], ttl=timedelta(days=1),
+                           schema=[Field(name="conv_rate", dtype=Float32)], source=driver_stats_source)
+"""
+    async with serving(settings, {**definition_files(), "views/extra.py": extra}) as (app, stub):
+        await stub.Materialize(window_request())
+        assert "driver_extra" in data_until(app)
+        await stub.ApplyRepository(pb.ApplyRepositoryRequest(files=definition_files()))
+        # No age that keeps growing for a view that is gone (an alert on it would be false).
+        assert sorted(data_until(app)) == [STATS, PUSHED]
+
+    assert sorted(await first_scrape(settings)) == [STATS, PUSHED]
+
+
+async def test_the_store_keeps_the_newest_time_whatever_order_replicas_write_in(
+    tmp_path: Path,
+) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'features.db'}")
+    await db.migrate(MIGRATIONS)
+    try:
+        store = SqlFreshnessStore(db)
+        newer = datetime(2024, 2, 1, tzinfo=UTC)
+        await store.record([STATS, PUSHED], newer)
+        await store.record([STATS], newer - timedelta(days=1))  # a slower replica's older run
+        await store.record([PUSHED], newer + timedelta(seconds=1))
+        assert await store.newest() == {STATS: newer, PUSHED: newer + timedelta(seconds=1)}
+        await store.forget([STATS])
+        assert list(await store.newest()) == [PUSHED]
+    finally:
+        await db.close()
 
 
 def _feast_materializes(repo: Path, end: datetime) -> None:
