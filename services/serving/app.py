@@ -200,6 +200,7 @@ class ServingApp:
             registry=self.registry,
             unload_grace_s=settings.unload_grace_s,
             publisher=self._publish_routes if self.dataplane is not None else None,
+            in_flight=self._in_flight if self.dataplane is not None else None,
             on_rollout=self.metrics.rollout,
         )
         # Watches Triton: restarts a launched one that died (waits for an external one),
@@ -285,6 +286,13 @@ class ServingApp:
         if self.dataplane is None or not self._dataplane_up:
             return
         await self.dataplane.apply_routes(_route_specs(splits))
+
+    async def _in_flight(self) -> dict[str, int] | None:
+        """Requests in flight per Triton model on the data plane (None while it is not up)."""
+        if self.dataplane is None or not self._dataplane_up:
+            return None
+        counts: dict[str, int] = await self.dataplane.in_flight()
+        return counts
 
     async def _start_dataplane(self) -> None:
         if self.dataplane is None:

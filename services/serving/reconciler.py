@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,11 @@ tracer = trace.get_tracer("plinth.serving")
 
 # One decision of the domain about one deployment: the deployment as it is -> as it becomes.
 _Change = Callable[[Deployment], Deployment]
+#: Requests in flight per Triton model on the request path (the data plane's ``in_flight``);
+#: None while no data plane counts them (the Python path), and then the grace decides.
+InFlight = Callable[[], Awaitable[Mapping[str, int] | None]]
+# How often a drain asks the data plane whether the old version's requests have ended.
+_DRAIN_POLL_S = 0.02
 
 
 def _traceparent() -> str:
@@ -121,8 +126,10 @@ class Reconciler:
         artifacts: where versions' artifacts come from (MLflow).
         models: the model server (Triton).
         registry: tells where an alias points when a deployment is created.
-        unload_grace_s: pause between moving traffic and unloading the old version, so that
-            requests already routed to it reach Triton before it goes.
+        unload_grace_s: how long an old version may keep requests after traffic moved off it
+            before it is unloaded anyway (with ``in_flight``: an upper bound, the version goes as
+            soon as its last request ended; without: a fixed pause, so that requests already
+            routed to it reach Triton before it goes).
         reconcile_interval_s: how often to look for work without a wake-up.
         max_parallel_rollouts: rollouts that may download and load at the same time.
         backoff: when to ask an unreachable registry again, or to load again on a model server
@@ -132,6 +139,8 @@ class Reconciler:
             inference only on the Python path).
         on_rollout: told each rollout's outcome (``completed``, ``failed``, ``rolled_back``):
             serving's ``plinth_serving_rollouts_total``.
+        in_flight: the data plane's requests in flight per Triton model, so that an old
+            version is unloaded once drained (None: the Python path, a fixed pause).
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         publisher: RoutePublisher | None = None,
         on_rollout: Callable[[str], None] | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._db = db
         self._store = store
@@ -160,6 +170,7 @@ class Reconciler:
         self._models = models
         self._registry = registry
         self._unload_grace_s = unload_grace_s
+        self._in_flight = in_flight
         self._reconcile_interval_s = reconcile_interval_s
         self._parallel = asyncio.Semaphore(max_parallel_rollouts)
         schedule = backoff or Backoff()
@@ -698,10 +709,47 @@ class Reconciler:
         self._unload_pending -= models | routed
         if not models:
             return
-        await asyncio.sleep(self._unload_grace_s)
+        await self._drain(models)
         for model in sorted(models):
             if model not in {route.triton_model for route in self._all_routes()}:
                 await self._discard(model)
+
+    async def _drain(self, models: set[str]) -> None:
+        """Waits until the data plane has no request in flight on ``models``, at most the
+        unload grace (logged when reached); without a data plane, the grace itself."""
+        deadline = time.monotonic() + self._unload_grace_s
+        if self._in_flight is None:
+            await asyncio.sleep(self._unload_grace_s)
+            return
+        busy: dict[str, int] = {}
+        while True:
+            try:
+                counts = await self._in_flight()
+            except Exception as exc:  # noqa: BLE001 - then the grace decides, as without one
+                log.warning(
+                    "cannot ask the data plane what is in flight on %s (%s): unloading after "
+                    "the grace of %.1f s",
+                    ", ".join(sorted(models)),
+                    domain.reason_of(exc),
+                    self._unload_grace_s,
+                )
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                return
+            if counts is None:  # no data plane right now: requests take the Python path
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                return
+            busy = {model: counts[model] for model in models if counts.get(model, 0) > 0}
+            if not busy:
+                return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(_DRAIN_POLL_S)
+        log.warning(
+            "unloading %s with requests still in flight (%s) after the grace of %.1f s",
+            ", ".join(sorted(busy)),
+            ", ".join(f"{model}: {n}" for model, n in sorted(busy.items())),
+            self._unload_grace_s,
+        )
 
     async def _switch(self, name: str, version: str, io: ModelIO) -> Deployment | None:
         """Moves traffic to ``version`` if it is still the target; None when it is stale."""

@@ -39,6 +39,7 @@ from plinth_common.net import free_tcp_port
 from services.serving.dataplane import Backend, DataPlane, KeyGrant, RouteSpec, VersionStats
 from services.serving.triton import TritonModels, TritonProcess, TritonSettings
 from tests.component.test_triton_engine import MODEL_PY
+from tests.helpers import eventually
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="session"),
@@ -629,6 +630,47 @@ async def test_beyond_its_limits_a_deployment_answers_resource_exhausted_at_once
         assert (await dp.refusals())["slow"] >= 3
     finally:
         await client.close()
+
+
+# -- drain ----------------------------------------------------------------------------------------
+
+
+async def test_requests_in_flight_are_counted_per_triton_model_until_they_end(
+    dp: DataPlane,
+) -> None:
+    client = triton_grpc_aio.InferenceServerClient(dp.grpc_address)
+    http_body = {"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+    try:
+        assert await dp.in_flight() == {}
+        answered = asyncio.create_task(client.infer("slow", [_grpc_input()], headers=ALICE.headers))
+        posted = asyncio.create_task(
+            _http(
+                requests.post,
+                f"http://{dp.http_address}/v2/models/slow/infer",
+                json=http_body,
+                headers=ALICE.headers,
+                timeout=10,
+            )
+        )
+
+        # slow__v1 answers after 0.4 s: both are in flight meanwhile
+        async def both() -> bool:
+            return await dp.in_flight() == {"slow__v1": 2}
+
+        await eventually(both, timeout=0.35, interval=0.01)
+        await answered
+        assert (await posted).status_code == 200
+
+        # a caller that gives up before the answer is not left counted
+        with pytest.raises(InferenceServerException):
+            await client.infer("slow", [_grpc_input()], headers=ALICE.headers, client_timeout=0.1)
+    finally:
+        await client.close()
+
+    async def none() -> bool:
+        return await dp.in_flight() == {}
+
+    await eventually(none, timeout=2, interval=0.02)
 
 
 # -- metrics and the process ------------------------------------------------------------------

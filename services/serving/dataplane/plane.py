@@ -387,6 +387,26 @@ class DataPlane:
             raise DataPlaneError(str(exc)) from None
         return parse_stats(text)[0]
 
+    async def in_flight(self) -> dict[str, int]:
+        """Per Triton model: requests the data plane admitted that have not ended yet (those
+        with none are left out). Used to unload a version only once it is drained.
+
+        Raises:
+            DataPlaneError: HAProxy does not answer.
+        """
+        try:
+            text = await self._api.command("plinth inflight")
+        except RuntimeApiError as exc:
+            raise DataPlaneError(str(exc)) from None
+        if not text.startswith("inflight"):
+            raise DataPlaneError(f"plinth inflight: {text.strip()[:300] or 'no answer'}")
+        counts: dict[str, int] = {}
+        for line in text.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "F":
+                counts[parts[1]] = int(parts[2])
+        return counts
+
     async def refusals(self) -> dict[str, int]:
         """Per deployment: requests refused at its limits since HAProxy started."""
         try:

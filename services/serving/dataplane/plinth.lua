@@ -29,6 +29,11 @@ local routes_rev, grants_rev = "0", "0"
 -- removed when the response headers pass; a sweep drops those of streams that ended earlier.
 local inflight = {}
 local next_id = 0
+-- Requests admitted and not ended, state table -> its Triton model, for `plinth inflight`
+-- (the control plane unloads a version once nothing is in flight on it). Released when the
+-- response's analysis ends (also on an abort); weak keys so that a state whose stream went
+-- without telling the filter stops counting once collected.
+local live = setmetatable({}, {__mode = "k"})
 
 -- Latency bucket upper bounds in milliseconds (the last bucket is +Inf).
 local BOUNDS = {0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750,
@@ -223,6 +228,16 @@ core.register_cli({"plinth", "stats"}, "plinth stats: per-version counters", fun
   applet:send(table.concat(out, "\n") .. "\n")
 end)
 
+-- One line per Triton model with requests in flight: F <triton model> <count>.
+core.register_cli({"plinth", "inflight"}, "plinth inflight: requests in flight per Triton model",
+  function(applet)
+    local counts = {}
+    for _, model in pairs(live) do counts[model] = (counts[model] or 0) + 1 end
+    local out = {"inflight"}
+    for model, n in pairs(counts) do out[#out + 1] = string.format("F %s %d", model, n) end
+    applet:send(table.concat(out, "\n") .. "\n")
+  end)
+
 -- Prometheus text for /metrics/deployments on the stats port.
 core.register_service("plinth_metrics", "http", function(applet)
   local out = {
@@ -380,6 +395,7 @@ local function admit(txn, route, version)
   local now = core.now()
   local st = {version = version, t0 = now.sec * 1000.0 + now.usec / 1000.0}
   inflight[next_id] = st
+  live[st] = version.model
   txn:set_var("txn.pl_backend", route.backend)
   txn:set_var("txn.pl_id", next_id)
   return st
@@ -604,6 +620,20 @@ function Plinth:http_payload(txn, msg)
   end
   -- (a body shorter than its prefix reaches Triton short, without the tail: it refuses it)
   if msg:eom() then filter.unregister_data_filter(self, msg.channel) end
+end
+
+-- The end of the response's analysis (after its last byte, or an abort): the request is no
+-- longer in flight on its Triton model.
+function Plinth:end_analyze(txn, chn)
+  if not chn:is_resp() then return end
+  local st = self.st
+  if st == nil then
+    local id = txn:get_var("txn.pl_id")
+    st = id ~= nil and inflight[id] or nil
+    if st == nil then return end
+    inflight[id] = nil
+  end
+  live[st] = nil
 end
 
 core.register_filter("plinth", Plinth, function(flt)
