@@ -632,6 +632,32 @@ async def test_beyond_its_limits_a_deployment_answers_resource_exhausted_at_once
         await client.close()
 
 
+async def test_http_callers_get_the_whole_concurrency_limit(dp: DataPlane) -> None:
+    """An HTTP request counts once against the limit (not once in the action and again in
+    the filter): two callers fit a limit of two, the third is refused."""
+    await dp.apply_routes([*BASE_ROUTES[:2], route("slow", ("1", 100), max_concurrency=2)])
+    body = {"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+
+    async def post() -> int:
+        response = await _http(
+            requests.post,
+            f"http://{dp.http_address}/v2/models/slow/infer",
+            json=body,
+            headers=ALICE.headers,
+            timeout=10,
+        )
+        return response.status_code
+
+    first, second = asyncio.create_task(post()), asyncio.create_task(post())
+
+    async def both_in() -> bool:
+        return (await dp.in_flight()).get("slow__v1", 0) == 2
+
+    await eventually(both_in, timeout=0.35, interval=0.01)  # slow__v1 answers after 0.4 s
+    assert await post() == 429
+    assert (await first, await second) == (200, 200)
+
+
 # -- drain ----------------------------------------------------------------------------------------
 
 
