@@ -3,7 +3,8 @@ metrics on versus off, in the same run (issue 11).
 
 **GetJob.** Three scheduler processes (``LocalPlatform``: each with its SQLite store, its outbox
 and its own embedded nats-server; tracing as in production, nothing exported): one with metrics
-on, scraped once a second by this client (Prometheus would scrape every 15 s), one with
+on, scraped once a second by this client (``--scrape-interval``; Prometheus's default is
+15 s), one with
 ``PLINTH_METRICS=off``, and a second one off, whose figures against the first show how far this
 machine's noise goes. Each runs one finished job; ``GetJob`` of it is measured at concurrency 1
 and 16 for a fixed time per round, the three taking turns in rotating rounds so that the
@@ -18,9 +19,11 @@ are recorded) in rotating rounds at concurrency 1 and 16. Serving's CPU time per
 Triton's are read from /proc. The HAProxy data plane is off (``PLINTH_SERVING_DATAPLANE=off``):
 its figures are HAProxy's own, which ``PLINTH_METRICS`` does not switch.
 
-Last, in-process and free of the machine's noise: the CPU the recording itself adds to one call
-in the gRPC wrapper (a counter increment and a histogram observation with its exemplar), set
-against each part's CPU per call.
+After each part, what one scrape costs the 'on' process in CPU (20 scrapes back to back, less
+its idle CPU): at a scrape a second that over the calls per second is the scrape's share of a
+call. Last, in-process and free of the machine's noise: the CPU the recording itself adds to one
+call in the gRPC wrapper (a counter increment and a histogram observation with its exemplar),
+set against each part's CPU per call.
 
     python -m bench.metrics_cost                 # ~4 minutes
     python -m bench.metrics_cost --quick         # ~2 minutes
@@ -86,6 +89,15 @@ VARIANTS = ("off", "on", "control")
 METRICS_OFF = {"PLINTH_METRICS": "off"}
 DEPLOYMENT = "bench-metrics"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long to measure, and how often the 'on' process is scraped."""
+
+    rounds: int
+    seconds: float
+    scrape_interval_s: float
 
 
 def _env_of(variant: str) -> dict[str, str]:
@@ -204,22 +216,36 @@ def _scrape(url: str, *, openmetrics: bool = True) -> str:
         return str(r.read().decode())
 
 
-async def scrape_forever(url: str, took: list[float]) -> None:
-    """Scrapes ``url`` once a second, as Prometheus does (OpenMetrics, with exemplars), in a
-    thread, as a remote scraper would; appends each scrape's seconds to ``took``."""
+async def scrape_forever(url: str, interval_s: float, took: list[float]) -> None:
+    """Scrapes ``url`` every ``interval_s`` as Prometheus does (OpenMetrics, with exemplars), in
+    a thread, as a remote scraper would; appends each scrape's seconds to ``took``."""
     while True:
         began = time.perf_counter()
         await asyncio.to_thread(_scrape, url)
         took.append(time.perf_counter() - began)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(interval_s)
 
 
-def scrapes_line(took: list[float]) -> str:
-    """How many scrapes there were and how long they took."""
+async def scrape_cpu_ms(url: str, pids: list[int], n: int = 20) -> float:
+    """CPU milliseconds one scrape costs the scraped process, from /proc: ``n`` scrapes back to
+    back, less what the process spends idle in as long (measured just before)."""
+    before, began = cpu_seconds(pids), time.perf_counter()
+    await asyncio.sleep(1.0)
+    idle_per_s = (cpu_seconds(pids) - before) / (time.perf_counter() - began)
+    before, began = cpu_seconds(pids), time.perf_counter()
+    for _ in range(n):
+        await asyncio.to_thread(_scrape, url)
+    spent = cpu_seconds(pids) - before - idle_per_s * (time.perf_counter() - began)
+    return max(spent, 0.0) / n * 1000
+
+
+def scrapes_line(took: list[float], cpu_ms: float, plan: Plan) -> str:
+    """How many scrapes there were, how long they took, what one costs the scraped process."""
     found = sorted(took)
     return (
-        f"{len(found)} scrapes of the 'on' endpoint, p50 {ms(percentile(found, 50) * 1000)} ms,"
-        f" max {ms(found[-1] * 1000) if found else '-'} ms"
+        f"{len(found)} scrapes of the 'on' endpoint (every {plan.scrape_interval_s:g} s), p50"
+        f" {ms(percentile(found, 50) * 1000)} ms, max {ms(found[-1] * 1000) if found else '-'} ms;"
+        f" one scrape costs the process {cpu_ms:.1f} ms of CPU (20 back to back, idle removed)"
     )
 
 
@@ -292,7 +318,7 @@ async def scheduler(root: Path, variant: str) -> AsyncIterator[LocalPlatform]:
         await platform.stop()
 
 
-async def getjob_part(root: Path, rounds: int, seconds: float) -> list[PartResult]:
+async def getjob_part(root: Path, plan: Plan) -> list[PartResult]:
     """Measures ``GetJob`` on the three schedulers; prints what each one's endpoint shows."""
     async with AsyncExitStack() as stack:
         t0 = time.perf_counter()
@@ -317,16 +343,17 @@ async def getjob_part(root: Path, rounds: int, seconds: float) -> list[PartResul
         print(f"three schedulers up, one job each, in {time.perf_counter() - t0:.0f} s", flush=True)
         on_url = platforms["on"].metrics_url("scheduler")
         took: list[float] = []
-        scraper = asyncio.create_task(scrape_forever(on_url, took))
+        scraper = asyncio.create_task(scrape_forever(on_url, plan.scrape_interval_s, took))
         try:
-            results = [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
+            results = [await rotate(targets, c, plan.rounds, plan.seconds) for c in (1, 16)]
         finally:
             scraper.cancel()
         text = await asyncio.to_thread(partial(_scrape, on_url, openmetrics=False))
         scraped = counted_calls(text, "GetJob")
+        cpu_ms = await scrape_cpu_ms(on_url, targets["on"].pids["scheduler"])
         print(
             f"the 'on' scheduler's endpoint counts {scraped:,.0f} OK GetJob calls; the client"
-            f" made {made['on']:,} (the job's wait made a few more); {scrapes_line(took)}"
+            f" made {made['on']:,} (the job's wait made a few more); {scrapes_line(took, cpu_ms, plan)}"
         )
         for variant in ("off", "control"):
             url = platforms[variant].metrics_url("scheduler")
@@ -464,7 +491,7 @@ def _infer(channel: grpc.aio.Channel, tokens: InternalTokens) -> Callable[[], Aw
     return call
 
 
-async def modelinfer_part(work: Path, rounds: int, seconds: float) -> list[PartResult]:
+async def modelinfer_part(work: Path, plan: Plan) -> list[PartResult]:
     """Measures ``ModelInfer`` through the three serving processes."""
     registry, registry_address = await _start_registry()
     internal_key = secrets.token_hex(32)
@@ -495,13 +522,14 @@ async def modelinfer_part(work: Path, rounds: int, seconds: float) -> list[PartR
         )
         on_url = started["on"].metrics_url
         took: list[float] = []
-        scraper = asyncio.create_task(scrape_forever(on_url, took))
+        scraper = asyncio.create_task(scrape_forever(on_url, plan.scrape_interval_s, took))
         try:
-            results = [await rotate(targets, c, rounds, seconds) for c in (1, 16)]
+            results = [await rotate(targets, c, plan.rounds, plan.seconds) for c in (1, 16)]
         finally:
             scraper.cancel()
         text = await asyncio.to_thread(partial(_scrape, on_url, openmetrics=False))
         made = sum(r.calls + r.errors for result in results for r in result.rounds["on"])
+        cpu_ms = await scrape_cpu_ms(on_url, targets["on"].pids["serving"])
         recorded = sorted(
             {
                 line.split("{")[0].split()[0]
@@ -512,7 +540,7 @@ async def modelinfer_part(work: Path, rounds: int, seconds: float) -> list[PartR
         print(
             f"the 'on' serving's endpoint counts {counted_calls(text, 'ModelInfer'):,.0f} OK"
             f" ModelInfer calls (the measured windows held {made:,}, warm-ups the rest); its"
-            f" inference series: {', '.join(recorded) or 'none recorded'}; {scrapes_line(took)}"
+            f" inference series: {', '.join(recorded) or 'none recorded'}; {scrapes_line(took, cpu_ms, plan)}"
         )
         for variant in ("off", "control"):
             print(
@@ -583,28 +611,30 @@ def verdict(name: str, results: list[PartResult], process: str, added_us: float)
     )
 
 
-async def run(parts: Sequence[str], rounds: int, seconds: float) -> None:
+async def run(parts: Sequence[str], plan: Plan) -> None:
     print(f"bench.metrics_cost | {machine_line()}", flush=True)
     began = time.perf_counter()
     found: dict[str, list[PartResult]] = {}
     work = Path(tempfile.mkdtemp(prefix="plinth-bench-metrics-"))
+    how = (
+        f"{plan.rounds} rotating rounds of {plan.seconds:g} s, the 'on' process scraped every"
+        f" {plan.scrape_interval_s:g} s; median throughput"
+    )
     try:
         if "getjob" in parts:
-            found["getjob"] = await getjob_part(work / "getjob", rounds, seconds)
+            found["getjob"] = await getjob_part(work / "getjob", plan)
             print_part(
-                f"GetJob on the real scheduler with metrics off, on (scraped every second) and"
-                f" off again (the noise control); {rounds} rotating rounds of {seconds:g} s,"
-                f" median throughput | {machine_line()}",
+                f"GetJob on the real scheduler with metrics off, on, and off again (the noise"
+                f" control); {how} | {machine_line()}",
                 found["getjob"],
                 ("scheduler",),
             )
         if "modelinfer" in parts:
             (work / "modelinfer").mkdir(parents=True)
-            found["modelinfer"] = await modelinfer_part(work / "modelinfer", rounds, seconds)
+            found["modelinfer"] = await modelinfer_part(work / "modelinfer", plan)
             print_part(
                 f"ModelInfer through serving (Python path, Triton, 1 x 10 FP64 Ridge) with"
-                f" metrics off, on and off again; {rounds} rotating rounds of {seconds:g} s,"
-                f" median throughput | {machine_line()}",
+                f" metrics off, on and off again; {how} | {machine_line()}",
                 found["modelinfer"],
                 ("serving", "triton"),
             )
@@ -628,13 +658,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="rotating rounds per concurrency")
     parser.add_argument("--seconds", type=float, default=0.0, help="seconds per round")
     parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        help="seconds between scrapes of the 'on' process (Prometheus's default is 15)",
+    )
+    parser.add_argument(
         "--only", choices=("getjob", "modelinfer"), default=None, help="run one part only"
     )
     args = parser.parse_args()
-    rounds = args.rounds or (3 if args.quick else 6)
-    seconds = args.seconds or (1.0 if args.quick else 2.0)
-    parts = (args.only,) if args.only else ("getjob", "modelinfer")
-    asyncio.run(run(parts, rounds, seconds))
+    plan = Plan(
+        rounds=args.rounds or (3 if args.quick else 6),
+        seconds=args.seconds or (1.0 if args.quick else 2.0),
+        scrape_interval_s=args.scrape_interval,
+    )
+    asyncio.run(run((args.only,) if args.only else ("getjob", "modelinfer"), plan))
 
 
 if __name__ == "__main__":
