@@ -481,7 +481,7 @@ def latency_targets(slos_file: Path | None) -> Callable[[str], float]:
         InvalidArgument: an unreadable file, or settings :func:`plinth_common.slo.configure`
             refuses.
     """
-    settings: object = {}
+    settings: Any = {}
     if slos_file is not None:
         try:
             settings = yaml.safe_load(slos_file.read_text()) or {}
