@@ -4,7 +4,7 @@ bounded examples so a run stays short; shared by the HTTP/JSON API tests."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 __all__ = ["ONE_WAY", "restrict", "run_schemathesis"]
@@ -38,6 +38,8 @@ def run_schemathesis(
     key: str,
     examples: int,
     *,
+    known: Mapping[str, Sequence[str]] | None = None,
+    negative: bool = False,
     on_case: Callable[[str, Any, Any], None] | None = None,
 ) -> tuple[list[str], Counter[int]]:
     """Runs Schemathesis on each operation of ``doc`` as the bearer of ``key``: no 5xx, and
@@ -48,6 +50,11 @@ def run_schemathesis(
         base_url: the gateway's HTTP URL.
         key: the API key the calls carry.
         examples: generated requests per operation (derandomized: the same every run).
+        known: parameter name -> values of objects that exist (a team, a model): in about
+            half the cases, the path and query parameters and top-level body fields of these
+            names take one of them, so the generated requests reach past "not found".
+        negative: generate requests the document does not allow (wrong types, extra fields,
+            values out of range) instead: still no 5xx, still answers as documented.
         on_case: called with the operation id, the case and the response of each call.
 
     Returns:
@@ -68,7 +75,9 @@ def run_schemathesis(
                 continue
             operation = result.ok()
             try:
-                _drive(operation, base_url, session, examples, statuses, on_case)
+                _drive(
+                    operation, base_url, session, examples, statuses, known or {}, negative, on_case
+                )
             except Exception as exc:  # noqa: BLE001 - collected to report every operation
                 failures.append(f"{operation.label}: {exc}"[:3000])
     return failures, statuses
@@ -80,10 +89,14 @@ def _drive(
     session: Any,
     examples: int,
     statuses: Counter[int],
+    known: Mapping[str, Sequence[str]],
+    negative: bool,
     on_case: Callable[[str, Any, Any], None] | None,
 ) -> None:
     """Calls one operation with ``examples`` generated requests; raises at the first failure."""
     import hypothesis
+    from hypothesis import strategies
+    from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
@@ -92,6 +105,7 @@ def _drive(
     )
 
     operation_id = operation.definition.raw.get("operationId", operation.label)
+    mode = GenerationMode.NEGATIVE if negative else GenerationMode.POSITIVE
 
     @hypothesis.settings(
         max_examples=examples,
@@ -101,8 +115,10 @@ def _drive(
         suppress_health_check=list(hypothesis.HealthCheck),
         phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
     )
-    @hypothesis.given(case=operation.as_strategy())
-    def run(case: Any) -> None:
+    @hypothesis.given(case=operation.as_strategy(mode), pick=strategies.integers(-4, 3))
+    def run(case: Any, pick: int) -> None:
+        if pick >= 0:
+            _use_known(case, known, pick)
         response = case.call_and_validate(
             base_url=base_url,
             session=session,
@@ -119,3 +135,16 @@ def _drive(
             on_case(operation_id, case, response)
 
     run()
+
+
+def _use_known(case: Any, known: Mapping[str, Sequence[str]], pick: int) -> None:
+    """Sets the case's parameters and top-level body fields named in ``known``."""
+    containers = [case.path_parameters, case.query]
+    if isinstance(case.body, dict):
+        containers.append(case.body)
+    for container in containers:
+        if not container:
+            continue
+        for name, values in known.items():
+            if name in container:
+                container[name] = values[pick % len(values)]

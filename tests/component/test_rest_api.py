@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -215,3 +216,26 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_docume
     # The generated requests reached the methods, not only the transcoder's refusals.
     assert statuses[200] >= 50 and statuses[400] >= 10, statuses
     print("schemathesis statuses:", dict(sorted(statuses.items())))
+
+
+async def test_schemathesis_requests_off_the_document_are_refused_as_documented(
+    platform: LocalPlatform, http: aiohttp.ClientSession
+) -> None:
+    # Requests the document does not allow (wrong types, extra fields, out-of-range values):
+    # refused with a google.rpc.Status, never a 5xx (services not started here answer 503).
+    _, doc = await call(http, "GET", "/openapi.json", None)
+    tags = {"SchedulerService", "IdentityService", "EventService", "PlatformService"}
+    skipped = {"SchedulerService_SubmitJob", "SchedulerService_ApplyQueueConfig"}
+    doc = restrict(doc, tags, skipped)
+    failures, statuses = await asyncio.to_thread(
+        functools.partial(run_schemathesis, negative=True),
+        doc,
+        platform.http_url,
+        platform.admin_key,
+        10,
+    )
+    assert not failures, "\n\n".join(failures)
+    # Schemathesis also sends them without the credential: 401, as documented too.
+    refused = sum(n for status, n in statuses.items() if 400 <= status < 500)
+    assert refused >= 150 and statuses[400] >= 50 and statuses[401] >= 20, statuses
+    print("schemathesis negative statuses:", dict(sorted(statuses.items())))
