@@ -6,7 +6,9 @@ Layout:
   the Lua action decides (allowlist, key, route, version, limit) and answers refusals itself;
   ``use_backend`` takes the backend the action chose.
 - ``dp_slot_<n>``: one backend per deployment, assigned by the control plane, with the body
-  filter (so refusals and health checks, which never reach a slot, pay no filter), one server
+  filter (so refusals and health checks, which never reach a slot, pay no filter; nor does a
+  request to a *direct* backend, one that needs no rewrite: the response rule
+  ``lua.plinth_done`` records it instead), one server
   per protocol pointing at Triton. A slot's servers carry the deployment's ``maxconn`` (set on
   the runtime API), so HAProxy itself queues what exceeds max_concurrency; the action refuses
   what exceeds max_concurrency + max_queue (``be_conn`` counts queued and active requests).
@@ -81,6 +83,7 @@ def render_config(settings: ProxySettings) -> str:
     slots = "".join(
         f"backend {slot_name(i)}\n"
         "  filter lua.plinth\n"
+        "  http-response lua.plinth_done if { var(txn.pl_direct) -m found }\n"
         "  use-server h if { var(txn.pl_proto) -m str http }\n"
         f"  server g {s.triton_grpc} proto h2\n"
         f"  server h {s.triton_http} weight 0\n"

@@ -29,6 +29,10 @@ local routes_rev, grants_rev = "0", "0"
 -- removed when the response headers pass; a sweep drops those of streams that ended earlier.
 local inflight = {}
 local next_id = 0
+-- The last decision of each HAProxy thread, for Plinth:new (which gets no txn): a stream goes
+-- from its action to its backend, where the filter is made, without yielding in between, so
+-- the slot of the thread still holds that stream's decision.
+local admitted = {}
 -- Requests admitted and not ended, state table -> its Triton model, for `plinth inflight`
 -- (the control plane unloads a version once nothing is in flight on it). Released when the
 -- response's analysis ends (also on an abort); weak keys so that a state whose stream went
@@ -140,6 +144,15 @@ local function parse_routes(text)
       v.jsonout_infer = '"model_name":"' .. current.name .. '","model_version":"' .. v.label .. '"'
       v.json_meta = '"name":"' .. v.model .. '"'
       v.jsonout_meta = '"name":"' .. current.name .. '"' 
+      -- A backend whose Triton model is the deployment's own name, with the version label
+      -- as Triton's version, needs no rewrite either way: a request passes as it came (an
+      -- empty version gets the model's only one) and Triton's answer already names the
+      -- deployment and version. Such streams skip the filter (see Plinth:new).
+      v.direct = v.model == current.name and v.tver == v.label
+      if v.direct then
+        v.tail, v.res_infer, v.internal_infer, v.res_meta, v.internal_meta = nil, nil, nil, nil, nil
+        v.json_infer, v.jsonout_infer, v.json_meta, v.jsonout_meta = nil, nil, nil, nil
+      end
       current.total = current.total + weight
       v.upto = current.total
       current.versions[#current.versions + 1] = v
@@ -398,6 +411,11 @@ local function admit(txn, route, version)
   live[st] = version.model
   txn:set_var("txn.pl_backend", route.backend)
   txn:set_var("txn.pl_id", next_id)
+  if version.direct then
+    st.direct = true
+    txn:set_var("txn.pl_direct", true)  -- the slot's response rule records it (plinth_done)
+  end
+  admitted[core.thread] = st
   return st
 end
 
@@ -500,12 +518,37 @@ local function record(st, failed)
   s.buckets[i] = s.buckets[i] + 1
 end
 
+-- The answer of a stream that skipped the filter (a direct backend, see parse_routes), from
+-- its headers: one Lua entry instead of the filter's five. A gRPC error that Triton sends in
+-- the trailers (headers first) is invisible here: such a version's data-plane error count
+-- misses it (Triton's own statistics count it).
+core.register_action("plinth_done", {"http-res"}, function(txn)
+  local id = txn:get_var("txn.pl_id")
+  local st = id ~= nil and inflight[id] or nil
+  if st == nil then return end
+  inflight[id] = nil
+  live[st] = nil
+  local grpc_status = txn.f:res_hdr("grpc-status")
+  if grpc_status ~= nil then
+    record(st, SERVER_ERROR[grpc_status] or false)
+  else
+    record(st, txn.f:status() >= 500)
+  end
+end)
+
 local Plinth = {}
 Plinth.id = "plinth"
 Plinth.flags = filter.FLT_CFG_FL_HTX
 Plinth.__index = Plinth
 
 function Plinth:new()
+  -- A stream with nothing to rewrite gets no filter at all (returning no table leaves the
+  -- stream unfiltered): each callback is a Lua entry of 15-30 us, which is what the data
+  -- plane costs beyond plain HAProxy. Its answer is recorded by plinth_done instead.
+  local thread = core.thread
+  local st = admitted[thread]
+  admitted[thread] = nil
+  if st ~= nil and st.direct then return nil end
   return setmetatable({}, Plinth)
 end
 

@@ -47,8 +47,13 @@ _LABEL_OF_MODEL = re.compile(r"__v([0-9]+)$")
 class Backend:
     """One Triton model version that serves a share of a deployment's traffic.
 
+    A *direct* backend is one whose Triton model is the deployment's own name and whose Triton
+    version is its label (``Backend("fraud", "3", 100, label="3")`` for deployment ``fraud``):
+    requests pass unchanged and Triton's answers already name the deployment and version, so
+    the data plane rewrites nothing and runs no body filter for it (a fraction of the cost).
+
     Attributes:
-        model: Triton's model name (``<deployment>__v<version>``).
+        model: Triton's model name (``<deployment>__v<version>``, or the deployment's name).
         version: Triton's version of that model (``"1"``).
         weight: share of the deployment's requests, relative to its other backends.
         label: the version clients see (``model_version`` in responses, ``/versions/<label>``
