@@ -363,7 +363,6 @@ class InferenceCollector(Collector):
     Args:
         read: the coroutine that reads the routes and the data plane (run on ``loop``).
         python_path: the Python path's per-request counts.
-        latency_target_s: deployment -> its latency target (seconds).
         triton_metrics_url: Triton's ``/metrics`` ('' when it exports none).
         fetch: how Triton's metrics are fetched (tests may point it elsewhere).
     """
