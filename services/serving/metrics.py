@@ -408,7 +408,8 @@ class InferenceCollector(Collector):
 
     def _reading(self) -> MetricsReading | None:
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None or loop.is_closed() or _running_loop() is loop:
+            # Asked on the loop itself (an in-process exposition()): it cannot wait for itself.
             return None
         future = asyncio.run_coroutine_threadsafe(self._read(), loop)
         try:
@@ -433,6 +434,13 @@ class InferenceCollector(Collector):
         if what not in self._warned:
             log.warning("%s", message)
             self._warned.add(what)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _inference_families(totals: Mapping[tuple[str, str], Tally], created: float) -> list[Metric]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,3 +308,19 @@ async def test_the_gateway_sees_no_restart_when_haproxy_restarts_or_triton_gauge
     assert not restarted(first, second)
     key = ("plinth_serving_inference_requests_total", (("deployment", "diab"), ("version", "1")))
     assert (first[key], second[key]) == (5, 6)
+
+
+async def test_an_exposition_asked_on_the_event_loop_does_not_wait_for_itself() -> None:
+    metrics = Metrics("serving")
+
+    async def read() -> MetricsReading:
+        raise AssertionError("not read on the loop's own thread")
+
+    serving = ServingMetrics(metrics, read=read, latency_target_s=lambda d: 0.1)
+    serving.bind(asyncio.get_running_loop())
+    assert serving.python_path is not None
+    serving.python_path.record("diab", "1", 0.001, failed=False)
+    began = time.monotonic()
+    text = metrics.exposition(openmetrics=False).decode()
+    assert time.monotonic() - began < 1.0
+    assert 'plinth_serving_inference_requests_total{deployment="diab",version="1"} 1.0' in text
