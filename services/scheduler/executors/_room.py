@@ -42,6 +42,19 @@ def replicas_of(job: Job) -> int:
     return max(1, int(getattr(job.spec, "replicas", 1) or 1))
 
 
+def attempt_env(job: Job, *, outputs: str, checkpoint: str) -> dict[str, str]:
+    """What every attempt of ``job`` is told (the executor contract): where its outputs and
+    checkpoints go (as the job sees the paths), its attempt, and its gang's size."""
+    replicas = str(replicas_of(job))
+    return {
+        "PLINTH_OUTPUT_FILE": outputs,
+        "PLINTH_CHECKPOINT_DIR": checkpoint,
+        "PLINTH_ATTEMPT": str(attempt_of(job)),
+        "PLINTH_REPLICAS": replicas,
+        "PLINTH_WORLD_SIZE": replicas,
+    }
+
+
 class JobRoom:
     """The folders and files of the jobs below ``jobs_dir``."""
 

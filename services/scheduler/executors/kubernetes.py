@@ -64,7 +64,12 @@ from urllib3.exceptions import HTTPError
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.scheduler.domain import CREDENTIAL_ENV, EndReason, ExitStatus, Job, Resources
-from services.scheduler.executors._room import RoomExecutor, attempt_of, replicas_of
+from services.scheduler.executors._room import (
+    RoomExecutor,
+    attempt_env,
+    attempt_of,
+    replicas_of,
+)
 from services.scheduler.queueing.model import ResourceFlavor, Taint
 
 __all__ = [
@@ -433,7 +438,6 @@ class KubernetesExecutor(RoomExecutor):
         attempt = attempt_of(job)
         checkpoint = await asyncio.to_thread(self._room.fresh_attempt, job.id, attempt)
         await asyncio.to_thread(self._room.write_text, job.id, f"k8s-a{attempt}.copied", "{}\n")
-        replicas = replicas_of(job)
         plain = {k: v for k, v in env.items() if k not in CREDENTIAL_ENV}
         secret = {k: v for k, v in env.items() if k in CREDENTIAL_ENV and v}
         if not self._volume_claim:  # the pod cannot see the scheduler's folders
@@ -441,15 +445,7 @@ class KubernetesExecutor(RoomExecutor):
             outputs = f"{SCRATCH_DIR}/outputs/outputs.json"
         else:
             outputs = str(self._room.outputs_path(job.id))
-        plain.update(
-            {
-                "PLINTH_OUTPUT_FILE": outputs,
-                "PLINTH_CHECKPOINT_DIR": checkpoint,
-                "PLINTH_ATTEMPT": str(attempt),
-                "PLINTH_REPLICAS": str(replicas),
-                "PLINTH_WORLD_SIZE": str(replicas),
-            }
-        )
+        plain.update(attempt_env(job, outputs=outputs, checkpoint=checkpoint))
         manifest = job_manifest(
             job,
             plain,

@@ -45,7 +45,7 @@ import aiohttp
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.scheduler.domain import EndReason, ExitStatus, Job, Resources
-from services.scheduler.executors._room import RoomExecutor, attempt_of, replicas_of
+from services.scheduler.executors._room import RoomExecutor, attempt_env, attempt_of
 
 __all__ = ["RayExecutor", "RayHandle", "RayJobRejected"]
 
@@ -176,14 +176,9 @@ class RayExecutor(RoomExecutor):
             return RayHandle(self, job)
         checkpoint = await asyncio.to_thread(self._room.fresh_attempt, job.id, attempt)
         await asyncio.to_thread(self._room.write_text, job.id, f"ray-a{attempt}.copied", "0\n")
-        replicas = replicas_of(job)
         env_vars = {
             **env,
-            "PLINTH_OUTPUT_FILE": str(self._room.outputs_path(job.id)),
-            "PLINTH_CHECKPOINT_DIR": checkpoint,
-            "PLINTH_ATTEMPT": str(attempt),
-            "PLINTH_REPLICAS": str(replicas),
-            "PLINTH_WORLD_SIZE": str(replicas),
+            **attempt_env(job, outputs=str(self._room.outputs_path(job.id)), checkpoint=checkpoint),
             "PLINTH_REPLICA_INDEX": "0",
             "PLINTH_RANK": "0",
             "RAY_JOB_STOP_WAIT_TIME_S": str(max(1, math.ceil(self._kill_grace_s))),

@@ -36,7 +36,12 @@ from pathlib import Path
 
 from plinth_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.scheduler.domain import EndReason, ExitStatus, Job, Resources, format_bytes
-from services.scheduler.executors._room import RoomExecutor, attempt_of, replicas_of
+from services.scheduler.executors._room import (
+    RoomExecutor,
+    attempt_env,
+    attempt_of,
+    replicas_of,
+)
 
 __all__ = ["SlurmExecutor", "SlurmHandle", "SlurmJobRejected"]
 
@@ -193,18 +198,13 @@ class SlurmExecutor(RoomExecutor):
             *self._resource_flags(job),
             str(script),
         ]
-        replicas = replicas_of(job)
         # The job's environment is sbatch's own (--export=ALL), never the scheduler's: nothing
         # of the scheduler's environment (its credentials) reaches the job, and nothing of the
         # job's (its MLflow credentials) reaches a command line that anyone can read in ps.
         job_env = {
             **env,
             **self._env,
-            "PLINTH_OUTPUT_FILE": str(self._room.outputs_path(job.id)),
-            "PLINTH_CHECKPOINT_DIR": checkpoint,
-            "PLINTH_ATTEMPT": str(attempt),
-            "PLINTH_REPLICAS": str(replicas),
-            "PLINTH_WORLD_SIZE": str(replicas),
+            **attempt_env(job, outputs=str(self._room.outputs_path(job.id)), checkpoint=checkpoint),
         }
         job_env.setdefault("PATH", os.environ.get("PATH", "/usr/bin:/bin"))
         # Marks that sbatch may have run: only then does a later _find ask squeue by name.
