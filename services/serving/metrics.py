@@ -365,6 +365,7 @@ class InferenceCollector(Collector):
         python_path: the Python path's per-request counts.
         triton_metrics_url: Triton's ``/metrics`` ('' when it exports none).
         fetch: how Triton's metrics are fetched (tests may point it elsewhere).
+        max_series: deployment versions shown before further ones count as ``other``.
     """
 
     def __init__(
@@ -374,6 +375,7 @@ class InferenceCollector(Collector):
         python_path: PythonPathCounts,
         triton_metrics_url: str = "",
         fetch: Callable[[str], str] = fetch_text,
+        max_series: int = 1000,
     ) -> None:
         self._read = read
         self._python_path = python_path
@@ -381,6 +383,9 @@ class InferenceCollector(Collector):
         self._fetch = fetch
         self._plane = MonotonicCounts()
         self._created = time.time()
+        self._max_series = max_series
+        self._shown: set[tuple[str, str]] = set()
+        self._warned_overflow = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned: set[str] = set()
 
@@ -399,12 +404,30 @@ class InferenceCollector(Collector):
             plane = self._plane.update(reading.proxy_pid, reading.proxy)
         else:
             plane = self._plane.totals()
-        totals = dict(plane)
-        for key, tally in self._python_path.snapshot().items():
+        totals: dict[tuple[str, str], Tally] = {}
+        for version, tally in [*plane.items(), *self._python_path.snapshot().items()]:
+            key = self._bounded(version)
             totals[key] = totals[key].add(tally) if key in totals else tally
         yield from _inference_families(totals, self._created)
         if self._triton_url and reading is not None:
             yield from self._triton(reading.routed)
+
+    def _bounded(self, key: tuple[str, str]) -> tuple[str, str]:
+        """``key``, or the ``other`` series once ``max_series`` versions are shown (as the
+        catalog's families do); a version keeps the series it was first shown under."""
+        if key in self._shown:
+            return key
+        if len(self._shown) >= self._max_series:
+            if not self._warned_overflow:
+                log.warning(
+                    "serving shows %d deployment versions; further ones count as %r",
+                    self._max_series,
+                    catalog.OVERFLOW,
+                )
+                self._warned_overflow = True
+            return (catalog.OVERFLOW, catalog.OVERFLOW)
+        self._shown.add(key)
+        return key
 
     def _reading(self) -> MetricsReading | None:
         loop = self._loop

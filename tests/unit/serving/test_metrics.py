@@ -23,6 +23,7 @@ from services.gateway.monitor import parse_exposition, restarted
 from services.serving.dataplane.tables import LATENCY_BOUNDS_MS, VersionStats
 from services.serving.inference import server_fault
 from services.serving.metrics import (
+    InferenceCollector,
     MetricsReading,
     MonotonicCounts,
     PythonPathCounts,
@@ -324,3 +325,25 @@ async def test_an_exposition_asked_on_the_event_loop_does_not_wait_for_itself() 
     text = metrics.exposition(openmetrics=False).decode()
     assert time.monotonic() - began < 1.0
     assert 'plinth_serving_inference_requests_total{deployment="diab",version="1"} 1.0' in text
+
+
+async def test_versions_beyond_max_series_fold_into_other() -> None:
+    metrics = Metrics("serving")
+
+    async def read() -> MetricsReading:
+        return MetricsReading(routed={})
+
+    counts = PythonPathCounts(lambda d: 0.1)
+    collector = InferenceCollector(read=read, python_path=counts, max_series=2)
+    metrics.registry.register(collector)
+    for version in ("1", "2", "3", "4"):
+        counts.record("diab", version, 0.001, failed=False)
+    text = await asyncio.to_thread(metrics.exposition, openmetrics=False)
+    shown = {
+        (s.labels["deployment"], s.labels["version"]): s.value
+        for f in text_string_to_metric_families(text.decode())
+        if f.name == "plinth_serving_inference_requests"
+        for s in f.samples
+        if s.name.endswith("_total")
+    }
+    assert shown == {("diab", "1"): 1, ("diab", "2"): 1, ("other", "other"): 2}
