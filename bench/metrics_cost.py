@@ -226,9 +226,10 @@ async def scrape_forever(url: str, interval_s: float, took: list[float]) -> None
         await asyncio.sleep(interval_s)
 
 
-async def scrape_cpu_ms(url: str, pids: list[int], n: int = 20) -> float:
+async def scrape_cpu_ms(url: str, pids: list[int], n: int = 20) -> tuple[float, float]:
     """CPU milliseconds one scrape costs the scraped process, from /proc: ``n`` scrapes back to
-    back, less what the process spends idle in as long (measured just before)."""
+    back, less what the process spends idle in as long (measured just before); and that idle
+    CPU, in milliseconds per second."""
     before, began = cpu_seconds(pids), time.perf_counter()
     await asyncio.sleep(1.0)
     idle_per_s = (cpu_seconds(pids) - before) / (time.perf_counter() - began)
@@ -236,16 +237,28 @@ async def scrape_cpu_ms(url: str, pids: list[int], n: int = 20) -> float:
     for _ in range(n):
         await asyncio.to_thread(_scrape, url)
     spent = cpu_seconds(pids) - before - idle_per_s * (time.perf_counter() - began)
-    return max(spent, 0.0) / n * 1000
+    return max(spent, 0.0) / n * 1000, idle_per_s * 1000
 
 
-def scrapes_line(took: list[float], cpu_ms: float, plan: Plan) -> str:
+async def idle_line(targets: dict[str, Target], seconds: float = 3.0) -> str:
+    """Each process's CPU while nobody calls it (nor scrapes it), in milliseconds per second:
+    background work that metrics may add."""
+    groups = {v: [pid for pids in t.pids.values() for pid in pids] for v, t in targets.items()}
+    before, began = {v: cpu_seconds(p) for v, p in groups.items()}, time.perf_counter()
+    await asyncio.sleep(seconds)
+    elapsed = time.perf_counter() - began
+    idle = {v: (cpu_seconds(p) - before[v]) / elapsed * 1000 for v, p in groups.items()}
+    return "idle CPU, ms/s, off / on / control: " + " / ".join(f"{idle[v]:.0f}" for v in VARIANTS)
+
+
+def scrapes_line(took: list[float], cpu_ms: tuple[float, float], plan: Plan) -> str:
     """How many scrapes there were, how long they took, what one costs the scraped process."""
     found = sorted(took)
     return (
         f"{len(found)} scrapes of the 'on' endpoint (every {plan.scrape_interval_s:g} s), p50"
         f" {ms(percentile(found, 50) * 1000)} ms, max {ms(found[-1] * 1000) if found else '-'} ms;"
-        f" one scrape costs the process {cpu_ms:.1f} ms of CPU (20 back to back, idle removed)"
+        f" one scrape costs the process {cpu_ms[0]:.1f} ms of CPU (20 back to back, less its"
+        f" idle {cpu_ms[1]:.0f} ms/s)"
     )
 
 
@@ -355,6 +368,7 @@ async def getjob_part(root: Path, plan: Plan) -> list[PartResult]:
             f"the 'on' scheduler's endpoint counts {scraped:,.0f} OK GetJob calls; the client"
             f" made {made['on']:,} (the job's wait made a few more); {scrapes_line(took, cpu_ms, plan)}"
         )
+        print(await idle_line(targets))
         for variant in ("off", "control"):
             url = platforms[variant].metrics_url("scheduler")
             print(f"the '{variant}' scheduler's metrics port: {_answers(url)}")
@@ -542,6 +556,7 @@ async def modelinfer_part(work: Path, plan: Plan) -> list[PartResult]:
             f" ModelInfer calls (the measured windows held {made:,}, warm-ups the rest); its"
             f" inference series: {', '.join(recorded) or 'none recorded'}; {scrapes_line(took, cpu_ms, plan)}"
         )
+        print(f"{await idle_line(targets)} (serving and its Triton)")
         for variant in ("off", "control"):
             print(
                 f"the '{variant}' serving's metrics port: {_answers(started[variant].metrics_url)}"
