@@ -109,6 +109,16 @@ class _Schemas:
                 schema["description"] = "; ".join(
                     f"at most one of {', '.join(f.json_name for f in o.fields)}" for o in oneofs
                 )
+                # The same, for validators and generators: no two members of a oneof together
+                # (the transcoder refuses such a body with 400).
+                pairs = [
+                    {"required": [a.json_name, b.json_name]}
+                    for o in oneofs
+                    for i, a in enumerate(o.fields)
+                    for b in o.fields[i + 1 :]
+                ]
+                if pairs:
+                    schema["not"] = {"anyOf": pairs}
             self.components[name] = schema
         return {"$ref": _REF + name}
 

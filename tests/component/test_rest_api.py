@@ -98,6 +98,9 @@ async def test_the_openapi_document_is_public_and_generated_from_the_protos(
     env = schemas["plinth.scheduler.v1.JobSpec"]["properties"]["env"]
     assert env == {"type": "object", "additionalProperties": {"type": "string"}}
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    # A oneof's members are exclusive in the schema too (the transcoder refuses both at once).
+    set_policy = schemas["plinth.registry.v1.SetPolicyRequest"]
+    assert set_policy["not"] == {"anyOf": [{"required": ["policy", "update"]}]}
     # gRPC-only methods have no path: the inference data plane's key digests.
     assert not any("digest" in path for path in doc["paths"])
 
