@@ -159,8 +159,13 @@ class Freshness:
             self._stored.pop(view, None)
         if self._observer is not None:
             self._observer.forgotten(views)
-        if self._store is not None:
+        if self._store is None:
+            return
+        try:
             await self._store.forget(views)
+        except SQLAlchemyError as exc:
+            # The apply succeeded; the next start drops the records of views that are gone.
+            log.warning("could not drop the freshness of %s: %s", list(views), exc)
 
 
 def _utc(value: datetime) -> datetime:
