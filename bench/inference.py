@@ -31,9 +31,13 @@ The data plane (services/serving/dataplane: HAProxy 2.6 with plinth.lua) runs as
 process, started by the benchmark in front of the same Triton, with a route per deployment and
 one API key granted on all of them; every call carries that key (``authorization: Bearer
 plk_...``), so each request pays the key check, the route choice, and the body rewrites
-(Triton's model name into the request, the deployment's back into the response). Serving runs
-with its own data plane off (``PLINTH_SERVING_DATAPLANE=off``) so that only one HAProxy shares
-the cores.
+(Triton's model name into the request, the deployment's back into the response). A second
+data plane ("dataplane direct") routes each deployment to a *direct* backend: a copy of its
+Triton model named as the deployment, with the registry version as Triton's version, which
+needs no rewrite, so its requests skip the body filter. A plain HAProxy pass-through (no Lua,
+the model's Triton name) shows what HAProxy alone costs. Serving runs with its own data plane
+off (``PLINTH_SERVING_DATAPLANE=off``); the three HAProxies share the cores, each idle while
+another is measured, and each row's HAProxy CPU is its own process's.
 
 Targets (issue 13, not asserted): at concurrency 32 the data plane keeps >= 90% of direct
 Triton's throughput with batching and without, and adds <= 0.3 ms at p50 at concurrency 1;
@@ -349,19 +353,67 @@ def _bench_key() -> tuple[str, KeyGrant]:
     return f"plk_{key_id}_{secret}", KeyGrant(key_id, salt, digest, "user:bench", deployments)
 
 
-async def _start_dataplane(work: Path, triton_grpc: str, triton_http: str) -> tuple[DataPlane, str]:
-    """HAProxy in front of Triton, routing every deployment to its version 1."""
+async def _start_dataplane(
+    work: Path, triton_grpc: str, triton_http: str, key: str, grant: KeyGrant, *, direct: bool
+) -> DataPlane:
+    """HAProxy in front of Triton, routing every deployment to its version 1 (``direct``: to
+    the copy named as the deployment, see :func:`_load_direct_models`)."""
     plane = DataPlane(workdir=work, triton_grpc=triton_grpc, triton_http=triton_http)
     await plane.start()
-    key, grant = _bench_key()
     await plane.apply_routes(
         [
-            RouteSpec(name, (Backend(f"{name}__v1", "1", 100, label="1"),))
+            RouteSpec(name, (Backend(name if direct else f"{name}__v1", "1", 100, label="1"),))
             for name, _, _ in DEPLOYMENTS.values()
         ]
     )
     await plane.apply_grants([grant])
-    return plane, key
+    return plane
+
+
+async def _load_direct_models(repository: Path, triton: str) -> None:
+    """Copies each deployment's Triton model ``<name>__v1`` to ``<name>`` (version folder 1 = the
+    registry version) and loads it: the naming under which the data plane rewrites nothing."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    for name, _, _ in DEPLOYMENTS.values():
+        target = repository / name
+        await asyncio.to_thread(shutil.copytree, repository / f"{name}__v1", target)
+        config = target / "config.pbtxt"
+        config.write_text(config.read_text().replace(f'"{name}__v1"', f'"{name}"'))
+    async with grpc.aio.insecure_channel(triton) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for name, _, _ in DEPLOYMENTS.values():
+            await stub.RepositoryModelLoad(
+                kserve.RepositoryModelLoadRequest(model_name=name), timeout=180
+            )
+
+
+def _start_plain_haproxy(work: Path, triton: str) -> tuple[subprocess.Popen[bytes], str]:
+    """HAProxy as a plain HTTP/2 pass-through to Triton (no Lua): HAProxy's own cost."""
+    port = free_tcp_port()
+    config = work / "plain-haproxy.cfg"
+    config.write_text(
+        "global\n  nbthread 2\n"
+        "defaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n"
+        "  timeout server 1h\n  http-reuse always\n"
+        f"frontend plain\n  bind 127.0.0.1:{port} proto h2\n  default_backend triton\n"
+        f"backend triton\n  server triton {triton} proto h2\n"
+    )
+    process = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    return process, f"127.0.0.1:{port}"
+
+
+# target -> the CPU group whose CPU per request its row shows
+_PROXY_GROUP = {
+    "dataplane": "haproxy",
+    "dataplane direct": "haproxy direct",
+    "plain haproxy": "haproxy plain",
+}
 
 
 async def run(quick: bool) -> None:
@@ -372,7 +424,8 @@ async def run(quick: bool) -> None:
     serving_port, triton_port, triton_http_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     process: subprocess.Popen[bytes] | None = None
-    plane: DataPlane | None = None
+    planes: list[DataPlane] = []
+    plain_proxy: subprocess.Popen[bytes] | None = None
     registry, registry_address = await _start_registry()
     internal_key = secrets.token_hex(32)
     tokens = InternalTokens(internal_key.encode())
@@ -386,6 +439,7 @@ async def run(quick: bool) -> None:
             PLINTH_SERVING_PORT=str(serving_port),
             PLINTH_TRITON_GRPC_PORT=str(triton_port),
             PLINTH_TRITON_HTTP_PORT=str(triton_http_port),
+            PLINTH_TRITON_MODEL_REPOSITORY=str(work / "models"),
             PLINTH_SERVING_DATAPLANE="off",
             PLINTH_MLFLOW_TRACKING_URI=tracking_uri,
             PLINTH_REGISTRY_ADDR=registry_address,
@@ -411,17 +465,28 @@ async def run(quick: bool) -> None:
         await _wait_serving(address, process, log_path)
         await _deploy(address, nats_server.url, source, tokens)
         triton_target = f"127.0.0.1:{triton_port}"
-        plane, api_key = await _start_dataplane(
-            work / "dataplane", triton_target, f"127.0.0.1:{triton_http_port}"
+        await _load_direct_models(work / "models", triton_target)
+        triton_http = f"127.0.0.1:{triton_http_port}"
+        api_key, grant = _bench_key()
+        plane = await _start_dataplane(
+            work / "dataplane", triton_target, triton_http, api_key, grant, direct=False
         )
+        planes.append(plane)
+        direct_plane = await _start_dataplane(
+            work / "dataplane-direct", triton_target, triton_http, api_key, grant, direct=True
+        )
+        planes.append(direct_plane)
+        plain_proxy, plain_address = _start_plain_haproxy(work, triton_target)
         groups = {
             "serving": [process.pid],
             "triton": descendants(process.pid),
             "haproxy": [plane.pid or 0],
+            "haproxy direct": [direct_plane.pid or 0],
+            "haproxy plain": [plain_proxy.pid],
         }
         print(machine_line())
         print(
-            f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded, data plane)"
+            f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded, their direct-named copies, two data planes, plain HAProxy)"
         )
         excluded = os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "")
         traced = (
@@ -432,7 +497,7 @@ async def run(quick: bool) -> None:
         print(f"serving's per-inference tracing: {traced}")
         print(
             f"single-row ModelInfer (1 x 10 FP64) on a Ridge pyfunc in Triton's Python backend; {rounds} round(s) of "
-            f"{seconds:.1f}s per point after {warmup:.1f}s warm-up, direct, data plane and Python path alternating"
+            f"{seconds:.1f}s per point after {warmup:.1f}s warm-up, direct, plain HAProxy, both data planes and the Python path alternating"
         )
         results: dict[tuple[str, int, str], Result] = {}
         for label, (name, _, concurrencies) in DEPLOYMENTS.items():
@@ -440,7 +505,9 @@ async def run(quick: bool) -> None:
                 for _ in range(rounds):
                     for target_label, target, model, identity, key in (
                         ("triton", triton_target, f"{name}__v1", None, None),
+                        ("plain haproxy", plain_address, f"{name}__v1", None, None),
                         ("dataplane", plane.grpc_address, name, None, api_key),
+                        ("dataplane direct", direct_plane.grpc_address, name, None, api_key),
                         ("python path", address, name, tokens, None),
                     ):
                         result = results.setdefault((label, concurrency, target_label), Result())
@@ -465,7 +532,9 @@ async def run(quick: bool) -> None:
                     rate(result.per_s),
                     ms(latency.p50),
                     ms(latency.p99),
-                    ms(result.cpu_ms("haproxy")) if target_label == "dataplane" else "-",
+                    ms(result.cpu_ms(_PROXY_GROUP[target_label]))
+                    if target_label in _PROXY_GROUP
+                    else "-",
                     ms(result.cpu_ms("serving")) if target_label == "python path" else "-",
                     ms(result.cpu_ms("triton")),
                     ms(result.cpu_ms("client")),
@@ -491,23 +560,30 @@ async def run(quick: bool) -> None:
         for label, (_, _, concurrencies) in DEPLOYMENTS.items():
             for concurrency in concurrencies:
                 direct = results[(label, concurrency, "triton")]
-                for path_label, goal in (("dataplane", 0.9), ("python path", 0.7)):
+                for path_label, goal in (
+                    ("plain haproxy", None),
+                    ("dataplane", 0.9),
+                    ("dataplane direct", 0.9),
+                    ("python path", 0.7),
+                ):
                     share = ratio(results[(label, concurrency, path_label)].per_s, direct.per_s)
                     print(
                         f"{path_label} / direct Triton throughput, {label}, c={concurrency}: {share:.0%}"
-                        + (f"   (target >= {goal:.0%})" if concurrency == 32 else "")
+                        + (f"   (target >= {goal:.0%})" if concurrency == 32 and goal else "")
                     )
                 if concurrency == 1:
-                    added = (
-                        Latency.of_seconds(results[(label, 1, "dataplane")].samples).p50
-                        - Latency.of_seconds(direct.samples).p50
-                    )
-                    print(
-                        f"data plane p50 added, {label}, c=1: {added:.2f} ms   (target <= 0.3 ms)"
-                    )
+                    for path_label in ("plain haproxy", "dataplane", "dataplane direct"):
+                        added = (
+                            Latency.of_seconds(results[(label, 1, path_label)].samples).p50
+                            - Latency.of_seconds(direct.samples).p50
+                        )
+                        print(
+                            f"{path_label} p50 added, {label}, c=1: {added:.2f} ms"
+                            + ("" if path_label == "plain haproxy" else "   (target <= 0.3 ms)")
+                        )
         plain, *batched = list(DEPLOYMENTS)
         for label in batched:
-            for target_label in ("triton", "dataplane", "python path"):
+            for target_label in ("triton", "dataplane", "dataplane direct", "python path"):
                 gain = ratio(
                     results[(label, 32, target_label)].per_s,
                     results[(plain, 32, target_label)].per_s,
@@ -516,8 +592,11 @@ async def run(quick: bool) -> None:
                     f"{label} / no batching at c=32, {target_label}: {gain:.1f}x   (target >= 3x)"
                 )
     finally:
-        if plane is not None:
-            await plane.stop()
+        for running in planes:
+            await running.stop()
+        if plain_proxy is not None:
+            plain_proxy.terminate()
+            await asyncio.to_thread(plain_proxy.wait)
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
