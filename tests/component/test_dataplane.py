@@ -1064,6 +1064,34 @@ async def test_an_error_sent_in_the_trailers_is_counted_as_the_versions_error(
         await upstream.stop(0)
 
 
+async def test_an_unreachable_triton_is_unavailable_and_counted_as_the_versions_error(
+    tmp_path: Path,
+) -> None:
+    """HAProxy's own answer when Triton does not accept (503: UNAVAILABLE to a gRPC caller,
+    never INTERNAL) is the version's error in the counters, and leaves nothing in flight."""
+    dead = f"127.0.0.1:{free_tcp_port()}"
+    plane = DataPlane(
+        workdir=tmp_path / "dp", triton_grpc=dead, triton_http=dead, threads=1, slots=4
+    )
+    try:
+        await plane.start()
+        await plane.apply_routes([route("mine", ("1", 100))])
+        await plane.apply_grants([ALICE.grant("mine")])
+        client = triton_grpc.InferenceServerClient(plane.grpc_address)
+        try:
+            for _ in range(2):
+                with pytest.raises(InferenceServerException) as raised:
+                    _infer_grpc(client, "mine")
+                assert _code(raised.value) == "StatusCode.UNAVAILABLE", raised.value
+        finally:
+            client.close()
+        counted = (await plane.stats())["mine/1"]
+        assert (counted.requests, counted.errors) == (2, 2)
+        assert await plane.in_flight() == {}
+    finally:
+        await plane.stop()
+
+
 # -- the tables' own rules (no process) ---------------------------------------------------------
 
 

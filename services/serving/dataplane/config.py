@@ -84,6 +84,7 @@ def render_config(settings: ProxySettings) -> str:
         f"backend {slot_name(i)}\n"
         "  filter lua.plinth\n"
         "  http-response lua.plinth_done if { var(txn.pl_direct) -m found }\n"
+        "  http-after-response set-var(txn.pl_5xx) status if { status ge 500 }\n"
         "  use-server h if { var(txn.pl_proto) -m str http }\n"
         f"  server g {s.triton_grpc} proto h2\n"
         f"  server h {s.triton_http} weight 0\n"

@@ -510,6 +510,7 @@ local function record(st, failed)
   local now = core.now()
   local ms = now.sec * 1000.0 + now.usec / 1000.0 - st.t0
   if ms < 0 then ms = 0.0 end
+  st.recorded = true
   s.requests = s.requests + 1
   if failed then s.errors = s.errors + 1 end
   s.sum_ms = s.sum_ms + ms
@@ -677,6 +678,10 @@ function Plinth:end_analyze(txn, chn)
     inflight[id] = nil
   end
   live[st] = nil
+  -- HAProxy's own 5xx answer (503 when Triton does not accept, 504 on its timeout) passes no
+  -- other callback: the slot's http-after-response rule marks it (txn.pl_5xx), and it is the
+  -- version's error all the same (once: an answer already recorded is not counted again).
+  if not st.recorded and txn:get_var("txn.pl_5xx") ~= nil then record(st, true) end
 end
 
 core.register_filter("plinth", Plinth, function(flt)
