@@ -143,10 +143,15 @@ class TrafficWindows:
                 break
             first = sample
         last = samples[-1]
+        requests = last.requests - first.requests
+        # Merged counters take the larger request count of the data plane and Triton, read a
+        # moment apart: a sample can hold Triton's count of requests the data plane records only
+        # once answered, so a window may show a few more errors than requests (seen: 100.1%).
+        errors = min(last.errors - first.errors, requests)
         return WindowStats(
             seconds=last.at - first.at,
-            requests=last.requests - first.requests,
-            errors=last.errors - first.errors,
+            requests=requests,
+            errors=errors,
             p99_ms=_p99_between(first, last),
         )
 

@@ -269,6 +269,16 @@ async def test_windows_are_differences_of_samples_and_survive_a_counter_reset() 
     assert windows.window("d/2", 60, 100.0).requests == 0
 
 
+async def test_a_window_never_shows_more_errors_than_requests() -> None:
+    """The first sample's request count came from Triton (it counts requests the data plane
+    records only once answered): the window's error rate stays at most 100%."""
+    windows = TrafficWindows()
+    windows.observe(0.0, {"d/3": Counters(105, 100, 10.0)})
+    windows.observe(15.0, {"d/3": Counters(804, 801, 10.0)})
+    w = windows.window("d/3", 60, 15.0)
+    assert (w.requests, w.errors, w.error_rate_pct) == (699, 699, 100.0)
+
+
 class Stats:
     def __init__(self) -> None:
         self.now: dict[str, Counters] = {}
