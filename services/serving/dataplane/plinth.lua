@@ -522,7 +522,9 @@ end
 -- The answer of a stream that skipped the filter (a direct backend, see parse_routes), from
 -- its headers: one Lua entry instead of the filter's five. A gRPC error that Triton sends in
 -- the trailers (headers first) is invisible here: such a version's data-plane error count
--- misses it (Triton's own statistics count it).
+-- misses it (Triton's own statistics count it). HAProxy's own 5xx answer (Triton not
+-- accepting) runs no Lua at all on such a stream (2.6 has no http-after-response Lua action):
+-- it is not counted, and the request stays in flight until the sweep drops its decision.
 core.register_action("plinth_done", {"http-res"}, function(txn)
   local id = txn:get_var("txn.pl_id")
   local st = id ~= nil and inflight[id] or nil
