@@ -39,7 +39,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _known_objects(platform: LocalPlatform) -> dict[str, list[str]]:
     """A team of this test's with a trained model version, an alias and its run: values the
-    generated requests use for their parameters about half the time."""
+    generated requests use for their parameters about half the time.
+
+    Not the model as CreateDeployment's ``modelName``: with the alias too, a generated request
+    could deploy it (a Triton model load on the shared platform, left behind).
+    """
     team, model = f"schema-{uuid.uuid4().hex[:6]}", "schema-model"
     admin = Plinth(platform.address("gateway"), api_key=platform.admin_key, timeout=60)
     try:
@@ -64,7 +68,6 @@ def _known_objects(platform: LocalPlatform) -> dict[str, list[str]]:
     return {
         "team": [team],
         "name": [model],
-        "modelName": [model],
         "version": [version.version],
         "alias": ["candidate"],
         "run_id": [version.run_id],

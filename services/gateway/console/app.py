@@ -423,11 +423,8 @@ class Console:
         try:
             token = await self._exchange(request, login, request.query.get("code", ""))
             identity = await self._require_id_verifier().id_token(token, nonce=login.nonce)
-        except (aiohttp.ClientError, KeyError, TimeoutError, ValueError) as exc:
-            return await self.login_form(
-                request, error=f"The OIDC login failed: {exc}", target=login.target
-            )
-        except PlinthError as exc:
+        except (aiohttp.ClientError, KeyError, TimeoutError, ValueError, PlinthError) as exc:
+            # PlinthError: the verifier's Unauthenticated (nonce, signature, ...), Unavailable.
             return await self.login_form(
                 request, error=f"The OIDC login failed: {exc}", target=login.target
             )
