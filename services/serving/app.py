@@ -64,7 +64,10 @@ class ServingSettings:
         registry_addr: the registry's gRPC address (asked where an alias points).
         artifact_schemes: URI schemes a version's source may use.
         load_timeout_s: bound of one model load in Triton.
-        unload_grace_s: pause between moving traffic and unloading the old version.
+        unload_grace_s: pause between moving traffic and unloading the old version on the
+            Python path (no data plane).
+        drain_timeout_s: with the data plane, the longest an old version keeps requests in
+            flight before it is unloaded anyway (it goes as soon as they ended).
         infer_timeout_s: deadline of a forwarded inference call without a client deadline.
         max_in_flight: unary calls (inference included) served at once; past it a call is
             RESOURCE_EXHAUSTED at once instead of queueing.
@@ -91,6 +94,7 @@ class ServingSettings:
     unload_grace_s: float
     infer_timeout_s: float
     max_in_flight: int = 128
+    drain_timeout_s: float = 10.0
     mlflow_credentials: tuple[str, str] | None = None
     dataplane: str = "auto"
     inference_grpc_port: int = 0
@@ -140,6 +144,7 @@ class ServingSettings:
             artifact_schemes=tuple(s.strip().lower() for s in schemes.split(",") if s.strip()),
             load_timeout_s=env.float("PLINTH_SERVING_LOAD_TIMEOUT_S", 300.0),
             unload_grace_s=env.float("PLINTH_SERVING_UNLOAD_GRACE_S", 0.5),
+            drain_timeout_s=env.float("PLINTH_SERVING_DRAIN_TIMEOUT_S", 10.0),
             infer_timeout_s=env.float("PLINTH_SERVING_INFER_TIMEOUT_S", 30.0),
             max_in_flight=env.int("PLINTH_SERVING_MAX_IN_FLIGHT", 128),
             mlflow_credentials=common.mlflow_admin_credentials(env),
@@ -199,6 +204,7 @@ class ServingApp:
             models=self.models,
             registry=self.registry,
             unload_grace_s=settings.unload_grace_s,
+            drain_timeout_s=settings.drain_timeout_s,
             publisher=self._publish_routes if self.dataplane is not None else None,
             in_flight=self._in_flight if self.dataplane is not None else None,
             on_rollout=self.metrics.rollout,

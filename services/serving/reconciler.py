@@ -126,10 +126,12 @@ class Reconciler:
         artifacts: where versions' artifacts come from (MLflow).
         models: the model server (Triton).
         registry: tells where an alias points when a deployment is created.
-        unload_grace_s: how long an old version may keep requests after traffic moved off it
-            before it is unloaded anyway (with ``in_flight``: an upper bound, the version goes as
-            soon as its last request ended; without: a fixed pause, so that requests already
-            routed to it reach Triton before it goes).
+        unload_grace_s: without ``in_flight`` (or when the data plane does not answer it), the
+            fixed pause between moving traffic off an old version and unloading it, so that
+            requests already routed to it reach Triton before it goes.
+        drain_timeout_s: with ``in_flight``, how long an old version may keep requests after
+            traffic moved off it before it is unloaded anyway (an upper bound: it goes as soon as
+            its last request ended); None: ``unload_grace_s``.
         reconcile_interval_s: how often to look for work without a wake-up.
         max_parallel_rollouts: rollouts that may download and load at the same time.
         backoff: when to ask an unreachable registry again, or to load again on a model server
@@ -154,6 +156,7 @@ class Reconciler:
         models: ModelServer,
         registry: ModelRegistry,
         unload_grace_s: float = 0.5,
+        drain_timeout_s: float | None = None,
         reconcile_interval_s: float = 2.0,
         max_parallel_rollouts: int = 2,
         backoff: Backoff | None = None,
@@ -170,6 +173,7 @@ class Reconciler:
         self._models = models
         self._registry = registry
         self._unload_grace_s = unload_grace_s
+        self._drain_timeout_s = unload_grace_s if drain_timeout_s is None else drain_timeout_s
         self._in_flight = in_flight
         self._reconcile_interval_s = reconcile_interval_s
         self._parallel = asyncio.Semaphore(max_parallel_rollouts)
@@ -716,11 +720,12 @@ class Reconciler:
 
     async def _drain(self, models: set[str]) -> None:
         """Waits until the data plane has no request in flight on ``models``, at most the
-        unload grace (logged when reached); without a data plane, the grace itself."""
-        deadline = time.monotonic() + self._unload_grace_s
+        drain timeout (logged when reached); without a data plane, the unload grace."""
         if self._in_flight is None:
             await asyncio.sleep(self._unload_grace_s)
             return
+        started = time.monotonic()
+        deadline = started + self._drain_timeout_s
         busy: dict[str, int] = {}
         while True:
             try:
@@ -733,10 +738,10 @@ class Reconciler:
                     domain.reason_of(exc),
                     self._unload_grace_s,
                 )
-                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                await self._rest_of_grace(started)
                 return
             if counts is None:  # no data plane right now: requests take the Python path
-                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                await self._rest_of_grace(started)
                 return
             busy = {model: counts[model] for model in models if counts.get(model, 0) > 0}
             if not busy:
@@ -745,11 +750,14 @@ class Reconciler:
                 break
             await asyncio.sleep(_DRAIN_POLL_S)
         log.warning(
-            "unloading %s with requests still in flight (%s) after the grace of %.1f s",
+            "unloading %s with requests still in flight (%s) after the drain timeout of %.1f s",
             ", ".join(sorted(busy)),
             ", ".join(f"{model}: {n}" for model, n in sorted(busy.items())),
-            self._unload_grace_s,
+            self._drain_timeout_s,
         )
+
+    async def _rest_of_grace(self, started: float) -> None:
+        await asyncio.sleep(max(0.0, started + self._unload_grace_s - time.monotonic()))
 
     async def _switch(self, name: str, version: str, io: ModelIO) -> Deployment | None:
         """Moves traffic to ``version`` if it is still the target; None when it is stale."""

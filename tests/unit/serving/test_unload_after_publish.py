@@ -72,7 +72,7 @@ class InFlight:
         return None if self.absent else dict(self.counts)
 
 
-def _draining(serving: Serving, in_flight: InFlight, grace_s: float) -> Serving:
+def _draining(serving: Serving, in_flight: InFlight, grace_s: float, drain_s: float) -> Serving:
     """The fixture's pieces with a reconciler that drains through ``in_flight``."""
     store = DeploymentStore()
     reconciler = Reconciler(
@@ -84,6 +84,7 @@ def _draining(serving: Serving, in_flight: InFlight, grace_s: float) -> Serving:
         models=serving.models,
         registry=serving.registry,
         unload_grace_s=grace_s,
+        drain_timeout_s=drain_s,
         clock=serving.clock,
         publisher=serving.publisher,
         in_flight=in_flight,
@@ -104,7 +105,7 @@ async def test_a_rollout_unloads_the_old_version_as_soon_as_its_last_request_end
     serving: Serving,
 ) -> None:
     in_flight = InFlight()
-    serving = _draining(serving, in_flight, grace_s=30.0)
+    serving = _draining(serving, in_flight, grace_s=30.0, drain_s=30.0)
     await serve(serving, "diab", "1")
     in_flight.counts = {"diab__v1": 2, "other__v1": 5}
     await promote(serving, "2", minute=1)
@@ -120,11 +121,11 @@ async def test_a_rollout_unloads_the_old_version_as_soon_as_its_last_request_end
     await serving.reconciler.stop()
 
 
-async def test_a_version_that_does_not_drain_is_unloaded_after_the_grace_with_a_warning(
+async def test_a_version_that_does_not_drain_is_unloaded_after_the_timeout_with_a_warning(
     serving: Serving, caplog: pytest.LogCaptureFixture
 ) -> None:
     in_flight = InFlight()
-    serving = _draining(serving, in_flight, grace_s=0.3)
+    serving = _draining(serving, in_flight, grace_s=30.0, drain_s=0.3)
     await serve(serving, "diab", "1")
     in_flight.counts = {"diab__v1": 1}
     await promote(serving, "2", minute=1)
@@ -141,14 +142,14 @@ async def test_a_data_plane_that_does_not_answer_leaves_the_grace_to_decide(
     serving: Serving, caplog: pytest.LogCaptureFixture
 ) -> None:
     in_flight = InFlight()
-    serving = _draining(serving, in_flight, grace_s=0.3)
+    serving = _draining(serving, in_flight, grace_s=0.3, drain_s=30.0)
     await serve(serving, "diab", "1")
-    in_flight.down = True
+    in_flight.down = True  # then the Python path's grace, not the drain timeout
     await promote(serving, "2", minute=1)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="services.serving.reconciler"):
         await serving.reconcile()
-    assert time.monotonic() - started >= 0.3
+    assert 0.3 <= time.monotonic() - started < 3.0
     assert serving.models.loaded == {"diab__v2"}
     assert "cannot ask the data plane what is in flight on diab__v1" in caplog.text
     await serving.reconciler.stop()
@@ -156,11 +157,11 @@ async def test_a_data_plane_that_does_not_answer_leaves_the_grace_to_decide(
 
 async def test_without_a_data_plane_up_the_old_version_waits_the_grace(serving: Serving) -> None:
     in_flight = InFlight(absent=True)
-    serving = _draining(serving, in_flight, grace_s=0.3)
+    serving = _draining(serving, in_flight, grace_s=0.3, drain_s=30.0)
     await serve(serving, "diab", "1")
     await promote(serving, "2", minute=1)
     started = time.monotonic()
     await serving.reconcile()
-    assert time.monotonic() - started >= 0.3
+    assert 0.3 <= time.monotonic() - started < 3.0
     assert serving.models.loaded == {"diab__v2"}
     await serving.reconciler.stop()
