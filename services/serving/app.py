@@ -44,6 +44,7 @@ from services.serving.triton import (
     TritonProcess,
     TritonSettings,
 )
+from services.serving.triton.process import trace_url_from_env
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger(__name__)
@@ -138,6 +139,8 @@ class ServingSettings:
                 startup_timeout_s=env.float("PLINTH_TRITON_STARTUP_TIMEOUT_S", 60.0),
                 log_path=common.log_dir / "triton.log",
                 metrics_port=triton_metrics_port,
+                trace_url="" if triton_url else trace_url_from_env(env),
+                trace_rate=env.int("PLINTH_TRITON_TRACE_RATE", 100),
             ),
             mlflow_tracking_uri=common.mlflow_tracking_uri(env),
             registry_addr=common.address("registry", env),

@@ -25,10 +25,12 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import tritonclient.grpc.aio as triton_grpc
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
+from plinth_common.config import Env
 from plinth_common.process import ChildProcess
 
 _LOG = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class TritonSettings:
         log_path: Triton's log file; ``work_dir/tritonserver.log`` when None.
         metrics_port: Port of Triton's Prometheus metrics (``nv_inference_*``) on ``host``,
             which serving scrapes and relabels by deployment; 0: Triton's metrics off.
+        trace_url: OTLP/HTTP traces URL (``http://host:4318/v1/traces``) that Triton exports
+            its server-side spans to in OpenTelemetry mode; '': Triton's tracing off.
+        trace_rate: Triton's sampling of server-side spans: one request in ``trace_rate``.
     """
 
     model_repository: Path
@@ -71,6 +76,8 @@ class TritonSettings:
     startup_timeout_s: float = 60.0
     log_path: Path | None = None
     metrics_port: int = 0
+    trace_url: str = ""
+    trace_rate: int = 100
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,73 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# OTLP's registered ports: collectors, Jaeger and Tempo take gRPC on 4317 and HTTP on 4318.
+_OTLP_GRPC_PORT, _OTLP_HTTP_PORT = 4317, 4318
+
+
+def trace_url_from_env(env: Env) -> str:
+    """Where a launched Triton exports its spans: the platform's OTLP endpoint, as OTLP/HTTP.
+
+    Triton's exporter speaks OTLP/HTTP only, while the services export over gRPC to
+    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``; a gRPC endpoint on OTLP's port 4317 becomes
+    ``http://host:4318/v1/traces`` (the same collector's HTTP port). ``PLINTH_TRITON_TRACE_URL``
+    overrides (``off``: no Triton spans).
+
+    Returns:
+        The URL, or '' (Triton's tracing off) when the platform does not export traces
+        (``OTEL_TRACES_EXPORTER=none``, no endpoint) or the HTTP port cannot be told.
+    """
+    explicit = env.str("PLINTH_TRITON_TRACE_URL", "").strip()
+    if explicit:
+        return "" if explicit.lower() in ("off", "none") else explicit
+    if env.str("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return ""
+    signal_endpoint = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+    endpoint = signal_endpoint or env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    if not endpoint:
+        return ""
+    protocol = env.str(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.str("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    )
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if protocol.strip().lower().startswith("http"):
+        # The signal's own variable is the full URL already (OpenTelemetry's exporter spec).
+        if signal_endpoint:
+            return endpoint
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/v1/traces"))
+    if parts.port != _OTLP_GRPC_PORT or parts.hostname is None:
+        _LOG.warning(
+            "Triton's spans are off: its exporter speaks OTLP/HTTP, and the HTTP port of the "
+            "OTLP/gRPC endpoint %s is unknown (set PLINTH_TRITON_TRACE_URL)",
+            endpoint,
+        )
+        return ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return urlunsplit((parts.scheme, f"{host}:{_OTLP_HTTP_PORT}", "/v1/traces", "", ""))
+
+
+def _trace_args(settings: TritonSettings) -> list[str]:
+    """Triton's OpenTelemetry tracing flags; none (Triton's default: off) without a URL."""
+    if not settings.trace_url:
+        return []
+    return [
+        f"--trace-config={option}"
+        for option in (
+            "mode=opentelemetry",
+            "level=TIMESTAMPS",
+            f"rate={max(settings.trace_rate, 1)}",
+            # Triton's default count is -1 (unbounded) already; spelled out because a count
+            # would silently end tracing after that many sampled requests.
+            "count=-1",
+            f"opentelemetry,url={settings.trace_url}",
+            "opentelemetry,resource=service.name=triton",
+            # Spans leave in batches once a second (the exporter's default is 5 s), off the
+            # request path either way.
+            "opentelemetry,bsp_schedule_delay=1000",
+        )
+    ]
 
 
 class TritonProcess:
@@ -277,6 +351,7 @@ class TritonProcess:
             # Python stub per load just to ask the model for its config (~1.6 s here).
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={_TRITON_EXIT_TIMEOUT_S}",
+            *_trace_args(settings),
         ]
         env = dict(os.environ)
         # The stub links libpython3.11 by soname. The system's build is not ABI-identical to
