@@ -95,6 +95,12 @@ def render_config(settings: ProxySettings) -> str:
         r"  http-response replace-header grpc-message ^(.*)'([-a-z0-9]+)__v[0-9]+'(.*)$ \1'\2'\3"
         + "\n"
     )
+    # Triton 2.45 traces every request that carries a traceparent, whatever its sampled flag
+    # says; dropping an unsampled one leaves the request to Triton's own rate.
+    unsampled = (
+        "  http-request del-header traceparent"
+        " if { req.hdr(traceparent) -m reg -i -- -[0-9a-f][02468ace]$ }\n"
+    )
     return f"""# Rendered by services/serving/dataplane/config.py; changes at runtime go through the API.
 global
   nbthread {s.threads}
@@ -114,7 +120,7 @@ defaults
 
 frontend plinth_grpc
   bind {s.host}:{s.grpc_port} proto h2
-{log_frontend}  # The action reads the model name from the body's head.
+{log_frontend}{unsampled}  # The action reads the model name from the body's head.
   http-request wait-for-body time 60s at-least 512
   http-request lua.plinth_grpc
   http-request del-header authorization
@@ -123,7 +129,7 @@ frontend plinth_grpc
 
 frontend plinth_http
   bind {s.host}:{s.http_port}
-{log_frontend}  http-request lua.plinth_http
+{log_frontend}{unsampled}  http-request lua.plinth_http
   http-request del-header authorization
   http-request set-var(txn.pl_proto) str(http)
   use_backend %[var(txn.pl_backend)]
