@@ -350,9 +350,12 @@ async def getjob_part(root: Path, plan: Plan) -> list[PartResult]:
                 timeout=30,
             )
             await wait_for_job_end(stub, submitted.job.id)
+            pid = platform.processes["scheduler"].pid
+            if pid is None:
+                raise RuntimeError(f"the '{variant}' scheduler is not running")
             targets[variant] = Target(
                 _counting(stub.GetJob, pb.GetJobRequest(job_id=submitted.job.id), made, variant),
-                {"scheduler": [platform.processes["scheduler"].pid]},
+                {"scheduler": [pid]},
             )
         print(f"three schedulers up, one job each, in {time.perf_counter() - t0:.0f} s", flush=True)
         on_url = platforms["on"].metrics_url("scheduler")
