@@ -54,6 +54,8 @@ class SchedulerMetrics:
     """
 
     def __init__(self, metrics: Metrics) -> None:
+        #: False with ``PLINTH_METRICS=off``: the gauges' queue report is then not built at all.
+        self.enabled = metrics.enabled
         self._submitted = metrics.counter(catalog.SCHEDULER_JOBS_SUBMITTED)
         self._admitted = metrics.counter(catalog.SCHEDULER_JOBS_ADMITTED)
         self._finished = metrics.counter(catalog.SCHEDULER_JOBS_FINISHED)

@@ -954,7 +954,7 @@ class SchedulerService:
     async def _record_gauges(self) -> None:
         """Sets the pending and quota gauges from the report, at most every interval."""
         clock = time.monotonic()
-        if clock - self._metrics_at < self._metrics_interval_s:
+        if not self._metrics.enabled or clock - self._metrics_at < self._metrics_interval_s:
             return
         self._metrics_at = clock
         self._held_back = {i: h for i, h in self._held_back.items() if i in self._queued_rows}
