@@ -180,12 +180,9 @@ async def test_requests_without_context_are_left_to_tritons_rate(
     before = {s.trace_id for s in _roots(stack.receiver)}
     for _ in range(20):
         await asyncio.to_thread(_infer, client, None)
-    marker, marker_trace, _ = _traceparent(sampled=True)
-    await asyncio.to_thread(_infer, client, marker)
-    # The marker's span is exported after (or with) any the 20 requests made.
-    await eventually(lambda: _traced(stack.receiver, marker_trace), timeout=15)
+    markers = await _send_markers(stack, client)
     new = {s.trace_id for s in _roots(stack.receiver)} - before
-    assert new == {marker_trace}
+    assert new and new <= markers
 
 
 @on_session_loop
@@ -196,16 +193,21 @@ async def test_unsampled_client_span_gets_no_triton_span(
     unsampled = [_traceparent(sampled=False) for _ in range(10)]
     for header, _, _ in unsampled:
         await asyncio.to_thread(_infer, client, header)
-    marker, marker_trace, _ = _traceparent(sampled=True)
-    await asyncio.to_thread(_infer, client, marker)
-    await eventually(lambda: _traced(stack.receiver, marker_trace), timeout=15)
+    await _send_markers(stack, client)
 
     traced = {s.trace_id for s in _roots(stack.receiver)}
     assert traced.isdisjoint(t for _, t, _ in unsampled)
 
 
-async def _traced(receiver: OtlpHttpReceiver, trace_id: str) -> bool:
-    return trace_id in {s.trace_id for s in _roots(receiver)}
+async def _send_markers(stack: Stack, client: triton_grpc.InferenceServerClient) -> set[str]:
+    """Sends sampled requests after a test's own and waits until Triton's span of one arrives:
+    spans of the earlier requests, if any, would have been exported by then. Several, as
+    Triton's gRPC frontend loses a context now and then. Returns the markers' trace ids."""
+    sent = [_traceparent(sampled=True) for _ in range(5)]
+    for header, _, _ in sent:
+        await asyncio.to_thread(_infer, client, header)
+    await _roots_of(stack.receiver, sent, least=1)
+    return {trace_id for _, trace_id, _ in sent}
 
 
 def test_platforms_grpc_endpoint_becomes_the_collectors_otlp_http_url() -> None:
