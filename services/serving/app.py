@@ -194,11 +194,12 @@ class ServingApp:
         self.registry = GrpcRegistry(settings.registry_addr, tokens=self.runtime.tokens)
         store = DeploymentStore()
         events = OutboxDeploymentEvents(self.runtime.require_outbox())
+        repository = ModelRepository(settings.triton.model_repository)
         self.reconciler = Reconciler(
             db=self.runtime.db,
             store=store,
             events=events,
-            repository=ModelRepository(settings.triton.model_repository),
+            repository=repository,
             artifacts=MlflowArtifacts(
                 settings.mlflow_tracking_uri,
                 allowed_schemes=settings.artifact_schemes,
@@ -210,6 +211,8 @@ class ServingApp:
             drain_timeout_s=settings.drain_timeout_s,
             publisher=self._publish_routes if self.dataplane is not None else None,
             in_flight=self._in_flight if self.dataplane is not None else None,
+            # A version serving alone answers as the deployment itself: nothing to rewrite.
+            direct=repository if self.dataplane is not None else None,
             on_rollout=self.metrics.rollout,
         )
         # Watches Triton: restarts a launched one that died (waits for an external one),
@@ -395,15 +398,21 @@ def _data_plane(settings: ServingSettings, triton_grpc: str) -> Any:
 
 
 def _route_specs(splits: Sequence[Split]) -> list[Any]:
-    """Serving's splits as the data plane's routes (Triton model, Triton version "1", weight,
-    and the registry version clients see and statistics are keyed by)."""
+    """Serving's splits as the data plane's routes (Triton model, Triton version: "1", or the
+    registry version for a direct model named as the deployment; weight, and the registry
+    version clients see and statistics are keyed by)."""
     from services.serving.dataplane import Backend, RouteSpec
 
     return [
         RouteSpec(
             deployment=split.deployment,
             backends=tuple(
-                Backend(model=b.triton_model, version="1", weight=b.percent, label=b.version)
+                Backend(
+                    model=b.triton_model,
+                    version=b.version if b.triton_model == split.deployment else "1",
+                    weight=b.percent,
+                    label=b.version,
+                )
                 for b in split.backends
                 if b.percent > 0
             ),

@@ -346,7 +346,11 @@ class InferenceProxy:
             if len(self._suffixes) > 4096:
                 self._suffixes.clear()
             suffix = (
-                model_suffix(route.triton_model, "1"),
+                # A direct model (named as the deployment) serves the registry version.
+                model_suffix(
+                    route.triton_model,
+                    route.version if route.triton_model == route.deployment else "1",
+                ),
                 model_suffix(route.deployment, route.version),
             )
             self._suffixes[key] = suffix

@@ -12,6 +12,13 @@ answer is asked again later (exponential back-off with jitter, per deployment, w
 the worker); a registry that refuses the question leaves the deployment FAILED. Likewise a load
 that finds the model server down is tried again after a back-off instead of failing the version.
 
+Direct models: with a data plane, a version that serves alone takes a second hop after its
+rollout: its model is copied to one named as the deployment whose Triton version is the registry
+version (``<deployment>`` serving version N), loaded, the route switched to it, and the
+``<deployment>__v<N>`` model drained and unloaded. The data plane passes such requests without
+rewriting them (a fraction of its cost per request). Canaries keep their ``__v`` models; the
+stable version of a split stays direct. A hop that fails leaves the ``__v`` model serving.
+
 Traffic splits: besides its serving (stable) version a deployment may serve *canaries*, each with
 a share of the requests. A requested split (``SetTraffic``) is applied by the deployment's worker
 too: it loads every canary first, then moves the shares (routes, then the inference data plane),
@@ -33,7 +40,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
@@ -72,6 +79,21 @@ _Change = Callable[[Deployment], Deployment]
 #: Requests in flight per Triton model on the request path (the data plane's ``in_flight``);
 #: None while no data plane counts them (the Python path), and then the grace decides.
 InFlight = Callable[[], Awaitable[Mapping[str, int] | None]]
+
+
+class DirectModels(Protocol):
+    """Direct copies of Triton models (``ModelRepository`` of ``services.serving.triton``;
+    blocking calls: run them in a worker thread)."""
+
+    def make_direct(self, model: str, deployment: str, version: str) -> None:
+        """Copies ``model`` to the model named ``deployment`` serving only ``version``."""
+        ...
+
+    def direct_version(self, deployment: str) -> str | None:
+        """The version the direct model of ``deployment`` serves, or None."""
+        ...
+
+
 # How often a drain asks the data plane whether the old version's requests have ended.
 _DRAIN_POLL_S = 0.02
 
@@ -143,6 +165,8 @@ class Reconciler:
             serving's ``plinth_serving_rollouts_total``.
         in_flight: the data plane's requests in flight per Triton model, so that an old
             version is unloaded once drained (None: the Python path, a fixed pause).
+        direct: makes a version that serves alone a direct model after its rollout (None:
+            every version keeps its ``<deployment>__v<N>`` model).
     """
 
     def __init__(
@@ -164,7 +188,9 @@ class Reconciler:
         publisher: RoutePublisher | None = None,
         on_rollout: Callable[[str], None] | None = None,
         in_flight: InFlight | None = None,
+        direct: DirectModels | None = None,
     ) -> None:
+        self._direct = direct
         self._db = db
         self._store = store
         self._events = events
@@ -490,7 +516,7 @@ class Reconciler:
         keep = set()
         for d in served:
             try:
-                model = self._repository.model_name(d.name, d.serving_version)
+                model = await self._restored_model(d.name, d.serving_version)
                 if d.serving_io is None:
                     raise ValueError("its tensors were not recorded")
                 if not await asyncio.to_thread(self._repository.exists, model):
@@ -508,12 +534,22 @@ class Reconciler:
             keep.add(model)
             restored = await self._restore_canaries(d)
             keep |= {self._repository.model_name(d.name, c.version) for c in restored.canaries}
-            self._set_routes(restored, self._route(d, d.serving_version, d.serving_io))
+            route = self._route(d, d.serving_version, d.serving_io)
+            self._set_routes(restored, dataclasses.replace(route, triton_model=model))
         for model in await asyncio.to_thread(self._repository.models):
             if model not in keep:
                 await self._discard(model)
         await self.publish()
         log.info("restored %d deployments", len(served))
+
+    async def _restored_model(self, name: str, version: str) -> str:
+        """The model that served ``version`` before a restart: the direct one when its folder
+        holds that version, else ``<name>__v<version>`` (and deployments stored before)."""
+        model = self._repository.model_name(name, version)
+        if self._direct is None or self._publisher is None:
+            return model
+        direct = await asyncio.to_thread(self._direct.direct_version, name)
+        return name if direct == version else model
 
     async def _restore_canaries(self, d: Deployment) -> Deployment:
         """Loads a deployment's canaries again after a restart; one that does not load rolls
@@ -696,6 +732,50 @@ class Reconciler:
         log.info("deployment %s: traffic moved to v%s", name, version)
         self._on_rollout("completed")
         await self._unload_after_grace(old - {model}, published=published)
+        await self._go_direct(name)
+
+    async def _go_direct(self, name: str) -> None:
+        """The second hop: a version serving alone moves from its ``__v`` model to the direct
+        one (load, switch if still the same route, drain, unload); a failure keeps the ``__v``
+        model serving."""
+        stable = self._routes.get(name)
+        if (
+            self._direct is None
+            or self._publisher is None
+            or self._publish_failed
+            or stable is None
+            or stable.triton_model == name
+            or self._canaries.get(name)
+            or name in self._unload_pending
+        ):
+            return
+        model = stable.triton_model
+        try:
+            await asyncio.to_thread(self._direct.make_direct, model, name, stable.version)
+            await self._models.load(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the __v model keeps serving
+            log.warning(
+                "deployment %s: v%s stays on %s (no direct model: %s)",
+                name,
+                stable.version,
+                model,
+                domain.reason_of(exc),
+            )
+            await self._discard(name)
+            return
+        async with self._switching:
+            moved_on = self._routes.get(name) is not stable or bool(self._canaries.get(name))
+            if not moved_on:
+                self._routes[name] = dataclasses.replace(stable, triton_model=name)
+        if moved_on:
+            if name not in self._in_use(name):
+                await self._discard(name)
+            return
+        published = await self.publish()
+        log.info("deployment %s: v%s serves as the direct model %s", name, stable.version, name)
+        await self._unload_after_grace({model}, published=published)
 
     async def _unload_after_grace(self, models: set[str], *, published: bool = True) -> None:
         """Unloads ``models`` (and those held back earlier) once the data plane took routes
@@ -850,6 +930,7 @@ class Reconciler:
         published = await self.publish()
         log.info("deployment %s: traffic is now %s", name, _split_text(applied.traffic))
         await self._unload_after_grace(old - self._in_use(name), published=published)
+        await self._go_direct(name)
 
     async def _commit_split(
         self, name: str, request: Any, stable: str, canaries: tuple[Canary, ...]
@@ -923,6 +1004,8 @@ class Reconciler:
         published = await self.publish()
         if not unloaded:
             await self._unload_after_grace(old - self._in_use(name), published=published)
+        # No second hop here: the guard calls this beside the deployment's worker, which owns
+        # its models; a stable version still on its __v model goes direct at its next change.
         return True
 
     async def _build(self, model: str, source: str, batching: BatchingSettings) -> ModelIO:

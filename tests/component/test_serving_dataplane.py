@@ -123,6 +123,14 @@ class Stack:
     models: TritonModels
     headers: dict[str, str] = field(default_factory=dict)
 
+    async def wait_direct(self, version: str) -> None:
+        """Waits until ``version`` answers as the deployment's own Triton model (no rewrite)."""
+
+        async def direct() -> bool:
+            return self.reconciler.routed_models() == {f"{DEPLOYMENT}/{version}": DEPLOYMENT}
+
+        await eventually(direct, timeout=60, interval=0.1)
+
     async def promote(self, version: str, minute: int) -> None:
         promotion = Promotion(
             model_name=MODEL,
@@ -174,11 +182,12 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         await dp.apply_routes(_route_specs(splits))
 
     store, events, registry = DeploymentStore(), FakeEvents(), Registry([MODEL])
+    repository = ModelRepository(root / "models")
     reconciler = Reconciler(
         db=db,
         store=store,
         events=events,
-        repository=ModelRepository(root / "models"),
+        repository=repository,
         artifacts=LocalArtifacts(saved),
         models=models,
         registry=registry,
@@ -186,6 +195,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         unload_grace_s=10.0,
         reconcile_interval_s=0.5,
         publisher=publish,
+        direct=repository,  # as the app wires it with a data plane
         in_flight=dp.in_flight,
     )
     # As the app wires it: the data plane's counters and Triton's own, merged.
@@ -289,20 +299,24 @@ async def test_the_pushed_route_answers_a_stock_client_with_mlflows_predictions(
 
 
 async def test_a_rollout_under_load_loses_no_request(stack: Stack) -> None:
+    """From v1 as the direct model, through diab__v2, to v2 as the direct model."""
+    await stack.wait_direct("1")
     stop, load = asyncio.Event(), Load()
     running = asyncio.create_task(_run_load(stack, stop, load))
     try:
         await asyncio.sleep(1.0)
         await stack.promote("2", minute=1)
         await stack.wait_serving("2")
-        # v1 goes once the data plane has no request in flight on it, long before the grace
+        await stack.wait_direct("2")
+        # diab__v2 goes once the data plane has no request in flight on it, long before the grace
         await asyncio.sleep(2.0)
-        v1_loaded = await stack.models.is_ready("diab__v1")
+        v2_loaded = await stack.models.is_ready("diab__v2")
+        await asyncio.sleep(0.5)  # load on the direct v2 alone
     finally:
         stop.set()
         await running
     assert load.failed == [], load.failed[:3]
-    assert not v1_loaded, "v1 was still loaded 2 s after the rollout (the drain waited its grace)"
+    assert not v2_loaded, "diab__v2 was still loaded 2 s after the direct hop (drain waited)"
     assert load.versions["1"] > 0 and load.versions["2"] > 0, load.versions
     print(f"rollout under load: {load.ok} requests, 0 failed, by version {dict(load.versions)}")
     client = triton_grpc.InferenceServerClient(stack.dp.grpc_address)

@@ -175,17 +175,19 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         triton_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
     store, events, registry = DeploymentStore(), FakeEvents(), Registry([MODEL])
+    repository = ModelRepository(root / "models")
     reconciler = Reconciler(
         db=db,
         store=store,
         events=events,
-        repository=ModelRepository(root / "models"),
+        repository=repository,
         artifacts=LocalArtifacts(saved),
         models=models,
         registry=registry,
         unload_grace_s=0.2,
         reconcile_interval_s=0.5,
         publisher=publish,
+        direct=repository,  # as the app wires it with a data plane
         on_rollout=serving_metrics.rollout,
     )
     holder["reconciler"] = reconciler
@@ -235,6 +237,12 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             return d.serving_version == "1" and d.state is DeploymentState.READY
 
         await eventually(serving, timeout=180, interval=0.2)
+
+        async def direct() -> bool:
+            # Serving alone, the version answers as the deployment's own Triton model.
+            return reconciler.routed_models() == {f"{DEPLOYMENT}/1": DEPLOYMENT}
+
+        await eventually(direct, timeout=60, interval=0.2)
         yield Stack(
             dp,
             metrics,

@@ -190,7 +190,9 @@ class TritonModels:
         try:
             await self._triton.load_model(model, client_timeout=self._load_timeout_s)
         except InferenceServerException as exc:
-            if not await triton_is_up(self._target):
+            # UNAVAILABLE: this channel did not reach Triton (still in its reconnect back-off
+            # after seeing it die) even when a fresh probe finds the restarted one up.
+            if exc.status() == "StatusCode.UNAVAILABLE" or not await triton_is_up(self._target):
                 raise engine_unavailable("the rollout resumes once it is back") from None
             raise ModelLoadError(_reason(exc)) from None
         if not await self.is_ready(model):

@@ -6,6 +6,13 @@ version), named ``<deployment>__v<version>``::
     <root>/<deployment>__v<version>/1/plinth_io.json    (signature.ModelIO)
     <root>/<deployment>__v<version>/1/mlflow_model/...  (the downloaded MLflow model)
 
+and, for a version that serves alone behind the data plane, a *direct* copy named as the
+deployment whose only Triton version is the registry version (:meth:`ModelRepository.make_direct`),
+which the data plane routes without rewriting a byte::
+
+    <root>/<deployment>/config.pbtxt                    (name: deployment, versions: [N])
+    <root>/<deployment>/<N>/...
+
 Every path is built from a checked deployment name (a DNS label, so it holds no ``_``, ``.``
 or ``/``) and a version number, and is checked to stay inside the root. Models are assembled
 in ``<root>/.staging`` and renamed into place, so Triton never sees half a model.
@@ -53,10 +60,15 @@ def triton_model_name(deployment: str, version: str) -> str:
 
 
 def deployment_of(model: str) -> str | None:
-    """The deployment a Triton model belongs to, or None for a foreign name."""
+    """The deployment a Triton model belongs to (a direct model is its own), or None for a
+    foreign name."""
     deployment, separator, version = model.rpartition(_SEPARATOR)
     if not separator:
-        return None
+        try:
+            check_deployment_name(model, "deployment")
+        except InvalidArgument:
+            return None
+        return model
     try:
         triton_model_name(deployment, version)
     except RepositoryError:
@@ -161,6 +173,43 @@ class ModelRepository:
             shutil.rmtree(target)
         built.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
+
+    def make_direct(self, model: str, deployment: str, version: str) -> None:
+        """Copies ``model`` (a ``<deployment>__v<version>``) to the direct model ``deployment``
+        whose only Triton version is ``version`` (replacing any earlier direct copy)."""
+        if model != triton_model_name(deployment, version):
+            raise RepositoryError(f"{model[:80]!r} is not v{version} of {deployment!r}")
+        source = self.model_dir(model)
+        target = self.model_dir(deployment)
+        staging = self.new_staging(deployment)
+        try:
+            built = staging / deployment
+            built.mkdir()
+            shutil.copytree(source / _TRITON_VERSION, built / version)
+            config = mc.ModelConfig()
+            text_format.Parse((source / "config.pbtxt").read_text(), config)
+            config.name = deployment
+            config.version_policy.specific.versions[:] = [int(version)]
+            (built / "config.pbtxt").write_text(text_format.MessageToString(config))
+            if target.exists():
+                shutil.rmtree(target)
+            built.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def direct_version(self, deployment: str) -> str | None:
+        """The registry version the direct model of ``deployment`` serves, or None (none, or
+        not complete)."""
+        folder = self.model_dir(deployment)
+        try:
+            config = mc.ModelConfig()
+            text_format.Parse((folder / "config.pbtxt").read_text(), config)
+        except (OSError, text_format.ParseError):
+            return None
+        versions = list(config.version_policy.specific.versions)
+        if len(versions) != 1 or not (folder / str(versions[0])).is_dir():
+            return None
+        return str(versions[0])
 
     def discard_staging(self, staging: Path) -> None:
         """Removes a staging folder (after a failed build)."""
