@@ -123,9 +123,16 @@ async def test_training_job_logs_to_mlflow_server(
     assert any(r.startswith("scikit-learn==") for r in requirements)
 
     # The URI the job reported loads and predicts (runs:/ resolves through the tracking URI;
-    # without it MLflow would open ./mlflow.db in the working folder).
+    # without it MLflow would open ./mlflow.db in the working folder). Set globally, not only
+    # in the environment: an earlier in-process serving (test_kserve_binary) left MLflow's
+    # global URI on its own, stopped server, and the global one wins over the variable.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    model = mlflow.pyfunc.load_model(output["model_uri"])
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(output["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
     assert model.metadata.signature is not None
     features, _ = load_diabetes(return_X_y=True, as_frame=True)
     predictions = model.predict(features.head(5))
