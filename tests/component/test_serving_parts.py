@@ -163,7 +163,9 @@ def test_repository_paths_stay_inside(tmp_path: Path) -> None:
     assert (
         repository.model_dir("diabetes__v12") == (tmp_path / "models" / "diabetes__v12").resolve()
     )
-    for bad in ("../diabetes__v1", "x/../../y__v1", "diabetes", ".staging", "/etc__v1"):
+    # A bare deployment name is the direct model of a version serving alone (06c9116).
+    assert repository.model_dir("diabetes") == (tmp_path / "models" / "diabetes").resolve()
+    for bad in ("../diabetes__v1", "x/../../y__v1", "../diabetes", ".staging", "/etc__v1"):
         with pytest.raises(RepositoryError):
             repository.model_dir(bad)
     for name in ("a__v1", "a__v2", "ab__v1"):
