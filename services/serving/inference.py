@@ -298,7 +298,7 @@ class InferenceProxy:
         self._default_timeout_s = default_timeout_s
         self._channel: grpc.aio.Channel | None = None
         # Per (deployment, version): the suffixes of forwarded requests and returned responses.
-        self._suffixes: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        self._suffixes: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
 
     def _open(self) -> grpc.aio.Channel:
         # Opened on first use, inside the server's event loop (an aio channel belongs to the
@@ -340,7 +340,9 @@ class InferenceProxy:
         )
 
     def _suffix(self, route: Route) -> tuple[bytes, bytes]:
-        key = (route.deployment, route.version)
+        # The Triton model is part of the key: a version moves from its __v model to the direct
+        # one (the second hop) while its deployment and version stay the same.
+        key = (route.deployment, route.version, route.triton_model)
         suffix = self._suffixes.get(key)
         if suffix is None:
             if len(self._suffixes) > 4096:
