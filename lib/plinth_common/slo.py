@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal, Protocol
+
+import yaml
 
 from plinth_common.errors import InvalidArgument
 
@@ -396,3 +399,18 @@ def markdown_table(slos: Sequence[Slo] = DEFAULT_SLOS) -> str:
             f" {slo.per or '-'} | {slo.window.days} d | {slo.description} |"
         )
     return "\n".join(rows)
+
+
+def slos_from_file(path: Path) -> tuple[Slo, ...]:
+    """The default SLOs with a YAML file's changes (``PLINTH_SLOS_FILE``; see :func:`configure`).
+
+    Raises:
+        InvalidArgument: an unreadable file, an unknown SLO or setting, a value out of range.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument("PLINTH_SLOS_FILE", f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument("PLINTH_SLOS_FILE", "must be a mapping of SLO name -> settings")
+    return configure(raw)

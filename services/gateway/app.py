@@ -25,7 +25,7 @@ from plinth_common.config import DEFAULT_GATEWAY_HTTP_PORT, CommonSettings, Env
 from plinth_common.devstack import read_supervisor_status
 from plinth_common.overload import OverloadInterceptor
 from plinth_common.runtime import ServiceRuntime
-from plinth_common.slo import DEFAULT_SLOS, Slo
+from plinth_common.slo import DEFAULT_SLOS, Slo, slos_from_file
 from services.gateway.audit import AuditLog
 from services.gateway.auth import Authenticator, EdgeAuth, GatewayAuthInterceptor
 from services.gateway.bootstrap import ensure_admin_key
@@ -34,7 +34,7 @@ from services.gateway.events import NatsDeadLetterStore, NatsEventSource
 from services.gateway.http import GatewayHttp, start_http
 from services.gateway.identity import Identities
 from services.gateway.identity_servicer import IdentityServicer
-from services.gateway.monitor import PlatformMonitor, ScrapeTarget, slos_from_file, targets_from_env
+from services.gateway.monitor import PlatformMonitor, ScrapeTarget, targets_from_env
 from services.gateway.monitor_servicer import PlatformServicer
 from services.gateway.monitor_store import SqlMonitorStore
 from services.gateway.oidc import OidcSettings, OidcVerifier

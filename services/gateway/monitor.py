@@ -21,15 +21,12 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from plinth_common.config import DEFAULT_METRICS_PORTS, Env
-from plinth_common.errors import InvalidArgument
 from plinth_common.monitoring import SERVER_ERROR_CODES
 from plinth_common.slo import (
     BURN_RATE_ALERTS,
@@ -39,7 +36,6 @@ from plinth_common.slo import (
     EventCountSource,
     Slo,
     SloStatus,
-    configure,
     evaluate_all,
 )
 
@@ -635,21 +631,6 @@ class _suppress_cancel:
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
         return kind is asyncio.CancelledError
-
-
-def slos_from_file(path: Path) -> tuple[Slo, ...]:
-    """The default SLOs with a YAML file's changes (:func:`plinth_common.slo.configure`).
-
-    Raises:
-        InvalidArgument: an unreadable file, an unknown SLO or setting, a value out of range.
-    """
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidArgument("PLINTH_SLOS_FILE", f"cannot read {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise InvalidArgument("PLINTH_SLOS_FILE", "must be a mapping of SLO name -> settings")
-    return configure(raw)
 
 
 def parse_since(text: str) -> timedelta:

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 from prometheus_client.core import (
     CounterMetricFamily,
     HistogramMetricFamily,
@@ -46,7 +45,6 @@ from prometheus_client.utils import floatToGoString
 
 from plinth_common import metrics as catalog
 from plinth_common import slo as slo_config
-from plinth_common.errors import InvalidArgument
 from plinth_common.metrics import INFERENCE_BUCKETS_S, Metrics
 
 __all__ = [
@@ -511,15 +509,8 @@ def latency_targets(slos_file: Path | None) -> Callable[[str], float]:
         InvalidArgument: an unreadable file, or settings :func:`plinth_common.slo.configure`
             refuses.
     """
-    settings: Any = {}
-    if slos_file is not None:
-        try:
-            settings = yaml.safe_load(slos_file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise InvalidArgument("PLINTH_SLOS_FILE", f"cannot read {slos_file}: {exc}") from exc
-        if not isinstance(settings, dict):
-            raise InvalidArgument("PLINTH_SLOS_FILE", "must be a mapping of SLO name -> settings")
-    slo = next(s for s in slo_config.configure(settings) if s.name == INFERENCE_LATENCY_SLO)
+    slos = slo_config.configure({}) if slos_file is None else slo_config.slos_from_file(slos_file)
+    slo = next(s for s in slos if s.name == INFERENCE_LATENCY_SLO)
     default = slo.target.threshold_s or DEFAULT_TARGET_S
     overrides = {scope: target.threshold_s or default for scope, target in slo.overrides.items()}
     if not overrides:
