@@ -1,7 +1,7 @@
 """Inference throughput and latency: straight to Triton, through the data plane (HAProxy), and
 through Plinth's serving service (the old Python path).
 
-``python -m bench.inference [--quick]`` prints figures and asserts nothing.
+``python -m bench.inference [--quick] [--rounds N] [--pin]`` prints figures and asserts nothing.
 
 It starts a nats-server and the serving service as its own process (``python -m
 services.serving``, which launches Triton), logs a small scikit-learn model (Ridge on the
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
@@ -179,6 +180,18 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Restricts every thread of ``pids`` to ``cpus`` (threads and children made later inherit)."""
+    for pid in pids:
+        try:
+            threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in threads:
+            with contextlib.suppress(OSError):  # a thread that just ended
+                os.sched_setaffinity(tid, cpus)
 
 
 def _log_model(tracking_uri: str, artifacts: Path) -> str:
@@ -416,9 +429,17 @@ _PROXY_GROUP = {
 }
 
 
-async def run(quick: bool) -> None:
-    """Sets everything up, measures, prints, tears down."""
-    seconds, warmup, rounds = (1.5, 0.5, 1) if quick else (3.0, 0.5, 2)
+async def run(quick: bool, *, rounds: int | None = None, pinned: bool = False) -> None:
+    """Sets everything up, measures, prints, tears down.
+
+    Args:
+        quick: shorter points, one round.
+        rounds: rounds per point (default 1 quick, 2 otherwise).
+        pinned: Triton (and its Python stubs) on CPU 0, everything else on CPU 1: the proxy
+            then takes no CPU from Triton, as where it runs on cores (or nodes) of its own.
+    """
+    seconds, warmup, default_rounds = (1.5, 0.5, 1) if quick else (3.0, 0.5, 2)
+    rounds = rounds or default_rounds
     work = Path(tempfile.mkdtemp(prefix="plinth-bench-inference-"))
     nats_server = NatsServer(work / "nats", sync_interval="2m")
     serving_port, triton_port, triton_http_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
@@ -485,6 +506,18 @@ async def run(quick: bool) -> None:
             "haproxy plain": [plain_proxy.pid],
         }
         print(machine_line())
+        if pinned:
+            if (os.cpu_count() or 1) < 2:
+                raise SystemExit("--pin needs two CPUs")
+            pin(groups["triton"], {0})
+            pin(
+                [os.getpid(), process.pid]
+                + [pids[0] for name, pids in groups.items() if name.startswith("haproxy")],
+                {1},
+            )
+            print(
+                "pinned: Triton and its Python stubs on CPU 0; client, serving, HAProxies on CPU 1"
+            )
         print(
             f"set-up {time.perf_counter() - t0:.1f}s (nats, serving + Triton, MLflow model, {len(DEPLOYMENTS)} deployments loaded, their direct-named copies, two data planes, plain HAProxy)"
         )
@@ -610,11 +643,17 @@ async def run(quick: bool) -> None:
 
 
 def main() -> None:
-    """``python -m bench.inference [--quick]``."""
+    """``python -m bench.inference [--quick] [--rounds N] [--pin]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 s per point instead of 5 s")
+    parser.add_argument("--quick", action="store_true", help="1.5 s per point instead of 3 s")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per point")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Triton on CPU 0, client and proxies on CPU 1 (the proxy takes no CPU from Triton)",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.quick))
+    asyncio.run(run(args.quick, rounds=args.rounds, pinned=args.pin))
 
 
 if __name__ == "__main__":
