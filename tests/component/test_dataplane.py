@@ -1067,18 +1067,24 @@ async def test_an_error_sent_in_the_trailers_is_counted_as_the_versions_error(
         await upstream.stop(0)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["rewritten", "direct"])
 async def test_an_unreachable_triton_is_unavailable_and_counted_as_the_versions_error(
-    tmp_path: Path,
+    tmp_path: Path, direct: bool
 ) -> None:
     """HAProxy's own answer when Triton does not accept (503: UNAVAILABLE to a gRPC caller,
-    never INTERNAL) is the version's error in the counters, and leaves nothing in flight."""
+    never INTERNAL) is the version's error in the counters, on a rewritten route (the filter
+    sees it, and nothing stays in flight) and on a direct one (no Lua runs on it: counted from
+    HAProxy's own counters when they are read), once each, also after the routes change."""
     dead = f"127.0.0.1:{free_tcp_port()}"
     plane = DataPlane(
         workdir=tmp_path / "dp", triton_grpc=dead, triton_http=dead, threads=1, slots=4
     )
+    backend = (
+        Backend("mine", "1", 100, label="1") if direct else Backend("mine__v1", "1", 100, label="1")
+    )
     try:
         await plane.start()
-        await plane.apply_routes([route("mine", ("1", 100))])
+        await plane.apply_routes([RouteSpec("mine", (backend,))])
         await plane.apply_grants([ALICE.grant("mine")])
         client = triton_grpc.InferenceServerClient(plane.grpc_address)
         try:
@@ -1086,11 +1092,19 @@ async def test_an_unreachable_triton_is_unavailable_and_counted_as_the_versions_
                 with pytest.raises(InferenceServerException) as raised:
                     _infer_grpc(client, "mine")
                 assert _code(raised.value) == "StatusCode.UNAVAILABLE", raised.value
+            counted = (await plane.stats())["mine/1"]
+            assert (counted.requests, counted.errors) == (2, 2)
+            # read again, and after a route change: nothing is counted twice
+            await plane.apply_routes([RouteSpec("mine", (backend,)), route("other", ("1", 100))])
+            with pytest.raises(InferenceServerException):
+                _infer_grpc(client, "mine")
+            counted = (await plane.stats())["mine/1"]
+            assert (counted.requests, counted.errors) == (3, 3)
+            assert (await plane.stats())["mine/1"] == counted
         finally:
             client.close()
-        counted = (await plane.stats())["mine/1"]
-        assert (counted.requests, counted.errors) == (2, 2)
-        assert await plane.in_flight() == {}
+        if not direct:
+            assert await plane.in_flight() == {}
     finally:
         await plane.stop()
 

@@ -23,6 +23,12 @@ local verified_n = 0
 local VERIFIED_MAX = 10000
 local stats = {}     -- "deployment/version" -> counters and latency buckets
 local rejected = {}  -- deployment -> refusals at the limits
+-- HAProxy's own 5xx answers on a stream without the filter (a direct backend, when Triton does
+-- not accept or a request times out in the queue) run no Lua: they are found as the slot
+-- backend's hrsp_5xx beyond the 5xx answers this script recorded itself (seen_5xx), and
+-- counted to the route's direct version when the counters are read (see fold_unseen).
+local seen_5xx = {}  -- slot backend -> 5xx answers recorded here
+local folded = {}    -- slot backend -> HAProxy's own 5xx answers already counted
 local routes_rev, grants_rev = "0", "0"
 -- What the action decided for a request, for the filter of the same stream: one integer
 -- variable (txn.pl_id) carries the key, which is cheaper than a variable per value. Entries are
@@ -134,7 +140,7 @@ local function parse_routes(text)
       local weight = tonumber(f[5])
       if weight == nil or weight < 0 then return nil, "bad weight: " .. line end
       local v = {model = f[2], tver = f[3], label = f[4], weight = weight,
-                 key = current.name .. "/" .. f[4]}
+                 key = current.name .. "/" .. f[4], backend = current.backend}
       v.tail = pb_string(1, v.model) .. pb_string(2, v.tver)
       v.res_infer = pb_string(1, current.name) .. pb_string(2, v.label)
       v.internal_infer = v.tail
@@ -150,6 +156,7 @@ local function parse_routes(text)
       -- deployment and version. Such streams skip the filter (see Plinth:new).
       v.direct = v.model == current.name and v.tver == v.label
       if v.direct then
+        current.direct = current.direct or v
         v.tail, v.res_infer, v.internal_infer, v.res_meta, v.internal_meta = nil, nil, nil, nil, nil
         v.json_infer, v.jsonout_infer, v.json_meta, v.jsonout_meta = nil, nil, nil, nil
       end
@@ -194,6 +201,43 @@ local function parse_grants(text)
   return parsed, count
 end
 
+-- Counts one answer of `version` that took `ms` milliseconds.
+local function tally(version, ms, failed)
+  local key = version.key
+  local s = stats[key]
+  if s == nil then
+    s = {requests = 0, errors = 0, sum_ms = 0.0, buckets = {}}
+    for i = 1, NBUCKETS do s.buckets[i] = 0 end
+    stats[key] = s
+  end
+  s.requests = s.requests + 1
+  if failed then s.errors = s.errors + 1 end
+  s.sum_ms = s.sum_ms + ms
+  local i = 1
+  while i < NBUCKETS and ms > BOUNDS[i] do i = i + 1 end
+  s.buckets[i] = s.buckets[i] + 1
+end
+
+-- Counts the 5xx answers HAProxy gave itself on direct streams since the last call as errors
+-- of each route's direct version (their time is not measured: they count in the lowest
+-- latency bucket, which is where a refused connection's answer falls). Called before the
+-- counters are read and before the routes change, so that each lands on the version that was
+-- direct when it happened (to within one read).
+local function fold_unseen()
+  for _, route in pairs(routes) do
+    local version = route.direct
+    local proxy = version and core.backends[route.backend]
+    if proxy then
+      local backend = route.backend
+      local unseen = (tonumber(proxy:get_stats().hrsp_5xx) or 0) - (seen_5xx[backend] or 0)
+      local done = folded[backend] or 0
+      -- (HAProxy may count an answer a moment after this script did: never count back)
+      for _ = done + 1, unseen do tally(version, 0.0, true) end
+      if unseen > done then folded[backend] = unseen end
+    end
+  end
+end
+
 local function read_file(path)
   local file, err = io.open(path, "rb")
   if file == nil then return nil, err end
@@ -212,7 +256,10 @@ core.register_cli({"plinth", "load"}, "plinth load routes|grants <file> <revisio
     local parsed, count
     if what == "routes" then
       parsed, count = parse_routes(text)
-      if parsed ~= nil then routes = parsed; routes_rev = revision or "?" end
+      if parsed ~= nil then
+        fold_unseen()
+        routes = parsed; routes_rev = revision or "?"
+      end
     elseif what == "grants" then
       parsed, count = parse_grants(text)
       if parsed ~= nil then
@@ -232,6 +279,7 @@ core.register_cli({"plinth", "load"}, "plinth load routes|grants <file> <revisio
 
 -- One line per version: key requests errors sum_ms b1 .. bN; then R lines for refusals.
 core.register_cli({"plinth", "stats"}, "plinth stats: per-version counters", function(applet)
+  fold_unseen()
   local out = {"revisions " .. routes_rev .. " " .. grants_rev}
   for key, s in pairs(stats) do
     out[#out + 1] = string.format("S %s %d %d %.3f %s", key, s.requests, s.errors, s.sum_ms,
@@ -253,6 +301,7 @@ core.register_cli({"plinth", "inflight"}, "plinth inflight: requests in flight p
 
 -- Prometheus text for /metrics/deployments on the stats port.
 core.register_service("plinth_metrics", "http", function(applet)
+  fold_unseen()
   local out = {
     "# HELP plinth_inference_requests_total Requests answered, per deployment version.",
     "# TYPE plinth_inference_requests_total counter",
@@ -499,32 +548,28 @@ end)
 
 -- ---------------------------------------------------------------- the body filter
 
-local function record(st, failed)
-  local key = st.version.key
-  local s = stats[key]
-  if s == nil then
-    s = {requests = 0, errors = 0, sum_ms = 0.0, buckets = {}}
-    for i = 1, NBUCKETS do s.buckets[i] = 0 end
-    stats[key] = s
-  end
+-- Counts the answer of an admitted request; `http_5xx`: its HTTP status was 5xx (counted by
+-- HAProxy too, see fold_unseen).
+local function record(st, failed, http_5xx)
   local now = core.now()
   local ms = now.sec * 1000.0 + now.usec / 1000.0 - st.t0
   if ms < 0 then ms = 0.0 end
   st.recorded = true
-  s.requests = s.requests + 1
-  if failed then s.errors = s.errors + 1 end
-  s.sum_ms = s.sum_ms + ms
-  local i = 1
-  while i < NBUCKETS and ms > BOUNDS[i] do i = i + 1 end
-  s.buckets[i] = s.buckets[i] + 1
+  tally(st.version, ms, failed)
+  if http_5xx then
+    local backend = st.version.backend
+    seen_5xx[backend] = (seen_5xx[backend] or 0) + 1
+  end
 end
 
 -- The answer of a stream that skipped the filter (a direct backend, see parse_routes), from
 -- its headers: one Lua entry instead of the filter's five. A gRPC error that Triton sends in
--- the trailers (headers first) is invisible here: such a version's data-plane error count
--- misses it (Triton's own statistics count it). HAProxy's own 5xx answer (Triton not
--- accepting) runs no Lua at all on such a stream (2.6 has no http-after-response Lua action):
--- it is not counted, and the request stays in flight until the sweep drops its decision.
+-- the trailers after headers is invisible here (Triton answers a failed unary call
+-- trailers-only, with the status in the headers, so only a streaming answer could). HAProxy's
+-- own 5xx answer (Triton not accepting) runs no Lua at all on such a stream (2.6 has no
+-- http-after-response Lua action): fold_unseen counts it from HAProxy's counters, and its
+-- request stays in flight until the sweep drops its decision (a drain waits for it at most
+-- the drain timeout).
 core.register_action("plinth_done", {"http-res"}, function(txn)
   local id = txn:get_var("txn.pl_id")
   local st = id ~= nil and inflight[id] or nil
@@ -532,10 +577,11 @@ core.register_action("plinth_done", {"http-res"}, function(txn)
   inflight[id] = nil
   live[st] = nil
   local grpc_status = txn.f:res_hdr("grpc-status")
+  local status = txn.f:status()
   if grpc_status ~= nil then
-    record(st, SERVER_ERROR[grpc_status] or false)
+    record(st, SERVER_ERROR[grpc_status] or false, status >= 500)
   else
-    record(st, txn.f:status() >= 500)
+    record(st, status >= 500, status >= 500)
   end
 end)
 
@@ -586,7 +632,7 @@ function Plinth:http_headers(txn, msg)
     filter.register_data_filter(self, chn)
     return
   end
-  record(st, failed)
+  record(st, failed, status >= 500)
   if status == 200 and grpc_status == nil and (st.res ~= nil or st.json ~= nil) then
     filter.register_data_filter(self, chn)
   elseif status >= 400 and st.rest then
@@ -598,7 +644,7 @@ end
 function Plinth:http_end(txn, msg)
   if self.await and msg.channel:is_resp() then
     self.await = false
-    record(self.st, not self.got_body)
+    record(self.st, not self.got_body, false)
   end
 end
 
@@ -683,7 +729,7 @@ function Plinth:end_analyze(txn, chn)
   -- HAProxy's own 5xx answer (503 when Triton does not accept, 504 on its timeout) passes no
   -- other callback: the slot's http-after-response rule marks it (txn.pl_5xx), and it is the
   -- version's error all the same (once: an answer already recorded is not counted again).
-  if not st.recorded and txn:get_var("txn.pl_5xx") ~= nil then record(st, true) end
+  if not st.recorded and txn:get_var("txn.pl_5xx") ~= nil then record(st, true, true) end
 end
 
 core.register_filter("plinth", Plinth, function(flt)
