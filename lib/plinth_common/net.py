@@ -11,7 +11,8 @@ from pathlib import Path
 
 # Ports handed out by this process, so that two calls never return the same one.
 _HANDED_OUT: set[int] = set()
-_BELOW_EPHEMERAL_FLOOR = 10000
+# Above Ray's default worker ports (10002-19999): `ray start` refuses a component port there.
+_BELOW_EPHEMERAL_FLOOR = 20000
 
 
 def _ephemeral_range() -> tuple[int, int] | None:
