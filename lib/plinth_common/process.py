@@ -577,6 +577,61 @@ def _live_member(entry: os.DirEntry[str], pgid: int) -> bool:
     return len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
 
 
+def kill_strays(program: str, under: Path, parent: str) -> list[int]:
+    """SIGKILLs the processes running ``program`` with an argument inside ``under`` whose parent
+    no longer runs ``parent``.
+
+    For helpers an engine leaves behind when the engine itself was killed (the Python backend
+    stubs of a SIGKILLed Triton): adopted by init, they hold shared memory and wait for a parent
+    that will not come back. A live engine's own helpers are left alone.
+
+    Args:
+        program: the helper's executable file name (``argv[0]``'s last part).
+        under: a folder one of the helper's arguments lies in (its model repository).
+        parent: the engine's executable file name.
+
+    Returns:
+        The pids that were signalled.
+    """
+    if not _LINUX:
+        return []
+    prefixes = {str(under).encode(), str(under.resolve()).encode()}
+    killed: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        argv = _argv(entry.name)
+        if not argv or os.path.basename(argv[0]) != program.encode():
+            continue
+        if not any(arg.startswith(prefix) for arg in argv[1:] for prefix in prefixes):
+            continue
+        parent_argv = _argv(str(_parent_pid(entry.name)))
+        if parent_argv and os.path.basename(parent_argv[0]) == parent.encode():
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+    return killed
+
+
+def _argv(pid: str) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _parent_pid(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return 0
+    # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
 def _interpreter_args() -> list[str]:
     # -I -S: no site-packages and no PYTHON* variables, so the shim starts fast and the same.
     return [sys.executable, "-I", "-S", "-c"]

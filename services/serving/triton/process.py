@@ -31,7 +31,7 @@ import tritonclient.grpc.aio as triton_grpc
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from plinth_common.config import Env
-from plinth_common.process import ChildProcess
+from plinth_common.process import ChildProcess, kill_strays
 
 _LOG = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ _LOG = logging.getLogger(__name__)
 # Triton is not ready, and a short bound keeps health checks and wait_ready() responsive.
 _PROBE_TIMEOUT_S = 1.0
 _POLL_INTERVAL_S = 0.1
+_SERVER_PROGRAM = "tritonserver"
+_PYTHON_STUB = "triton_python_backend_stub"
 # After SIGTERM Triton waits for in-flight requests and unloads models (its own exit timeout,
 # which we set just below this) before it exits; past this we SIGKILL it.
 _STOP_GRACE_S = 15.0
@@ -111,11 +113,9 @@ def _find_distribution() -> _Distribution:
     if not libs_dir.is_dir():
         libs_dir = server_dir / "external_libs"
     dist = _Distribution(
-        server_binary=server_dir / "bin" / "tritonserver",
+        server_binary=server_dir / "bin" / _SERVER_PROGRAM,
         python_backend_dir=server_dir / "backends" / "python",
-        python_stub=(
-            server_dir / "python_backend_stubs" / python_version / "triton_python_backend_stub"
-        ),
+        python_stub=(server_dir / "python_backend_stubs" / python_version / _PYTHON_STUB),
         libs_dir=libs_dir,
     )
     for path in (
@@ -302,6 +302,7 @@ class TritonProcess:
                 settings.host,
             )
         dist = _find_distribution()
+        self._kill_stray_stubs()
         settings.model_repository.mkdir(parents=True, exist_ok=True)
         backend_dir = self._backends_dir / "python"
         backend_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +314,7 @@ class TritonProcess:
             dist.python_backend_dir / "triton_python_backend_utils.py",
             backend_dir / "triton_python_backend_utils.py",
         )
-        _link(dist.python_stub, backend_dir / "triton_python_backend_stub")
+        _link(dist.python_stub, backend_dir / _PYTHON_STUB)
         return dist
 
     @property
@@ -451,3 +452,11 @@ class TritonProcess:
         """
         if self._child is not None:
             await self._child.stop()
+            await asyncio.to_thread(self._kill_stray_stubs)
+
+    def _kill_stray_stubs(self) -> None:
+        """Ends the Python backend stubs of an earlier Triton on this repository that died
+        without ending them (a SIGKILLed serving's Triton): they never exit on their own."""
+        killed = kill_strays(_PYTHON_STUB, self._settings.model_repository, parent=_SERVER_PROGRAM)
+        if killed:
+            _LOG.warning("ended %d stray Triton Python backend stub(s): %s", len(killed), killed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plinth_common.process import ChildExited, ChildProcess, group_alive
+from plinth_common.process import ChildExited, ChildProcess, group_alive, kill_strays
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -294,3 +294,63 @@ async def test_a_group_id_handed_on_after_the_run_is_never_signalled(
     assert await child.stop() == 0
     assert child.stop_sync() == 0
     assert signalled == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not _alive(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_strays_ends_only_helpers_whose_engine_is_gone(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    repository.mkdir()
+    (tmp_path / "stub").symlink_to(sys.executable)
+    (tmp_path / "engine").symlink_to(sys.executable)
+    sleep = "import time; time.sleep(60)"
+    # An engine ("engine") with its own helper ("stub" on a file in the repository).
+    engine = subprocess.Popen(
+        [
+            str(tmp_path / "engine"),
+            "-c",
+            "import subprocess, sys, time\n"
+            f"p = subprocess.Popen([{str(tmp_path / 'stub')!r}, '-c', {sleep!r}, sys.argv[1]])\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(60)",
+            str(repository / "m" / "1" / "model.py"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    other_repository = subprocess.Popen(
+        [str(tmp_path / "stub"), "-c", sleep, str(tmp_path / "elsewhere" / "model.py")]
+    )
+    helper = 0
+    try:
+        assert engine.stdout is not None
+        helper = int(engine.stdout.readline())
+
+        assert kill_strays("stub", repository, parent="engine") == []
+        assert _alive(helper)
+
+        engine.kill()
+        engine.wait()
+        assert kill_strays("stub", repository, parent="engine") == [helper]
+        assert _wait_gone(helper)
+        assert other_repository.poll() is None
+    finally:
+        for process in (engine, other_repository):
+            process.kill()
+            process.wait()
+        if helper and _alive(helper):
+            os.kill(helper, signal.SIGKILL)
