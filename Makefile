@@ -42,7 +42,7 @@ LINT_PATHS := services lib sdk tests bench tools examples
 lint: venv
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/ruff check $(LINT_PATHS)
-	$(BIN)/mypy services lib sdk tests
+	$(BIN)/mypy services lib sdk tests bench tools
 
 format: venv
 	$(BIN)/ruff format $(LINT_PATHS)

@@ -24,7 +24,12 @@ class TrustingEdge(EdgeAuth):
     """Admits every call as :data:`BENCH_ADMIN` and audits nothing."""
 
     async def admit(
-        self, method: str, rule: Permission | None, authorization: str | None, request: Any
+        self,
+        method: str,
+        rule: Permission | None,
+        authorization: str | None,
+        request: Any,
+        forwarded: str | None = None,
     ) -> Authenticated:
         return Authenticated(BENCH_ADMIN)
 
