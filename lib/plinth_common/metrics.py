@@ -524,6 +524,13 @@ class Family(Generic[M]):
             self._children[values] = child
             return child
 
+    def remove(self, *values: str) -> None:
+        """Drops the series for ``values`` (a deleted object's), so a scrape no longer shows it;
+        a later :meth:`labels` with the same values starts it anew."""
+        with self._lock:
+            if self._children.pop(values, None) is not None:
+                self.metric.remove(*values)
+
     @property
     def series(self) -> int:
         """How many label sets this family holds."""

@@ -86,7 +86,7 @@ class FeatureMetrics:
     """Online read latency and freshness per feature view (view names are admin-declared, so
     the labels stay bounded). Freshness is computed at each scrape from the newest data time
     the service knows (restored at start from its store and Feast's registry; absent for a view
-    never materialized nor pushed to; NaN once the view is deleted)."""
+    never materialized nor pushed to, and gone once the view is deleted)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._reads = metrics.histogram(FEATURES_ONLINE_READ_DURATION)
@@ -108,9 +108,10 @@ class FeatureMetrics:
                 self._freshness.labels(view).set_function(self._age_of(view))
 
     def forgotten(self, views: Sequence[str]) -> None:
-        """The views were deleted: their freshness reads NaN (no age that keeps growing)."""
+        """The views were deleted: their freshness series go (no age that keeps growing)."""
         for view in views:
             self._until.pop(view, None)
+            self._freshness.remove(view)
 
     def _age_of(self, view: str) -> Callable[[], float]:
         def age() -> float:

@@ -42,3 +42,18 @@ def test_reads_and_freshness_per_view() -> None:
     time.sleep(0.01)
     fresh = _samples(metrics)[("plinth_features_freshness_seconds", (("feature_view", "drivers"),))]
     assert fresh < 5
+
+
+def test_a_deleted_views_freshness_leaves_the_scrape_and_returns_with_new_data() -> None:
+    metrics = Metrics("features")
+    recorder = FeatureMetrics(metrics)
+    recorder.refreshed(["drivers", "trips"], datetime.now(UTC) - timedelta(minutes=5))
+
+    recorder.forgotten(["drivers"])
+    samples = _samples(metrics)
+    assert ("plinth_features_freshness_seconds", (("feature_view", "drivers"),)) not in samples
+    assert ("plinth_features_freshness_seconds", (("feature_view", "trips"),)) in samples
+
+    recorder.refreshed(["drivers"], datetime.now(UTC))
+    fresh = _samples(metrics)[("plinth_features_freshness_seconds", (("feature_view", "drivers"),))]
+    assert fresh < 5
