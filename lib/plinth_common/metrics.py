@@ -23,6 +23,7 @@ import logging
 import re
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
@@ -527,7 +528,10 @@ class Family(Generic[M]):
     def remove(self, *values: str) -> None:
         """Drops the series for ``values`` (a deleted object's), so a scrape no longer shows it;
         a later :meth:`labels` with the same values starts it anew."""
-        with self._lock:
+        with self._lock, warnings.catch_warnings():
+            # Importing feast.metrics sets PROMETHEUS_MULTIPROC_DIR for Feast's own server, and
+            # prometheus-client then warns on every removal; this registry is in-process.
+            warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
             if self._children.pop(values, None) is not None:
                 self.metric.remove(*values)
 

@@ -1476,6 +1476,8 @@ class FeatureView:
         batch_source: Name of the data source it is materialized from, or "".
         push_source: Name of the push source feeding it, or "".
         tags: The view's tags.
+        data_until: The newest data online for it: its latest materialization's end or push
+            (None: neither yet).
     """
 
     name: str
@@ -1487,6 +1489,7 @@ class FeatureView:
     batch_source: str = ""
     push_source: str = ""
     tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+    data_until: datetime | None = None
 
     @classmethod
     def from_proto(cls, msg: features_pb2.FeatureView) -> FeatureView:
@@ -1501,6 +1504,7 @@ class FeatureView:
             batch_source=msg.batch_source,
             push_source=msg.push_source,
             tags=dict(msg.tags),
+            data_until=datetime_field(msg, "data_until"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1515,6 +1519,7 @@ class FeatureView:
             "batch_source": self.batch_source,
             "push_source": self.push_source,
             "tags": dict(self.tags),
+            "data_until": iso_or_none(self.data_until),
         }
 
 

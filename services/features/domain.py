@@ -112,6 +112,8 @@ class FeatureViewInfo:
     tags: Mapping[str, str]
     #: The end of the newest materialization Feast's registry records (None: never).
     materialized_until: datetime | None = None
+    #: The newest data online: the latest materialization's end or push (None: neither yet).
+    data_until: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

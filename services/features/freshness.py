@@ -105,6 +105,10 @@ class Freshness:
             if known:
                 self._note([view.name], max(known))
 
+    def newest(self, view: str) -> datetime | None:
+        """The newest data time known for ``view`` (None: never materialized nor pushed to)."""
+        return self._newest.get(view)
+
     async def materialized(self, views: Sequence[str], until: datetime) -> None:
         """``views`` were materialized up to ``until``: recorded at once (runs are rare)."""
         self._note(views, until)

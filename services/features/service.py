@@ -204,10 +204,14 @@ class FeaturesService:
 
     async def list_feature_views(self, principal: Principal) -> list[FeatureViewInfo]:
         """The feature views of the project (batch, stream and push-fed) the caller may read."""
-        views = await self._engine.list_feature_views()
+        views = [self._with_data_until(v) for v in await self._engine.list_feature_views()]
         if _unrestricted(principal, FEATURES_READ):
             return views
         return [v for v in views if may(principal, FEATURES_READ, v.tags.get(TEAM_TAG, ""))]
+
+    def _with_data_until(self, view: FeatureViewInfo) -> FeatureViewInfo:
+        known = [t for t in (self._freshness.newest(view.name), view.materialized_until) if t]
+        return dataclasses.replace(view, data_until=max(known)) if known else view
 
     async def _owners(self, principal: Principal, permission: Permission) -> Ownership | None:
         """The ownership to check the caller against; None when the caller may act on all."""

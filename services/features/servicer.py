@@ -127,6 +127,7 @@ def view_to_proto(view: FeatureViewInfo) -> pb.FeatureView:
         batch_source=view.batch_source,
         push_source=view.push_source,
         tags=dict(view.tags),
+        data_until=to_timestamp(view.data_until),
     )
 
 

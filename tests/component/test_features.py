@@ -395,6 +395,9 @@ async def test_materialize_incremental_starts_where_the_last_run_ended(features:
     assert list(response.feature_views) == ["driver_hourly_stats"]
     assert response.start_time.ToDatetime(tzinfo=UTC) == WINDOW[1]
     assert response.end_time.ToDatetime(tzinfo=UTC) == end
+    listed = await features.stub.ListFeatureViews(pb.ListFeatureViewsRequest())
+    by_name = {v.name: v for v in listed.feature_views}
+    assert by_name["driver_hourly_stats"].data_until.ToDatetime(tzinfo=UTC) == end
 
 
 async def test_materialize_validates_its_request(features: Features) -> None:
@@ -596,10 +599,14 @@ async def test_push_then_read_online(features: Features) -> None:
             "event_timestamp": pushed_at.isoformat(),
         }
     )
+    received = datetime.now(UTC)
     response = await features.stub.PushFeatures(
         pb.PushFeaturesRequest(push_source="driver_stats_push_source", rows=[row])
     )
     assert response.rows == 1
+    listed = await features.stub.ListFeatureViews(pb.ListFeatureViewsRequest())
+    fed = {v.name: v for v in listed.feature_views}["driver_hourly_stats_fresh"]
+    assert received <= fed.data_until.ToDatetime(tzinfo=UTC) <= datetime.now(UTC)
 
     fresh = [
         "driver_hourly_stats_fresh:conv_rate",

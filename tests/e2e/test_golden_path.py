@@ -186,11 +186,14 @@ async def test_features_online_through_the_gateway(platform: LocalPlatform) -> N
         assert await proc.wait() == 0
         applied = await asyncio.to_thread(plinth.features.apply, REPO / "examples" / "feature_repo")
         assert applied
+        materialized_until = pd.Timestamp.now(tz="UTC").floor("s").to_pydatetime()
         await asyncio.to_thread(
             plinth.features.materialize,
             pd.Timestamp("2000-01-01", tz="UTC").to_pydatetime(),
-            pd.Timestamp.now(tz="UTC").to_pydatetime(),
+            materialized_until,
         )
+        views = {v.name: v for v in await asyncio.to_thread(plinth.features.list_views)}
+        assert views["driver_hourly_stats"].data_until == materialized_until
         rows = await asyncio.to_thread(
             plinth.features.online,
             ["driver_hourly_stats:conv_rate"],

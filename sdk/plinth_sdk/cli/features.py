@@ -18,7 +18,7 @@ from plinth_sdk.models import FeatureView, FieldStatus, Materialization, OnlineR
 
 __all__ = ["features"]
 
-_VIEW_COLUMNS = ("NAME", "ENTITIES", "KEYS", "FEATURES", "TTL", "ONLINE", "SOURCE")
+_VIEW_COLUMNS = ("NAME", "ENTITIES", "KEYS", "FEATURES", "TTL", "ONLINE", "SOURCE", "DATA UNTIL")
 
 
 @click.group(help="Feature store (Feast).")
@@ -194,6 +194,7 @@ def _view_row(view: FeatureView) -> list[str]:
         _ttl_text(view.ttl_seconds),
         "yes" if view.online else "no",
         f"push:{view.push_source}" if view.push_source else (view.batch_source or "-"),
+        time_text(view.data_until) or "-",
     ]
 
 

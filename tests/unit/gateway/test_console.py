@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from plinth.features.v1 import features_pb2
 from plinth.registry.v1 import registry_pb2
 from plinth.scheduler.v1 import scheduler_pb2
 from services.gateway.console.app import Console, ConsoleSettings, _safe_next, judge, slo_statuses
@@ -144,3 +145,16 @@ async def test_oidc_login_starts_the_code_flow_and_checks_state() -> None:
             anonymous = await client.get("/console/jobs", allow_redirects=False)
             assert anonymous.status == 303
             assert anonymous.headers["Location"].startswith("/console/login?next=")
+
+
+def test_the_features_page_shows_each_views_newest_data() -> None:
+    console = Console(ConsoleSettings(), lambda: "127.0.0.1:1", {})
+    fed = features_pb2.FeatureView(name="drivers", online=True)
+    fed.data_until.FromDatetime(datetime(2026, 3, 1, 12, 30, tzinfo=UTC))
+    never = features_pb2.FeatureView(name="trips", online=True)
+    page = console._templates.get_template("features.html").render(
+        user="ann", csrf="x", path="/console/features", title="Features", views=[fed, never]
+    )
+    rows = [row for row in page.split("<tr>") if 'data-testid="data-until"' in row]
+    assert "drivers" in rows[0] and "2026-03-01 12:30:00 UTC" in rows[0]
+    assert "trips" in rows[1] and "never materialized nor pushed to" in rows[1]

@@ -246,7 +246,9 @@ class FakeFeatures(features_pb2_grpc.FeaturesServiceServicer):
             name="driver_stats", entities=["driver"], features=["conv_rate", "trips"],
             ttl_seconds=86400, online=True, join_keys=["driver_id"], batch_source="stats_source",
         )  # fmt: skip
-        return fpb.ListFeatureViewsResponse(feature_views=[view])
+        view.data_until.FromDatetime(datetime(2025, 3, 1, 12, 30, tzinfo=UTC))
+        never = fpb.FeatureView(name="trips", entities=["driver"], features=["trips"])
+        return fpb.ListFeatureViewsResponse(feature_views=[view, never])
 
     def Materialize(
         self, request: fpb.MaterializeRequest, context: grpc.ServicerContext
@@ -944,12 +946,16 @@ def test_features_apply_of_a_folder_without_python_is_a_usage_error(
 def test_features_list(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
     assert gateway.run("features", "list") == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-2:] == ["DATA", "UNTIL"]
     assert lines[1].split() == [
         "driver_stats", "driver", "driver_id", "conv_rate,trips", "1d", "yes", "stats_source",
+        "2025-03-01T12:30:00Z",
     ]  # fmt: skip
+    assert lines[2].split()[-1] == "-"
     assert gateway.run("features", "list", "-o", "json") == 0
-    (view,) = json.loads(capsys.readouterr().out)
+    view, never = json.loads(capsys.readouterr().out)
     assert (view["features"], view["join_keys"]) == (["conv_rate", "trips"], ["driver_id"])
+    assert (view["data_until"], never["data_until"]) == ("2025-03-01T12:30:00+00:00", None)
 
 
 def test_features_materialize_range_and_incremental(

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!plinth/features/v1/features.proto\x12\x12plinth.features.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x16\x41pplyRepositoryRequest\x12\x44\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x35.plinth.features.v1.ApplyRepositoryRequest.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb6\x01\n\x17\x41pplyRepositoryResponse\x12\x10\n\x08\x65ntities\x18\x01 \x03(\t\x12\x15\n\rfeature_views\x18\x02 \x03(\t\x12\x1f\n\x17on_demand_feature_views\x18\x03 \x03(\t\x12\x18\n\x10\x66\x65\x61ture_services\x18\x04 \x03(\t\x12\x14\n\x0c\x64\x61ta_sources\x18\x05 \x03(\t\x12\x0f\n\x07\x64\x65leted\x18\x06 \x03(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\x88\x02\n\x0b\x46\x65\x61tureView\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65ntities\x18\x02 \x03(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06online\x18\x05 \x01(\x08\x12\x11\n\tjoin_keys\x18\x06 \x03(\t\x12\x14\n\x0c\x62\x61tch_source\x18\x07 \x01(\t\x12\x13\n\x0bpush_source\x18\x08 \x01(\t\x12\x37\n\x04tags\x18\t \x03(\x0b\x32).plinth.features.v1.FeatureView.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17ListFeatureViewsRequest\"R\n\x18ListFeatureViewsResponse\x12\x36\n\rfeature_views\x18\x01 \x03(\x0b\x32\x1f.plinth.features.v1.FeatureView\"\x89\x01\n\x12MaterializeRequest\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x1dMaterializeIncrementalRequest\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\x13MaterializeResponse\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x18GetOnlineFeaturesRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\x12,\n\x0b\x65ntity_rows\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\"\xae\x01\n\rFeatureValues\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06values\x18\x02 \x03(\x0b\x32\x16.google.protobuf.Value\x12\x31\n\x08statuses\x18\x03 \x03(\x0e\x32\x1f.plinth.features.v1.FieldStatus\x12\x34\n\x10\x65vent_timestamps\x18\x04 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x19GetOnlineFeaturesResponse\x12\x32\n\x07\x63olumns\x18\x01 \x03(\x0b\x32!.plinth.features.v1.FeatureValues\"e\n\x13PushFeaturesRequest\x12\x13\n\x0bpush_source\x18\x01 \x01(\t\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nto_offline\x18\x03 \x01(\x08\"$\n\x14PushFeaturesResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x03\"\x93\x01\n\x1cGetHistoricalFeaturesRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\x12\x14\n\x0c\x65ntity_table\x18\x02 \x01(\x0c\x12/\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1f.plinth.features.v1.TableFormat\x12\x1a\n\x12\x66ull_feature_names\x18\x04 \x01(\x08\"m\n\x1dGetHistoricalFeaturesResponse\x12\r\n\x05table\x18\x01 \x01(\x0c\x12/\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1f.plinth.features.v1.TableFormat\x12\x0c\n\x04rows\x18\x03 \x01(\x03*\xa0\x01\n\x0b\x46ieldStatus\x12\x1c\n\x18\x46IELD_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46IELD_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46IELD_STATUS_NOT_FOUND\x10\x02\x12\x1b\n\x17\x46IELD_STATUS_NULL_VALUE\x10\x03\x12 \n\x1c\x46IELD_STATUS_OUTSIDE_MAX_AGE\x10\x04*a\n\x0bTableFormat\x12\x1c\n\x18TABLE_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16TABLE_FORMAT_ARROW_IPC\x10\x01\x12\x18\n\x14TABLE_FORMAT_PARQUET\x10\x02\x32\xbb\x08\n\x0f\x46\x65\x61turesService\x12\x93\x01\n\x0f\x41pplyRepository\x12*.plinth.features.v1.ApplyRepositoryRequest\x1a+.plinth.features.v1.ApplyRepositoryResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/feature-repository:apply:\x01*\x12\x88\x01\n\x10ListFeatureViews\x12+.plinth.features.v1.ListFeatureViewsRequest\x1a,.plinth.features.v1.ListFeatureViewsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/feature-views\x12\x88\x01\n\x0bMaterialize\x12&.plinth.features.v1.MaterializeRequest\x1a\'.plinth.features.v1.MaterializeResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/feature-views:materialize:\x01*\x12\xa9\x01\n\x16MaterializeIncremental\x12\x31.plinth.features.v1.MaterializeIncrementalRequest\x1a\'.plinth.features.v1.MaterializeResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/feature-views:materializeIncremental:\x01*\x12\x94\x01\n\x11GetOnlineFeatures\x12,.plinth.features.v1.GetOnlineFeaturesRequest\x1a-.plinth.features.v1.GetOnlineFeaturesResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/online-features:get:\x01*\x12\x91\x01\n\x0cPushFeatures\x12\'.plinth.features.v1.PushFeaturesRequest\x1a(.plinth.features.v1.PushFeaturesResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/push-sources/{push_source}:push:\x01*\x12\xa4\x01\n\x15GetHistoricalFeatures\x12\x30.plinth.features.v1.GetHistoricalFeaturesRequest\x1a\x31.plinth.features.v1.GetHistoricalFeaturesResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/historical-features:get:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!plinth/features/v1/features.proto\x12\x12plinth.features.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x16\x41pplyRepositoryRequest\x12\x44\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x35.plinth.features.v1.ApplyRepositoryRequest.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb6\x01\n\x17\x41pplyRepositoryResponse\x12\x10\n\x08\x65ntities\x18\x01 \x03(\t\x12\x15\n\rfeature_views\x18\x02 \x03(\t\x12\x1f\n\x17on_demand_feature_views\x18\x03 \x03(\t\x12\x18\n\x10\x66\x65\x61ture_services\x18\x04 \x03(\t\x12\x14\n\x0c\x64\x61ta_sources\x18\x05 \x03(\t\x12\x0f\n\x07\x64\x65leted\x18\x06 \x03(\t\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\xb8\x02\n\x0b\x46\x65\x61tureView\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65ntities\x18\x02 \x03(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06online\x18\x05 \x01(\x08\x12\x11\n\tjoin_keys\x18\x06 \x03(\t\x12\x14\n\x0c\x62\x61tch_source\x18\x07 \x01(\t\x12\x13\n\x0bpush_source\x18\x08 \x01(\t\x12\x37\n\x04tags\x18\t \x03(\x0b\x32).plinth.features.v1.FeatureView.TagsEntry\x12.\n\ndata_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17ListFeatureViewsRequest\"R\n\x18ListFeatureViewsResponse\x12\x36\n\rfeature_views\x18\x01 \x03(\x0b\x32\x1f.plinth.features.v1.FeatureView\"\x89\x01\n\x12MaterializeRequest\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x1dMaterializeIncrementalRequest\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\x13MaterializeResponse\x12\x15\n\rfeature_views\x18\x01 \x03(\t\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x18GetOnlineFeaturesRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\x12,\n\x0b\x65ntity_rows\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\"\xae\x01\n\rFeatureValues\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06values\x18\x02 \x03(\x0b\x32\x16.google.protobuf.Value\x12\x31\n\x08statuses\x18\x03 \x03(\x0e\x32\x1f.plinth.features.v1.FieldStatus\x12\x34\n\x10\x65vent_timestamps\x18\x04 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x19GetOnlineFeaturesResponse\x12\x32\n\x07\x63olumns\x18\x01 \x03(\x0b\x32!.plinth.features.v1.FeatureValues\"e\n\x13PushFeaturesRequest\x12\x13\n\x0bpush_source\x18\x01 \x01(\t\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nto_offline\x18\x03 \x01(\x08\"$\n\x14PushFeaturesResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x03\"\x93\x01\n\x1cGetHistoricalFeaturesRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\x12\x14\n\x0c\x65ntity_table\x18\x02 \x01(\x0c\x12/\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1f.plinth.features.v1.TableFormat\x12\x1a\n\x12\x66ull_feature_names\x18\x04 \x01(\x08\"m\n\x1dGetHistoricalFeaturesResponse\x12\r\n\x05table\x18\x01 \x01(\x0c\x12/\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1f.plinth.features.v1.TableFormat\x12\x0c\n\x04rows\x18\x03 \x01(\x03*\xa0\x01\n\x0b\x46ieldStatus\x12\x1c\n\x18\x46IELD_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46IELD_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46IELD_STATUS_NOT_FOUND\x10\x02\x12\x1b\n\x17\x46IELD_STATUS_NULL_VALUE\x10\x03\x12 \n\x1c\x46IELD_STATUS_OUTSIDE_MAX_AGE\x10\x04*a\n\x0bTableFormat\x12\x1c\n\x18TABLE_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16TABLE_FORMAT_ARROW_IPC\x10\x01\x12\x18\n\x14TABLE_FORMAT_PARQUET\x10\x02\x32\xbb\x08\n\x0f\x46\x65\x61turesService\x12\x93\x01\n\x0f\x41pplyRepository\x12*.plinth.features.v1.ApplyRepositoryRequest\x1a+.plinth.features.v1.ApplyRepositoryResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/feature-repository:apply:\x01*\x12\x88\x01\n\x10ListFeatureViews\x12+.plinth.features.v1.ListFeatureViewsRequest\x1a,.plinth.features.v1.ListFeatureViewsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/feature-views\x12\x88\x01\n\x0bMaterialize\x12&.plinth.features.v1.MaterializeRequest\x1a\'.plinth.features.v1.MaterializeResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/feature-views:materialize:\x01*\x12\xa9\x01\n\x16MaterializeIncremental\x12\x31.plinth.features.v1.MaterializeIncrementalRequest\x1a\'.plinth.features.v1.MaterializeResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/feature-views:materializeIncremental:\x01*\x12\x94\x01\n\x11GetOnlineFeatures\x12,.plinth.features.v1.GetOnlineFeaturesRequest\x1a-.plinth.features.v1.GetOnlineFeaturesResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/online-features:get:\x01*\x12\x91\x01\n\x0cPushFeatures\x12\'.plinth.features.v1.PushFeaturesRequest\x1a(.plinth.features.v1.PushFeaturesResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/push-sources/{push_source}:push:\x01*\x12\xa4\x01\n\x15GetHistoricalFeatures\x12\x30.plinth.features.v1.GetHistoricalFeaturesRequest\x1a\x31.plinth.features.v1.GetHistoricalFeaturesResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/historical-features:get:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,10 +52,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATURESSERVICE'].methods_by_name['PushFeatures']._serialized_options = b'\202\323\344\223\002(\"#/v1/push-sources/{push_source}:push:\001*'
   _globals['_FEATURESSERVICE'].methods_by_name['GetHistoricalFeatures']._loaded_options = None
   _globals['_FEATURESSERVICE'].methods_by_name['GetHistoricalFeatures']._serialized_options = b'\202\323\344\223\002 \"\033/v1/historical-features:get:\001*'
-  _globals['_FIELDSTATUS']._serialized_start=2018
-  _globals['_FIELDSTATUS']._serialized_end=2178
-  _globals['_TABLEFORMAT']._serialized_start=2180
-  _globals['_TABLEFORMAT']._serialized_end=2277
+  _globals['_FIELDSTATUS']._serialized_start=2066
+  _globals['_FIELDSTATUS']._serialized_end=2226
+  _globals['_TABLEFORMAT']._serialized_start=2228
+  _globals['_TABLEFORMAT']._serialized_end=2325
   _globals['_APPLYREPOSITORYREQUEST']._serialized_start=151
   _globals['_APPLYREPOSITORYREQUEST']._serialized_end=291
   _globals['_APPLYREPOSITORYREQUEST_FILESENTRY']._serialized_start=247
@@ -63,33 +63,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLYREPOSITORYRESPONSE']._serialized_start=294
   _globals['_APPLYREPOSITORYRESPONSE']._serialized_end=476
   _globals['_FEATUREVIEW']._serialized_start=479
-  _globals['_FEATUREVIEW']._serialized_end=743
-  _globals['_FEATUREVIEW_TAGSENTRY']._serialized_start=700
-  _globals['_FEATUREVIEW_TAGSENTRY']._serialized_end=743
-  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_start=745
-  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_end=770
-  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_start=772
-  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_end=854
-  _globals['_MATERIALIZEREQUEST']._serialized_start=857
-  _globals['_MATERIALIZEREQUEST']._serialized_end=994
-  _globals['_MATERIALIZEINCREMENTALREQUEST']._serialized_start=996
-  _globals['_MATERIALIZEINCREMENTALREQUEST']._serialized_end=1096
-  _globals['_MATERIALIZERESPONSE']._serialized_start=1099
-  _globals['_MATERIALIZERESPONSE']._serialized_end=1263
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=1265
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=1355
-  _globals['_FEATUREVALUES']._serialized_start=1358
-  _globals['_FEATUREVALUES']._serialized_end=1532
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=1534
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=1613
-  _globals['_PUSHFEATURESREQUEST']._serialized_start=1615
-  _globals['_PUSHFEATURESREQUEST']._serialized_end=1716
-  _globals['_PUSHFEATURESRESPONSE']._serialized_start=1718
-  _globals['_PUSHFEATURESRESPONSE']._serialized_end=1754
-  _globals['_GETHISTORICALFEATURESREQUEST']._serialized_start=1757
-  _globals['_GETHISTORICALFEATURESREQUEST']._serialized_end=1904
-  _globals['_GETHISTORICALFEATURESRESPONSE']._serialized_start=1906
-  _globals['_GETHISTORICALFEATURESRESPONSE']._serialized_end=2015
-  _globals['_FEATURESSERVICE']._serialized_start=2280
-  _globals['_FEATURESSERVICE']._serialized_end=3363
+  _globals['_FEATUREVIEW']._serialized_end=791
+  _globals['_FEATUREVIEW_TAGSENTRY']._serialized_start=748
+  _globals['_FEATUREVIEW_TAGSENTRY']._serialized_end=791
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_start=793
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_end=818
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_start=820
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_end=902
+  _globals['_MATERIALIZEREQUEST']._serialized_start=905
+  _globals['_MATERIALIZEREQUEST']._serialized_end=1042
+  _globals['_MATERIALIZEINCREMENTALREQUEST']._serialized_start=1044
+  _globals['_MATERIALIZEINCREMENTALREQUEST']._serialized_end=1144
+  _globals['_MATERIALIZERESPONSE']._serialized_start=1147
+  _globals['_MATERIALIZERESPONSE']._serialized_end=1311
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=1313
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=1403
+  _globals['_FEATUREVALUES']._serialized_start=1406
+  _globals['_FEATUREVALUES']._serialized_end=1580
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=1582
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=1661
+  _globals['_PUSHFEATURESREQUEST']._serialized_start=1663
+  _globals['_PUSHFEATURESREQUEST']._serialized_end=1764
+  _globals['_PUSHFEATURESRESPONSE']._serialized_start=1766
+  _globals['_PUSHFEATURESRESPONSE']._serialized_end=1802
+  _globals['_GETHISTORICALFEATURESREQUEST']._serialized_start=1805
+  _globals['_GETHISTORICALFEATURESREQUEST']._serialized_end=1952
+  _globals['_GETHISTORICALFEATURESRESPONSE']._serialized_start=1954
+  _globals['_GETHISTORICALFEATURESRESPONSE']._serialized_end=2063
+  _globals['_FEATURESSERVICE']._serialized_start=2328
+  _globals['_FEATURESSERVICE']._serialized_end=3411
 # @@protoc_insertion_point(module_scope)

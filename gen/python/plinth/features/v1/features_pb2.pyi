@@ -66,7 +66,7 @@ class ApplyRepositoryResponse(_message.Message):
     def __init__(self, entities: _Optional[_Iterable[str]] = ..., feature_views: _Optional[_Iterable[str]] = ..., on_demand_feature_views: _Optional[_Iterable[str]] = ..., feature_services: _Optional[_Iterable[str]] = ..., data_sources: _Optional[_Iterable[str]] = ..., deleted: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeatureView(_message.Message):
-    __slots__ = ("name", "entities", "features", "ttl_seconds", "online", "join_keys", "batch_source", "push_source", "tags")
+    __slots__ = ("name", "entities", "features", "ttl_seconds", "online", "join_keys", "batch_source", "push_source", "tags", "data_until")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class FeatureView(_message.Message):
     BATCH_SOURCE_FIELD_NUMBER: _ClassVar[int]
     PUSH_SOURCE_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    DATA_UNTIL_FIELD_NUMBER: _ClassVar[int]
     name: str
     entities: _containers.RepeatedScalarFieldContainer[str]
     features: _containers.RepeatedScalarFieldContainer[str]
@@ -92,7 +93,8 @@ class FeatureView(_message.Message):
     batch_source: str
     push_source: str
     tags: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., entities: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[float] = ..., online: _Optional[bool] = ..., join_keys: _Optional[_Iterable[str]] = ..., batch_source: _Optional[str] = ..., push_source: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    data_until: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., entities: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[float] = ..., online: _Optional[bool] = ..., join_keys: _Optional[_Iterable[str]] = ..., batch_source: _Optional[str] = ..., push_source: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., data_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListFeatureViewsRequest(_message.Message):
     __slots__ = ()
