@@ -259,11 +259,12 @@ async def run(opts: Options) -> dict[tuple[str, int], Result]:
                 f"scheduler {platform.address('scheduler')}, gateway {platform.address('gateway')}, open gateway {open_address} up in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-            # Started and running by now: every one has a pid.
-            pids = {name: p.pid for name, p in platform.processes.items() if p.pid is not None}
-            pids["open gateway"] = open_process.pid
+            started = {name: process.pid for name, process in platform.processes.items()}
+            started["open gateway"] = open_process.pid
             if platform.nats is not None and platform.nats._process is not None:
-                pids["nats"] = platform.nats._process.pid
+                started["nats"] = platform.nats._process.pid
+            # All running by now, so every one has a pid.
+            pids = {name: pid for name, pid in started.items() if pid is not None}
             gateway = platform.address("gateway")
             channels = {
                 "direct": platform.service_channel("scheduler"),
