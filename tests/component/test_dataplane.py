@@ -36,7 +36,14 @@ from tritonclient.utils import InferenceServerException
 
 from plinth_common.errors import InvalidArgument
 from plinth_common.net import free_tcp_port
-from services.serving.dataplane import Backend, DataPlane, KeyGrant, RouteSpec, VersionStats
+from services.serving.dataplane import (
+    Backend,
+    DataPlane,
+    DataPlaneError,
+    KeyGrant,
+    RouteSpec,
+    VersionStats,
+)
 from services.serving.triton import TritonModels, TritonProcess, TritonSettings
 from tests.component.test_triton_engine import MODEL_PY
 from tests.helpers import eventually
@@ -863,6 +870,42 @@ async def test_the_listen_host_is_a_setting_and_loopback_the_default(tmp_path: P
         await wide.stop()
     narrow = DataPlane(workdir=tmp_path / "narrow", triton_grpc="127.0.0.1:9", triton_http="x:9")
     assert narrow._host == "127.0.0.1"
+
+
+async def test_a_port_in_use_is_refused_not_shared_and_a_chosen_one_is_chosen_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = DataPlane(
+        workdir=tmp_path / "first", triton_grpc="127.0.0.1:9", triton_http="127.0.0.1:9"
+    )
+    await first.start()
+    taken = int(first.http_address.rsplit(":", 1)[1])
+    fixed = DataPlane(
+        workdir=tmp_path / "fixed",
+        triton_grpc="127.0.0.1:9",
+        triton_http="127.0.0.1:9",
+        grpc_port=free_tcp_port(),
+        http_port=taken,
+        stats_port=free_tcp_port(),
+    )
+    # Ports it chooses itself: the first pick is the port the other proxy holds.
+    picks = iter([taken] + [free_tcp_port() for _ in range(5)])
+    monkeypatch.setattr("services.serving.dataplane.plane.free_tcp_port", lambda: next(picks))
+    chosen = DataPlane(
+        workdir=tmp_path / "chosen", triton_grpc="127.0.0.1:9", triton_http="127.0.0.1:9"
+    )
+    try:
+        # HAProxy's default SO_REUSEPORT would let both bind it and split its connections.
+        with pytest.raises(DataPlaneError, match="Address already in use"):
+            await fixed.start()
+        await chosen.start()
+        assert taken not in {
+            int(address.rsplit(":", 1)[1]) for address in (chosen.grpc_address, chosen.http_address)
+        }
+        assert first.pid is not None
+    finally:
+        for plane in (fixed, chosen, first):
+            await plane.stop()
 
 
 async def test_a_deployment_past_the_last_slot_is_left_out_and_the_others_still_update(

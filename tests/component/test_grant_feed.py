@@ -370,7 +370,10 @@ async def test_a_key_revoked_at_the_gateway_is_refused_by_haproxy_within_a_secon
             ]
         )
         await feed.start()
-        async with aiohttp.ClientSession(f"http://{plane.http_address}") as http:
+        # Each answer comes in milliseconds: a stalled one fails here, not at the suite's limit.
+        async with aiohttp.ClientSession(
+            f"http://{plane.http_address}", timeout=aiohttp.ClientTimeout(total=20)
+        ) as http:
 
             async def status(deployment: str) -> int:
                 async with http.post(

@@ -104,6 +104,9 @@ def render_config(settings: ProxySettings) -> str:
     return f"""# Rendered by services/serving/dataplane/config.py; changes at runtime go through the API.
 global
   nbthread {s.threads}
+  # No SO_REUSEPORT (HAProxy's default, for seamless reloads, which routes and grants do not
+  # need): with it a second proxy given the same port shares its connections silently.
+  noreuseport
   lua-load {LUA_SCRIPT}
   stats socket {s.admin_socket} mode 600 level admin
   tune.lua.maxmem 256

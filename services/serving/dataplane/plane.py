@@ -36,6 +36,8 @@ _INSTALL_HINT = "apt-get install haproxy"
 _MIN_VERSION = (2, 6)
 _HOST = "127.0.0.1"
 _WILDCARDS = {"0.0.0.0", "::", ""}
+# Starts tried with freshly chosen ports when another process took one before HAProxy bound it.
+_BIND_ATTEMPTS = 3
 
 
 class DataPlaneError(Unavailable):
@@ -43,6 +45,10 @@ class DataPlaneError(Unavailable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, dependency="inference data plane")
+
+
+class _PortTaken(Exception):
+    """HAProxy could not bind a port: another process holds it."""
 
 
 def _strip_scheme(address: str) -> str:
@@ -183,6 +189,9 @@ class DataPlane:
     async def start(self) -> None:
         """Starts HAProxy (in a process group of its own) and pushes the last tables again.
 
+        Ports left to choose (0) are chosen at the first start and kept across restarts; one
+        that another process took before HAProxy bound it is chosen again.
+
         Raises:
             DataPlaneError: HAProxy did not start or refused its configuration.
         """
@@ -191,57 +200,81 @@ class DataPlane:
                 return
             self._stopping = False
             self._workdir.mkdir(parents=True, exist_ok=True)
-            if self._settings is None:
-                grpc_port, http_port, stats_port = (p or free_tcp_port() for p in self._ports)
-                self._settings = ProxySettings(
-                    host=self._host,
-                    grpc_port=grpc_port,
-                    http_port=http_port,
-                    stats_port=stats_port,
-                    triton_grpc=self._triton_grpc,
-                    triton_http=self._triton_http,
-                    admin_socket=self._workdir / "admin.sock",
-                    slots=self._slots,
-                    threads=self._threads,
-                    sampling=self._sampling,
-                )
-            config = self._workdir / "haproxy.cfg"
-            config.write_text(render_config(self._settings))
-            check = await asyncio.to_thread(
-                subprocess.run,
-                [self._haproxy_bin, "-c", "-q", "-f", str(config)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if check.returncode != 0:
-                raise DataPlaneError(f"haproxy refused {config}: {check.stderr.strip()[-2000:]}")
-            self._child = ChildProcess(
-                [self._haproxy_bin, "-db", "-f", str(config)],
-                name="haproxy",
-                log_path=self.log_path,
-                own_group=True,
-                stop_grace_s=5.0,
-            )
-            self._child.start()
-            try:
-                await self._child.wait_ready(self._ready, timeout=30, what="accepting requests")
-            except (TimeoutError, RuntimeError) as exc:
-                await self._child.stop(kill=True)
-                raise DataPlaneError(f"haproxy did not start: {exc}") from None
-            _LOG.info(
-                "inference data plane: haproxy pid %s, gRPC %s, HTTP %s, metrics %s",
-                self._child.pid,
-                self.grpc_address,
-                self.http_address,
-                self.metrics_url,
-            )
+            choosing = self._settings is None and 0 in self._ports
+            for attempt in range(1, _BIND_ATTEMPTS + 1):
+                if self._settings is None:
+                    self._settings = self._new_settings()
+                try:
+                    await self._launch(self._settings)
+                    break
+                except _PortTaken as exc:
+                    if not choosing or attempt == _BIND_ATTEMPTS:
+                        raise DataPlaneError(str(exc)) from None
+                    _LOG.info("haproxy: a chosen port was taken meanwhile; choosing again")
+                    self._settings = None
             # A restarted HAProxy has empty tables and unlimited slots until told again.
             self._limits = {}
             if self._routes is not None:
                 await self._push_routes(self._routes, self._slot_of)
             if self._grants is not None:
                 await self._push_grants(self._grants)
+
+    def _new_settings(self) -> ProxySettings:
+        grpc_port, http_port, stats_port = (p or free_tcp_port() for p in self._ports)
+        return ProxySettings(
+            host=self._host,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            stats_port=stats_port,
+            triton_grpc=self._triton_grpc,
+            triton_http=self._triton_http,
+            admin_socket=self._workdir / "admin.sock",
+            slots=self._slots,
+            threads=self._threads,
+            sampling=self._sampling,
+        )
+
+    async def _launch(self, settings: ProxySettings) -> None:
+        """Checks the configuration, starts HAProxy and waits until it accepts requests.
+
+        Raises:
+            DataPlaneError: HAProxy refused the configuration or did not start.
+            _PortTaken: a port was in use by another process.
+        """
+        config = self._workdir / "haproxy.cfg"
+        config.write_text(render_config(settings))
+        check = await asyncio.to_thread(
+            subprocess.run,
+            [self._haproxy_bin, "-c", "-q", "-f", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.returncode != 0:
+            raise DataPlaneError(f"haproxy refused {config}: {check.stderr.strip()[-2000:]}")
+        child = ChildProcess(
+            [self._haproxy_bin, "-db", "-f", str(config)],
+            name="haproxy",
+            log_path=self.log_path,
+            own_group=True,
+            stop_grace_s=5.0,
+        )
+        self._child = child
+        child.start()
+        try:
+            await child.wait_ready(self._ready, timeout=30, what="accepting requests")
+        except (TimeoutError, RuntimeError) as exc:
+            await child.stop(kill=True)
+            if "cannot bind socket (Address already in use)" in child.log_tail(20):
+                raise _PortTaken(f"haproxy did not start: {exc}") from None
+            raise DataPlaneError(f"haproxy did not start: {exc}") from None
+        _LOG.info(
+            "inference data plane: haproxy pid %s, gRPC %s, HTTP %s, metrics %s",
+            child.pid,
+            self.grpc_address,
+            self.http_address,
+            self.metrics_url,
+        )
 
     async def _ready(self) -> bool:
         settings = self._require_settings()
