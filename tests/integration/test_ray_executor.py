@@ -126,12 +126,16 @@ async def test_cancel_stops_the_job_on_ray_and_a_second_launch_is_not_a_second_j
         handle = await executor.launch(job, {})
         again = await executor.launch(job, {})  # a launch repeated after a crash
         assert again.submission_id == handle.submission_id
+        # The scheduler waits on every attempt it runs; that wait copies the log meanwhile.
+        waiter = asyncio.ensure_future(handle.wait())
         for _ in range(400):  # Ray's own lines quote the entrypoint: look for whole lines
             if "up" in (await executor.read_log("j-cancel", 0)).decode().splitlines():
                 break
             await asyncio.sleep(0.3)
+        else:
+            pytest.fail("the job's first line never reached its log")
         await executor.terminate(job, grace_s=5)
-        status = await asyncio.wait_for(handle.wait(), 60)
+        status = await asyncio.wait_for(waiter, 60)
         assert not status.succeeded
         assert _ray_status(ray_head, "j-cancel-a1") == "STOPPED"
         text = (await executor.read_log("j-cancel", 0)).decode()
