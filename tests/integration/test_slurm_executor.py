@@ -140,7 +140,11 @@ async def test_cancel_ends_the_job_on_slurm_and_launch_is_idempotent(
         text=True,
         check=True,
     ).stdout
-    assert "JobState=CANCELLED" in shown
+    # SLURM's record: CANCELLED by the last scancel, or, when the batch step's end reached the
+    # controller first (a loaded machine), FAILED by the SIGKILL itself; never a clean exit.
+    assert "JobState=CANCELLED" in shown or (
+        "JobState=FAILED" in shown and "ExitCode=0:9" in shown
+    ), shown
     assert b"got SIGTERM" in await executor.read_log("j-cancel", 0)
 
 

@@ -230,7 +230,9 @@ class SlurmExecutor(RoomExecutor):
         The SIGKILL goes to the batch step (``--batch``): a plain ``scancel`` (or ``--full
         --signal=KILL``, which SLURM treats as one) would wait the cluster's ``KillWait``
         (30 s by default) after yet another SIGTERM, whatever grace Plinth asked for. The
-        ``scancel`` after it ends what is left (a gang's steps) and marks the job CANCELLED.
+        ``scancel`` after it ends what is left (a gang's steps) and marks the job CANCELLED,
+        unless the killed batch step was reported first: SLURM then records the job FAILED
+        with signal 9 (Plinth's own record says who stopped it and why either way).
         """
         slurm_id = await self._find(job)
         if slurm_id is None:
