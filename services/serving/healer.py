@@ -35,6 +35,7 @@ from services.serving.domain import reason_of
 from services.serving.ports import Engine
 
 log = logging.getLogger(__name__)
+_STOP_RECHECK_S = 1.0  # how long stop() waits for the cancelled task before cancelling again
 
 
 class Reloader(Protocol):
@@ -123,10 +124,17 @@ class EngineHealer:
 
     async def stop(self) -> None:
         """Stops watching (the app stops the engine itself)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task = self._task
+        if task is None:
+            return
+        # Cancelled again until it ends: a cancellation can be swallowed on its way (Python
+        # 3.11's wait_for returns a result that arrived with it, CPython gh-86296), and a
+        # healer that outlives its stop would keep a shutdown waiting for ever.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_STOP_RECHECK_S)
+        await asyncio.gather(task, return_exceptions=True)
+        self._task = None
 
     async def run(self) -> None:
         """Watches forever: up (after the first restore), down, back, reloaded, up again."""

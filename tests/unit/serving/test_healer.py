@@ -123,7 +123,12 @@ _RUNNING: list[EngineHealer] = []
 async def _stop_healers() -> AsyncIterator[None]:
     yield
     while _RUNNING:
-        await _RUNNING.pop().stop()
+        healer = _RUNNING.pop()
+        try:
+            await asyncio.wait_for(healer.stop(), _BOUND_S)
+        except TimeoutError:
+            pending = [t for t in asyncio.all_tasks() if not t.done()]
+            raise AssertionError(f"the healer did not stop; tasks left: {pending}") from None
 
 
 def _harness(serving: Serving, engine: FakeEngine) -> Harness:
@@ -279,3 +284,29 @@ async def test_a_launched_triton_that_stops_answering_is_waited_for_not_killed(
     await asyncio.wait_for(h.healer.up.wait(), _BOUND_S)
     assert h.engine.restarts == 0
     assert (await serving.service.get(ADMIN, "diab")).state is DeploymentState.READY
+
+
+@dataclass
+class SwallowingEngine(FakeEngine):
+    """An engine whose wait swallows the first cancellation it gets, as a library can."""
+
+    swallowed: int = 0
+
+    async def wait_exit(self, timeout: float) -> None:
+        try:
+            await asyncio.sleep(min(timeout, 0.01))
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed += 1
+
+
+async def test_stop_ends_the_healer_even_when_a_cancellation_is_swallowed(
+    serving: Serving,
+) -> None:
+    await _ready_deployment(serving)
+    engine = SwallowingEngine()
+    h = await _started(serving, engine)
+    await asyncio.wait_for(h.healer.stop(), _BOUND_S)
+    assert engine.swallowed == 1  # the first cancellation was lost, and stop() still ended
+    _RUNNING.remove(h.healer)
